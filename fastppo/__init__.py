@@ -1,0 +1,37 @@
+"""fastppo: fused Triton kernels for PPO/GRPO training of language models."""
+
+from .advantages import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    group_advantages,
+    kl_shaped_rewards,
+    masked_whiten,
+)
+from .backend import backend_for, set_backend, use_backend
+from .full_kl import full_kl
+from .fused import fused_ppo_loss
+from .logprobs import token_logprobs
+from .losses import kl_penalty, ppo_policy_loss, value_loss
+from .outputs import PPOLossOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "gae",
+    "group_advantages",
+    "kl_shaped_rewards",
+    "masked_whiten",
+    "PPOLossOutput",
+    "backend_for",
+    "full_kl",
+    "fused_ppo_loss",
+    "kl_penalty",
+    "ppo_policy_loss",
+    "set_backend",
+    "token_logprobs",
+    "use_backend",
+    "value_loss",
+]

@@ -1,0 +1,59 @@
+"""Argument checks shared by the public functions: clear ValueError/TypeError, never a wrong
+number. Checks that would need a device->host sync on CUDA (label range) run only where they
+are free (CPU tensors) unless FASTPPO_CHECK_LABELS=1; the kernels never read out of bounds and
+return NaN for an out-of-range label instead."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
+
+
+def check_labels(labels: torch.Tensor, lead_shape, vocab: int, ignore_index: int) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(lead_shape):
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits shape without the "
+                         f"vocabulary dim {tuple(lead_shape)}")
+    if labels.device.type == "cpu" or os.environ.get("FASTPPO_CHECK_LABELS") == "1":
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            first = labels[bad].flatten()[0].item()
+            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; "
+                             f"found {first} ({int(bad.sum())} bad labels)")
+
+
+def check_temperature(temperature) -> float:
+    t = float(temperature)
+    if not t > 0 or t == float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return t
+
+
+def check_same_shape(name: str, x: torch.Tensor, like_name: str, like_shape) -> None:
+    if tuple(x.shape) != tuple(like_shape):
+        raise ValueError(f"{name} shape {tuple(x.shape)} must equal {like_name} shape {tuple(like_shape)}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_positive(name: str, value, allow_none=True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not float(value) > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")

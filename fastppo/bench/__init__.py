@@ -1,0 +1,1 @@
+"""Benchmark and performance-model tools behind `fastppo bench`."""

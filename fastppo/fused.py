@@ -1,0 +1,137 @@
+"""fused_ppo_loss: log-prob, entropy, KL to the reference and the clipped surrogate from the
+logits in three launches for forward + backward together, with no host sync:
+  1. logprobs_fwd  (one read of the logits: logp, lse and H per token)
+  2. loss_agg      (one program: per-token terms, aggregation, stats, gradient coefficients)
+  3. logprobs_bwd  (one read + one write of the logits, scaled by the upstream gradient on device)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import reference as ref_impl
+from ._checks import check_choice, check_float, check_labels, check_temperature
+from .backend import backend_for
+from .logprobs import token_logprobs
+from .losses import POLICY_STATS, AggOptions, check_clips, check_token_args, stats_dict
+from .outputs import PPOLossOutput
+
+
+@dataclass(frozen=True)
+class PPOOptions:
+    """Everything but tensors: hashable, so the Function's backward returns a short tuple."""
+
+    inv_tau: float
+    ignore_index: int
+    want_entropy: bool
+    kl_kind: str
+    kl_coef: float
+    entropy_coef: float
+    inplace: bool
+    agg: AggOptions
+
+
+def _stat_names(has_ref, has_ent):
+    names = [(k, k) for k in POLICY_STATS] + [("pg_loss", "main_loss")]
+    if has_ref:
+        names.append(("kl", "kl"))
+    if has_ent:
+        names.append(("entropy", "entropy"))
+    return names
+
+
+def ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts: PPOOptions):
+    """Launch 2 of 3: the aggregation kernel on per-token log-probs (and entropy)."""
+    from .kernels.loss_agg import loss_agg
+
+    return loss_agg(logp, old, adv, mask, ref=ref, ent=ent, kl_kind=opts.kl_kind, kl_coef=opts.kl_coef,
+                    entropy_coef=opts.entropy_coef, **opts.agg.kwargs())
+
+
+class FusedPPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, old, adv, mask, ref, opts: PPOOptions):
+        from .kernels import logprobs as k
+
+        logp, lse, ent = k.logprobs_fwd(logits, labels, inv_tau=opts.inv_tau, ignore_index=opts.ignore_index,
+                                        with_entropy=opts.want_entropy)
+        shape = labels.shape
+        logp = logp.view(shape)
+        ent = None if ent is None else ent.view(shape)
+        loss, stats, coef_x, coef_ent, kl = ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts)
+        use_ent_grad = ent is not None and opts.entropy_coef != 0
+        ctx.save_for_backward(logits, labels, lse, ent if use_ent_grad else lse, coef_x,
+                              coef_ent if use_ent_grad else coef_x)
+        ctx.opts, ctx.use_ent_grad = opts, use_ent_grad
+        outs = [t for t in (logp, kl, ent, stats) if t is not None]
+        ctx.mark_non_differentiable(*outs)
+        return loss, logp, kl, ent, stats
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        from .kernels import logprobs as k
+
+        logits, labels, lse, ent, coef_x, coef_ent = ctx.saved_tensors
+        opts = ctx.opts
+        dlogits = k.logprobs_bwd(
+            logits, labels, lse, ent if ctx.use_ent_grad else None, coef_x.view(-1),
+            coef_ent.view(-1) if ctx.use_ent_grad else None, inv_tau=opts.inv_tau,
+            ignore_index=opts.ignore_index, scale=g_loss.float(), inplace=opts.inplace)
+        return dlogits, None, None, None, None, None, None
+
+
+def check_ppo_args(lead_shape, old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
+                   clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon):
+    check_token_args("labels", lead_shape, old_logprobs, advantages, mask, agg, num_tokens, num_seqs, horizon)
+    check_clips(clip_low, clip_high, dual_clip)
+    check_choice("kl_kind", kl_kind, ref_impl.KL_KINDS)
+    if ref_logprobs is not None:
+        check_float("ref_logprobs", ref_logprobs)
+        if tuple(ref_logprobs.shape) != tuple(lead_shape):
+            raise ValueError(f"ref_logprobs shape {tuple(ref_logprobs.shape)} must equal {tuple(lead_shape)}")
+    elif kl_coef != 0:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
+    if not entropy_coef == entropy_coef or not kl_coef == kl_coef:
+        raise ValueError("kl_coef and entropy_coef must not be NaN")
+
+
+def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
+                   kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
+                   temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
+                   inplace=False, num_tokens=None, num_seqs=None, horizon=None) -> PPOLossOutput:
+    """The whole PPO policy objective from the logits in one pass:
+
+        loss = agg(L_clip) + kl_coef * agg(KL(logp, ref_logprobs)) - entropy_coef * agg(H)
+
+    logits [B, T, V] (or [T, V]), labels/old_logprobs/mask [B, T], advantages [B, T] or [B];
+    options as in ppo_policy_loss and kl_penalty. Entropy is computed only when entropy_coef != 0
+    or return_entropy. `inplace=True` writes dlogits into the logits' storage during backward
+    (saves one [B, T, V] buffer; the logits are garbage afterwards, so nothing else may use them).
+    Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
+    check_float("logits", logits)
+    if logits.dim() not in (2, 3) or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [B, T, V] or [T, V], got shape {tuple(logits.shape)}")
+    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+    check_ppo_args(logits.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef,
+                   entropy_coef, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
+    tau = check_temperature(temperature)
+    clip_high = clip_low if clip_high is None else clip_high
+    want_ent = bool(return_entropy or entropy_coef != 0)
+    backend = backend_for(logits, labels, old_logprobs, advantages, mask)
+    if backend == "torch":
+        out = token_logprobs(logits, labels, temperature=tau, ignore_index=ignore_index, return_entropy=want_ent)
+        logp, ent = out if want_ent else (out, None)
+        return ref_impl.compose_ppo_loss(
+            logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+            kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
+            dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    opts = PPOOptions(1.0 / tau, int(ignore_index), want_ent, kl_kind, float(kl_coef), float(entropy_coef),
+                      bool(inplace), AggOptions(0, agg, clip_low, clip_high, dual_clip, None, num_tokens,
+                                                num_seqs, horizon))
+    ref = None if ref_logprobs is None else ref_logprobs.detach()
+    loss, logp, kl, ent, stats = FusedPPOLoss.apply(logits, labels, old_logprobs.detach(), advantages.detach(),
+                                                    mask, ref, opts)
+    return PPOLossOutput(loss=loss, logprobs=logp, kl=kl, entropy=ent,
+                         stats=stats_dict(stats, _stat_names(ref is not None, ent is not None)))

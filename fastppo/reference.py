@@ -1,0 +1,263 @@
+"""Pure-PyTorch reference of every public function: the documented math (DESIGN.md section 4),
+the oracle of the tests and benchmarks, and the fallback for the per-token ops.
+
+Comments give the memory each eager step reads and writes for N tokens, vocabulary V, logits in
+dtype of b bytes (fp32 = 4). They are what the fused kernels avoid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .outputs import PPOLossOutput
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "abs", "k2", "mse", "k3", "low_var_kl")
+
+
+def _f(x):
+    """Upcast to fp32 (fp64 stays fp64, so the reference can serve as a float64 oracle)."""
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
+# ----------------------------------------------------------------------------- log-probs
+def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """logp_t = z'_y - logsumexp(z'), H_t = lse - sum_i p_i z'_i with z' = z / tau (fp32)."""
+    z = _f(logits) / temperature                     # read N*V*b, write N*V*4
+    logsm = torch.log_softmax(z, dim=-1)                 # read + write N*V*4
+    ignored = labels == ignore_index
+    safe = labels.masked_fill(ignored, 0).long()
+    logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1).masked_fill(ignored, 0.0)
+    if not return_entropy:
+        return logp
+    p = logsm.exp()                                      # read + write N*V*4
+    plogp = p * logsm.masked_fill(p == 0, 0.0)          # read 2, write 1 x N*V*4 (0 log 0 = 0)
+    ent = (-plogp.sum(-1)).masked_fill(ignored, 0.0)
+    return logp, ent
+
+
+def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                    return_entropy=False):
+    """token_logprobs of the materialised logits hidden @ weight.T + bias."""
+    logits = hidden @ weight.t()                         # write N*V*b
+    if bias is not None:
+        logits = logits + bias
+    return token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                          return_entropy=return_entropy)
+
+
+def full_kl(logits, ref_logits, *, temperature=1.0):
+    """KL(pi || ref) = sum_i p_i (log p_i - log q_i) per token, over the whole vocabulary."""
+    logp = torch.log_softmax(_f(logits) / temperature, -1)
+    logq = torch.log_softmax(_f(ref_logits) / temperature, -1)
+    p = logp.exp()
+    term = p * (logp - logq).masked_fill(p == 0, 0.0)
+    return term.sum(-1)
+
+
+# ----------------------------------------------------------------------------- per-token terms
+def kl_penalty(logprobs, ref_logprobs, kind="k3"):
+    """d = logp - ref: k1 = d, abs = |d|, k2/mse = d^2/2, k3 = exp(-d) - 1 + d,
+    low_var_kl = clamp(k3(clamp(d, -20, 20)), -10, 10)."""
+    d = _f(logprobs) - _f(ref_logprobs)
+    if kind == "k1":
+        return d
+    if kind == "abs":
+        return d.abs()
+    if kind in ("k2", "mse"):
+        return 0.5 * d.square()
+    if kind == "k3":
+        return torch.exp(-d) - 1 + d
+    if kind == "low_var_kl":
+        d = d.clamp(-20, 20)
+        return (torch.exp(-d) - 1 + d).clamp(-10, 10)
+    raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
+
+
+def aggregate(x, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, horizon=None):
+    """Reduce a per-token [B, T] matrix with mask m (DESIGN.md section 4). Sequences with no
+    unmasked token are excluded. Global counts (num_tokens, num_seqs, horizon) replace the local
+    ones so that micro-batch losses add up to the whole-batch loss."""
+    x = _f(x)
+    m = _f(mask)
+    if x.dim() == 1:
+        x, m = x.unsqueeze(0), m.unsqueeze(0)
+    per_seq_tokens = m.sum(-1)
+    total = m.sum() if num_tokens is None else torch.tensor(float(num_tokens))
+    seqs = (per_seq_tokens > 0).sum().float() if num_seqs is None else torch.tensor(float(num_seqs))
+    t_len = x.shape[-1] if horizon is None else horizon
+    mx = torch.where(m > 0, x, torch.zeros_like(x))   # masked positions may hold inf/nan
+    masked_sum = mx.sum()
+    if agg == "token-mean":
+        return masked_sum / total.clamp_min(1)
+    if agg == "seq-mean-token-mean":
+        per_seq = mx.sum(-1) / per_seq_tokens.clamp_min(1)
+        return per_seq.sum() / seqs.clamp_min(1)
+    if agg == "seq-mean-token-sum":
+        return masked_sum / seqs.clamp_min(1)
+    if agg == "seq-mean-token-sum-norm":
+        return masked_sum / (seqs.clamp_min(1) * t_len)
+    raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+def _masked_mean(x, m):
+    return torch.where(m > 0, x, torch.zeros_like(x)).sum() / m.sum().clamp_min(1)
+
+
+def _masked_max(x, m):
+    """Max of a positive x over masked entries (0 when there are none)."""
+    return torch.where(m > 0, x, torch.zeros_like(x)).amax() if x.numel() else x.new_zeros(())
+
+
+def _expand_advantages(advantages, like):
+    adv = _f(advantages)
+    if adv.dim() == like.dim() - 1:
+        adv = adv.unsqueeze(-1)
+    return adv.expand_as(like)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None,
+                    dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None, horizon=None):
+    """ratio = exp(clamp(logp - old, -20, 20)); L = max(-A ratio, -A clamp(ratio, 1-cl, 1+ch));
+    dual clip c: where A < 0, L = min(L, -c A). Returns (agg(L), stats)."""
+    clip_high = clip_low if clip_high is None else clip_high
+    logp = _f(logprobs)
+    m = _f(mask)
+    adv = _expand_advantages(advantages, logp)
+    d = logp - _f(old_logprobs)
+    ratio = torch.exp(d.clamp(-20, 20))
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(l1, l2)
+    lower = torch.zeros_like(m)
+    if dual_clip is not None:
+        l3 = -adv * dual_clip
+        lower = ((adv < 0) & (l3 < loss)).float()
+        loss = torch.where(adv < 0, torch.minimum(loss, l3), loss)
+    total = aggregate(loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    stats = {
+        "clipfrac": _masked_mean((l2 > l1).float(), m).detach(),
+        "clipfrac_lower": _masked_mean(lower, m).detach(),
+        "approx_kl": _masked_mean(0.5 * d.square(), m).detach(),
+        "ratio_mean": _masked_mean(ratio, m).detach(),
+        "ratio_max": _masked_max(ratio, m).detach(),
+    }
+    return total, stats
+
+
+def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean", num_tokens=None,
+               num_seqs=None, horizon=None):
+    """L = 0.5 max((v - R)^2, (v_c - R)^2), v_c = old + clamp(v - old, -clip, clip); 0.5 (v - R)^2
+    without clip. Returns (agg(L), {"vf_clipfrac"})."""
+    v = _f(values)
+    r = _f(returns)
+    m = _f(mask)
+    l1 = (v - r).square()
+    if clip is None:
+        loss, clipped = 0.5 * l1, torch.zeros_like(m)
+    else:
+        old = _f(old_values)
+        vc = old + (v - old).clamp(-clip, clip)
+        l2 = (vc - r).square()
+        loss, clipped = 0.5 * torch.maximum(l1, l2), (l2 > l1).float()
+    total = aggregate(loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    return total, {"vf_clipfrac": _masked_mean(clipped, m).detach()}
+
+
+def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
+                   kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
+                   temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
+                   num_tokens=None, num_seqs=None, horizon=None):
+    """agg(L) + kl_coef * agg(KL) - entropy_coef * agg(H), composed from the pieces above."""
+    want_ent = return_entropy or entropy_coef != 0
+    out = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                         return_entropy=want_ent)
+    logp, ent = out if want_ent else (out, None)
+    return compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+                            kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
+                            clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens,
+                            num_seqs=num_seqs, horizon=horizon)
+
+
+def compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs, kl_coef, kl_kind,
+                     entropy_coef, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon):
+    """The fused loss from per-token log-probs (and entropy): the unfused composition."""
+    counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    loss, stats = ppo_policy_loss(logp, old_logprobs, advantages, mask, clip_low=clip_low,
+                                  clip_high=clip_high, dual_clip=dual_clip, agg=agg, **counts)
+    stats["pg_loss"] = loss.detach()
+    m = _f(mask)
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_penalty(logp, ref_logprobs, kl_kind)
+        loss = loss + kl_coef * aggregate(kl, mask, agg, **counts)
+        stats["kl"] = _masked_mean(kl, m).detach()
+    if ent is not None:
+        loss = loss - entropy_coef * aggregate(ent, mask, agg, **counts)
+        stats["entropy"] = _masked_mean(ent, m).detach()
+    return PPOLossOutput(loss=loss, logprobs=logp.detach(), kl=None if kl is None else kl.detach(),
+                         entropy=None if ent is None else ent.detach(), stats=stats)
+
+
+# ----------------------------------------------------------------------------- advantages
+def gae(rewards, values, mask, *, gamma=1.0, lam=1.0):
+    """The plain reverse loop of DESIGN.md: masked positions are skipped (carry passes through)."""
+    r, v, m = rewards.double(), values.double(), mask.bool()
+    B, T = r.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        v_next, g = 0.0, 0.0
+        for t in reversed(range(T)):
+            if not m[b, t]:
+                continue
+            delta = r[b, t].item() + gamma * v_next - v[b, t].item()
+            g = delta + gamma * lam * g
+            v_next = v[b, t].item()
+            adv[b, t] = g
+    ret = torch.where(m, adv + v, torch.zeros_like(adv))
+    return adv.float().to(rewards.device), ret.float().to(rewards.device)
+
+
+def masked_whiten(x, mask, *, shift_mean=True):
+    """(x - mean) / sqrt(var + 1e-8) over masked entries (unbiased var); 0 where mask is 0."""
+    x = x.float()
+    m = mask.float()
+    n = m.sum()
+    mean = (x * m).sum() / n
+    var = ((x - mean).square() * m).sum() / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+def group_advantages(scores, group_size, *, kind="grpo", norm_by_std=True, eps=1e-6):
+    """Per group of `group_size` consecutive scores: grpo (R - mean)/(std + eps) (unbiased std,
+    or R - mean without norm_by_std); rloo R - mean of the other G - 1. A group of one gets 0."""
+    s = scores.float().reshape(-1)
+    out = torch.zeros_like(s)
+    for start in range(0, s.numel(), group_size):
+        g = s[start:start + group_size]
+        if g.numel() == 1:
+            continue
+        if kind == "grpo":
+            a = g - g.mean()
+            if norm_by_std:
+                a = a / (g.std() + eps)
+        elif kind == "rloo":
+            a = g - (g.sum() - g) / (g.numel() - 1)
+        else:
+            raise ValueError(f"kind must be 'grpo' or 'rloo', got {kind!r}")
+        out[start:start + group_size] = a
+    return out
+
+
+def kl_shaped_rewards(scores, kl, mask, *, kl_coef):
+    """-kl_coef * kl on every token (masked), plus the sequence score on its last mask-1 token."""
+    m = mask.float()
+    out = -kl_coef * kl.float() * m
+    for b in range(m.shape[0]):
+        idx = torch.nonzero(m[b]).flatten()
+        if idx.numel():
+            out[b, idx[-1]] += scores[b].float()
+    return out

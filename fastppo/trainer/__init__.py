@@ -1,0 +1,1 @@
+"""PPO / GRPO trainer on Hugging Face models."""

@@ -1,0 +1,33 @@
+"""Block sizes and warp counts for every kernel, in one place.
+
+One fixed configuration per kernel (no autotuning by default). Under the Triton interpreter
+(`TRITON_INTERPRET=1`) the same kernels run with blocks sized for test shapes (vocab ~1k).
+"""
+
+import os
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Streaming kernels over a vocabulary row: one program per row, BLOCK_V columns per step.
+# 4096 fp32 values over 8 warps is 16 per thread: enough bytes in flight, no spills.
+ROW_BLOCK_V = 1024 if INTERPRET else 4096
+ROW_NUM_WARPS = 8
+
+# Single-program reductions over [B, T] per-token arrays (loss aggregation).
+AGG_BLOCK_T = 1024
+AGG_NUM_WARPS = 8
+
+# GAE: one program per sequence, a reverse scan over BLOCK_T time steps per chunk.
+GAE_BLOCK_T = 1024
+GAE_NUM_WARPS = 4
+
+# Elementwise per-token kernels.
+ELEM_BLOCK = 1024
+ELEM_NUM_WARPS = 4
+
+# Fused linear log-probs: tensor-core tiles of hidden [BLOCK_N, BLOCK_K] x weight [BLOCK_V, BLOCK_K].
+LIN_BLOCK_N = 16 if INTERPRET else 64
+LIN_BLOCK_V = 64 if INTERPRET else 128
+LIN_BLOCK_K = 32 if INTERPRET else 64
+LIN_NUM_WARPS = 8
+LIN_NUM_STAGES = 3

@@ -1,0 +1,57 @@
+"""Host-side layout helpers shared by the launchers (no Triton code, no device queries)."""
+
+import torch
+import triton.language as tl
+
+
+class Rows:
+    """A [..., V] tensor addressed as N rows without copying: row r starts at element
+    (r // n_inner) * stride_outer + (r % n_inner) * stride_inner. This covers contiguous tensors
+    and the common shifted views such as `logits[:, :-1, :]`. The last dimension is made
+    contiguous here when it is not (a copy, as flash-attention's cross-entropy does)."""
+
+    __slots__ = ("tensor", "n_rows", "n_cols", "n_inner", "stride_outer", "stride_inner")
+
+    def __init__(self, x: torch.Tensor):
+        if x.dim() == 0:
+            raise ValueError("expected a tensor with a vocabulary dimension, got a scalar")
+        if x.stride(-1) != 1 and x.shape[-1] > 1:
+            x = x.contiguous()
+        lead = x.shape[:-1]
+        n_cols = x.shape[-1]
+        if len(lead) > 2:
+            try:
+                x = x.view(-1, lead[-1], n_cols)
+            except RuntimeError:
+                x = x.reshape(-1, n_cols)
+            lead = x.shape[:-1]
+        n_rows = 1
+        for d in lead:
+            n_rows *= d
+        if len(lead) == 2:
+            n_inner, stride_outer, stride_inner = lead[1], x.stride(0), x.stride(1)
+        elif len(lead) == 1:
+            n_inner, stride_outer, stride_inner = max(n_rows, 1), 0, x.stride(0)
+        else:
+            n_inner, stride_outer, stride_inner = 1, 0, 0
+        self.tensor = x
+        self.n_rows = n_rows
+        self.n_cols = n_cols
+        self.n_inner = max(n_inner, 1)
+        self.stride_outer = stride_outer
+        self.stride_inner = stride_inner
+
+    def args(self):
+        return self.n_inner, self.stride_outer, self.stride_inner
+
+
+def flat_labels(labels: torch.Tensor, n_rows: int) -> torch.Tensor:
+    flat = labels.reshape(-1)
+    if flat.numel() != n_rows:
+        raise ValueError(f"labels has {flat.numel()} elements but logits have {n_rows} rows")
+    return flat
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulator dtype (torch, triton): fp32, or fp64 for fp64 inputs."""
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)

@@ -1,0 +1,173 @@
+"""Ahead-of-time compile of every kernel for real GPUs (sm_80, sm_90) without a GPU.
+
+`AOT_KERNELS` is the one list of kernels: a new kernel joins the compile test and
+`fastppo bench --aot` by being listed here, with the argument types it is launched with and the
+constexpr values of its default configuration. Like the JIT, pointers and the integer arguments
+named in `divisible` get the `tt.divisibility = 16` attribute (torch allocations are 16-byte
+aligned; real vocabularies and row strides are multiples of 16).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+import triton
+import triton.language as tl
+
+from . import _config as cfg
+
+
+@dataclass(frozen=True)
+class AOTSpec:
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    divisible: tuple = ()
+    streaming: bool = False          # streams a [N, V] operand: its loads must be 128-bit vectors
+    num_warps: int = 4
+    num_stages: int = 3
+    meta: dict = field(default_factory=dict)
+
+
+def _sig(fn, types: dict, constexprs: dict):
+    """Signature in the kernel's argument order; unnamed int args default to i32."""
+    names = fn.arg_names
+    out = {}
+    for n in names:
+        if n in constexprs:
+            out[n] = "constexpr"
+        else:
+            out[n] = types.get(n, "i32")
+    return out
+
+
+def _specs():
+    from . import full_kl, gae, kl, logprobs, loss_agg
+
+    row = dict(BLOCK_V=cfg.ROW_BLOCK_V)
+    strides = ("stride_outer", "stride_inner", "V")
+    specs = []
+    for dt in ("bf16", "fp32"):
+        ce = dict(row, WITH_ENT=True, ACC=tl.float32)
+        specs.append(AOTSpec(
+            f"logprobs_fwd[{dt}]", logprobs._logprobs_fwd_kernel,
+            _sig(logprobs._logprobs_fwd_kernel, dict(logits_ptr=f"*{dt}", labels_ptr="*i64", logp_ptr="*fp32",
+                 lse_ptr="*fp32", ent_ptr="*fp32", inv_tau="fp32"), ce), ce, strides, True, cfg.ROW_NUM_WARPS))
+        ce = dict(row, HAS_ENT=True, HAS_SCALE=True, ACC=tl.float32)
+        specs.append(AOTSpec(
+            f"logprobs_bwd[{dt}]", logprobs._logprobs_bwd_kernel,
+            _sig(logprobs._logprobs_bwd_kernel, dict(logits_ptr=f"*{dt}", labels_ptr="*i64", lse_ptr="*fp32",
+                 ent_ptr="*fp32", c_logp_ptr="*fp32", c_ent_ptr="*fp32", scale_ptr="*fp32",
+                 dlogits_ptr=f"*{dt}", inv_tau="fp32"), ce), ce,
+            strides + ("d_stride_outer", "d_stride_inner"), True, cfg.ROW_NUM_WARPS))
+    ce = dict(row, ACC=tl.float32)
+    kl_types = dict(p_ptr="*bf16", q_ptr="*bf16", kl_ptr="*fp32", lse_p_ptr="*fp32", lse_q_ptr="*fp32",
+                    g_ptr="*fp32", dp_ptr="*bf16", inv_tau="fp32")
+    kl_div = ("p_outer_s", "p_inner_s", "q_outer_s", "q_inner_s", "V")
+    specs.append(AOTSpec("full_kl_fwd[bf16]", full_kl._full_kl_fwd_kernel,
+                         _sig(full_kl._full_kl_fwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))
+    specs.append(AOTSpec("full_kl_bwd[bf16]", full_kl._full_kl_bwd_kernel,
+                         _sig(full_kl._full_kl_bwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))
+    ce = dict(LOSS=0, AGG=1, KL_KIND=5, HAS_ENT=True, HAS_CLIP=True, BLOCK_T=cfg.AGG_BLOCK_T, ACC=tl.float32)
+    f32 = {n: "fp32" for n in ("clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef",
+                               "num_tokens", "num_seqs", "horizon")}
+    ptrs = {n: "*fp32" for n in loss_agg._loss_agg_kernel.arg_names if n.endswith("_ptr")}
+    ptrs["mask_ptr"] = "*i1"
+    specs.append(AOTSpec("loss_agg[policy]", loss_agg._loss_agg_kernel,
+                         _sig(loss_agg._loss_agg_kernel, {**ptrs, **f32}, ce), ce, (), False, cfg.AGG_NUM_WARPS))
+    ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK)
+    specs.append(AOTSpec("kl_fwd", kl._kl_fwd_kernel,
+                         _sig(kl._kl_fwd_kernel, dict(logp_ptr="*fp32", ref_ptr="*fp32", kl_ptr="*fp32",
+                                                      dkl_ptr="*fp32"), ce), ce, ("n",), True,
+                         cfg.ELEM_NUM_WARPS))
+    specs.extend(gae.aot_specs(AOTSpec, _sig))
+    return specs
+
+
+def aot_kernels():
+    """The list of AOTSpec (built lazily: kernels import triton.language)."""
+    return _specs()
+
+
+def compile_spec(spec: AOTSpec, cc: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = spec.fn.arg_names
+    attrs = {}
+    for i, n in enumerate(names):
+        ty = spec.signature[n]
+        if ty.startswith("*") or n in spec.divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    opts = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
+
+
+def cuobjdump_path() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(compiled) -> dict:
+    """REG, STACK, LOCAL, SHARED of the compiled cubin, read by the cuobjdump inside triton."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+        path = f.name
+    try:
+        text = subprocess.run([cuobjdump_path(), "--dump-resource-usage", path], capture_output=True,
+                              text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {k: int(v) for k, v in found.items()}
+
+
+def global_loads(compiled) -> dict:
+    """Counts of global load instructions in the PTX by vector width (1, 2 or 4 lanes)."""
+    ptx = compiled.asm["ptx"]
+    v4 = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx))
+    v2 = len(re.findall(r"ld\.global(?:\.\w+)*\.v2\.", ptx))
+    total = len(re.findall(r"ld\.global", ptx))
+    return {"v4": v4, "v2": v2, "scalar": total - v4 - v2}
+
+
+def report(ccs=(80, 90)) -> list[dict]:
+    """Compile every listed kernel for each compute capability; one row per (kernel, arch)."""
+    import time
+
+    rows = []
+    for spec in aot_kernels():
+        for cc in ccs:
+            start = time.perf_counter()
+            compiled = compile_spec(spec, cc)
+            rows.append({"kernel": spec.name, "arch": f"sm_{cc}", "streaming": spec.streaming,
+                         "num_warps": spec.num_warps, **resource_usage(compiled), **global_loads(compiled),
+                         "compile_s": round(time.perf_counter() - start, 3)})
+    return rows
+
+
+def report_in_subprocess(ccs=(80, 90), timeout=900) -> list[dict]:
+    """`report` in a fresh interpreter without TRITON_INTERPRET (under the interpreter @triton.jit
+    gives functions that cannot be compiled for a GPU)."""
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-m", "fastppo.kernels.aot", *map(str, ccs)], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compile failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(report(tuple(int(c) for c in sys.argv[1:]) or (80, 90))))

@@ -1,0 +1,75 @@
+"""Generalised advantage estimation in one launch: a reverse linear-recurrence scan over time.
+
+Mask-aware GAE (DESIGN.md §4) walks t = T-1..0 with a carry (G, N) = (advantage, next value):
+    unmasked t:  G' = gamma*lam*G + gamma*N + (r_t - V_t),  N' = V_t
+    masked t:    G' = G,  N' = N           (the step is skipped)
+Each step is an affine map of the carry with an upper-triangular matrix [[a, b], [0, d]] and an
+offset (c0, c1); composing affine maps is associative, so a chunk of BLOCK_T steps is one
+`tl.associative_scan` (reverse), applied to the carry coming from the chunk on its right.
+A_t = G_t and R_t = G_t + V_t where m_t, else 0. One program per sequence, any T.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config as cfg
+from .launches import record_launch
+
+
+@triton.jit
+def _affine_combine(a1, b1, d1, c01, c11, a2, b2, d2, c02, c12):
+    """(map 2) o (map 1): map 1 is applied first (it holds the later time steps)."""
+    return a2 * a1, a2 * b1 + b2 * d1, d2 * d1, a2 * c01 + b2 * c11 + c02, d2 * c11 + c12
+
+
+@triton.jit
+def _gae_kernel(
+    r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, T,
+    sr_b, sr_t, sv_b, sv_t, sm_b, sm_t, gamma, lam,
+    BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK_T)
+    g_carry = tl.zeros((), tl.float32)
+    n_carry = tl.zeros((), tl.float32)
+    n_chunks = tl.cdiv(T, BLOCK_T)
+    for i in range(0, n_chunks):
+        t = (n_chunks - 1 - i) * BLOCK_T + lanes
+        inb = t < T
+        m = (tl.load(m_ptr + b * sm_b + t * sm_t, mask=inb, other=0) != 0) & inb
+        r = tl.load(r_ptr + b * sr_b + t * sr_t, mask=inb, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + b * sv_b + t * sv_t, mask=inb, other=0.0).to(tl.float32)
+        a = tl.where(m, gamma * lam, 1.0)
+        bb = tl.where(m, gamma, 0.0)
+        d = tl.where(m, 0.0, 1.0)
+        c0 = tl.where(m, r - v, 0.0)
+        c1 = tl.where(m, v, 0.0)
+        a, bb, d, c0, c1 = tl.associative_scan((a, bb, d, c0, c1), 0, _affine_combine, reverse=True)
+        g = a * g_carry + bb * n_carry + c0
+        n = d * n_carry + c1
+        out = b * T + t
+        tl.store(adv_ptr + out, tl.where(m, g, 0.0), mask=inb)
+        tl.store(ret_ptr + out, tl.where(m, g + v, 0.0), mask=inb)
+        g_carry = tl.sum(tl.where(lanes == 0, g, 0.0), 0)
+        n_carry = tl.sum(tl.where(lanes == 0, n, 0.0), 0)
+
+
+def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Returns (advantages, returns), float32 [B, T], contiguous."""
+    B, T = rewards.shape
+    adv = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
+    ret = torch.empty_like(adv)
+    if B and T:
+        record_launch("gae")
+        _gae_kernel[(B,)](rewards, values, mask, adv, ret, T, *rewards.stride(), *values.stride(), *mask.stride(),
+                          float(gamma), float(lam), BLOCK_T=cfg.GAE_BLOCK_T, num_warps=cfg.GAE_NUM_WARPS)
+    return adv, ret
+
+
+def aot_specs(AOTSpec, sig):
+    ce = dict(BLOCK_T=cfg.GAE_BLOCK_T, sr_t=1, sv_t=1, sm_t=1)  # the JIT specialises unit strides
+    types = dict(r_ptr="*fp32", v_ptr="*fp32", m_ptr="*i1", adv_ptr="*fp32", ret_ptr="*fp32",
+                 gamma="fp32", lam="fp32")
+    return [AOTSpec("gae", _gae_kernel, sig(_gae_kernel, types, ce), ce, ("T", "sr_b", "sv_b", "sm_b"), True,
+                    cfg.GAE_NUM_WARPS)]

@@ -1,0 +1,35 @@
+"""Elementwise KL penalty between per-token log-probs: value and derivative in one launch
+(the derivative is saved for backward, which is then one multiply)."""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config as cfg
+from ._terms import KL_KIND_IDS, kl_terms
+from .launches import record_launch
+
+
+@triton.jit
+def _kl_fwd_kernel(logp_ptr, ref_ptr, kl_ptr, dkl_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    logp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    kl, dkl = kl_terms(logp, ref, KIND)
+    tl.store(kl_ptr + offs, kl, mask=inb)
+    tl.store(dkl_ptr + offs, dkl, mask=inb)
+
+
+def kl_fwd(logp: torch.Tensor, ref: torch.Tensor, kind: str):
+    """Returns (kl, dkl/dlogp), float32, shaped like logp."""
+    a = logp.reshape(-1).contiguous()
+    b = ref.reshape(-1).contiguous()
+    kl = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    dkl = torch.empty_like(kl)
+    n = a.numel()
+    if n:
+        record_launch("kl_fwd")
+        _kl_fwd_kernel[(triton.cdiv(n, cfg.ELEM_BLOCK),)](
+            a, b, kl, dkl, n, KIND=KL_KIND_IDS[kind], BLOCK=cfg.ELEM_BLOCK, num_warps=cfg.ELEM_NUM_WARPS)
+    return kl.view(logp.shape), dkl.view(logp.shape)

@@ -1,0 +1,69 @@
+"""Test rig: without CUDA the Triton kernels run in Triton's interpreter on CPU.
+
+TRITON_INTERPRET must be set before triton is imported, so this happens at collection time,
+before any test module imports fastppo.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def _interpreter_rounds_bf16_to_nearest_even():
+    """Triton's interpreter truncates fp32 -> bf16 casts (it passes no rounding mode), while the GPU
+    rounds to nearest even. Make the interpreter round like the GPU, so bf16 outputs are checked
+    against the rounding the real kernels perform."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+            f32 = torch.from_numpy(np.ascontiguousarray(input).view(np.float32))
+            return f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return original(input, input_dtype, output_dtype, rounding_mode)
+
+    interpreter._convert_float = convert
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_rounds_bf16_to_nearest_even()
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Absolute slack on top of the dtype's own rounding error (see assert_close_by_dtype).
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6}
+
+
+def assert_close_by_dtype(actual, expected, dtype, atol=None, scale=1.0):
+    """The error of `actual` against an fp64 `expected` may be at most twice the error of simply
+    rounding `expected` to `dtype` (what the best same-dtype computation would achieve), plus a small
+    absolute slack (scaled by the magnitude of the values)."""
+    expected = expected.double()
+    actual = actual.double()
+    atol = ATOL[dtype] * scale if atol is None else atol
+    rounding = (expected.to(dtype).double() - expected).abs()
+    err = (actual - expected).abs()
+    bad = err > 2 * rounding + atol
+    if bool(bad.any()):
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements off; first at {i}: actual "
+                             f"{actual[tuple(i)].item()} expected {expected[tuple(i)].item()} "
+                             f"(max err {err.max().item():.3g})")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,166 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastppo
+from fastppo import reference as ref
+from fastppo.kernels.launches import count_launches
+from tests.helpers import DEVICE
+
+
+def _random_mask(B, T, kind):
+    if kind == "holes":
+        return torch.rand(B, T, device=DEVICE) > 0.3
+    lengths = torch.randint(0, T + 1, (B,), device=DEVICE)
+    pos = torch.arange(T, device=DEVICE).expand(B, T)
+    if kind == "right":             # response then right padding
+        return pos < lengths[:, None]
+    return pos >= (T - lengths)[:, None]   # left padding
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["holes", "right", "left"])
+@pytest.mark.parametrize("B,T", [(4, 1), (3, 37), (2, 1500)])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.5, 0.0)])
+def test_gae_matches_reference_loop(kind, B, T, gamma, lam):
+    r, v = torch.randn(B, T, device=DEVICE), torch.randn(B, T, device=DEVICE)
+    mask = _random_mask(B, T, kind)
+    adv, ret = fastppo.gae(r, v, mask, gamma=gamma, lam=lam)
+    radv, rret = ref.gae(r, v, mask, gamma=gamma, lam=lam)
+    _close(adv, radv)
+    _close(ret, rret)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+def test_gae_one_launch_for_long_sequences():
+    B, T = 2, 4096
+    r, v = torch.randn(B, T, device=DEVICE) * 0.1, torch.randn(B, T, device=DEVICE)
+    mask = _random_mask(B, T, "holes")
+    with count_launches() as launches:
+        adv, ret = fastppo.gae(r, v, mask, gamma=0.999, lam=0.97)
+    assert launches == {"gae": 1}
+    radv, rret = ref.gae(r, v, mask, gamma=0.999, lam=0.97)
+    torch.testing.assert_close(adv, radv, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ret, rret, rtol=1e-5, atol=2e-5)
+
+
+def test_gae_values_at_masked_positions_never_matter():
+    r, v = torch.randn(3, 50, device=DEVICE), torch.randn(3, 50, device=DEVICE)
+    mask = _random_mask(3, 50, "holes")
+    a1, r1 = fastppo.gae(r, v, mask, gamma=0.9, lam=0.8)
+    v2 = torch.where(mask, v, torch.full_like(v, 1e6))
+    r2 = torch.where(mask, r, torch.full_like(r, -7.0))
+    a2, rr2 = fastppo.gae(r2, v2, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(a1, a2)
+    torch.testing.assert_close(r1, rr2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 4), T=st.integers(1, 70), seed=st.integers(0, 10_000))
+def test_gae_unit_discount_is_masked_reverse_cumsum(B, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, generator=g).to(DEVICE)
+    v = torch.randn(B, T, generator=g).to(DEVICE)
+    mask = (torch.rand(B, T, generator=g) > 0.4).to(DEVICE)
+    adv, _ = fastppo.gae(r, v, mask, gamma=1.0, lam=1.0)
+    # with gamma = lam = 1 the values telescope over the unmasked tokens: A_t = sum_{s>=t, m_s} r_s - V_t
+    rm = torch.where(mask, r, torch.zeros_like(r))
+    suffix = rm.flip(-1).cumsum(-1).flip(-1)
+    expected = torch.where(mask, suffix - v, torch.zeros_like(v))
+    torch.testing.assert_close(adv, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gae_bf16_inputs_and_strided():
+    base = torch.randn(4, 80, device=DEVICE)
+    r = base[:, ::2].to(torch.bfloat16)
+    v = torch.randn(40, 4, device=DEVICE).t()
+    mask = _random_mask(4, 40, "right").to(torch.float32)
+    adv, ret = fastppo.gae(r, v, mask, gamma=0.95, lam=0.9)
+    radv, rret = ref.gae(r.float(), v, mask, gamma=0.95, lam=0.9)
+    _close(adv, radv)
+    _close(ret, rret)
+
+
+def test_gae_torch_backend_matches():
+    r, v = torch.randn(3, 33, device=DEVICE), torch.randn(3, 33, device=DEVICE)
+    mask = _random_mask(3, 33, "holes")
+    a, b = fastppo.gae(r, v, mask, gamma=0.97, lam=0.9)
+    with fastppo.use_backend("torch"):
+        a2, b2 = fastppo.gae(r, v, mask, gamma=0.97, lam=0.9)
+    _close(a, a2)
+    _close(b, b2)
+
+
+def test_gae_bad_arguments():
+    r = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="gamma"):
+        fastppo.gae(r, r, r > 0, gamma=1.5)
+    with pytest.raises(ValueError, match="mask shape"):
+        fastppo.gae(r, r, r[:, :3] > 0)
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        fastppo.gae(r[0], r[0], r[0] > 0)
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten(shift_mean):
+    x = torch.randn(4, 30, device=DEVICE) * 3 + 2
+    mask = _random_mask(4, 30, "holes")
+    out = fastppo.masked_whiten(x, mask, shift_mean=shift_mean)
+    torch.testing.assert_close(out, ref.masked_whiten(x, mask, shift_mean=shift_mean))
+    vals = out[mask].double()
+    xm = x[mask].double()
+    mean = 0.0 if shift_mean else xm.mean().item()
+    assert abs(vals.mean().item() - mean) < 1e-5
+    assert abs(vals.var(unbiased=True).item() - 1.0) < 1e-4
+    assert (out[~mask] == 0).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        fastppo.masked_whiten(x, torch.zeros_like(mask))
+
+
+@pytest.mark.parametrize("kind,norm", [("grpo", True), ("grpo", False), ("rloo", True)])
+@pytest.mark.parametrize("G", [1, 2, 5])
+def test_group_advantages(kind, norm, G):
+    scores = torch.randn(4 * G, device=DEVICE)
+    scores[:G] = 1.0                     # a group with zero spread
+    out = fastppo.group_advantages(scores, G, kind=kind, norm_by_std=norm)
+    torch.testing.assert_close(out, ref.group_advantages(scores, G, kind=kind, norm_by_std=norm))
+    if G > 1:
+        torch.testing.assert_close(out.view(-1, G).sum(-1), torch.zeros(4, device=DEVICE), atol=1e-5, rtol=0)
+    assert (out[:G] == 0).all()
+
+
+def test_group_advantages_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        fastppo.group_advantages(torch.randn(7), 2)
+    with pytest.raises(ValueError, match="kind"):
+        fastppo.group_advantages(torch.randn(8), 2, kind="ppo")
+    with pytest.raises(ValueError, match="group_size"):
+        fastppo.group_advantages(torch.randn(8), 0)
+
+
+@pytest.mark.parametrize("kind", ["holes", "right", "left"])
+def test_kl_shaped_rewards(kind):
+    mask = _random_mask(5, 17, kind)
+    mask[0] = False
+    scores, kl = torch.randn(5, device=DEVICE), torch.randn(5, 17, device=DEVICE)
+    out = fastppo.kl_shaped_rewards(scores, kl, mask, kl_coef=0.05)
+    torch.testing.assert_close(out, ref.kl_shaped_rewards(scores, kl, mask, kl_coef=0.05))
+    assert (out[0] == 0).all()
+
+
+def test_kl_controllers():
+    fixed = fastppo.FixedKLController(0.1)
+    assert fixed.update(5.0, 100) == 0.1
+    ctl = fastppo.AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    assert ctl.update(12.0, 1000) == pytest.approx(0.2 * (1 + 0.2 * 0.1))     # error clipped at +0.2
+    before = ctl.value
+    assert ctl.update(5.4, 500) == pytest.approx(before * (1 - 0.1 * 0.05))
+    restored = fastppo.AdaptiveKLController(1.0, 1.0, 1.0)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.value == ctl.value
+    with pytest.raises(ValueError, match="target"):
+        fastppo.AdaptiveKLController(0.1, target=0.0, horizon=10)

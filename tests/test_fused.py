@@ -1,0 +1,181 @@
+import itertools
+
+import pytest
+import torch
+
+import fastppo
+from fastppo import reference as ref
+from fastppo.kernels.launches import count_launches
+from tests.helpers import DEVICE, assert_close_by_dtype, make_labels, make_logits, make_mask
+
+B, T, V = 3, 9, 1031
+
+
+def _batch(dtype, per_seq_adv=False, scale=2.0):
+    logits = make_logits((B, T, V), dtype, scale=scale)
+    labels = make_labels((B, T), V, holes=0.1)
+    mask = make_mask((B, T)) & (labels != -100)
+    with torch.no_grad():
+        lp = ref.token_logprobs(logits, labels)
+    old = lp + 0.3 * torch.randn(B, T, device=DEVICE)
+    refp = lp + 0.2 * torch.randn(B, T, device=DEVICE)
+    adv = torch.randn(B, device=DEVICE) if per_seq_adv else torch.randn(B, T, device=DEVICE)
+    return logits, labels, old, adv, mask, refp
+
+
+def _run(fn, logits, *args, upstream=1.7, **kw):
+    x = logits.detach().clone().requires_grad_()
+    out = fn(x, *args, **kw)
+    (out.loss * upstream).backward()
+    return out, x.grad
+
+
+GRID = list(itertools.product(ref.AGG_MODES, ["k3", "low_var_kl", "k1", "abs", "k2"]))
+
+
+@pytest.mark.parametrize("agg,kl_kind", GRID)
+def test_fused_equals_composition_of_reference_pieces(agg, kl_kind):
+    logits, labels, old, adv, mask, refp = _batch(torch.float32)
+    kw = dict(ref_logprobs=refp, kl_coef=0.05, kl_kind=kl_kind, entropy_coef=0.01, clip_low=0.2,
+              clip_high=0.28, dual_clip=1.5, temperature=0.8, agg=agg)
+    out, grad = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, **kw)
+    rout, rgrad = _run(ref.fused_ppo_loss, logits.double(), labels, old, adv, mask, **kw)
+    torch.testing.assert_close(out.loss.double(), rout.loss, rtol=2e-4, atol=2e-4)
+    assert_close_by_dtype(grad, rgrad, torch.float32)
+    torch.testing.assert_close(out.logprobs.double(), rout.logprobs, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(out.kl.double(), rout.kl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.entropy.double(), rout.entropy, rtol=1e-5, atol=2e-5)
+    assert set(out.stats) == set(rout.stats)
+    for k in out.stats:
+        torch.testing.assert_close(out.stats[k].double(), rout.stats[k].double(), rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_seq_adv", [False, True])
+def test_low_precision_logits(dtype, per_seq_adv):
+    logits, labels, old, adv, mask, refp = _batch(dtype, per_seq_adv)
+    kw = dict(ref_logprobs=refp, kl_coef=0.1, entropy_coef=0.02, agg="seq-mean-token-mean")
+    out, grad = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, **kw)
+    rout, rgrad = _run(ref.fused_ppo_loss, logits.double(), labels, old, adv, mask, **kw)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(out.loss.double(), rout.loss, rtol=2e-4, atol=2e-4)
+    assert_close_by_dtype(grad, rgrad, dtype)
+
+
+def test_three_launches_and_no_entropy_work_when_unused():
+    logits, labels, old, adv, mask, refp = _batch(torch.bfloat16)
+    with count_launches() as launches:
+        out, _ = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, ref_logprobs=refp, kl_coef=0.1)
+    assert sum(launches.values()) == 3, launches
+    assert out.entropy is None and "entropy" not in out.stats
+
+
+def test_return_entropy_without_coefficient():
+    logits, labels, old, adv, mask, _ = _batch(torch.float32)
+    out, grad = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, return_entropy=True)
+    rout, rgrad = _run(ref.fused_ppo_loss, logits.double(), labels, old, adv, mask)
+    torch.testing.assert_close(out.entropy.double(), ref.token_logprobs(logits.double(), labels,
+                                                                        return_entropy=True)[1], rtol=1e-5, atol=2e-5)
+    assert_close_by_dtype(grad, rgrad, torch.float32)
+    assert out.kl is None
+
+
+def test_inplace_backward_writes_into_logits_storage():
+    logits, labels, old, adv, mask, _ = _batch(torch.bfloat16)
+    expected_out, expected = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, entropy_coef=0.01)
+    leaf = logits.detach().clone().requires_grad_()
+    x = leaf * 1.0                  # as in a model: the logits are an activation, not a leaf
+    out = fastppo.fused_ppo_loss(x, labels, old, adv, mask, entropy_coef=0.01, inplace=True)
+    (out.loss * 1.7).backward()
+    torch.testing.assert_close(x.detach(), expected, rtol=0, atol=0)   # the logits' storage holds dlogits
+    torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=0)
+
+
+def test_shifted_logits_view_and_2d():
+    logits, labels, old, adv, mask, _ = _batch(torch.float32)
+    full = torch.cat([logits, logits[:, :1]], dim=1)
+    out, grad = _run(fastppo.fused_ppo_loss, full[:, :-1], labels, old, adv, mask)
+    rout, rgrad = _run(ref.fused_ppo_loss, logits.double(), labels, old, adv, mask)
+    torch.testing.assert_close(out.loss.double(), rout.loss, rtol=2e-5, atol=2e-5)
+    assert_close_by_dtype(grad, rgrad, torch.float32)
+    out2, _ = _run(fastppo.fused_ppo_loss, logits[0], labels[0], old[0], adv[0], mask[0])
+    rout2, _ = _run(ref.fused_ppo_loss, logits[0].double(), labels[0], old[0], adv[0], mask[0])
+    torch.testing.assert_close(out2.loss.double(), rout2.loss, rtol=2e-5, atol=2e-5)
+
+
+def test_torch_backend_matches():
+    logits, labels, old, adv, mask, refp = _batch(torch.float32)
+    kw = dict(ref_logprobs=refp, kl_coef=0.1, entropy_coef=0.01)
+    out, grad = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, **kw)
+    with fastppo.use_backend("torch"):
+        tout, tgrad = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, **kw)
+    torch.testing.assert_close(out.loss, tout.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, tgrad, rtol=1e-4, atol=1e-7)
+
+
+def test_gradcheck_float64():
+    logits = torch.randn(2, 3, 11, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    labels = make_labels((2, 3), 11, holes=0)
+    old = torch.randn(2, 3, dtype=torch.float64, device=DEVICE) * 0.1 - 2.4
+    adv = torch.randn(2, 3, dtype=torch.float64, device=DEVICE)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool, device=DEVICE)
+
+    def f(x):
+        return fastppo.fused_ppo_loss(x, labels, old, adv, mask, ref_logprobs=old, kl_coef=0.1,
+                                      entropy_coef=0.05).loss
+
+    assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-6)
+
+
+def test_bad_arguments():
+    logits, labels, old, adv, mask, refp = _batch(torch.float32)
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        fastppo.fused_ppo_loss(logits, labels, old, adv, mask, kl_coef=0.1)
+    with pytest.raises(ValueError, match="kl_kind"):
+        fastppo.fused_ppo_loss(logits, labels, old, adv, mask, ref_logprobs=refp, kl_kind="full")
+    with pytest.raises(ValueError, match="logits must be"):
+        fastppo.fused_ppo_loss(logits[..., None], labels, old, adv, mask)
+    with pytest.raises(ValueError, match="mask shape"):
+        fastppo.fused_ppo_loss(logits, labels, old, adv, mask[:, 1:])
+    with pytest.raises(ValueError, match="labels must be in"):
+        fastppo.fused_ppo_loss(logits, labels.clamp_min(0) + V, old, adv, mask)
+
+
+# ----------------------------------------------------------------------------- full_kl
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_full_kl(dtype, temperature):
+    p = make_logits((3, 5, 1031), dtype)
+    q = (p.float() + make_logits((3, 5, 1031), torch.float32, scale=0.5)).to(dtype)
+    q[0, 0, :10] = -40.0
+    p[1, 1, 200:300] = -float("inf")
+    x = p.detach().clone().requires_grad_()
+    kl = fastppo.full_kl(x, q, temperature=temperature)
+    g = torch.randn_like(kl)
+    (kl * g).sum().backward()
+    xr = p.detach().double().requires_grad_()
+    rkl = ref.full_kl(xr, q.double(), temperature=temperature)
+    (rkl * g.double()).sum().backward()
+    assert kl.dtype == torch.float32 and (kl >= -1e-6).all()
+    torch.testing.assert_close(kl.double(), rkl, rtol=2e-5, atol=2e-5)
+    assert_close_by_dtype(x.grad, xr.grad, dtype)
+
+
+def test_full_kl_of_identical_distributions_is_zero_and_ref_gets_no_grad():
+    p = make_logits((4, 300), torch.float32)
+    q = p.clone().requires_grad_()
+    kl = fastppo.full_kl(p.clone().requires_grad_(), q)
+    torch.testing.assert_close(kl, torch.zeros_like(kl), atol=2e-6, rtol=0)
+    kl.sum().backward()
+    assert q.grad is None
+
+
+def test_full_kl_gradcheck():
+    p = torch.randn(3, 17, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    q = torch.randn(3, 17, dtype=torch.float64, device=DEVICE)
+    assert torch.autograd.gradcheck(lambda x: fastppo.full_kl(x, q, temperature=1.0), (p,), eps=1e-6, atol=1e-6)
+
+
+def test_full_kl_shape_mismatch():
+    with pytest.raises(ValueError, match="ref_logits shape"):
+        fastppo.full_kl(torch.zeros(2, 5), torch.zeros(2, 6))
