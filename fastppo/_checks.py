@@ -1,7 +1,7 @@
 """Argument checks shared by the public functions: clear ValueError/TypeError, never a wrong
 number. Checks that would need a device->host sync on CUDA (label range) run only where they
-are free (CPU tensors) unless FASTPPO_CHECK_LABELS=1; the kernels never read out of bounds and
-return NaN for an out-of-range label instead."""
+are free (CPU tensors) unless FASTPPO_CHECK_LABELS says otherwise; the kernels never read out of
+bounds and return NaN for an out-of-range label instead."""
 
 from __future__ import annotations
 
@@ -27,12 +27,21 @@ def check_labels(labels: torch.Tensor, lead_shape, vocab: int, ignore_index: int
     if tuple(labels.shape) != tuple(lead_shape):
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits shape without the "
                          f"vocabulary dim {tuple(lead_shape)}")
-    if labels.device.type == "cpu" or os.environ.get("FASTPPO_CHECK_LABELS") == "1":
+    if label_check_enabled(labels.device):
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             first = labels[bad].flatten()[0].item()
             raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; "
                              f"found {first} ({int(bad.sum())} bad labels)")
+
+
+def label_check_enabled(device: torch.device) -> bool:
+    """FASTPPO_CHECK_LABELS=1 forces the host-side label check, =0 turns it off (as on CUDA by
+    default: the check costs a device->host sync); unset, it runs where it is free (CPU)."""
+    env = os.environ.get("FASTPPO_CHECK_LABELS")
+    if env in ("0", "1"):
+        return env == "1"
+    return device.type == "cpu"
 
 
 def check_temperature(temperature) -> float:

@@ -20,6 +20,7 @@ def _full_kl_ops(backend):
 class FullKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ref_logits, inv_tau, backend):
+        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
         kl, lse_p, lse_q = _full_kl_ops(backend).full_kl_fwd(logits, ref_logits, inv_tau=inv_tau)
         ctx.save_for_backward(logits, ref_logits, kl, lse_p, lse_q)
         ctx.inv_tau, ctx.backend = inv_tau, backend
@@ -27,6 +28,8 @@ class FullKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if g is None:
+            return None, None, None, None
         logits, ref_logits, kl, lse_p, lse_q = ctx.saved_tensors
         g = g.to(kl.dtype).reshape(-1)
         d = _full_kl_ops(ctx.backend).full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, g, inv_tau=ctx.inv_tau)

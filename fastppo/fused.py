@@ -53,6 +53,7 @@ def ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts: PPOOptions):
 class FusedPPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, old, adv, mask, ref, opts: PPOOptions):
+        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
         from .kernels import logprobs as k
 
         logp, lse, ent = k.logprobs_fwd(logits, labels, inv_tau=opts.inv_tau, ignore_index=opts.ignore_index,
@@ -73,6 +74,8 @@ class FusedPPOLoss(torch.autograd.Function):
     def backward(ctx, g_loss, *_):
         from .kernels import logprobs as k
 
+        if g_loss is None:
+            return (None,) * 7
         logits, labels, lse, ent, coef_x, coef_ent = ctx.saved_tensors
         opts = ctx.opts
         dlogits = k.logprobs_bwd(

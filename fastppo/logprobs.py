@@ -33,6 +33,7 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, opts: LogprobOptions):
+        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
         ops = ops_for(opts.backend)
         logp, lse, ent = ops.logprobs_fwd(logits, labels, inv_tau=opts.inv_tau,
                                           ignore_index=opts.ignore_index, with_entropy=opts.with_entropy)
@@ -47,6 +48,8 @@ class TokenLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         logits, labels, lse, ent = ctx.saved_tensors
         opts = ctx.opts
+        if g_logp is None and g_ent is None:
+            return None, None, None
         if g_logp is None:
             g_logp = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
         has_ent = opts.with_entropy and g_ent is not None

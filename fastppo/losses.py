@@ -68,6 +68,8 @@ class KLPenalty(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if g is None:
+            return None, None, None
         (dkl,) = ctx.saved_tensors
         g_logp = g * dkl
         return g_logp, (-g_logp if ctx.ref_requires_grad else None), None
@@ -110,6 +112,7 @@ class TokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, old, adv, mask, opts: AggOptions):
+        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
         loss, stats, coef, _, _ = _kernels()[1].loss_agg(x, old, adv, mask, **opts.kwargs())
         ctx.save_for_backward(coef)
         ctx.x_meta = (x.shape, x.dtype)
@@ -118,6 +121,8 @@ class TokenLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_stats):
+        if g_loss is None:
+            return None, None, None, None, None
         (coef,) = ctx.saved_tensors
         shape, dtype = ctx.x_meta
         return (g_loss * coef).view(shape).to(dtype), None, None, None, None

@@ -1,7 +1,8 @@
 """Per-token loss terms as @triton.jit helpers, shared by the loss kernels (DESIGN.md section 4).
 
 Each returns the value and its derivative with respect to the first argument, elementwise, in
-the dtype of its inputs (fp32, or fp64 for float64 checks). Kinds and modes are constexpr integers (see KL_KIND_IDS / AGG_IDS)."""
+the dtype of its inputs (fp32, or fp64 for float64 checks). Kinds and modes are constexpr
+integers (see KL_KIND_IDS / AGG_IDS)."""
 
 import triton
 import triton.language as tl
