@@ -39,6 +39,23 @@ def _run(spec: OpSpec, side: str, inputs):
         torch.autograd.backward(list(outs), grads)
 
 
+def make_step(spec: OpSpec, side: str, inputs, mode: str = "full"):
+    """A callable running `mode` ('forward' or 'full' = forward + backward) of one side, resetting
+    the leaves' gradients first; used for timing (pytest-benchmark, CUDA do_bench)."""
+    fn = spec.fastppo if side == "fastppo" else spec.eager
+    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        if mode == "forward":
+            with torch.no_grad():
+                return fn(inputs)
+        return _run(spec, side, inputs)
+
+    return step
+
+
 def count(spec: OpSpec, shape: dict, side: str, dtype=torch.bfloat16, device="cpu") -> dict:
     """{'bytes', 'launches', 'peak_bytes'} of forward + backward on `side`."""
     inputs = spec.make(shape, dtype, device)

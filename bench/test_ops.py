@@ -1,0 +1,87 @@
+"""Each public op, forward and forward + backward, fastppo vs the eager PyTorch reference, and vs
+Liger-Kernel / TRL where those are installed. Peak memory is recorded in extra_info on CUDA."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from fastppo.bench.harness import make_step
+from fastppo.bench.ops import OPS
+
+SHAPES = {
+    "cuda": {"N": 8192, "V": 128256, "B": 256, "T": 4096},
+    "cpu": {"N": 256, "V": 32000, "B": 16, "T": 512},
+}
+
+
+def _shape(spec, device):
+    return {k: SHAPES[device][k] for k in spec.dims}
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _bench(benchmark, step, device):
+    def run():
+        step()
+        _sync(device)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)
+    if device == "cuda":
+        benchmark.extra_info["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.parametrize("mode", ["forward", "full"])
+@pytest.mark.parametrize("side", ["fastppo", "eager"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_op(benchmark, device, op, side, mode):
+    spec = OPS[op]
+    if mode == "full" and not spec.has_backward:
+        mode = "forward"
+    inputs = spec.make(_shape(spec, device), torch.bfloat16, device)
+    benchmark.group = f"{op}-{mode}"
+    _bench(benchmark, make_step(spec, side, inputs, mode), device)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="Liger-Kernel not installed")
+@pytest.mark.parametrize("mode", ["forward", "full"])
+def test_liger_cross_entropy(benchmark, device, mode):
+    """Liger's fused cross-entropy per token (-log p of the label) on the same logits."""
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+
+    spec = OPS["token_logprobs"]
+    inputs = spec.make(_shape(spec, device), torch.bfloat16, device)
+    loss_fn = LigerCrossEntropyLoss(reduction="none")
+    benchmark.group = f"token_logprobs-{mode}"
+
+    def step():
+        inputs["logits"].grad = None
+        nll = loss_fn(inputs["logits"], inputs["labels"])
+        if mode == "full":
+            nll.sum().backward()
+
+    _bench(benchmark, step, device)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL not installed")
+@pytest.mark.parametrize("mode", ["forward", "full"])
+def test_trl_selective_log_softmax(benchmark, device, mode):
+    from trl.trainer.utils import selective_log_softmax
+
+    spec = OPS["token_logprobs"]
+    inputs = spec.make(_shape(spec, device), torch.bfloat16, device)
+    benchmark.group = f"token_logprobs-{mode}"
+
+    def step():
+        inputs["logits"].grad = None
+        lp = selective_log_softmax(inputs["logits"], inputs["labels"])
+        if mode == "full":
+            lp.sum().backward()
+
+    _bench(benchmark, step, device)

@@ -1,0 +1,64 @@
+"""`fastppo bench [--ops ...] [--out DIR] [--dtype bf16] [--aot]`"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fastppo bench", description=__doc__)
+    p.add_argument("--ops", nargs="+", default=None, help="ops to report (default: all)")
+    p.add_argument("--out", default="bench_out", help="folder for bench.csv, bench.md, bench.png")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--aot", action="store_true", help="registers, spills, shared memory and vector loads "
+                   "per kernel for sm_80 and sm_90 instead")
+    args = p.parse_args(argv)
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
+
+    if args.aot:
+        from ..kernels.aot import report_in_subprocess
+
+        rows = report_in_subprocess()
+        print("| kernel | arch | REG | LOCAL (spill) | SHARED | 128-bit loads | 64-bit | scalar | warps |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['kernel']} | {r['arch']} | {r['REG']} | {r['LOCAL']} | {r['SHARED']} | {r['v4']} | "
+                  f"{r['v2']} | {r['scalar']} | {r['num_warps']} |")
+        return 0 if all(r["LOCAL"] == 0 for r in rows) else 1
+
+    from tqdm import tqdm
+
+    from .ops import OPS
+    from .report import add_projections, measure_cuda, model_rows, rows_in_subprocess, write_outputs
+
+    ops = args.ops or list(OPS)
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        p.error(f"unknown ops {unknown}; choose from {list(OPS)}")
+    dtype = getattr(torch, args.dtype)
+    start = time.perf_counter()
+    if cuda:
+        print("counting bytes and launches in Triton's interpreter (CPU subprocess) ...")
+        rows = rows_in_subprocess(ops, args.dtype)
+    else:
+        total = sum(2 * len(OPS[o].measure) for o in ops)
+        with tqdm(total=total, desc="measuring in Triton's interpreter", unit="run") as bar:
+            rows = model_rows(ops, dtype, bar)
+    rows = [add_projections(r) for r in rows]
+    if cuda:
+        for r in tqdm([r for r in rows if r["source"] == "derived"], desc="timing on the GPU"):
+            measure_cuda(r, dtype)
+    table, png = write_outputs(rows, Path(args.out), cuda)
+    print(table)
+    print(f"wrote {args.out}/bench.csv, bench.md" + (f", {png.name}" if png else "") +
+          f" in {time.perf_counter() - start:.0f} s. 'derived' rows extrapolate exact interpreter counts;"
+          " times are projected from bytes, FLOPs and launches" + ("" if not cuda else " and measured on the GPU"))
+    return 0
