@@ -11,6 +11,7 @@ from .advantages import (
 from .backend import backend_for, set_backend, use_backend
 from .full_kl import full_kl
 from .fused import fused_ppo_loss
+from .linear import fused_linear_ppo_loss, linear_logprobs
 from .logprobs import token_logprobs
 from .losses import kl_penalty, ppo_policy_loss, value_loss
 from .outputs import PPOLossOutput
@@ -27,8 +28,10 @@ __all__ = [
     "PPOLossOutput",
     "backend_for",
     "full_kl",
+    "fused_linear_ppo_loss",
     "fused_ppo_loss",
     "kl_penalty",
+    "linear_logprobs",
     "ppo_policy_loss",
     "set_backend",
     "token_logprobs",

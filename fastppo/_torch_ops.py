@@ -88,3 +88,62 @@ def full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, g, *, inv_tau):
         d = p * (logp - (zq - lse_q[a:b].unsqueeze(-1)) - kl[a:b].unsqueeze(-1)).masked_fill(p == 0, 0.0)
         out[a:b] = (g[a:b].unsqueeze(-1) * d * inv_tau).to(out.dtype)
     return out.view(logits.shape)
+
+
+def _logit_chunk(hidden, weight, bias, v0, v1, inv_tau, acc):
+    z = hidden.to(acc) @ weight[v0:v1].to(acc).t()
+    if bias is not None:
+        z = z + bias[v0:v1].to(acc)
+    return z * inv_tau
+
+
+def linear_fwd(hidden, weight, bias, labels, *, inv_tau, ignore_index, with_entropy):
+    """The vocabulary in chunks of LINEAR_CHUNK_COLS with an online logsumexp across chunks."""
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    m = torch.full((N,), -float("inf"), dtype=acc, device=hidden.device)
+    s = torch.zeros(N, dtype=acc, device=hidden.device)
+    t = torch.zeros_like(s)
+    z_y = torch.zeros_like(s)
+    ignored = labels == ignore_index
+    y = labels.masked_fill(ignored, 0).long()
+    for v0, v1 in linear_chunks(N, V):
+        z = _logit_chunk(hidden, weight, bias, v0, v1, inv_tau, acc)
+        inside = (y >= v0) & (y < v1)
+        z_y += torch.where(inside, z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], torch.zeros_like(s))
+        m_new = torch.maximum(m, z.max(1).values)
+        alpha = torch.exp(m - m_new)
+        e = torch.exp(z - m_new[:, None])
+        if with_entropy:
+            t = alpha * (t + s * (m - m_new).nan_to_num(0.0)) + (e * (z - m_new[:, None])).sum(1)
+        s = s * alpha + e.sum(1)
+        m = m_new
+    lse = m + torch.log(s)
+    logp = (z_y - lse).masked_fill(ignored, 0.0)
+    ent = (torch.log(s) - t / s).masked_fill(ignored, 0.0) if with_entropy else None
+    return logp, lse, ent
+
+
+def linear_dlogits_chunk(hidden, weight, bias, labels, lse, ent, c_logp, c_ent, v0, v1, out, *, inv_tau,
+                         ignore_index):
+    z = _logit_chunk(hidden, weight, bias, v0, v1, inv_tau, lse.dtype)
+    keep = (labels != ignore_index).to(z.dtype)
+    p = torch.exp(z - lse[:, None])
+    cols = torch.arange(v0, v1, device=z.device)
+    g = (c_logp * keep)[:, None] * ((cols[None, :] == labels[:, None]).to(z.dtype) - p)
+    if c_ent is not None:
+        g -= (c_ent * keep)[:, None] * p * (z - lse[:, None] + ent[:, None])
+    out[:, : v1 - v0] = (g * inv_tau).to(out.dtype)
+    return out
+
+
+LINEAR_MIN_CHUNKS = 16
+
+
+def linear_chunks(n_rows: int, n_cols: int):
+    """Vocabulary chunks for the linear path: LINEAR_MIN_CHUNKS of them, so the [N, chunk] buffer is
+    1/16 of the logits whatever N is."""
+    width = max(1, -(-n_cols // LINEAR_MIN_CHUNKS))
+    for v0 in range(0, n_cols, width):
+        yield v0, min(n_cols, v0 + width)

@@ -18,30 +18,38 @@ def row_offset(row, n_inner, stride_outer, stride_inner):
 
 
 @triton.jit
-def online_softmax_step(m, s, z):
-    """One block of the online logsumexp.
+def bcast(x):
+    """Per-row value -> broadcastable against the row's block: a scalar for a [BLOCK_V] row block,
+    [BLOCK_N, 1] for a [BLOCK_N, BLOCK_V] tile."""
+    return tl.expand_dims(x, -1)
 
-    m, s: running max and sum of exp(z - m) (fp32 scalars; m = -inf, s = 0 before the first block).
-    z: fp32 block of scaled logits, `-inf` where masked.
+
+@triton.jit
+def online_softmax_step(m, s, z):
+    """One block of the online logsumexp, along the last axis of z.
+
+    m, s: running max and sum of exp(z - m) per row (fp32; m = -inf, s = 0 before the first block):
+    scalars for a row block z [BLOCK_V], [BLOCK_N] vectors for a tile z [BLOCK_N, BLOCK_V].
+    z: scaled logits, `-inf` where masked.
     Returns (m_new, s_new, alpha, e, m_ref): alpha = exp(m - m_new) rescales older sums,
     e = exp(z - m_ref) per element, m_ref = m_new (or 0 while the row is all -inf so far).
     """
-    m_new = tl.maximum(m, tl.max(z, 0))
+    m_new = tl.maximum(m, tl.max(z, -1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_ref)
-    e = tl.exp(z - m_ref)
-    s_new = s * alpha + tl.sum(e, 0)
+    e = tl.exp(z - bcast(m_ref))
+    s_new = s * alpha + tl.sum(e, -1)
     return m_new, s_new, alpha, e, m_ref
 
 
 @triton.jit
 def entropy_step(t, s, m, m_ref, alpha, e, z):
-    """Online update of t = sum_i exp(z_i - m) (z_i - m), kept relative to the running max so
+    """Online update of t = sum_i exp(z_i - m) (z_i - m) per row, kept relative to the running max so
     that entropy H = log(s) - t / s has no cancellation for large logits. `s`, `m` are the values
     before this block (same call order as online_softmax_step)."""
     shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
-    zd = tl.where(z == float("-inf"), 0.0, z - m_ref)
-    return alpha * (t + s * shift) + tl.sum(e * zd, 0)
+    zd = tl.where(z == float("-inf"), 0.0, z - bcast(m_ref))
+    return alpha * (t + s * shift) + tl.sum(e * zd, -1)
 
 
 @triton.jit
@@ -49,12 +57,13 @@ def dlogits_block(z, cols, y, lse, ent, c_logp, c_ent, inv_tau, HAS_ENT: tl.cons
     """Gradient of c_logp * logp_y + c_ent * H with respect to the raw logits z / inv_tau.
 
     d logp_y / dz_j = (onehot(y)_j - p_j) / tau,  dH / dz_j = -p_j (log p_j + H) / tau,
-    with p_j = exp(z'_j - lse). `z` is the scaled block z' (-inf where masked); shapes broadcast,
-    so the same helper serves a row block [BLOCK_V] and a tile [BLOCK_N, BLOCK_V].
+    with p_j = exp(z'_j - lse). `z` is the scaled block z' (-inf where masked); the per-row values
+    (y, lse, ent, c_logp, c_ent) are scalars for a row block [BLOCK_V] or [BLOCK_N] vectors for a
+    tile [BLOCK_N, BLOCK_V].
     """
-    p = tl.exp(z - lse)
-    g = c_logp * (tl.where(cols == y, 1.0, 0.0) - p)
+    p = tl.exp(z - bcast(lse))
+    g = bcast(c_logp) * (tl.where(cols == bcast(y), 1.0, 0.0) - p)
     if HAS_ENT:
-        logp = tl.where(z == float("-inf"), 0.0, z - lse)
-        g += c_ent * (-p * (logp + ent))
+        logp = tl.where(z == float("-inf"), 0.0, z - bcast(lse))
+        g += bcast(c_ent) * (-p * (logp + bcast(ent)))
     return g * inv_tau

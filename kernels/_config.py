@@ -26,8 +26,9 @@ ELEM_BLOCK = 1024
 ELEM_NUM_WARPS = 4
 
 # Fused linear log-probs: tensor-core tiles of hidden [BLOCK_N, BLOCK_K] x weight [BLOCK_V, BLOCK_K].
-LIN_BLOCK_N = 16 if INTERPRET else 64
-LIN_BLOCK_V = 64 if INTERPRET else 128
-LIN_BLOCK_K = 32 if INTERPRET else 64
+# The interpreter uses the same tiles, so the bytes it counts are the GPU kernel's (before L2 reuse).
+LIN_BLOCK_N = 64
+LIN_BLOCK_V = 128
+LIN_BLOCK_K = 64
 LIN_NUM_WARPS = 8
 LIN_NUM_STAGES = 3

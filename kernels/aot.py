@@ -47,7 +47,7 @@ def _sig(fn, types: dict, constexprs: dict):
 
 
 def _specs():
-    from . import full_kl, gae, kl, logprobs, loss_agg
+    from . import full_kl, gae, kl, linear, logprobs, loss_agg
 
     row = dict(BLOCK_V=cfg.ROW_BLOCK_V)
     strides = ("stride_outer", "stride_inner", "V")
@@ -86,6 +86,7 @@ def _specs():
                                                       dkl_ptr="*fp32"), ce), ce, ("n",), True,
                          cfg.ELEM_NUM_WARPS))
     specs.extend(gae.aot_specs(AOTSpec, _sig))
+    specs.extend(linear.aot_specs(AOTSpec, _sig))
     return specs
 
 
@@ -128,12 +129,16 @@ def resource_usage(compiled) -> dict:
 
 
 def global_loads(compiled) -> dict:
-    """Counts of global load instructions in the PTX by vector width (1, 2 or 4 lanes)."""
+    """Global loads in the PTX by width: 'v4' counts 128-bit loads (ld.global.v4, and 16-byte
+    cp.async copies that feed tensor-core tiles through shared memory), 'v2' 64-bit vector loads,
+    'scalar' the rest; 'mma' counts tensor-core instructions (mma.sync on sm_80, wgmma on sm_90)."""
     ptx = compiled.asm["ptx"]
     v4 = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx))
+    v4 += len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*0x10", ptx))
     v2 = len(re.findall(r"ld\.global(?:\.\w+)*\.v2\.", ptx))
-    total = len(re.findall(r"ld\.global", ptx))
-    return {"v4": v4, "v2": v2, "scalar": total - v4 - v2}
+    total = len(re.findall(r"ld\.global", ptx)) + len(re.findall(r"cp\.async\.c[ag]\.shared\.global", ptx))
+    mma = len(re.findall(r"\bmma\.sync|wgmma\.mma_async", ptx))
+    return {"v4": v4, "v2": v2, "scalar": total - v4 - v2, "mma": mma}
 
 
 def report(ccs=(80, 90)) -> list[dict]:
@@ -147,6 +152,7 @@ def report(ccs=(80, 90)) -> list[dict]:
             compiled = compile_spec(spec, cc)
             rows.append({"kernel": spec.name, "arch": f"sm_{cc}", "streaming": spec.streaming,
                          "num_warps": spec.num_warps, **resource_usage(compiled), **global_loads(compiled),
+                         "shared_bytes": compiled.metadata.shared,
                          "compile_s": round(time.perf_counter() - start, 3)})
     return rows
 

@@ -82,7 +82,7 @@ def full_kl_fwd(logits, ref_logits, *, inv_tau: float):
     acc, tl_acc = acc_dtype(logits.dtype)
     kl, lse_p, lse_q = (torch.empty(p.n_rows, dtype=acc, device=logits.device) for _ in range(3))
     if p.n_rows:
-        record_launch("full_kl_fwd")
+        record_launch("full_kl_fwd", logits, ref_logits, kl, lse_p, lse_q)
         _full_kl_fwd_kernel[(p.n_rows,)](p.tensor, q.tensor, kl, lse_p, lse_q, *args, float(inv_tau),
                                          BLOCK_V=cfg.ROW_BLOCK_V, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS)
     return kl, lse_p, lse_q
@@ -94,7 +94,7 @@ def full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, g, *, inv_tau: float):
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     g = g.reshape(-1).contiguous()
     if p.n_rows:
-        record_launch("full_kl_bwd")
+        record_launch("full_kl_bwd", logits, ref_logits, kl, lse_p, lse_q, g, out)
         _full_kl_bwd_kernel[(p.n_rows,)](p.tensor, q.tensor, kl, lse_p, lse_q, g, out, *args, float(inv_tau),
                                          BLOCK_V=cfg.ROW_BLOCK_V, ACC=acc_dtype(logits.dtype)[1],
                                          num_warps=cfg.ROW_NUM_WARPS)

@@ -61,7 +61,7 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gam
     adv = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
     ret = torch.empty_like(adv)
     if B and T:
-        record_launch("gae")
+        record_launch("gae", rewards, values, mask, adv, ret)
         _gae_kernel[(B,)](rewards, values, mask, adv, ret, T, *rewards.stride(), *values.stride(), *mask.stride(),
                           float(gamma), float(lam), BLOCK_T=cfg.GAE_BLOCK_T, num_warps=cfg.GAE_NUM_WARPS)
     return adv, ret

@@ -29,7 +29,7 @@ def kl_fwd(logp: torch.Tensor, ref: torch.Tensor, kind: str):
     dkl = torch.empty_like(kl)
     n = a.numel()
     if n:
-        record_launch("kl_fwd")
+        record_launch("kl_fwd", a, b, kl, dkl)
         _kl_fwd_kernel[(triton.cdiv(n, cfg.ELEM_BLOCK),)](
             a, b, kl, dkl, n, KIND=KL_KIND_IDS[kind], BLOCK=cfg.ELEM_BLOCK, num_warps=cfg.ELEM_NUM_WARPS)
     return kl.view(logp.shape), dkl.view(logp.shape)

@@ -98,7 +98,7 @@ def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, *, inv_tau: float, 
     lse = torch.empty(n, dtype=acc, device=dev)
     ent = torch.empty(n, dtype=acc, device=dev) if with_entropy else lse
     if n > 0:
-        record_launch("logprobs_fwd")
+        record_launch("logprobs_fwd", logits, y, logp, lse, ent if with_entropy else None)
         _logprobs_fwd_kernel[(n,)](
             rows.tensor, y, logp, lse, ent, *rows.args(), rows.n_cols, float(inv_tau), int(ignore_index),
             BLOCK_V=cfg.ROW_BLOCK_V, WITH_ENT=with_entropy, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
@@ -123,7 +123,7 @@ def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau: float, ign
     c_logp = c_logp.reshape(-1).contiguous()      # upstream grads of a .sum() arrive with stride 0
     c_ent = c_ent.reshape(-1).contiguous() if has_ent else None
     if rows.n_rows > 0:
-        record_launch("logprobs_bwd")
+        record_launch("logprobs_bwd", logits, y, lse, ent if has_ent else None, c_logp, c_ent, scale, logits)
         _logprobs_bwd_kernel[(rows.n_rows,)](
             rows.tensor, y, lse, ent if has_ent else lse, c_logp, c_ent if has_ent else c_logp,
             scale if scale is not None else lse, out,

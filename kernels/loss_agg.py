@@ -168,7 +168,7 @@ def loss_agg(x, old, adv, mask, *, loss_kind=POLICY, ref=None, ent=None, agg="to
     kl = torch.empty((B, T), **f32) if ref is not None else None
     has_clip = (dual_clip is not None) if loss_kind == POLICY else (value_clip is not None)
     first_clip = clip_low if loss_kind == POLICY else (value_clip or 0.0)
-    record_launch("loss_agg")
+    record_launch("loss_agg", x, old, adv, mask, ref, ent, coef_x, coef_ent, kl, loss, stats)
     _loss_agg_kernel[(1,)](
         x, old, adv, ref if ref is not None else x, ent if ent is not None else x, mask,
         coef_x, coef_ent if ent is not None else coef_x, kl if kl is not None else coef_x, loss, stats,

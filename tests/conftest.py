@@ -13,29 +13,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-
-def _interpreter_rounds_bf16_to_nearest_even():
-    """Triton's interpreter truncates fp32 -> bf16 casts (it passes no rounding mode), while the GPU
-    rounds to nearest even. Make the interpreter round like the GPU, so bf16 outputs are checked
-    against the rounding the real kernels perform."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter._convert_float
-
-    def convert(input, input_dtype, output_dtype, rounding_mode):
-        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
-            f32 = torch.from_numpy(np.ascontiguousarray(input).view(np.float32))
-            return f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        return original(input, input_dtype, output_dtype, rounding_mode)
-
-    interpreter._convert_float = convert
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_rounds_bf16_to_nearest_even()
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Absolute slack on top of the dtype's own rounding error (see assert_close_by_dtype).

@@ -20,6 +20,7 @@ def test_compiles_without_spills(compiled_rows, spec, cc):
     row = compiled_rows[(spec.name, f"sm_{cc}")]
     assert row["LOCAL"] == 0, f"{spec.name} spills on sm_{cc}: {row}"
     assert 0 < row["REG"] <= 255
+    assert row["shared_bytes"] <= 160 * 1024, f"{spec.name} needs more shared memory than an A100 has: {row}"
     if spec.streaming:
         assert row["v4"] > 0, f"{spec.name} has no 128-bit loads on sm_{cc}: {row}"
 

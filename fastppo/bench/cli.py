@@ -27,11 +27,11 @@ def main(argv=None) -> int:
         from ..kernels.aot import report_in_subprocess
 
         rows = report_in_subprocess()
-        print("| kernel | arch | REG | LOCAL (spill) | SHARED | 128-bit loads | 64-bit | scalar | warps |")
+        print("| kernel | arch | REG | LOCAL (spill) | 128-bit loads | 64-bit | scalar | tensor-core ops | warps |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['kernel']} | {r['arch']} | {r['REG']} | {r['LOCAL']} | {r['SHARED']} | {r['v4']} | "
-                  f"{r['v2']} | {r['scalar']} | {r['num_warps']} |")
+            print(f"| {r['kernel']} | {r['arch']} | {r['REG']} | {r['LOCAL']} | {r['v4']} | {r['v2']} | "
+                  f"{r['scalar']} | {r['mma']} | {r['num_warps']} |")
         return 0 if all(r["LOCAL"] == 0 for r in rows) else 1
 
     from tqdm import tqdm

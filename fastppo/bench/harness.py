@@ -57,7 +57,12 @@ def make_step(spec: OpSpec, side: str, inputs, mode: str = "full"):
 
 
 def count(spec: OpSpec, shape: dict, side: str, dtype=torch.bfloat16, device="cpu") -> dict:
-    """{'bytes', 'launches', 'peak_bytes'} of forward + backward on `side`."""
+    """Counts of forward + backward on `side`:
+    bytes: tensor bytes every launch reads and writes (eager ops and Triton kernels alike: the DRAM
+        traffic when tiles shared by several programs are reused on chip);
+    requested_bytes: for Triton kernels, what their loads and stores ask for (interpreter count, L2
+        hits included; equal to `bytes` for the streaming row kernels); eager ops as in `bytes`;
+    launches; peak_bytes: peak live tensor memory."""
     inputs = spec.make(shape, dtype, device)
     interp = side == "fastppo" and device == "cpu"
     kernels = KernelTraffic()
@@ -65,8 +70,9 @@ def count(spec: OpSpec, shape: dict, side: str, dtype=torch.bfloat16, device="cp
             (kernels.count() if interp else contextlib.nullcontext()), count_launches() as launched, \
             EagerTraffic() as eager, PeakMemory() as peak:
         _run(spec, side, inputs)
-    return {"bytes": kernels.total + eager.bytes, "launches": sum(launched.values()) + eager.launches,
-            "peak_bytes": peak.peak}
+    return {"bytes": launched.io_bytes + eager.bytes,
+            "requested_bytes": (kernels.total if interp else launched.io_bytes) + eager.bytes,
+            "launches": sum(launched.values()) + eager.launches, "peak_bytes": peak.peak}
 
 
 class LinearModel:

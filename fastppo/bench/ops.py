@@ -23,7 +23,7 @@ class OpSpec:
     eager: Callable
     floor_bytes: Callable             # (shape, dtype) -> bytes the op must move at least
     features: Callable                # shape -> monomials the counts are linear in
-    flops: Callable = lambda shape: 0
+    flops: Callable = lambda shape, side: 0   # (shape, side) -> floating-point operations
     has_backward: bool = True
     sweep: tuple = ()                 # the large shapes of the report (derived on CPU)
     measure: tuple = ()               # small shapes measured in the interpreter (fit + check)
@@ -142,5 +142,39 @@ OPS = {
 }
 
 
-def register(spec: OpSpec):
-    OPS[spec.name] = spec
+
+def _linear_inputs(shape, dtype, device):
+    N, H, V = shape["N"], shape["H"], shape["V"]
+    g = torch.Generator().manual_seed(3)
+    return {"hidden": torch.randn(N, H, generator=g).to(dtype).to(device).requires_grad_(),
+            "weight": (torch.randn(V, H, generator=g) / H**0.5).to(dtype).to(device).requires_grad_(),
+            "labels": torch.randint(0, V, (N,), generator=g).to(device)}
+
+
+def _linear_fastppo(inp):
+    import fastppo
+
+    return fastppo.linear_logprobs(inp["hidden"], inp["weight"], inp["labels"], return_entropy=True)
+
+
+def _linear_eager(inp):
+    return ref.linear_logprobs(inp["hidden"], inp["weight"], inp["labels"], return_entropy=True)
+
+
+def _nhv(shape):
+    N, H, V = shape["N"], shape["H"], shape["V"]
+    return [N * H * V, N * V, N * H, V * H, N, V, H, 1]
+
+
+OPS["linear_logprobs"] = OpSpec(
+    "linear_logprobs", ("N", "H", "V"), _linear_inputs, _linear_fastppo, _linear_eager,
+    # floor: read hidden and weight in forward and backward, write their gradients
+    floor_bytes=lambda s, dt: (2 * 2 + 1) * (s["N"] + s["V"]) * s["H"] * _esize(dt),
+    features=_nhv,
+    # eager: logits 2NHV + two gradient products 4NHV; fastppo recomputes the logits in backward
+    flops=lambda s, side: (8 if side == "fastppo" else 6) * s["N"] * s["H"] * s["V"],
+    sweep=tuple({"N": 8192, "H": 4096, "V": v} for v in (32768, 65536, 131072, 151552)),
+    # multiples of the kernel tiles (64 x 128 x 64) and of 16 vocabulary chunks of whole tiles
+    measure=tuple({"N": n, "H": h, "V": v} for n in (64, 128) for h in (64, 128) for v in (2048, 4096))
+    + ({"N": 192, "H": 64, "V": 6144}, {"N": 128, "H": 192, "V": 2048}),
+)

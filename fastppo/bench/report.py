@@ -51,8 +51,8 @@ def model_rows(ops, dtype, progress=None):
         for source, shapes in (("measured", spec.measure), ("derived", spec.sweep)):
             for shape in shapes:
                 row = {"op": name, "shape": " ".join(f"{k}={v}" for k, v in shape.items()), "source": source,
-                       "dtype": str(dtype).replace("torch.", ""), "floor_bytes": spec.floor_bytes(shape, dtype),
-                       "flops": spec.flops(shape)}
+                       "dtype": str(dtype).replace("torch.", ""), "floor_bytes": spec.floor_bytes(shape, dtype)}
+                row.update({f"{side}_flops": spec.flops(shape, side) for side in SIDES})
                 for side in SIDES:
                     pred = models[name][side].predict(shape)
                     row.update({f"{side}_{k}": v for k, v in pred.items()})
@@ -73,10 +73,11 @@ def rows_in_subprocess(ops, dtype_name, timeout=3000):
 def add_projections(row):
     for gpu in GPUS:
         for side in SIDES:
-            row[f"{side}_{gpu}_projected_ms"] = projected_ms(gpu, row[f"{side}_bytes"], row["flops"],
+            row[f"{side}_{gpu}_projected_ms"] = projected_ms(gpu, row[f"{side}_bytes"], row[f"{side}_flops"],
                                                              row[f"{side}_launches"])
         row[f"{gpu}_projected_speedup"] = row[f"eager_{gpu}_projected_ms"] / row[f"fastppo_{gpu}_projected_ms"]
     row["fastppo_bytes_over_floor"] = row["fastppo_bytes"] / row["floor_bytes"]
+    row["fastppo_requested_over_floor"] = row["fastppo_requested_bytes"] / row["floor_bytes"]
     row["eager_bytes_over_fastppo"] = row["eager_bytes"] / row["fastppo_bytes"]
     return row
 
@@ -118,13 +119,15 @@ def _mib(x):
 
 
 def markdown(rows, cuda: bool) -> str:
-    head = ["op", "shape", "source", "fastppo bytes / floor", "eager / fastppo bytes", "launches fastppo / eager",
-            "peak MiB fastppo / eager", "H100 projected ms fastppo / eager", "A100 projected ms fastppo / eager"]
+    head = ["op", "shape", "source", "fastppo bytes / floor (requested)", "eager / fastppo bytes",
+            "launches fastppo / eager", "peak MiB fastppo / eager", "H100 projected ms fastppo / eager",
+            "A100 projected ms fastppo / eager"]
     if cuda:
         head += ["measured ms fastppo / eager", "measured peak MiB fastppo / eager"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["op"], r["shape"], r["source"], f"{r['fastppo_bytes_over_floor']:.3f}x",
+        cells = [r["op"], r["shape"], r["source"],
+                 f"{r['fastppo_bytes_over_floor']:.3f}x ({r['fastppo_requested_over_floor']:.2f}x)",
                  f"{r['eager_bytes_over_fastppo']:.1f}x", f"{r['fastppo_launches']} / {r['eager_launches']}",
                  f"{_mib(r['fastppo_peak_bytes'])} / {_mib(r['eager_peak_bytes'])}"]
         for gpu in GPUS:
@@ -146,7 +149,7 @@ def plot(rows, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    derived = [r for r in rows if r["source"] != "measured" and "V=" in r["shape"]]
+    derived = [r for r in rows if r["source"] != "measured" and r["shape"].startswith("N=") and "H=" not in r["shape"]]
     if not derived:
         return None
     n_max = max(int(r["shape"].split()[0].split("=")[1]) for r in derived)
