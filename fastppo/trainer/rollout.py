@@ -1,0 +1,81 @@
+"""Rollouts: sample responses, score them, and compute old / reference log-probs and values
+without gradients. Every per-token quantity is aligned to the response tokens [B, R]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..hf import causal_lm_hidden, lm_head_of
+from ..linear import linear_logprobs
+
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor        # [B, P + R] prompt + response (PAD after EOS)
+    attention_mask: torch.Tensor   # [B, P + R]
+    prompt_len: int
+    response: torch.Tensor         # [B, R]
+    labels: torch.Tensor           # [B, R] response tokens, ignore_index where masked
+    mask: torch.Tensor             # [B, R] bool: response tokens up to and including EOS
+    scores: torch.Tensor           # [B] reward
+    old_logprobs: torch.Tensor     # [B, R]
+    ref_logprobs: torch.Tensor     # [B, R]
+    values: torch.Tensor | None    # [B, R]
+    task_scores: torch.Tensor | None = None
+
+    def select(self, idx: torch.Tensor) -> Rollout:
+        fields = {}
+        for name, value in self.__dict__.items():
+            fields[name] = value[idx] if isinstance(value, torch.Tensor) and value.dim() >= 1 else value
+        return Rollout(**fields)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generate() uses them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def response_hidden(model, rollout: Rollout) -> torch.Tensor:
+    """Hidden states that predict the response tokens: [B, R, H]."""
+    P, R = rollout.prompt_len, rollout.response.shape[1]
+    hidden = causal_lm_hidden(model, rollout.sequences, rollout.attention_mask,
+                              position_ids=position_ids(rollout.attention_mask))
+    return hidden[:, P - 1:P + R - 1]
+
+
+def response_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    weight, bias = lm_head_of(model)
+    hidden = response_hidden(model, rollout)
+    return linear_logprobs(hidden, weight.to(hidden.dtype), rollout.labels, bias=bias, temperature=temperature)
+
+
+def response_values(critic, rollout: Rollout) -> torch.Tensor:
+    P, R = rollout.prompt_len, rollout.response.shape[1]
+    out = critic(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                 position_ids=position_ids(rollout.attention_mask))
+    return out.logits[:, P - 1:P + R - 1, 0].float()
+
+
+@torch.no_grad()
+def generate(policy, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_id, pad_id):
+    """Sample from the full distribution (no top-k / top-p, so the log-probs used by the loss are
+    those of the sampler). Returns (sequences, attention_mask, response, mask, labels)."""
+    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
+                          temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                          pad_token_id=pad_id)
+    P = prompt_ids.shape[1]
+    response = out[:, P:]
+    if response.shape[1] < max_new_tokens:
+        pad = torch.full((out.shape[0], max_new_tokens - response.shape[1]), pad_id, dtype=out.dtype,
+                         device=out.device)
+        response = torch.cat([response, pad], 1)
+    is_eos = response == eos_id
+    # response tokens up to and including the first EOS
+    before_eos = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+    mask = before_eos
+    sequences = torch.cat([prompt_ids, torch.where(mask, response, torch.full_like(response, pad_id))], 1)
+    attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+    labels = torch.where(mask, response, torch.full_like(response, -100))
+    return sequences, attention_mask, response, mask, labels
