@@ -78,8 +78,10 @@ def _specs():
                                "num_tokens", "num_seqs", "horizon")}
     ptrs = {n: "*fp32" for n in loss_agg._loss_agg_kernel.arg_names if n.endswith("_ptr")}
     ptrs["mask_ptr"] = "*i1"
-    specs.append(AOTSpec("loss_agg[policy]", loss_agg._loss_agg_kernel,
-                         _sig(loss_agg._loss_agg_kernel, {**ptrs, **f32}, ce), ce, (), False, cfg.AGG_NUM_WARPS))
+    for name, variant in (("policy", ce), ("value", dict(ce, LOSS=1, KL_KIND=0, HAS_ENT=False))):
+        specs.append(AOTSpec(f"loss_agg[{name}]", loss_agg._loss_agg_kernel,
+                             _sig(loss_agg._loss_agg_kernel, {**ptrs, **f32}, variant), variant, (), False,
+                             cfg.AGG_NUM_WARPS))
     ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK)
     specs.append(AOTSpec("kl_fwd", kl._kl_fwd_kernel,
                          _sig(kl._kl_fwd_kernel, dict(logp_ptr="*fp32", ref_ptr="*fp32", kl_ptr="*fp32",

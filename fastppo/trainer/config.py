@@ -13,7 +13,7 @@ class TrainConfig:
     # run
     out: str = field(default="runs/demo", metadata={"help": "output folder: metrics.jsonl, curves.png, checkpoints"})
     seed: int = field(default=0, metadata={"help": "seed; a run is reproducible from it, resumed or not"})
-    iterations: int = field(default=60, metadata={"help": "rollout + update iterations"})
+    iterations: int = field(default=100, metadata={"help": "rollout + update iterations"})
     mode: str = field(default="ppo", metadata={"help": "ppo (critic + GAE) or grpo (group advantages, no critic)"})
     resume: str | None = field(default=None, metadata={"help": "continue from the last checkpoint in this folder"})
     save_every: int = field(default=10, metadata={"help": "checkpoint every N iterations (and at the end)"})
