@@ -49,24 +49,28 @@ def test_op(benchmark, device, op, side, mode):
     _bench(benchmark, make_step(spec, side, inputs, mode), device)
 
 
+def _bench_token_logprobs(benchmark, device, mode, per_token_fn):
+    """Time another library's per-token log-prob (or NLL) on the token_logprobs inputs."""
+    spec = OPS["token_logprobs"]
+    inputs = spec.make(_shape(spec, device), torch.bfloat16, device)
+    benchmark.group = f"token_logprobs-{mode}"
+
+    def step():
+        inputs["logits"].grad = None
+        out = per_token_fn(inputs["logits"], inputs["labels"])
+        if mode == "full":
+            out.sum().backward()
+
+    _bench(benchmark, step, device)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="Liger-Kernel not installed")
 @pytest.mark.parametrize("mode", ["forward", "full"])
 def test_liger_cross_entropy(benchmark, device, mode):
     """Liger's fused cross-entropy per token (-log p of the label) on the same logits."""
     from liger_kernel.transformers import LigerCrossEntropyLoss
 
-    spec = OPS["token_logprobs"]
-    inputs = spec.make(_shape(spec, device), torch.bfloat16, device)
-    loss_fn = LigerCrossEntropyLoss(reduction="none")
-    benchmark.group = f"token_logprobs-{mode}"
-
-    def step():
-        inputs["logits"].grad = None
-        nll = loss_fn(inputs["logits"], inputs["labels"])
-        if mode == "full":
-            nll.sum().backward()
-
-    _bench(benchmark, step, device)
+    _bench_token_logprobs(benchmark, device, mode, LigerCrossEntropyLoss(reduction="none"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL not installed")
@@ -74,14 +78,4 @@ def test_liger_cross_entropy(benchmark, device, mode):
 def test_trl_selective_log_softmax(benchmark, device, mode):
     from trl.trainer.utils import selective_log_softmax
 
-    spec = OPS["token_logprobs"]
-    inputs = spec.make(_shape(spec, device), torch.bfloat16, device)
-    benchmark.group = f"token_logprobs-{mode}"
-
-    def step():
-        inputs["logits"].grad = None
-        lp = selective_log_softmax(inputs["logits"], inputs["labels"])
-        if mode == "full":
-            lp.sum().backward()
-
-    _bench(benchmark, step, device)
+    _bench_token_logprobs(benchmark, device, mode, selective_log_softmax)

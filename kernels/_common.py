@@ -53,6 +53,28 @@ def entropy_step(t, s, m, m_ref, alpha, e, z):
 
 
 @triton.jit
+def stats_step(m, s, t, z, WITH_ENT: tl.constexpr):
+    """Fold one block z of a row (or tile) into the running (max, sum-exp, entropy sum)."""
+    m_new, s_new, alpha, e, m_ref = online_softmax_step(m, s, z)
+    if WITH_ENT:
+        t = entropy_step(t, s, m, m_ref, alpha, e, z)
+    return m_new, s_new, t
+
+
+@triton.jit
+def finish_stats(m, s, t, z_y, y, V, ignore_index):
+    """(logp, lse, entropy) from the finished statistics and the label's scaled logit z_y:
+    lse = m + log s, logp = z_y - lse, H = log s - t / s; ignored labels give 0, labels outside
+    [0, V) give NaN."""
+    lse = m + tl.log(s)
+    ignored = y == ignore_index
+    in_range = (y >= 0) & (y < V)
+    logp = tl.where(ignored, 0.0, tl.where(in_range, z_y - lse, float("nan")))
+    ent = tl.where(ignored, 0.0, tl.log(s) - t / s)
+    return logp, lse, ent
+
+
+@triton.jit
 def dlogits_block(z, cols, y, lse, ent, c_logp, c_ent, inv_tau, HAS_ENT: tl.constexpr):
     """Gradient of c_logp * logp_y + c_ent * H with respect to the raw logits z / inv_tau.
 

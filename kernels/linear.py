@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import _config as cfg
-from ._common import dlogits_block, entropy_step, online_softmax_step
+from ._common import dlogits_block, finish_stats, stats_step
 from ._rows import acc_dtype
 from .launches import record_launch
 
@@ -60,19 +60,12 @@ def _linear_fwd_kernel(
         z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, s_hn, s_hk, s_wv, s_wk, inv_tau,
                         BLOCK_N, BLOCK_V, BLOCK_K, HAS_BIAS, ACC, PRECISION)
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
-        m_new, s_new, alpha, e, m_ref = online_softmax_step(m, s, z)
-        if WITH_ENT:
-            t = entropy_step(t, s, m, m_ref, alpha, e, z)
-        m = m_new
-        s = s_new
-    lse = m + tl.log(s)
-    ignored = y == ignore_index
-    in_range = (y >= 0) & (y < V)
-    logp = tl.where(ignored, 0.0, tl.where(in_range, z_y - lse, float("nan")))
+        m, s, t = stats_step(m, s, t, z, WITH_ENT)
+    logp, lse, ent = finish_stats(m, s, t, z_y, y, V, ignore_index)
     tl.store(logp_ptr + rows, logp, mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     if WITH_ENT:
-        tl.store(ent_ptr + rows, tl.where(ignored, 0.0, tl.log(s) - t / s), mask=row_ok)
+        tl.store(ent_ptr + rows, ent, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["ignore_index", "v0"])

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _config as cfg
-from ._common import dlogits_block, entropy_step, online_softmax_step, row_offset
+from ._common import dlogits_block, finish_stats, row_offset, stats_step
 from ._rows import Rows, acc_dtype, flat_labels
 from .launches import record_launch
 
@@ -35,21 +35,13 @@ def _logprobs_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         c = start + cols
         z = tl.load(row_ptr + c, mask=c < V, other=float("-inf")).to(ACC) * inv_tau
-        m_new, s_new, alpha, e, m_ref = online_softmax_step(m, s, z)
-        if WITH_ENT:
-            t = entropy_step(t, s, m, m_ref, alpha, e, z)
-        m = m_new
-        s = s_new
-    lse = m + tl.log(s)
+        m, s, t = stats_step(m, s, t, z, WITH_ENT)
     y = tl.load(labels_ptr + row).to(tl.int64)
-    ignored = y == ignore_index
-    in_range = (y >= 0) & (y < V)
-    z_y = tl.load(row_ptr + y, mask=in_range & ~ignored, other=0.0).to(ACC) * inv_tau
-    logp = tl.where(ignored, 0.0, tl.where(in_range, z_y - lse, float("nan")))
+    z_y = tl.load(row_ptr + y, mask=(y >= 0) & (y < V) & (y != ignore_index), other=0.0).to(ACC) * inv_tau
+    logp, lse, ent = finish_stats(m, s, t, z_y, y, V, ignore_index)
     tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
     if WITH_ENT:
-        ent = tl.where(ignored, 0.0, tl.log(s) - t / s)
         tl.store(ent_ptr + row, ent)
 
 
