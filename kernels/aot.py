@@ -13,7 +13,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import triton
 import triton.language as tl
@@ -31,7 +31,7 @@ class AOTSpec:
     streaming: bool = False          # streams a [N, V] operand: its loads must be 128-bit vectors
     num_warps: int = 4
     num_stages: int = 3
-    meta: dict = field(default_factory=dict)
+    tensor_cores: bool = False       # its tl.dot must compile to mma.sync (sm_80) / wgmma (sm_90)
 
 
 def _sig(fn, types: dict, constexprs: dict):
@@ -153,6 +153,7 @@ def report(ccs=(80, 90)) -> list[dict]:
             start = time.perf_counter()
             compiled = compile_spec(spec, cc)
             rows.append({"kernel": spec.name, "arch": f"sm_{cc}", "streaming": spec.streaming,
+                         "tensor_cores": spec.tensor_cores,
                          "num_warps": spec.num_warps, **resource_usage(compiled), **global_loads(compiled),
                          "shared_bytes": compiled.metadata.shared,
                          "compile_s": round(time.perf_counter() - start, 3)})

@@ -148,10 +148,10 @@ def aot_specs(AOTSpec, sig):
                  lse_ptr="*fp32", ent_ptr="*fp32", inv_tau="fp32", s_hk="constexpr", s_wk="constexpr")
     ce_unit = dict(ce, s_hk=1, s_wk=1)   # the JIT specialises unit strides
     specs.append(AOTSpec("linear_fwd[bf16]", _linear_fwd_kernel, sig(_linear_fwd_kernel, types, ce_unit), ce_unit,
-                         div, True, cfg.LIN_NUM_WARPS, cfg.LIN_NUM_STAGES))
+                         div, True, cfg.LIN_NUM_WARPS, cfg.LIN_NUM_STAGES, tensor_cores=True))
     ce = dict(blocks, HAS_ENT=True, s_hk=1, s_wk=1)
     types = dict(h_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", labels_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32",
                  c_logp_ptr="*fp32", c_ent_ptr="*fp32", dz_ptr="*bf16", inv_tau="fp32")
     specs.append(AOTSpec("linear_dlogits[bf16]", _linear_dlogits_kernel, sig(_linear_dlogits_kernel, types, ce), ce,
-                         div + ("s_dn", "v1"), True, cfg.LIN_NUM_WARPS, cfg.LIN_NUM_STAGES))
+                         div + ("s_dn", "v1"), True, cfg.LIN_NUM_WARPS, cfg.LIN_NUM_STAGES, tensor_cores=True))
     return specs

@@ -23,6 +23,8 @@ def test_compiles_without_spills(compiled_rows, spec, cc):
     assert row["shared_bytes"] <= 160 * 1024, f"{spec.name} needs more shared memory than an A100 has: {row}"
     if spec.streaming:
         assert row["v4"] > 0, f"{spec.name} has no 128-bit loads on sm_{cc}: {row}"
+    if spec.tensor_cores:
+        assert row["mma"] > 0, f"{spec.name} does not use tensor cores on sm_{cc}: {row}"
 
 
 def test_every_jit_kernel_is_listed():

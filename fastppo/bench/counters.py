@@ -113,13 +113,13 @@ class PeakMemory(TorchDispatchMode):
         self.peak = max(self.peak, sum(n for _, n in self._live.values()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        before = {id(t.untyped_storage()) for t in _tensors((args, kwargs or {}))}
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs or {}))}
         out = func(*args, **(kwargs or {}))
         self._update()
         for t in _tensors(out):
             s = t.untyped_storage()
             key = s.data_ptr()
-            if id(s) in before or key in self._live or s.nbytes() == 0:
+            if key in inputs or key in self._live or s.nbytes() == 0:   # views, in-place ops
                 continue
             self._live[key] = (StorageWeakRef(s), s.nbytes())
         self._update()
