@@ -33,7 +33,7 @@ class PPOOptions:
     agg: AggOptions
 
 
-def _stat_names(has_ref, has_ent):
+def stat_names(has_ref, has_ent):
     names = [(k, k) for k in POLICY_STATS] + [("pg_loss", "main_loss")]
     if has_ref:
         names.append(("kl", "kl"))
@@ -137,4 +137,4 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
     loss, logp, kl, ent, stats = FusedPPOLoss.apply(logits, labels, old_logprobs.detach(), advantages.detach(),
                                                     mask, ref, opts)
     return PPOLossOutput(loss=loss, logprobs=logp, kl=kl, entropy=ent,
-                         stats=stats_dict(stats, _stat_names(ref is not None, ent is not None)))
+                         stats=stats_dict(stats, stat_names(ref is not None, ent is not None)))

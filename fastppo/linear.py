@@ -20,7 +20,7 @@ from . import _torch_ops
 from . import reference as ref_impl
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
-from .fused import PPOOptions, _stat_names, check_ppo_args, ppo_terms_from_logprobs
+from .fused import PPOOptions, check_ppo_args, ppo_terms_from_logprobs, stat_names
 from .losses import AggOptions, stats_dict
 from .outputs import PPOLossOutput
 
@@ -195,4 +195,4 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask
     loss, logp, kl, ent, stats = FusedLinearPPOLoss.apply(hidden, weight, bias, labels, old_logprobs.detach(),
                                                           advantages.detach(), mask, ref, opts, lin)
     return PPOLossOutput(loss=loss, logprobs=logp, kl=kl, entropy=ent,
-                         stats=stats_dict(stats, _stat_names(ref is not None, ent is not None)))
+                         stats=stats_dict(stats, stat_names(ref is not None, ent is not None)))

@@ -101,6 +101,10 @@ def test_config_errors_and_files(tmp_path):
         TrainConfig(mode="grpo", batch_size=10, group_size=4).validate()
     with pytest.raises(ValueError, match="--prompts"):
         TrainConfig(policy="x").validate()
+    with pytest.raises(ValueError, match="--kl_kind"):
+        TrainConfig(kl_kind="k7").validate()
+    assert TrainConfig().validate().kl_kind == "k1"
+    assert TrainConfig(mode="grpo").validate().kl_kind == "low_var_kl"
     assert main(["--lr", "-1"]) == 2
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"iterations": 3, "mode": "grpo", "group_size": 4}))

@@ -42,7 +42,8 @@ class TrainConfig:
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     # KL to the reference
     kl_coef: float = field(default=0.02, metadata={"help": "KL coefficient (reward penalty in ppo, loss term in grpo)"})
-    kl_kind: str = field(default="k1", metadata={"help": f"KL estimator: {', '.join(KL_KINDS)}"})
+    kl_kind: str | None = field(default=None, metadata={
+        "help": f"KL estimator ({', '.join(KL_KINDS)}); default k1 in the ppo reward, low_var_kl in the grpo loss"})
     kl_target: float | None = field(default=None, metadata={"help": "adaptive KL controller target (None: fixed)"})
     kl_horizon: float = field(default=10000.0, metadata={"help": "adaptive KL controller horizon"})
     # models (no paths: the embedded demo)
@@ -83,6 +84,8 @@ class TrainConfig:
             bad("kl_coef" if self.kl_coef < 0 else "entropy_coef", "must be >= 0")
         if self.agg not in AGG_MODES:
             bad("agg", f"must be one of {AGG_MODES}")
+        if self.kl_kind is None:
+            self.kl_kind = "k1" if self.mode == "ppo" else "low_var_kl"
         if self.kl_kind not in KL_KINDS:
             bad("kl_kind", f"must be one of {KL_KINDS}")
         for name in ("gamma", "lam"):

@@ -97,7 +97,7 @@ class PPOTrainer:
     def advantages(self, ro: Rollout):
         """(advantages, returns or None, per-token kl used for the reward)."""
         cfg = self.cfg
-        kl = kl_penalty(ro.old_logprobs, ro.ref_logprobs, "k1" if cfg.mode == "ppo" else cfg.kl_kind)
+        kl = kl_penalty(ro.old_logprobs, ro.ref_logprobs, cfg.kl_kind)
         if cfg.mode == "grpo":
             return group_advantages(ro.scores, cfg.group_size), None, kl
         rewards = kl_shaped_rewards(ro.scores, kl, ro.mask, kl_coef=self.kl_ctl.value)
