@@ -10,8 +10,8 @@ from fastppo.bench.harness import make_step
 from fastppo.bench.ops import OPS
 
 SHAPES = {
-    "cuda": {"N": 8192, "V": 128256, "B": 256, "T": 4096},
-    "cpu": {"N": 256, "V": 32000, "B": 16, "T": 512},
+    "cuda": {"N": 8192, "V": 128256, "H": 4096, "B": 256, "T": 4096},
+    "cpu": {"N": 256, "V": 32000, "H": 256, "B": 16, "T": 512},
 }
 
 
