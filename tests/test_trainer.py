@@ -150,3 +150,18 @@ def test_real_models_from_local_folders(tmp_path, mode):
     m = _metrics(tmp_path / "run")
     assert len(m) == 1 and "task_score_mean" not in m[0]
     assert (checkpoint.latest(tmp_path / "run") / "policy" / "config.json").exists()
+
+
+def test_default_demo_learns_the_task(tmp_path):
+    """`fastppo train` with its defaults: the ground-truth task score and the reward rise from the first
+    fifth of iterations to the last (the run is seeded, so this is the same run every time). On the
+    PyTorch backend, as `fastppo train` runs on a CPU; the interpreter would take many minutes."""
+    cfg = TrainConfig(out=str(tmp_path / "demo"), progress=False, backend="torch").validate()
+    metrics = run(cfg, log=lambda *_: None)
+    fifth = len(metrics) // 5
+
+    def mean(key, part):
+        return sum(m[key] for m in part) / len(part)
+
+    assert mean("task_score_mean", metrics[-fifth:]) - mean("task_score_mean", metrics[:fifth]) >= 0.3
+    assert mean("reward_mean", metrics[-fifth:]) > mean("reward_mean", metrics[:fifth])
