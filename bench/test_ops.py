@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from fastppo.bench.harness import make_step
+from fastppo.bench.harness import make_backward, make_step
 from fastppo.bench.ops import OPS
 
 SHAPES = {
@@ -37,15 +37,25 @@ def _bench(benchmark, step, device):
         benchmark.extra_info["peak_bytes"] = torch.cuda.max_memory_allocated() - base
 
 
-@pytest.mark.parametrize("mode", ["forward", "full"])
+OP_MODES = [(op, mode) for op in OPS for mode in ("forward", "backward", "full")
+            if mode == "forward" or OPS[op].has_backward]
+
+
 @pytest.mark.parametrize("side", ["fastppo", "eager"])
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op,mode", OP_MODES)
 def test_op(benchmark, device, op, side, mode):
     spec = OPS[op]
-    if mode == "full" and not spec.has_backward:
-        mode = "forward"
     inputs = spec.make(_shape(spec, device), torch.bfloat16, device)
     benchmark.group = f"{op}-{mode}"
+    if mode == "backward":
+        setup, target = make_backward(spec, side, inputs)
+
+        def run(outs, grads):
+            target(outs, grads)
+            _sync(device)
+
+        benchmark.pedantic(run, setup=setup, rounds=10, warmup_rounds=2, iterations=1)
+        return
     _bench(benchmark, make_step(spec, side, inputs, mode), device)
 
 

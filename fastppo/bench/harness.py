@@ -56,6 +56,24 @@ def make_step(spec: OpSpec, side: str, inputs, mode: str = "full"):
     return step
 
 
+def make_backward(spec: OpSpec, side: str, inputs):
+    """(setup, target) for timing the backward pass alone: setup runs the forward pass and returns
+    the outputs and upstream gradients; target back-propagates them."""
+    fn = spec.fastppo if side == "fastppo" else spec.eager
+    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def setup():
+        for t in leaves:
+            t.grad = None
+        outs = list(fn(inputs))
+        return (outs, [torch.full_like(o, 0.5) for o in outs]), {}
+
+    def target(outs, grads):
+        torch.autograd.backward(outs, grads)
+
+    return setup, target
+
+
 def count(spec: OpSpec, shape: dict, side: str, dtype=torch.bfloat16, device="cpu") -> dict:
     """Counts of forward + backward on `side`:
     bytes: tensor bytes every launch reads and writes (eager ops and Triton kernels alike: the DRAM
