@@ -98,7 +98,7 @@ def _logit_chunk(hidden, weight, bias, v0, v1, inv_tau, acc):
 
 
 def linear_fwd(hidden, weight, bias, labels, *, inv_tau, ignore_index, with_entropy):
-    """The vocabulary in chunks of LINEAR_CHUNK_COLS with an online logsumexp across chunks."""
+    """The vocabulary in `linear_chunks` with an online logsumexp (and entropy sum) across chunks."""
     N = hidden.shape[0]
     V = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
