@@ -231,21 +231,22 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=1.0):
 
 def masked_whiten(x, mask, *, shift_mean=True):
     """(x - mean) / sqrt(var + 1e-8) over masked entries (unbiased var); 0 where mask is 0."""
-    x = x.float()
-    m = mask.float()
+    out_dtype = x.dtype if x.dtype == torch.float64 else torch.float32
+    m = mask != 0
+    x = torch.where(m, x.double(), 0.0)                  # float64: squares of ~1e20 do not overflow
     n = m.sum()
-    mean = (x * m).sum() / n
-    var = ((x - mean).square() * m).sum() / (n - 1)
+    mean = x.sum() / n
+    var = torch.where(m, x - mean, 0.0).square().sum() / (n - 1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return out * m
+    return torch.where(m, out, 0.0).to(out_dtype)
 
 
 def group_advantages(scores, group_size, *, kind="grpo", norm_by_std=True, eps=1e-6):
     """Per group of `group_size` consecutive scores: grpo (R - mean)/(std + eps) (unbiased std,
     or R - mean without norm_by_std); rloo R - mean of the other G - 1. A group of one gets 0."""
-    s = scores.float().reshape(-1)
+    s = scores.double().reshape(-1)
     out = torch.zeros_like(s)
     for start in range(0, s.numel(), group_size):
         g = s[start:start + group_size]
@@ -260,7 +261,7 @@ def group_advantages(scores, group_size, *, kind="grpo", norm_by_std=True, eps=1
         else:
             raise ValueError(f"kind must be 'grpo' or 'rloo', got {kind!r}")
         out[start:start + group_size] = a
-    return out
+    return out.to(scores.dtype if scores.dtype == torch.float64 else torch.float32)
 
 
 def kl_shaped_rewards(scores, kl, mask, *, kl_coef):

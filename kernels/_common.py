@@ -114,7 +114,10 @@ def transform_logits(z, pre, post, HAS_CAP: tl.constexpr):
     without a cap  pre = scale / tau:            z' = pre * z,              dz'/dz = pre;
     with a cap c   pre = scale / c, post = c / tau: z' = post * tanh(pre z), dz'/dz = pre post (1 - tanh^2).
     -inf stays -inf without a cap (a masked vocabulary entry) and becomes -c / tau with one, as in the model."""
+    zt = z * pre
+    dz = pre
     if HAS_CAP:
-        th = tanh_exp(z * pre)
-        return th * post, pre * post * (1.0 - th * th)
-    return z * pre, pre
+        th = tanh_exp(zt)
+        zt = th * post
+        dz = pre * post * (1.0 - th * th)
+    return zt, dz

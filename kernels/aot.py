@@ -72,7 +72,7 @@ def _specs():
                 strides + ("d_stride_outer", "d_stride_inner"), True, cfg.ROW_NUM_WARPS))
     ce = dict(row, ACC=tl.float32)
     kl_types = dict(p_ptr="*bf16", q_ptr="*bf16", kl_ptr="*fp32", lse_p_ptr="*fp32", lse_q_ptr="*fp32",
-                    g_ptr="*fp32", dp_ptr="*bf16", inv_tau="fp32")
+                    g_ptr="*fp32", dp_ptr="*bf16", tau_hi="fp32", tau_lo="fp32")
     kl_div = ("p_outer_s", "p_inner_s", "q_outer_s", "q_inner_s", "V")
     specs.append(AOTSpec("full_kl_fwd[bf16]", full_kl._full_kl_fwd_kernel,
                          _sig(full_kl._full_kl_fwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))
