@@ -69,12 +69,14 @@ def _acc(hidden, weight):
     return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
 
 
-def chunk_rows(n_rows, vocab, acc, chunk_bytes):
-    """Rows per chunk of the gradient pass: a multiple of the kernel's row tile whose fp32 (fp64) z'
-    fits in chunk_bytes (at least one tile), at most n_rows."""
+def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
+    """Rows per chunk of the gradient pass: a multiple of the kernel's row tile whose fp32 (fp64) z' and
+    dz (a second [rows, V] buffer in the GEMM dtype when that is 16-bit; dz overwrites z' otherwise) fit
+    in chunk_bytes (at least one tile), at most n_rows."""
     from .kernels import _config as cfg
 
-    per_row = vocab * torch.empty((), dtype=acc).element_size()
+    size = torch.empty((), dtype=acc).element_size()
+    per_row = vocab * (size + (0 if dz_dtype == acc else torch.empty((), dtype=dz_dtype).element_size()))
     tile = cfg.LIN_BLOCK_N
     rows = max(tile, (chunk_bytes // max(per_row, 1)) // tile * tile)
     return max(1, min(rows, n_rows))
@@ -104,9 +106,12 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs):
     db = torch.empty(V, dtype=bias.dtype, device=dev) if (bias is not None and needs[2]) else None
     if N == 0:
         return dh, (None if dw is None else dw.zero_()), (None if db is None else db.zero_())
-    step = chunk_rows(N, V, acc, opts.chunk_bytes)
+    dot = torch.promote_types(h2.dtype, weight.dtype)
+    dz_dtype = acc if dot in (torch.float32, torch.float64) else dot
+    step = chunk_rows(N, V, acc, opts.chunk_bytes, dz_dtype)
     starts = list(range(0, N, step))
     buf = torch.empty(step, V, dtype=acc, device=dev)
+    dz_buf = buf if dz_dtype == acc else torch.empty(step, V, dtype=dz_dtype, device=dev)
     multi = len(starts) > 1 and (dw is not None or db is not None)
     dw_acc = torch.empty(V, H, dtype=acc, device=dev) if multi and dw is not None else None
     db_acc = torch.empty(V, dtype=acc, device=dev) if multi and db is not None else None
@@ -116,8 +121,8 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs):
         k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z)
         c_logp, c_ent = coefs(r0, n)
         last = i == len(starts) - 1
-        k.grads_chunk(z, h2, weight, y, rows, r0, n, out["lse"], out["ent_c"], c_logp, c_ent, opts, d_hidden=dh,
-                      dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None,
+        k.grads_chunk(z, dz_buf[:n], h2, weight, y, rows, r0, n, out["lse"], out["ent_c"], c_logp, c_ent, opts,
+                      d_hidden=dh, dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None,
                       db_out=None if db is None else (db if last else db_acc), db_in=db_acc if i else None)
     return dh, dw, db
 

@@ -16,14 +16,13 @@ Kernels (a "chunk" is a block of consecutive compacted rows [r0, r0 + n_rows)):
   and, with STORE_Z, the chunk's z' into an fp32 [n_rows, V] buffer. 2 n H V FLOPs.
 - `_linear_finish_kernel`: merges the split partials per row into lse, log-prob, entropy and the
   extras, scattered to the rows' original positions.
+- `_linear_dz_kernel`   grid (V tiles): dz = dloss/dz from the stored z' and the per-row coefficients,
+  written once in the GEMM input dtype (in place over z' for fp32/fp64); d(bias) summed in fp32.
 - `_linear_dh_kernel`   grid (row tiles, H tiles): d(hidden)[i, :] = sum_j dz_ij weight_j, the
   [BLOCK_N, BLOCK_H] accumulator stays in registers across all vocabulary tiles (d(hidden) is
   written once, no fp32 re-read). 2 n H V FLOPs.
 - `_linear_dw_kernel`   grid (V tiles, H tiles): d(weight)_j += sum_i dz_ij hidden_i over the
-  chunk's valid rows (and d(bias)_j += sum_i dz_ij), fixed order, no atomics. 2 n H V FLOPs.
-dz is formed on the fly from the stored z' in both gradient kernels:
-    dz_ij = [c_logp_i (onehot(y_i)_j - p_ij) - c_ent_i p_ij (log p_ij + H_i)] inv_tau
-            * (1 - (z'_ij / (c inv_tau))^2 with softcap) * logit_scale,    p_ij = exp(z'_ij - lse_i).
+  chunk's valid rows, fixed order, no atomics. 2 n H V FLOPs.
 """
 
 import torch
@@ -195,58 +194,79 @@ def _linear_finish_kernel(
         tl.store(top1_ptr + orig, ((z_y >= m) & (z_y > before)).to(tl.int8), mask=row_ok)
 
 
-@triton.jit
-def _dz_tile(z_ptr, rows_c, row_ok, cols, V, s_zn, y, lse, ent, c_logp, c_ent, logit_scale, softcap, inv_tau,
-             HAS_ENT: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """dloss/dz [BLOCK_N, BLOCK_V] (w.r.t. the raw logits hidden . weight + bias) from the stored z';
-    exactly 0 outside valid rows and columns (selected, so NaN elsewhere cannot leak in)."""
-    ok = row_ok[:, None] & (cols[None, :] < V)
-    z = tl.load(z_ptr + rows_c.to(tl.int64)[:, None] * s_zn + cols[None, :], mask=ok, other=0.0)
-    g = dlogits_block(z, cols[None, :], y, lse, ent, c_logp, c_ent, inv_tau, HAS_ENT)
-    if HAS_SOFTCAP:
-        th = z / (softcap * inv_tau)
-        g = g * (1.0 - th * th)
-    return tl.where(ok, g * logit_scale, 0.0)
-
-
-@triton.jit
-def _row_coefs(labels_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, rows, row_ok, orig, s_y, ACC: tl.constexpr,
-               HAS_ENT: tl.constexpr):
-    y = tl.load(labels_ptr + orig * s_y, mask=row_ok, other=-1).to(tl.int64)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    c_logp = tl.load(c_logp_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    ent = tl.zeros_like(lse)
-    c_ent = tl.zeros_like(lse)
-    if HAS_ENT:
-        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-        c_ent = tl.load(c_ent_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    return y, lse, ent, c_logp, c_ent
+@triton.jit(do_not_specialize=["r0", "n_rows"])
+def _linear_dz_kernel(
+    # data
+    z_ptr, dz_ptr, labels_ptr, idx_ptr, nvalid_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, db_in_ptr, db_ptr,
+    # shapes
+    r0, n_rows, V,
+    # strides
+    s_zn, s_dzn, s_y,
+    # logit transform
+    logit_scale, softcap, inv_tau,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_DB: tl.constexpr, ACC_IN: tl.constexpr, ACC: tl.constexpr,
+):
+    """dz = dloss/dz (w.r.t. the raw logits hidden . weight + bias) of the chunk's valid rows, for the
+    vocabulary tile program_id(0), from the stored z':
+        dz_ij = [c_logp_i (onehot(y_i)_j - p_ij) - c_ent_i p_ij (log p_ij + H_i)] inv_tau
+                * (1 - (z'_ij / (c inv_tau))^2 with softcap) * logit_scale,   p_ij = exp(z'_ij - lse_i),
+    written in the gradient GEMMs' input dtype; d(bias)_j (+)= sum_i dz_ij in fp32 over the rows in order."""
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    n_here = tl.minimum(n_rows, tl.load(nvalid_ptr) - r0)    # valid rows of this chunk (<= 0: none)
+    db = tl.zeros((BLOCK_V,), ACC)
+    for i0 in range(0, n_here, BLOCK_N):
+        rows_c = i0 + tl.arange(0, BLOCK_N)
+        rows = r0 + rows_c
+        row_ok = rows_c < n_here
+        orig = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        y = tl.load(labels_ptr + orig * s_y, mask=row_ok, other=-1).to(tl.int64)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        c_logp = tl.load(c_logp_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+        ent = tl.zeros_like(lse)
+        c_ent = tl.zeros_like(lse)
+        if HAS_ENT:
+            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+            c_ent = tl.load(c_ent_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+        ok = row_ok[:, None] & col_ok[None, :]
+        r64 = rows_c.to(tl.int64)[:, None]
+        z = tl.load(z_ptr + r64 * s_zn + cols[None, :], mask=ok, other=0.0)
+        g = dlogits_block(z, cols[None, :], y, lse, ent, c_logp, c_ent, inv_tau, HAS_ENT)
+        if HAS_SOFTCAP:
+            th = z / (softcap * inv_tau)
+            g = g * (1.0 - th * th)
+        dz = tl.where(ok, g * logit_scale, 0.0)     # selected: nothing from rows or columns outside
+        tl.store(dz_ptr + r64 * s_dzn + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
+        if HAS_DB:
+            db += tl.sum(dz, 0)
+    if HAS_DB:
+        if ACC_IN:
+            db += tl.load(db_in_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+        tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit(do_not_specialize=["r0", "n_rows"])
 def _linear_dh_kernel(
     # data
-    z_ptr, w_ptr, labels_ptr, idx_ptr, nvalid_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, dh_ptr,
+    dz_ptr, w_ptr, idx_ptr, nvalid_ptr, dh_ptr,
     # shapes
     r0, n_rows, V, H,
     # strides
-    s_zn, s_wv, s_wk, s_y, s_dn,
-    # logit transform
-    logit_scale, softcap, inv_tau,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_ENT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    s_dzn, s_wv, s_wk, s_dn,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """d(hidden)[orig rows, h tile] = dz[rows, :] @ weight[:, h tile], accumulated in registers over V."""
+    """d(hidden)[orig rows, h tile] = dz[rows, :] @ weight[:, h tile], the accumulator kept in registers
+    over the whole vocabulary; written once, at the rows' original positions."""
     rows_c, rows, row_ok, orig = _chunk_rows(idx_ptr, nvalid_ptr, r0, n_rows, tl.program_id(0), BLOCK_N)
     hk = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
-    y, lse, ent, c_logp, c_ent = _row_coefs(labels_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, rows, row_ok,
-                                            orig, s_y, ACC, HAS_ENT)
     v_end = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, V, 0)
+    r64 = rows_c.to(tl.int64)[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_H), ACC)
     for v0 in range(0, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        dz = _dz_tile(z_ptr, rows_c, row_ok, cols, V, s_zn, y, lse, ent, c_logp, c_ent, logit_scale, softcap,
-                      inv_tau, HAS_ENT, HAS_SOFTCAP)
+        dz = tl.load(dz_ptr + r64 * s_dzn + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < V), other=0.0)
         w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * s_wv + hk[None, :] * s_wk,
                     mask=(cols[:, None] < V) & (hk[None, :] < H), other=0.0)
         acc = tl.dot(dz.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
@@ -257,52 +277,35 @@ def _linear_dh_kernel(
 @triton.jit(do_not_specialize=["r0", "n_rows"])
 def _linear_dw_kernel(
     # data
-    z_ptr, h_ptr, labels_ptr, idx_ptr, nvalid_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr,
-    dw_in_ptr, dw_ptr, db_in_ptr, db_ptr,
+    dz_ptr, h_ptr, idx_ptr, nvalid_ptr, dw_in_ptr, dw_ptr,
     # shapes
     r0, n_rows, V, H,
     # strides
-    s_zn, s_hn, s_hk, s_y,
-    # logit transform
-    logit_scale, softcap, inv_tau,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_ENT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, ACC_IN: tl.constexpr, ACC: tl.constexpr,
+    s_dzn, s_hn, s_hk,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ACC_IN: tl.constexpr, ACC: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """d(weight)[v tile, h tile] (+)= dz[rows, v tile]^T @ hidden[rows, h tile] over the chunk's valid rows
-    in a fixed order; d(bias)[v tile] (+)= column sums of dz in fp32 (program column 0). With ACC_IN the
-    previous chunks' fp32 sums are read from dw_in / db_in; the result is stored in dw / db's dtype."""
+    """d(weight)[v tile, h tile] (+)= dz[rows, v tile]^T @ hidden[rows, h tile] over the chunk's valid rows in
+    a fixed order (no atomics). With ACC_IN the earlier chunks' fp32 sums are read from dw_in; the result is
+    stored in dw's dtype."""
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     hk = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     n_here = tl.minimum(n_rows, tl.load(nvalid_ptr) - r0)    # valid rows of this chunk (<= 0: none)
     acc = tl.zeros((BLOCK_V, BLOCK_H), ACC)
-    db = tl.zeros((BLOCK_V,), ACC)
     for i0 in range(0, n_here, BLOCK_N):
         rows_c = i0 + tl.arange(0, BLOCK_N)
-        rows = r0 + rows_c
         row_ok = rows_c < n_here
-        orig = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        y, lse, ent, c_logp, c_ent = _row_coefs(labels_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, rows, row_ok,
-                                                orig, s_y, ACC, HAS_ENT)
-        dz = _dz_tile(z_ptr, rows_c, row_ok, cols, V, s_zn, y, lse, ent, c_logp, c_ent, logit_scale, softcap,
-                      inv_tau, HAS_ENT, HAS_SOFTCAP)
-        if HAS_DW:
-            h = tl.load(h_ptr + orig[:, None] * s_hn + hk[None, :] * s_hk,
-                        mask=row_ok[:, None] & (hk[None, :] < H), other=0.0)
-            acc = tl.dot(tl.trans(dz.to(DOT)), h.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-        if HAS_DB:
-            db += tl.sum(dz, 0)
-    if HAS_DW:
-        out = cols.to(tl.int64)[:, None] * H + hk[None, :]
-        ok = (cols[:, None] < V) & (hk[None, :] < H)
-        if ACC_IN:
-            acc += tl.load(dw_in_ptr + out, mask=ok, other=0.0).to(ACC)
-        tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=ok)
-    if HAS_DB:   # stored by the programs of H tile 0
-        db_ok = cols < tl.where(tl.program_id(1) == 0, V, 0)
-        if ACC_IN:
-            db += tl.load(db_in_ptr + cols, mask=db_ok, other=0.0).to(ACC)
-        tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=db_ok)
+        orig = tl.load(idx_ptr + r0 + rows_c, mask=row_ok, other=0).to(tl.int64)
+        dz = tl.load(dz_ptr + rows_c.to(tl.int64)[:, None] * s_dzn + cols[None, :],
+                     mask=row_ok[:, None] & (cols[None, :] < V), other=0.0)
+        h = tl.load(h_ptr + orig[:, None] * s_hn + hk[None, :] * s_hk, mask=row_ok[:, None] & (hk[None, :] < H),
+                    other=0.0)
+        acc = tl.dot(tl.trans(dz.to(DOT)), h.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+    out = cols.to(tl.int64)[:, None] * H + hk[None, :]
+    ok = (cols[:, None] < V) & (hk[None, :] < H)
+    if ACC_IN:
+        acc += tl.load(dw_in_ptr + out, mask=ok, other=0.0).to(ACC)
+    tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -383,37 +386,37 @@ def new_outputs(N, device, acc, with_entropy, extras):
     }
 
 
-def grads_chunk(z, hidden, weight, labels, rows: Rows, r0, n_rows, lse, ent, c_logp, c_ent, opts, *,
+def grads_chunk(z, dz, hidden, weight, labels, rows: Rows, r0, n_rows, lse, ent, c_logp, c_ent, opts, *,
                 d_hidden=None, dw_out=None, dw_in=None, db_out=None, db_in=None):
-    """Gradient launches 3 and 4 for compacted rows [r0, r0 + n_rows) whose z' is in `z` ([n_rows, V]):
-    d_hidden's rows written once; d(weight) / d(bias) of the chunk written to dw_out / db_out, plus the
-    earlier chunks' fp32 sums dw_in / db_in when given. lse, ent, c_logp, c_ent: by compacted position."""
+    """Gradient launches 3-5 for compacted rows [r0, r0 + n_rows) whose z' is in `z` ([n_rows, V]): dz into
+    `dz` (the GEMM dtype; may be `z` itself), d(bias); d_hidden's rows written once; d(weight) / d(bias)
+    of the chunk written to dw_out / db_out, plus the earlier chunks' fp32 sums dw_in / db_in when given.
+    lse, ent, c_logp, c_ent: by compacted position."""
     N, H = hidden.shape
     V = weight.shape[0]
     _, tl_acc, tl_dot, precision = dtypes(hidden.dtype, weight.dtype)
     has_ent = c_ent is not None
-    common = dict(BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_H=cfg.LIN_BLOCK_H, HAS_ENT=has_ent,
-                  HAS_SOFTCAP=opts.softcap is not None, ACC=tl_acc, DOT=tl_dot, PRECISION=precision,
-                  num_warps=cfg.LIN_NUM_WARPS, num_stages=cfg.LIN_NUM_STAGES)
     ent_arg, c_ent_arg = (ent, c_ent) if has_ent else (lse, c_logp)
+    record_launch("linear_dz", z, labels[:n_rows], lse[:n_rows], c_logp[:n_rows], c_ent if has_ent else None, dz,
+                  db_in, db_out)
+    _linear_dz_kernel[(triton.cdiv(V, cfg.LIN_BLOCK_V),)](
+        z, dz, labels, rows.idx, rows.n_valid, lse, ent_arg, c_logp, c_ent_arg,
+        db_in if db_in is not None else lse, db_out if db_out is not None else lse,
+        r0, n_rows, V, z.stride(0), dz.stride(0), labels.stride(0), *_transform_args(opts),
+        BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, HAS_ENT=has_ent, HAS_SOFTCAP=opts.softcap is not None,
+        HAS_DB=db_out is not None, ACC_IN=db_in is not None, ACC=tl_acc, num_warps=cfg.LIN_NUM_WARPS)
+    gemm = dict(BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_H=cfg.LIN_BLOCK_H, ACC=tl_acc, DOT=tl_dot,
+                PRECISION=precision, num_warps=cfg.LIN_NUM_WARPS, num_stages=cfg.LIN_NUM_STAGES)
     if d_hidden is not None:
-        record_launch("linear_dh", z, weight, lse[:n_rows], c_logp[:n_rows], d_hidden[:n_rows])
+        record_launch("linear_dh", dz, weight, d_hidden[:n_rows])
         _linear_dh_kernel[(triton.cdiv(n_rows, cfg.LIN_BLOCK_N), triton.cdiv(H, cfg.LIN_BLOCK_H))](
-            z, weight, labels, rows.idx, rows.n_valid, lse, ent_arg, c_logp, c_ent_arg, d_hidden,
-            r0, n_rows, V, H, z.stride(0), *weight.stride(), labels.stride(0), d_hidden.stride(0),
-            *_transform_args(opts), **common)
-    if dw_out is not None or db_out is not None:
-        any_out = dw_out if dw_out is not None else db_out
-        record_launch("linear_dw", z, hidden[:n_rows] if dw_out is not None else None, lse[:n_rows],
-                      c_logp[:n_rows], dw_in, dw_out, db_in, db_out)
-        grid = (triton.cdiv(V, cfg.LIN_BLOCK_V), triton.cdiv(H, cfg.LIN_BLOCK_H) if dw_out is not None else 1)
-        _linear_dw_kernel[grid](
-            z, hidden, labels, rows.idx, rows.n_valid, lse, ent_arg, c_logp, c_ent_arg,
-            dw_in if dw_in is not None else any_out, any_out, db_in if db_in is not None else any_out,
-            db_out if db_out is not None else any_out,
-            r0, n_rows, V, H, z.stride(0), *hidden.stride(), labels.stride(0), *_transform_args(opts),
-            HAS_DW=dw_out is not None, HAS_DB=db_out is not None, ACC_IN=dw_in is not None or db_in is not None,
-            **common)
+            dz, weight, rows.idx, rows.n_valid, d_hidden, r0, n_rows, V, H, dz.stride(0), *weight.stride(),
+            d_hidden.stride(0), **gemm)
+    if dw_out is not None:
+        record_launch("linear_dw", dz, hidden[:n_rows], dw_in, dw_out)
+        _linear_dw_kernel[(triton.cdiv(V, cfg.LIN_BLOCK_V), triton.cdiv(H, cfg.LIN_BLOCK_H))](
+            dz, hidden, rows.idx, rows.n_valid, dw_in if dw_in is not None else dw_out, dw_out,
+            r0, n_rows, V, H, dz.stride(0), *hidden.stride(), ACC_IN=dw_in is not None, **gemm)
 
 
 def aot_specs(AOTSpec, sig):
@@ -434,15 +437,23 @@ def aot_specs(AOTSpec, sig):
     types.update(labels_ptr="*i64", idx_ptr="*i64", nvalid_ptr="*i64", top1_ptr="*i8")
     specs.append(AOTSpec("linear_finish", _linear_finish_kernel, sig(_linear_finish_kernel, types, ce), ce, (),
                          False, cfg.ELEM_NUM_WARPS))
-    grad_types = dict(ptrs16, z_ptr=f32, lse_ptr=f32, ent_ptr=f32, c_logp_ptr=f32, c_ent_ptr=f32)
-    ce = dict(tiles, BLOCK_H=cfg.LIN_BLOCK_H, HAS_ENT=True, s_wk=1)
-    specs.append(AOTSpec("linear_dh[bf16]", _linear_dh_kernel,
-                         sig(_linear_dh_kernel, dict(grad_types, dh_ptr="*bf16"), ce), ce,
-                         ("H", "V", "s_zn", "s_wv", "s_dn"), True, cfg.LIN_NUM_WARPS, cfg.LIN_NUM_STAGES,
+    ce = dict(BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, HAS_ENT=True, HAS_SOFTCAP=True, HAS_DB=True,
+              ACC_IN=True, ACC=tl.float32)
+    types = {n: f32 for n in _linear_dz_kernel.arg_names if n.endswith("_ptr")}
+    types.update(dz_ptr="*bf16", labels_ptr="*i64", idx_ptr="*i64", nvalid_ptr="*i64", logit_scale="fp32",
+                 softcap="fp32", inv_tau="fp32")
+    specs.append(AOTSpec("linear_dz[bf16]", _linear_dz_kernel, sig(_linear_dz_kernel, types, ce), ce,
+                         ("V", "s_zn", "s_dzn"), True, cfg.LIN_NUM_WARPS))
+    gemm = dict(BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_H=cfg.LIN_BLOCK_H, ACC=tl.float32,
+                DOT=tl.bfloat16, PRECISION="tf32")
+    ce = dict(gemm, s_wk=1)
+    types = dict(dz_ptr="*bf16", w_ptr="*bf16", idx_ptr="*i64", nvalid_ptr="*i64", dh_ptr="*bf16")
+    specs.append(AOTSpec("linear_dh[bf16]", _linear_dh_kernel, sig(_linear_dh_kernel, types, ce), ce,
+                         ("H", "V", "s_dzn", "s_wv", "s_dn"), True, cfg.LIN_NUM_WARPS, cfg.LIN_NUM_STAGES,
                          tensor_cores=True))
-    ce = dict(tiles, BLOCK_H=cfg.LIN_BLOCK_H, HAS_ENT=True, HAS_DW=True, HAS_DB=True, ACC_IN=True, s_hk=1)
-    types = dict(grad_types, dw_in_ptr=f32, dw_ptr="*bf16", db_in_ptr=f32, db_ptr="*bf16")
+    ce = dict(gemm, ACC_IN=True, s_hk=1)
+    types = dict(dz_ptr="*bf16", h_ptr="*bf16", idx_ptr="*i64", nvalid_ptr="*i64", dw_in_ptr=f32, dw_ptr="*bf16")
     specs.append(AOTSpec("linear_dw[bf16]", _linear_dw_kernel, sig(_linear_dw_kernel, types, ce), ce,
-                         ("H", "V", "s_zn", "s_hn"), True, cfg.LIN_NUM_WARPS, cfg.LIN_NUM_STAGES,
+                         ("H", "V", "s_dzn", "s_hn"), True, cfg.LIN_NUM_WARPS, cfg.LIN_NUM_STAGES,
                          tensor_cores=True))
     return specs
