@@ -474,3 +474,112 @@ def test_gradcheck_float64_fused_linear_loss():
 
     assert torch.autograd.gradcheck(f, [t.requires_grad_() for t in (hidden, weight, b)], eps=1e-6, atol=1e-6,
                                     fast_mode=True)
+
+
+# ----------------------------------------------------------------------------- #14.2: FLOPs, launches, chunks
+def _half_masked(N, H, V):
+    """bf16 inputs whose first half of rows is prompt (mask 0 / ignored label): N_valid = N / 2."""
+    hidden, weight, b = _inputs(N, H, V, torch.bfloat16)
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    mask = torch.ones(N, dtype=torch.bool, device=DEVICE)
+    mask[: N // 2] = False
+    return hidden, weight, b, labels, mask
+
+
+def _count(op, N, H=128, V=1024):
+    from fastppo.bench.counters import DotFlops
+    from fastppo.kernels.launches import count_launches
+
+    hidden, weight, b, labels, mask = _half_masked(N, H, V)
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    flops = DotFlops()
+    with flops.count(), count_launches() as launches:
+        if op == "linear_logprobs":
+            lp, ent = fastppo.linear_logprobs(*leaves[:2], labels.masked_fill(~mask, -100), bias=leaves[2],
+                                              return_entropy=True)
+            loss = (lp * 0.5 + ent * 0.1).sum()
+        else:
+            loss = fastppo.fused_linear_ppo_loss(*leaves[:2], labels, torch.zeros(N, device=DEVICE),
+                                                 torch.randn(N, device=DEVICE), mask, bias=leaves[2],
+                                                 entropy_coef=0.1).loss
+        loss.backward()
+    return flops.flops, dict(launches)
+
+
+@pytest.mark.parametrize("op,bound", [("fused_linear_ppo_loss", 6.1), ("linear_logprobs", 8.1)])
+def test_flops_scale_with_valid_rows_and_launches_are_constant_in_n(op, bound):
+    """#14.2: tensor-core FLOPs counted tile by tile in the interpreter (whole tiles, masked lanes included):
+    the fused loss forms its gradient in forward (6 N_valid H V, prompt rows never projected), linear_logprobs
+    recomputes the logits in backward (8 N_valid H V); the launch counts do not depend on N."""
+    H, V = 128, 1024
+    flops_small, launches_small = _count(op, 128, H, V)
+    flops, launches = _count(op, 256, H, V)
+    n_valid = 128
+    assert flops <= bound * n_valid * H * V, (flops / (n_valid * H * V))
+    assert flops >= (bound - 0.2) * n_valid * H * V, (flops / (n_valid * H * V))   # the counter sees the dots
+    assert flops_small == flops // 2
+    assert launches == launches_small, (launches, launches_small)
+
+
+def test_fused_loss_chunked_equals_one_chunk_and_recompute_path(monkeypatch):
+    """Several chunks (chunk_bytes of one row tile) give the loss and gradients of one chunk and of the
+    recompute path (forward, loss, then the gradient pass: the fallback for non-token-local losses), and all
+    match the float64 reference."""
+    from fastppo import linear as lin_mod
+
+    B, T, H, V = 3, 50, 16, 300
+    hidden = torch.randn(B, T, H, device=DEVICE)
+    weight = torch.randn(V, H, device=DEVICE) * 0.3
+    bias = torch.randn(V, device=DEVICE) * 0.1
+    labels = make_labels((B, T), V, holes=0.1)
+    mask = make_mask((B, T)) & (labels != -100)
+    old = torch.randn(B, T, device=DEVICE) - 5
+    adv = torch.randn(B, device=DEVICE)
+    refp = old + 0.1 * torch.randn(B, T, device=DEVICE)
+    kw = dict(ref_logprobs=refp, kl_coef=0.05, entropy_coef=0.02, agg="seq-mean-token-mean", temperature=0.9,
+              final_logit_softcapping=4.0, logit_scale=1.2)
+
+    def run(**extra):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = fastppo.fused_linear_ppo_loss(leaves[0], leaves[1], labels, old, adv, mask, bias=leaves[2], **kw,
+                                            **extra)
+        (out.loss * 1.3).backward()
+        return out, [t.grad for t in leaves]
+
+    one, g_one = run()
+    many, g_many = run(chunk_bytes=64 * V * 4)        # 150 rows -> 3 chunks of 64 rows
+    monkeypatch.setattr(lin_mod, "_token_local", lambda opts: False)
+    rec, g_rec = run()
+    monkeypatch.undo()
+
+    h2, w2, b2 = (t.double().requires_grad_() for t in (hidden, weight, bias))
+    z = (h2 @ w2.t() + b2) * 1.2
+    z = 4.0 * torch.tanh(z / 4.0)
+    rkw = {k: v for k, v in kw.items() if k not in ("final_logit_softcapping", "logit_scale")}
+    rout = ref.fused_ppo_loss(z, labels, old, adv, mask, **rkw)
+    (rout.loss * 1.3).backward()
+    for out, grads in ((one, g_one), (many, g_many), (rec, g_rec)):
+        torch.testing.assert_close(out.loss.double(), rout.loss, rtol=2e-5, atol=2e-6)
+        for got, want in zip(grads, (h2.grad, w2.grad, b2.grad)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+        for k in out.stats:
+            torch.testing.assert_close(out.stats[k].double(), rout.stats[k].double(), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_loss_without_grad_and_frozen_head():
+    """No gradient work when nothing needs one; a frozen lm_head gets no weight gradient pass."""
+    from fastppo.kernels.launches import count_launches
+
+    B, T, H, V = 2, 4, 8, 130
+    hidden, weight, _ = _inputs(B * T, H, V, torch.float32, bias=False)
+    hidden = hidden.view(B, T, H)
+    labels = make_labels((B, T), V)
+    mask = make_mask((B, T))
+    args = (labels, torch.zeros(B, T), torch.randn(B), mask)
+    with count_launches() as plain:
+        fastppo.fused_linear_ppo_loss(hidden, weight, *args)
+    assert "linear_dh" not in plain and "linear_dw" not in plain
+    h = hidden.clone().requires_grad_()
+    with count_launches() as frozen:
+        fastppo.fused_linear_ppo_loss(h, weight, *args).loss.backward()
+    assert frozen["linear_dh"] == 1 and "linear_dw" not in frozen and h.grad is not None
