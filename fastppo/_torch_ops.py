@@ -28,10 +28,11 @@ def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy):
         z = z_all[a:b].to(acc) * inv_tau
         y = y_all[a:b]
         ignored = y == ignore_index
+        in_range = (y >= 0) & (y < V)          # as the kernels: an out-of-range label gives NaN, no OOB read
         row_lse = torch.logsumexp(z, -1)
         lse[a:b] = row_lse
-        z_y = z.gather(-1, y.masked_fill(ignored, 0).long().unsqueeze(-1)).squeeze(-1)
-        logp[a:b] = (z_y - row_lse).masked_fill(ignored, 0.0)
+        z_y = z.gather(-1, y.masked_fill(~in_range, 0).long().unsqueeze(-1)).squeeze(-1)
+        logp[a:b] = torch.where(ignored, 0.0, torch.where(in_range, z_y - row_lse, float("nan")))
         if with_entropy:
             p = torch.exp(z - row_lse.unsqueeze(-1))
             pz = torch.where(p > 0, p * z, torch.zeros_like(p)).sum(-1)
@@ -50,7 +51,9 @@ def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau, ignore_ind
         y = y_all[a:b]
         keep = (y != ignore_index).to(z.dtype)
         p = torch.exp(z - lse[a:b].unsqueeze(-1))
-        onehot = torch.zeros_like(p).scatter_(-1, y.masked_fill(y == ignore_index, 0).long().unsqueeze(-1), 1.0)
+        in_range = ((y >= 0) & (y < V)).unsqueeze(-1)   # an out-of-range label has no one-hot column
+        onehot = torch.zeros_like(p).scatter_(-1, y.unsqueeze(-1).masked_fill(~in_range, 0).long(),
+                                              in_range.to(p.dtype))
         g = (c_logp[a:b] * keep).unsqueeze(-1) * (onehot - p)
         if c_ent is not None:
             logp = torch.where(z == float("-inf"), torch.zeros_like(z), z - lse[a:b].unsqueeze(-1))
