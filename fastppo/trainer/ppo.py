@@ -5,14 +5,24 @@ Face models, with every loss computed by fastppo:
   advantage-> gae + masked_whiten (ppo)
   update   -> ppo_epochs x minibatches of fused_linear_ppo_loss (policy, from hidden states: the
               logits are never materialised) and value_loss (critic), gradient clipping, AdamW.
+
+Library entry point:
+    trainer = PPOTrainer.from_config(TrainConfig(...))   # demo or local folders, fresh or --resume
+    metrics = trainer.train()                             # metrics.jsonl, report_to, checkpoints, curves.png
+    trainer.evaluate()                                    # rollouts without an update
+    trainer.save()                                        # a checkpoint now
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import math
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -28,67 +38,161 @@ from .. import (
     value_loss,
 )
 from ..hf import lm_head_of
-from .config import TrainConfig
+from . import checkpoint
+from .config import TrainConfig, report_targets
+from .reporting import Progress, Reporters, phase, read_metrics, write_metrics
 from .rollout import Rollout, generate, response_hidden, response_logprobs, response_values
 
 
+def _is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
 class PPOTrainer:
-    """policy: AutoModelForCausalLM; ref: frozen reference (default: a frozen copy of the policy);
-    reward_model: AutoModelForSequenceClassification scoring prompt + response, or reward_fn(sequences,
-    attention_mask, prompt_len) -> [B] scores; critic: AutoModelForTokenClassification(num_labels=1)
-    (ppo mode). prompt_fn(n, generator, group_size) -> (prompt_ids, prompt_mask);
-    task_score_fn(prompt_ids, response) -> [B] optional ground truth (logged as task_score_mean)."""
+    """policy: AutoModelForCausalLM (or a peft LoRA model: then the reference is the base model with the adapter
+    disabled, no second copy); ref: frozen reference (default: a frozen copy of the policy); reward_model:
+    AutoModelForSequenceClassification scoring prompt + response, and/or reward_fn(sequences, attention_mask,
+    prompt_len) -> [B] scores (both given: their sum); critic: AutoModelForTokenClassification(num_labels=1)
+    (ppo mode). prompt_fn(n, generator, group_size) -> (prompt_ids, prompt_mask); task_score_fn(prompt_ids,
+    response) -> [B] optional ground truth (logged as task_score_mean); tokenizer: saved with each checkpoint."""
 
     def __init__(self, config: TrainConfig, policy, *, prompt_fn: Callable, eos_id: int, pad_id: int, ref=None,
                  reward_model=None, reward_fn: Callable | None = None, critic=None,
-                 task_score_fn: Callable | None = None):
-        if (reward_model is None) == (reward_fn is None):
-            raise ValueError("give exactly one of reward_model and reward_fn")
+                 task_score_fn: Callable | None = None, tokenizer=None, log: Callable = print):
+        if reward_model is None and reward_fn is None:
+            raise ValueError("give a reward_model, a reward_fn, or both")
         if config.mode == "ppo" and critic is None:
             raise ValueError("ppo mode needs a critic (AutoModelForTokenClassification with num_labels=1)")
         self.cfg = config
         self.policy, self.critic = policy, (critic if config.mode == "ppo" else None)
-        if ref is None:
-            import copy
+        self.lora = _is_peft(policy)
+        if self.lora:
+            if ref is not None:
+                raise ValueError("a LoRA policy's reference is its base model with the adapter disabled: pass ref=None")
+            self.ref = None
+        else:
+            if ref is None:
+                import copy
 
-            ref = copy.deepcopy(policy)
-        self.ref = ref.eval().requires_grad_(False)
+                ref = copy.deepcopy(policy)
+            self.ref = ref.eval().requires_grad_(False)
         self.reward_model = None if reward_model is None else reward_model.eval().requires_grad_(False)
         self.reward_fn, self.prompt_fn, self.task_score_fn = reward_fn, prompt_fn, task_score_fn
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.policy_opt = torch.optim.AdamW(policy.parameters(), lr=config.lr)
+        self.tokenizer, self.log = tokenizer, log
+        self.policy_params = [p for p in policy.parameters() if p.requires_grad]
+        self.policy_opt = torch.optim.AdamW(self.policy_params, lr=config.lr)
         self.critic_opt = None if self.critic is None else torch.optim.AdamW(self.critic.parameters(),
                                                                              lr=config.critic_lr)
         self.kl_ctl = (FixedKLController(config.kl_coef) if config.kl_target is None else
                        AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon))
         self.iteration = 0
         self.skipped_steps = 0
+        self.history: list[dict] = []   # metrics of the earlier iterations of a resumed run
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, log: Callable = print, explicit: set[str] | None = None) -> PPOTrainer:
+        """The trainer `fastppo train` runs: the embedded demo (no --policy) or local folders, fresh or resumed
+        (cfg.resume: the run folder's last complete checkpoint, its saved configuration merged with the flags
+        given now, see config.merge_for_resume). Everything that can be checked is checked before a model is
+        built: the configuration, the checkpoint's state file (weights_only), the prompts, the reward
+        functions. explicit: the flags the user gave (default: the fields that differ from the defaults)."""
+        import random
+
+        import fastppo
+
+        from .config import merge_for_resume
+        from .data import combined_reward, load_prompts, load_reward_funcs
+        from .models import build_demo, build_real
+
+        cfg.validate()
+        resume_from = state = None
+        if cfg.resume:
+            run_dir = Path(cfg.resume)
+            for p in checkpoint.clean_stale(run_dir):
+                log(f"removed {p.name} (left by an interrupted run)")
+            resume_from = checkpoint.latest(run_dir)
+            cfg = merge_for_resume(cfg, checkpoint.load_config(resume_from), explicit, resume_from, log)
+            state = checkpoint.load_state(resume_from)
+        out = Path(cfg.out)
+        prompts = load_prompts(cfg.prompts, cfg.prompts_column, cfg.prompts_split) if cfg.policy else None
+        reward_funcs = load_reward_funcs(cfg.reward_funcs)
+        fastppo.set_backend(cfg.backend)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if cfg.policy is None:
+            setup = build_demo(cfg, out, resume_from, Path(cfg.resume) if cfg.resume else None, log)
+        else:
+            setup = build_real(cfg, prompts, resume_from, log)
+        device = _device(cfg)
+        policy, ref, reward_model, critic = (None if m is None else m.to(device) for m in
+                                             (setup.policy, setup.ref, setup.reward_model, setup.critic))
+        reward_fn = None
+        if reward_funcs:
+            text_reward = combined_reward(reward_funcs, cfg.reward_weights)
+
+            def reward_fn(seqs, attn, prompt_len):
+                prompt_ids, response = seqs[:, :prompt_len].tolist(), seqs[:, prompt_len:].tolist()
+                resp_mask = attn[:, prompt_len:].tolist()
+                completion_ids = [[t for t, m in zip(r, k) if m] for r, k in zip(response, resp_mask)]
+                return text_reward(prompts=[setup.decode(p) for p in prompt_ids],
+                                   completions=[setup.decode(c) for c in completion_ids],
+                                   completion_ids=completion_ids)
+
+        trainer = cls(cfg, policy, prompt_fn=setup.prompt_fn, eos_id=setup.eos_id, pad_id=setup.pad_id, ref=ref,
+                      reward_model=reward_model, reward_fn=reward_fn, critic=critic,
+                      task_score_fn=setup.task_score_fn, tokenizer=setup.tokenizer, log=log)
+        trainer.info = setup.info
+        if state is not None:
+            trainer.load_state_dict(state)
+            trainer.history = [m for m in read_metrics(Path(cfg.resume) / "metrics.jsonl")
+                               if m["iteration"] < trainer.iteration]
+            log(f"resumed from {resume_from} at iteration {trainer.iteration}")
+        return trainer
+
+    def _amp(self):
+        """bf16 autocast for the forward passes (--bf16); the weights and optimiser state stay fp32."""
+        if not self.cfg.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def _ref_logprobs(self, ro):
+        if self.lora:
+            with self.policy.disable_adapter():
+                return response_logprobs(self.policy, ro, self.cfg.temperature)
+        return response_logprobs(self.ref, ro, self.cfg.temperature)
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
     def rollout(self, generator: torch.Generator) -> Rollout:
         cfg = self.cfg
-        device = next(self.policy.parameters()).device
+        device = self.device
         group = cfg.group_size if cfg.mode == "grpo" else 1
         prompt_ids, prompt_mask = self.prompt_fn(cfg.batch_size, generator, group)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         self.policy.eval()
-        seqs, attn, response, mask, labels = generate(self.policy, prompt_ids, prompt_mask,
-                                                      max_new_tokens=cfg.max_new_tokens,
-                                                      temperature=cfg.temperature, eos_id=self.eos_id,
-                                                      pad_id=self.pad_id)
-        if self.reward_model is not None:
-            scores = self.reward_model(input_ids=seqs, attention_mask=attn).logits[:, 0].float()
-        else:
-            scores = torch.as_tensor(self.reward_fn(seqs, attn, prompt_ids.shape[1]), dtype=torch.float32,
-                                     device=device)
-        ro = Rollout(seqs, attn, prompt_ids.shape[1], response, labels, mask, scores,
-                     old_logprobs=None, ref_logprobs=None, values=None)
-        ro.old_logprobs = response_logprobs(self.policy, ro, cfg.temperature)
-        ro.ref_logprobs = response_logprobs(self.ref, ro, cfg.temperature)
-        if self.critic is not None:
-            self.critic.eval()
-            ro.values = response_values(self.critic, ro)
+        with self._amp():
+            seqs, attn, response, mask, labels = generate(self.policy, prompt_ids, prompt_mask,
+                                                          max_new_tokens=cfg.max_new_tokens,
+                                                          temperature=cfg.temperature, eos_id=self.eos_id,
+                                                          pad_id=self.pad_id)
+            scores = torch.zeros(seqs.shape[0], dtype=torch.float32, device=device)
+            if self.reward_model is not None:
+                scores = scores + self.reward_model(input_ids=seqs, attention_mask=attn).logits[:, 0].float()
+            if self.reward_fn is not None:
+                scores = scores + torch.as_tensor(self.reward_fn(seqs, attn, prompt_ids.shape[1]),
+                                                  dtype=torch.float32, device=device)
+            ro = Rollout(seqs, attn, prompt_ids.shape[1], response, labels, mask, scores,
+                         old_logprobs=None, ref_logprobs=None, values=None)
+            ro.old_logprobs = response_logprobs(self.policy, ro, cfg.temperature)
+            ro.ref_logprobs = self._ref_logprobs(ro)
+            if self.critic is not None:
+                self.critic.eval()
+                ro.values = response_values(self.critic, ro)
         if self.task_score_fn is not None:
             ro.task_scores = self.task_score_fn(prompt_ids.cpu(), response.cpu())
         return ro
@@ -109,27 +213,33 @@ class PPOTrainer:
         cfg = self.cfg
         self.policy.train()
         weight, bias = lm_head_of(self.policy)
-        hidden = response_hidden(self.policy, mb)
+        with self._amp():
+            hidden = response_hidden(self.policy, mb)
         grpo = cfg.mode == "grpo"
         out = fused_linear_ppo_loss(
             hidden, weight.to(hidden.dtype), mb.labels, mb.old_logprobs, adv, mb.mask, bias=bias,
             ref_logprobs=mb.ref_logprobs if grpo else None, kl_coef=self.kl_ctl.value if grpo else 0.0,
             kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
             dual_clip=cfg.dual_clip, temperature=cfg.temperature, agg=cfg.agg, return_entropy=True)
-        if not self._step(out.loss, self.policy, self.policy_opt):
+        if not self._step(out.loss, self.policy_params, self.policy_opt):
             return {}
         return {"policy_loss": out.loss.item(), "clipfrac": out.stats["clipfrac"].item(),
                 "entropy": out.stats["entropy"].item(), "approx_kl": out.stats["approx_kl"].item()}
 
     def _critic_step(self, mb: Rollout, returns) -> dict:
         self.critic.train()
-        values = response_values(self.critic, mb)
+        with self._amp():
+            values = response_values(self.critic, mb)
         loss, stats = value_loss(values, mb.values, returns, mb.mask, clip=self.cfg.vf_clip, agg=self.cfg.agg)
-        if not self._step(loss, self.critic, self.critic_opt):
+        if not self._step(loss, list(self.critic.parameters()), self.critic_opt):
             return {}
         return {"value_loss": loss.item(), "vf_clipfrac": stats["vf_clipfrac"].item()}
 
-    def _step(self, loss, model, opt) -> bool:
+    def _step(self, loss, params, opt) -> bool:
+        """Backward, clip, step; a non-finite loss or gradient norm skips the step (weights and optimiser
+        state untouched) with a warning."""
+        if hasattr(params, "parameters"):
+            params = [p for p in params.parameters() if p.requires_grad]
         if not torch.isfinite(loss):
             warnings.warn(f"iteration {self.iteration}: non-finite loss {loss.item()}; step skipped", stacklevel=3)
             self.skipped_steps += 1
@@ -137,7 +247,13 @@ class PPOTrainer:
             return False
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if not torch.isfinite(norm):
+            warnings.warn(f"iteration {self.iteration}: non-finite gradient norm {norm.item()}; step skipped",
+                          stacklevel=3)
+            self.skipped_steps += 1
+            opt.zero_grad(set_to_none=True)
+            return False
         opt.step()
         return True
 
@@ -169,6 +285,8 @@ class PPOTrainer:
             "reward_mean": ro.scores.mean().item(),
             "kl_mean": seq_kl,
             "kl_coef": self.kl_ctl.value,
+            "non_score_reward": -self.kl_ctl.value * seq_kl,
+            "rlhf_reward": ro.scores.mean().item() - self.kl_ctl.value * seq_kl,
             "response_length": n_tokens / cfg.batch_size,
             "tokens_per_s": n_tokens / elapsed,
             "time_s": elapsed,
@@ -184,6 +302,72 @@ class PPOTrainer:
             warnings.warn(f"iteration {self.iteration - 1}: non-finite metrics {metrics}", stacklevel=2)
         return metrics
 
+    # ------------------------------------------------------------------ entry points
+    def train(self) -> list[dict]:
+        """Iterate to cfg.iterations: metrics.jsonl (+ report_to), a checkpoint every save_every iterations and
+        at the end, curves.png. Returns the metrics of every iteration (a resumed run includes the earlier)."""
+        cfg, out = self.cfg, Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for p in checkpoint.clean_stale(out):
+            self.log(f"removed {p.name} (left by an interrupted run)")
+        metrics = list(self.history)
+        write_metrics(out / "metrics.jsonl", metrics)
+        if getattr(self, "info", None):
+            (out / "setup.json").write_text(json.dumps(self.info, indent=2))
+        reporters = Reporters(out, report_targets(cfg.report_to), dataclasses.asdict(cfg), run_name=out.name)
+        progress = Progress(cfg.iterations, self.iteration, f"fastppo {cfg.mode}", cfg.progress, cfg.log_every,
+                            self.log)
+        try:
+            with phase(f"{cfg.mode}: iterations {self.iteration}..{cfg.iterations}", self.log):
+                while self.iteration < cfg.iterations:
+                    m = self.train_iteration()
+                    metrics.append(m)
+                    reporters.log(m)
+                    progress.update(m)
+                    if self.iteration % cfg.save_every == 0 or self.iteration == cfg.iterations:
+                        self.save()
+        finally:
+            progress.close()
+            reporters.close()
+        self.history = metrics
+        try:
+            from .plot import plot_curves
+
+            plot_curves(metrics, out / "curves.png", label=out.name)
+        except ImportError:
+            self.log("curves.png skipped: matplotlib is not installed (pip install matplotlib; then "
+                     f"`fastppo plot {out}`)")
+        return metrics
+
+    def save(self) -> Path:
+        """A checkpoint of the current iteration in cfg.out (policy, or only its LoRA adapter, with the
+        tokenizer; critic; optimiser and controller state; configuration), rotated to keep_checkpoints."""
+        cfg = self.cfg
+        models = {"policy": self.policy, "critic": self.critic}
+        config = {**dataclasses.asdict(cfg), "fastppo_version": _version()}
+        return checkpoint.save(Path(cfg.out), self.iteration, models, self.state_dict(), config,
+                               cfg.keep_checkpoints, tokenizer=self.tokenizer)
+
+    @torch.no_grad()
+    def evaluate(self, batches: int = 1, seed: int | None = None) -> dict:
+        """Rollouts with the current policy and no update: mean reward, task score (if known), KL to the
+        reference and response length over `batches` batches of cfg.batch_size, from generator seed `seed`
+        (default: fixed per run, so successive evaluations compare the same prompts)."""
+        cfg = self.cfg
+        seed = cfg.seed * 7919 + 999_983 if seed is None else seed
+        generator = torch.Generator().manual_seed(seed)
+        totals: dict[str, float] = {}
+        for _ in range(batches):
+            ro = self.rollout(generator)
+            kl = kl_penalty(ro.old_logprobs, ro.ref_logprobs, cfg.kl_kind)
+            row = {"reward_mean": ro.scores.mean().item(), "kl_mean": (kl * ro.mask).sum(1).mean().item(),
+                   "response_length": ro.mask.sum().item() / cfg.batch_size}
+            if ro.task_scores is not None:
+                row["task_score_mean"] = ro.task_scores.mean().item()
+            for k, v in row.items():
+                totals[k] = totals.get(k, 0.0) + v / batches
+        return totals
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
@@ -192,8 +376,25 @@ class PPOTrainer:
                 "kl_ctl": self.kl_ctl.state_dict()}
 
     def load_state_dict(self, state: dict):
-        self.iteration, self.skipped_steps = state["iteration"], state["skipped_steps"]
+        self.iteration, self.skipped_steps = int(state["iteration"]), int(state["skipped_steps"])
         self.policy_opt.load_state_dict(state["policy_opt"])
         if self.critic_opt is not None and state["critic_opt"] is not None:
             self.critic_opt.load_state_dict(state["critic_opt"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+
+
+def _device(cfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda but CUDA is not available")
+    return torch.device(cfg.device)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fastppo")
+    except Exception:
+        return "unknown"
