@@ -49,6 +49,7 @@ def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy, logit_s
         z, _ = transform(z_all[a:b].to(acc), inv_tau=inv_tau, logit_scale=logit_scale, softcap=softcap)
         y = y_all[a:b]
         live = live_all[a:b]
+        in_range = (y >= 0) & (y < V)          # as the kernels: an out-of-range label gives NaN, no OOB read
         zero = torch.zeros((), dtype=acc, device=z.device)
         m = z.amax(-1, keepdim=True)
         m = torch.where(m == float("-inf"), zero, m)
@@ -58,8 +59,8 @@ def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy, logit_s
         log_s = torch.log(s_row)
         row_lse = m.squeeze(-1) + log_s
         lse[a:b] = torch.where(live, row_lse, zero)
-        z_y = z.gather(-1, torch.where(live, y, 0).long().unsqueeze(-1)).squeeze(-1)
-        logp[a:b] = torch.where(live, z_y - row_lse, zero)
+        z_y = z.gather(-1, torch.where(live & in_range, y, 0).long().unsqueeze(-1)).squeeze(-1)
+        logp[a:b] = torch.where(live, torch.where(in_range, z_y - row_lse, float("nan")), zero)
         if with_entropy:
             t = torch.where(e > 0, e * zs, zero).sum(-1)
             ent[a:b] = torch.where(live, log_s - t / s_row, zero)
@@ -82,7 +83,9 @@ def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau, ignore_ind
         live = live_all[a:b].unsqueeze(-1)
         row_lse = lse[a:b].unsqueeze(-1)
         p = torch.exp(z - row_lse)
-        onehot = torch.zeros_like(p).scatter_(-1, torch.where(live.squeeze(-1), y, 0).long().unsqueeze(-1), 1.0)
+        hot = live & ((y >= 0) & (y < V)).unsqueeze(-1)   # an out-of-range label has no one-hot column
+        onehot = torch.zeros_like(p).scatter_(-1, torch.where(hot.squeeze(-1), y, 0).long().unsqueeze(-1),
+                                              hot.to(p.dtype))
         g = c_logp[a:b].to(p.dtype).unsqueeze(-1) * (onehot - p)
         if c_ent is not None:
             logp = torch.where(z == float("-inf"), torch.zeros_like(z), z - row_lse)

@@ -29,6 +29,11 @@ CONFIG_FILE = "config.json"
 FROZEN = "frozen"
 
 
+def main_process() -> bool:
+    """False on the ranks other than 0 of a torchrun launch: they never write or delete run files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _remove(path: Path):
     """Rename to `.old-*` (atomic), then delete: a crash mid-delete leaves only a `.old-*` folder."""
     doomed = path.parent / f".old-{path.name}-{os.getpid()}"
@@ -39,7 +44,7 @@ def _remove(path: Path):
 def clean_stale(out_dir: Path) -> list[Path]:
     """Delete the `.tmp-*` and `.old-*` folders a crashed run left behind; returns what was removed."""
     out_dir = Path(out_dir)
-    if not out_dir.is_dir():
+    if not out_dir.is_dir() or not main_process():
         return []
     stale = [p for p in out_dir.iterdir() if p.name.startswith((".tmp-", ".old-"))]
     for p in stale:
@@ -81,7 +86,7 @@ def save_frozen(out_dir: Path, models: dict) -> Path | None:
     out_dir = Path(out_dir)
     final = out_dir / FROZEN
     models = {k: v for k, v in models.items() if v is not None}
-    if final.exists() or not models:
+    if final.exists() or not models or not main_process():
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".tmp-{FROZEN}-{os.getpid()}"
@@ -95,7 +100,7 @@ def save_frozen(out_dir: Path, models: dict) -> Path | None:
 def copy_frozen(src: Path, out_dir: Path):
     """A resumed run written to another folder gets its own copy of the frozen models (once)."""
     src, final = Path(src), Path(out_dir) / FROZEN
-    if final.exists() or src.resolve() == final.resolve() or not (src / "ref").is_dir():
+    if not main_process() or final.exists() or src.resolve() == final.resolve() or not (src / "ref").is_dir():
         return
     tmp = Path(out_dir) / f".tmp-{FROZEN}-{os.getpid()}"
     if tmp.exists():

@@ -114,7 +114,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastppo train: {e}", file=sys.stderr)
         return 2
-    metrics = trainer.train()
+    try:
+        metrics = trainer.train()
+    finally:
+        trainer.par.close()
+    if not trainer.par.is_main:
+        return 0
     print(summarize(metrics))
     print(f"wrote {trainer.cfg.out}/metrics.jsonl, curves.png and checkpoints in {time.perf_counter() - start:.0f} s")
     return 0

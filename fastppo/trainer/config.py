@@ -30,6 +30,10 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "plain progress line every N iterations (not a terminal)"})
     report_to: str = field(default="none", metadata={
         "help": "also log metrics (TRL names) to: none, tensorboard, wandb or tensorboard,wandb"})
+    parallel: str = field(default="none", metadata={
+        "help": "data parallelism under torchrun: none, ddp (DistributedDataParallel) or fsdp2 (fully_shard)"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per minibatch on each rank (gradient accumulation; same loss as one pass)"})
     bf16: bool = field(default=False, metadata={
         "help": "bfloat16 autocast for the policy / reference / reward / critic forwards (fp32 master weights)"})
     # rollouts
@@ -104,6 +108,7 @@ class TrainConfig:
                 bad(name, "must be >= 0")
         if self.batch_size % self.minibatches:
             bad("minibatches", f"must divide batch_size={self.batch_size}")
+        self._validate_parallel(bad)
         if self.mode == "grpo" and (self.group_size < 2 or self.batch_size % self.group_size):
             bad("group_size", f"grpo needs group_size >= 2 dividing batch_size={self.batch_size}")
         for name in ("lr", "critic_lr", "temperature", "max_grad_norm", "kl_horizon", "lora_alpha"):
@@ -145,6 +150,20 @@ class TrainConfig:
         self._validate_reporting(bad)
         self._validate_sources(bad)
         return self
+
+    def _validate_parallel(self, bad):
+        from .parallel import KINDS
+
+        if self.parallel not in KINDS:
+            bad("parallel", f"must be one of {KINDS}")
+        if self.grad_accum < 1:
+            bad("grad_accum", "must be >= 1")
+        world = int(os.environ.get("WORLD_SIZE", "1")) if self.parallel != "none" else 1
+        if (self.batch_size // self.minibatches) % (world * self.grad_accum):
+            bad("grad_accum", f"batch_size / minibatches = {self.batch_size // self.minibatches} rows must split into "
+                              f"world size {world} x grad_accum {self.grad_accum} micro-batches")
+        if self.parallel != "none" and self.lora_r:
+            bad("parallel", "LoRA policies are trained in one process (--lora_r with --parallel is not supported)")
 
     def _validate_reporting(self, bad):
         targets = report_targets(self.report_to)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -37,11 +38,11 @@ from .. import (
     masked_whiten,
     value_loss,
 )
-from ..hf import lm_head_of
 from . import checkpoint
 from .config import TrainConfig, report_targets
+from .parallel import Parallel
 from .reporting import Progress, Reporters, phase, read_metrics, write_metrics
-from .rollout import Rollout, generate, response_hidden, response_logprobs, response_values
+from .rollout import Rollout, generate, response_hidden_and_head, response_logprobs, response_values
 
 
 def _is_peft(model) -> bool:
@@ -58,7 +59,8 @@ class PPOTrainer:
 
     def __init__(self, config: TrainConfig, policy, *, prompt_fn: Callable, eos_id: int, pad_id: int, ref=None,
                  reward_model=None, reward_fn: Callable | None = None, critic=None,
-                 task_score_fn: Callable | None = None, tokenizer=None, log: Callable = print):
+                 task_score_fn: Callable | None = None, tokenizer=None, log: Callable = print,
+                 parallel: Parallel | None = None):
         if reward_model is None and reward_fn is None:
             raise ValueError("give a reward_model, a reward_fn, or both")
         if config.mode == "ppo" and critic is None:
@@ -77,6 +79,12 @@ class PPOTrainer:
                 ref = copy.deepcopy(policy)
             self.ref = ref.eval().requires_grad_(False)
         self.reward_model = None if reward_model is None else reward_model.eval().requires_grad_(False)
+        # data parallelism (parallel.py): wrap before the optimisers see the parameters
+        self.par = parallel or Parallel()
+        device = next(policy.parameters()).device
+        self.policy, self.critic = (self.par.wrap(m, device=device) for m in (self.policy, self.critic))
+        self.ref = self.par.wrap(self.ref, device=device)
+        policy = self.policy
         self.reward_fn, self.prompt_fn, self.task_score_fn = reward_fn, prompt_fn, task_score_fn
         self.eos_id, self.pad_id = eos_id, pad_id
         self.tokenizer, self.log = tokenizer, log
@@ -106,6 +114,8 @@ class PPOTrainer:
         from .models import build_demo, build_real
 
         cfg.validate()
+        if not checkpoint.main_process():
+            log = _quiet
         resume_from = state = None
         if cfg.resume:
             run_dir = Path(cfg.resume)
@@ -118,6 +128,7 @@ class PPOTrainer:
         prompts = load_prompts(cfg.prompts, cfg.prompts_column, cfg.prompts_split) if cfg.policy else None
         reward_funcs = load_reward_funcs(cfg.reward_funcs)
         fastppo.set_backend(cfg.backend)
+        parallel = Parallel.setup(cfg.parallel, _device(cfg))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         if cfg.policy is None:
@@ -141,7 +152,7 @@ class PPOTrainer:
 
         trainer = cls(cfg, policy, prompt_fn=setup.prompt_fn, eos_id=setup.eos_id, pad_id=setup.pad_id, ref=ref,
                       reward_model=reward_model, reward_fn=reward_fn, critic=critic,
-                      task_score_fn=setup.task_score_fn, tokenizer=setup.tokenizer, log=log)
+                      task_score_fn=setup.task_score_fn, tokenizer=setup.tokenizer, log=log, parallel=parallel)
         trainer.info = setup.info
         if state is not None:
             trainer.load_state_dict(state)
@@ -172,14 +183,18 @@ class PPOTrainer:
         cfg = self.cfg
         device = self.device
         group = cfg.group_size if cfg.mode == "grpo" else 1
+        # the global batch's prompts on every rank (same generator), this rank's rows of it
         prompt_ids, prompt_mask = self.prompt_fn(cfg.batch_size, generator, group)
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        rows = torch.arange(prompt_ids.shape[0])[self.par.local_rows(prompt_ids.shape[0])]
+        prompt_ids, prompt_mask = prompt_ids[rows].to(device), prompt_mask[rows].to(device)
         self.policy.eval()
         with self._amp():
-            seqs, attn, response, mask, labels = generate(self.policy, prompt_ids, prompt_mask,
+            seqs, attn, response, mask, labels = generate(self.par.unwrap(self.policy), prompt_ids, prompt_mask,
                                                           max_new_tokens=cfg.max_new_tokens,
                                                           temperature=cfg.temperature, eos_id=self.eos_id,
-                                                          pad_id=self.pad_id)
+                                                          pad_id=self.pad_id, seed=seed, rows=rows,
+                                                          **self.par.generation_kwargs())
             scores = torch.zeros(seqs.shape[0], dtype=torch.float32, device=device)
             if self.reward_model is not None:
                 scores = scores + self.reward_model(input_ids=seqs, attention_mask=attn).logits[:, 0].float()
@@ -195,7 +210,7 @@ class PPOTrainer:
                 ro.values = response_values(self.critic, ro)
         if self.task_score_fn is not None:
             ro.task_scores = self.task_score_fn(prompt_ids.cpu(), response.cpu())
-        return ro
+        return self.par.gather_rollout(ro)
 
     @torch.no_grad()
     def advantages(self, ro: Rollout):
@@ -209,45 +224,90 @@ class PPOTrainer:
         return masked_whiten(adv, ro.mask), returns, kl
 
     # ------------------------------------------------------------------ update
-    def _policy_step(self, mb: Rollout, adv) -> dict:
+    def _policy_step(self, mb: Rollout, adv, counts: dict | None = None) -> dict:
+        """One optimiser step of the policy on `mb` (this rank's part of a minibatch), normalised by the
+        minibatch's global `counts` (num_tokens, num_seqs, horizon; default: mb's own)."""
         cfg = self.cfg
+        counts = counts or token_counts(mb.mask)
         self.policy.train()
-        weight, bias = lm_head_of(self.policy)
-        with self._amp():
-            hidden = response_hidden(self.policy, mb)
         grpo = cfg.mode == "grpo"
-        out = fused_linear_ppo_loss(
-            hidden, weight.to(hidden.dtype), mb.labels, mb.old_logprobs, adv, mb.mask, bias=bias,
-            ref_logprobs=mb.ref_logprobs if grpo else None, kl_coef=self.kl_ctl.value if grpo else 0.0,
-            kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip, temperature=cfg.temperature, agg=cfg.agg, return_entropy=True)
-        if not self._step(out.loss, self.policy_params, self.policy_opt):
-            return {}
-        return {"policy_loss": out.loss.item(), "clipfrac": out.stats["clipfrac"].item(),
-                "entropy": out.stats["entropy"].item(), "approx_kl": out.stats["approx_kl"].item()}
+        stats = []
 
-    def _critic_step(self, mb: Rollout, returns) -> dict:
+        def micro_loss(sl):
+            with self._amp():
+                hidden, weight, bias = response_hidden_and_head(self.policy, mb.select(sl))
+            out = fused_linear_ppo_loss(
+                hidden, weight.to(hidden.dtype), mb.labels[sl], mb.old_logprobs[sl], adv[sl], mb.mask[sl],
+                bias=bias, ref_logprobs=mb.ref_logprobs[sl] if grpo else None,
+                kl_coef=self.kl_ctl.value if grpo else 0.0, kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef,
+                clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                temperature=cfg.temperature, agg=cfg.agg, return_entropy=True, **counts)
+            stats.append(_weighted(out.loss, mb.mask[sl], out.stats, ("clipfrac", "entropy", "approx_kl")))
+            return out.loss
+
+        losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
+        if not self._step(losses, self.policy_params, self.policy_opt, model=self.policy):
+            return {}
+        return self._reduce_logs("policy_loss", ("clipfrac", "entropy", "approx_kl"), stats, counts)
+
+    def _critic_step(self, mb: Rollout, returns, counts: dict | None = None) -> dict:
+        counts = counts or token_counts(mb.mask)
         self.critic.train()
-        with self._amp():
-            values = response_values(self.critic, mb)
-        loss, stats = value_loss(values, mb.values, returns, mb.mask, clip=self.cfg.vf_clip, agg=self.cfg.agg)
-        if not self._step(loss, list(self.critic.parameters()), self.critic_opt):
-            return {}
-        return {"value_loss": loss.item(), "vf_clipfrac": stats["vf_clipfrac"].item()}
+        stats = []
 
-    def _step(self, loss, params, opt) -> bool:
-        """Backward, clip, step; a non-finite loss or gradient norm skips the step (weights and optimiser
-        state untouched) with a warning."""
+        def micro_loss(sl):
+            with self._amp():
+                values = response_values(self.critic, mb.select(sl))
+            loss, st = value_loss(values, mb.values[sl], returns[sl], mb.mask[sl], clip=self.cfg.vf_clip,
+                                  agg=self.cfg.agg, **counts)
+            stats.append(_weighted(loss, mb.mask[sl], st, ("vf_clipfrac",)))
+            return loss
+
+        losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
+        if not self._step(losses, list(self.critic.parameters()), self.critic_opt, model=self.critic):
+            return {}
+        return self._reduce_logs("value_loss", ("vf_clipfrac",), stats, counts)
+
+    def _micro_slices(self, mb: Rollout) -> list[slice]:
+        n = mb.mask.shape[0]
+        k = n // self.cfg.grad_accum
+        return [slice(i * k, (i + 1) * k) for i in range(self.cfg.grad_accum)]
+
+    def _reduce_logs(self, loss_name, stat_names, stats, counts) -> dict:
+        """Global minibatch loss (sum of every micro-batch share on every rank) and token-weighted statistics:
+        one all-reduce."""
+        total = self.par.all_reduce_sum(torch.stack([torch.stack(s) for s in stats]).sum(0))
+        values = total.tolist()
+        logs = {loss_name: values[0]}
+        for name, v in zip(stat_names, values[1:]):
+            logs[name] = v / counts["num_tokens"]
+        return logs
+
+    def _step(self, loss, params, opt, model=None) -> bool:
+        """Backward, clip, step. `loss`: a 0-d tensor, or a list of zero-argument functions that compute the
+        micro-batch losses (gradient accumulation: each is backpropagated before the next is computed; `model`
+        synchronises gradients across ranks on the last one only). Each loss is scaled by parallel.grad_scale
+        before backward. A non-finite loss on any rank or a non-finite gradient norm skips the step on every
+        rank (weights and optimiser state untouched) with a warning."""
         if hasattr(params, "parameters"):
             params = [p for p in params.parameters() if p.requires_grad]
-        if not torch.isfinite(loss):
-            warnings.warn(f"iteration {self.iteration}: non-finite loss {loss.item()}; step skipped", stacklevel=3)
+        micro = [lambda: loss] if isinstance(loss, torch.Tensor) else list(loss)
+        opt.zero_grad(set_to_none=True)
+        n_bad, first_bad = torch.zeros(()), None
+        for i, compute in enumerate(micro):
+            with self.par.micro_batch(model, last=i == len(micro) - 1):
+                value = compute()
+                (value * self.par.grad_scale).backward()
+            if not torch.isfinite(value.detach()):
+                n_bad += 1
+                first_bad = value.item() if first_bad is None else first_bad
+        if self.par.all_reduce_sum(n_bad).item() > 0:
+            warnings.warn(f"iteration {self.iteration}: non-finite loss {first_bad} (on some rank); step skipped",
+                          stacklevel=3)
             self.skipped_steps += 1
             opt.zero_grad(set_to_none=True)
             return False
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        norm = self.par.clip_grad_norm_(params, self.cfg.max_grad_norm)
         if not torch.isfinite(norm):
             warnings.warn(f"iteration {self.iteration}: non-finite gradient norm {norm.item()}; step skipped",
                           stacklevel=3)
@@ -271,11 +331,13 @@ class PPOTrainer:
             order = torch.randperm(cfg.batch_size, generator=generator)
             for k in range(cfg.minibatches):
                 idx = order[k * mb_size:(k + 1) * mb_size].to(ro.scores.device)
+                counts = token_counts(ro.mask[idx])        # of the whole minibatch: every rank holds it
+                idx = idx[self.par.local_rows(mb_size)]     # this rank's part
                 mb = ro.select(idx)
-                for key, v in self._policy_step(mb, adv[idx]).items():
+                for key, v in self._policy_step(mb, adv[idx], counts).items():
                     logs.setdefault(key, []).append(v)
                 if self.critic is not None:
-                    for key, v in self._critic_step(mb, returns[idx]).items():
+                    for key, v in self._critic_step(mb, returns[idx], counts).items():
                         logs.setdefault(key, []).append(v)
         seq_kl = (kl * ro.mask).sum(1).mean().item()
         n_tokens = int(ro.mask.sum())
@@ -307,6 +369,8 @@ class PPOTrainer:
         """Iterate to cfg.iterations: metrics.jsonl (+ report_to), a checkpoint every save_every iterations and
         at the end, curves.png. Returns the metrics of every iteration (a resumed run includes the earlier)."""
         cfg, out = self.cfg, Path(self.cfg.out)
+        if not self.par.is_main:
+            return self._train_other_rank()
         out.mkdir(parents=True, exist_ok=True)
         for p in checkpoint.clean_stale(out):
             self.log(f"removed {p.name} (left by an interrupted run)")
@@ -339,14 +403,31 @@ class PPOTrainer:
                      f"`fastppo plot {out}`)")
         return metrics
 
+    def _train_other_rank(self) -> list[dict]:
+        """train() on ranks other than 0: the same iterations and checkpoint collectives, no files."""
+        cfg = self.cfg
+        metrics = list(self.history)
+        while self.iteration < cfg.iterations:
+            metrics.append(self.train_iteration())
+            if self.iteration % cfg.save_every == 0 or self.iteration == cfg.iterations:
+                self.save()
+        self.history = metrics
+        return metrics
+
     def save(self) -> Path:
         """A checkpoint of the current iteration in cfg.out (policy, or only its LoRA adapter, with the
-        tokenizer; critic; optimiser and controller state; configuration), rotated to keep_checkpoints."""
+        tokenizer; critic; optimiser and controller state; configuration), rotated to keep_checkpoints.
+        Data parallel: every rank calls it (FSDP2 gathers the full weights and optimiser state), rank 0 writes."""
         cfg = self.cfg
-        models = {"policy": self.policy, "critic": self.critic}
+        models = {"policy": self.par.savable(self.policy), "critic": self.par.savable(self.critic)}
         config = {**dataclasses.asdict(cfg), "fastppo_version": _version()}
-        return checkpoint.save(Path(cfg.out), self.iteration, models, self.state_dict(), config,
-                               cfg.keep_checkpoints, tokenizer=self.tokenizer)
+        state = self.state_dict()
+        path = Path(cfg.out) / f"checkpoint-{self.iteration:06d}"
+        if self.par.is_main:
+            path = checkpoint.save(Path(cfg.out), self.iteration, models, state, config, cfg.keep_checkpoints,
+                                   tokenizer=self.tokenizer)
+        self.par.barrier()
+        return path
 
     @torch.no_grad()
     def evaluate(self, batches: int = 1, seed: int | None = None) -> dict:
@@ -373,16 +454,38 @@ class PPOTrainer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
-                "policy_opt": self.policy_opt.state_dict(),
-                "critic_opt": None if self.critic_opt is None else self.critic_opt.state_dict(),
+                "policy_opt": self.par.optimizer_state(self.policy, self.policy_opt),
+                "critic_opt": None if self.critic_opt is None else self.par.optimizer_state(self.critic,
+                                                                                          self.critic_opt),
                 "kl_ctl": self.kl_ctl.state_dict()}
 
     def load_state_dict(self, state: dict):
         self.iteration, self.skipped_steps = int(state["iteration"]), int(state["skipped_steps"])
-        self.policy_opt.load_state_dict(state["policy_opt"])
+        self.par.load_optimizer_state(self.policy, self.policy_opt, state["policy_opt"])
         if self.critic_opt is not None and state["critic_opt"] is not None:
-            self.critic_opt.load_state_dict(state["critic_opt"])
+            self.par.load_optimizer_state(self.critic, self.critic_opt, state["critic_opt"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+
+
+def token_counts(mask: torch.Tensor) -> dict:
+    """The global normalisers of a minibatch's losses (see fastppo's agg modes): tokens, sequences with a
+    token, horizon. Passed to every micro-batch's loss, so the micro-batch losses add up to the minibatch loss."""
+    per_seq = mask.sum(1)
+    return {"num_tokens": max(float(per_seq.sum()), 1.0), "num_seqs": max(float((per_seq > 0).sum()), 1.0),
+            "horizon": float(mask.shape[1])}
+
+
+def _weighted(loss, mask, stats: dict, names) -> list:
+    """[loss, stat * tokens, ...] of one micro-batch: summed over micro-batches and ranks, then divided by
+    the minibatch's tokens, the token-weighted mean of each statistic."""
+    n = mask.sum().to(torch.float32)
+    zero = torch.zeros((), device=n.device)
+    return [loss.detach().float().cpu()] + [torch.where(n > 0, stats[k].detach().float() * n, zero).cpu()
+                                             for k in names]
+
+
+def _quiet(*_args, **_kwargs):
+    """The log of ranks other than 0."""
 
 
 def _device(cfg) -> torch.device:
