@@ -87,31 +87,27 @@ def test_grpo_trainer_patched_matches_unpatched(tmp_path):
     _assert_same_training(ours, base)
     assert ours["served"].get("ChunkedLogProbFunction", 0) > 0   # fastppo's linear_logprobs ran
     assert ours["delegated"] == {}
-    assert any(k["grad_norm"] > 0 for k in [{"grad_norm": g} for g in base["grad_norm"]])
-
-
-def _run_in_subprocess(tmp: Path, patched: bool) -> dict:
-    out = tmp / f"run_{int(patched)}.pt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TRL114, str(Path(__file__).resolve().parents[1])]))
-    subprocess.run([sys.executable, __file__, str(tmp), str(int(patched)), str(out)], check=True, env=env,
-                   timeout=600)
-    return torch.load(out)
+    assert max(base["grad_norm"]) > 0 and any(x != 0 for x in base["loss"])   # the steps did train
 
 
 @pytest.mark.skipif(not Path(TRL114, "trl").is_dir(), reason=f"TRL 1.14 not installed at {TRL114} (see .ci/run)")
 def test_grpo_trainer_trl114_patched_matches_unpatched(tmp_path):
-    base = _run_in_subprocess(tmp_path, False)
-    ours = _run_in_subprocess(tmp_path, True)
+    """TRL 1.14's GRPOTrainer on CPU scores tokens with selective_log_softmax(_and_entropy),
+    imported by name into grpo_trainer: the patch must reach it there."""
+    out = tmp_path / "runs.pt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TRL114, str(Path(__file__).resolve().parents[1])]))
+    subprocess.run([sys.executable, __file__, str(tmp_path), str(out)], check=True, env=env, timeout=600)
+    base, ours = torch.load(out)
     assert ours["version"] == "1.14.0"
     _assert_same_training(ours, base)
-    assert ours["served"].get("ChunkedLogProbFunction", 0) > 0
+    assert ours["served"].get("selective_log_softmax_and_entropy", 0) > 0
     assert ours["delegated"] == {}
 
 
-if __name__ == "__main__":   # the TRL 1.14 subprocess: python this_file TMP PATCHED OUT
+if __name__ == "__main__":   # the TRL 1.14 subprocess: python this_file TMP OUT
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    tmp, patched, out = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
-    res = grpo_run(patched, tmp)
-    res["version"] = trl.__version__
-    torch.save(res, out)
-    print(json.dumps({"loss": res["loss"], "served": res["served"]}))
+    tmp, out = Path(sys.argv[1]), sys.argv[2]
+    runs = [grpo_run(False, tmp), grpo_run(True, tmp)]
+    runs[1]["version"] = trl.__version__
+    torch.save(runs, out)
+    print(json.dumps({"loss": [r["loss"] for r in runs], "served": runs[1]["served"]}))
