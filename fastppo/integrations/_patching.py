@@ -27,6 +27,7 @@ class Slot:
     holder: Any
     name: str
     is_dict: bool = False
+    label: str = ""
 
     def get(self):
         return self.holder[self.name] if self.is_dict else getattr(self.holder, self.name)
@@ -38,12 +39,13 @@ class Slot:
             setattr(self.holder, self.name, value)
 
     def where(self) -> str:
-        owner = getattr(self.holder, "__name__", type(self.holder).__name__)
+        owner = self.label or getattr(self.holder, "__name__", type(self.holder).__name__)
         return f"{owner}[{self.name!r}]" if self.is_dict else f"{owner}.{self.name}"
 
 
-def holders_of(original, extra_slots=()) -> list[Slot]:
-    """Every module attribute in sys.modules that is `original`, plus the given extra slots."""
+def holders_of(original, extra_slots=(), registries=()) -> list[Slot]:
+    """Every module attribute in sys.modules that is `original`, every entry of the given
+    (label, dict) registries that is `original`, plus the given extra slots."""
     slots = []
     for mod in list(sys.modules.values()):
         d = getattr(mod, "__dict__", None)
@@ -52,6 +54,8 @@ def holders_of(original, extra_slots=()) -> list[Slot]:
         for name, value in list(d.items()):
             if value is original:
                 slots.append(Slot(mod, name))
+    for label, reg in registries:
+        slots.extend(Slot(reg, k, True, label) for k, v in list(reg.items()) if v is original)
     slots.extend(s for s in extra_slots if s.get() is original)
     return slots
 
@@ -101,12 +105,14 @@ def accepts(fn: Callable, keyword: str) -> bool:
 
 @dataclass
 class EntryPoint:
-    """A host entry point: `locate()` returns (defining holder, attribute name[, is_dict]) and the
-    extra slots (registries) that may hold it; `build(original, stats)` makes the replacement."""
+    """A host entry point: `locate()` returns (defining module, attribute name); `build(original,
+    stats)` makes the replacement; `registries` are (label, dict) tables that may hold the original
+    by value (verl's policy-loss and advantage-estimator registries)."""
 
     name: str
     locate: Callable[[], tuple]
     build: Callable[[Any, CallStats], Any]
+    registries: tuple = ()
 
 
 class PatchHandle:
@@ -126,13 +132,11 @@ class PatchHandle:
     def _install(self, ep: EntryPoint):
         if ep.name in self._replacements:
             return
-        holder, attr, *rest = ep.locate()
-        is_dict = bool(rest and rest[0])
-        extra = list(rest[1]) if len(rest) > 1 else []
-        home = Slot(holder, attr, is_dict)
+        holder, attr = ep.locate()
+        home = Slot(holder, attr)
         original = home.get()
         new = ep.build(original, self.stats)
-        slots = holders_of(original, [home, *extra])
+        slots = holders_of(original, [home], ep.registries)
         seen = set()
         places = []
         for slot in slots:
