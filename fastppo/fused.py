@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import reference as ref_impl
-from ._checks import check_choice, check_float, check_labels, check_temperature
+from ._checks import check_choice, check_float, check_inplace, check_labels, check_temperature
 from .backend import backend_for
 from .logprobs import check_logit_transform, token_logprobs
 from .losses import POLICY_STATS, AggOptions, check_clips, check_token_args, stats_dict
@@ -78,6 +79,7 @@ class FusedPPOLoss(torch.autograd.Function):
         return loss, logp, kl, ent, stats
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_loss, *_):
         from .kernels import logprobs as k
 
@@ -131,6 +133,8 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
     check_ppo_args(logits.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef,
                    entropy_coef, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
     tau = check_temperature(temperature)
+    if inplace:
+        check_inplace("logits", logits)
     scale, cap = check_logit_transform(logit_scale, final_logit_softcapping)
     clip_high = clip_low if clip_high is None else clip_high
     want_ent = bool(return_entropy or entropy_coef != 0)

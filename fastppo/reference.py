@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .modes import AGG_MODES, KL_KINDS  # noqa: F401  (re-exported: the names live in fastppo.modes)
 from .outputs import PPOLossOutput
-
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_KINDS = ("k1", "abs", "k2", "mse", "k3", "low_var_kl")
 
 
 def _f(x):
@@ -105,7 +103,15 @@ def aggregate(x, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, hori
         return masked_sum / seqs.clamp_min(1)
     if agg == "seq-mean-token-sum-norm":
         return masked_sum / (seqs.clamp_min(1) * t_len)
+    if agg == "token-sum":
+        return masked_sum
     raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+def _keep(x, m):
+    """x where the mask is 1, else 0: masked positions (which may hold NaN/inf) then contribute nothing
+    to the value or the gradient (a select, never a multiply)."""
+    return torch.where(m > 0, x, torch.zeros_like(x))
 
 
 def _masked_mean(x, m):
@@ -129,10 +135,10 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     """ratio = exp(clamp(logp - old, -20, 20)); L = max(-A ratio, -A clamp(ratio, 1-cl, 1+ch));
     dual clip c: where A < 0, L = min(L, -c A). Returns (agg(L), stats)."""
     clip_high = clip_low if clip_high is None else clip_high
-    logp = _f(logprobs)
     m = _f(mask)
-    adv = _expand_advantages(advantages, logp)
-    d = logp - _f(old_logprobs)
+    logp = _keep(_f(logprobs), m)
+    adv = _keep(_expand_advantages(advantages, logp), m)
+    d = logp - _keep(_f(old_logprobs), m)
     ratio = torch.exp(d.clamp(-20, 20))
     l1 = -adv * ratio
     l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
@@ -157,14 +163,14 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
                num_seqs=None, horizon=None):
     """L = 0.5 max((v - R)^2, (v_c - R)^2), v_c = old + clamp(v - old, -clip, clip); 0.5 (v - R)^2
     without clip. Returns (agg(L), {"vf_clipfrac"})."""
-    v = _f(values)
-    r = _f(returns)
     m = _f(mask)
+    v = _keep(_f(values), m)
+    r = _keep(_f(returns), m)
     l1 = (v - r).square()
     if clip is None:
         loss, clipped = 0.5 * l1, torch.zeros_like(m)
     else:
-        old = _f(old_values)
+        old = _keep(_f(old_values), m)
         vc = old + (v - old).clamp(-clip, clip)
         l2 = (vc - r).square()
         loss, clipped = 0.5 * torch.maximum(l1, l2), (l2 > l1).float()
@@ -200,11 +206,12 @@ def compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs,
     m = _f(mask)
     kl = None
     if ref_logprobs is not None:
-        kl = kl_penalty(logp, ref_logprobs, kl_kind)
-        loss = loss + kl_coef * aggregate(kl, mask, agg, **counts)
+        kl = kl_penalty(logp.detach(), ref_logprobs, kl_kind)
+        kl_kept = kl_penalty(_keep(_f(logp), m), _keep(_f(ref_logprobs), m), kl_kind)
+        loss = loss + kl_coef * aggregate(kl_kept, mask, agg, **counts)
         stats["kl"] = _masked_mean(kl, m).detach()
     if ent is not None:
-        loss = loss - entropy_coef * aggregate(ent, mask, agg, **counts)
+        loss = loss - entropy_coef * aggregate(_keep(_f(ent), m), mask, agg, **counts)
         stats["entropy"] = _masked_mean(ent, m).detach()
     return PPOLossOutput(loss=loss, logprobs=logp.detach(), kl=None if kl is None else kl.detach(),
                          entropy=None if ent is None else ent.detach(), stats=stats)

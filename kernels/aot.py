@@ -87,7 +87,7 @@ def _specs():
         specs.append(AOTSpec(f"loss_agg[{name}]", loss_agg._loss_agg_kernel,
                              _sig(loss_agg._loss_agg_kernel, {**ptrs, **f32}, variant), variant, (), False,
                              cfg.AGG_NUM_WARPS))
-    ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK)
+    ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK, ACC=tl.float32)
     specs.append(AOTSpec("kl_fwd", kl._kl_fwd_kernel,
                          _sig(kl._kl_fwd_kernel, dict(logp_ptr="*fp32", ref_ptr="*fp32", kl_ptr="*fp32",
                                                       dkl_ptr="*fp32"), ce), ce, ("n",), True,
