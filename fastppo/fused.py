@@ -148,10 +148,6 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
             logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
             kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
             dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    if inplace:
-        from .kernels._rows import check_inplace_target
-
-        check_inplace_target(logits)
     opts = PPOOptions(1.0 / tau, int(ignore_index), want_ent, kl_kind, float(kl_coef), float(entropy_coef),
                       bool(inplace), AggOptions(0, agg, clip_low, clip_high, dual_clip, None, num_tokens,
                                                 num_seqs, horizon), scale, cap)
