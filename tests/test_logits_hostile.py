@@ -392,3 +392,19 @@ def test_inplace_refuses_an_expanded_logits_view():
     assert not has_internal_overlap(logits[:, :-1]) and not has_internal_overlap(logits.transpose(0, 1))
     assert has_internal_overlap(logits.as_strided((2, 3, 50), (0, 50, 1)))
     assert has_internal_overlap(logits.as_strided((2, 3, 50), (100, 40, 1)))   # rows overlap
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_kl_nan_stays_in_its_row(backend):
+    p = make_logits((4, 90), torch.float32)
+    q = make_logits((4, 90), torch.float32)
+    p[1, 3] = float("nan")
+    q[2, 7] = float("nan")
+    x = p.clone().requires_grad_()
+    with fastppo.use_backend(backend):
+        kl = fastppo.full_kl(x, q)
+        (kl * torch.tensor([0.5, -1.0, 2.0, 1.5], device=DEVICE)).sum().backward()
+    rkl = ref.full_kl(p.double(), q.double())
+    assert torch.equal(torch.isnan(kl), torch.isnan(rkl)) and torch.isnan(kl[1:3]).all()
+    assert_close_by_dtype(kl[[0, 3]], rkl[[0, 3]], torch.float32)
+    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 3]]).all()
