@@ -1,8 +1,9 @@
 """Hugging Face helpers: per-token log-probs of a causal LM without its [B, T, V] logits.
 
-`causal_lm_logprobs` runs the model's body (`model.get_decoder()` or `model.base_model`) to the
-final hidden states and applies `linear_logprobs` with `model.get_output_embeddings()` (tied or
-untied lm_head, with or without bias), so a trainer never materialises the logits.
+`causal_lm_logprobs` runs the model (through its root module, so DDP / FSDP2 hooks run, with the
+lm_head on zero positions) to the final hidden states of its body and applies `linear_logprobs`
+with `model.get_output_embeddings()` (tied or untied lm_head, with or without bias), so a trainer
+never materialises the logits.
 
 Heads that are not plain `lm_head(hidden)`: the head transform z' = softcap(scale * z) is read from the
 config with TRL 1.16's rules (`trl/trainer/utils.py`, fused lm-head): scale = `logit_scale` (Cohere),
@@ -74,15 +75,75 @@ def lm_head_of(model, *, allow_transform: bool = False):
     return head.weight, getattr(head, "bias", None)
 
 
-def causal_lm_hidden(model, input_ids, attention_mask=None, **model_kwargs):
-    """Final hidden states [B, T, H] of the model's body (no lm_head)."""
+def _unwrap(model):
+    """The HF model inside a DistributedDataParallel wrapper (FSDP2 keeps the model's own class)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _body_of(model):
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
     if body is None:
         body = getattr(model, "base_model", None)
     if body is None or body is model:
         raise ValueError(f"cannot find the body (decoder / base_model) of {type(model).__name__}")
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return body
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def causal_lm_hidden(model, input_ids, attention_mask=None, **model_kwargs):
+    """Final hidden states [B, T, H] of the model's body (no [B, T, V] logits).
+
+    The call goes through the ROOT module (`model(...)`, also a DistributedDataParallel or FSDP2
+    `fully_shard` wrapper), so the wrappers' forward hooks run: FSDP2 all-gathers the root's
+    parameters (embedding, final norm, lm_head) and hooks the outputs for its backward. The lm_head
+    runs on zero positions (`logits_to_keep` = an empty index tensor); a forward hook on the body
+    captures its last hidden state, and a forward hook on the root returns it as one of the root's
+    outputs, so FSDP2's pre-backward hook sees it. Models whose forward takes no `logits_to_keep`
+    get the body called directly (not FSDP2-safe)."""
+    inner = _unwrap(model)
+    body = _body_of(inner)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+    if not _accepts(inner.forward, "logits_to_keep"):
+        out = body(**kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    captured = []
+
+    def grab(_module, _args, out):
+        captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+
+    def expose(_module, _args, out):       # runs before FSDP2's post-forward hook (prepend)
+        return out, captured[-1]
+
+    no_positions = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    handles = [body.register_forward_hook(grab), model.register_forward_hook(expose, prepend=True)]
+    try:
+        _, hidden = model(**kwargs, logits_to_keep=no_positions)
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden
+
+
+def causal_lm_hidden_and_head(model, input_ids, attention_mask=None, *, allow_transform=False, **model_kwargs):
+    """(hidden [B, T, H], lm_head weight [V, H], bias or None), the head read AFTER the forward: under
+    FSDP2 that is the all-gathered parameter that the root's backward reduce-scatters. A head that
+    is still a sharded DTensor here (lm_head wrapped in its own fully_shard group, or the root with
+    reshard_after_forward=True) is an error: its gradient would not be reduced. A head that transforms
+    its logits (see `head_transform`) is refused unless `allow_transform` (the caller applies it)."""
+    hidden = causal_lm_hidden(model, input_ids, attention_mask, **model_kwargs)
+    weight, bias = lm_head_of(_unwrap(model), allow_transform=allow_transform)
+    if type(weight).__name__ == "DTensor" or type(bias).__name__ == "DTensor":
+        raise ValueError("the lm_head weight is a sharded DTensor after the forward: keep lm_head in the root "
+                         "module's fully_shard group (fully_shard each layer, then the model) with the root's "
+                         "default reshard_after_forward")
+    return hidden, weight, bias
 
 
 def apply_head_transform(z: torch.Tensor, transform: dict) -> torch.Tensor:
@@ -109,7 +170,7 @@ def verify_head(model, input_ids, attention_mask=None, transform=None, **model_k
     try:
         hidden = causal_lm_hidden(model, input_ids, attention_mask, **model_kwargs)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs).logits
-        weight, bias = lm_head_of(model, allow_transform=True)
+        weight, bias = lm_head_of(_unwrap(model), allow_transform=True)
         ours = apply_head_transform(torch.nn.functional.linear(hidden, weight.to(hidden.dtype),
                                                                None if bias is None else bias.to(hidden.dtype)),
                                     transform)
@@ -130,10 +191,6 @@ def verify_head(model, input_ids, attention_mask=None, transform=None, **model_k
     return transform
 
 
-def _linear_takes_transform() -> bool:
-    return "logit_scale" in inspect.signature(linear_logprobs).parameters
-
-
 def causal_lm_logprobs(model, input_ids, attention_mask=None, labels=None, *, temperature=1.0,
                        ignore_index=-100, return_entropy=False, check_head=True, **model_kwargs):
     """log p(token t+1 | tokens <= t) for every position of `input_ids` [B, T], from the hidden states,
@@ -149,22 +206,13 @@ def causal_lm_logprobs(model, input_ids, attention_mask=None, labels=None, *, te
         labels = input_ids[:, 1:]
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask[:, 1:] == 0, ignore_index)
-    transform = head_transform(model)
+    transform = head_transform(_unwrap(model))
     if check_head:
         verify_head(model, input_ids, attention_mask, transform, **model_kwargs)
-    hidden = causal_lm_hidden(model, input_ids, attention_mask, **model_kwargs)
-    weight, bias = lm_head_of(model, allow_transform=True)
-    kw = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
-    if _is_plain(transform):
-        return linear_logprobs(hidden[:, :-1], weight.to(hidden.dtype), labels, bias=bias, **kw)
-    if _linear_takes_transform():
-        return linear_logprobs(hidden[:, :-1], weight.to(hidden.dtype), labels, bias=bias, **transform, **kw)
-    # linear_logprobs without the transform keywords: materialise the logits once (correct, not fused)
-    from .logprobs import token_logprobs
-
-    logits = torch.nn.functional.linear(hidden[:, :-1], weight.to(hidden.dtype),
-                                        None if bias is None else bias.to(hidden.dtype))
-    return token_logprobs(logits, labels, **transform, **kw)
+    hidden, weight, bias = causal_lm_hidden_and_head(model, input_ids, attention_mask, allow_transform=True,
+                                                     **model_kwargs)
+    return linear_logprobs(hidden[:, :-1], weight.to(hidden.dtype), labels, bias=bias, temperature=temperature,
+                           ignore_index=ignore_index, return_entropy=return_entropy, **transform)
 
 
 @torch.no_grad()

@@ -43,11 +43,16 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
 
 
 def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=False):
-    """token_logprobs of the materialised logits hidden @ weight.T + bias."""
-    logits = hidden @ weight.t()                         # write N*V*b
+                    return_entropy=False, final_logit_softcapping=None, logit_scale=1.0):
+    """token_logprobs of the materialised logits softcap(logit_scale * (hidden @ weight.T + bias)),
+    softcap(x) = c tanh(x / c) with c = final_logit_softcapping (identity when None)."""
+    dot = torch.promote_types(hidden.dtype, weight.dtype)
+    logits = hidden.to(dot) @ weight.to(dot).t()         # write N*V*b
     if bias is not None:
         logits = logits + bias
+    logits = logits * logit_scale
+    if final_logit_softcapping is not None:
+        logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
     return token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                           return_entropy=return_entropy)
 
