@@ -267,11 +267,9 @@ def test_gae_mask_must_be_binary():
         fastppo.gae(r, r, r > 0, gamma=True)
 
 
-@pytest.mark.parametrize("magnitude", [1e20, 1e-20, 1e150])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("magnitude,dtype", [(1e20, torch.float32), (1e-20, torch.float32), (1e20, torch.float64),
+                                             (1e-20, torch.float64), (1e150, torch.float64)])
 def test_masked_whiten_is_scale_safe(magnitude, dtype):
-    if dtype == torch.float32 and magnitude > 1e30:
-        pytest.skip("not representable in float32")
     x = (torch.randn(3, 20, dtype=torch.float64, device=DEVICE) * magnitude).to(dtype)
     mask = _random_mask(3, 20, "holes")
     x = torch.where(mask, x, torch.tensor(float("nan"), dtype=dtype))   # NaN where masked: ignored
