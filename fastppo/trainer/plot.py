@@ -105,6 +105,9 @@ def main(argv=None) -> int:
                                                  else Path("curves.png"))
     try:
         plot_runs(runs, out, args.smoothing)
+    except ImportError:
+        print("fastppo plot: needs matplotlib: pip install 'fastppo[plot]'", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"fastppo plot: {e}", file=sys.stderr)
         return 2

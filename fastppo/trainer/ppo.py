@@ -438,8 +438,10 @@ class PPOTrainer:
         seed = cfg.seed * 7919 + 999_983 if seed is None else seed
         generator = torch.Generator().manual_seed(seed)
         totals: dict[str, float] = {}
-        for _ in range(batches):
-            ro = self.rollout(generator)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)   # sampling: reproducible, and the training RNG stream is left as it was
+            rollouts = [self.rollout(generator) for _ in range(batches)]
+        for ro in rollouts:
             kl = kl_penalty(ro.old_logprobs, ro.ref_logprobs, cfg.kl_kind)
             row = {"reward_mean": ro.scores.mean().item(), "kl_mean": (kl * ro.mask).sum(1).mean().item(),
                    "response_length": ro.mask.sum().item() / cfg.batch_size}
