@@ -45,18 +45,24 @@ from .outputs import LogprobOutputs, PPOLossOutput
 EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 
 
+def _default_chunk_bytes():
+    from .kernels import _config as cfg
+
+    return cfg.LIN_CHUNK_BYTES
+
+
 @dataclass(frozen=True)
 class LinearOptions:
-    """Non-tensor options of the linear ops, validated once where built."""
+    """Non-tensor options of the linear ops, validated once where built (`_linear_options`)."""
 
     inv_tau: float
     ignore_index: int
     with_entropy: bool
-    extras: bool
-    logit_scale: float
-    softcap: float | None
     backend: str
-    chunk_bytes: int
+    extras: bool = False
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    chunk_bytes: int = dataclasses.field(default_factory=_default_chunk_bytes)
 
 
 def _kernels():
@@ -93,9 +99,11 @@ def triton_forward(h2, weight, bias, y, valid, opts):
     return rows, out
 
 
-def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs):
-    """Launches 1-4 chunk by chunk. `coefs(r0, n)` returns the chunk's per-row coefficients (c_logp,
-    c_ent or None; by compacted position) once its statistics are in `out`. Returns (dh, dw, db)."""
+def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, stats=None):
+    """Launches 1-5 chunk by chunk. `coefs(r0, n)` returns the chunk's per-row coefficients (c_logp,
+    c_ent or None; by compacted position) once its statistics are in `out`. With `stats` = (lse, ent or
+    None) by compacted position (known from an earlier forward, or global ones for a vocabulary shard),
+    those are used and launch 2 is skipped. Returns (dh, dw, db)."""
     k = _kernels()
     N, H = h2.shape
     V = weight.shape[0]
@@ -118,10 +126,11 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs):
     for i, r0 in enumerate(starts):
         n = min(step, N - r0)
         z = buf[:n]
-        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z)
+        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z, finish=stats is None)
         c_logp, c_ent = coefs(r0, n)
         last = i == len(starts) - 1
-        k.grads_chunk(z, dz_buf[:n], h2, weight, y, rows, r0, n, out["lse"], out["ent_c"], c_logp, c_ent, opts,
+        lse, ent = stats if stats is not None else (out["lse"], out["ent_c"])
+        k.grads_chunk(z, dz_buf[:n], h2, weight, y, rows, r0, n, lse, ent, c_logp, c_ent, opts,
                       d_hidden=dh, dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None,
                       db_out=None if db is None else (db if last else db_acc), db_in=db_acc if i else None)
     return dh, dw, db
@@ -133,18 +142,37 @@ def _forward(h2, weight, bias, y, valid, opts):
     return None, _linear_torch.forward(h2, weight, bias, y, valid, opts)
 
 
-def _gradients(h2, weight, bias, y, valid, rows, saved, c_logp, c_ent, opts, needs):
-    """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row)."""
+def _gradients(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, needs):
+    """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row). `stats`: the rows' lse and
+    entropy (or None), by original row on the torch backend, by compacted position on the Triton path."""
     if opts.backend == "torch":
-        return _linear_torch.grads(h2, weight, bias, y, valid, saved["lse"], saved["ent"], c_logp, c_ent, opts,
-                                   needs)
-    k = _kernels()
+        return _linear_torch.grads(h2, weight, bias, y, valid, stats[0], stats[1], c_logp, c_ent, opts, needs)
     acc = _acc(h2, weight)
-    scratch = k.new_outputs(h2.shape[0], h2.device, acc, c_ent is not None, False)
     cl = c_logp.to(acc).index_select(0, rows.idx)
     ce = None if c_ent is None else c_ent.to(acc).index_select(0, rows.idx)
-    return triton_gradient_pass(h2, weight, bias, y, rows, scratch, dataclasses.replace(opts, extras=False),
-                                needs, lambda r0, n: (cl, ce))
+    return triton_gradient_pass(h2, weight, bias, y, rows, None, dataclasses.replace(opts, extras=False), needs,
+                                lambda r0, n: (cl, ce), stats=stats)
+
+
+def linear_forward(hidden2d, weight, bias, labels1d, opts: LinearOptions):
+    """(logp, lse, entropy or None) per row in the rows' order (0 at ignored rows): the forward launches for
+    callers that combine row statistics themselves (fastppo.distributed)."""
+    valid = labels1d != opts.ignore_index
+    rows, out = _forward(hidden2d, weight, bias, labels1d, valid, opts)
+    lse = out["lse"] if rows is None else torch.empty_like(out["lse"]).index_copy_(0, rows.idx, out["lse"])
+    return out["logp"], lse, out["ent"] if opts.with_entropy else None
+
+
+def linear_backward(hidden2d, weight, bias, labels1d, lse, ent, c_logp, c_ent, opts: LinearOptions,
+                    needs=(True, True, True)):
+    """(d_hidden, d_weight, d_bias) of sum_i c_logp_i logp_i + c_ent_i H_i for the given per-row lse and
+    entropy (in the rows' order; e.g. global ones for a vocabulary shard), valid rows only."""
+    valid = labels1d != opts.ignore_index
+    if opts.backend == "torch":
+        return _gradients(hidden2d, weight, bias, labels1d, valid, None, (lse, ent), c_logp, c_ent, opts, needs)
+    rows = _kernels().Rows(valid)
+    stats = (lse.index_select(0, rows.idx), None if c_ent is None else ent.index_select(0, rows.idx))
+    return _gradients(hidden2d, weight, bias, labels1d, valid, rows, stats, c_logp, c_ent, opts, needs)
 
 
 def _flatten(hidden, labels):
@@ -163,8 +191,10 @@ class LinearLogprobs(torch.autograd.Function):
         ent = out["ent"].view(shape) if opts.with_entropy else None
         extras = (out["sq"].view(shape), out["mean"].view(shape), out["top1"].view(shape).bool()) \
             if opts.extras else (None, None, None)
+        # backward's statistics: by compacted position on the Triton path, by row on the torch backend
+        ent_key = "ent" if rows is None else "ent_c"
         saved_lse = out["lse"]
-        ctx.save_for_backward(h2, weight, bias, y, valid, saved_lse, out["ent"] if opts.with_entropy else saved_lse)
+        ctx.save_for_backward(h2, weight, bias, y, valid, saved_lse, out[ent_key] if opts.with_entropy else saved_lse)
         ctx.rows, ctx.opts, ctx.hidden_shape = rows, opts, hidden.shape
         ctx.mark_non_differentiable(*[t for t in extras if t is not None])
         return (out["logp"].view(shape), ent, *extras)
@@ -181,8 +211,8 @@ class LinearLogprobs(torch.autograd.Function):
         c_logp = torch.zeros(y.shape, dtype=acc, device=lse.device) if g_logp is None else \
             g_logp.reshape(-1).to(acc)
         c_ent = g_ent.reshape(-1).to(acc) if has_ent else None
-        dh, dw, db = _gradients(h2, weight, bias, y, valid, ctx.rows, {"lse": lse, "ent": ent}, c_logp, c_ent, opts,
-                                ctx.needs_input_grad[:3])
+        dh, dw, db = _gradients(h2, weight, bias, y, valid, ctx.rows, (lse, ent if has_ent else None), c_logp, c_ent,
+                                opts, ctx.needs_input_grad[:3])
         return (None if dh is None else dh.view(ctx.hidden_shape)), dw, db, None, None
 
 
@@ -203,8 +233,6 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
 
 def _linear_options(temperature, ignore_index, with_entropy, extras, final_logit_softcapping, logit_scale,
                     chunk_bytes, backend):
-    from .kernels import _config as cfg
-
     tau = check_temperature(temperature)
     softcap = final_logit_softcapping
     if softcap is not None:
@@ -216,10 +244,10 @@ def _linear_options(temperature, ignore_index, with_entropy, extras, final_logit
     if not math.isfinite(scale):
         raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
     if chunk_bytes is None:
-        chunk_bytes = cfg.LIN_CHUNK_BYTES
+        chunk_bytes = _default_chunk_bytes()
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    return LinearOptions(1.0 / tau, int(ignore_index), bool(with_entropy), bool(extras), scale, softcap, backend,
+    return LinearOptions(1.0 / tau, int(ignore_index), bool(with_entropy), backend, bool(extras), scale, softcap,
                          chunk_bytes)
 
 
@@ -300,7 +328,8 @@ class FusedLinearPPOLoss(torch.autograd.Function):
         ent = out["ent"].view(shape) if lin.with_entropy else None
         loss, stats, coef_x, coef_ent, kl = ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts)
         if any(needs) and not _token_local(opts):
-            grads = _gradients(h2, weight, bias, y, valid, rows, out, coef_x.reshape(-1),
+            row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
+            grads = _gradients(h2, weight, bias, y, valid, rows, row_stats, coef_x.reshape(-1),
                                coef_ent.reshape(-1) if use_ent else None, lin, needs)
         dh, dw, db = grads
         ctx.save_for_backward(*[t for t in grads if t is not None])

@@ -341,9 +341,10 @@ def _transform_args(opts):
     return (float(opts.logit_scale), float(opts.softcap or 1.0), float(opts.inv_tau))
 
 
-def stats_chunk(hidden, weight, bias, labels, rows: Rows, r0, n_rows, out, opts, z=None):
+def stats_chunk(hidden, weight, bias, labels, rows: Rows, r0, n_rows, out, opts, z=None, finish=True):
     """Row statistics of compacted rows [r0, r0 + n_rows) (launches 1 and 2); with `z` ([n_rows, V] fp32)
-    also stores the chunk's z'. `out` holds the per-row buffers (see `new_outputs`)."""
+    also stores the chunk's z'. `out` holds the per-row buffers (see `new_outputs`); without `finish`
+    only z' is wanted (launch 2 is skipped, `out` may be None)."""
     N, H = hidden.shape
     V = weight.shape[0]
     acc, tl_acc, tl_dot, precision = dtypes(hidden.dtype, weight.dtype)
@@ -351,7 +352,7 @@ def stats_chunk(hidden, weight, bias, labels, rows: Rows, r0, n_rows, out, opts,
     n_splits = triton.cdiv(V, v_split)
     part = torch.empty(N_PARTIALS, n_splits, n_rows, dtype=acc, device=hidden.device)
     zy = torch.empty(n_rows, dtype=acc, device=hidden.device)
-    with_ent, extras = out["ent_c"] is not None, out["sq"] is not None
+    with_ent, extras = (out["ent_c"] is not None, out["sq"] is not None) if finish else (False, False)
     record_launch("linear_fwd", hidden[:n_rows], weight, bias, labels[:n_rows], part, zy, z)
     _linear_fwd_kernel[(triton.cdiv(n_rows, cfg.LIN_BLOCK_N), n_splits)](
         hidden, weight, bias if bias is not None else weight, labels, rows.idx, rows.n_valid,
@@ -362,6 +363,8 @@ def stats_chunk(hidden, weight, bias, labels, rows: Rows, r0, n_rows, out, opts,
         BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_K=cfg.LIN_BLOCK_K, HAS_BIAS=bias is not None,
         HAS_SOFTCAP=opts.softcap is not None, WITH_ENT=with_ent, WITH_EXTRAS=extras, STORE_Z=z is not None,
         ACC=tl_acc, DOT=tl_dot, PRECISION=precision, num_warps=cfg.LIN_NUM_WARPS, num_stages=cfg.LIN_NUM_STAGES)
+    if not finish:
+        return
     record_launch("linear_finish", part, zy, labels[:n_rows], out["lse"][:n_rows], out["logp"][:n_rows],
                   None if not with_ent else out["ent"][:n_rows])
     logp_c = out["logp_c"]
