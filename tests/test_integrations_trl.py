@@ -113,12 +113,20 @@ if __name__ == "__main__":   # the TRL 1.14 subprocess: python this_file TMP OUT
     print(json.dumps({"loss": [r["loss"] for r in runs], "served": runs[1]["served"]}))
 
 
-def test_fastppo_patch_env_applies_at_import(tmp_path):
-    code = ("import fastppo.integrations.auto as a, trl.trainer.utils as u; "
-            "print(sorted(a.HANDLES), hasattr(u.selective_log_softmax, '__fastppo_original__'))")
-    env = dict(os.environ, FASTPPO_PATCH="trl", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "['trl'] True"
+def test_fastppo_patch_env_applies_at_import(monkeypatch):
+    import importlib
+
+    import trl.trainer.utils as u
+
+    monkeypatch.setenv("FASTPPO_PATCH", "trl")
+    sys.modules.pop("fastppo.integrations.auto", None)
+    auto = importlib.import_module("fastppo.integrations.auto")
+    try:
+        assert sorted(auto.HANDLES) == ["trl"]
+        assert hasattr(u.selective_log_softmax, "__fastppo_original__")
+    finally:
+        auto.HANDLES["trl"].undo()
+    assert not hasattr(u.selective_log_softmax, "__fastppo_original__")
     with pytest.raises(ValueError, match="target must be one of"):
         fi.patch("deepspeed")
 

@@ -17,6 +17,16 @@ from omegaconf import OmegaConf  # noqa: E402
 import fastppo.integrations as fi  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _verl_torch_paths(monkeypatch):
+    """verl's own switches to its PyTorch paths: flash-attn's Triton cross-entropy is CUDA only (and
+    importable here when the OpenRLHF tests loaded flash_attn's Python files)."""
+    import verl.utils.experimental.torch_functional as xtf
+
+    monkeypatch.setenv("VERL_DISABLE_FLASH_ATTN_CE", "1")
+    monkeypatch.setattr(xtf, "_FLASH_ATTN_CROSS_ENTROPY_AVAILABLE", False)
+
+
 def _mask(B, T):
     m = (torch.rand(B, T) > 0.3).float()
     m[0] = 0.0            # an empty row
@@ -116,17 +126,15 @@ def test_gae():
     assert st.served["compute_gae_advantage_return"] == 1
 
 
-@pytest.mark.parametrize("fn", ["compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage"])
-@pytest.mark.parametrize("norm", [True, False])
-def test_outcome_advantages_uneven_groups(fn, norm):
+@pytest.mark.parametrize("fn,kw", [("compute_grpo_outcome_advantage", {"norm_adv_by_std_in_grpo": True}),
+                                   ("compute_grpo_outcome_advantage", {"norm_adv_by_std_in_grpo": False}),
+                                   ("compute_rloo_outcome_advantage", {})])
+def test_outcome_advantages_uneven_groups(fn, kw):
     B, T = 10, 6
     r = torch.zeros(B, T)
     r[:, -1] = torch.randn(B)
     m = _mask(B, T)
     index = np.array(["a", "b", "a", "c", "b", "a", "d", "c", "d", "e"], dtype=object)   # sizes 3, 2, 2, 2, 1
-    kw = {"norm_adv_by_std_in_grpo": norm} if fn.startswith("compute_grpo") else {}
-    if not norm and not kw:
-        pytest.skip("rloo has no std switch")
     (a, _, _), (b, _, st) = _both(fn, ca, r, m, index, **kw)
     for x, y in zip(b, a):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
@@ -171,3 +179,25 @@ def test_vanilla_policy_loss_via_registry(mode, info):
     assert mb.keys() == ma.keys()
     for k in ma:
         assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), k
+
+
+def test_fused_linear_for_ppo():
+    import verl.utils.experimental.torch_functional as xtf
+
+    h0, w0 = torch.randn(2, 9, 16), torch.randn(70, 16) * 0.5
+    ids = torch.randint(0, 70, (2, 9))
+    gl, ge = torch.randn(2, 9), torch.randn(2, 9)
+    res = []
+    for patched in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if patched:
+            with fi.patch("verl", ops=["FusedLinearForPPO"]) as hd:
+                logp, ent = xtf.FusedLinearForPPO()(h, w, ids, temperature=0.8)
+            assert hd.stats.served["FusedLinearForPPO"] == 1
+        else:
+            logp, ent = xtf.FusedLinearForPPO()(h, w, ids, temperature=0.8)
+        ((logp * gl).sum() + (ent * ge).sum()).backward()
+        res.append((logp, ent, h.grad, w.grad))
+    for a, b in zip(*res):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
