@@ -263,3 +263,16 @@ def test_unsupported_version_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ft, "installed_version", lambda: "1.9.0")
     with pytest.raises(RuntimeError, match=r"trl 1.9.0 is not supported; supported versions: >=1.14"):
         fi.patch("trl")
+
+
+def test_missing_package_is_a_clear_error(monkeypatch):
+    import importlib.metadata
+
+    import fastppo.integrations.trl as ft
+
+    def missing():
+        raise importlib.metadata.PackageNotFoundError("trl")
+
+    monkeypatch.setattr(ft, "installed_version", missing)
+    with pytest.raises(ImportError, match=r"trl is not installed \(pip install 'fastppo\[trl\]'"):
+        fi.patch("trl")
