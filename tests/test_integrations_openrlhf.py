@@ -23,9 +23,7 @@ if _fa is not None and "flash_attn" not in sys.modules:
     _pkg.__spec__ = _fa
     sys.modules["flash_attn"] = _pkg
 
-pytest.importorskip("openrlhf.models.utils", reason="pip install fastppo[openrlhf]")
-
-import openrlhf.models as om  # noqa: E402
+import openrlhf.models as om  # noqa: E402  (CI installs OpenRLHF: .ci/run)
 import openrlhf.models.actor as oa  # noqa: E402
 import openrlhf.models.loss as ol  # noqa: E402
 import openrlhf.models.utils as ou  # noqa: E402

@@ -6,9 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("verl.trainer.ppo.core_algos", reason="pip install fastppo[verl]")
-
 import verl.trainer.ppo.core_algos as ca  # noqa: E402
 import verl.utils.torch_functional as tf  # noqa: E402
 import verl.workers.utils.losses as vl  # noqa: E402
