@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import reference as ref_impl
-from ._checks import check_choice, check_float, check_labels, check_temperature
+from ._checks import check_choice, check_float, check_inplace, check_labels, check_temperature
 from .backend import backend_for
-from .logprobs import token_logprobs
+from .logprobs import check_logit_transform, token_logprobs
 from .losses import POLICY_STATS, AggOptions, check_clips, check_token_args, stats_dict
 from .outputs import PPOLossOutput
 
@@ -31,6 +32,12 @@ class PPOOptions:
     entropy_coef: float
     inplace: bool
     agg: AggOptions
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def transform(self):
+        """Keywords of the logprobs launchers for z' = softcap(scale * z) / tau."""
+        return dict(inv_tau=self.inv_tau, logit_scale=self.logit_scale, softcap=self.softcap)
 
 
 def stat_names(has_ref, has_ent):
@@ -56,14 +63,15 @@ class FusedPPOLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
         from .kernels import logprobs as k
 
-        logp, lse, ent = k.logprobs_fwd(logits, labels, inv_tau=opts.inv_tau, ignore_index=opts.ignore_index,
-                                        with_entropy=opts.want_entropy)
+        # mask-0 rows are dead: never read (forward or backward), logp = H = 0 there, zero gradient rows
+        logp, lse, ent = k.logprobs_fwd(logits, labels, ignore_index=opts.ignore_index,
+                                        with_entropy=opts.want_entropy, valid=mask, **opts.transform())
         shape = labels.shape
         logp = logp.view(shape)
         ent = None if ent is None else ent.view(shape)
         loss, stats, coef_x, coef_ent, kl = ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts)
         use_ent_grad = ent is not None and opts.entropy_coef != 0
-        ctx.save_for_backward(logits, labels, lse, ent if use_ent_grad else lse, coef_x,
+        ctx.save_for_backward(logits, labels, mask, lse, ent if use_ent_grad else lse, coef_x,
                               coef_ent if use_ent_grad else coef_x)
         ctx.opts, ctx.use_ent_grad = opts, use_ent_grad
         outs = [t for t in (logp, kl, ent, stats) if t is not None]
@@ -71,17 +79,18 @@ class FusedPPOLoss(torch.autograd.Function):
         return loss, logp, kl, ent, stats
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_loss, *_):
         from .kernels import logprobs as k
 
         if g_loss is None:
             return (None,) * 7
-        logits, labels, lse, ent, coef_x, coef_ent = ctx.saved_tensors
+        logits, labels, mask, lse, ent, coef_x, coef_ent = ctx.saved_tensors
         opts = ctx.opts
         dlogits = k.logprobs_bwd(
             logits, labels, lse, ent if ctx.use_ent_grad else None, coef_x.view(-1),
-            coef_ent.view(-1) if ctx.use_ent_grad else None, inv_tau=opts.inv_tau,
-            ignore_index=opts.ignore_index, scale=g_loss.float(), inplace=opts.inplace)
+            coef_ent.view(-1) if ctx.use_ent_grad else None, ignore_index=opts.ignore_index,
+            scale=g_loss.to(lse.dtype), inplace=opts.inplace, valid=mask, **opts.transform())
         return dlogits, None, None, None, None, None, None
 
 
@@ -103,7 +112,8 @@ def check_ppo_args(lead_shape, old_logprobs, advantages, mask, ref_logprobs, kl_
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                    kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                   inplace=False, num_tokens=None, num_seqs=None, horizon=None) -> PPOLossOutput:
+                   inplace=False, num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None,
+                   logit_scale=1.0) -> PPOLossOutput:
     """The whole PPO policy objective from the logits in one pass:
 
         loss = agg(L_clip) + kl_coef * agg(KL(logp, ref_logprobs)) - entropy_coef * agg(H)
@@ -112,6 +122,9 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
     options as in ppo_policy_loss and kl_penalty. Entropy is computed only when entropy_coef != 0
     or return_entropy. `inplace=True` writes dlogits into the logits' storage during backward
     (saves one [B, T, V] buffer; the logits are garbage afterwards, so nothing else may use them).
+    Logits are transformed as in token_logprobs: z' = softcap(logit_scale * z) / temperature.
+    Rows where mask is 0 (or the label is ignore_index) are never read, forward or backward: their
+    logprobs / entropy are 0, their gradient rows exact zeros (NaN there cannot leak).
     Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
     check_float("logits", logits)
     if logits.dim() not in (2, 3) or logits.shape[-1] == 0:
@@ -120,11 +133,16 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
     check_ppo_args(logits.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef,
                    entropy_coef, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
     tau = check_temperature(temperature)
+    if inplace:
+        check_inplace("logits", logits)
+    scale, cap = check_logit_transform(logit_scale, final_logit_softcapping)
     clip_high = clip_low if clip_high is None else clip_high
     want_ent = bool(return_entropy or entropy_coef != 0)
     backend = backend_for(logits, labels, old_logprobs, advantages, mask)
     if backend == "torch":
-        out = token_logprobs(logits, labels, temperature=tau, ignore_index=ignore_index, return_entropy=want_ent)
+        labels = torch.where(mask != 0, labels, ignore_index)      # mask-0 rows are dead, as on the kernel path
+        out = token_logprobs(logits, labels, temperature=tau, ignore_index=ignore_index, return_entropy=want_ent,
+                             final_logit_softcapping=cap, logit_scale=scale)
         logp, ent = out if want_ent else (out, None)
         return ref_impl.compose_ppo_loss(
             logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
@@ -132,7 +150,7 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
             dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
     opts = PPOOptions(1.0 / tau, int(ignore_index), want_ent, kl_kind, float(kl_coef), float(entropy_coef),
                       bool(inplace), AggOptions(0, agg, clip_low, clip_high, dual_clip, None, num_tokens,
-                                                num_seqs, horizon))
+                                                num_seqs, horizon), scale, cap)
     ref = None if ref_logprobs is None else ref_logprobs.detach()
     loss, logp, kl, ent, stats = FusedPPOLoss.apply(logits, labels, old_logprobs.detach(), advantages.detach(),
                                                     mask, ref, opts)

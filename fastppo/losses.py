@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import reference as ref_impl
-from ._checks import check_choice, check_float, check_positive, check_same_shape
+from ._checks import check_choice, check_float, check_mask, check_positive, check_same_shape
 from .backend import backend_for
 
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
@@ -32,6 +33,7 @@ def check_token_args(name, shape, old, adv, mask, agg, num_tokens, num_seqs, hor
     check_float(adv_name, adv)
     check_same_shape(old_name, old, name, shape)
     check_same_shape("mask", mask, name, shape)
+    check_mask(mask)
     if tuple(adv.shape) != shape and not (len(shape) == 2 and tuple(adv.shape) == (shape[0],)):
         raise ValueError(f"{adv_name} must be {shape} (per token) or ({shape[0]},) (per "
                          f"sequence), got {tuple(adv.shape)}")
@@ -67,6 +69,7 @@ class KLPenalty(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         if g is None:
             return None, None, None
@@ -120,6 +123,7 @@ class TokenLoss(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_loss, _g_stats):
         if g_loss is None:
             return None, None, None, None, None

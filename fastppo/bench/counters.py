@@ -282,3 +282,33 @@ def hide_interpreter_copies():
         yield
     finally:
         GridExecutor.__call__ = orig
+
+
+class DotFlops:
+    """FLOPs of the `tl.dot` tile products of Triton kernels run in the interpreter: 2 M N K per product
+    of an [M, K] and a [K, N] tile, as a GPU's tensor cores do them (masked lanes included, so a kernel is
+    charged for whole tiles). Needs TRITON_INTERPRET=1."""
+
+    def __init__(self):
+        self.flops = 0
+
+    @contextlib.contextmanager
+    def count(self):
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        orig = InterpreterBuilder.create_dot
+        counter = self
+
+        def dot(builder, a, b, d, *args):
+            shape_a, shape_b = a.data.shape, b.data.shape
+            batch = 1
+            for n in shape_a[:-2]:
+                batch *= int(n)
+            counter.flops += 2 * batch * int(shape_a[-2]) * int(shape_a[-1]) * int(shape_b[-1])
+            return orig(builder, a, b, d, *args)
+
+        InterpreterBuilder.create_dot = dot
+        try:
+            yield self
+        finally:
+            InterpreterBuilder.create_dot = orig
