@@ -267,21 +267,28 @@ def linear_flops_floor(shape):
 
 
 LINEAR_SWEEP = tuple({"N": 8192, "H": 4096, "V": v} for v in (32768, 65536, 131072, 151552))
-# multiples of the kernel tiles (64 x 128 x 64) and of 16 vocabulary chunks of whole tiles
-LINEAR_MEASURE = (tuple({"N": n, "H": h, "V": v} for n in (64, 128) for h in (64, 128) for v in (2048, 4096))
-                  + ({"N": 192, "H": 64, "V": 6144}, {"N": 128, "H": 192, "V": 2048}))
+# whole kernel tiles (64 rows, 128 columns of H and of V) for every prompt fraction's valid rows, so that
+# the kernels' counts stay linear in the shape; 75 % would need N = 1024 rows, too slow in the interpreter
+LINEAR_PROMPTS = (0.0, 0.5)
+LINEAR_MEASURE = (tuple({"N": n, "H": h, "V": v} for n in (128, 256) for h in (128, 256) for v in (2048, 4096))
+                  + ({"N": 384, "H": 128, "V": 6144}, {"N": 256, "H": 384, "V": 2048}))
+
+
+def _linear_masked(shapes):
+    return tuple({**s, "prompt": p} for p in LINEAR_PROMPTS for s in shapes)
+
 
 OPS["linear_logprobs"] = OpSpec(
     "linear_logprobs", ("N", "H", "V"), _linear_inputs,
     {"fastppo": _linear_fastppo, "eager": _linear_eager, "trl": peers.trl_linear_logprobs},
     floor_bytes=linear_floor, features=_nhv, floor_kind="flops", floor_flops=linear_flops_floor,
-    sweep=_masked(LINEAR_SWEEP), measure=_masked(LINEAR_MEASURE))
+    sweep=_linear_masked(LINEAR_SWEEP), measure=_linear_masked(LINEAR_MEASURE))
 OPS["fused_linear_ppo_loss"] = OpSpec(
     "fused_linear_ppo_loss", ("N", "H", "V"), _linear_ppo_inputs,
     {"fastppo": _linear_ppo_fastppo, "eager": _linear_ppo_eager,
      "liger": lambda inp: peers.liger_linear_ppo_loss(inp, PPO_KW)},
     floor_bytes=linear_floor, features=_nhv, floor_kind="flops", floor_flops=linear_flops_floor,
-    sweep=_masked(LINEAR_SWEEP), measure=_masked(LINEAR_MEASURE))
+    sweep=_linear_masked(LINEAR_SWEEP), measure=_linear_masked(LINEAR_MEASURE))
 
 PEER_OF_SIDE = {"trl": "trl", "liger": "liger"}
 

@@ -273,9 +273,10 @@ def document(rows, cuda: bool) -> str:
 
 
 def plot(rows, path: Path):
-    """One panel per (op, metric): bytes moved, peak memory, H100 projected time against the problem
-    size; one colour and marker per side, solid at 0 % prompt, dashed at 50 %; log axes; legends
-    outside the axes."""
+    """One panel per (op, metric): bytes moved, peak memory, H100 projected time against the swept
+    dimension; one colour and marker per side (hollow, of decreasing size, slightly offset in x, so that
+    equal values stay visible), solid with hollow markers at 0 % prompt, dashed with small filled markers
+    at 50 %; log axes; legends outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,8 +288,9 @@ def plot(rows, path: Path):
         return None
     metrics = [("bytes", "GB moved", 1e9), ("peak_bytes", "peak GiB", 2**30),
                ("H100_projected_ms", "H100 ms (projected)", 1.0)]
-    style = {"fastppo": ("tab:blue", "o"), "trl": ("tab:green", "s"), "liger": ("tab:red", "^"),
-             "eager": ("tab:gray", "x")}
+    # hollow markers of decreasing size and a small horizontal offset per side: equal values stay visible
+    style = {"fastppo": ("tab:blue", "o", 10, 0.97), "trl": ("tab:green", "s", 7, 0.99),
+             "liger": ("tab:red", "^", 7, 1.01), "eager": ("black", "x", 6, 1.03)}
     fig, axes = plt.subplots(len(ops), len(metrics), figsize=(5.2 * len(metrics) + 2.2, 3.0 * len(ops)),
                              squeeze=False)
     for i, op in enumerate(ops):
@@ -300,20 +302,23 @@ def plot(rows, path: Path):
         xdim = max(values, key=lambda d: len(values[d]))
         fixed = {d: v[-1] for d, v in values.items() if d != xdim}
         pts = [r for r in mine if all(f"{d}={v}" in r["shape"].split() for d, v in fixed.items())]
+        prompts = sorted({r["prompt"] for r in pts} & {0.0, 0.5})
         for j, (key, title, unit) in enumerate(metrics):
             ax = axes[i][j]
             for side in SIDES:
-                for prompt, ls in ((0.0, "-"), (0.5, "--")):
+                for prompt in prompts:
                     sel = sorted((r for r in pts if r["prompt"] == prompt and r[f"{side}_status"] == "ok"),
                                  key=lambda r: int(dict(kv.split("=") for kv in r["shape"].split())[xdim]))
                     if not sel:
                         continue
-                    xs = [int(dict(kv.split("=") for kv in r["shape"].split())[xdim]) for r in sel]
+                    color, marker, size, shift = style[side]
+                    xs = [int(dict(kv.split("=") for kv in r["shape"].split())[xdim]) * shift for r in sel]
                     ys = [max(r[f"{side}_{key}"] / unit, 1e-6) for r in sel]
-                    color, marker = style[side]
-                    ax.plot(xs, ys, ls, color=color, marker=marker, markersize=5, alpha=0.85,
-                            label=f"{LABEL[side]}" + (f", {prompt:.0%} prompt" if len(mine) != len(
-                                [r for r in mine if r['prompt'] == 0.0]) else ""))
+                    full = prompt == 0.0    # 0 %: solid line, hollow marker; 50 %: dashed, small filled marker
+                    ax.plot(xs, ys, "-" if full else "--", color=color, marker=marker,
+                            markersize=size if full else 0.55 * size, markerfacecolor="none" if full else color,
+                            markeredgewidth=1.4, linewidth=1.2, alpha=0.9,
+                            label=LABEL[side] + (f", {prompt:.0%} prompt" if len(prompts) > 1 else ""))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.grid(alpha=0.3, which="both")
