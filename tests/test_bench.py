@@ -25,8 +25,8 @@ def test_kernel_traffic_of_logprobs_forward_is_exact():
     traffic = KernelTraffic()
     with traffic.count():
         logprobs_fwd(logits, labels, inv_tau=1.0, ignore_index=-100, with_entropy=False)
-    # logits once, labels (int64), the label logit of the 4 non-ignored rows; logp + lse stored
-    assert traffic.loaded == N * V * 4 + N * 8 + 4 * 4
+    # the 4 non-ignored rows' logits once (the ignored row is never read), labels (int64), their label logit
+    assert traffic.loaded == 4 * V * 4 + N * 8 + 4 * 4
     assert traffic.stored == 2 * N * 4
 
 
