@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 _counts: collections.Counter = collections.Counter()
 _io_bytes = [0]
-_log: list = []
+_log: list = []          # per-launch records, kept only while a count_launches() block is open
+_open = [0]
 
 
 class Launch(NamedTuple):
@@ -27,16 +28,19 @@ def record_launch(name: str, *tensors, grid=None) -> None:
     io = sum(t.numel() * t.element_size() for t in tensors if t is not None)
     _counts[name] += 1
     _io_bytes[0] += io
-    programs = None if grid is None else (grid if isinstance(grid, int) else math.prod(grid))
-    _log.append(Launch(name, io, programs))
+    if _open[0]:
+        programs = None if grid is None else (grid if isinstance(grid, int) else math.prod(int(g) for g in grid))
+        _log.append(Launch(name, io, programs))
 
 
 class Launches(collections.Counter):
     """Launch counts by kernel name, plus `io_bytes`: the tensor bytes those launches read and write,
-    and `log`: one Launch(name, io_bytes, programs) per launch, in launch order."""
+    `log`: one Launch(name, io_bytes, programs) per launch, in launch order, and `programs`: the largest
+    grid (programs per launch) by name, for the launches that record it."""
 
     io_bytes = 0
     log: list = []
+    programs: dict = {}
 
 
 @contextlib.contextmanager
@@ -45,11 +49,18 @@ def count_launches():
     before = collections.Counter(_counts)
     io_before = _io_bytes[0]
     log_before = len(_log)
+    _open[0] += 1
     seen = Launches()
     try:
         yield seen
     finally:
+        _open[0] -= 1
         seen.update(_counts - before)
         seen.io_bytes = _io_bytes[0] - io_before
         seen.log = _log[log_before:]
-        del _log[log_before:]
+        if not _open[0]:
+            _log.clear()
+        seen.programs = {}
+        for launch in seen.log:
+            if launch.programs is not None:
+                seen.programs[launch.name] = max(launch.programs, seen.programs.get(launch.name, 0))

@@ -118,11 +118,11 @@ def test_dry_run_on_fake_tensors_counts_what_the_real_run_counts(side):
 def test_kernel_counts_scale_as_claimed():
     """Kernel counts are exactly linear in the op's monomials: a fit on some shapes predicts others."""
     spec = OPS["token_logprobs"]
-    shapes = [s for s in spec.measure if s["prompt"] == 0.5]
+    shapes = [{"N": n, "V": v, "prompt": 0.5} for n, v in ((16, 256), (32, 256), (16, 512), (32, 384), (48, 256))]
     measured = [(s, count(spec, s, "fastppo")["kernels"]["_logprobs_fwd_kernel"]) for s in shapes]
     model = LinearModel(spec.features, [(s, {"bytes": k["bytes"]}) for s, k in measured])
     assert model.max_rel_residual < 1e-12
-    held_out = {"N": 24, "V": 3000, "prompt": 0.5}
+    held_out = {"N": 24, "V": 300, "prompt": 0.5}
     assert model.predict(held_out)["bytes"] == count(spec, held_out, "fastppo")["kernels"]["_logprobs_fwd_kernel"][
         "bytes"]
 
@@ -184,7 +184,7 @@ def test_report_sides_side_by_side_and_missing_peers_reported(tmp_path, monkeypa
     """A tiny token_logprobs sweep through the whole report: every side's counts and projections
     exist, a peer that cannot be imported is reported as missing (not dropped), the files are written."""
     small = dataclasses.replace(OPS["token_logprobs"], measure=tuple(
-        {"N": n, "V": v, "prompt": 0.0} for n, v in ((16, 1024), (32, 1024), (16, 2048), (32, 1536), (48, 1024))),
+        {"N": n, "V": v, "prompt": 0.0} for n, v in ((16, 256), (32, 256), (16, 512), (32, 384), (48, 256))),
         sweep=({"N": 4096, "V": 32000, "prompt": 0.0},))
     monkeypatch.setitem(bench_ops.OPS, "token_logprobs", small)
     monkeypatch.setitem(report.OPS, "token_logprobs", small)
@@ -202,3 +202,26 @@ def test_report_sides_side_by_side_and_missing_peers_reported(tmp_path, monkeypa
     assert "TRL: missing: trl not importable (test)" in doc
     assert (tmp_path / "bench.csv").read_text().count("\n") == len(rows) + 1
     assert png.stat().st_size > 10_000
+
+
+def test_launch_counter_records_grids_per_launch_only_while_counting():
+    from fastppo.kernels.launches import _log, count_launches, record_launch
+
+    record_launch("outside", torch.ones(2), grid=(7,))
+    with count_launches() as outer:
+        record_launch("k", torch.ones(3), grid=(2, 3))
+        with count_launches() as inner:
+            record_launch("k", None, grid=8)
+        record_launch("j", torch.ones(1))
+    assert outer == {"k": 2, "j": 1} and outer.io_bytes == 16
+    assert [(x.name, x.programs) for x in outer.log] == [("k", 6), ("k", 8), ("j", None)]
+    assert outer.programs == {"k": 8} and inner.programs == {"k": 8}
+    assert _log == []
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "fused_ppo_loss"])
+def test_fastppo_on_a_half_masked_batch_is_at_the_masked_floor(op):
+    """A masked row costs only its zero gradient (#14.1), counted by the same counter as the peers."""
+    shape = {"N": 32, "V": 2048, "prompt": 0.5}
+    c = count(OPS[op], shape, "fastppo")
+    assert 1.0 <= c["bytes"] / logits_floor(shape, torch.bfloat16) <= 1.02

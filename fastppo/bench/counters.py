@@ -100,12 +100,19 @@ class TritonLaunches:
         self.log: list[dict] = []
         self._cur = None
 
+    _REDUCE_AT = 1 << 22      # addresses kept before deduplicating (bounds memory on tile-reusing kernels)
+
     @staticmethod
-    def _unique_bytes(accesses):
-        by_size = collections.defaultdict(list)
-        for addrs, size in accesses:
-            by_size[size].append(addrs)
-        return sum(len(np.unique(np.concatenate(a))) * size for size, a in by_size.items())
+    def _add(seen: dict, addrs, size):
+        """seen: {element size: [arrays of addresses, the first one deduplicated]}."""
+        arrays = seen.setdefault(size, [])
+        arrays.append(addrs)
+        if sum(a.size for a in arrays) > TritonLaunches._REDUCE_AT:
+            seen[size] = [np.unique(np.concatenate(arrays))]
+
+    @staticmethod
+    def _unique_bytes(seen: dict):
+        return sum(len(np.unique(np.concatenate(a))) * size for size, a in seen.items())
 
     @contextlib.contextmanager
     def count(self):
@@ -120,7 +127,7 @@ class TritonLaunches:
                 return
             size = ptrs.get_element_ty().primitive_bitwidth // 8
             addrs = np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)]
-            rec._cur[kind].append((addrs.ravel(), size))
+            rec._add(rec._cur[kind], addrs.ravel(), size)
             rec._cur["requested_bytes"] += addrs.size * size
 
         def load(builder, ptrs, mask, other, *args):
@@ -145,7 +152,7 @@ class TritonLaunches:
                 grid = grid(inspect.getcallargs(executor.fn, *args, **kept))
             grid = (grid,) if isinstance(grid, int) else tuple(grid)
             rec._cur = {"kernel": executor.fn.__name__, "programs": math.prod(int(g) for g in grid),
-                        "loads": [], "stores": [], "requested_bytes": 0, "flops": 0}
+                        "loads": {}, "stores": {}, "requested_bytes": 0, "flops": 0}
             try:
                 if not rec.dry_run:
                     return orig[3](executor, *args, **kwargs)
