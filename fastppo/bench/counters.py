@@ -100,19 +100,31 @@ class TritonLaunches:
         self.log: list[dict] = []
         self._cur = None
 
-    _REDUCE_AT = 1 << 22      # addresses kept before deduplicating (bounds memory on tile-reusing kernels)
+    class _Touched:
+        """Which bytes of a launch's tensor arguments were accessed: one flat bitmap over their storages
+        (O(accesses) to update, whatever the reuse), holding each element's size at its first byte."""
 
-    @staticmethod
-    def _add(seen: dict, addrs, size):
-        """seen: {element size: [arrays of addresses, the first one deduplicated]}."""
-        arrays = seen.setdefault(size, [])
-        arrays.append(addrs)
-        if sum(a.size for a in arrays) > TritonLaunches._REDUCE_AT:
-            seen[size] = [np.unique(np.concatenate(arrays))]
+        def __init__(self, tensors):
+            storages = {}
+            for t in tensors:
+                st = t.untyped_storage()
+                storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+            self.starts = np.array(sorted(storages), dtype=np.uint64)
+            sizes = np.array([storages[int(p)] for p in self.starts], dtype=np.int64)
+            self.base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+            self.ends = self.starts + sizes.astype(np.uint64)
+            self.bitmap = np.zeros(int(sizes.sum()), dtype=np.uint8)
 
-    @staticmethod
-    def _unique_bytes(seen: dict):
-        return sum(len(np.unique(np.concatenate(a))) * size for size, a in seen.items())
+        def add(self, addrs, size):
+            addrs = addrs.astype(np.uint64)
+            region = np.searchsorted(self.starts, addrs, side="right") - 1
+            if addrs.size and (region.min() < 0 or np.any(addrs >= self.ends[region])):
+                raise RuntimeError("a Triton kernel accessed memory outside its tensor arguments")
+            self.bitmap[self.base[region] + (addrs - self.starts[region]).astype(np.int64)] = size
+
+        @property
+        def bytes(self):
+            return int(self.bitmap.sum(dtype=np.int64))
 
     @contextlib.contextmanager
     def count(self):
@@ -127,7 +139,7 @@ class TritonLaunches:
                 return
             size = ptrs.get_element_ty().primitive_bitwidth // 8
             addrs = np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)]
-            rec._add(rec._cur[kind], addrs.ravel(), size)
+            rec._cur[kind].add(addrs.ravel(), size)
             rec._cur["requested_bytes"] += addrs.size * size
 
         def load(builder, ptrs, mask, other, *args):
@@ -151,16 +163,19 @@ class TritonLaunches:
             if callable(grid):
                 grid = grid(inspect.getcallargs(executor.fn, *args, **kept))
             grid = (grid,) if isinstance(grid, int) else tuple(grid)
+            tensors = [a for a in (*args, *kept.values()) if isinstance(a, torch.Tensor)]
             rec._cur = {"kernel": executor.fn.__name__, "programs": math.prod(int(g) for g in grid),
-                        "loads": {}, "stores": {}, "requested_bytes": 0, "flops": 0}
+                        "loads": None, "stores": None, "requested_bytes": 0, "flops": 0}
+            if not rec.dry_run:
+                rec._cur["loads"], rec._cur["stores"] = self._Touched(tensors), self._Touched(tensors)
             try:
                 if not rec.dry_run:
                     return orig[3](executor, *args, **kwargs)
             finally:
                 cur, rec._cur = rec._cur, None
                 self.log.append({"kernel": cur["kernel"], "programs": cur["programs"],
-                                 "loaded_bytes": self._unique_bytes(cur["loads"]),
-                                 "stored_bytes": self._unique_bytes(cur["stores"]),
+                                 "loaded_bytes": cur["loads"].bytes if cur["loads"] else 0,
+                                 "stored_bytes": cur["stores"].bytes if cur["stores"] else 0,
                                  "requested_bytes": cur["requested_bytes"], "flops": cur["flops"]})
 
         InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
