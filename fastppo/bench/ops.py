@@ -157,6 +157,27 @@ def _gae_eager(inp):
     return ()
 
 
+def _policy_inputs(shape, dtype, device):
+    """Per-token log-probs [B, T] (fp32, as the log-prob ops return them), old log-probs, advantages, a
+    mask with 10 % holes: the loss-aggregation kernel alone, at long-context batch sizes."""
+    B, T = shape["B"], shape["T"]
+    g = torch.Generator().manual_seed(5)
+    old = (torch.randn(B, T, generator=g) * 0.1 - 7).to(device)
+    return {"logp": (old + 0.01 * torch.randn(B, T, generator=g)).to(device).requires_grad_(), "old": old,
+            "adv": torch.randn(B, T, generator=g).to(device), "mask": (torch.rand(B, T, generator=g) > 0.1).to(device)}
+
+
+def _policy_fastppo(inp):
+    import fastppo
+
+    return (fastppo.ppo_policy_loss(inp["logp"], inp["old"], inp["adv"], inp["mask"], clip_low=0.2,
+                                    clip_high=0.28)[0],)
+
+
+def _policy_eager(inp):
+    return (ref.ppo_policy_loss(inp["logp"], inp["old"], inp["adv"], inp["mask"], clip_low=0.2, clip_high=0.28)[0],)
+
+
 def _nv(shape):
     return [shape["N"] * shape["V"], shape["N"], shape["V"], 1]
 
@@ -198,6 +219,14 @@ OPS = {
         floor_bytes=lambda s, dt: s["B"] * s["T"] * (4 + 4 + 1 + 4 + 4),
         features=lambda s: [s["B"] * s["T"], s["T"], s["B"], 1], has_backward=False, derive="fit",
         sweep=tuple({"B": b, "T": t} for b in (64, 512) for t in (1024, 8192, 32768)),
+        measure=({"B": 2, "T": 64}, {"B": 3, "T": 64}, {"B": 2, "T": 96}, {"B": 3, "T": 128},
+                 {"B": 4, "T": 96})),
+    # the aggregation kernel by itself: read logp, old, adv, mask, write the per-token gradient coefficient
+    "ppo_policy_loss": OpSpec(
+        "ppo_policy_loss", ("B", "T"), _policy_inputs, {"fastppo": _policy_fastppo, "eager": _policy_eager},
+        floor_bytes=lambda s, dt: s["B"] * s["T"] * (4 + 4 + 4 + 1 + 4),
+        features=lambda s: [s["B"] * s["T"], s["T"], s["B"], 1],
+        sweep=tuple({"B": b, "T": t} for b in (64, 256) for t in (1024, 4096)),
         measure=({"B": 2, "T": 64}, {"B": 3, "T": 64}, {"B": 2, "T": 96}, {"B": 3, "T": 128},
                  {"B": 4, "T": 96})),
 }
