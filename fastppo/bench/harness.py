@@ -139,7 +139,8 @@ class LinearModel:
         Y = np.array([[c[key] for key in self.keys] for _, c in measured], dtype=np.float64)
         self.coef, *_ = np.linalg.lstsq(X[:k], Y[:k], rcond=None)
         pred = X @ self.coef
-        self.max_rel_residual = float(np.max(np.abs(pred - Y) / np.maximum(np.abs(Y), 1.0)))
+        self.residuals = pred - Y                       # [shape, key]
+        self.max_rel_residual = float(np.max(np.abs(self.residuals) / np.maximum(np.abs(Y), 1.0)))
 
     def predict(self, shape: dict) -> dict:
         y = np.array(self.features(shape), dtype=np.float64) @ self.coef
