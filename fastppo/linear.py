@@ -15,22 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _torch_ops
-from . import reference as ref_impl
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
-from .fused import PPOOptions, check_ppo_args, ppo_terms_from_logprobs, stat_names
-from .losses import AggOptions, stats_dict
+from .dispatch import ops
+from .fused import check_fused_tensors, fused_stat_names, loss_options
+from .losses import loss_terms_from_logprobs, stats_dict
+from .options import LossOptions
 from .outputs import PPOLossOutput
 
 
 def _ops(backend):
-    if backend == "triton":
-        from .kernels import linear
-
-        return linear
-    return _torch_ops
+    return ops("linear", backend)
 
 
 @dataclass(frozen=True)
@@ -136,63 +134,60 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 class FusedLinearPPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old, adv, mask, ref, opts: PPOOptions, lin: LinearOptions):
+    def forward(ctx, hidden, weight, bias, labels, old, adv, mask, ref, isw, opts: LossOptions, lin: LinearOptions):
         ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
         h2, y = _flatten(hidden, labels)
         logp, lse, ent = linear_forward(h2, weight, bias, y, lin)
         shape = labels.shape
         logp = logp.view(shape)
         ent = None if ent is None else ent.view(shape)
-        loss, stats, coef_x, coef_ent, kl = ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts)
+        res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lin.backend, ref=ref,
+                                       rollout_is_weights=isw)
         use_ent = ent is not None and opts.entropy_coef != 0
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if use_ent else lse, coef_x,
-                              coef_ent if use_ent else coef_x)
-        ctx.opts, ctx.lin, ctx.use_ent = opts, lin, use_ent
-        ctx.mark_non_differentiable(*[t for t in (logp, kl, ent, stats) if t is not None])
-        return loss, logp, kl, ent, stats
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if use_ent else lse, res.coef,
+                              res.coef_ent if use_ent else res.coef)
+        ctx.lin, ctx.use_ent = lin, use_ent
+        ctx.mark_non_differentiable(*[t for t in (logp, res.kl, ent, res.stats) if t is not None])
+        return res.loss, logp, res.kl, ent, res.stats
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_loss, *_):
         if g_loss is None:
-            return (None,) * 10
+            return (None,) * 11
         hidden, weight, bias, labels, lse, ent, coef_x, coef_ent = ctx.saved_tensors
         h2, y = _flatten(hidden, labels)
         g = g_loss.to(coef_x.dtype)
         dh, dw, db = linear_backward(h2, weight, bias, y, lse, ent if ctx.use_ent else None, coef_x * g,
                                      coef_ent * g if ctx.use_ent else None, ctx.lin, ctx.needs_input_grad[:3])
-        return (None if dh is None else dh.view(hidden.shape)), dw, db, None, None, None, None, None, None, None
+        return (None if dh is None else dh.view(hidden.shape)), dw, db, *(None,) * 8
 
 
 def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None, ref_logprobs=None,
                           kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                           temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                          num_tokens=None, num_seqs=None, horizon=None) -> PPOLossOutput:
+                          num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo", ratio_max=None,
+                          sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None,
+                          entropy_quantile=None) -> PPOLossOutput:
     """fused_ppo_loss(hidden @ weight.T + bias, ...) without materialising the logits.
 
     hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments and the result are those of
     fused_ppo_loss. Gradients flow to hidden, weight and bias."""
+    opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                        ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+                        entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
+                        entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
     _check_linear(hidden, weight, labels, bias, ignore_index)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
-    check_ppo_args(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
-                   clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
+    check_fused_tensors(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
     tau = check_temperature(temperature)
-    clip_high = clip_low if clip_high is None else clip_high
-    want_ent = bool(return_entropy or entropy_coef != 0)
+    want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(hidden, weight, labels, old_logprobs, advantages, mask)
-    if backend == "torch":
-        out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=tau, ignore_index=ignore_index,
-                              return_entropy=want_ent)
-        logp, ent = out if want_ent else (out, None)
-        return ref_impl.compose_ppo_loss(
-            logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-            kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-            dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    opts = PPOOptions(1.0 / tau, int(ignore_index), want_ent, kl_kind, float(kl_coef), float(entropy_coef), False,
-                      AggOptions(0, agg, clip_low, clip_high, dual_clip, None, num_tokens, num_seqs, horizon))
     lin = LinearOptions(1.0 / tau, int(ignore_index), want_ent, backend)
-    ref = None if ref_logprobs is None else ref_logprobs.detach()
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
     loss, logp, kl, ent, stats = FusedLinearPPOLoss.apply(hidden, weight, bias, labels, old_logprobs.detach(),
-                                                          advantages.detach(), mask, ref, opts, lin)
+                                                          advantages.detach(), mask, detach(ref_logprobs),
+                                                          detach(rollout_is_weights), opts, lin)
     return PPOLossOutput(loss=loss, logprobs=logp, kl=kl, entropy=ent,
-                         stats=stats_dict(stats, stat_names(ref is not None, ent is not None)))
+                         stats=stats_dict(stats, fused_stat_names(opts, kl is not None, ent is not None)))

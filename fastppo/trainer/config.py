@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..reference import AGG_MODES, KL_KINDS
+from ..modes import AGG_MODES, KL_KINDS
+from ..options import LossOptions
 
 
 @dataclass
@@ -76,18 +77,17 @@ class TrainConfig:
         for name in ("lr", "critic_lr", "temperature", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 bad(name, "must be > 0")
-        if not 0 <= self.clip_low < 1:
-            bad("clip_low", "must be in [0, 1)")
-        if self.dual_clip is not None and not self.dual_clip > 1:
-            bad("dual_clip", "must be > 1")
         if self.kl_coef < 0 or self.entropy_coef < 0:
             bad("kl_coef" if self.kl_coef < 0 else "entropy_coef", "must be >= 0")
-        if self.agg not in AGG_MODES:
-            bad("agg", f"must be one of {AGG_MODES}")
         if self.kl_kind is None:
             self.kl_kind = "k1" if self.mode == "ppo" else "low_var_kl"
-        if self.kl_kind not in KL_KINDS:
-            bad("kl_kind", f"must be one of {KL_KINDS}")
+        try:   # the loss options are validated where the losses validate them (fastppo.options)
+            LossOptions.policy(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
+                               agg=self.agg, kl_kind=self.kl_kind, kl_coef=self.kl_coef,
+                               entropy_coef=self.entropy_coef)
+            LossOptions.value(clip=self.vf_clip, agg=self.agg)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--{e}") from None
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(name, "must be in [0, 1]")
