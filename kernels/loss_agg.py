@@ -43,7 +43,6 @@ from ._terms import (
     is_nan,
     kl_terms,
     max_nan,
-    min_nan,
     ppo_terms,
     sapo_terms,
     value_terms,
@@ -213,7 +212,7 @@ def _policy_terms_kernel(
     elif POLICY == 1 or POLICY == 2:
         # gspo (sequence ratio, gradient through its mean) / gspo_token (verl's stop-gradient token form)
         lr = tl.load(seq + 2)
-        s = tl.exp(min_nan(lr, RATIO_LOG_MAX))
+        s = tl.exp(tl.where(lr > RATIO_LOG_MAX, RATIO_LOG_MAX, lr))   # min(lr, 10), NaN kept
         ds = tl.where(lr <= RATIO_LOG_MAX, s, 0.0)
         ratio = tl.full((BLOCK_T,), 1.0, ACC) * s
         loss, dloss, dl_ds, clipped = clipped_ratio_terms(ratio, ds, a, clip_low, clip_high)
