@@ -13,6 +13,16 @@ TINY = dict(iterations=2, batch_size=8, minibatches=2, ppo_epochs=1, sft_steps=3
             progress=False, backend="torch")
 
 
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """from_config forces the run's backend process-wide (fastppo.set_backend): undo it after each test."""
+    from fastppo.backend import forced_backend, set_backend
+
+    before = forced_backend()
+    yield
+    set_backend(before)
+
+
 def _cfg(tmp_path, **kw):
     return TrainConfig(out=str(tmp_path / "run"), **{**TINY, **kw}).validate()
 

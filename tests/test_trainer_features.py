@@ -19,6 +19,16 @@ TINY = dict(iterations=2, batch_size=8, minibatches=2, ppo_epochs=1, sft_steps=3
 QUIET = dict(log=lambda *_: None)
 
 
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """from_config forces the run's backend process-wide (fastppo.set_backend): undo it after each test."""
+    from fastppo.backend import forced_backend, set_backend
+
+    before = forced_backend()
+    yield
+    set_backend(before)
+
+
 def _metrics(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
