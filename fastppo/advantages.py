@@ -9,7 +9,7 @@ import math
 import torch
 
 from ._checks import check_choice, check_float, check_same_shape
-from .backend import backend_for
+from .dispatch import ops_for
 
 
 def _check_bt(name, x):
@@ -42,22 +42,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     check_same_shape("mask", mask, "rewards", rewards.shape)
     _check_discount("gamma", gamma)
     _check_discount("lam", lam)
-    if backend_for(rewards, values, mask) == "triton":
-        from .kernels.gae import gae_fwd
-
-        return gae_fwd(rewards, values, mask, gamma, lam)
-    r, v, m = rewards.float(), values.float(), mask.bool()
-    B, T = r.shape
-    adv = torch.zeros(B, T, dtype=torch.float32, device=r.device)
-    g = torch.zeros(B, dtype=torch.float32, device=r.device)
-    v_next = torch.zeros_like(g)
-    for t in reversed(range(T)):
-        mt = m[:, t]
-        g_t = r[:, t] + gamma * v_next - v[:, t] + gamma * lam * g
-        g = torch.where(mt, g_t, g)
-        v_next = torch.where(mt, v[:, t], v_next)
-        adv[:, t] = torch.where(mt, g_t, torch.zeros_like(g_t))
-    return adv, torch.where(m, adv + v, torch.zeros_like(adv))
+    gae_ops, _ = ops_for("gae", rewards, values, mask)
+    return gae_ops.gae_fwd(rewards, values, mask, gamma, lam)
 
 
 @torch.no_grad()

@@ -5,19 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from . import _torch_ops
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
+from .dispatch import ops
 
 
 def ops_for(backend: str):
     """The launcher module of a backend: Triton kernels or their chunked PyTorch twins."""
-    if backend == "triton":
-        from .kernels import logprobs as triton_ops
-
-        return triton_ops
-    return _torch_ops
+    return ops("logprobs", backend)
 
 
 @dataclass(frozen=True)
@@ -45,17 +42,18 @@ class TokenLogprobs(torch.autograd.Function):
         return logp.view(shape), ent.view(shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_logp, g_ent):
         logits, labels, lse, ent = ctx.saved_tensors
         opts = ctx.opts
         if g_logp is None and g_ent is None:
             return None, None, None
         if g_logp is None:
-            g_logp = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+            g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=logits.device)
         has_ent = opts.with_entropy and g_ent is not None
         dlogits = ops_for(opts.backend).logprobs_bwd(
-            logits, labels, lse, ent if has_ent else None, g_logp.float().reshape(-1),
-            g_ent.float().reshape(-1) if has_ent else None,
+            logits, labels, lse, ent if has_ent else None, g_logp.to(lse.dtype).reshape(-1),
+            g_ent.to(lse.dtype).reshape(-1) if has_ent else None,
             inv_tau=opts.inv_tau, ignore_index=opts.ignore_index)
         return dlogits, None, None
 
