@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ._checks import check_choice, check_float, check_same_shape
+from ._checks import check_choice, check_float, check_mask, check_same_shape
 from .dispatch import ops_for
 
 
@@ -19,8 +19,23 @@ def _check_bt(name, x):
 
 
 def _check_discount(name, x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
     if not 0.0 <= float(x) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {x}")
+
+
+def _check_mask(mask, like_name, like):
+    """mask: same shape as `like`, bool or 0/1 values of any dtype (checked where free: see check_mask)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    check_same_shape("mask", mask, like_name, like.shape)
+    check_mask(mask)
+
+
+def _out_dtype(*xs):
+    """float32 results, float64 when an input is float64 (fp64 stays fp64 end to end)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 @torch.no_grad()
@@ -33,13 +48,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         for t = T-1..0 over mask-1 tokens: delta = r_t + gamma V_next - V_t,
         A_t = delta + gamma lam A_next;  R_t = A_t + V_t;  0 where mask is 0.
 
-    Returns (advantages, returns), float32 [B, T]. On CUDA / the interpreter it is one Triton launch
+    Returns (advantages, returns), float32 [B, T] (float64 for float64 inputs); rewards/values at masked
+    positions (NaN, inf) never reach the result. Any strides. On CUDA / the interpreter it is one Triton launch
     for any T (a reverse associative scan over time chunks); gamma = lam = 1 is a masked reverse
     cumulative sum of (r_t + V_next - V_t)."""
     _check_bt("rewards", rewards)
     _check_bt("values", values)
     check_same_shape("values", values, "rewards", rewards.shape)
-    check_same_shape("mask", mask, "rewards", rewards.shape)
+    _check_mask(mask, "rewards", rewards)
     _check_discount("gamma", gamma)
     _check_discount("lam", lam)
     gae_ops, _ = ops_for("gae", rewards, values, mask)
@@ -49,21 +65,29 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 @torch.no_grad()
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the mask-1 entries, var unbiased (n - 1); with
-    shift_mean=False the mean is added back. 0 where mask is 0. Needs at least 2 mask-1 entries
-    (one host sync to check it)."""
+    shift_mean=False the mean is added back. 0 where mask is 0 (NaN/inf there are ignored). Needs at
+    least 2 mask-1 entries (one host sync to check it). Returns float32 (float64 for float64 x).
+
+    Scale-safe: computed in float64 on x / a, a = max |x| over the mask (two passes: mean, then the
+    centred squares), so values near 1e20 (whose squares overflow fp32) or 1e300 whiten correctly:
+    out = d / sqrt(q + 1e-8 / a^2), d = x / a - mean(x / a), q = sum(d^2) / (n - 1)."""
     check_float("x", x)
-    check_same_shape("mask", mask, "x", x.shape)
-    m = mask.float()
-    n = m.sum()
-    if int(n.item()) < 2:
-        raise ValueError(f"masked_whiten needs at least 2 mask-1 entries, got {int(n.item())}")
-    xf = torch.where(m > 0, x.float(), torch.zeros_like(m))
-    mean = xf.sum() / n
-    var = (torch.where(m > 0, xf - mean, torch.zeros_like(m)).square()).sum() / (n - 1)
-    out = (xf - mean) * torch.rsqrt(var + 1e-8)
+    _check_mask(mask, "x", x)
+    m = mask != 0
+    n = int(m.sum().item())
+    if n < 2:
+        raise ValueError(f"masked_whiten needs at least 2 mask-1 entries, got {n}")
+    xd = torch.where(m, x.double(), 0.0)
+    a = xd.abs().amax()
+    a = torch.where((a > 0) & torch.isfinite(a), a, torch.ones_like(a))   # inf / NaN stay NaN below
+    xs = xd / a
+    mean_s = xs.sum() / n
+    d = torch.where(m, xs - mean_s, 0.0)
+    q = d.square().sum() / (n - 1)
+    out = d / torch.sqrt(q + 1e-8 / a.square())
     if not shift_mean:
-        out = out + mean
-    return out * m
+        out = out + mean_s * a
+    return torch.where(m, out, 0.0).to(_out_dtype(x))
 
 
 @torch.no_grad()
@@ -72,18 +96,22 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo
     """Advantages within groups of `group_size` consecutive sequences (the G samples of one prompt).
     grpo: (R - mean_g) / (std_g + eps) with unbiased std (norm_by_std=False: R - mean_g, Dr. GRPO);
     rloo: R - mean of the other G - 1 scores. A group of one gets 0. scores: [B], B % G == 0.
-    Returns float32 [B]."""
+    Computed in float64 (scores near 1e20 keep their spread); returns float32 [B] (float64 for float64
+    scores). `group_size` must be an int (a bool is refused: True is not a group size)."""
     check_float("scores", scores)
     if scores.dim() != 1:
         raise ValueError(f"scores must be [B], got shape {tuple(scores.shape)}")
-    if not isinstance(group_size, int) or group_size < 1:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
+    if group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if scores.numel() % group_size:
         raise ValueError(f"scores has {scores.numel()} entries, not a multiple of group_size={group_size}")
     check_choice("kind", kind, ("grpo", "rloo"))
+    out_dtype = _out_dtype(scores)
     if group_size == 1:
-        return torch.zeros_like(scores, dtype=torch.float32)
-    s = scores.float().view(-1, group_size)
+        return torch.zeros_like(scores, dtype=out_dtype)
+    s = scores.double().view(-1, group_size)
     mean = s.mean(-1, keepdim=True)
     if kind == "rloo":
         out = s - (s.sum(-1, keepdim=True) - s) / (group_size - 1)
@@ -91,7 +119,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo
         out = s - mean
         if norm_by_std:
             out = out / (s.std(-1, keepdim=True) + eps)
-    return out.reshape(-1)
+    return out.reshape(-1).to(out_dtype)
 
 
 @torch.no_grad()
@@ -101,17 +129,18 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     mask-1 token gets no score)."""
     check_float("scores", scores)
     _check_bt("kl", kl)
-    check_same_shape("mask", mask, "kl", kl.shape)
+    _check_mask(mask, "kl", kl)
     if tuple(scores.shape) != (kl.shape[0],):
         raise ValueError(f"scores must be [{kl.shape[0]}], got shape {tuple(scores.shape)}")
-    m = mask.bool()
-    out = torch.where(m, -float(kl_coef) * kl.float(), torch.zeros_like(kl, dtype=torch.float32))
+    m = mask != 0
+    dt = _out_dtype(scores, kl)
+    out = torch.where(m, -float(kl_coef) * kl.to(dt), torch.zeros_like(kl, dtype=dt))
     T = m.shape[1]
     positions = torch.arange(T, device=m.device).expand_as(m)
     last = torch.where(m, positions, torch.full_like(positions, -1)).amax(-1)
     has = last >= 0
     rows = torch.arange(m.shape[0], device=m.device)[has]
-    out[rows, last[has]] += scores.float()[has]
+    out[rows, last[has]] += scores.to(dt)[has]
     return out
 
 

@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 from ._checks import check_float, check_inplace, check_labels, check_temperature
 from .backend import backend_for
 from .dispatch import ops
+from .logprobs import check_logit_transform
 from .losses import check_optional, check_policy_tensors, loss_terms_from_logprobs, policy_stat_names, stats_dict
 from .options import LossOptions
 from .outputs import PPOLossOutput
@@ -30,6 +31,12 @@ class LogitsOptions:
     want_entropy: bool
     inplace: bool
     backend: str
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def transform(self):
+        """Keywords of the logprobs launchers for z' = softcap(scale * z) / tau."""
+        return dict(inv_tau=self.inv_tau, logit_scale=self.logit_scale, softcap=self.softcap)
 
 
 def fused_stat_names(opts: LossOptions, has_ref: bool, has_ent: bool):
@@ -64,20 +71,31 @@ def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs
     check_optional("rollout_is_weights", rollout_is_weights, "labels", lead_shape)
 
 
+def check_ppo_args(lead_shape, old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
+                   clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon):
+    """The checks of a ppo-variant fused loss call (kept for fastppo.distributed): LossOptions + tensors."""
+    opts = LossOptions.policy(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, kl_kind=kl_kind,
+                              kl_coef=kl_coef, entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs,
+                              horizon=horizon)
+    check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, None, opts)
+    return opts
+
+
 class FusedPPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, old, adv, mask, ref, isw, lopts: LogitsOptions, opts: LossOptions):
         ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
         lp = ops("logprobs", lopts.backend)
-        logp, lse, ent = lp.logprobs_fwd(logits, labels, inv_tau=lopts.inv_tau, ignore_index=lopts.ignore_index,
-                                         with_entropy=lopts.want_entropy)
+        # mask-0 rows are dead: never read (forward or backward), logp = H = 0 there, zero gradient rows
+        logp, lse, ent = lp.logprobs_fwd(logits, labels, ignore_index=lopts.ignore_index,
+                                         with_entropy=lopts.want_entropy, valid=mask, **lopts.transform())
         shape = labels.shape
         logp = logp.view(shape)
         ent = None if ent is None else ent.view(shape)
         res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lopts.backend, ref=ref,
                                        rollout_is_weights=isw)
         use_ent_grad = ent is not None and opts.entropy_coef != 0
-        ctx.save_for_backward(logits, labels, lse, ent if use_ent_grad else lse, res.coef,
+        ctx.save_for_backward(logits, labels, mask, lse, ent if use_ent_grad else lse, res.coef,
                               res.coef_ent if use_ent_grad else res.coef)
         ctx.lopts, ctx.use_ent_grad = lopts, use_ent_grad
         outs = [t for t in (logp, res.kl, ent, res.stats) if t is not None]
@@ -89,21 +107,21 @@ class FusedPPOLoss(torch.autograd.Function):
     def backward(ctx, g_loss, *_):
         if g_loss is None:
             return (None,) * 9
-        logits, labels, lse, ent, coef, coef_ent = ctx.saved_tensors
+        logits, labels, mask, lse, ent, coef, coef_ent = ctx.saved_tensors
         lopts = ctx.lopts
         dlogits = ops("logprobs", lopts.backend).logprobs_bwd(
             logits, labels, lse, ent.reshape(-1) if ctx.use_ent_grad else None, coef.view(-1),
-            coef_ent.view(-1) if ctx.use_ent_grad else None, inv_tau=lopts.inv_tau,
-            ignore_index=lopts.ignore_index, scale=g_loss.to(coef.dtype), inplace=lopts.inplace)
+            coef_ent.view(-1) if ctx.use_ent_grad else None, ignore_index=lopts.ignore_index,
+            scale=g_loss.to(coef.dtype), inplace=lopts.inplace, valid=mask, **lopts.transform())
         return dlogits, None, None, None, None, None, None, None, None
 
 
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                    kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                   inplace=False, num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo",
-                   ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None,
-                   entropy_quantile=None) -> PPOLossOutput:
+                   inplace=False, num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None,
+                   logit_scale=1.0, policy_loss="ppo", ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+                   rollout_is_weights=None, entropy_quantile=None) -> PPOLossOutput:
     """The whole policy objective from the logits in one pass:
 
         loss = agg(L_policy) + kl_coef * agg(KL(logp, ref_logprobs)) - entropy_coef * agg(H)
@@ -113,7 +131,10 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
     rollout_is_weights, entropy_quantile), KL kinds as in kl_penalty. Entropy is computed only when
     entropy_coef != 0, return_entropy or entropy_quantile. `inplace=True` writes dlogits into the
     logits' storage during backward (saves one [B, T, V] buffer; the logits are garbage afterwards,
-    and storage that elements share is refused). Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
+    and storage that elements share is refused). Logits are transformed as in token_logprobs:
+    z' = softcap(logit_scale * z) / temperature. Rows where mask is 0 (or the label is ignore_index)
+    are never read, forward or backward: their logprobs / entropy are 0, their gradient rows exact
+    zeros (NaN there cannot leak). Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
@@ -126,9 +147,10 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
     tau = check_temperature(temperature)
     if inplace:
         check_inplace("logits", logits)
+    scale, cap = check_logit_transform(logit_scale, final_logit_softcapping)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(logits, labels, old_logprobs, advantages, mask)
-    lopts = LogitsOptions(1.0 / tau, int(ignore_index), want_ent, bool(inplace), backend)
+    lopts = LogitsOptions(1.0 / tau, int(ignore_index), want_ent, bool(inplace), backend, scale, cap)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     loss, logp, kl, ent, stats = FusedPPOLoss.apply(logits, labels, old_logprobs.detach(), advantages.detach(),
                                                     mask, detach(ref_logprobs), detach(rollout_is_weights),

@@ -1,105 +1,218 @@
-"""linear_logprobs and fused_linear_ppo_loss: log-probs, entropy and the PPO loss from the final
-hidden states and the lm_head weight, never holding the [N, V] logits (Cut Cross-Entropy's idea,
-extended to RL).
+"""linear_logprobs and fused_linear_ppo_loss: log-probs, entropy, TRL's extra per-token outputs and the
+PPO loss from the final hidden states and the lm_head weight, never holding the [N, V] logits (Cut
+Cross-Entropy's idea, extended to RL).
 
-Backward walks the vocabulary in chunks [v0, v1) of at most V/16 columns: the chunk's dz = dL/dz
-[N, v1 - v0] is recomputed from hidden and weight (Triton kernel, or PyTorch on the CPU backend),
-then d(hidden) += dz @ W[v0:v1], d(W)[v0:v1] = dz^T @ hidden, d(bias)[v0:v1] = dz.sum(0).
-Deterministic (no atomics); extra memory is one [N, V/16] chunk buffer plus an fp32 d(hidden)
-accumulator and one [N, H] product: N (V/16 b + 6 H) bytes for b-byte inputs.
-FLOPs: forward 2 N H V; backward 6 N H V (recompute + two products).
+Only valid rows are projected: a row whose label is ignore_index (and, in the loss, whose mask is 0)
+is never read; its log-prob / entropy / extras are 0 and its gradient row is written as zeros once.
+The valid rows are found on device (a stable sort of the validity flags and their count), so FLOPs
+scale with N_valid and there is no host sync. Logits (TRL's order):
+    z' = softcap(logit_scale * (hidden @ weight.T + bias)) / tau,   softcap(x) = c tanh(x / c).
+
+Triton path, per chunk of compacted rows (`chunk_bytes` of fp32 z' and dz; see `chunk_rows`):
+  1. linear_fwd      z' tiles (2 n H V FLOPs) into the chunk buffer, per-split row statistics
+  2. linear_finish   lse, log-prob, entropy (extras) per row
+  3. linear_dh       d(hidden) = dz @ W, accumulated in registers over V, written once   (2 n H V)
+  4. linear_dw       d(weight) (+)= dz^T @ hidden, d(bias) (+)= sum dz, fixed order      (2 n H V)
+dz is formed on the fly from the stored z' in 3 and 4.
+- fused_linear_ppo_loss runs 1-4 in its forward (the per-token coefficients dloss/dlogp, dloss/dH are
+  known once a chunk's rows have their log-probs): 6 N_valid H V FLOPs in all; backward only scales the
+  saved gradients by the upstream scalar.
+- linear_logprobs runs 1-2 over all rows in forward (2 N_valid H V, no buffer) and 1-4 in backward,
+  where the upstream gradient is known (6 N_valid H V): 8 N_valid H V in all.
+Bytes of the gradient pass beyond the GEMM operands: z' written once and read twice (12 N_valid V),
+d(hidden) written once (N H b), and with C > 1 chunks an fp32 d(weight) sum read and written per chunk
+(8 V H (C - 1)). Memory: the chunk buffer, per-split statistics (24 N V / (LIN_SPLIT_TILES*BLOCK_V)
+bytes), and in the loss the gradients held from forward to backward (as Liger's fused linear losses).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _torch_ops
+from . import _linear_torch
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
-from .dispatch import ops
 from .fused import check_fused_tensors, fused_stat_names, loss_options
 from .losses import loss_terms_from_logprobs, stats_dict
 from .options import LossOptions
-from .outputs import PPOLossOutput
+from .outputs import LogprobOutputs, PPOLossOutput
 
-
-def _ops(backend):
-    return ops("linear", backend)
+EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 @dataclass(frozen=True)
 class LinearOptions:
+    """Non-tensor options of the linear ops, validated once where built (`_linear_options`)."""
+
     inv_tau: float
     ignore_index: int
     with_entropy: bool
     backend: str
+    extras: bool = False
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    chunk_bytes: int | None = None      # None: automatic (see chunk_rows)
+
+
+def _kernels():
+    from .kernels import linear
+
+    return linear
+
+
+def _acc(hidden, weight):
+    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+
+
+def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
+    """Rows per chunk of the gradient pass: a multiple of the kernel's row tile (at least one tile, at most
+    n_rows) whose fp32 (fp64) z' and dz (a second [rows, V] buffer in the GEMM dtype when that is 16-bit;
+    dz overwrites z' otherwise) fit in chunk_bytes. chunk_bytes=None: at most LIN_CHUNK_BYTES (2 GiB) and
+    fewer than n_rows / 8 rows, so no buffer reaches N*V/8 elements. Fewer, larger chunks mean fewer
+    re-reads of the weight (2 V H b per chunk) and of the fp32 d(weight) sum (8 V H per chunk after the
+    first) and fuller GEMMs; the buffers are 6 bytes (bf16) per row and vocabulary entry."""
+    from .kernels import _config as cfg
+
+    size = torch.empty((), dtype=acc).element_size()
+    per_row = vocab * (size + (0 if dz_dtype == acc else torch.empty((), dtype=dz_dtype).element_size()))
+    tile = cfg.LIN_BLOCK_N
+    rows = (cfg.LIN_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(per_row, 1) // tile * tile
+    if chunk_bytes is None:
+        rows = min(rows, (-(-n_rows // 8) - 1) // tile * tile)
+    return max(1, min(max(tile, rows), n_rows))
+
+
+# ----------------------------------------------------------------------------- the Triton pipeline
+def triton_forward(h2, weight, bias, y, valid, opts):
+    """Launches 1-2 over all rows (no buffer). Returns (rows, per-row outputs)."""
+    k = _kernels()
+    rows = k.Rows(valid)
+    out = k.new_outputs(h2.shape[0], h2.device, _acc(h2, weight), opts.with_entropy, opts.extras)
+    if h2.shape[0]:
+        k.stats_chunk(h2, weight, bias, y, rows, 0, h2.shape[0], out, opts)
+    return rows, out
+
+
+def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, stats=None):
+    """Launches 1-5 chunk by chunk. `coefs(r0, n)` returns the chunk's per-row coefficients (c_logp,
+    c_ent or None; by compacted position) once its statistics are in `out`. With `stats` = (lse, ent or
+    None) by compacted position (known from an earlier forward, or global ones for a vocabulary shard),
+    those are used and launch 2 is skipped. Returns (dh, dw, db)."""
+    k = _kernels()
+    N, H = h2.shape
+    V = weight.shape[0]
+    acc = _acc(h2, weight)
+    dev = h2.device
+    dh = torch.zeros(N, H, dtype=h2.dtype, device=dev) if needs[0] else None
+    dw = torch.empty(V, H, dtype=weight.dtype, device=dev) if needs[1] else None
+    db = torch.empty(V, dtype=bias.dtype, device=dev) if (bias is not None and needs[2]) else None
+    if N == 0:
+        return dh, (None if dw is None else dw.zero_()), (None if db is None else db.zero_())
+    dot = torch.promote_types(h2.dtype, weight.dtype)
+    dz_dtype = acc if dot in (torch.float32, torch.float64) else dot
+    step = chunk_rows(N, V, acc, opts.chunk_bytes, dz_dtype)
+    starts = list(range(0, N, step))
+    buf = torch.empty(step, V, dtype=acc, device=dev)
+    dz_buf = buf if dz_dtype == acc else torch.empty(step, V, dtype=dz_dtype, device=dev)
+    multi = len(starts) > 1 and (dw is not None or db is not None)
+    dw_acc = torch.empty(V, H, dtype=acc, device=dev) if multi and dw is not None else None
+    db_acc = torch.empty(V, dtype=acc, device=dev) if multi and db is not None else None
+    for i, r0 in enumerate(starts):
+        n = min(step, N - r0)
+        z = buf[:n]
+        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z, finish=stats is None)
+        c_logp, c_ent = coefs(r0, n)
+        last = i == len(starts) - 1
+        lse, ent = stats if stats is not None else (out["lse"], out["ent_c"])
+        k.grads_chunk(z, dz_buf[:n], h2, weight, y, rows, r0, n, lse, ent, c_logp, c_ent, opts,
+                      d_hidden=dh, dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None,
+                      db_out=None if db is None else (db if last else db_acc), db_in=db_acc if i else None)
+    return dh, dw, db
+
+
+def _forward(h2, weight, bias, y, valid, opts):
+    if opts.backend == "triton":
+        return triton_forward(h2, weight, bias, y, valid, opts)
+    return None, _linear_torch.forward(h2, weight, bias, y, valid, opts)
+
+
+def _gradients(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, needs):
+    """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row). `stats`: the rows' lse and
+    entropy (or None), by original row on the torch backend, by compacted position on the Triton path."""
+    if opts.backend == "torch":
+        return _linear_torch.grads(h2, weight, bias, y, valid, stats[0], stats[1], c_logp, c_ent, opts, needs)
+    acc = _acc(h2, weight)
+    cl = c_logp.to(acc).index_select(0, rows.idx)
+    ce = None if c_ent is None else c_ent.to(acc).index_select(0, rows.idx)
+    return triton_gradient_pass(h2, weight, bias, y, rows, None, dataclasses.replace(opts, extras=False), needs,
+                                lambda r0, n: (cl, ce), stats=stats)
 
 
 def linear_forward(hidden2d, weight, bias, labels1d, opts: LinearOptions):
-    return _ops(opts.backend).linear_fwd(hidden2d, weight, bias, labels1d, inv_tau=opts.inv_tau,
-                                         ignore_index=opts.ignore_index, with_entropy=opts.with_entropy)
+    """(logp, lse, entropy or None) per row in the rows' order (0 at ignored rows): the forward launches for
+    callers that combine row statistics themselves (fastppo.distributed)."""
+    valid = labels1d != opts.ignore_index
+    rows, out = _forward(hidden2d, weight, bias, labels1d, valid, opts)
+    lse = out["lse"] if rows is None else torch.empty_like(out["lse"]).index_copy_(0, rows.idx, out["lse"])
+    return out["logp"], lse, out["ent"] if opts.with_entropy else None
 
 
 def linear_backward(hidden2d, weight, bias, labels1d, lse, ent, c_logp, c_ent, opts: LinearOptions,
                     needs=(True, True, True)):
-    """(d_hidden, d_weight, d_bias) for per-row upstream c_logp (and c_ent), vocabulary chunk by chunk."""
-    ops = _ops(opts.backend)
-    N, H = hidden2d.shape
-    V = weight.shape[0]
-    acc = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
-    d_hidden = torch.zeros(N, H, dtype=acc, device=hidden2d.device) if needs[0] else None
-    d_weight = torch.empty_like(weight) if needs[1] else None
-    d_bias = torch.empty_like(bias) if (bias is not None and needs[2]) else None
-    chunks = list(_torch_ops.linear_chunks(N, V))
-    buf = torch.empty(N, max(v1 - v0 for v0, v1 in chunks), dtype=hidden2d.dtype, device=hidden2d.device)
-    c_logp = c_logp.reshape(-1).contiguous()
-    c_ent = None if c_ent is None else c_ent.reshape(-1).contiguous()
-    for v0, v1 in chunks:
-        dz = buf[:, : v1 - v0]
-        ops.linear_dlogits_chunk(hidden2d, weight, bias, labels1d, lse, ent, c_logp, c_ent, v0, v1, buf,
-                                 inv_tau=opts.inv_tau, ignore_index=opts.ignore_index)
-        if d_hidden is not None:
-            d_hidden += torch.mm(dz, weight[v0:v1])   # fp32 running sum of per-chunk products
-        if d_weight is not None:
-            torch.mm(dz.t(), hidden2d, out=d_weight[v0:v1])
-        if d_bias is not None:
-            d_bias[v0:v1] = dz.sum(0, dtype=acc).to(bias.dtype)
-    return (None if d_hidden is None else d_hidden.to(hidden2d.dtype)), d_weight, d_bias
+    """(d_hidden, d_weight, d_bias) of sum_i c_logp_i logp_i + c_ent_i H_i for the given per-row lse and
+    entropy (in the rows' order; e.g. global ones for a vocabulary shard), valid rows only."""
+    valid = labels1d != opts.ignore_index
+    if opts.backend == "torch":
+        return _gradients(hidden2d, weight, bias, labels1d, valid, None, (lse, ent), c_logp, c_ent, opts, needs)
+    rows = _kernels().Rows(valid)
+    stats = (lse.index_select(0, rows.idx), None if c_ent is None else ent.index_select(0, rows.idx))
+    return _gradients(hidden2d, weight, bias, labels1d, valid, rows, stats, c_logp, c_ent, opts, needs)
 
 
 def _flatten(hidden, labels):
-    H = hidden.shape[-1]
-    return hidden.reshape(-1, H), labels.reshape(-1)
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
 
 
+# ----------------------------------------------------------------------------- linear_logprobs
 class LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, opts: LinearOptions):
         ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
         h2, y = _flatten(hidden, labels)
-        logp, lse, ent = linear_forward(h2, weight, bias, y, opts)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if ent is not None else lse)
-        ctx.opts = opts
+        valid = y != opts.ignore_index
+        rows, out = _forward(h2, weight, bias, y, valid, opts)
         shape = labels.shape
-        return logp.view(shape), (None if ent is None else ent.view(shape))
+        ent = out["ent"].view(shape) if opts.with_entropy else None
+        extras = (out["sq"].view(shape), out["mean"].view(shape), out["top1"].view(shape).bool()) \
+            if opts.extras else (None, None, None)
+        # backward's statistics: by compacted position on the Triton path, by row on the torch backend
+        ent_key = "ent" if rows is None else "ent_c"
+        saved_lse = out["lse"]
+        ctx.save_for_backward(h2, weight, bias, y, valid, saved_lse, out[ent_key] if opts.with_entropy else saved_lse)
+        ctx.rows, ctx.opts, ctx.hidden_shape = rows, opts, hidden.shape
+        ctx.mark_non_differentiable(*[t for t in extras if t is not None])
+        return (out["logp"].view(shape), ent, *extras)
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+    @once_differentiable
+    def backward(ctx, g_logp, g_ent, *_):
+        h2, weight, bias, y, valid, lse, ent = ctx.saved_tensors
         opts = ctx.opts
-        if g_logp is None and g_ent is None:
-            return None, None, None, None, None
-        if g_logp is None:
-            g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=lse.device)
         has_ent = opts.with_entropy and g_ent is not None
-        h2, y = _flatten(hidden, labels)
-        dh, dw, db = linear_backward(h2, weight, bias, y, lse, ent if has_ent else None, g_logp.to(lse.dtype),
-                                     g_ent.to(lse.dtype) if has_ent else None, opts, ctx.needs_input_grad[:3])
-        return (None if dh is None else dh.view(hidden.shape)), dw, db, None, None
+        if g_logp is None and not has_ent:
+            return None, None, None, None, None
+        acc = lse.dtype
+        c_logp = torch.zeros(y.shape, dtype=acc, device=lse.device) if g_logp is None else \
+            g_logp.reshape(-1).to(acc)
+        c_ent = g_ent.reshape(-1).to(acc) if has_ent else None
+        dh, dw, db = _gradients(h2, weight, bias, y, valid, ctx.rows, (lse, ent if has_ent else None), c_logp, c_ent,
+                                opts, ctx.needs_input_grad[:3])
+        return (None if dh is None else dh.view(ctx.hidden_shape)), dw, db, None, None
 
 
 def _check_linear(hidden, weight, labels, bias, ignore_index):
@@ -108,8 +221,8 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden [..., H] and weight [V, H] must agree on H, got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have one dtype")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have at least one vocabulary row, got shape {tuple(weight.shape)}")
     if bias is not None:
         check_float("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
@@ -117,62 +230,194 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
     check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index)
 
 
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
-                    temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False):
-    """token_logprobs(hidden @ weight.T + bias, labels) without materialising the logits.
-
-    hidden [..., H] (any strides), weight [V, H] (e.g. `model.lm_head.weight`, tied or not),
-    bias [V] or None, labels [...]. Same outputs, conventions and gradients (to hidden, weight and
-    bias) as token_logprobs; memory beyond the returned gradients is one [N, V/16] chunk plus
-    O(N H)."""
-    _check_linear(hidden, weight, labels, bias, ignore_index)
+def _linear_options(temperature, ignore_index, with_entropy, extras, final_logit_softcapping, logit_scale,
+                    chunk_bytes, backend):
     tau = check_temperature(temperature)
-    opts = LinearOptions(1.0 / tau, int(ignore_index), bool(return_entropy), backend_for(hidden, weight, labels))
-    logp, ent = LinearLogprobs.apply(hidden, weight, bias, labels, opts)
+    softcap = final_logit_softcapping
+    if softcap is not None:
+        softcap = float(softcap)
+        if not (softcap > 0 and math.isfinite(softcap)):
+            raise ValueError(f"final_logit_softcapping must be None or a positive finite number, got "
+                             f"{final_logit_softcapping!r}")
+    scale = float(logit_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                    or chunk_bytes <= 0):
+        raise ValueError(f"chunk_bytes must be None or a positive int, got {chunk_bytes!r}")
+    return LinearOptions(1.0 / tau, int(ignore_index), bool(with_entropy), backend, bool(extras), scale, softcap,
+                         chunk_bytes)
+
+
+def _check_extras(extra_outputs):
+    if isinstance(extra_outputs, str) or not isinstance(extra_outputs, (tuple, list, set, frozenset)):
+        raise TypeError(f"extra_outputs must be a tuple of names from {EXTRA_OUTPUTS}, got {extra_outputs!r}")
+    bad = [e for e in extra_outputs if e not in EXTRA_OUTPUTS]
+    if bad:
+        raise ValueError(f"extra_outputs must be a subset of {EXTRA_OUTPUTS}, got unknown {bad}")
+    return frozenset(extra_outputs)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
+                    temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                    final_logit_softcapping=None, logit_scale: float = 1.0, extra_outputs=(), chunk_bytes=None):
+    """token_logprobs(z', labels) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
+    softcap(x) = c tanh(x / c) with c = final_logit_softcapping (none when None), without materialising
+    the logits.
+
+    hidden [..., H] (any strides), weight [V, H] (e.g. `model.lm_head.weight`, tied or not), bias [V] or
+    None, labels [...]. hidden and weight may differ in float dtype: the product runs in their promoted
+    dtype (fp32 hidden with a bf16 head: an fp32 product of the exactly upcast weight). Gradients flow to
+    hidden, weight and bias in their own dtypes (fp32 sums; fp64 throughout for fp64). Rows with
+    ignore_index labels are never read and get 0.
+    `extra_outputs`: any of "log_sum_sq_probs" (log sum_v p_v^2), "mean_logits" (mean of z'), "is_top1"
+    (the label is the first argmax of z'), computed in the same pass, without gradient; when given, the
+    result is LogprobOutputs(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1) with None where
+    not requested. Without it: logp, or (logp, entropy) with return_entropy.
+    `chunk_bytes` bounds the backward's [rows, V] buffers (fp32 logits + dz; None: automatic, see
+    `chunk_rows`)."""
+    _check_linear(hidden, weight, labels, bias, ignore_index)
+    extras = _check_extras(extra_outputs)
+    opts = _linear_options(temperature, ignore_index, return_entropy, bool(extras), final_logit_softcapping,
+                           logit_scale, chunk_bytes, backend_for(hidden, weight, labels))
+    logp, ent, sq, mean, top1 = LinearLogprobs.apply(hidden, weight, bias, labels, opts)
+    if extras:
+        pick = {"log_sum_sq_probs": sq, "mean_logits": mean, "is_top1": top1}
+        return LogprobOutputs(logp, ent, *[pick[k] if k in extras else None for k in EXTRA_OUTPUTS])
     return (logp, ent) if return_entropy else logp
+
+
+# ----------------------------------------------------------------------------- fused_linear_ppo_loss
+def _terms(logp, ent, old, adv, mask, ref, isw, opts: LossOptions, backend):
+    """The per-token loss function (fastppo.losses.loss_terms_from_logprobs) as (loss, stats, coef, coef_ent, kl)."""
+    return tuple(loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=backend, ref=ref,
+                                          rollout_is_weights=isw))
+
+
+def _token_local(opts: LossOptions, backend) -> bool:
+    """Whether every token's loss coefficients depend only on that token's values and the aggregation
+    weights (then the gradient is formed chunk by chunk in forward, 6 N H V FLOPs, on the Triton path).
+    A sequence-level or batch-global term (gspo / gspo_token / gmpo sequence ratios, entropy quantiles)
+    answers False and takes the recompute path (8 N H V)."""
+    return backend == "triton" and not opts.sequence_level and opts.entropy_quantile is None
+
+
+def _agg_weights(mask, opts: LossOptions, acc, backend):
+    """Per-token aggregation weights m_t w_b of the loss's `agg` mode, read from the per-token loss function
+    itself: with entropy_coef = 1 and zero entropy its entropy coefficient is exactly -m_t w_b."""
+    zeros = torch.zeros(mask.shape, dtype=acc, device=mask.device)
+    unit = opts.replace(kl_coef=0.0, entropy_coef=1.0)
+    _, _, _, coef_ent, _ = _terms(zeros, zeros, zeros, zeros, mask, None, None, unit, backend)
+    return -coef_ent.reshape(-1)
 
 
 class FusedLinearPPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old, adv, mask, ref, isw, opts: LossOptions, lin: LinearOptions):
+    def forward(ctx, hidden, weight, bias, labels, old, adv, mask, ref, isw, opts: LossOptions, lin: LinearOptions,
+                needs):
         ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
         h2, y = _flatten(hidden, labels)
-        logp, lse, ent = linear_forward(h2, weight, bias, y, lin)
         shape = labels.shape
-        logp = logp.view(shape)
-        ent = None if ent is None else ent.view(shape)
-        res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lin.backend, ref=ref,
-                                       rollout_is_weights=isw)
-        use_ent = ent is not None and opts.entropy_coef != 0
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if use_ent else lse, res.coef,
-                              res.coef_ent if use_ent else res.coef)
-        ctx.lin, ctx.use_ent = lin, use_ent
-        ctx.mark_non_differentiable(*[t for t in (logp, res.kl, ent, res.stats) if t is not None])
-        return res.loss, logp, res.kl, ent, res.stats
+        valid = (y != lin.ignore_index) & (mask.reshape(-1) != 0)
+        use_ent = lin.with_entropy and opts.entropy_coef != 0
+        acc = _acc(h2, weight)
+        grads = (None, None, None)
+        if not any(needs):
+            _, out = _forward(h2, weight, bias, y, valid, lin)
+        elif _token_local(opts, lin.backend):
+            grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin,
+                                                needs, use_ent, acc)
+        else:
+            rows, out = _forward(h2, weight, bias, y, valid, lin)
+        logp = out["logp"].view(shape)
+        ent = out["ent"].view(shape) if lin.with_entropy else None
+        loss, stats, coef_x, coef_ent, kl = _terms(logp, ent, old, adv, mask, ref, isw, opts, lin.backend)
+        if any(needs) and not _token_local(opts, lin.backend):
+            row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
+            grads = _gradients(h2, weight, bias, y, valid, rows, row_stats, coef_x.reshape(-1),
+                               coef_ent.reshape(-1) if use_ent else None, lin, needs)
+        dh, dw, db = grads
+        ctx.save_for_backward(*[t for t in grads if t is not None])
+        ctx.present = [t is not None for t in grads]
+        ctx.hidden_shape = hidden.shape
+        ctx.mark_non_differentiable(*[t for t in (logp, kl, ent, stats) if t is not None])
+        return loss, logp, kl, ent, stats
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss, *_):
         if g_loss is None:
-            return (None,) * 11
-        hidden, weight, bias, labels, lse, ent, coef_x, coef_ent = ctx.saved_tensors
-        h2, y = _flatten(hidden, labels)
-        g = g_loss.to(coef_x.dtype)
-        dh, dw, db = linear_backward(h2, weight, bias, y, lse, ent if ctx.use_ent else None, coef_x * g,
-                                     coef_ent * g if ctx.use_ent else None, ctx.lin, ctx.needs_input_grad[:3])
-        return (None if dh is None else dh.view(hidden.shape)), dw, db, *(None,) * 8
+            return (None,) * 12
+        saved = iter(ctx.saved_tensors)
+        dh, dw, db = (next(saved) if p else None for p in ctx.present)
+        g = g_loss.reshape(())
+
+        def scale(t):
+            if t is None:
+                return None
+            acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+            return (t.to(acc) * g.to(acc)).to(t.dtype)
+
+        dh = scale(dh)
+        return (None if dh is None else dh.view(ctx.hidden_shape)), scale(dw), scale(db), *([None] * 9)
+
+
+def _per_token(t, mask):
+    """A per-token ([B, T]) or per-sequence ([B]) tensor as one value per flattened token."""
+    if t is None:
+        return None
+    if t.dim() == 1 and mask.dim() == 2:
+        t = t[:, None]
+    return t.expand(mask.shape).reshape(-1)
+
+
+def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin, needs, use_ent, acc):
+    """The 6 N H V path: each chunk's coefficients dloss/dlogp = m w dL/dlogp and dloss/dH = -m w c_ent come
+    from the per-token loss function run on the chunk's rows with unit aggregation (token-mean over a
+    count of 1), times the global aggregation weights m w, so chunk contributions add up exactly."""
+    k = _kernels()
+    N = h2.shape[0]
+    rows = k.Rows(valid)
+    out = k.new_outputs(N, h2.device, acc, lin.with_entropy, False)
+    weights = _agg_weights(mask, opts, acc, lin.backend)
+    flat = [_per_token(t, mask) for t in (old, adv, mask, ref, isw)]
+    unit = opts.replace(agg="token-mean", num_tokens=1.0, num_seqs=None, horizon=None)
+    c_logp = torch.zeros(N, dtype=acc, device=h2.device)
+    c_ent = torch.zeros(N, dtype=acc, device=h2.device) if use_ent else None
+
+    def coefs(r0, n):
+        sel = rows.idx[r0:r0 + n]
+        old_c, adv_c, mask_c, ref_c, isw_c = (None if t is None else t.index_select(0, sel)[None] for t in flat)
+        ent_c = out["ent_c"][r0:r0 + n][None] if use_ent else None
+        _, _, cx, ce, _ = _terms(out["logp_c"][r0:r0 + n][None], ent_c, old_c, adv_c, mask_c, ref_c, isw_c, unit,
+                                 lin.backend)
+        w = weights.index_select(0, sel)
+        c_logp[r0:r0 + n] = cx[0] * w
+        if use_ent:
+            c_ent[r0:r0 + n] = ce[0] * w
+        return c_logp, c_ent
+
+    grads = triton_gradient_pass(h2, weight, bias, y, rows, out, lin, needs, coefs)
+    return grads, out
 
 
 def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None, ref_logprobs=None,
                           kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                           temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                          num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo", ratio_max=None,
-                          sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None,
-                          entropy_quantile=None) -> PPOLossOutput:
-    """fused_ppo_loss(hidden @ weight.T + bias, ...) without materialising the logits.
+                          num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None,
+                          logit_scale=1.0, chunk_bytes=None, policy_loss="ppo", ratio_max=None, sapo_tau_pos=1.0,
+                          sapo_tau_neg=1.05, rollout_is_weights=None, entropy_quantile=None) -> PPOLossOutput:
+    """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
+    without materialising the logits.
 
-    hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments and the result are those of
-    fused_ppo_loss. Gradients flow to hidden, weight and bias."""
+    hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments (policy_loss variants included) and the
+    result are those of fused_ppo_loss. Only tokens with mask != 0 and a label != ignore_index are
+    projected; the returned per-token log-probs / entropy are 0 elsewhere. On the Triton path, for the
+    token-local losses (ppo, cispo, sapo, gpg without entropy_quantile), the gradients to hidden, weight
+    and bias are formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the [rows, V] buffers;
+    None: automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only
+    scales them by the upstream gradient; the sequence-level ones (gspo, gspo_token, gmpo,
+    entropy_quantile) recompute the logits once more (8 N_valid H V)."""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
@@ -181,13 +426,15 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
     check_fused_tensors(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
-    tau = check_temperature(temperature)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(hidden, weight, labels, old_logprobs, advantages, mask)
-    lin = LinearOptions(1.0 / tau, int(ignore_index), want_ent, backend)
+    lin = _linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
+                          chunk_bytes, backend)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
     loss, logp, kl, ent, stats = FusedLinearPPOLoss.apply(hidden, weight, bias, labels, old_logprobs.detach(),
                                                           advantages.detach(), mask, detach(ref_logprobs),
-                                                          detach(rollout_is_weights), opts, lin)
+                                                          detach(rollout_is_weights), opts, lin, needs)
     return PPOLossOutput(loss=loss, logprobs=logp, kl=kl, entropy=ent,
                          stats=stats_dict(stats, fused_stat_names(opts, kl is not None, ent is not None)))

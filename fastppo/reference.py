@@ -19,9 +19,17 @@ def _f(x):
 
 
 # ----------------------------------------------------------------------------- log-probs
-def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """logp_t = z'_y - logsumexp(z'), H_t = lse - sum_i p_i z'_i with z' = z / tau (fp32)."""
-    z = _f(logits) / temperature                     # read N*V*b, write N*V*4
+def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                   final_logit_softcapping=None, logit_scale=1.0):
+    """logp_t = z'_y - logsumexp(z'), H_t = lse - sum_i p_i z'_i = -sum_i p_i log p_i (computed from
+    log_softmax: no cancellation, exact in float64) with z' = softcap(scale * z) / tau,
+    softcap(x) = c tanh(x / c) (TRL 1.16's order: scale, softcap, temperature) (fp32; fp64 for fp64)."""
+    z = _f(logits)
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if final_logit_softcapping is not None:
+        z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
+    z = z / temperature                                  # read N*V*b, write N*V*4
     logsm = torch.log_softmax(z, dim=-1)                 # read + write N*V*4
     ignored = labels == ignore_index
     safe = labels.masked_fill(ignored, 0).long()
@@ -35,11 +43,16 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
 
 
 def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=False):
-    """token_logprobs of the materialised logits hidden @ weight.T + bias."""
-    logits = hidden @ weight.t()                         # write N*V*b
+                    return_entropy=False, final_logit_softcapping=None, logit_scale=1.0):
+    """token_logprobs of the materialised logits softcap(logit_scale * (hidden @ weight.T + bias)),
+    softcap(x) = c tanh(x / c) with c = final_logit_softcapping (identity when None)."""
+    dot = torch.promote_types(hidden.dtype, weight.dtype)
+    logits = hidden.to(dot) @ weight.to(dot).t()         # write N*V*b
     if bias is not None:
         logits = logits + bias
+    logits = logits * logit_scale
+    if final_logit_softcapping is not None:
+        logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
     return token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                           return_entropy=return_entropy)
 
@@ -279,12 +292,16 @@ POLICY_KWARGS = ("policy_loss", "ratio_max", "sapo_tau_pos", "sapo_tau_neg", "ro
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                    kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                   num_tokens=None, num_seqs=None, horizon=None, **policy):
-    """agg(L) + kl_coef * agg(KL) - entropy_coef * agg(H), composed from the pieces above
-    (`policy`: the POLICY_KWARGS of ppo_policy_loss)."""
+                   num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None, logit_scale=1.0,
+                   **policy):
+    """agg(L) + kl_coef * agg(KL) - entropy_coef * agg(H), composed from the pieces above (`policy`: the
+    POLICY_KWARGS of ppo_policy_loss). Mask-0 rows are treated as ignore_index (logprobs and entropy 0
+    there, no gradient)."""
     want_ent = return_entropy or entropy_coef != 0 or policy.get("entropy_quantile") is not None
+    labels = torch.where(_f(mask) != 0, labels, ignore_index)
     out = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                         return_entropy=want_ent)
+                         return_entropy=want_ent, final_logit_softcapping=final_logit_softcapping,
+                         logit_scale=logit_scale)
     logp, ent = out if want_ent else (out, None)
     return compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
                             kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
@@ -332,26 +349,28 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=1.0):
             v_next = v[b, t].item()
             adv[b, t] = g
     ret = torch.where(m, adv + v, torch.zeros_like(adv))
-    return adv.float().to(rewards.device), ret.float().to(rewards.device)
+    out = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    return adv.to(rewards.device, out), ret.to(rewards.device, out)
 
 
 def masked_whiten(x, mask, *, shift_mean=True):
     """(x - mean) / sqrt(var + 1e-8) over masked entries (unbiased var); 0 where mask is 0."""
-    x = x.float()
-    m = mask.float()
+    out_dtype = x.dtype if x.dtype == torch.float64 else torch.float32
+    m = mask != 0
+    x = torch.where(m, x.double(), 0.0)                  # float64: squares of ~1e20 do not overflow
     n = m.sum()
-    mean = (x * m).sum() / n
-    var = ((x - mean).square() * m).sum() / (n - 1)
+    mean = x.sum() / n
+    var = torch.where(m, x - mean, 0.0).square().sum() / (n - 1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return out * m
+    return torch.where(m, out, 0.0).to(out_dtype)
 
 
 def group_advantages(scores, group_size, *, kind="grpo", norm_by_std=True, eps=1e-6):
     """Per group of `group_size` consecutive scores: grpo (R - mean)/(std + eps) (unbiased std,
     or R - mean without norm_by_std); rloo R - mean of the other G - 1. A group of one gets 0."""
-    s = scores.float().reshape(-1)
+    s = scores.double().reshape(-1)
     out = torch.zeros_like(s)
     for start in range(0, s.numel(), group_size):
         g = s[start:start + group_size]
@@ -366,7 +385,7 @@ def group_advantages(scores, group_size, *, kind="grpo", norm_by_std=True, eps=1
         else:
             raise ValueError(f"kind must be 'grpo' or 'rloo', got {kind!r}")
         out[start:start + group_size] = a
-    return out
+    return out.to(scores.dtype if scores.dtype == torch.float64 else torch.float32)
 
 
 def kl_shaped_rewards(scores, kl, mask, *, kl_coef):

@@ -45,11 +45,67 @@ class Rows:
         return self.n_inner, self.stride_outer, self.stride_inner
 
 
+def has_internal_overlap(x: torch.Tensor) -> bool:
+    """True when two indices of `x` may share memory (an expanded / stride-0 or otherwise overlapping view):
+    walking the dims by increasing stride, each stride must exceed the extent of the smaller ones."""
+    dims = sorted((x.stride(d), x.shape[d]) for d in range(x.dim()) if x.shape[d] > 1)
+    extent = 0
+    for stride, size in dims:
+        if stride <= extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
+def check_inplace_target(logits: torch.Tensor) -> None:
+    """`inplace=True` writes the gradient over the logits: refused for overlapping storage, where two
+    gradient entries would land on one element."""
+    if has_internal_overlap(logits):
+        raise ValueError(f"inplace=True needs logits whose elements do not share memory; got shape "
+                         f"{tuple(logits.shape)} with strides {logits.stride()} (an expanded or overlapping view)")
+
+
 def flat_labels(labels: torch.Tensor, n_rows: int) -> torch.Tensor:
-    flat = labels.reshape(-1)
+    """Labels as a contiguous [N] vector (the kernels read label r at element r): a strided view such
+    as `labels[::2]` is copied here (N integers, not [N, V] data)."""
+    flat = labels.reshape(-1).contiguous()
     if flat.numel() != n_rows:
         raise ValueError(f"labels has {flat.numel()} elements but logits have {n_rows} rows")
     return flat
+
+
+def flat_rows(x: torch.Tensor, n_rows: int, name: str) -> torch.Tensor:
+    """A per-row tensor (mask, upstream gradient) as a contiguous [N] vector (copied if strided)."""
+    flat = x.reshape(-1).contiguous()
+    if flat.numel() != n_rows:
+        raise ValueError(f"{name} has {flat.numel()} elements but logits have {n_rows} rows")
+    return flat
+
+
+def split_float(x: float):
+    """(hi, lo) fp32 pair with hi + lo == x to ~2^-48: how a host float reaches an fp64 kernel exactly
+    (the JIT passes Python floats as fp32)."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    lo = float(torch.tensor(x - hi, dtype=torch.float32))
+    return hi, lo
+
+
+class LogitTransform:
+    """Host side of `transform_logits` (kernels/_common.py): z' = softcap(scale * z) / tau,
+    softcap(x) = c * tanh(x / c) (no cap when c is None), folded into pre / post factors and passed
+    as (hi, lo) fp32 pairs: `args()` = (pre_hi, pre_lo, post_hi, post_lo); `has_cap` the constexpr."""
+
+    __slots__ = ("has_cap", "pre", "post")
+
+    def __init__(self, inv_tau: float, logit_scale: float = 1.0, softcap=None):
+        self.has_cap = softcap is not None
+        if self.has_cap:
+            self.pre, self.post = float(logit_scale) / float(softcap), float(softcap) * float(inv_tau)
+        else:
+            self.pre, self.post = float(logit_scale) * float(inv_tau), 1.0
+
+    def args(self):
+        return (*split_float(self.pre), *split_float(self.post))
 
 
 def acc_dtype(dtype: torch.dtype):
