@@ -294,12 +294,12 @@ def _terms(logp, ent, old, adv, mask, ref, isw, opts: LossOptions, backend):
                                           rollout_is_weights=isw))
 
 
-def _token_local(opts: LossOptions, backend) -> bool:
+def _token_local(opts: LossOptions) -> bool:
     """Whether every token's loss coefficients depend only on that token's values and the aggregation
     weights (then the gradient is formed chunk by chunk in forward, 6 N H V FLOPs, on the Triton path).
     A sequence-level or batch-global term (gspo / gspo_token / gmpo sequence ratios, entropy quantiles)
     answers False and takes the recompute path (8 N H V)."""
-    return backend == "triton" and not opts.sequence_level and opts.entropy_quantile is None
+    return not opts.sequence_level and opts.entropy_quantile is None
 
 
 def _agg_weights(mask, opts: LossOptions, acc, backend):
@@ -324,7 +324,7 @@ class FusedLinearPPOLoss(torch.autograd.Function):
         grads = (None, None, None)
         if not any(needs):
             _, out = _forward(h2, weight, bias, y, valid, lin)
-        elif _token_local(opts, lin.backend):
+        elif lin.backend == "triton" and _token_local(opts):
             grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin,
                                                 needs, use_ent, acc)
         else:
@@ -332,7 +332,7 @@ class FusedLinearPPOLoss(torch.autograd.Function):
         logp = out["logp"].view(shape)
         ent = out["ent"].view(shape) if lin.with_entropy else None
         loss, stats, coef_x, coef_ent, kl = _terms(logp, ent, old, adv, mask, ref, isw, opts, lin.backend)
-        if any(needs) and not _token_local(opts, lin.backend):
+        if any(needs) and not (lin.backend == "triton" and _token_local(opts)):
             row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
             grads = _gradients(h2, weight, bias, y, valid, rows, row_stats, coef_x.reshape(-1),
                                coef_ent.reshape(-1) if use_ent else None, lin, needs)
