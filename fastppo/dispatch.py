@@ -16,7 +16,7 @@ TABLE = {
     ("full_kl", "triton"): "fastppo.kernels.full_kl",
     ("full_kl", "torch"): "fastppo._torch_ops",
     ("linear", "triton"): "fastppo.kernels.linear",
-    ("linear", "torch"): "fastppo._torch_ops",
+    ("linear", "torch"): "fastppo._linear_torch",
     ("kl_penalty", "triton"): "fastppo.kernels.kl",
     ("kl_penalty", "torch"): "fastppo._torch_terms",
     ("loss_agg", "triton"): "fastppo.kernels.loss_agg",

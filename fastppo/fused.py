@@ -73,7 +73,7 @@ def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs
 
 def check_ppo_args(lead_shape, old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
                    clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon):
-    """The checks of a ppo-variant fused loss call (kept for fastppo.distributed): LossOptions + tensors."""
+    """The checks of a ppo fused loss call (used by fastppo.distributed): LossOptions + the tensors."""
     opts = LossOptions.policy(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, kl_kind=kl_kind,
                               kl_coef=kl_coef, entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs,
                               horizon=horizon)
@@ -119,9 +119,9 @@ class FusedPPOLoss(torch.autograd.Function):
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                    kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                   inplace=False, num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None,
-                   logit_scale=1.0, policy_loss="ppo", ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
-                   rollout_is_weights=None, entropy_quantile=None) -> PPOLossOutput:
+                   inplace=False, num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo",
+                   ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None,
+                   entropy_quantile=None, final_logit_softcapping=None, logit_scale=1.0) -> PPOLossOutput:
     """The whole policy objective from the logits in one pass:
 
         loss = agg(L_policy) + kl_coef * agg(KL(logp, ref_logprobs)) - entropy_coef * agg(H)
@@ -132,9 +132,9 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
     entropy_coef != 0, return_entropy or entropy_quantile. `inplace=True` writes dlogits into the
     logits' storage during backward (saves one [B, T, V] buffer; the logits are garbage afterwards,
     and storage that elements share is refused). Logits are transformed as in token_logprobs:
-    z' = softcap(logit_scale * z) / temperature. Rows where mask is 0 (or the label is ignore_index)
-    are never read, forward or backward: their logprobs / entropy are 0, their gradient rows exact
-    zeros (NaN there cannot leak). Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
+    z' = softcap(logit_scale * z) / temperature. Rows where mask is 0 (or the label is ignore_index) are
+    never read, forward or backward: their logprobs / entropy are 0, their gradient rows exact zeros
+    (NaN there cannot leak). Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,

@@ -294,9 +294,9 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
                    num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None, logit_scale=1.0,
                    **policy):
-    """agg(L) + kl_coef * agg(KL) - entropy_coef * agg(H), composed from the pieces above (`policy`: the
-    POLICY_KWARGS of ppo_policy_loss). Mask-0 rows are treated as ignore_index (logprobs and entropy 0
-    there, no gradient)."""
+    """agg(L) + kl_coef * agg(KL) - entropy_coef * agg(H), composed from the pieces above
+    (`policy`: the POLICY_KWARGS of ppo_policy_loss). Mask-0 rows are treated as ignore_index
+    (logprobs and entropy 0 there, no gradient)."""
     want_ent = return_entropy or entropy_coef != 0 or policy.get("entropy_quantile") is not None
     labels = torch.where(_f(mask) != 0, labels, ignore_index)
     out = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
