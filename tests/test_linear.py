@@ -118,7 +118,7 @@ def test_no_allocation_near_the_logits(op):
     assert pm.peak - returned < N * V * 2, (pm.peak - returned, N * V * 2)
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum", "token-sum"])
 def test_fused_linear_ppo_loss_matches_fused_ppo_loss(agg):
     B, T, H, V = 3, 6, 24, 517
     hidden = torch.randn(B, T, H, device=DEVICE)
