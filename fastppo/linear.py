@@ -8,7 +8,7 @@ The valid rows are found on device (a stable sort of the validity flags and thei
 scale with N_valid and there is no host sync. Logits (TRL's order):
     z' = softcap(logit_scale * (hidden @ weight.T + bias)) / tau,   softcap(x) = c tanh(x / c).
 
-Triton path, per chunk of compacted rows (at most `chunk_bytes` of fp32 z', default 512 MiB):
+Triton path, per chunk of compacted rows (`chunk_bytes` of fp32 z' and dz; see `chunk_rows`):
   1. linear_fwd      z' tiles (2 n H V FLOPs) into the chunk buffer, per-split row statistics
   2. linear_finish   lse, log-prob, entropy (extras) per row
   3. linear_dh       d(hidden) = dz @ W, accumulated in registers over V, written once   (2 n H V)
@@ -45,12 +45,6 @@ from .outputs import LogprobOutputs, PPOLossOutput
 EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 
 
-def _default_chunk_bytes():
-    from .kernels import _config as cfg
-
-    return cfg.LIN_CHUNK_BYTES
-
-
 @dataclass(frozen=True)
 class LinearOptions:
     """Non-tensor options of the linear ops, validated once where built (`_linear_options`)."""
@@ -62,7 +56,7 @@ class LinearOptions:
     extras: bool = False
     logit_scale: float = 1.0
     softcap: float | None = None
-    chunk_bytes: int = dataclasses.field(default_factory=_default_chunk_bytes)
+    chunk_bytes: int | None = None      # None: automatic (see chunk_rows)
 
 
 def _kernels():
@@ -76,16 +70,21 @@ def _acc(hidden, weight):
 
 
 def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
-    """Rows per chunk of the gradient pass: a multiple of the kernel's row tile whose fp32 (fp64) z' and
-    dz (a second [rows, V] buffer in the GEMM dtype when that is 16-bit; dz overwrites z' otherwise) fit
-    in chunk_bytes (at least one tile), at most n_rows."""
+    """Rows per chunk of the gradient pass: a multiple of the kernel's row tile (at least one tile, at most
+    n_rows) whose fp32 (fp64) z' and dz (a second [rows, V] buffer in the GEMM dtype when that is 16-bit;
+    dz overwrites z' otherwise) fit in chunk_bytes. chunk_bytes=None: at most LIN_CHUNK_BYTES (2 GiB) and
+    fewer than n_rows / 8 rows, so no buffer reaches N*V/8 elements. Fewer, larger chunks mean fewer
+    re-reads of the weight (2 V H b per chunk) and of the fp32 d(weight) sum (8 V H per chunk after the
+    first) and fuller GEMMs; the buffers are 6 bytes (bf16) per row and vocabulary entry."""
     from .kernels import _config as cfg
 
     size = torch.empty((), dtype=acc).element_size()
     per_row = vocab * (size + (0 if dz_dtype == acc else torch.empty((), dtype=dz_dtype).element_size()))
     tile = cfg.LIN_BLOCK_N
-    rows = max(tile, (chunk_bytes // max(per_row, 1)) // tile * tile)
-    return max(1, min(rows, n_rows))
+    rows = (cfg.LIN_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(per_row, 1) // tile * tile
+    if chunk_bytes is None:
+        rows = min(rows, (-(-n_rows // 8) - 1) // tile * tile)
+    return max(1, min(max(tile, rows), n_rows))
 
 
 # ----------------------------------------------------------------------------- the Triton pipeline
@@ -243,10 +242,9 @@ def _linear_options(temperature, ignore_index, with_entropy, extras, final_logit
     scale = float(logit_scale)
     if not math.isfinite(scale):
         raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
-    if chunk_bytes is None:
-        chunk_bytes = _default_chunk_bytes()
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                    or chunk_bytes <= 0):
+        raise ValueError(f"chunk_bytes must be None or a positive int, got {chunk_bytes!r}")
     return LinearOptions(1.0 / tau, int(ignore_index), bool(with_entropy), backend, bool(extras), scale, softcap,
                          chunk_bytes)
 
@@ -276,7 +274,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     (the label is the first argmax of z'), computed in the same pass, without gradient; when given, the
     result is LogprobOutputs(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1) with None where
     not requested. Without it: logp, or (logp, entropy) with return_entropy.
-    `chunk_bytes` bounds the backward's fp32 [rows, V] logits chunk (default 512 MiB)."""
+    `chunk_bytes` bounds the backward's [rows, V] buffers (fp32 logits + dz; None: automatic, see
+    `chunk_rows`)."""
     _check_linear(hidden, weight, labels, bias, ignore_index)
     extras = _check_extras(extra_outputs)
     opts = _linear_options(temperature, ignore_index, return_entropy, bool(extras), final_logit_softcapping,
@@ -408,9 +407,9 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask
     hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments and the result are those of
     fused_ppo_loss. Only tokens with mask != 0 and a label != ignore_index are projected; the returned
     per-token log-probs / entropy are 0 elsewhere. On the Triton path the gradients to hidden, weight and
-    bias are formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the fp32 [rows, V] logits
-    chunk, default 512 MiB): 6 N_valid H V FLOPs for forward + backward, and backward only scales them by
-    the upstream gradient. Those gradients are held from forward to backward."""
+    bias are formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the [rows, V] buffers; None:
+    automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only scales them
+    by the upstream gradient. Those gradients are held from forward to backward."""
     _check_linear(hidden, weight, labels, bias, ignore_index)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
