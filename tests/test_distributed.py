@@ -147,7 +147,7 @@ def _logits_case(rank, dtype, even, ignore_index, measure, tf=None):
     assert (lp[y == ignore_index] == 0).all() and (ent[y == ignore_index] == 0).all()
 
 
-def _fused_case(rank, dtype, even):
+def _fused_case(rank, dtype, even, policy=None):
     import fastppo
     from fastppo import distributed as D
 
@@ -162,7 +162,7 @@ def _fused_case(rank, dtype, even):
     mask = torch.rand(B, T, generator=gen) > 0.2
     mask[1] = False
     kw = dict(ref_logprobs=ref_lp, kl_coef=0.1, entropy_coef=0.01, agg="seq-mean-token-mean", temperature=0.9,
-              num_tokens=50.0, num_seqs=6.0, clip_high=0.28)
+              num_tokens=50.0, num_seqs=6.0, clip_high=0.28, **(policy or {}))
     lo, hi = split[rank]
     shard = full[..., lo:hi].detach().clone().requires_grad_()
     out = D.fused_ppo_loss(shard, y, old, adv, mask, **kw)
@@ -262,6 +262,9 @@ def _cases(rank, measure):
     _logits_case(rank, torch.float32, False, -100, None, dict(final_logit_softcapping=20.0, logit_scale=0.8))
     for even in (True, False):
         _fused_case(rank, torch.float32, even)
+    is_w = torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) + 0.5
+    _fused_case(rank, torch.float32, False, dict(policy_loss="gspo", rollout_is_weights=is_w))
+    _fused_case(rank, torch.float32, True, dict(policy_loss="cispo"))
     _linear_case(rank, torch.float32, False, measure)
     _linear_case(rank, torch.float64, True, None, dict(final_logit_softcapping=3.0, logit_scale=1.5))
     _errors_case(rank)
