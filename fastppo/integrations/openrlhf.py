@@ -27,12 +27,14 @@ IS-correction of PolicyLoss, and `action_mask=None`. Not replaced: `compute_rewa
 from __future__ import annotations
 
 import importlib
+import math
 from importlib.metadata import version as _dist_version
 
 import torch
 from packaging.version import Version
 
 import fastppo
+from fastppo.options import LossOptions
 
 from ._patching import EntryPoint, host_signature_wrapper
 
@@ -75,28 +77,78 @@ def _counts(token_level, dp_size, batch_num_tokens, global_batch_size):
     return {} if global_batch_size is None else {"num_seqs": global_batch_size / dp_size}
 
 
+_GSPO_CAP = math.exp(10.0) * (1 - 1e-6)   # fastppo's gspo caps the sequence log-ratio at 10; OpenRLHF does not
+
+
+def _is_weights_kwargs(loss):
+    """fastppo.rollout_is_weights keywords for the PolicyLoss's IS correction, or None where
+    OpenRLHF's rule is not fastppo's: token level with the ratio gate ("clip" = truncate to
+    [low, high], "mask" = the ratio where low <= ratio <= high else 0) is; the sequence level (a
+    geometric-mean gate on per-token weights) and the binary_kl / tv gates are not."""
+    if loss.is_correction_level != "token" or loss.is_correction_gating != "ratio":
+        return None
+    low, high = (float(x) for x in loss.is_correction_threshold)
+    if not 0 <= low <= high:
+        return None
+    return {"level": "token", "mode": "truncate" if loss.is_correction_mode == "clip" else "mask",
+            "min": low, "max": high}
+
+
 def _policy_loss_class(original, stats):
     from openrlhf.models.utils import masked_mean
 
     class PolicyLoss(original):
         __doc__ = "fastppo.ppo_policy_loss behind OpenRLHF's PolicyLoss. " + (original.__doc__ or "")
 
+        def _fastppo_kwargs(self, rollout_log_probs):
+            """(ppo_policy_loss keywords, rollout_is_weights keywords or None), or None to delegate."""
+            gspo = self.policy_loss_type == "gspo"
+            if self.policy_loss_type not in ("ppo", "gspo") or (gspo and self.dual_clip is not None):
+                return None   # fastppo's gspo has no dual clip
+            kw = {"policy_loss": self.policy_loss_type, "clip_low": self.clip_eps_low,
+                  "clip_high": self.clip_eps_high, "dual_clip": self.dual_clip}
+            is_kw = None
+            if self.is_correction_level != "off":
+                if rollout_log_probs is None:
+                    return None
+                if not gspo:   # GSPO's IS correction is its ratio against the rollout policy
+                    is_kw = _is_weights_kwargs(self)
+                    if is_kw is None:
+                        return None
+            try:
+                LossOptions.policy(**kw)
+            except (TypeError, ValueError):
+                return None
+            return kw, is_kw
+
         def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None,
                     dp_size=1, batch_num_tokens=None, global_batch_size=None):
             args = (log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size, batch_num_tokens,
                     global_batch_size)
-            if self.policy_loss_type != "ppo" or self.is_correction_level != "off" or action_mask is None:
+            plan = None if action_mask is None else self._fastppo_kwargs(rollout_log_probs)
+            if plan is None:
                 stats.delegated["PolicyLoss"] += 1
                 return super().forward(*args)
-            stats.served["PolicyLoss"] += 1
+            kw, is_kw = plan
+            gspo = self.policy_loss_type == "gspo"
+            ratio_ref = rollout_log_probs if gspo and self.is_correction_level != "off" else old_log_probs
+            vllm_kl = filt = isw = None
+            if is_kw is not None:
+                isw, is_stats = fastppo.rollout_is_weights(old_log_probs, rollout_log_probs, action_mask, **is_kw)
+                filt = is_stats["is_clipped_frac" if is_kw["mode"] == "truncate" else "is_masked_frac"]
+                vllm_kl = masked_mean(fastppo.kl_penalty(rollout_log_probs.detach(), old_log_probs.detach(),
+                                                         kind="k1"), action_mask, dim=None)
             agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
             loss, st = fastppo.ppo_policy_loss(
-                log_probs, old_log_probs, advantages, action_mask, clip_low=self.clip_eps_low,
-                clip_high=self.clip_eps_high, dual_clip=self.dual_clip, agg=agg,
-                **_counts(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size))
+                log_probs, ratio_ref, advantages, action_mask, agg=agg, rollout_is_weights=isw,
+                **kw, **_counts(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size))
+            if gspo and float(st["ratio_max"]) >= _GSPO_CAP:
+                stats.delegated["PolicyLoss"] += 1   # a sequence ratio beyond fastppo's cap: OpenRLHF's numbers
+                return super().forward(*args)
+            stats.served["PolicyLoss"] += 1
             ppo_kl = masked_mean(fastppo.kl_penalty(old_log_probs.detach(), log_probs.detach(), kind="k1"),
                                  action_mask, dim=None)
-            return loss, st["clipfrac"], ppo_kl, None, None
+            return loss, st["clipfrac"], ppo_kl, vllm_kl, filt
 
     PolicyLoss.__module__ = original.__module__
     PolicyLoss.__qualname__ = original.__qualname__

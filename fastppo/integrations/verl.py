@@ -39,8 +39,9 @@ import torch
 from packaging.version import Version
 
 import fastppo
+from fastppo.options import LossOptions
 
-from ._patching import EntryPoint, accepts, host_signature_wrapper
+from ._patching import EntryPoint, host_signature_wrapper
 
 SUPPORTED = ">=0.9, <0.10 (tested: 0.9.1)"
 _KL = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "low_var_kl", "k3": "low_var_kl"}
@@ -141,7 +142,8 @@ def _outcome(kind):
 
 
 def _agg_counts(mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
-    """verl's agg_loss knobs as fastppo's global counts; None when verl would raise."""
+    """verl's agg_loss knobs as fastppo's global counts (+ "dp_scale": verl's token-sum multiplies the
+    local sum by dp_size); None when verl would raise."""
     if mode == "token-mean":
         if batch_num_tokens is None:
             return None if dp_size > 1 else {}
@@ -156,7 +158,9 @@ def _agg_counts(mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_f
         if mode == "seq-mean-token-sum-norm" and loss_scale_factor is not None:
             kw["horizon"] = loss_scale_factor
         return kw
-    return None   # token-sum (until fastppo's agg takes it) and unknown modes (verl raises)
+    if mode == "token-sum":
+        return {} if dp_size == 1 else {"dp_scale": dp_size}
+    return None   # unknown modes (verl raises)
 
 
 def _serve_value_loss(a):
@@ -164,39 +168,125 @@ def _serve_value_loss(a):
                          a["loss_scale_factor"])
     if counts is None:
         return NotImplemented
+    scale = counts.pop("dp_scale", 1)
     loss, stats = fastppo.value_loss(a["vpreds"], a["values"], a["returns"], a["response_mask"],
                                      clip=a["cliprange_value"], agg=a["loss_agg_mode"], **counts)
-    return loss, stats["vf_clipfrac"]
+    return (loss * scale if scale != 1 else loss), stats["vf_clipfrac"]
 
 
-def _serve_vanilla(a):
-    cfg = a["config"]
+# verl registry name -> (fastppo policy_loss, verl's config assertion, ppo_kl metric clamped to [-20, 20],
+# clipfrac_lower reported by fastppo (else verl's 0.0), metrics returned)
+_POLICY_LOSSES = {
+    "vanilla": ("ppo", "not_algo", True, True, True),
+    "gspo": ("gspo_token", "actor", False, False, True),
+    "sapo": ("sapo", "actor", True, False, True),
+    "gpg": ("gpg", None, True, False, False),
+    "geo_mean": ("gmpo", "not_algo", False, True, True),
+    "cispo": ("cispo", "actor", True, False, True),
+}
+
+
+def _config_ok(cfg, rule):
+    """verl's own `assert` on the config type (a failing one is left for verl to raise)."""
     if cfg is None:
-        return NotImplemented   # verl asserts
-    info = dict(getattr(cfg, "global_batch_info", None) or {})
-    counts = _agg_counts(a["loss_agg_mode"], info.get("dp_size", 1), info.get("batch_num_tokens"),
-                         info.get("global_batch_size"), info.get("loss_scale_factor"))
-    if counts is None:
-        return NotImplemented
-    kw = dict(counts)
-    if a["rollout_is_weights"] is not None:
-        if not accepts(fastppo.ppo_policy_loss, "rollout_is_weights"):
-            return NotImplemented
-        kw["rollout_is_weights"] = a["rollout_is_weights"]
+        return False
+    if rule == "actor":
+        from verl.workers.config import ActorConfig
+
+        return isinstance(cfg, ActorConfig)
+    if rule == "not_algo":
+        from verl.trainer.config import AlgoConfig
+
+        return not isinstance(cfg, AlgoConfig)
+    return True
+
+
+def _clip_range(cfg):
     clip = cfg.clip_ratio
     low = cfg.clip_ratio_low if cfg.clip_ratio_low is not None else clip
     high = cfg.clip_ratio_high if cfg.clip_ratio_high is not None else clip
-    c = cfg.get("clip_ratio_c", 3.0)
-    if not c > 1.0:
-        return NotImplemented   # verl asserts with its message
-    logp, old, adv, m = a["log_prob"], a["old_log_prob"], a["advantages"], a["response_mask"]
-    loss, stats = fastppo.ppo_policy_loss(logp, old, adv, m, clip_low=low, clip_high=high, dual_clip=c,
-                                          agg=a["loss_agg_mode"], **kw)
-    # verl's ppo_kl metric: masked mean of -clamp(logp - old, -20, 20), with verl's own helper
-    neg_kl = fastppo.kl_penalty(old.detach(), logp.detach(), kind="k1").clamp(-20, 20)
-    ppo_kl = _tf().masked_mean(neg_kl, m)
-    return loss, {"actor/pg_clipfrac": float(stats["clipfrac"]), "actor/ppo_kl": float(ppo_kl),
-                  "actor/pg_clipfrac_lower": float(stats["clipfrac_lower"])}
+    return low, high
+
+
+def _loss_dtype(name, a, agg):
+    """The dtype verl's arithmetic gives the loss: its loss matrix's promoted dtype, then agg_loss's
+    promotions (the seq-mean modes and geo_mean's means divide by float32 counts; token-mean /
+    token-sum multiply by the mask, which promotes with a floating mask)."""
+    ts = [a["log_prob"], a["advantages"]] + ([] if name == "gpg" else [a["old_log_prob"]])
+    if a["rollout_is_weights"] is not None:
+        ts.append(a["rollout_is_weights"])
+    dtype = ts[0].dtype
+    for t in ts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    m = a["response_mask"]
+    if name == "geo_mean" or agg.startswith("seq-mean"):
+        return torch.promote_types(dtype, torch.float32)
+    return torch.promote_types(dtype, m.dtype) if m.is_floating_point() else dtype
+
+
+def _policy_kwargs(name, a):
+    """ppo_policy_loss keywords reproducing verl's compute_policy_loss_<name>, or None where verl's
+    semantics cannot be reproduced (the call is then delegated to verl)."""
+    kind, rule, _, _, _ = _POLICY_LOSSES[name]
+    cfg, logp, adv, isw = a["config"], a["log_prob"], a["advantages"], a["rollout_is_weights"]
+    if not _config_ok(cfg, rule) or logp.dim() != 2:
+        return None
+    if isw is not None and isw.requires_grad:
+        return None   # verl back-propagates into the weights; fastppo treats them as constants
+    kw = {"policy_loss": kind}
+    if name == "geo_mean":   # verl ignores loss_agg_mode and global_batch_info: torch.mean over the rows
+        if logp.shape[0] == 0:
+            return None
+        kw.update(agg="seq-mean-token-mean", num_seqs=logp.shape[0])
+    else:
+        mode = "seq-mean-token-mean" if name == "sapo" else a["loss_agg_mode"]   # sapo: always seq-mean-token-mean
+        info = dict(getattr(cfg, "global_batch_info", None) or {})
+        counts = _agg_counts(mode, info.get("dp_size", 1), info.get("batch_num_tokens"),
+                             info.get("global_batch_size"), info.get("loss_scale_factor"))
+        if counts is None:
+            return None
+        kw.update(agg=mode, **counts)
+    if name != "gpg":
+        kw["clip_low"], kw["clip_high"] = _clip_range(cfg)
+    if name == "vanilla":
+        kw["dual_clip"] = cfg.get("clip_ratio_c", 3.0)
+        if not kw["dual_clip"] > 1.0:
+            return None   # verl asserts with its message
+    if name == "sapo":   # verl makes the taus tensors of the advantages' dtype
+        kw["sapo_tau_pos"] = float(torch.tensor(cfg.tau_pos, dtype=adv.dtype))
+        kw["sapo_tau_neg"] = float(torch.tensor(cfg.tau_neg, dtype=adv.dtype))
+    try:   # an option fastppo rejects (e.g. clip_ratio_low > 1) is verl's to compute
+        LossOptions.policy(**{k: v for k, v in kw.items() if k != "dp_scale"})
+    except (TypeError, ValueError):
+        return None
+    return kw
+
+
+def _policy_loss(name):
+    """The replacement of verl's registry entry `name` (compute_policy_loss_<name>)."""
+    _, _, kl_clamped, has_lower, has_metrics = _POLICY_LOSSES[name]
+
+    def serve(a):
+        kw = _policy_kwargs(name, a)
+        if kw is None:
+            return NotImplemented
+        scale = kw.pop("dp_scale", 1)
+        logp, old, adv, m = a["log_prob"], a["old_log_prob"], a["advantages"], a["response_mask"]
+        loss, stats = fastppo.ppo_policy_loss(logp, old, adv, m, rollout_is_weights=a["rollout_is_weights"], **kw)
+        loss = loss.to(_loss_dtype(name, a, kw["agg"]))
+        if scale != 1:   # verl's token-sum: the local masked sum times dp_size
+            loss = loss * scale
+        if not has_metrics:
+            return loss, {}
+        # verl's ppo_kl metric: masked mean of -(logp - old) (clamped to [-20, 20] where verl clamps it)
+        neg_kl = fastppo.kl_penalty(old.detach(), logp.detach(), kind="k1")
+        if kl_clamped:
+            neg_kl = neg_kl.clamp(-20, 20)
+        ppo_kl = _tf().masked_mean(neg_kl, m)
+        clipfrac = 0.0 if name == "sapo" else float(stats["clipfrac"])
+        lower = float(stats["clipfrac_lower"]) if has_lower else 0.0
+        return loss, {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": float(ppo_kl), "actor/pg_clipfrac_lower": lower}
+    return serve
 
 
 def _fused_linear_class(original, stats):
@@ -238,8 +328,9 @@ def entry_points() -> list[EntryPoint]:
     ]
     regs = tuple((f"core_algos.{n}", getattr(ca, n)) for n in ("POLICY_LOSS_REGISTRY", "ADV_ESTIMATOR_REGISTRY")
                  if isinstance(getattr(ca, n, None), dict))
-    table.append(("policy_loss_vanilla", ca, "compute_policy_loss_vanilla",
-                  _function("policy_loss_vanilla", _serve_vanilla)))
+    for name in _POLICY_LOSSES:
+        table.append((f"policy_loss_{name}", ca, f"compute_policy_loss_{name}",
+                      _function(f"policy_loss_{name}", _policy_loss(name))))
     import verl.utils.experimental.torch_functional as xtf  # models import the class from here at call time
 
     eps = [EntryPoint(name, (lambda h=h, attr=attr: (h, attr)), build, regs) for name, h, attr, build in table]
