@@ -6,6 +6,8 @@
 | `openrlhf.models.utils.compute_entropy`                                    | `token_logprobs(return_entropy)` |
 | `openrlhf.models.utils.compute_approx_kl` (k1, k2, k3)                     | `kl_penalty`       |
 | `openrlhf.models.loss.PolicyLoss` ("ppo", dual clip, token / sequence loss) | `ppo_policy_loss`  |
+|   + token-level ratio IS correction (clip / mask)                          | `+ rollout_is_weights` |
+|   "gspo" (+ its IS correction: the ratio against the rollout log-probs)    | `ppo_policy_loss(policy_loss="gspo")` |
 | `openrlhf.models.loss.ValueLoss`                                           | `value_loss`       |
 | `RemoteExperienceMaker.get_advantages_and_returns` (when importable)       | `gae`              |
 
@@ -13,15 +15,30 @@ Host semantics kept: compute_approx_kl works in float32 and clamps k1/k2/k3 to [
 fastppo's "low_var_kl", whose clamps give the same values and gradients); log_probs_from_logits
 divides the caller's logits by `temperature` in place, as OpenRLHF does; the losses take
 OpenRLHF's dp_size / batch_num_tokens / global_batch_size (as fastppo's num_tokens / num_seqs) and
-return OpenRLHF's tuple (loss, clip_ratio, ppo_kl, None, None). OpenRLHF's GAE does not skip
+return OpenRLHF's tuple (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio). OpenRLHF's GAE does not skip
 masked tokens: it zeroes rewards and values at mask-0 positions and runs the plain recursion over
 every position; the adapter does exactly that (fastppo.gae with an all-ones mask on the masked
 inputs).
 
+PolicyLoss's IS correction at token level with the ratio gate is fastppo.rollout_is_weights
+(level="token", mode "clip" -> "truncate", "mask" -> "mask", [min, max] = is_correction_threshold),
+multiplied into the (dual-clipped) loss; vllm_kl and is_filter_ratio are returned as OpenRLHF
+returns them. GSPO is fastppo's "gspo" (the sequence-mean ratio, gradient through the mean,
+per-sample loss); with IS correction on, OpenRLHF's GSPO ratio is taken against the rollout
+log-probs and no weights are applied, and so does the adapter.
+
 PolicyLoss / ValueLoss are replaced by subclasses: modules built before the patch keep the
-original class. Delegated to OpenRLHF (counted): `unbiased_gradient=True`, GSPO and the rollout
-IS-correction of PolicyLoss, and `action_mask=None`. Not replaced: `compute_reward` (OpenRLHF keeps
--kl_coef * kl on mask-0 tokens, fastppo.kl_shaped_rewards writes 0 there).
+original class. Delegated to OpenRLHF (counted): compute_approx_kl's `unbiased_gradient=True`;
+PolicyLoss with `action_mask=None`, the sequence-level IS correction (a geometric-mean gate on
+per-token weights, not fastppo's sequence weight), the binary_kl / tv gates, GSPO with dual_clip
+(fastppo's gspo has none), and a GSPO call where some sequence's mean log-ratio exceeds 10: fastppo
+caps it there (verl's rule), OpenRLHF does not, so the adapter reads the 0-d ratio_max stat (one
+host sync per GSPO call; OpenRLHF's actor syncs every micro-step anyway) and recomputes such a call
+with OpenRLHF's own PolicyLoss. Differences, documented: a NaN rollout log-prob on a valid token
+gives weight clamp(1) in fastppo.rollout_is_weights (TRL's nan_to_num) where OpenRLHF's loss is NaN;
+a micro-batch with no valid token gives fastppo's 0 where OpenRLHF divides 0 by 0. Not replaced:
+`compute_reward` (OpenRLHF keeps -kl_coef * kl on mask-0 tokens, fastppo.kl_shaped_rewards writes 0
+there).
 """
 
 from __future__ import annotations

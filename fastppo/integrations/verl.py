@@ -8,7 +8,11 @@
 | `core_algos.compute_gae_advantage_return`                                | `gae` + `masked_whiten`    |
 | `core_algos.compute_grpo_outcome_advantage` / `compute_rloo_outcome_advantage` | `group_advantages`   |
 | `core_algos.compute_value_loss`                                          | `value_loss`               |
-| policy-loss registry "vanilla" (`get_policy_loss_fn("vanilla")`)          | `ppo_policy_loss`          |
+| policy-loss registry `get_policy_loss_fn(name)` / `compute_policy_loss_<name>`, `rollout_is_weights` | |
+|   "vanilla" (dual_clip = clip_ratio_c)                                   | `ppo_policy_loss("ppo")`   |
+|   "gspo"                                                                 | `ppo_policy_loss("gspo_token")` |
+|   "sapo" (tau_pos / tau_neg), "gpg", "cispo"                             | `ppo_policy_loss(same name)` |
+|   "geo_mean"                                                             | `ppo_policy_loss("gmpo")`  |
 | `verl.utils.experimental.torch_functional.FusedLinearForPPO` (subclass)  | `linear_logprobs`          |
 
 Host semantics kept: verl's `k3`/`low_var_kl` is its clamped estimator (fastppo "low_var_kl");
@@ -17,16 +21,30 @@ ids are verl's `index` array (any order, uneven groups): rows are gathered per g
 size served by group_advantages; groups of one keep verl's own rule (grpo: score / (1 + eps),
 rloo: score) by calling verl's original on those rows. Agg modes map verl's dp_size /
 batch_num_tokens / global_batch_size / loss_scale_factor onto fastppo's num_tokens / num_seqs /
-horizon. The vanilla loss is dual-clip with verl's `clip_ratio_c` (default 3). Metrics keep verl's
-names and Python floats.
+horizon; "token-sum" is fastppo's token-sum times verl's dp_size. Policy losses, per registry entry,
+as verl 0.9.1 computes them: clip_ratio_low / clip_ratio_high (default clip_ratio); "sapo" always
+aggregates seq-mean-token-mean (verl ignores loss_agg_mode) with the taus rounded to the
+advantages' dtype as verl does; "geo_mean" ignores loss_agg_mode and global_batch_info and takes
+torch.mean over all rows (fastppo gmpo with agg seq-mean-token-mean, num_seqs = B: an empty row
+adds 0 and counts); "gspo" is fastppo's gspo_token (the per-token gradient s_b dlogp, log-ratio
+capped at 10, sequence mean unclamped). Metrics keep verl's keys and Python floats: ppo_kl is the
+masked mean of -(logp - old), clamped to [-20, 20] for vanilla / sapo / cispo and not for gspo /
+geo_mean as in verl; pg_clipfrac_lower is verl's 0.0 for gspo / sapo / cispo and pg_clipfrac 0.0 for
+sapo; gpg returns verl's empty dict. The loss has verl's result dtype (its loss matrix's dtype,
+promoted to float32 by the seq-mean modes and geo_mean, and by a floating mask in token modes).
 
 Differences, documented: GAE advantages/returns are 0 at mask-0 positions (verl carries the last
-value there, which no verl loss reads); verl's seq-mean-token-mean divides by count + 1e-8.
-Delegated to verl (counted in `handle.stats.delegated`): kl "full", agg "token-sum" and
-`rollout_is_weights` until fastppo's ops take them, dp_size > 1 without global counts (verl raises).
-The entropy function is bound into the engine when it is built: patch before building it.
-FusedLinearForPPO serves its "torch" and "liger" backends alike (log-probs float32, entropy in the
-logits' dtype, as verl's torch backend returns).
+value there, which no verl loss reads); verl's seq-mean-token-mean divides by count + 1e-8 (a
+relative 1e-8 / count, below fp32 rounding); NaN/inf at mask-0 positions of a policy loss's inputs
+make verl's seq-mean losses NaN (it multiplies by the mask) while fastppo's are finite (it selects).
+Delegated to verl (counted in `handle.stats.delegated`): kl "full"; dp_size > 1 without global
+counts (verl raises); a config verl's own assertion rejects (it raises); rollout_is_weights that
+require grad (verl back-propagates into them, fastppo treats them as constants); options fastppo
+rejects (clip_ratio_low outside [0, 1], clip_ratio_c <= 1, taus <= 0); geo_mean on non-2-D inputs.
+Registry losses fastppo has no variant for stay verl's and are not patched: dppo_tv, dppo_kl,
+clip_cov, kl_cov, dro, bypass_mode. The entropy function is bound into the engine when it is
+built: patch before building it. FusedLinearForPPO serves its "torch" and "liger" backends alike
+(log-probs float32, entropy in the logits' dtype, as verl's torch backend returns).
 """
 
 from __future__ import annotations
