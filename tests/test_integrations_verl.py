@@ -139,12 +139,12 @@ def test_outcome_advantages_uneven_groups(fn, kw):
     assert ca.get_adv_estimator_fn("grpo") is ca.compute_grpo_outcome_advantage
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                  "seq-mean-token-sum-norm"])
-def test_value_loss(mode):
+@pytest.mark.parametrize("mode,dp", [("token-mean", 1), ("seq-mean-token-mean", 1), ("seq-mean-token-sum", 1),
+                                     ("seq-mean-token-sum-norm", 1), ("token-sum", 1), ("token-sum", 2)])
+def test_value_loss(mode, dp):
     B, T = 5, 8
     vp, ret, old, m = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T), _mask(B, T)
-    (a, ga, _), (b, gb, st) = _both("compute_value_loss", vl, vp, ret, old, m, 0.3, mode, grad_of=(0,))
+    (a, ga, _), (b, gb, st) = _both("compute_value_loss", vl, vp, ret, old, m, 0.3, mode, dp, grad_of=(0,))
     torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b[1].float(), a[1].float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gb[0], ga[0], rtol=1e-5, atol=1e-7)
