@@ -36,7 +36,7 @@ promoted to float32 by the seq-mean modes and geo_mean, and by a floating mask i
 Differences, documented: GAE advantages/returns are 0 at mask-0 positions (verl carries the last
 value there, which no verl loss reads); verl's seq-mean-token-mean divides by count + 1e-8 (a
 relative 1e-8 / count, below fp32 rounding); NaN/inf at mask-0 positions of a policy loss's inputs
-make verl's seq-mean losses NaN (it multiplies by the mask) while fastppo's are finite (it selects).
+make verl's seq-mean aggregations and geo_mean NaN (they multiply by the mask) while fastppo's are finite (it selects).
 Delegated to verl (counted in `handle.stats.delegated`): kl "full"; dp_size > 1 without global
 counts (verl raises); a config verl's own assertion rejects (it raises); rollout_is_weights that
 require grad (verl back-propagates into them, fastppo treats them as constants); options fastppo
