@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._checks import check_float, check_same_shape, check_temperature
 from .backend import backend_for
@@ -27,6 +28,7 @@ class FullKL(torch.autograd.Function):
         return kl.view(logits.shape[:-1])
 
     @staticmethod
+    @once_differentiable          # double backward: a clear RuntimeError, never a silently wrong number
     def backward(ctx, g):
         if g is None:
             return None, None, None, None

@@ -8,7 +8,7 @@ The valid rows are found on device (a stable sort of the validity flags and thei
 scale with N_valid and there is no host sync. Logits (TRL's order):
     z' = softcap(logit_scale * (hidden @ weight.T + bias)) / tau,   softcap(x) = c tanh(x / c).
 
-Triton path, per chunk of compacted rows (at most `chunk_bytes` of fp32 z', default 512 MiB):
+Triton path, per chunk of compacted rows (`chunk_bytes` of fp32 z' and dz; see `chunk_rows`):
   1. linear_fwd      z' tiles (2 n H V FLOPs) into the chunk buffer, per-split row statistics
   2. linear_finish   lse, log-prob, entropy (extras) per row
   3. linear_dh       d(hidden) = dz @ W, accumulated in registers over V, written once   (2 n H V)
@@ -34,12 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _linear_torch
-from . import reference as ref_impl
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
-from .fused import PPOOptions, check_ppo_args, ppo_terms_from_logprobs, stat_names
-from .losses import AggOptions, stats_dict
+from .dispatch import ops
+from .fused import check_fused_tensors, fused_stat_names, loss_options
+from .losses import loss_terms_from_logprobs, stats_dict
+from .options import LossOptions
 from .outputs import LogprobOutputs, PPOLossOutput
 
 EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
@@ -47,22 +47,20 @@ EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 
 @dataclass(frozen=True)
 class LinearOptions:
-    """Non-tensor options of the linear ops, validated once where built."""
+    """Non-tensor options of the linear ops, validated once where built (`_linear_options`)."""
 
     inv_tau: float
     ignore_index: int
     with_entropy: bool
-    extras: bool
-    logit_scale: float
-    softcap: float | None
     backend: str
-    chunk_bytes: int
+    extras: bool = False
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    chunk_bytes: int | None = None      # None: automatic (see chunk_rows)
 
 
 def _kernels():
-    from .kernels import linear
-
-    return linear
+    return ops("linear", "triton")
 
 
 def _acc(hidden, weight):
@@ -70,16 +68,21 @@ def _acc(hidden, weight):
 
 
 def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
-    """Rows per chunk of the gradient pass: a multiple of the kernel's row tile whose fp32 (fp64) z' and
-    dz (a second [rows, V] buffer in the GEMM dtype when that is 16-bit; dz overwrites z' otherwise) fit
-    in chunk_bytes (at least one tile), at most n_rows."""
+    """Rows per chunk of the gradient pass: a multiple of the kernel's row tile (at least one tile, at most
+    n_rows) whose fp32 (fp64) z' and dz (a second [rows, V] buffer in the GEMM dtype when that is 16-bit;
+    dz overwrites z' otherwise) fit in chunk_bytes. chunk_bytes=None: at most LIN_CHUNK_BYTES (2 GiB) and
+    fewer than n_rows / 8 rows, so no buffer reaches N*V/8 elements. Fewer, larger chunks mean fewer
+    re-reads of the weight (2 V H b per chunk) and of the fp32 d(weight) sum (8 V H per chunk after the
+    first) and fuller GEMMs; the buffers are 6 bytes (bf16) per row and vocabulary entry."""
     from .kernels import _config as cfg
 
     size = torch.empty((), dtype=acc).element_size()
     per_row = vocab * (size + (0 if dz_dtype == acc else torch.empty((), dtype=dz_dtype).element_size()))
     tile = cfg.LIN_BLOCK_N
-    rows = max(tile, (chunk_bytes // max(per_row, 1)) // tile * tile)
-    return max(1, min(rows, n_rows))
+    rows = (cfg.LIN_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(per_row, 1) // tile * tile
+    if chunk_bytes is None:
+        rows = min(rows, (-(-n_rows // 8) - 1) // tile * tile)
+    return max(1, min(max(tile, rows), n_rows))
 
 
 # ----------------------------------------------------------------------------- the Triton pipeline
@@ -93,9 +96,11 @@ def triton_forward(h2, weight, bias, y, valid, opts):
     return rows, out
 
 
-def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs):
-    """Launches 1-4 chunk by chunk. `coefs(r0, n)` returns the chunk's per-row coefficients (c_logp,
-    c_ent or None; by compacted position) once its statistics are in `out`. Returns (dh, dw, db)."""
+def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, stats=None):
+    """Launches 1-5 chunk by chunk. `coefs(r0, n)` returns the chunk's per-row coefficients (c_logp,
+    c_ent or None; by compacted position) once its statistics are in `out`. With `stats` = (lse, ent or
+    None) by compacted position (known from an earlier forward, or global ones for a vocabulary shard),
+    those are used and launch 2 is skipped. Returns (dh, dw, db)."""
     k = _kernels()
     N, H = h2.shape
     V = weight.shape[0]
@@ -118,10 +123,11 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs):
     for i, r0 in enumerate(starts):
         n = min(step, N - r0)
         z = buf[:n]
-        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z)
+        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z, finish=stats is None)
         c_logp, c_ent = coefs(r0, n)
         last = i == len(starts) - 1
-        k.grads_chunk(z, dz_buf[:n], h2, weight, y, rows, r0, n, out["lse"], out["ent_c"], c_logp, c_ent, opts,
+        lse, ent = stats if stats is not None else (out["lse"], out["ent_c"])
+        k.grads_chunk(z, dz_buf[:n], h2, weight, y, rows, r0, n, lse, ent, c_logp, c_ent, opts,
                       d_hidden=dh, dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None,
                       db_out=None if db is None else (db if last else db_acc), db_in=db_acc if i else None)
     return dh, dw, db
@@ -130,21 +136,41 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs):
 def _forward(h2, weight, bias, y, valid, opts):
     if opts.backend == "triton":
         return triton_forward(h2, weight, bias, y, valid, opts)
-    return None, _linear_torch.forward(h2, weight, bias, y, valid, opts)
+    return None, ops("linear", "torch").forward(h2, weight, bias, y, valid, opts)
 
 
-def _gradients(h2, weight, bias, y, valid, rows, saved, c_logp, c_ent, opts, needs):
-    """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row)."""
+def _gradients(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, needs):
+    """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row). `stats`: the rows' lse and
+    entropy (or None), by original row on the torch backend, by compacted position on the Triton path."""
     if opts.backend == "torch":
-        return _linear_torch.grads(h2, weight, bias, y, valid, saved["lse"], saved["ent"], c_logp, c_ent, opts,
-                                   needs)
-    k = _kernels()
+        return ops("linear", "torch").grads(h2, weight, bias, y, valid, stats[0], stats[1], c_logp, c_ent, opts,
+                                              needs)
     acc = _acc(h2, weight)
-    scratch = k.new_outputs(h2.shape[0], h2.device, acc, c_ent is not None, False)
     cl = c_logp.to(acc).index_select(0, rows.idx)
     ce = None if c_ent is None else c_ent.to(acc).index_select(0, rows.idx)
-    return triton_gradient_pass(h2, weight, bias, y, rows, scratch, dataclasses.replace(opts, extras=False),
-                                needs, lambda r0, n: (cl, ce))
+    return triton_gradient_pass(h2, weight, bias, y, rows, None, dataclasses.replace(opts, extras=False), needs,
+                                lambda r0, n: (cl, ce), stats=stats)
+
+
+def linear_forward(hidden2d, weight, bias, labels1d, opts: LinearOptions):
+    """(logp, lse, entropy or None) per row in the rows' order (0 at ignored rows): the forward launches for
+    callers that combine row statistics themselves (fastppo.distributed)."""
+    valid = labels1d != opts.ignore_index
+    rows, out = _forward(hidden2d, weight, bias, labels1d, valid, opts)
+    lse = out["lse"] if rows is None else torch.empty_like(out["lse"]).index_copy_(0, rows.idx, out["lse"])
+    return out["logp"], lse, out["ent"] if opts.with_entropy else None
+
+
+def linear_backward(hidden2d, weight, bias, labels1d, lse, ent, c_logp, c_ent, opts: LinearOptions,
+                    needs=(True, True, True)):
+    """(d_hidden, d_weight, d_bias) of sum_i c_logp_i logp_i + c_ent_i H_i for the given per-row lse and
+    entropy (in the rows' order; e.g. global ones for a vocabulary shard), valid rows only."""
+    valid = labels1d != opts.ignore_index
+    if opts.backend == "torch":
+        return _gradients(hidden2d, weight, bias, labels1d, valid, None, (lse, ent), c_logp, c_ent, opts, needs)
+    rows = _kernels().Rows(valid)
+    stats = (lse.index_select(0, rows.idx), None if c_ent is None else ent.index_select(0, rows.idx))
+    return _gradients(hidden2d, weight, bias, labels1d, valid, rows, stats, c_logp, c_ent, opts, needs)
 
 
 def _flatten(hidden, labels):
@@ -163,8 +189,10 @@ class LinearLogprobs(torch.autograd.Function):
         ent = out["ent"].view(shape) if opts.with_entropy else None
         extras = (out["sq"].view(shape), out["mean"].view(shape), out["top1"].view(shape).bool()) \
             if opts.extras else (None, None, None)
+        # backward's statistics: by compacted position on the Triton path, by row on the torch backend
+        ent_key = "ent" if rows is None else "ent_c"
         saved_lse = out["lse"]
-        ctx.save_for_backward(h2, weight, bias, y, valid, saved_lse, out["ent"] if opts.with_entropy else saved_lse)
+        ctx.save_for_backward(h2, weight, bias, y, valid, saved_lse, out[ent_key] if opts.with_entropy else saved_lse)
         ctx.rows, ctx.opts, ctx.hidden_shape = rows, opts, hidden.shape
         ctx.mark_non_differentiable(*[t for t in extras if t is not None])
         return (out["logp"].view(shape), ent, *extras)
@@ -181,8 +209,8 @@ class LinearLogprobs(torch.autograd.Function):
         c_logp = torch.zeros(y.shape, dtype=acc, device=lse.device) if g_logp is None else \
             g_logp.reshape(-1).to(acc)
         c_ent = g_ent.reshape(-1).to(acc) if has_ent else None
-        dh, dw, db = _gradients(h2, weight, bias, y, valid, ctx.rows, {"lse": lse, "ent": ent}, c_logp, c_ent, opts,
-                                ctx.needs_input_grad[:3])
+        dh, dw, db = _gradients(h2, weight, bias, y, valid, ctx.rows, (lse, ent if has_ent else None), c_logp, c_ent,
+                                opts, ctx.needs_input_grad[:3])
         return (None if dh is None else dh.view(ctx.hidden_shape)), dw, db, None, None
 
 
@@ -203,8 +231,6 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
 
 def _linear_options(temperature, ignore_index, with_entropy, extras, final_logit_softcapping, logit_scale,
                     chunk_bytes, backend):
-    from .kernels import _config as cfg
-
     tau = check_temperature(temperature)
     softcap = final_logit_softcapping
     if softcap is not None:
@@ -215,11 +241,10 @@ def _linear_options(temperature, ignore_index, with_entropy, extras, final_logit
     scale = float(logit_scale)
     if not math.isfinite(scale):
         raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
-    if chunk_bytes is None:
-        chunk_bytes = cfg.LIN_CHUNK_BYTES
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    return LinearOptions(1.0 / tau, int(ignore_index), bool(with_entropy), bool(extras), scale, softcap, backend,
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                    or chunk_bytes <= 0):
+        raise ValueError(f"chunk_bytes must be None or a positive int, got {chunk_bytes!r}")
+    return LinearOptions(1.0 / tau, int(ignore_index), bool(with_entropy), backend, bool(extras), scale, softcap,
                          chunk_bytes)
 
 
@@ -248,7 +273,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     (the label is the first argmax of z'), computed in the same pass, without gradient; when given, the
     result is LogprobOutputs(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1) with None where
     not requested. Without it: logp, or (logp, entropy) with return_entropy.
-    `chunk_bytes` bounds the backward's fp32 [rows, V] logits chunk (default 512 MiB)."""
+    `chunk_bytes` bounds the backward's [rows, V] buffers (fp32 logits + dz; None: automatic, see
+    `chunk_rows`)."""
     _check_linear(hidden, weight, labels, bias, ignore_index)
     extras = _check_extras(extra_outputs)
     opts = _linear_options(temperature, ignore_index, return_entropy, bool(extras), final_logit_softcapping,
@@ -261,26 +287,28 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 
 # ----------------------------------------------------------------------------- fused_linear_ppo_loss
-def _token_local(opts: PPOOptions) -> bool:
+def _token_local(opts: LossOptions) -> bool:
     """Whether every token's loss coefficients depend only on that token's values and the aggregation
-    weights (then the gradient is formed chunk by chunk in forward, 6 N H V FLOPs). Every policy loss
-    and aggregation of fastppo.losses today; a sequence-level or batch-global term (GSPO/GMPO sequence
-    ratios, entropy quantiles) answers False and takes the recompute path (8 N H V)."""
-    return True
+    weights (then the gradient is formed chunk by chunk in forward, 6 N H V FLOPs): every token-level
+    policy loss and every aggregation. A sequence-level term (gspo, gspo_token, gmpo: sequence ratios) or a
+    batch-global one (entropy_quantile: a threshold over all tokens) answers False and takes the
+    recompute path (8 N H V)."""
+    return not opts.sequence_level and opts.entropy_quantile is None
 
 
-def _agg_weights(mask, opts: PPOOptions, acc):
+def _agg_weights(mask, opts: LossOptions, acc, backend):
     """Per-token aggregation weights m_t w_b of the loss's `agg` mode, read from the per-token loss function
     itself: with entropy_coef = 1 and zero entropy its entropy coefficient is exactly -m_t w_b."""
     zeros = torch.zeros(mask.shape, dtype=acc, device=mask.device)
-    unit = dataclasses.replace(opts, kl_coef=0.0, entropy_coef=1.0)
-    _, _, _, coef_ent, _ = ppo_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, None, unit)
-    return -coef_ent.reshape(-1)
+    unit = opts.replace(policy_loss="ppo", dual_clip=None, ratio_max=None, entropy_quantile=None, kl_coef=0.0,
+                        entropy_coef=1.0)
+    res = loss_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, opts=unit, backend=backend)
+    return -res.coef_ent.reshape(-1)
 
 
 class FusedLinearPPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old, adv, mask, ref, opts: PPOOptions, lin: LinearOptions,
+    def forward(ctx, hidden, weight, bias, labels, old, adv, mask, ref, isw, opts: LossOptions, lin: LinearOptions,
                 needs):
         ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
         h2, y = _flatten(hidden, labels)
@@ -289,31 +317,31 @@ class FusedLinearPPOLoss(torch.autograd.Function):
         use_ent = lin.with_entropy and opts.entropy_coef != 0
         acc = _acc(h2, weight)
         grads = (None, None, None)
-        if not any(needs):
-            _, out = _forward(h2, weight, bias, y, valid, lin)
-        elif _token_local(opts):
-            grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, opts, lin, needs,
-                                                use_ent, acc)
+        in_forward = any(needs) and lin.backend == "triton" and _token_local(opts)
+        if in_forward:
+            grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin,
+                                                needs, use_ent, acc)
         else:
             rows, out = _forward(h2, weight, bias, y, valid, lin)
         logp = out["logp"].view(shape)
         ent = out["ent"].view(shape) if lin.with_entropy else None
-        loss, stats, coef_x, coef_ent, kl = ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts)
-        if any(needs) and not _token_local(opts):
-            grads = _gradients(h2, weight, bias, y, valid, rows, out, coef_x.reshape(-1),
-                               coef_ent.reshape(-1) if use_ent else None, lin, needs)
-        dh, dw, db = grads
+        res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lin.backend, ref=ref,
+                                       rollout_is_weights=isw)
+        if any(needs) and not in_forward:
+            row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
+            grads = _gradients(h2, weight, bias, y, valid, rows, row_stats, res.coef.reshape(-1),
+                               res.coef_ent.reshape(-1) if use_ent else None, lin, needs)
         ctx.save_for_backward(*[t for t in grads if t is not None])
         ctx.present = [t is not None for t in grads]
         ctx.hidden_shape = hidden.shape
-        ctx.mark_non_differentiable(*[t for t in (logp, kl, ent, stats) if t is not None])
-        return loss, logp, kl, ent, stats
+        ctx.mark_non_differentiable(*[t for t in (logp, res.kl, ent, res.stats) if t is not None])
+        return res.loss, logp, res.kl, ent, res.stats
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss, *_):
         if g_loss is None:
-            return (None,) * 11
+            return (None,) * 12
         saved = iter(ctx.saved_tensors)
         dh, dw, db = (next(saved) if p else None for p in ctx.present)
         g = g_loss.reshape(())
@@ -325,7 +353,7 @@ class FusedLinearPPOLoss(torch.autograd.Function):
             return (t.to(acc) * g.to(acc)).to(t.dtype)
 
         dh = scale(dh)
-        return (None if dh is None else dh.view(ctx.hidden_shape)), scale(dw), scale(db), *([None] * 8)
+        return (None if dh is None else dh.view(ctx.hidden_shape)), scale(dw), scale(db), *([None] * 9)
 
 
 def _per_token(t, mask):
@@ -337,7 +365,7 @@ def _per_token(t, mask):
     return t.expand(mask.shape).reshape(-1)
 
 
-def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, opts, lin, needs, use_ent, acc):
+def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin, needs, use_ent, acc):
     """The 6 N H V path: each chunk's coefficients dloss/dlogp = m w dL/dlogp and dloss/dH = -m w c_ent come
     from the per-token loss function run on the chunk's rows with unit aggregation (token-mean over a
     count of 1), times the global aggregation weights m w, so chunk contributions add up exactly."""
@@ -345,23 +373,22 @@ def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, opts
     N = h2.shape[0]
     rows = k.Rows(valid)
     out = k.new_outputs(N, h2.device, acc, lin.with_entropy, False)
-    weights = _agg_weights(mask, opts, acc)
-    flat = [_per_token(t, mask) for t in (old, adv, mask, ref)]
-    unit = dataclasses.replace(opts, agg=dataclasses.replace(opts.agg, agg="token-mean", num_tokens=1.0,
-                                                             num_seqs=None, horizon=None))
+    weights = _agg_weights(mask, opts, acc, lin.backend)
+    flat = [_per_token(t, mask) for t in (old, adv, mask, ref, isw)]
+    unit = opts.replace(agg="token-mean", num_tokens=1.0, num_seqs=None, horizon=None)
     c_logp = torch.zeros(N, dtype=acc, device=h2.device)
     c_ent = torch.zeros(N, dtype=acc, device=h2.device) if use_ent else None
 
     def coefs(r0, n):
         sel = rows.idx[r0:r0 + n]
-        old_c, adv_c, mask_c, ref_c = (None if t is None else t.index_select(0, sel)[None] for t in flat)
+        old_c, adv_c, mask_c, ref_c, isw_c = (None if t is None else t.index_select(0, sel)[None] for t in flat)
         ent_c = out["ent_c"][r0:r0 + n][None] if use_ent else None
-        _, _, cx, ce, _ = ppo_terms_from_logprobs(out["logp_c"][r0:r0 + n][None], ent_c, old_c, adv_c, mask_c, ref_c,
-                                                  unit)
+        res = loss_terms_from_logprobs(out["logp_c"][r0:r0 + n][None], ent_c, old_c, adv_c, mask_c, opts=unit,
+                                       backend=lin.backend, ref=ref_c, rollout_is_weights=isw_c)
         w = weights.index_select(0, sel)
-        c_logp[r0:r0 + n] = cx[0] * w
+        c_logp[r0:r0 + n] = res.coef[0] * w
         if use_ent:
-            c_ent[r0:r0 + n] = ce[0] * w
+            c_ent[r0:r0 + n] = res.coef_ent[0] * w
         return c_logp, c_ent
 
     grads = triton_gradient_pass(h2, weight, bias, y, rows, out, lin, needs, coefs)
@@ -371,44 +398,37 @@ def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, opts
 def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None, ref_logprobs=None,
                           kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                           temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                          num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None,
-                          logit_scale=1.0, chunk_bytes=None) -> PPOLossOutput:
+                          num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo", ratio_max=None,
+                          sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None, entropy_quantile=None,
+                          final_logit_softcapping=None, logit_scale=1.0, chunk_bytes=None) -> PPOLossOutput:
     """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     without materialising the logits.
 
-    hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments and the result are those of
-    fused_ppo_loss. Only tokens with mask != 0 and a label != ignore_index are projected; the returned
-    per-token log-probs / entropy are 0 elsewhere. On the Triton path the gradients to hidden, weight and
-    bias are formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the fp32 [rows, V] logits
-    chunk, default 512 MiB): 6 N_valid H V FLOPs for forward + backward, and backward only scales them by
-    the upstream gradient. Those gradients are held from forward to backward."""
+    hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments (policy-loss variants included) and
+    the result are those of fused_ppo_loss. Only tokens with mask != 0 and a label != ignore_index are
+    projected; the returned per-token log-probs / entropy are 0 elsewhere, and NaN there cannot leak. On
+    the Triton path, for token-level losses (`_token_local`), the gradients to hidden, weight and bias are
+    formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the [rows, V] buffers; None:
+    automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only scales
+    them by the upstream gradient (those gradients are held from forward to backward). Sequence-level
+    variants (gspo, gspo_token, gmpo) and entropy_quantile recompute the logits in forward: 8 N_valid H V."""
+    opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                        ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+                        entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
+                        entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
     _check_linear(hidden, weight, labels, bias, ignore_index)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
-    check_ppo_args(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
-                   clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
-    clip_high = clip_low if clip_high is None else clip_high
-    want_ent = bool(return_entropy or entropy_coef != 0)
+    check_fused_tensors(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
+    want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(hidden, weight, labels, old_logprobs, advantages, mask)
     lin = _linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
                           chunk_bytes, backend)
-    if backend == "torch":
-        # a masked token is an ignored label: never projected, no value or gradient (NaN there cannot leak)
-        labels = labels.masked_fill(mask.reshape(labels.shape) == 0, lin.ignore_index)
-        out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                              return_entropy=want_ent, final_logit_softcapping=final_logit_softcapping,
-                              logit_scale=logit_scale, chunk_bytes=chunk_bytes)
-        logp, ent = out if want_ent else (out, None)
-        return ref_impl.compose_ppo_loss(
-            logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-            kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-            dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    opts = PPOOptions(lin.inv_tau, int(ignore_index), want_ent, kl_kind, float(kl_coef), float(entropy_coef), False,
-                      AggOptions(0, agg, clip_low, clip_high, dual_clip, None, num_tokens, num_seqs, horizon))
-    ref = None if ref_logprobs is None else ref_logprobs.detach()
     grad_on = torch.is_grad_enabled()
     needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
     loss, logp, kl, ent, stats = FusedLinearPPOLoss.apply(hidden, weight, bias, labels, old_logprobs.detach(),
-                                                          advantages.detach(), mask, ref, opts, lin, needs)
+                                                          advantages.detach(), mask, detach(ref_logprobs),
+                                                          detach(rollout_is_weights), opts, lin, needs)
     return PPOLossOutput(loss=loss, logprobs=logp, kl=kl, entropy=ent,
-                         stats=stats_dict(stats, stat_names(ref is not None, ent is not None)))
+                         stats=stats_dict(stats, fused_stat_names(opts, kl is not None, ent is not None)))

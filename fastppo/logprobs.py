@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _torch_ops
 from ._checks import check_float, check_labels, check_temperature
@@ -70,6 +71,7 @@ class TokenLogprobs(torch.autograd.Function):
         return logp.view(shape), ent.view(shape)
 
     @staticmethod
+    @once_differentiable          # double backward: a clear RuntimeError, never a silently wrong number
     def backward(ctx, g_logp, g_ent):
         logits, labels, lse, ent = ctx.saved_tensors
         opts = ctx.opts

@@ -13,9 +13,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROW_BLOCK_V = 1024 if INTERPRET else 4096
 ROW_NUM_WARPS = 8
 
-# Single-program reductions over [B, T] per-token arrays (loss aggregation).
+# Loss aggregation over [B, T] per-token arrays: one program per (sequence, AGG_BLOCK_T tile), then
+# one finishing program that reduces the per-tile partials AGG_FINISH_BLOCK rows at a time.
 AGG_BLOCK_T = 1024
 AGG_NUM_WARPS = 8
+AGG_FINISH_BLOCK = 64
+AGG_FINISH_BLOCK_J = 16
 
 # GAE: one program per sequence, a reverse scan over BLOCK_T time steps per chunk.
 GAE_BLOCK_T = 1024
@@ -38,5 +41,6 @@ LIN_BLOCK_H = 128
 # range, partials merged by the finish kernel): enough programs for a GPU, several splits at test shapes.
 LIN_SPLIT_TILES = 2 if INTERPRET else 16
 LIN_FINISH_BLOCK = 256
-# Default memory bound of the fp32 [rows, V] logits chunk of the linear gradient pass (chunk_bytes=).
-LIN_CHUNK_BYTES = 512 << 20
+# Default bound of the linear gradient pass's [rows, V] buffers (fp32 z' + dz) when chunk_bytes=None; the
+# automatic chunk also stays under N/8 rows (no allocation of N*V/8 elements or more).
+LIN_CHUNK_BYTES = 2 << 30
