@@ -28,13 +28,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
-from . import reference as ref_impl
 from ._checks import check_float, check_inplace, check_labels, check_temperature
 from .backend import backend_for
-from .fused import check_fused_tensors, loss_options
+from .fused import check_fused_tensors, fused_stat_names, loss_options
 from .linear import LinearOptions, _check_linear, _linear_options, linear_backward, linear_forward
 from .logprobs import check_logit_transform, ops_for
+from .losses import loss_terms_from_logprobs, stats_dict
+from .options import LossOptions
 from .outputs import PPOLossOutput
 
 
@@ -228,14 +230,45 @@ def _loss_setup(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollou
     return opts
 
 
-def _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs, loss_kw) -> PPOLossOutput:
-    """The loss on the (replicated) global per-token log-probs and entropy: the unfused composition of
-    fastppo.reference (per-token work only, O(N)); every rank computes the same loss value."""
+class ShardedLossTerms(torch.autograd.Function):
+    """The loss on the (replicated) global per-token log-probs and entropy: the library's per-token loss
+    function (fastppo.losses.loss_terms_from_logprobs, O(N), no collective), so every rank computes the
+    value, stats and per-token outputs of the unsharded fused ops. Backward hands dloss/dlogp = coef and
+    dloss/dH = coef_ent, times the upstream gradient, to the sharded log-prob op's backward (the entropy
+    gets no gradient when entropy_coef is 0, as unsharded)."""
+
+    @staticmethod
+    def forward(ctx, logp, ent, old, adv, mask, ref, isw, opts: LossOptions, backend: str):
+        ctx.set_materialize_grads(False)
+        res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=backend, ref=ref,
+                                       rollout_is_weights=isw)
+        use_ent_grad = ent is not None and opts.entropy_coef != 0
+        ctx.save_for_backward(res.coef, res.coef_ent if use_ent_grad else res.coef)
+        ctx.use_ent_grad, ctx.shape = use_ent_grad, logp.shape
+        ctx.mark_non_differentiable(*[t for t in (res.kl, res.stats) if t is not None])
+        return res.loss, res.kl, res.stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, *_):
+        if g_loss is None:
+            return (None,) * 9
+        coef, coef_ent = ctx.saved_tensors
+        g = g_loss.to(coef.dtype)
+        g_logp = (g * coef).view(ctx.shape)
+        g_ent = (g * coef_ent).view(ctx.shape) if ctx.use_ent_grad else None
+        return g_logp, g_ent, None, None, None, None, None, None, None
+
+
+def _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts: LossOptions,
+                  backend: str) -> PPOLossOutput:
+    """PPOLossOutput of the unsharded fused ops from the global per-token log-probs (and entropy) of a
+    vocabulary-parallel log-prob op, chained through its autograd."""
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    kw = dict(loss_kw, rollout_is_weights=detach(loss_kw["rollout_is_weights"]))
-    kw["clip_high"] = kw["clip_low"] if kw["clip_high"] is None else kw["clip_high"]
-    return ref_impl.compose_ppo_loss(logp, ent, old_logprobs.detach(), advantages.detach(), mask,
-                                     ref_logprobs=detach(ref_logprobs), **kw)
+    loss, kl, stats = ShardedLossTerms.apply(logp, ent, old_logprobs.detach(), advantages.detach(), mask,
+                                             detach(ref_logprobs), detach(rollout_is_weights), opts, backend)
+    return PPOLossOutput(loss=loss, logprobs=logp.detach(), kl=kl, entropy=detach(ent),
+                         stats=stats_dict(stats, fused_stat_names(opts, kl is not None, ent is not None)))
 
 
 def fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask, *, group=None, ref_logprobs=None,
@@ -257,7 +290,8 @@ def fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask, *, grou
     check_float("logits_shard", logits_shard)
     if logits_shard.dim() not in (2, 3):
         raise ValueError(f"logits_shard must be [B, T, V_r] or [T, V_r], got shape {tuple(logits_shard.shape)}")
-    _loss_setup(logits_shard.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_kw)
+    loss_opts = _loss_setup(logits_shard.shape[:-1], old_logprobs, advantages, mask, ref_logprobs,
+                            rollout_is_weights, loss_kw)
     shard = _check_logits(logits_shard, labels, ignore_index, group)
     if inplace:
         check_inplace("logits_shard", logits_shard)
@@ -267,7 +301,8 @@ def fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask, *, grou
                           final_logit_softcapping, logit_scale)
     labels = torch.where(mask != 0, labels, opts.ignore_index)      # mask-0 rows are dead, as unsharded
     logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
-    return _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs, loss_kw)
+    return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
+                         opts.backend)
 
 
 # ----------------------------------------------------------------------------- linear
@@ -350,11 +385,13 @@ def fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages
     check_float("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
-    _loss_setup(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_kw)
+    loss_opts = _loss_setup(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+                            loss_kw)
     shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     opts = _linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
                            chunk_bytes, backend_for(hidden, weight_shard, labels, old_logprobs, advantages, mask))
     labels = torch.where(mask.reshape(labels.shape) != 0, labels, opts.ignore_index)   # mask-0 rows are dead
     logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
-    return _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs, loss_kw)
+    return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
+                         opts.backend)

@@ -105,6 +105,22 @@ def assert_no_worse(got, unsharded, want, tol):
     assert not bad.any(), f"{int(bad.sum())} elements off, max err {err.max().item():.3g} vs {base.max().item():.3g}"
 
 
+def assert_same_outputs(out, unsharded, tol):
+    """The sharded loss returns what the unsharded fused op returns: per-token outputs (detached, same
+    dtype, None alike) and the same stats keys with the same values."""
+    assert out.loss.dtype == unsharded.loss.dtype and out.loss.shape == unsharded.loss.shape
+    for name in ("logprobs", "kl", "entropy"):
+        got, want = getattr(out, name), getattr(unsharded, name)
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert not got.requires_grad and got.dtype == want.dtype, (name, got.dtype, want.dtype)
+            torch.testing.assert_close(got.double(), want.double(), **tol)
+    assert list(out.stats) == list(unsharded.stats), (list(out.stats), list(unsharded.stats))
+    for k, v in out.stats.items():
+        assert v.dim() == 0 and not v.requires_grad, k
+        torch.testing.assert_close(v.double(), unsharded.stats[k].double(), **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def _logits_case(rank, dtype, even, ignore_index, measure, tf=None):
     import fastppo
     from fastppo import distributed as D
@@ -165,8 +181,11 @@ def _fused_case(rank, dtype, even, policy=None):
               num_tokens=50.0, num_seqs=6.0, clip_high=0.28, **(policy or {}))
     lo, hi = split[rank]
     shard = full[..., lo:hi].detach().clone().requires_grad_()
-    out = D.fused_ppo_loss(shard, y, old, adv, mask, **kw)
-    (out.loss * 1.7).backward()
+    with CountAllReduce() as fwd:
+        out = D.fused_ppo_loss(shard, y, old, adv, mask, **kw)
+    with CountAllReduce() as bwd:
+        (out.loss * 1.7).backward()
+    assert (fwd.calls, bwd.calls) == (2, 0), (fwd.calls, bwd.calls)     # the loss itself adds no collective
     x64 = full.detach().double().clone().requires_grad_()
     with fastppo.use_backend("torch"):
         want = fastppo.fused_ppo_loss(x64, y, old.double(), adv.double(), mask, **kw)
@@ -181,6 +200,7 @@ def _fused_case(rank, dtype, even, policy=None):
     torch.testing.assert_close(shard.grad.double(), x64.grad[..., lo:hi], **tol)
     torch.testing.assert_close(shard.grad, x.grad[..., lo:hi], **tol)
     torch.testing.assert_close(out.loss, unsharded.loss, **tol)
+    assert_same_outputs(out, unsharded, tol)
     assert set(out.stats) >= {"clipfrac", "approx_kl", "kl", "entropy", "pg_loss"}
 
 
@@ -228,14 +248,20 @@ def _linear_case(rank, dtype, even, measure, tf=None):
     old = torch.randn(B, T, generator=gen) * 0.3 - 3.7
     adv = torch.randn(B, T, generator=gen)
     mask = torch.rand(B, T, generator=gen) > 0.25
-    kw = dict(entropy_coef=0.02, agg="token-mean", num_tokens=13.0, **tf)
+    ref_lp = old + torch.randn(B, T, generator=gen) * 0.1
+    kw = dict(entropy_coef=0.02, agg="token-mean", num_tokens=13.0, ref_logprobs=ref_lp, kl_coef=0.05, **tf)
     h1, w1, b1 = (t.detach().clone().requires_grad_() for t in (hidden, weight[lo:hi], bias[lo:hi]))
-    out = D.fused_linear_ppo_loss(h1, w1, y, old, adv, mask, bias=b1, **kw)
-    out.loss.backward()
+    with CountAllReduce() as fwd:
+        out = D.fused_linear_ppo_loss(h1, w1, y, old, adv, mask, bias=b1, **kw)
+    with CountAllReduce() as bwd:
+        out.loss.backward()
+    assert (fwd.calls, bwd.calls) == (2, 1), (fwd.calls, bwd.calls)
     h2, w2, b2 = (t.detach().double().clone().requires_grad_() for t in (hidden, weight, bias))
     want = fastppo.fused_linear_ppo_loss(h2, w2, y, old.double(), adv.double(), mask, bias=b2, **kw)
     want.loss.backward()
     torch.testing.assert_close(out.loss.double(), want.loss, **tol)
+    unsharded = fastppo.fused_linear_ppo_loss(hidden, weight, y, old, adv, mask, bias=bias, **kw)
+    assert_same_outputs(out, unsharded, tol)
     torch.testing.assert_close(h1.grad.double(), h2.grad, **tol)
     torch.testing.assert_close(w1.grad.double(), w2.grad[lo:hi], **tol)
     torch.testing.assert_close(b1.grad.double(), b2.grad[lo:hi], **tol)
@@ -265,6 +291,7 @@ def _cases(rank, measure):
     is_w = torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) + 0.5
     _fused_case(rank, torch.float32, False, dict(policy_loss="gspo", rollout_is_weights=is_w))
     _fused_case(rank, torch.float32, True, dict(policy_loss="cispo"))
+    _fused_case(rank, torch.float32, False, dict(entropy_quantile=0.5, dual_clip=3.0))
     _linear_case(rank, torch.float32, False, measure)
     _linear_case(rank, torch.float64, True, None, dict(final_logit_softcapping=3.0, logit_scale=1.5))
     _errors_case(rank)
