@@ -32,7 +32,7 @@ import torch.distributed as dist
 from . import reference as ref_impl
 from ._checks import check_float, check_inplace, check_labels, check_temperature
 from .backend import backend_for
-from .fused import check_ppo_args
+from .fused import check_fused_tensors, loss_options
 from .linear import LinearOptions, _check_linear, _linear_options, linear_backward, linear_forward
 from .logprobs import check_logit_transform, ops_for
 from .outputs import PPOLossOutput
@@ -221,44 +221,53 @@ def token_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor, *, group=No
     return (logp, ent) if return_entropy else logp
 
 
-def _compose(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs, kl_coef, kl_kind, entropy_coef,
-             clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon) -> PPOLossOutput:
-    """The loss on the (replicated) global log-probs: the same composition fastppo.fused_ppo_loss
-    uses on its PyTorch backend; every rank computes the same loss value."""
-    return ref_impl.compose_ppo_loss(
-        logp, ent, old_logprobs.detach(), advantages.detach(), mask,
-        ref_logprobs=None if ref_logprobs is None else ref_logprobs.detach(), kl_coef=kl_coef, kl_kind=kl_kind,
-        entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_low if clip_high is None else clip_high,
-        dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+def _loss_setup(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_kw):
+    """Validate the loss options and per-token tensors once (as the unsharded fused ops do)."""
+    opts = loss_options(**{k: v for k, v in loss_kw.items() if k != "rollout_is_weights"})
+    check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
+    return opts
+
+
+def _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs, loss_kw) -> PPOLossOutput:
+    """The loss on the (replicated) global per-token log-probs and entropy: the unfused composition of
+    fastppo.reference (per-token work only, O(N)); every rank computes the same loss value."""
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    kw = dict(loss_kw, rollout_is_weights=detach(loss_kw["rollout_is_weights"]))
+    kw["clip_high"] = kw["clip_low"] if kw["clip_high"] is None else kw["clip_high"]
+    return ref_impl.compose_ppo_loss(logp, ent, old_logprobs.detach(), advantages.detach(), mask,
+                                     ref_logprobs=detach(ref_logprobs), **kw)
 
 
 def fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask, *, group=None, ref_logprobs=None,
                    kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False, inplace=False,
-                   num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None,
-                   logit_scale=1.0) -> PPOLossOutput:
+                   num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo", ratio_max=None,
+                   sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None, entropy_quantile=None,
+                   final_logit_softcapping=None, logit_scale=1.0) -> PPOLossOutput:
     """fastppo.fused_ppo_loss of the full logits, given this rank's vocabulary shard (see
     token_logprobs above for the layout). The per-token arguments are replicated; the loss and the
     per-token outputs are the same on every rank; each rank's logits_shard gets its gradient slice.
     As unsharded, rows where mask is 0 count as ignored labels (0 log-prob, no gradient), and
     `inplace=True` writes the shard's gradient into its storage."""
+    loss_kw = dict(kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
+                   clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                   horizon=horizon, policy_loss=policy_loss, ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos,
+                   sapo_tau_neg=sapo_tau_neg, rollout_is_weights=rollout_is_weights,
+                   entropy_quantile=entropy_quantile)
     check_float("logits_shard", logits_shard)
     if logits_shard.dim() not in (2, 3):
         raise ValueError(f"logits_shard must be [B, T, V_r] or [T, V_r], got shape {tuple(logits_shard.shape)}")
+    _loss_setup(logits_shard.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_kw)
     shard = _check_logits(logits_shard, labels, ignore_index, group)
-    check_ppo_args(logits_shard.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef,
-                   entropy_coef, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
     if inplace:
         check_inplace("logits_shard", logits_shard)
-    want_ent = bool(return_entropy or entropy_coef != 0)
+    want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     opts = _shard_options(temperature, ignore_index, want_ent,
                           backend_for(logits_shard, labels, old_logprobs, advantages, mask), inplace,
                           final_logit_softcapping, logit_scale)
     labels = torch.where(mask != 0, labels, opts.ignore_index)      # mask-0 rows are dead, as unsharded
     logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
-    return _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-                    kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-                    dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    return _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs, loss_kw)
 
 
 # ----------------------------------------------------------------------------- linear
@@ -327,20 +336,25 @@ def linear_logprobs(hidden, weight_shard, labels, *, group=None, bias=None, temp
 def fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages, mask, *, group=None, bias=None,
                           ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2,
                           clip_high=None, dual_clip=None, temperature=1.0, agg="token-mean", ignore_index=-100,
-                          return_entropy=False, num_tokens=None, num_seqs=None, horizon=None,
-                          final_logit_softcapping=None, logit_scale=1.0, chunk_bytes=None) -> PPOLossOutput:
+                          return_entropy=False, num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo",
+                          ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None,
+                          entropy_quantile=None, final_logit_softcapping=None, logit_scale=1.0,
+                          chunk_bytes=None) -> PPOLossOutput:
     """fastppo.fused_linear_ppo_loss with the lm_head sharded over the vocabulary (layout as in
     linear_logprobs above); the loss and per-token outputs are replicated on every rank."""
-    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
+    loss_kw = dict(kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
+                   clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                   horizon=horizon, policy_loss=policy_loss, ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos,
+                   sapo_tau_neg=sapo_tau_neg, rollout_is_weights=rollout_is_weights,
+                   entropy_quantile=entropy_quantile)
+    check_float("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
-    check_ppo_args(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
-                   clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
-    want_ent = bool(return_entropy or entropy_coef != 0)
+    _loss_setup(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_kw)
+    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
+    want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     opts = _linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
                            chunk_bytes, backend_for(hidden, weight_shard, labels, old_logprobs, advantages, mask))
     labels = torch.where(mask.reshape(labels.shape) != 0, labels, opts.ignore_index)   # mask-0 rows are dead
     logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
-    return _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-                    kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-                    dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    return _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs, loss_kw)

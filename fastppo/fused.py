@@ -71,6 +71,16 @@ def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs
     check_optional("rollout_is_weights", rollout_is_weights, "labels", lead_shape)
 
 
+def check_ppo_args(lead_shape, old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
+                   clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon):
+    """The checks of a ppo fused loss call (used by fastppo.distributed): LossOptions + the tensors."""
+    opts = LossOptions.policy(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, kl_kind=kl_kind,
+                              kl_coef=kl_coef, entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs,
+                              horizon=horizon)
+    check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, None, opts)
+    return opts
+
+
 class FusedPPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, old, adv, mask, ref, isw, lopts: LogitsOptions, opts: LossOptions):

@@ -147,7 +147,7 @@ def _logits_case(rank, dtype, even, ignore_index, measure, tf=None):
     assert (lp[y == ignore_index] == 0).all() and (ent[y == ignore_index] == 0).all()
 
 
-def _fused_case(rank, dtype, even):
+def _fused_case(rank, dtype, even, policy=None):
     import fastppo
     from fastppo import distributed as D
 
@@ -162,7 +162,7 @@ def _fused_case(rank, dtype, even):
     mask = torch.rand(B, T, generator=gen) > 0.2
     mask[1] = False
     kw = dict(ref_logprobs=ref_lp, kl_coef=0.1, entropy_coef=0.01, agg="seq-mean-token-mean", temperature=0.9,
-              num_tokens=50.0, num_seqs=6.0, clip_high=0.28)
+              num_tokens=50.0, num_seqs=6.0, clip_high=0.28, **(policy or {}))
     lo, hi = split[rank]
     shard = full[..., lo:hi].detach().clone().requires_grad_()
     out = D.fused_ppo_loss(shard, y, old, adv, mask, **kw)
@@ -253,9 +253,7 @@ def _errors_case(rank):
         D.linear_logprobs(torch.randn(3, 4), torch.randn(0, 4), torch.tensor([0, 1, 2]))
 
 
-def _worker(rank, world, backend, out_path):
-    os.environ["FASTPPO_BACKEND"] = backend
-    measure = {} if rank == 0 else None
+def _cases(rank, measure):
     for dtype in (torch.float32, torch.float64):
         for even in (True, False):
             _logits_case(rank, dtype, even, -100, measure if dtype == torch.float32 else None)
@@ -264,21 +262,34 @@ def _worker(rank, world, backend, out_path):
     _logits_case(rank, torch.float32, False, -100, None, dict(final_logit_softcapping=20.0, logit_scale=0.8))
     for even in (True, False):
         _fused_case(rank, torch.float32, even)
+    is_w = torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) + 0.5
+    _fused_case(rank, torch.float32, False, dict(policy_loss="gspo", rollout_is_weights=is_w))
+    _fused_case(rank, torch.float32, True, dict(policy_loss="cispo"))
     _linear_case(rank, torch.float32, False, measure)
     _linear_case(rank, torch.float64, True, None, dict(final_logit_softcapping=3.0, logit_scale=1.5))
     _errors_case(rank)
-    if measure is not None:
+
+
+def _worker(rank, world, out_path):
+    import fastppo
+
+    measures = {}
+    for backend in ("triton", "torch"):       # the Triton kernels (interpreter on CPU) and the PyTorch backend
+        measures[backend] = {} if rank == 0 else None
+        with fastppo.use_backend(backend):
+            _cases(rank, measures[backend])
+    if rank == 0:
         with open(out_path, "w") as f:
-            json.dump(measure, f)
+            json.dump(measures, f)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_vocab_parallel_ops_match_full_ops(backend, tmp_path):
-    if backend == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+def test_vocab_parallel_ops_match_full_ops(tmp_path):
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.fail("the triton backend needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
     out = tmp_path / "measure.json"
-    run_ranks(_worker, backend, str(out))
-    measure = json.loads(out.read_text())
-    print(backend, measure)
-    lp = measure["token_logprobs"]
-    assert lp["fwd_bytes"] == 20 * lp["N"] and lp["bwd_all_reduces"] == 0
+    run_ranks(_worker, str(out))
+    for backend, measure in json.loads(out.read_text()).items():
+        print(backend, measure)
+        lp, lin = measure["token_logprobs"], measure["linear_logprobs"]
+        assert (lp["fwd_all_reduces"], lp["fwd_bytes"], lp["bwd_all_reduces"]) == (2, 20 * lp["N"], 0)
+        assert (lin["fwd_all_reduces"], lin["bwd_all_reduces"], lin["bwd_bytes"]) == (2, 1, 4 * lin["N"] * lin["H"])
