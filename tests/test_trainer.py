@@ -14,16 +14,17 @@ TINY = dict(iterations=2, batch_size=8, minibatches=2, ppo_epochs=1, sft_steps=3
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_backend_restored():
+def _one_thread_and_backend_untouched():
     """One intra-op thread (tiny matrices: faster, above all on a busy machine, and a trajectory that does not
-    depend on the core count); from_config forces the run's backend process-wide: undone after each test."""
-    from fastppo.backend import forced_backend, set_backend
+    depend on the core count). The trainer's --backend applies to its own work only: the process-wide backend
+    choice is the same after every test (it leaked into later tests once)."""
+    from fastppo.backend import forced_backend
 
     before, threads = forced_backend(), torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    set_backend(before)
     torch.set_num_threads(threads)
+    assert forced_backend() == before, "a trainer run changed the process-wide fastppo backend"
 
 
 def _cfg(tmp_path, **kw):
