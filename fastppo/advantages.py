@@ -9,7 +9,7 @@ import math
 import torch
 
 from ._checks import check_choice, check_float, check_mask, check_same_shape
-from .backend import backend_for
+from .dispatch import ops_for
 
 
 def _check_bt(name, x):
@@ -58,23 +58,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     _check_mask(mask, "rewards", rewards)
     _check_discount("gamma", gamma)
     _check_discount("lam", lam)
-    if backend_for(rewards, values, mask) == "triton":
-        from .kernels.gae import gae_fwd
-
-        return gae_fwd(rewards, values, mask, gamma, lam)
-    r, v, m = rewards.double(), values.double(), mask != 0    # fp64 recurrence, as the kernel's scan
-    B, T = r.shape
-    adv = torch.zeros(B, T, dtype=torch.float64, device=r.device)
-    g = torch.zeros(B, dtype=torch.float64, device=r.device)
-    v_next = torch.zeros_like(g)
-    for t in reversed(range(T)):
-        mt = m[:, t]
-        g_t = torch.where(mt, r[:, t] - v[:, t], 0.0) + gamma * v_next + gamma * lam * g
-        g = torch.where(mt, g_t, g)
-        v_next = torch.where(mt, v[:, t], v_next)
-        adv[:, t] = torch.where(mt, g_t, torch.zeros_like(g_t))
-    out = _out_dtype(rewards, values)
-    return adv.to(out), torch.where(m, adv + v, torch.zeros_like(adv)).to(out)
+    gae_ops, _ = ops_for("gae", rewards, values, mask)
+    return gae_ops.gae_fwd(rewards, values, mask, gamma, lam)
 
 
 @torch.no_grad()

@@ -7,15 +7,11 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import check_float, check_same_shape, check_temperature
 from .backend import backend_for
-from .logprobs import ops_for
+from .dispatch import ops
 
 
 def _full_kl_ops(backend):
-    if backend == "triton":
-        from .kernels import full_kl as triton_ops
-
-        return triton_ops
-    return ops_for("torch")
+    return ops("full_kl", backend)
 
 
 class FullKL(torch.autograd.Function):

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _torch_ops
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
+from .dispatch import ops
 
 
 def check_logit_transform(logit_scale, final_logit_softcapping):
@@ -33,11 +33,7 @@ def check_logit_transform(logit_scale, final_logit_softcapping):
 
 def ops_for(backend: str):
     """The launcher module of a backend: Triton kernels or their chunked PyTorch twins."""
-    if backend == "triton":
-        from .kernels import logprobs as triton_ops
-
-        return triton_ops
-    return _torch_ops
+    return ops("logprobs", backend)
 
 
 @dataclass(frozen=True)
