@@ -351,12 +351,8 @@ def test_token_logprobs_bytes_on_a_half_masked_batch():
 
 
 def test_fused_ppo_loss_bytes_on_a_half_masked_batch():
-<<<<<<< .merge_file_3Kq2LW
     # the loss aggregation moves O(B T) per-token vectors (~90 bytes a token over its 4 launches) beside the
     # O(B T V) logits: at V = 1000 that alone is 2.1 % of the floor, at V = 2048 1 %, at V = 152k 0.01 %
-=======
-    # V = 2048: the loss aggregation moves ~90 bytes per token whatever V is; at V = 1000 that alone is 2 %
->>>>>>> .merge_file_5eadUK
     logits, labels = _half_masked(V=2048)
     labels[:, : labels.shape[1] // 2] = 5                        # valid labels: only the mask says "prompt"
     mask = torch.zeros(labels.shape, dtype=torch.bool, device=DEVICE)
