@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from . import library  # noqa: F401  (registers torch.ops.fastppo)
 from ._checks import check_choice, check_float, check_same_shape
 from .backend import backend_for
 
@@ -42,10 +43,11 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     check_same_shape("mask", mask, "rewards", rewards.shape)
     _check_discount("gamma", gamma)
     _check_discount("lam", lam)
-    if backend_for(rewards, values, mask) == "triton":
-        from .kernels.gae import gae_fwd
+    return torch.ops.fastppo.gae(rewards, values, mask, float(gamma), float(lam), backend_for(rewards, values, mask))
 
-        return gae_fwd(rewards, values, mask, gamma, lam)
+
+def gae_torch(rewards, values, mask, gamma, lam):
+    """The PyTorch backend of gae: the reverse loop over time, in fp32."""
     r, v, m = rewards.float(), values.float(), mask.bool()
     B, T = r.shape
     adv = torch.zeros(B, T, dtype=torch.float32, device=r.device)
@@ -63,21 +65,28 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 @torch.no_grad()
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the mask-1 entries, var unbiased (n - 1); with
-    shift_mean=False the mean is added back. 0 where mask is 0. Needs at least 2 mask-1 entries
-    (one host sync to check it)."""
+    shift_mean=False the mean is added back. 0 where mask is 0. Needs at least 2 mask-1 entries: checked
+    where that is free (CPU tensors, outside torch.compile); elsewhere fewer give NaN / inf (no host sync)."""
     check_float("x", x)
     check_same_shape("mask", mask, "x", x.shape)
-    m = mask.float()
-    n = m.sum()
-    if int(n.item()) < 2:
-        raise ValueError(f"masked_whiten needs at least 2 mask-1 entries, got {int(n.item())}")
-    xf = torch.where(m > 0, x.float(), torch.zeros_like(m))
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        n = int((mask != 0).sum())
+        if n < 2:
+            raise ValueError(f"masked_whiten needs at least 2 mask-1 entries, got {n}")
+    return torch.ops.fastppo.masked_whiten(x, mask, bool(shift_mean))
+
+
+def masked_whiten_torch(x, mask, shift_mean):
+    m = mask != 0
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    n = m.sum().float()
+    xf = torch.where(m, x.float(), zero)   # masked positions may hold inf / NaN
     mean = xf.sum() / n
-    var = (torch.where(m > 0, xf - mean, torch.zeros_like(m)).square()).sum() / (n - 1)
+    var = torch.where(m, xf - mean, zero).square().sum() / (n - 1)
     out = (xf - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return out * m
+    return torch.where(m, out, zero)
 
 
 @torch.no_grad()
@@ -95,6 +104,10 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo
     if scores.numel() % group_size:
         raise ValueError(f"scores has {scores.numel()} entries, not a multiple of group_size={group_size}")
     check_choice("kind", kind, ("grpo", "rloo"))
+    return torch.ops.fastppo.group_advantages(scores, group_size, kind, bool(norm_by_std), float(eps))
+
+
+def group_advantages_torch(scores, group_size, kind, norm_by_std, eps):
     if group_size == 1:
         return torch.zeros_like(scores, dtype=torch.float32)
     s = scores.float().view(-1, group_size)
@@ -118,15 +131,17 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     check_same_shape("mask", mask, "kl", kl.shape)
     if tuple(scores.shape) != (kl.shape[0],):
         raise ValueError(f"scores must be [{kl.shape[0]}], got shape {tuple(scores.shape)}")
-    m = mask.bool()
-    out = torch.where(m, -float(kl_coef) * kl.float(), torch.zeros_like(kl, dtype=torch.float32))
-    T = m.shape[1]
-    positions = torch.arange(T, device=m.device).expand_as(m)
-    last = torch.where(m, positions, torch.full_like(positions, -1)).amax(-1)
-    has = last >= 0
-    rows = torch.arange(m.shape[0], device=m.device)[has]
-    out[rows, last[has]] += scores.float()[has]
-    return out
+    return torch.ops.fastppo.kl_shaped_rewards(scores, kl, mask, float(kl_coef))
+
+
+def kl_shaped_rewards_torch(scores, kl, mask, kl_coef):
+    """No value-dependent shapes: the score lands where the position equals the last mask-1 position."""
+    m = mask != 0
+    zero = torch.zeros((), dtype=torch.float32, device=kl.device)
+    out = torch.where(m, -kl_coef * kl.float(), zero)
+    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(m, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
+    return out + torch.where(positions == last, scores.float()[:, None], zero)
 
 
 class FixedKLController:

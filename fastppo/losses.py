@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import library  # noqa: F401  (registers torch.ops.fastppo)
 from . import reference as ref_impl
 from ._checks import check_choice, check_float, check_positive, check_same_shape
 from .backend import backend_for
@@ -58,23 +59,6 @@ def stats_dict(buf: torch.Tensor, names) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- kl_penalty
-class KLPenalty(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logprobs, ref_logprobs, kind):
-        kl, dkl = _kernels()[0].kl_fwd(logprobs, ref_logprobs, kind)
-        ctx.save_for_backward(dkl)
-        ctx.ref_requires_grad = ref_logprobs.requires_grad
-        return kl
-
-    @staticmethod
-    def backward(ctx, g):
-        if g is None:
-            return None, None, None
-        (dkl,) = ctx.saved_tensors
-        g_logp = g * dkl
-        return g_logp, (-g_logp if ctx.ref_requires_grad else None), None
-
-
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token KL estimator between the policy and the reference, with d = logp - ref_logp:
     `k1` d; `abs` |d|; `k2`/`mse` d^2/2; `k3` exp(-d) - 1 + d; `low_var_kl` k3 with d clamped to
@@ -85,7 +69,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     check_choice("kind", kind, ref_impl.KL_KINDS)
     if backend_for(logprobs, ref_logprobs) == "torch":
         return ref_impl.kl_penalty(logprobs, ref_logprobs, kind)
-    return KLPenalty.apply(logprobs, ref_logprobs, kind)
+    return torch.ops.fastppo.kl_penalty(logprobs, ref_logprobs, kind)[0]
 
 
 # ----------------------------------------------------------------------------- policy / value
