@@ -7,30 +7,15 @@ logits in three launches for forward + backward together, with no host sync:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from . import library  # noqa: F401  (registers torch.ops.fastppo)
 from . import reference as ref_impl
 from ._checks import check_choice, check_float, check_labels, check_temperature
 from .backend import backend_for
 from .logprobs import token_logprobs
-from .losses import POLICY_STATS, AggOptions, check_clips, check_token_args, stats_dict
+from .losses import POLICY_STATS, check_clips, check_token_args, opt_float, stats_dict
 from .outputs import PPOLossOutput
-
-
-@dataclass(frozen=True)
-class PPOOptions:
-    """Everything but tensors: hashable, so the Function's backward returns a short tuple."""
-
-    inv_tau: float
-    ignore_index: int
-    want_entropy: bool
-    kl_kind: str
-    kl_coef: float
-    entropy_coef: float
-    inplace: bool
-    agg: AggOptions
 
 
 def stat_names(has_ref, has_ent):
@@ -40,49 +25,6 @@ def stat_names(has_ref, has_ent):
     if has_ent:
         names.append(("entropy", "entropy"))
     return names
-
-
-def ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts: PPOOptions):
-    """Launch 2 of 3: the aggregation kernel on per-token log-probs (and entropy)."""
-    from .kernels.loss_agg import loss_agg
-
-    return loss_agg(logp, old, adv, mask, ref=ref, ent=ent, kl_kind=opts.kl_kind, kl_coef=opts.kl_coef,
-                    entropy_coef=opts.entropy_coef, **opts.agg.kwargs())
-
-
-class FusedPPOLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, old, adv, mask, ref, opts: PPOOptions):
-        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
-        from .kernels import logprobs as k
-
-        logp, lse, ent = k.logprobs_fwd(logits, labels, inv_tau=opts.inv_tau, ignore_index=opts.ignore_index,
-                                        with_entropy=opts.want_entropy)
-        shape = labels.shape
-        logp = logp.view(shape)
-        ent = None if ent is None else ent.view(shape)
-        loss, stats, coef_x, coef_ent, kl = ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts)
-        use_ent_grad = ent is not None and opts.entropy_coef != 0
-        ctx.save_for_backward(logits, labels, lse, ent if use_ent_grad else lse, coef_x,
-                              coef_ent if use_ent_grad else coef_x)
-        ctx.opts, ctx.use_ent_grad = opts, use_ent_grad
-        outs = [t for t in (logp, kl, ent, stats) if t is not None]
-        ctx.mark_non_differentiable(*outs)
-        return loss, logp, kl, ent, stats
-
-    @staticmethod
-    def backward(ctx, g_loss, *_):
-        from .kernels import logprobs as k
-
-        if g_loss is None:
-            return (None,) * 7
-        logits, labels, lse, ent, coef_x, coef_ent = ctx.saved_tensors
-        opts = ctx.opts
-        dlogits = k.logprobs_bwd(
-            logits, labels, lse, ent if ctx.use_ent_grad else None, coef_x.view(-1),
-            coef_ent.view(-1) if ctx.use_ent_grad else None, inv_tau=opts.inv_tau,
-            ignore_index=opts.ignore_index, scale=g_loss.float(), inplace=opts.inplace)
-        return dlogits, None, None, None, None, None, None
 
 
 def check_ppo_args(lead_shape, old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
@@ -130,11 +72,15 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
             logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
             kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
             dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    opts = PPOOptions(1.0 / tau, int(ignore_index), want_ent, kl_kind, float(kl_coef), float(entropy_coef),
-                      bool(inplace), AggOptions(0, agg, clip_low, clip_high, dual_clip, None, num_tokens,
-                                                num_seqs, horizon))
     ref = None if ref_logprobs is None else ref_logprobs.detach()
-    loss, logp, kl, ent, stats = FusedPPOLoss.apply(logits, labels, old_logprobs.detach(), advantages.detach(),
-                                                    mask, ref, opts)
-    return PPOLossOutput(loss=loss, logprobs=logp, kl=kl, entropy=ent,
-                         stats=stats_dict(stats, stat_names(ref is not None, ent is not None)))
+    loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_ppo_loss(
+        logits, labels, old_logprobs.detach(), advantages.detach(), mask, ref, 1.0 / tau, int(ignore_index), want_ent,
+        kl_kind, float(kl_coef), float(entropy_coef), agg, float(clip_low), float(clip_high), opt_float(dual_clip),
+        opt_float(num_tokens), opt_float(num_seqs), opt_float(horizon), bool(inplace))
+    return ppo_output(loss, logp, kl, ent, stats, ref is not None, want_ent)
+
+
+def ppo_output(loss, logp, kl, ent, stats, has_ref, has_ent) -> PPOLossOutput:
+    """PPOLossOutput from a fused op's outputs (kl / entropy are empty tensors where absent)."""
+    return PPOLossOutput(loss=loss, logprobs=logp, kl=kl if has_ref else None, entropy=ent if has_ent else None,
+                         stats=stats_dict(stats, stat_names(has_ref, has_ent)))

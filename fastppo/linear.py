@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _torch_ops
+from . import _torch_ops, library  # noqa: F401  (library registers torch.ops.fastppo)
 from . import reference as ref_impl
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
-from .fused import PPOOptions, check_ppo_args, ppo_terms_from_logprobs, stat_names
-from .losses import AggOptions, stats_dict
+from .fused import check_ppo_args, ppo_output
+from .losses import opt_float
 from .outputs import PPOLossOutput
 
 
@@ -73,37 +73,6 @@ def linear_backward(hidden2d, weight, bias, labels1d, lse, ent, c_logp, c_ent, o
     return (None if d_hidden is None else d_hidden.to(hidden2d.dtype)), d_weight, d_bias
 
 
-def _flatten(hidden, labels):
-    H = hidden.shape[-1]
-    return hidden.reshape(-1, H), labels.reshape(-1)
-
-
-class LinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opts: LinearOptions):
-        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
-        h2, y = _flatten(hidden, labels)
-        logp, lse, ent = linear_forward(h2, weight, bias, y, opts)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if ent is not None else lse)
-        ctx.opts = opts
-        shape = labels.shape
-        return logp.view(shape), (None if ent is None else ent.view(shape))
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-        opts = ctx.opts
-        if g_logp is None and g_ent is None:
-            return None, None, None, None, None
-        if g_logp is None:
-            g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=lse.device)
-        has_ent = opts.with_entropy and g_ent is not None
-        h2, y = _flatten(hidden, labels)
-        dh, dw, db = linear_backward(h2, weight, bias, y, lse, ent if has_ent else None, g_logp.to(lse.dtype),
-                                     g_ent.to(lse.dtype) if has_ent else None, opts, ctx.needs_input_grad[:3])
-        return (None if dh is None else dh.view(hidden.shape)), dw, db, None, None
-
-
 def _check_linear(hidden, weight, labels, bias, ignore_index):
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -129,38 +98,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     O(N H)."""
     _check_linear(hidden, weight, labels, bias, ignore_index)
     tau = check_temperature(temperature)
-    opts = LinearOptions(1.0 / tau, int(ignore_index), bool(return_entropy), backend_for(hidden, weight, labels))
-    logp, ent = LinearLogprobs.apply(hidden, weight, bias, labels, opts)
+    logp, ent, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, 1.0 / tau, int(ignore_index),
+                                                     bool(return_entropy), backend_for(hidden, weight, labels))
     return (logp, ent) if return_entropy else logp
-
-
-class FusedLinearPPOLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old, adv, mask, ref, opts: PPOOptions, lin: LinearOptions):
-        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
-        h2, y = _flatten(hidden, labels)
-        logp, lse, ent = linear_forward(h2, weight, bias, y, lin)
-        shape = labels.shape
-        logp = logp.view(shape)
-        ent = None if ent is None else ent.view(shape)
-        loss, stats, coef_x, coef_ent, kl = ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts)
-        use_ent = ent is not None and opts.entropy_coef != 0
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if use_ent else lse, coef_x,
-                              coef_ent if use_ent else coef_x)
-        ctx.opts, ctx.lin, ctx.use_ent = opts, lin, use_ent
-        ctx.mark_non_differentiable(*[t for t in (logp, kl, ent, stats) if t is not None])
-        return loss, logp, kl, ent, stats
-
-    @staticmethod
-    def backward(ctx, g_loss, *_):
-        if g_loss is None:
-            return (None,) * 10
-        hidden, weight, bias, labels, lse, ent, coef_x, coef_ent = ctx.saved_tensors
-        h2, y = _flatten(hidden, labels)
-        g = g_loss.to(coef_x.dtype)
-        dh, dw, db = linear_backward(h2, weight, bias, y, lse, ent if ctx.use_ent else None, coef_x * g,
-                                     coef_ent * g if ctx.use_ent else None, ctx.lin, ctx.needs_input_grad[:3])
-        return (None if dh is None else dh.view(hidden.shape)), dw, db, None, None, None, None, None, None, None
 
 
 def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None, ref_logprobs=None,
@@ -188,11 +128,9 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask
             logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
             kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
             dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    opts = PPOOptions(1.0 / tau, int(ignore_index), want_ent, kl_kind, float(kl_coef), float(entropy_coef), False,
-                      AggOptions(0, agg, clip_low, clip_high, dual_clip, None, num_tokens, num_seqs, horizon))
-    lin = LinearOptions(1.0 / tau, int(ignore_index), want_ent, backend)
     ref = None if ref_logprobs is None else ref_logprobs.detach()
-    loss, logp, kl, ent, stats = FusedLinearPPOLoss.apply(hidden, weight, bias, labels, old_logprobs.detach(),
-                                                          advantages.detach(), mask, ref, opts, lin)
-    return PPOLossOutput(loss=loss, logprobs=logp, kl=kl, entropy=ent,
-                         stats=stats_dict(stats, stat_names(ref is not None, ent is not None)))
+    loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_linear_ppo_loss(
+        hidden, weight, bias, labels, old_logprobs.detach(), advantages.detach(), mask, ref, 1.0 / tau,
+        int(ignore_index), want_ent, kl_kind, float(kl_coef), float(entropy_coef), agg, float(clip_low),
+        float(clip_high), opt_float(dual_clip), opt_float(num_tokens), opt_float(num_seqs), opt_float(horizon))
+    return ppo_output(loss, logp, kl, ent, stats, ref is not None, want_ent)

@@ -2,62 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from . import _torch_ops
+from . import library  # noqa: F401  (registers torch.ops.fastppo)
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
-
-
-def ops_for(backend: str):
-    """The launcher module of a backend: Triton kernels or their chunked PyTorch twins."""
-    if backend == "triton":
-        from .kernels import logprobs as triton_ops
-
-        return triton_ops
-    return _torch_ops
-
-
-@dataclass(frozen=True)
-class LogprobOptions:
-    inv_tau: float
-    ignore_index: int
-    with_entropy: bool
-    backend: str
-
-
-class TokenLogprobs(torch.autograd.Function):
-    """Forward saves only lse and H (fp32 per row); backward recomputes p from the logits."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, opts: LogprobOptions):
-        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
-        ops = ops_for(opts.backend)
-        logp, lse, ent = ops.logprobs_fwd(logits, labels, inv_tau=opts.inv_tau,
-                                          ignore_index=opts.ignore_index, with_entropy=opts.with_entropy)
-        ctx.save_for_backward(logits, labels, lse, ent if ent is not None else lse)
-        ctx.opts = opts
-        shape = labels.shape
-        if ent is None:
-            return logp.view(shape), None
-        return logp.view(shape), ent.view(shape)
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        logits, labels, lse, ent = ctx.saved_tensors
-        opts = ctx.opts
-        if g_logp is None and g_ent is None:
-            return None, None, None
-        if g_logp is None:
-            g_logp = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-        has_ent = opts.with_entropy and g_ent is not None
-        dlogits = ops_for(opts.backend).logprobs_bwd(
-            logits, labels, lse, ent if has_ent else None, g_logp.float().reshape(-1),
-            g_ent.float().reshape(-1) if has_ent else None,
-            inv_tau=opts.inv_tau, ignore_index=opts.ignore_index)
-        return dlogits, None, None
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
@@ -77,6 +26,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
     tau = check_temperature(temperature)
-    opts = LogprobOptions(1.0 / tau, int(ignore_index), bool(return_entropy), backend_for(logits, labels))
-    logp, ent = TokenLogprobs.apply(logits, labels, opts)
+    logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, 1.0 / tau, int(ignore_index), bool(return_entropy),
+                                                    backend_for(logits, labels))
     return (logp, ent) if return_entropy else logp

@@ -3,8 +3,6 @@ interpreter, the reference in PyTorch otherwise). Math: fastppo.reference and DE
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import library  # noqa: F401  (registers torch.ops.fastppo)
@@ -51,6 +49,11 @@ def check_clips(clip_low, clip_high, dual_clip):
         raise ValueError(f"dual_clip must be > 1 (Dual-clip PPO), got {dual_clip}")
 
 
+def opt_float(x):
+    """An optional number as an op argument (float or None)."""
+    return None if x is None else float(x)
+
+
 def stats_dict(buf: torch.Tensor, names) -> dict[str, torch.Tensor]:
     """Views of the kernel's stats buffer by name (no copy, no sync)."""
     from .kernels.loss_agg import STATS
@@ -73,45 +76,6 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
 
 
 # ----------------------------------------------------------------------------- policy / value
-@dataclass(frozen=True)
-class AggOptions:
-    """Options of the aggregation kernel (see fastppo.kernels.loss_agg.loss_agg)."""
-
-    loss_kind: int
-    agg: str
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    value_clip: float | None = None
-    num_tokens: float | None = None
-    num_seqs: float | None = None
-    horizon: float | None = None
-
-    def kwargs(self):
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-class TokenLoss(torch.autograd.Function):
-    """loss = agg(L(x)) for the policy or value loss; dloss/dx is written by the forward kernel."""
-
-    @staticmethod
-    def forward(ctx, x, old, adv, mask, opts: AggOptions):
-        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
-        loss, stats, coef, _, _ = _kernels()[1].loss_agg(x, old, adv, mask, **opts.kwargs())
-        ctx.save_for_backward(coef)
-        ctx.x_meta = (x.shape, x.dtype)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, g_loss, _g_stats):
-        if g_loss is None:
-            return None, None, None, None, None
-        (coef,) = ctx.saved_tensors
-        shape, dtype = ctx.x_meta
-        return (g_loss * coef).view(shape).to(dtype), None, None, None, None
-
-
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None,
                     dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None, horizon=None):
     """PPO clipped surrogate, aggregated. Per token, ratio = exp(clamp(logp - old, -20, 20)):
@@ -131,8 +95,9 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
         return ref_impl.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
                                         clip_high=clip_high, dual_clip=dual_clip, agg=agg,
                                         num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    opts = AggOptions(0, agg, clip_low, clip_high, dual_clip, None, num_tokens, num_seqs, horizon)
-    loss, buf = TokenLoss.apply(logprobs, old_logprobs, advantages, mask, opts)
+    loss, buf, _ = torch.ops.fastppo.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, agg, float(clip_low),
+                                                     float(clip_high), opt_float(dual_clip), opt_float(num_tokens),
+                                                     opt_float(num_seqs), opt_float(horizon))
     return loss, stats_dict(buf, [(k, k) for k in POLICY_STATS])
 
 
@@ -149,6 +114,6 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
     if backend_for(values, old_values, returns, mask) == "torch":
         return ref_impl.value_loss(values, old_values, returns, mask, clip=clip, agg=agg,
                                    num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    opts = AggOptions(1, agg, value_clip=clip, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    loss, buf = TokenLoss.apply(values, old_values, returns, mask, opts)
+    loss, buf, _ = torch.ops.fastppo.value_loss(values, old_values, returns, mask, agg, opt_float(clip),
+                                                opt_float(num_tokens), opt_float(num_seqs), opt_float(horizon))
     return loss, stats_dict(buf, [("vf_clipfrac", "clipfrac")])

@@ -13,6 +13,7 @@ d(weight), d(bias). No buffer proportional to N x V, no atomics.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import _config as cfg
 from ._common import dlogits_block, finish_stats, stats_step
@@ -108,7 +109,7 @@ def linear_fwd(hidden, weight, bias, labels, *, inv_tau, ignore_index, with_entr
     ent = torch.empty(N, dtype=acc, device=hidden.device) if with_entropy else lse
     if N:
         record_launch("linear_fwd", hidden, weight, bias, labels, logp, lse, ent if with_entropy else None)
-        _linear_fwd_kernel[(triton.cdiv(N, cfg.LIN_BLOCK_N),)](
+        wrap_triton(_linear_fwd_kernel)[(triton.cdiv(N, cfg.LIN_BLOCK_N),)](
             hidden, weight, bias if bias is not None else weight, labels, logp, lse, ent,
             N, V, H, *hidden.stride(), *weight.stride(), float(inv_tau), int(ignore_index),
             BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_K=cfg.LIN_BLOCK_K, HAS_BIAS=bias is not None,
@@ -128,7 +129,7 @@ def linear_dlogits_chunk(hidden, weight, bias, labels, lse, ent, c_logp, c_ent, 
         record_launch("linear_dlogits", hidden, weight[v0:v1], None if bias is None else bias[v0:v1], labels,
                       lse, ent, c_logp, c_ent, out[:, : v1 - v0])
         grid = (triton.cdiv(N, cfg.LIN_BLOCK_N), triton.cdiv(v1 - v0, cfg.LIN_BLOCK_V))
-        _linear_dlogits_kernel[grid](
+        wrap_triton(_linear_dlogits_kernel)[grid](
             hidden, weight, bias if bias is not None else weight, labels, lse, ent if has_ent else lse,
             c_logp, c_ent if has_ent else c_logp, out, N, V, H, *hidden.stride(), *weight.stride(), v0, v1,
             out.stride(0), float(inv_tau), int(ignore_index),

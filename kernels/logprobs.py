@@ -12,6 +12,7 @@ Only lse and H (fp32, one per row) are saved between the passes.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import _config as cfg
 from ._common import dlogits_block, finish_stats, row_offset, stats_step
@@ -91,7 +92,7 @@ def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, *, inv_tau: float, 
     ent = torch.empty(n, dtype=acc, device=dev) if with_entropy else lse
     if n > 0:
         record_launch("logprobs_fwd", logits, y, logp, lse, ent if with_entropy else None)
-        _logprobs_fwd_kernel[(n,)](
+        wrap_triton(_logprobs_fwd_kernel)[(n,)](
             rows.tensor, y, logp, lse, ent, *rows.args(), rows.n_cols, float(inv_tau), int(ignore_index),
             BLOCK_V=cfg.ROW_BLOCK_V, WITH_ENT=with_entropy, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
         )
@@ -116,7 +117,7 @@ def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau: float, ign
     c_ent = c_ent.reshape(-1).contiguous() if has_ent else None
     if rows.n_rows > 0:
         record_launch("logprobs_bwd", logits, y, lse, ent if has_ent else None, c_logp, c_ent, scale, logits)
-        _logprobs_bwd_kernel[(rows.n_rows,)](
+        wrap_triton(_logprobs_bwd_kernel)[(rows.n_rows,)](
             rows.tensor, y, lse, ent if has_ent else lse, c_logp, c_ent if has_ent else c_logp,
             scale if scale is not None else lse, out,
             *rows.args(), d_outer, d_inner, rows.n_cols, float(inv_tau), int(ignore_index),

@@ -16,6 +16,7 @@ dloss/dH = -m w ent_coef, so the backward pass needs no reduction at all.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import _config as cfg
 from ._rows import acc_dtype
@@ -169,7 +170,7 @@ def loss_agg(x, old, adv, mask, *, loss_kind=POLICY, ref=None, ent=None, agg="to
     has_clip = (dual_clip is not None) if loss_kind == POLICY else (value_clip is not None)
     first_clip = clip_low if loss_kind == POLICY else (value_clip or 0.0)
     record_launch("loss_agg", x, old, adv, mask, ref, ent, coef_x, coef_ent, kl, loss, stats)
-    _loss_agg_kernel[(1,)](
+    wrap_triton(_loss_agg_kernel)[(1,)](
         x, old, adv, ref if ref is not None else x, ent if ent is not None else x, mask,
         coef_x, coef_ent if ent is not None else coef_x, kl if kl is not None else coef_x, loss, stats,
         B, T,

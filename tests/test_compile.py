@@ -27,6 +27,86 @@ def _mask(B=2, T=5):
     return mask
 
 
+def _labels(shape, V):
+    labels = torch.randint(0, V, shape, device=DEVICE)
+    labels.view(-1)[1] = -100
+    return labels
+
+
+def _logits_cases(backend):
+    """token_logprobs, its backward ops and full_kl on a shifted (non-contiguous) view, V = 40."""
+    V = 40
+    logits = (torch.randn(2, 4, V, device=DEVICE) * 3)[:, :-1].requires_grad_()
+    labels = _labels((2, 3), V)
+    ref_logits = torch.randn(2, 3, V, device=DEVICE)
+    fwd = (logits, labels, 1 / 0.7, -100, True, backend)
+    with torch.no_grad():   # saved tensors and upstream gradients, as backward receives them
+        logp, ent, lse = torch.ops.fastppo.token_logprobs(*fwd)
+        kl, lse_p, lse_q = torch.ops.fastppo.full_kl(logits, ref_logits, 1 / 0.7, backend)
+    g_logp, g_ent = torch.randn_like(logp), torch.randn_like(ent)
+    d = logits.detach()
+    cases = [
+        ("token_logprobs", fwd),
+        ("token_logprobs", (logits, labels, 1.0, -100, False, backend)),
+        ("token_logprobs", (logits.detach().double().requires_grad_(), labels, 1.0, -100, True, backend)),
+        ("token_logprobs_backward", (d, labels, lse, ent, g_logp, g_ent, None, 1 / 0.7, -100, backend)),
+        ("token_logprobs_backward", (d, labels, lse, None, g_logp, None, None, 1 / 0.7, -100, backend)),
+        ("full_kl", (logits, ref_logits, 1 / 0.7, backend)),
+        ("full_kl_backward", (d, ref_logits, kl, lse_p, lse_q, torch.randn_like(kl), 1 / 0.7, backend)),
+    ]
+    if backend == "triton":
+        scale = torch.tensor(0.5, device=DEVICE)
+        cases += [
+            ("token_logprobs_backward", (d, labels, lse, ent, g_logp, g_ent, scale, 1 / 0.7, -100, backend)),
+            ("token_logprobs_backward_inplace", (d.contiguous(), labels, lse, ent, g_logp, g_ent, scale, 1 / 0.7,
+                                                 -100)),
+        ]
+    return cases
+
+
+def _linear_cases(backend):
+    V, H = 40, 16
+    hidden = torch.randn(2, 3, H, device=DEVICE, requires_grad=True)
+    weight = (torch.randn(V, H, device=DEVICE) / 4).requires_grad_()
+    bias = torch.randn(V, device=DEVICE, requires_grad=True)
+    labels = _labels((2, 3), V)
+    fwd = (hidden, weight, bias, labels, 1 / 0.7, -100, True, backend)
+    with torch.no_grad():
+        logp, ent, lse = torch.ops.fastppo.linear_logprobs(*fwd)
+    h, w, b = hidden.detach(), weight.detach(), bias.detach()
+    return [
+        ("linear_logprobs", fwd),
+        ("linear_logprobs", (hidden, weight, None, labels, 1.0, -100, False, backend)),
+        ("linear_logprobs_backward", (h, w, b, labels, lse, ent, torch.randn_like(logp), torch.randn_like(ent),
+                                      1 / 0.7, -100, True, True, True, backend)),
+        ("linear_logprobs_backward", (h, w, None, labels, lse, None, torch.randn_like(logp), None, 1 / 0.7, -100,
+                                      True, False, False, backend)),
+    ]
+
+
+def _loss_cases():
+    """The Triton-only loss ops (the PyTorch backend composes the differentiable reference)."""
+    V, H = 40, 16
+    mask = _mask(2, 3)
+    labels = _labels((2, 3), V)
+    lp, old, adv, ref = _bt(2, 3, requires_grad=True), _bt(2, 3) - 1, _bt(2, 3), _bt(2, 3) - 1
+    logits = torch.randn(2, 3, V, device=DEVICE, requires_grad=True)
+    hidden = torch.randn(2, 3, H, device=DEVICE, requires_grad=True)
+    weight = (torch.randn(V, H, device=DEVICE) / 4).requires_grad_()
+    loss_opts = ("k3", 0.05, 0.01, "seq-mean-token-mean", 0.2, 0.28, 3.0, None, None, None)
+    return [
+        ("ppo_policy_loss", (lp, old, adv, mask, "token-mean", 0.2, 0.28, 3.0, None, None, None)),
+        ("ppo_policy_loss", (lp, old, adv[:, 0], mask, "seq-mean-token-sum-norm", 0.2, 0.2, None, 10.0, 3.0, 8.0)),
+        ("value_loss", (lp, old, adv, mask, "seq-mean-token-sum", 0.5, None, None, None)),
+        ("value_loss", (lp, old, adv, mask, "token-mean", None, 7.0, None, None)),
+        ("fused_ppo_loss", (logits, labels, old, adv, mask, ref, 1 / 0.7, -100, True, *loss_opts, False)),
+        ("fused_ppo_loss", (logits, labels, old, adv[:, 0], mask, None, 1.0, -100, False, "k3", 0.0, 0.0,
+                            "token-mean", 0.2, 0.2, None, None, None, None, False)),
+        ("fused_linear_ppo_loss", (hidden, weight, None, labels, old, adv, mask, ref, 1 / 0.7, -100, True,
+                                   *loss_opts)),
+    ]
+
+
 def _op_cases():
     """(op name, args) for opcheck: every op, every backend it runs, tiny shapes, strided views."""
     r, mask = _bt(), _mask()
@@ -42,64 +122,88 @@ def _op_cases():
         ("kl_penalty", (lp, ref, "k3")),
         ("kl_penalty", (lp.detach().double().requires_grad_(), ref.double(), "low_var_kl")),
     ]
-    return cases
+    for backend in ("triton", "torch"):
+        cases += _logits_cases(backend) + _linear_cases(backend)
+    return cases + _loss_cases()
+
+
+OP_NAMES = sorted({name for name, _ in _op_cases()})
 
 
 @pytest.mark.parametrize("case", range(len(_op_cases())))
 def test_opcheck(case):
     torch.manual_seed(case)
     name, args = _op_cases()[case]
+    torch.manual_seed(case)
     if DEVICE == "cpu" and "triton" in args and not fastppo.library.OPAQUE_KERNELS:
         pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
     result = torch.library.opcheck(getattr(torch.ops.fastppo, name), args, test_utils=OPCHECK_TESTS)
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
-def test_every_public_op_is_registered():
-    names = ("gae", "masked_whiten", "group_advantages", "kl_shaped_rewards", "kl_penalty")
-    for name in names:
+def test_every_public_op_is_registered_and_checked():
+    public = ("token_logprobs", "linear_logprobs", "full_kl", "kl_penalty", "ppo_policy_loss", "value_loss",
+              "fused_ppo_loss", "fused_linear_ppo_loss", "gae", "masked_whiten", "group_advantages",
+              "kl_shaped_rewards")
+    assert set(public) <= set(OP_NAMES)
+    for name in OP_NAMES:
         assert hasattr(torch.ops.fastppo, name), name
 
 
-def _rollout_and_kl(r, v, mask, lp, ref):
-    adv, ret = fastppo.gae(r, v, mask, gamma=0.9, lam=0.8)
-    white = fastppo.masked_whiten(adv, mask)
-    grpo = fastppo.group_advantages(r[:, 0], 2)
-    shaped = fastppo.kl_shaped_rewards(r[:, 0], ref, mask, kl_coef=0.1)
-    kl = fastppo.kl_penalty(lp, ref, kind="k3")
-    out = white.sum() + ret.sum() + grpo.sum() + shaped.sum()
-    return out + (kl * mask).sum()
+def _train_step(logits, hidden, weight, values, labels, old, mask, rewards, scores):
+    """A PPO step touching every public op: the rollout-time ops, then the losses."""
+    ref = old + 0.1
+    adv, ret = fastppo.gae(fastppo.kl_shaped_rewards(scores, fastppo.kl_penalty(old, ref), mask, kl_coef=0.1),
+                           values.detach(), mask, gamma=0.9, lam=0.8)
+    adv = fastppo.masked_whiten(adv, mask) + fastppo.group_advantages(scores, 2)[:, None]
+    out = fastppo.fused_ppo_loss(logits, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01,
+                                 dual_clip=3.0, agg="seq-mean-token-mean")
+    logp, ent = fastppo.token_logprobs(logits, labels, temperature=0.7, return_entropy=True)
+    lin = fastppo.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, entropy_coef=0.01)
+    lin_logp = fastppo.linear_logprobs(hidden, weight, labels)
+    pg, _ = fastppo.ppo_policy_loss(lin_logp, old, adv, mask, clip_high=0.28)
+    vf, _ = fastppo.value_loss(values, values.detach() + 0.1, ret, mask, clip=0.2)
+    kl_full = fastppo.full_kl(logits, logits.detach() * 0.5)
+    extra = torch.where(mask, 0.01 * (logp + ent + kl_full + fastppo.kl_penalty(logp, ref)), 0.0).sum()
+    return out.loss + lin.loss + pg + vf + extra + 0.0 * out.stats["clipfrac"]
 
 
-def _inputs(B=4, T=7):
+def _step_inputs(B=4, T=6, V=48, H=16):
     torch.manual_seed(1)
-    r, v, mask = _bt(B, T), _bt(B, T), _mask(B, T)
-    return r, v, mask, _bt(B, T, requires_grad=True), _bt(B, T)
+    logits = (torch.randn(B, T, V, device=DEVICE) * 2).requires_grad_()
+    hidden = torch.randn(B, T, H, device=DEVICE, requires_grad=True)
+    weight = (torch.randn(V, H, device=DEVICE) / 4).requires_grad_()
+    values = _bt(B, T, requires_grad=True)
+    labels = _labels((B, T), V)
+    old = -torch.rand(B, T, device=DEVICE) * 4
+    return logits, hidden, weight, values, labels, old, _mask(B, T), _bt(B, T), torch.randn(B, device=DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_no_graph_break_advantages_and_kl(backend):
-    args = _inputs()
+def test_no_graph_break(backend):
+    """gae + fused_ppo_loss + token_logprobs + linear_logprobs (and every other op) in one graph."""
+    args = _step_inputs()
     torch._dynamo.reset()
     with fastppo.use_backend(backend):
-        explained = torch._dynamo.explain(_rollout_and_kl)(*args)
+        explained = torch._dynamo.explain(_train_step)(*args)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compiled_matches_eager_advantages_and_kl(backend, compiler):
-    args = _inputs()
-    lp = args[3]
+def test_compiled_step_matches_eager(backend, compiler):
+    args = _step_inputs()
+    params = args[:4]
     with fastppo.use_backend(backend):
-        want = _rollout_and_kl(*args)
-        (want_grad,) = torch.autograd.grad(want, lp)
+        want = _train_step(*args)
+        want_grads = torch.autograd.grad(want, params)
         torch._dynamo.reset()
-        got = torch.compile(_rollout_and_kl, backend=compiler, fullgraph=True)(*args)
-        (got_grad,) = torch.autograd.grad(got, lp)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+        got = torch.compile(_train_step, backend=compiler, fullgraph=True)(*args)
+        got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 NO_INTERPRETER = textwrap.dedent("""
