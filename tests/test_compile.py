@@ -2,6 +2,7 @@
 fake implementation and an autograd formula; compiled functions give one graph with no break and the
 eager numbers, on the Triton backend (the interpreter here, CUDA on a GPU) and on the PyTorch backend."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -168,8 +169,20 @@ def _train_step(logits, hidden, weight, values, labels, old, mask, rewards, scor
     return out.loss + lin.loss + pg + vf + extra + 0.0 * out.stats["clipfrac"]
 
 
-def _step_inputs(B=4, T=6, V=48, H=16):
-    torch.manual_seed(1)
+def _core_step(logits, hidden, weight, values, labels, old, mask, rewards, scores):
+    """The issue's function: gae + fused_ppo_loss + token_logprobs + linear_logprobs."""
+    adv, _ = fastppo.gae(rewards, values.detach(), mask, gamma=0.9, lam=0.8)
+    out = fastppo.fused_ppo_loss(logits, labels, old, adv, mask, entropy_coef=0.01)
+    logp, ent = fastppo.token_logprobs(logits, labels, return_entropy=True)
+    lin_logp = fastppo.linear_logprobs(hidden, weight, labels)
+    return out.loss + torch.where(mask, 0.01 * (logp + ent + lin_logp), 0.0).sum() + 0.0 * values.sum()
+
+
+STEPS = {"full": _train_step, "core": _core_step}
+
+
+def _step_inputs(B=2, T=5, V=48, H=16, seed=1):
+    torch.manual_seed(seed)
     logits = (torch.randn(B, T, V, device=DEVICE) * 2).requires_grad_()
     hidden = torch.randn(B, T, H, device=DEVICE, requires_grad=True)
     weight = (torch.randn(V, H, device=DEVICE) / 4).requires_grad_()
@@ -190,16 +203,23 @@ def test_no_graph_break(backend):
     assert explained.graph_count == 1
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compiled_step_matches_eager(backend, compiler):
+@functools.cache
+def _eager_step(step, backend):
     args = _step_inputs()
+    with fastppo.use_backend(backend):
+        loss = STEPS[step](*args)
+        return args, loss.detach(), torch.autograd.grad(loss, args[:4])
+
+
+# aot_eager on the step that calls every op; Inductor (slow to compile on CPU) on the issue's function.
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("step,compiler", [("full", "aot_eager"), ("core", "inductor")])
+def test_compiled_step_matches_eager(backend, step, compiler):
+    args, want, want_grads = _eager_step(step, backend)
     params = args[:4]
     with fastppo.use_backend(backend):
-        want = _train_step(*args)
-        want_grads = torch.autograd.grad(want, params)
         torch._dynamo.reset()
-        got = torch.compile(_train_step, backend=compiler, fullgraph=True)(*args)
+        got = torch.compile(STEPS[step], backend=compiler, fullgraph=True)(*args)
         got_grads = torch.autograd.grad(got, params)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for g, w in zip(got_grads, want_grads):
@@ -210,30 +230,50 @@ NO_INTERPRETER = textwrap.dedent("""
     import torch
     import fastppo
     from torch._dynamo.backends.common import aot_autograd
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
     assert not fastppo.library.OPAQUE_KERNELS
     # the PyTorch backend: the triton_op bodies are the fake implementations
     r, v = torch.randn(3, 6), torch.randn(3, 6)
     mask = torch.rand(3, 6) > 0.3
-    res = torch.library.opcheck(torch.ops.fastppo.gae, (r, v, mask, 0.9, 0.8, "torch"))
-    assert all(x == "SUCCESS" for x in res.values()), res
+    logits, labels = torch.randn(3, 6, 40, requires_grad=True), torch.randint(0, 40, (3, 6))
+    for op, args in [(torch.ops.fastppo.gae, (r, v, mask, 0.9, 0.8, "torch")),
+                     (torch.ops.fastppo.token_logprobs, (logits, labels, 1.0, -100, True, "torch"))]:
+        res = torch.library.opcheck(op, args)
+        assert all(x == "SUCCESS" for x in res.values()), res
 
-    # the Triton backend traced (not run: no GPU here): Inductor sees the kernel, not an opaque op
-    graphs = []
-    def capture(gm, example_inputs):
-        graphs.append(gm.code)
+    # the Triton backend traced, not run (no GPU here): AOTAutograd's joint forward + backward graph
+    # holds the kernels themselves (Inductor compiles them into its graph), no opaque fastppo op
+    joint = []
+    def partition(gm, inputs, **kwargs):
+        joint.append(gm)
         raise RuntimeError("traced")
-    def f(r, v, mask, lp, ref):
-        adv, ret = torch.ops.fastppo.gae(r, v, mask, 0.9, 0.8, "triton")
-        return adv.sum() + ret.sum() + torch.ops.fastppo.kl_penalty(lp, ref, "k3")[0].sum()
+    def unreachable(gm, example_inputs):
+        raise AssertionError("the partitioner stops first")
+    def step(logits, labels, hidden, weight, old, adv, mask, r, v):
+        gae_adv, ret = torch.ops.fastppo.gae(r, v, mask, 0.9, 0.8, "triton")
+        loss, *_ = torch.ops.fastppo.fused_ppo_loss(logits, labels, old, adv, mask, None, 1.0, -100, True, "k3", 0.0,
+                                                    0.01, "token-mean", 0.2, 0.2, None, None, None, None, False)
+        logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, 1.0, -100, True, "triton")
+        lin, _, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, None, labels, 1.0, -100, False, "triton")
+        kl = torch.ops.fastppo.kl_penalty(logp, old, "k3")[0] + torch.ops.fastppo.full_kl(logits, logits * 0.5, 1.0,
+                                                                                          "triton")[0]
+        return loss + (logp + ent + lin + kl).sum() + (gae_adv + ret).sum()
+    args = (logits, labels, torch.randn(3, 6, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True),
+            torch.randn(3, 6), torch.randn(3, 6), mask, r, v)
     try:
-        torch.compile(f, backend=aot_autograd(fw_compiler=capture), fullgraph=True)(
-            r, v, mask, torch.randn(3, 6), torch.randn(3, 6))
+        torch.compile(step, backend=aot_autograd(fw_compiler=unreachable, partition_fn=partition),
+                      fullgraph=True)(*args)
     except Exception as e:
         assert "traced" in str(e), e
-    code = graphs[0]
-    assert code.count("triton_kernel_wrapper_functional(") == 2, code
-    assert "fastppo" not in code, code
+    kernels = set()
+    for node in joint[0].graph.nodes:
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            kernels.add(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__)
+        assert "fastppo" not in str(node.target), node.target
+    want = {"_gae_kernel", "_logprobs_fwd_kernel", "_loss_agg_kernel", "_logprobs_bwd_kernel", "_linear_fwd_kernel",
+            "_linear_dlogits_kernel", "_kl_fwd_kernel", "_full_kl_fwd_kernel", "_full_kl_bwd_kernel"}
+    assert kernels == want, kernels
     print("OK")
 """)
 
@@ -245,3 +285,35 @@ def test_triton_ops_traced_without_interpreter():
     proc = subprocess.run([sys.executable, "-c", NO_INTERPRETER], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_replays_compiled_step():
+    """The compiled forward + backward is captured in one CUDA graph (capture fails on any host sync)
+    and replays new inputs with the eager numbers."""
+    static = _step_inputs()
+    compiled = torch.compile(_core_step, fullgraph=True)
+
+    def fwd_bwd(args):
+        loss = compiled(*args)
+        return (loss, *torch.autograd.grad(loss, args[:4]))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):   # compile and warm up outside the capture
+            fwd_bwd(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fwd_bwd(static)
+    for seed in (2, 3):
+        fresh = _step_inputs(seed=seed)
+        with torch.no_grad():
+            for dst, src in zip(static, fresh):
+                dst.copy_(src)
+        graph.replay()
+        want = _core_step(*fresh)
+        want_all = (want, *torch.autograd.grad(want, fresh[:4]))
+        for got, ref in zip(outs, want_all):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
