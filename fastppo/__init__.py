@@ -14,7 +14,7 @@ from .fused import fused_ppo_loss
 from .linear import fused_linear_ppo_loss, linear_logprobs
 from .logprobs import token_logprobs
 from .losses import kl_penalty, ppo_policy_loss, value_loss
-from .outputs import PPOLossOutput
+from .outputs import LogprobOutputs, PPOLossOutput
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,7 @@ __all__ = [
     "group_advantages",
     "kl_shaped_rewards",
     "masked_whiten",
+    "LogprobOutputs",
     "PPOLossOutput",
     "backend_for",
     "full_kl",

@@ -69,3 +69,29 @@ def check_positive(name: str, value, allow_none=True) -> None:
         return
     if value is None or not float(value) > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_mask(mask: torch.Tensor, name: str = "mask") -> None:
+    """A mask is bool, or holds only 0 and 1 (any dtype). The value check needs a device->host
+    sync on CUDA, so it runs where it is free (CPU) unless FASTPPO_CHECK_LABELS says otherwise
+    (the kernels treat any non-zero value as 1)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool or 0/1 values, got {mask.dtype}")
+    if mask.dtype == torch.bool or not label_check_enabled(mask.device):
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        first = mask[bad].flatten()[0].item()
+        raise ValueError(f"{name} must be bool or hold only 0 and 1; found {first} ({int(bad.sum())} other values)")
+
+
+def check_inplace(name: str, x: torch.Tensor) -> None:
+    """`inplace=True` writes the gradient into x's storage: refuse storage that several elements share
+    (expanded / overlapping views), where the in-place gradient would be wrong."""
+    overlap = torch._debug_has_internal_overlap(x)   # 0 no, 1 yes, 2 too hard to tell
+    if overlap != 0 or any(s == 0 and n > 1 for s, n in zip(x.stride(), x.shape)):
+        raise ValueError(f"inplace=True needs {name} whose elements do not share memory; got shape "
+                         f"{tuple(x.shape)} with strides {x.stride()} (an expanded or overlapping view). "
+                         f"Pass inplace=False or a contiguous copy.")

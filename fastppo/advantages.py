@@ -20,8 +20,30 @@ def _check_bt(name, x):
 
 
 def _check_discount(name, x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
     if not 0.0 <= float(x) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {x}")
+
+
+def _check_mask(mask, like_name, like):
+    """mask: same shape as `like`, bool or 0/1 values of any dtype. The value check runs on CPU tensors
+    only (free there) and never while torch.compile traces; on CUDA it would cost a device->host sync."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    check_same_shape("mask", mask, like_name, like.shape)
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool or 0/1, got dtype {mask.dtype}")
+    if mask.dtype != torch.bool and mask.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"mask must hold only 0/1 (or be bool); found {mask[bad].flatten()[0].item()} "
+                             f"({int(bad.sum())} entries)")
+
+
+def _out_dtype(*xs):
+    """float32 results, float64 when an input is float64 (fp64 stays fp64 end to end)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 @torch.no_grad()
@@ -34,41 +56,48 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         for t = T-1..0 over mask-1 tokens: delta = r_t + gamma V_next - V_t,
         A_t = delta + gamma lam A_next;  R_t = A_t + V_t;  0 where mask is 0.
 
-    Returns (advantages, returns), float32 [B, T]. On CUDA / the interpreter it is one Triton launch
+    Returns (advantages, returns), float32 [B, T] (float64 for float64 inputs); rewards/values at masked
+    positions (NaN, inf) never reach the result. Any strides. On CUDA / the interpreter it is one Triton launch
     for any T (a reverse associative scan over time chunks); gamma = lam = 1 is a masked reverse
     cumulative sum of (r_t + V_next - V_t)."""
     _check_bt("rewards", rewards)
     _check_bt("values", values)
     check_same_shape("values", values, "rewards", rewards.shape)
-    check_same_shape("mask", mask, "rewards", rewards.shape)
+    _check_mask(mask, "rewards", rewards)
     _check_discount("gamma", gamma)
     _check_discount("lam", lam)
     return torch.ops.fastppo.gae(rewards, values, mask, float(gamma), float(lam), backend_for(rewards, values, mask))
 
 
 def gae_torch(rewards, values, mask, gamma, lam):
-    """The PyTorch backend of gae: the reverse loop over time, in fp32."""
-    r, v, m = rewards.float(), values.float(), mask.bool()
+    """The PyTorch backend of gae: the reverse loop over time, in fp64 as the kernel's scan."""
+    r, v, m = rewards.double(), values.double(), mask != 0    # fp64 recurrence, as the kernel's scan
     B, T = r.shape
-    adv = torch.zeros(B, T, dtype=torch.float32, device=r.device)
-    g = torch.zeros(B, dtype=torch.float32, device=r.device)
+    adv = torch.zeros(B, T, dtype=torch.float64, device=r.device)
+    g = torch.zeros(B, dtype=torch.float64, device=r.device)
     v_next = torch.zeros_like(g)
     for t in reversed(range(T)):
         mt = m[:, t]
-        g_t = r[:, t] + gamma * v_next - v[:, t] + gamma * lam * g
+        g_t = torch.where(mt, r[:, t] - v[:, t], 0.0) + gamma * v_next + gamma * lam * g
         g = torch.where(mt, g_t, g)
         v_next = torch.where(mt, v[:, t], v_next)
         adv[:, t] = torch.where(mt, g_t, torch.zeros_like(g_t))
-    return adv, torch.where(m, adv + v, torch.zeros_like(adv))
+    out = _out_dtype(rewards, values)
+    return adv.to(out), torch.where(m, adv + v, torch.zeros_like(adv)).to(out)
 
 
 @torch.no_grad()
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the mask-1 entries, var unbiased (n - 1); with
-    shift_mean=False the mean is added back. 0 where mask is 0. Needs at least 2 mask-1 entries: checked
-    where that is free (CPU tensors, outside torch.compile); elsewhere fewer give NaN / inf (no host sync)."""
+    shift_mean=False the mean is added back. 0 where mask is 0 (NaN/inf there are ignored). Needs at
+    least 2 mask-1 entries: checked where that is free (CPU tensors, outside torch.compile); elsewhere fewer
+    give NaN / inf (no host sync). Returns float32 (float64 for float64 x).
+
+    Scale-safe: computed in float64 on x / a, a = max |x| over the mask (two passes: mean, then the
+    centred squares), so values near 1e20 (whose squares overflow fp32) or 1e300 whiten correctly:
+    out = d / sqrt(q + 1e-8 / a^2), d = x / a - mean(x / a), q = sum(d^2) / (n - 1)."""
     check_float("x", x)
-    check_same_shape("mask", mask, "x", x.shape)
+    _check_mask(mask, "x", x)
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         n = int((mask != 0).sum())
         if n < 2:
@@ -78,15 +107,18 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
 
 def masked_whiten_torch(x, mask, shift_mean):
     m = mask != 0
-    zero = torch.zeros((), dtype=torch.float32, device=x.device)
-    n = m.sum().float()
-    xf = torch.where(m, x.float(), zero)   # masked positions may hold inf / NaN
-    mean = xf.sum() / n
-    var = torch.where(m, xf - mean, zero).square().sum() / (n - 1)
-    out = (xf - mean) * torch.rsqrt(var + 1e-8)
+    n = m.sum()
+    xd = torch.where(m, x.double(), 0.0)
+    a = xd.abs().amax()
+    a = torch.where((a > 0) & torch.isfinite(a), a, torch.ones_like(a))   # inf / NaN stay NaN below
+    xs = xd / a
+    mean_s = xs.sum() / n
+    d = torch.where(m, xs - mean_s, 0.0)
+    q = d.square().sum() / (n - 1)
+    out = d / torch.sqrt(q + 1e-8 / a.square())
     if not shift_mean:
-        out = out + mean
-    return torch.where(m, out, zero)
+        out = out + mean_s * a
+    return torch.where(m, out, 0.0).to(_out_dtype(x))
 
 
 @torch.no_grad()
@@ -95,11 +127,14 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo
     """Advantages within groups of `group_size` consecutive sequences (the G samples of one prompt).
     grpo: (R - mean_g) / (std_g + eps) with unbiased std (norm_by_std=False: R - mean_g, Dr. GRPO);
     rloo: R - mean of the other G - 1 scores. A group of one gets 0. scores: [B], B % G == 0.
-    Returns float32 [B]."""
+    Computed in float64 (scores near 1e20 keep their spread); returns float32 [B] (float64 for float64
+    scores). `group_size` must be an int (a bool is refused: True is not a group size)."""
     check_float("scores", scores)
     if scores.dim() != 1:
         raise ValueError(f"scores must be [B], got shape {tuple(scores.shape)}")
-    if not isinstance(group_size, int) or group_size < 1:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
+    if group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if scores.numel() % group_size:
         raise ValueError(f"scores has {scores.numel()} entries, not a multiple of group_size={group_size}")
@@ -108,9 +143,10 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo
 
 
 def group_advantages_torch(scores, group_size, kind, norm_by_std, eps):
+    out_dtype = _out_dtype(scores)
     if group_size == 1:
-        return torch.zeros_like(scores, dtype=torch.float32)
-    s = scores.float().view(-1, group_size)
+        return torch.zeros_like(scores, dtype=out_dtype)
+    s = scores.double().view(-1, group_size)
     mean = s.mean(-1, keepdim=True)
     if kind == "rloo":
         out = s - (s.sum(-1, keepdim=True) - s) / (group_size - 1)
@@ -118,7 +154,7 @@ def group_advantages_torch(scores, group_size, kind, norm_by_std, eps):
         out = s - mean
         if norm_by_std:
             out = out / (s.std(-1, keepdim=True) + eps)
-    return out.reshape(-1)
+    return out.reshape(-1).to(out_dtype)
 
 
 @torch.no_grad()
@@ -128,7 +164,7 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     mask-1 token gets no score)."""
     check_float("scores", scores)
     _check_bt("kl", kl)
-    check_same_shape("mask", mask, "kl", kl.shape)
+    _check_mask(mask, "kl", kl)
     if tuple(scores.shape) != (kl.shape[0],):
         raise ValueError(f"scores must be [{kl.shape[0]}], got shape {tuple(scores.shape)}")
     return torch.ops.fastppo.kl_shaped_rewards(scores, kl, mask, float(kl_coef))
@@ -137,11 +173,12 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
 def kl_shaped_rewards_torch(scores, kl, mask, kl_coef):
     """No value-dependent shapes: the score lands where the position equals the last mask-1 position."""
     m = mask != 0
-    zero = torch.zeros((), dtype=torch.float32, device=kl.device)
-    out = torch.where(m, -kl_coef * kl.float(), zero)
+    dt = _out_dtype(scores, kl)
+    zero = torch.zeros((), dtype=dt, device=kl.device)
+    out = torch.where(m, -kl_coef * kl.to(dt), zero)
     positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
     last = torch.where(m, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
-    return out + torch.where(positions == last, scores.float()[:, None], zero)
+    return out + torch.where(positions == last, scores.to(dt)[:, None], zero)
 
 
 class FixedKLController:

@@ -3,62 +3,120 @@ torch.compile sees one graph node per op (no graph break) and a CUDA graph can c
 sync inside): each op has a fake (meta) implementation and, where it is differentiable, an autograd
 formula registered with it. The public functions validate their arguments, then call these ops.
 
-How an op is registered (`_define`):
-- A body that launches Triton kernels is a `torch.library.triton_op`; its launchers launch through
-  `torch.library.wrap_triton`, so Inductor traces the kernels into its own graph (and the body,
-  run on fake tensors, is the fake implementation).
-- Under the Triton interpreter (TRITON_INTERPRET=1) the same body is an opaque `custom_op` with the
-  hand-written fake below. `wrap_triton` returns an interpreted kernel unchanged, so tracing the body
-  would hand fake tensors to the interpreter, which copies its arguments through their storage:
-  that is torch.compile's failure under the interpreter (`Cannot access data pointer of Tensor`,
-  or `KeyError(torch.uint64)` from its dtype map). As an opaque op the kernels only ever see real
-  tensors: one graph, no break, the interpreter's numbers.
-- A pure-PyTorch body is a `custom_op` with a fake implementation.
+How an op is registered (`_define`): a `custom_op` with the fake implementation written beside it.
+A body that launches Triton kernels launches them through `torch.library.wrap_triton`, and (as
+`torch.library.triton_op` does) the op gets a decomposition under functionalization, so AOTAutograd
+and Inductor trace the kernels themselves into their graph instead of an opaque call — for the
+"triton" backend only: the PyTorch backend's chunked loops (data-dependent row selection on CPU) stay
+one opaque call. Under the Triton interpreter (TRITON_INTERPRET=1) there is no decomposition:
+`wrap_triton` returns interpreted kernels unchanged, so tracing the body would hand fake tensors to
+the interpreter, which copies its arguments through their storage — torch.compile's failure under the
+interpreter (`Cannot access data pointer of Tensor`, or `KeyError(torch.uint64)` from its dtype map).
+As an opaque op the kernels only ever see real tensors: one graph, no break, the interpreter's numbers.
 
-Schemas take tensors and primitives only (options objects are unpacked into floats, ints, strs and
-bools; an absent optional float is passed as -1 where the op documents it); the backend chosen by the
-public function ("triton" or "torch") is an argument, so a compiled graph keeps the choice it was
-traced with. Stats come back as one tensor; the public functions build their dict views outside.
+Schemas take tensors and primitives. The logits ops take their few options as floats / ints / bools;
+the loss ops take their frozen options dataclass as one string, a dict literal (`encode`), decoded in the body,
+so the schema stays short and readable when options are added. The backend chosen by the public
+function is an argument, so a compiled graph keeps the choice it was traced with. Absent optional
+outputs are empty tensors (schemas cannot return None); stats come back as one tensor, the public
+functions build their dict views outside.
 """
 
+import ast
+import dataclasses
+import inspect
 from collections.abc import Callable
 
 import torch
-from torch.library import custom_op, triton_op
+from torch._library.triton import set_wrap_triton_enabled
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+from torch.library import custom_op
 
 from .backend import interpreter_enabled
 
 OPAQUE_KERNELS = interpreter_enabled()
 
 
+def encode(options) -> str:
+    """A frozen options dataclass (nested ones included) as the string an op takes: a Python dict literal
+    of its fields (floats by repr, so exact). Plain string operations, which torch.compile traces (json
+    does not)."""
+    items = []
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        items.append(repr(field.name) + ": " + (encode(value) if dataclasses.is_dataclass(value) else repr(value)))
+    return "{" + ", ".join(items) + "}"
+
+
+def _decode(cls, text: str, **nested):
+    """The inverse of `encode` for `cls`; `nested` maps a field name to its dataclass."""
+    fields = ast.literal_eval(text)
+    for name, sub in nested.items():
+        fields[name] = sub(**fields[name])
+    return cls(**fields)
+
+
 def _define(name: str, fake: Callable, *, kernels: bool, mutates_args=()):
     """Register the decorated function as torch.ops.fastppo.<name> (see the module docstring)."""
 
     def register(fn):
-        qualname = f"fastppo::{name}"
-        if kernels and not OPAQUE_KERNELS:
-            return triton_op(qualname, fn, mutates_args=mutates_args)
-        op = custom_op(qualname, fn, mutates_args=mutates_args)
+        def eager(*args, **kwargs):
+            with set_wrap_triton_enabled(False):   # eager calls launch directly (no HOP dispatch)
+                return fn(*args, **kwargs)
+
+        op = custom_op(f"fastppo::{name}", eager, mutates_args=mutates_args, schema=_schema(fn, mutates_args))
         op.register_fake(fake)
+        if kernels and not OPAQUE_KERNELS:
+            op.register_torch_dispatch(FunctionalTensorMode, _decomposition(fn))
         return op
 
     return register
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _schema(fn, mutates_args):
+    from torch._library.infer_schema import infer_schema
+
+    return infer_schema(fn, mutates_args=mutates_args)
+
+
+def _decomposition(fn):
+    """Under functionalization (AOTAutograd, Inductor) run the body itself, so its wrap_triton launches
+    become Triton kernels of the graph; the PyTorch backend stays one opaque op."""
+    signature = inspect.signature(fn)
+
+    def decompose(mode, op, types, args, kwargs):
+        if signature.bind(*args, **kwargs).arguments.get("backend", "triton") != "triton":
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return fn(*args, **kwargs)
+
+    return decompose
+
+
+def _acc(*xs) -> torch.dtype:
+    """float32 results, float64 when an input is float64."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """The stand-in for an output that was not asked for (schemas cannot return None)."""
+    return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+def _or_empty(t, like):
+    return _empty(like) if t is None else t
 
 
 # ----------------------------------------------------------------------------- advantages (no autograd)
 def _gae_fake(rewards, values, mask, gamma, lam, backend):
-    out = rewards.new_empty(rewards.shape, dtype=torch.float32)
+    out = rewards.new_empty(rewards.shape, dtype=_acc(rewards, values))
     return out, torch.empty_like(out)
 
 
 @_define("gae", _gae_fake, kernels=True)
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) float32 [B, T]; one Triton launch, or the PyTorch loop."""
+    """(advantages, returns) [B, T]; one Triton launch, or the PyTorch loop."""
     if backend == "triton":
         from .kernels.gae import gae_fwd
 
@@ -69,18 +127,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def _masked_whiten_fake(x, mask, shift_mean):
-    return x.new_empty(x.shape, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=_acc(x))
 
 
 @_define("masked_whiten", _masked_whiten_fake, kernels=False)
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
     from .advantages import masked_whiten_torch
 
-    return masked_whiten_torch(x, mask, shift_mean)
+    return masked_whiten_torch(x, mask, shift_mean).contiguous()
 
 
 def _group_advantages_fake(scores, group_size, kind, norm_by_std, eps):
-    return scores.new_empty(scores.shape, dtype=torch.float32)
+    return scores.new_empty(scores.shape, dtype=_acc(scores))
 
 
 @_define("group_advantages", _group_advantages_fake, kernels=False)
@@ -88,23 +146,25 @@ def group_advantages(scores: torch.Tensor, group_size: int, kind: str, norm_by_s
                      eps: float) -> torch.Tensor:
     from .advantages import group_advantages_torch
 
-    return group_advantages_torch(scores, group_size, kind, norm_by_std, eps)
+    return group_advantages_torch(scores, group_size, kind, norm_by_std, eps).contiguous()
 
 
 def _kl_shaped_rewards_fake(scores, kl, mask, kl_coef):
-    return kl.new_empty(kl.shape, dtype=torch.float32)
+    return kl.new_empty(kl.shape, dtype=_acc(scores, kl))
 
 
 @_define("kl_shaped_rewards", _kl_shaped_rewards_fake, kernels=False)
 def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     from .advantages import kl_shaped_rewards_torch
 
-    return kl_shaped_rewards_torch(scores, kl, mask, kl_coef)
+    return kl_shaped_rewards_torch(scores, kl, mask, kl_coef).contiguous()
 
 
-# ----------------------------------------------------------------------------- kl_penalty
+# ----------------------------------------------------------------------------- kl_penalty (Triton)
+# On the PyTorch backend kl_penalty, ppo_policy_loss, value_loss and the fused losses compose the
+# differentiable reference instead (plain PyTorch ops, which torch.compile traces and fuses itself).
 def _kl_penalty_fake(logprobs, ref_logprobs, kind):
-    kl = logprobs.new_empty(logprobs.shape, dtype=torch.float32)
+    kl = logprobs.new_empty(logprobs.shape, dtype=_acc(logprobs, ref_logprobs))
     return kl, torch.empty_like(kl)
 
 
@@ -117,11 +177,14 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) ->
 
 
 def _kl_penalty_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 
 
 def _kl_penalty_backward(ctx, g_kl, _g_dkl):
+    if g_kl is None:
+        return None, None, None
     (dkl,) = ctx.saved_tensors
     g = g_kl * dkl
     return g, (-g if ctx.needs_input_grad[1] else None), None
@@ -141,85 +204,62 @@ def _logprob_ops(backend):
     return _torch_ops
 
 
-def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """The stand-in for an output that was not asked for (schemas cannot return None)."""
-    return like.new_empty((0,), dtype=dtype or like.dtype)
-
-
-def _token_logprobs_fake(logits, labels, inv_tau, ignore_index, with_entropy, backend):
+def _token_logprobs_fake(logits, labels, inv_tau, ignore_index, with_entropy, logit_scale, softcap, backend):
     logp = logits.new_empty(labels.shape, dtype=_acc(logits))
     ent = torch.empty_like(logp) if with_entropy else _empty(logp)
     return logp, ent, logits.new_empty((labels.numel(),), dtype=_acc(logits))
 
 
 @_define("token_logprobs", _token_logprobs_fake, kernels=True)
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, inv_tau: float, ignore_index: int,
-                   with_entropy: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, entropy, lse): logp and entropy shaped like labels (entropy empty unless with_entropy);
-    lse [N] is saved for backward and gets no gradient."""
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, inv_tau: float, ignore_index: int, with_entropy: bool,
+                   logit_scale: float, softcap: float | None,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, lse) of z' = softcap(logit_scale z) inv_tau: logp and entropy shaped like labels
+    (entropy empty unless with_entropy); lse [N] is saved for backward and gets no gradient."""
     logp, lse, ent = _logprob_ops(backend).logprobs_fwd(logits, labels, inv_tau=inv_tau, ignore_index=ignore_index,
-                                                        with_entropy=with_entropy)
-    ent = _empty(logp) if ent is None else ent.view(labels.shape)
-    return logp.view(labels.shape), ent, lse
+                                                        with_entropy=with_entropy, logit_scale=logit_scale,
+                                                        softcap=softcap)
+    return logp.view(labels.shape), _empty(logp) if ent is None else ent.view(labels.shape), lse
 
 
-def _logprobs_backward_fake(logits, labels, lse, entropy, grad_logp, grad_entropy, scale, inv_tau, ignore_index,
-                            backend):
+def _logprobs_backward_fake(logits, labels, lse, entropy, grad_logp, grad_entropy, scale, valid, inv_tau,
+                            ignore_index, logit_scale, softcap, backend):
     return logits.new_empty(logits.shape)
 
 
 @_define("token_logprobs_backward", _logprobs_backward_fake, kernels=True)
 def token_logprobs_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                             entropy: torch.Tensor | None, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
-                            scale: torch.Tensor | None, inv_tau: float, ignore_index: int,
+                            scale: torch.Tensor | None, valid: torch.Tensor | None, inv_tau: float,
+                            ignore_index: int, logit_scale: float, softcap: float | None,
                             backend: str) -> torch.Tensor:
-    """dlogits = scale * (grad_logp dlogp/dz + grad_entropy dH/dz), recomputing p from the logits."""
-    ops = _logprob_ops(backend)
+    """dlogits = scale * (grad_logp dlogp/dz + grad_entropy dH/dz), recomputing p from the logits; rows
+    with an ignore_index label or valid == 0 get exact zeros."""
     has_ent = entropy is not None and grad_entropy is not None
     acc = lse.dtype
-    kwargs = {"scale": scale} if scale is not None else {}
-    return ops.logprobs_bwd(logits, labels, lse, entropy.reshape(-1) if has_ent else None,
-                            grad_logp.to(acc).reshape(-1), grad_entropy.to(acc).reshape(-1) if has_ent else None,
-                            inv_tau=inv_tau, ignore_index=ignore_index, **kwargs)
-
-
-def _logprobs_backward_inplace_fake(logits, labels, lse, entropy, grad_logp, grad_entropy, scale, inv_tau,
-                                    ignore_index):
-    return None
-
-
-@_define("token_logprobs_backward_inplace", _logprobs_backward_inplace_fake, kernels=True, mutates_args=("logits",))
-def token_logprobs_backward_inplace(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                               entropy: torch.Tensor | None, grad_logp: torch.Tensor,
-                               grad_entropy: torch.Tensor | None, scale: torch.Tensor | None, inv_tau: float,
-                               ignore_index: int) -> None:
-    """token_logprobs_backward written over the logits (fused_ppo_loss(inplace=True)); Triton only."""
-    from .kernels.logprobs import logprobs_bwd
-
-    logprobs_bwd(logits, labels, lse, None if entropy is None else entropy.reshape(-1), grad_logp.reshape(-1),
-                 grad_entropy, inv_tau=inv_tau,
-                 ignore_index=ignore_index, scale=scale, inplace=True)
+    return _logprob_ops(backend).logprobs_bwd(
+        logits, labels, lse, entropy.reshape(-1) if has_ent else None, grad_logp.to(acc).reshape(-1),
+        grad_entropy.to(acc).reshape(-1) if has_ent else None, inv_tau=inv_tau, ignore_index=ignore_index,
+        scale=scale, valid=valid, logit_scale=logit_scale, softcap=softcap).contiguous()
 
 
 def _token_logprobs_setup(ctx, inputs, output):
-    logits, labels, inv_tau, ignore_index, with_entropy, backend = inputs
+    logits, labels, inv_tau, ignore_index, with_entropy, logit_scale, softcap, backend = inputs
     logp, ent, lse = output
     ctx.set_materialize_grads(False)   # an unused output gets no zero-filled gradient pass
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(logits, labels, lse, ent if with_entropy else None)
-    ctx.args = (inv_tau, ignore_index, backend)
+    ctx.args = (inv_tau, ignore_index, logit_scale, softcap, backend)
 
 
 def _token_logprobs_backward(ctx, g_logp, g_ent, _g_lse):
     logits, labels, lse, ent = ctx.saved_tensors
     if g_logp is None and g_ent is None:
-        return None, None, None, None, None, None
+        return (None,) * 8
     if g_logp is None:
         g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=lse.device)
-    inv_tau, ignore_index, backend = ctx.args
-    d = torch.ops.fastppo.token_logprobs_backward(logits, labels, lse, ent, g_logp, g_ent, None, inv_tau,
-                                                  ignore_index, backend)
-    return d, None, None, None, None, None
+    d = torch.ops.fastppo.token_logprobs_backward(logits, labels, lse, ent, g_logp, g_ent, None, None, *ctx.args)
+    return (d, *([None] * 7))
 
 
 token_logprobs.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
@@ -238,8 +278,9 @@ def _full_kl_ops(backend):
 
 def _full_kl_fake(logits, ref_logits, inv_tau, backend):
     n = logits.numel() // max(logits.shape[-1], 1)
-    kl = logits.new_empty(logits.shape[:-1], dtype=_acc(logits))
-    return kl, logits.new_empty((n,), dtype=_acc(logits)), logits.new_empty((n,), dtype=_acc(logits))
+    acc = _acc(logits)
+    return logits.new_empty(logits.shape[:-1], dtype=acc), logits.new_empty((n,), dtype=acc), \
+        logits.new_empty((n,), dtype=acc)
 
 
 @_define("full_kl", _full_kl_fake, kernels=True)
@@ -258,10 +299,11 @@ def _full_kl_backward_fake(logits, ref_logits, kl, lse_p, lse_q, grad, inv_tau, 
 def full_kl_backward(logits: torch.Tensor, ref_logits: torch.Tensor, kl: torch.Tensor, lse_p: torch.Tensor,
                      lse_q: torch.Tensor, grad: torch.Tensor, inv_tau: float, backend: str) -> torch.Tensor:
     return _full_kl_ops(backend).full_kl_bwd(logits, ref_logits, kl.reshape(-1), lse_p, lse_q,
-                                             grad.to(kl.dtype).reshape(-1), inv_tau=inv_tau)
+                                             grad.to(kl.dtype).reshape(-1), inv_tau=inv_tau).contiguous()
 
 
 def _full_kl_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
     logits, ref_logits, inv_tau, backend = inputs
     kl, lse_p, lse_q = output
     ctx.mark_non_differentiable(lse_p, lse_q)
@@ -270,42 +312,46 @@ def _full_kl_setup(ctx, inputs, output):
 
 
 def _full_kl_backward(ctx, g, _g_lse_p, _g_lse_q):
+    if g is None:
+        return None, None, None, None
     logits, ref_logits, kl, lse_p, lse_q = ctx.saved_tensors
-    d = torch.ops.fastppo.full_kl_backward(logits, ref_logits, kl, lse_p, lse_q, g, *ctx.args)
-    return d, None, None, None
+    return torch.ops.fastppo.full_kl_backward(logits, ref_logits, kl, lse_p, lse_q, g, *ctx.args), None, None, None
 
 
 full_kl.register_autograd(_full_kl_backward, setup_context=_full_kl_setup)
 
 
 # ----------------------------------------------------------------------------- linear_logprobs
-def _linear_options(inv_tau, ignore_index, with_entropy, backend):
+def _linear_options(options: str):
     from .linear import LinearOptions
 
-    return LinearOptions(inv_tau, ignore_index, with_entropy, backend)
+    return _decode(LinearOptions, options)
 
 
-def _linear_logprobs_fake(hidden, weight, bias, labels, inv_tau, ignore_index, with_entropy, backend):
-    logp = hidden.new_empty(labels.shape, dtype=_acc(hidden))
-    ent = torch.empty_like(logp) if with_entropy else _empty(logp)
-    return logp, ent, hidden.new_empty((labels.numel(),), dtype=_acc(hidden))
+def _linear_logprobs_fake(hidden, weight, bias, labels, options):
+    opts = _linear_options(options)
+    logp = hidden.new_empty(labels.shape, dtype=_acc(hidden, weight))
+    per_token = [torch.empty_like(logp) if on else _empty(logp)
+                 for on in (opts.with_entropy, opts.extras, opts.extras)]
+    top1 = logp.new_empty(labels.shape, dtype=torch.bool) if opts.extras else _empty(logp, torch.bool)
+    return logp, *per_token, top1, hidden.new_empty((labels.numel(),), dtype=logp.dtype)
 
 
 @_define("linear_logprobs", _linear_logprobs_fake, kernels=True)
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                    inv_tau: float, ignore_index: int, with_entropy: bool,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, entropy, lse) of hidden @ weight.T + bias without the [N, V] logits; as token_logprobs."""
-    from .linear import linear_forward
+                    options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor]:
+    """(logp, entropy, log_sum_sq_probs, mean_logits, is_top1, lse) of hidden @ weight.T + bias without the
+    [N, V] logits (fastppo.linear; `options` is a LinearOptions). Only logp and entropy are differentiable."""
+    from .linear import linear_outputs
 
-    opts = _linear_options(inv_tau, ignore_index, with_entropy, backend)
-    logp, lse, ent = linear_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), opts)
-    ent = _empty(logp) if ent is None else ent.view(labels.shape)
-    return logp.view(labels.shape), ent, lse
+    logp, ent, sq, mean, top1, lse = linear_outputs(hidden, weight, bias, labels, _linear_options(options))
+    return logp, _or_empty(ent, logp), _or_empty(sq, logp), _or_empty(mean, logp), \
+        _or_empty(top1, _empty(logp, torch.bool)), lse
 
 
-def _linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, inv_tau, ignore_index,
-                          need_hidden, need_weight, need_bias, backend):
+def _linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, options, need_hidden,
+                          need_weight, need_bias):
     return (hidden.new_empty(hidden.shape) if need_hidden else _empty(hidden),
             weight.new_empty(weight.shape) if need_weight else _empty(weight),
             bias.new_empty(bias.shape) if (bias is not None and need_bias) else _empty(weight))
@@ -314,56 +360,52 @@ def _linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp,
 @_define("linear_logprobs_backward", _linear_backward_fake, kernels=True)
 def linear_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
-                             grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, inv_tau: float,
-                             ignore_index: int, need_hidden: bool, need_weight: bool, need_bias: bool,
-                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, options: str,
+                             need_hidden: bool, need_weight: bool,
+                             need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_hidden, d_weight, d_bias) for per-token upstream gradients (empty where not needed)."""
-    from .linear import linear_backward
+    from .linear import linear_grads
 
     has_ent = entropy is not None and grad_entropy is not None
-    opts = _linear_options(inv_tau, ignore_index, has_ent, backend)
-    acc = lse.dtype
-    dh, dw, db = linear_backward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), lse,
-                                 entropy.reshape(-1) if has_ent else None, grad_logp.to(acc),
-                                 grad_entropy.to(acc) if has_ent else None, opts,
-                                 (need_hidden, need_weight, need_bias))
-    return (_empty(hidden) if dh is None else dh.view(hidden.shape), _empty(weight) if dw is None else dw,
-            _empty(weight) if db is None else db)
+    dh, dw, db = linear_grads(hidden, weight, bias, labels, lse, entropy if has_ent else None, grad_logp,
+                              grad_entropy if has_ent else None, _linear_options(options),
+                              (need_hidden, need_weight, need_bias))
+    return (_empty(hidden) if dh is None else dh.contiguous(), _or_empty(dw, weight), _or_empty(db, weight))
 
 
 def _linear_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, inv_tau, ignore_index, with_entropy, backend = inputs
-    logp, ent, lse = output
+    hidden, weight, bias, labels, options = inputs
+    logp, ent, sq, mean, top1, lse = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(sq, mean, top1, lse)
+    with_entropy = _linear_options(options).with_entropy
     ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if with_entropy else None)
-    ctx.args = (inv_tau, ignore_index, backend)
+    ctx.options = options
 
 
-def _linear_grads(ctx, hidden, weight, bias, labels, lse, ent, g_logp, g_ent, inv_tau, ignore_index, backend):
-    needs = ctx.needs_input_grad
-    dh, dw, db = torch.ops.fastppo.linear_logprobs_backward(
-        hidden, weight, bias, labels, lse, ent, g_logp, g_ent, inv_tau, ignore_index, needs[0], needs[1],
-        bias is not None and needs[2], backend)
-    return (dh if needs[0] else None), (dw if needs[1] else None), (db if bias is not None and needs[2] else None)
-
-
-def _linear_logprobs_backward(ctx, g_logp, g_ent, _g_lse):
+def _linear_logprobs_backward(ctx, g_logp, g_ent, *_):
     hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-    if g_logp is None and g_ent is None:
-        return (None,) * 8
+    needs = ctx.needs_input_grad
+    if g_logp is None and (g_ent is None or ent is None):
+        return (None,) * 5
     if g_logp is None:
         g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=lse.device)
-    grads = _linear_grads(ctx, hidden, weight, bias, labels, lse, ent, g_logp, g_ent, *ctx.args)
-    return (*grads, None, None, None, None, None)
+    need_bias = bias is not None and needs[2]
+    dh, dw, db = torch.ops.fastppo.linear_logprobs_backward(hidden, weight, bias, labels, lse, ent, g_logp, g_ent,
+                                                            ctx.options, needs[0], needs[1], need_bias)
+    return (dh if needs[0] else None), (dw if needs[1] else None), (db if need_bias else None), None, None
 
 
 linear_logprobs.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup)
 
 
 # ----------------------------------------------------------------------------- policy / value losses (Triton)
-# On the PyTorch backend the public functions compose the differentiable reference instead (plain
-# PyTorch ops, which torch.compile traces and fuses itself); these ops run the aggregation kernel.
+def _agg_options(options: str):
+    from .losses import AggOptions
+
+    return _decode(AggOptions, options)
+
+
 def _n_stats():
     from .kernels.loss_agg import STATS
 
@@ -377,7 +419,33 @@ def _agg_outputs_fake(x, mask):
     return x.new_empty((), dtype=acc), x.new_empty((_n_stats(),), dtype=acc), x.new_empty(bt, dtype=acc)
 
 
+def _token_loss_fake(x, old, adv, mask, options):
+    return _agg_outputs_fake(x, mask)
+
+
+def _token_loss(x, old, adv, mask, options):
+    from .kernels.loss_agg import loss_agg
+
+    loss, stats, coef, _, _ = loss_agg(x, old, adv, mask, **_agg_options(options).kwargs())
+    return loss, stats, coef
+
+
+@_define("ppo_policy_loss", _token_loss_fake, kernels=True)
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, dloss/dlogprobs) from one launch of the aggregation kernel (`options`: AggOptions)."""
+    return _token_loss(logprobs, old_logprobs, advantages, mask, options)
+
+
+@_define("value_loss", _token_loss_fake, kernels=True)
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, dloss/dvalues) from one launch of the aggregation kernel (`options`: AggOptions)."""
+    return _token_loss(values, old_values, returns, mask, options)
+
+
 def _token_loss_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
     loss, stats, coef = output
     ctx.mark_non_differentiable(stats, coef)
     ctx.save_for_backward(coef)
@@ -385,171 +453,149 @@ def _token_loss_setup(ctx, inputs, output):
 
 
 def _token_loss_backward(ctx, g_loss, _g_stats, _g_coef):
+    if g_loss is None:
+        return None, None, None, None, None
     (coef,) = ctx.saved_tensors
-    return (g_loss * coef).view(ctx.x_shape), *([None] * 10)
+    return (g_loss * coef).view(ctx.x_shape), None, None, None, None
 
 
-def _ppo_policy_loss_fake(logprobs, old_logprobs, advantages, mask, agg, clip_low, clip_high, dual_clip,
-                          num_tokens, num_seqs, horizon):
-    return _agg_outputs_fake(logprobs, mask)
-
-
-@_define("ppo_policy_loss", _ppo_policy_loss_fake, kernels=True)
-def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    agg: str, clip_low: float, clip_high: float, dual_clip: float | None, num_tokens: float | None,
-                    num_seqs: float | None, horizon: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, stats, dloss/dlogprobs) from one launch of the aggregation kernel."""
-    from .kernels.loss_agg import POLICY, loss_agg
-
-    loss, stats, coef, _, _ = loss_agg(logprobs, old_logprobs, advantages, mask, loss_kind=POLICY, agg=agg,
-                                       clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                                       num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    return loss, stats, coef
-
-
-ppo_policy_loss.register_autograd(_token_loss_backward, setup_context=_token_loss_setup)
-
-
-def _value_loss_fake(values, old_values, returns, mask, agg, clip, num_tokens, num_seqs, horizon):
-    return _agg_outputs_fake(values, mask)
-
-
-@_define("value_loss", _value_loss_fake, kernels=True)
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, agg: str,
-               clip: float | None, num_tokens: float | None, num_seqs: float | None,
-               horizon: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, stats, dloss/dvalues) from one launch of the aggregation kernel."""
-    from .kernels.loss_agg import VALUE, loss_agg
-
-    loss, stats, coef, _, _ = loss_agg(values, old_values, returns, mask, loss_kind=VALUE, agg=agg, value_clip=clip,
-                                       num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    return loss, stats, coef
-
-
-value_loss.register_autograd(_token_loss_backward, setup_context=_token_loss_setup)
+for _op in (ppo_policy_loss, value_loss):
+    _op.register_autograd(_token_loss_backward, setup_context=_token_loss_setup)
 
 
 # ----------------------------------------------------------------------------- fused PPO losses (Triton)
-def _fused_outputs_fake(x, labels, mask, ref_logprobs, with_entropy, entropy_coef):
-    loss, stats, coef = _agg_outputs_fake(x, mask)
-    acc = _acc(x)
-    logp = x.new_empty(labels.shape, dtype=acc)
-    kl = torch.empty_like(logp) if ref_logprobs is not None else _empty(logp)
-    ent = torch.empty_like(logp) if with_entropy else _empty(logp)
-    coef_ent = torch.empty_like(coef) if with_entropy else _empty(coef)
-    return loss, logp, kl, ent, stats, x.new_empty((labels.numel(),), dtype=acc), coef, coef_ent
+def _ppo_options(options: str):
+    from .fused import PPOOptions
+    from .losses import AggOptions
 
-
-def _fused_terms(logp, lse, ent, labels, old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
-                 agg, clip_low, clip_high, dual_clip, num_tokens, num_seqs, horizon):
-    """The aggregation launch on the log-probs of launch 1, as the eight outputs of the fused ops."""
-    from .kernels.loss_agg import POLICY, loss_agg
-
-    logp = logp.view(labels.shape)
-    ent = None if ent is None else ent.view(labels.shape)
-    loss, stats, coef, coef_ent, kl = loss_agg(
-        logp, old_logprobs, advantages, mask, loss_kind=POLICY, ref=ref_logprobs, ent=ent, agg=agg, kl_kind=kl_kind,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, entropy_coef=entropy_coef,
-        num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    return (loss, logp, _empty(logp) if kl is None else kl.view(labels.shape), _empty(logp) if ent is None else ent,
-            stats, lse, coef, _empty(coef) if coef_ent is None else coef_ent)
-
-
-def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_logprobs, inv_tau, ignore_index,
-                         with_entropy, kl_kind, kl_coef, entropy_coef, agg, clip_low, clip_high, dual_clip, num_tokens,
-                         num_seqs, horizon, inplace):
-    return _fused_outputs_fake(logits, labels, mask, ref_logprobs, with_entropy, entropy_coef)
+    return _decode(PPOOptions, options, agg=AggOptions)
 
 
 FusedOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                      torch.Tensor]
 
 
+def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_logprobs, options):
+    opts = _ppo_options(options)
+    loss, stats, coef = _agg_outputs_fake(logits, mask)
+    logp = logits.new_empty(labels.shape, dtype=loss.dtype)
+    kl = coef.new_empty(coef.shape) if ref_logprobs is not None else _empty(logp)
+    ent = torch.empty_like(logp) if opts.want_entropy else _empty(logp)
+    coef_ent = torch.empty_like(coef) if opts.want_entropy else _empty(coef)
+    return loss, logp, kl, ent, stats, logits.new_empty((labels.numel(),), dtype=loss.dtype), coef, coef_ent
+
+
 @_define("fused_ppo_loss", _fused_ppo_loss_fake, kernels=True)
 def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                   mask: torch.Tensor, ref_logprobs: torch.Tensor | None, inv_tau: float, ignore_index: int,
-                   with_entropy: bool, kl_kind: str, kl_coef: float, entropy_coef: float, agg: str, clip_low: float,
-                   clip_high: float, dual_clip: float | None, num_tokens: float | None, num_seqs: float | None,
-                   horizon: float | None, inplace: bool) -> FusedOutputs:
-    """(loss, logprobs, kl, entropy, stats, lse, coef_logp, coef_entropy): launches 1 and 2 of
-    fastppo.fused (kl / entropy / coef_entropy empty when absent). Only loss is differentiable; its
-    backward is launch 3 (token_logprobs_backward, or the in-place variant when inplace)."""
-    from .kernels.logprobs import logprobs_fwd
+                   mask: torch.Tensor, ref_logprobs: torch.Tensor | None, options: str) -> FusedOutputs:
+    """(loss, logprobs, kl, entropy, stats, lse, coef_logp, coef_entropy): launches 1 and 2 of fastppo.fused
+    (`options`: PPOOptions; kl / entropy / coef_entropy empty when absent). Only loss is differentiable;
+    its backward is launch 3 (token_logprobs_backward, or written over the logits when inplace)."""
+    from .fused import fused_outputs
 
-    logp, lse, ent = logprobs_fwd(logits, labels, inv_tau=inv_tau, ignore_index=ignore_index,
-                                  with_entropy=with_entropy)
-    return _fused_terms(logp, lse, ent, labels, old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef,
-                        entropy_coef, agg, clip_low, clip_high, dual_clip, num_tokens, num_seqs, horizon)
+    loss, logp, kl, ent, stats, lse, coef, coef_ent = fused_outputs(logits, labels, old_logprobs, advantages, mask,
+                                                                    ref_logprobs, _ppo_options(options))
+    return loss, logp, _or_empty(kl, logp), _or_empty(ent, logp), stats, lse, coef, _or_empty(coef_ent, coef)
 
 
 def _fused_ppo_loss_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
+    logits, labels, old, adv, mask, ref, options = inputs
     loss, logp, kl, ent, stats, lse, coef, coef_ent = output
     ctx.mark_non_differentiable(logp, kl, ent, stats, lse, coef, coef_ent)
-    logits, labels = inputs[0], inputs[1]
-    inv_tau, ignore_index, with_entropy, entropy_coef, inplace = (inputs[6], inputs[7], inputs[8], inputs[11],
-                                                                  inputs[19])
-    ctx.use_ent = with_entropy and entropy_coef != 0
-    ctx.save_for_backward(logits, labels, lse, ent if ctx.use_ent else None, coef, coef_ent if ctx.use_ent else None)
-    ctx.args = (inv_tau, ignore_index, inplace)
+    opts = _ppo_options(options)
+    use_ent = opts.want_entropy and opts.entropy_coef != 0
+    ctx.save_for_backward(logits, labels, mask, lse, ent if use_ent else None, coef, coef_ent if use_ent else None)
+    ctx.options = options
 
 
 def _fused_ppo_loss_backward(ctx, g_loss, *_):
-    logits, labels, lse, ent, coef, coef_ent = ctx.saved_tensors
-    inv_tau, ignore_index, inplace = ctx.args
+    if g_loss is None:
+        return (None,) * 7
+    logits, labels, mask, lse, ent, coef, coef_ent = ctx.saved_tensors
+    opts = _ppo_options(ctx.options)
     scale = g_loss.to(lse.dtype)
-    if inplace and logits.stride(-1) == 1:   # otherwise the kernel would write into a contiguous copy
-        torch.ops.fastppo.token_logprobs_backward_inplace(logits, labels, lse, ent, coef, coef_ent, scale, inv_tau,
-                                                          ignore_index)
+    transform = (opts.inv_tau, opts.ignore_index, opts.logit_scale, opts.softcap)
+    if opts.inplace and logits.stride(-1) == 1:   # otherwise the kernel would write into a contiguous copy
+        torch.ops.fastppo.token_logprobs_backward_inplace(logits, labels, lse, ent, coef, coef_ent, scale, mask,
+                                                          *transform)
         d = logits
     else:
-        d = torch.ops.fastppo.token_logprobs_backward(logits, labels, lse, ent, coef, coef_ent, scale, inv_tau,
-                                                      ignore_index, "triton")
-    return (d, *([None] * 19))
+        d = torch.ops.fastppo.token_logprobs_backward(logits, labels, lse, ent, coef, coef_ent, scale, mask,
+                                                      *transform, "triton")
+    return (d, *([None] * 6))
 
 
 fused_ppo_loss.register_autograd(_fused_ppo_loss_backward, setup_context=_fused_ppo_loss_setup)
 
 
-def _fused_linear_ppo_loss_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, inv_tau,
-                                ignore_index, with_entropy, kl_kind, kl_coef, entropy_coef, agg, clip_low, clip_high,
-                                dual_clip, num_tokens, num_seqs, horizon):
-    return _fused_outputs_fake(hidden, labels, mask, ref_logprobs, with_entropy, entropy_coef)
+def _logprobs_backward_inplace_fake(logits, labels, lse, entropy, grad_logp, grad_entropy, scale, valid, inv_tau,
+                                    ignore_index, logit_scale, softcap):
+    return None
+
+
+@_define("token_logprobs_backward_inplace", _logprobs_backward_inplace_fake, kernels=True, mutates_args=("logits",))
+def token_logprobs_backward_inplace(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                                    entropy: torch.Tensor | None, grad_logp: torch.Tensor,
+                                    grad_entropy: torch.Tensor | None, scale: torch.Tensor | None,
+                                    valid: torch.Tensor | None, inv_tau: float, ignore_index: int, logit_scale: float,
+                                    softcap: float | None) -> None:
+    """token_logprobs_backward written over the logits (fused_ppo_loss(inplace=True)); Triton only."""
+    from .kernels.logprobs import logprobs_bwd
+
+    logprobs_bwd(logits, labels, lse, None if entropy is None else entropy.reshape(-1), grad_logp.reshape(-1),
+                 None if grad_entropy is None else grad_entropy.reshape(-1), inv_tau=inv_tau,
+                 ignore_index=ignore_index, scale=scale, inplace=True, valid=valid, logit_scale=logit_scale,
+                 softcap=softcap)
+
+
+def _fused_linear_ppo_loss_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, options,
+                                linear_options, need_hidden, need_weight, need_bias):
+    opts = _ppo_options(options)
+    loss, stats, coef = _agg_outputs_fake(hidden, mask)
+    logp = hidden.new_empty(labels.shape, dtype=_acc(hidden, weight))
+    kl = coef.new_empty(coef.shape) if ref_logprobs is not None else _empty(logp)
+    ent = torch.empty_like(logp) if opts.want_entropy else _empty(logp)
+    return (loss, logp, kl, ent, stats, *_linear_backward_fake(hidden, weight, bias, None, None, None, None, None, None,
+                                                               need_hidden, need_weight, need_bias))
 
 
 @_define("fused_linear_ppo_loss", _fused_linear_ppo_loss_fake, kernels=True)
 def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                           old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                          ref_logprobs: torch.Tensor | None, inv_tau: float, ignore_index: int, with_entropy: bool,
-                          kl_kind: str, kl_coef: float, entropy_coef: float, agg: str, clip_low: float,
-                          clip_high: float, dual_clip: float | None, num_tokens: float | None,
-                          num_seqs: float | None, horizon: float | None) -> FusedOutputs:
-    """fused_ppo_loss from hidden states and the lm_head weight (the linear log-prob kernel as launch 1);
-    the backward walks the vocabulary in chunks (linear_logprobs_backward)."""
-    from .linear import linear_forward
+                          ref_logprobs: torch.Tensor | None, options: str, linear_options: str, need_hidden: bool,
+                          need_weight: bool, need_bias: bool) -> FusedOutputs:
+    """(loss, logprobs, kl, entropy, stats, d_hidden, d_weight, d_bias): fused_linear_ppo_loss's forward,
+    which forms the gradients for a unit upstream gradient (fastppo.linear; empty where not needed).
+    Only loss is differentiable; its backward scales the saved gradients."""
+    from .linear import fused_linear_outputs
 
-    opts = _linear_options(inv_tau, ignore_index, with_entropy, "triton")
-    logp, lse, ent = linear_forward(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), opts)
-    return _fused_terms(logp, lse, ent, labels, old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef,
-                        entropy_coef, agg, clip_low, clip_high, dual_clip, num_tokens, num_seqs, horizon)
+    loss, logp, kl, ent, stats, dh, dw, db = fused_linear_outputs(
+        hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, _ppo_options(options),
+        _linear_options(linear_options), (need_hidden, need_weight, need_bias))
+    return (loss, logp, _or_empty(kl, logp), _or_empty(ent, logp), stats, _empty(hidden) if dh is None else
+            dh.contiguous(), _or_empty(dw, weight), _or_empty(db, weight))
 
 
 def _fused_linear_ppo_loss_setup(ctx, inputs, output):
-    loss, logp, kl, ent, stats, lse, coef, coef_ent = output
-    ctx.mark_non_differentiable(logp, kl, ent, stats, lse, coef, coef_ent)
-    hidden, weight, bias, labels = inputs[:4]
-    inv_tau, ignore_index, with_entropy, entropy_coef = inputs[8], inputs[9], inputs[10], inputs[13]
-    ctx.use_ent = with_entropy and entropy_coef != 0
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if ctx.use_ent else None, coef,
-                          coef_ent if ctx.use_ent else None)
-    ctx.args = (inv_tau, ignore_index, "triton")
+    ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
+    loss, logp, kl, ent, stats, dh, dw, db = output
+    ctx.mark_non_differentiable(logp, kl, ent, stats, dh, dw, db)
+    ctx.save_for_backward(dh, dw, db)
+    ctx.present = inputs[-3:]
 
 
 def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
-    hidden, weight, bias, labels, lse, ent, coef, coef_ent = ctx.saved_tensors
-    g = g_loss.to(lse.dtype)
-    grads = _linear_grads(ctx, hidden, weight, bias, labels, lse, ent, (coef * g).view(labels.shape),
-                          None if coef_ent is None else (coef_ent * g).view(labels.shape), *ctx.args)
-    return (*grads, *([None] * 18))
+    if g_loss is None:
+        return (None,) * 13
+    grads = []
+    for t, present in zip(ctx.saved_tensors, ctx.present):
+        if not present:
+            grads.append(None)
+            continue
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        grads.append((t.to(acc) * g_loss.reshape(()).to(acc)).to(t.dtype))
+    return (*grads, *([None] * 10))
 
 
 fused_linear_ppo_loss.register_autograd(_fused_linear_ppo_loss_backward, setup_context=_fused_linear_ppo_loss_setup)

@@ -1,76 +1,181 @@
-"""linear_logprobs and fused_linear_ppo_loss: log-probs, entropy and the PPO loss from the final
-hidden states and the lm_head weight, never holding the [N, V] logits (Cut Cross-Entropy's idea,
-extended to RL).
+"""linear_logprobs and fused_linear_ppo_loss: log-probs, entropy, TRL's extra per-token outputs and the
+PPO loss from the final hidden states and the lm_head weight, never holding the [N, V] logits (Cut
+Cross-Entropy's idea, extended to RL).
 
-Backward walks the vocabulary in chunks [v0, v1) of at most V/16 columns: the chunk's dz = dL/dz
-[N, v1 - v0] is recomputed from hidden and weight (Triton kernel, or PyTorch on the CPU backend),
-then d(hidden) += dz @ W[v0:v1], d(W)[v0:v1] = dz^T @ hidden, d(bias)[v0:v1] = dz.sum(0).
-Deterministic (no atomics); extra memory is one [N, V/16] chunk buffer plus an fp32 d(hidden)
-accumulator and one [N, H] product: N (V/16 b + 6 H) bytes for b-byte inputs.
-FLOPs: forward 2 N H V; backward 6 N H V (recompute + two products).
+Only valid rows are projected: a row whose label is ignore_index (and, in the loss, whose mask is 0)
+is never read; its log-prob / entropy / extras are 0 and its gradient row is written as zeros once.
+The valid rows are found on device (a stable sort of the validity flags and their count), so FLOPs
+scale with N_valid and there is no host sync. Logits (TRL's order):
+    z' = softcap(logit_scale * (hidden @ weight.T + bias)) / tau,   softcap(x) = c tanh(x / c).
+
+Triton path, per chunk of compacted rows (at most `chunk_bytes` of fp32 z', default 512 MiB):
+  1. linear_fwd      z' tiles (2 n H V FLOPs) into the chunk buffer, per-split row statistics
+  2. linear_finish   lse, log-prob, entropy (extras) per row
+  3. linear_dh       d(hidden) = dz @ W, accumulated in registers over V, written once   (2 n H V)
+  4. linear_dw       d(weight) (+)= dz^T @ hidden, d(bias) (+)= sum dz, fixed order      (2 n H V)
+dz is formed on the fly from the stored z' in 3 and 4.
+- fused_linear_ppo_loss runs 1-4 in its forward (the per-token coefficients dloss/dlogp, dloss/dH are
+  known once a chunk's rows have their log-probs): 6 N_valid H V FLOPs in all; backward only scales the
+  saved gradients by the upstream scalar.
+- linear_logprobs runs 1-2 over all rows in forward (2 N_valid H V, no buffer) and 1-4 in backward,
+  where the upstream gradient is known (6 N_valid H V): 8 N_valid H V in all.
+Bytes of the gradient pass beyond the GEMM operands: z' written once and read twice (12 N_valid V),
+d(hidden) written once (N H b), and with C > 1 chunks an fp32 d(weight) sum read and written per chunk
+(8 V H (C - 1)). Memory: the chunk buffer, per-split statistics (24 N V / (LIN_SPLIT_TILES*BLOCK_V)
+bytes), and in the loss the gradients held from forward to backward (as Liger's fused linear losses).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
-from . import _torch_ops, library  # noqa: F401  (library registers torch.ops.fastppo)
+from . import _linear_torch
 from . import reference as ref_impl
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
-from .fused import check_ppo_args, ppo_output
-from .losses import opt_float
-from .outputs import PPOLossOutput
+from .fused import PPOOptions, check_ppo_args, ppo_output, ppo_terms_from_logprobs
+from .library import encode
+from .losses import AggOptions
+from .outputs import LogprobOutputs, PPOLossOutput
 
-
-def _ops(backend):
-    if backend == "triton":
-        from .kernels import linear
-
-        return linear
-    return _torch_ops
+EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 @dataclass(frozen=True)
 class LinearOptions:
+    """Non-tensor options of the linear ops, validated once where built."""
+
     inv_tau: float
     ignore_index: int
     with_entropy: bool
+    extras: bool
+    logit_scale: float
+    softcap: float | None
     backend: str
+    chunk_bytes: int
 
 
-def linear_forward(hidden2d, weight, bias, labels1d, opts: LinearOptions):
-    return _ops(opts.backend).linear_fwd(hidden2d, weight, bias, labels1d, inv_tau=opts.inv_tau,
-                                         ignore_index=opts.ignore_index, with_entropy=opts.with_entropy)
+def _kernels():
+    from .kernels import linear
+
+    return linear
 
 
-def linear_backward(hidden2d, weight, bias, labels1d, lse, ent, c_logp, c_ent, opts: LinearOptions,
-                    needs=(True, True, True)):
-    """(d_hidden, d_weight, d_bias) for per-row upstream c_logp (and c_ent), vocabulary chunk by chunk."""
-    ops = _ops(opts.backend)
-    N, H = hidden2d.shape
+def _acc(hidden, weight):
+    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+
+
+def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
+    """Rows per chunk of the gradient pass: a multiple of the kernel's row tile whose fp32 (fp64) z' and
+    dz (a second [rows, V] buffer in the GEMM dtype when that is 16-bit; dz overwrites z' otherwise) fit
+    in chunk_bytes (at least one tile), at most n_rows."""
+    from .kernels import _config as cfg
+
+    size = torch.empty((), dtype=acc).element_size()
+    per_row = vocab * (size + (0 if dz_dtype == acc else torch.empty((), dtype=dz_dtype).element_size()))
+    tile = cfg.LIN_BLOCK_N
+    rows = max(tile, (chunk_bytes // max(per_row, 1)) // tile * tile)
+    return max(1, min(rows, n_rows))
+
+
+# ----------------------------------------------------------------------------- the Triton pipeline
+def triton_forward(h2, weight, bias, y, valid, opts):
+    """Launches 1-2 over all rows (no buffer). Returns (rows, per-row outputs)."""
+    k = _kernels()
+    rows = k.Rows(valid)
+    out = k.new_outputs(h2.shape[0], h2.device, _acc(h2, weight), opts.with_entropy, opts.extras)
+    if h2.shape[0]:
+        k.stats_chunk(h2, weight, bias, y, rows, 0, h2.shape[0], out, opts)
+    return rows, out
+
+
+def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs):
+    """Launches 1-4 chunk by chunk. `coefs(r0, n)` returns the chunk's per-row coefficients (c_logp,
+    c_ent or None; by compacted position) once its statistics are in `out`. Returns (dh, dw, db)."""
+    k = _kernels()
+    N, H = h2.shape
     V = weight.shape[0]
-    acc = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
-    d_hidden = torch.zeros(N, H, dtype=acc, device=hidden2d.device) if needs[0] else None
-    d_weight = torch.empty_like(weight) if needs[1] else None
-    d_bias = torch.empty_like(bias) if (bias is not None and needs[2]) else None
-    chunks = list(_torch_ops.linear_chunks(N, V))
-    buf = torch.empty(N, max(v1 - v0 for v0, v1 in chunks), dtype=hidden2d.dtype, device=hidden2d.device)
-    c_logp = c_logp.reshape(-1).contiguous()
-    c_ent = None if c_ent is None else c_ent.reshape(-1).contiguous()
-    for v0, v1 in chunks:
-        dz = buf[:, : v1 - v0]
-        ops.linear_dlogits_chunk(hidden2d, weight, bias, labels1d, lse, ent, c_logp, c_ent, v0, v1, buf,
-                                 inv_tau=opts.inv_tau, ignore_index=opts.ignore_index)
-        if d_hidden is not None:
-            d_hidden += torch.mm(dz, weight[v0:v1])   # fp32 running sum of per-chunk products
-        if d_weight is not None:
-            torch.mm(dz.t(), hidden2d, out=d_weight[v0:v1])
-        if d_bias is not None:
-            d_bias[v0:v1] = dz.sum(0, dtype=acc).to(bias.dtype)
-    return (None if d_hidden is None else d_hidden.to(hidden2d.dtype)), d_weight, d_bias
+    acc = _acc(h2, weight)
+    dev = h2.device
+    dh = torch.zeros(N, H, dtype=h2.dtype, device=dev) if needs[0] else None
+    dw = torch.empty(V, H, dtype=weight.dtype, device=dev) if needs[1] else None
+    db = torch.empty(V, dtype=bias.dtype, device=dev) if (bias is not None and needs[2]) else None
+    if N == 0:
+        return dh, (None if dw is None else dw.zero_()), (None if db is None else db.zero_())
+    dot = torch.promote_types(h2.dtype, weight.dtype)
+    dz_dtype = acc if dot in (torch.float32, torch.float64) else dot
+    step = chunk_rows(N, V, acc, opts.chunk_bytes, dz_dtype)
+    starts = list(range(0, N, step))
+    buf = torch.empty(step, V, dtype=acc, device=dev)
+    dz_buf = buf if dz_dtype == acc else torch.empty(step, V, dtype=dz_dtype, device=dev)
+    multi = len(starts) > 1 and (dw is not None or db is not None)
+    dw_acc = torch.empty(V, H, dtype=acc, device=dev) if multi and dw is not None else None
+    db_acc = torch.empty(V, dtype=acc, device=dev) if multi and db is not None else None
+    for i, r0 in enumerate(starts):
+        n = min(step, N - r0)
+        z = buf[:n]
+        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z)
+        c_logp, c_ent = coefs(r0, n)
+        last = i == len(starts) - 1
+        k.grads_chunk(z, dz_buf[:n], h2, weight, y, rows, r0, n, out["lse"], out["ent_c"], c_logp, c_ent, opts,
+                      d_hidden=dh, dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None,
+                      db_out=None if db is None else (db if last else db_acc), db_in=db_acc if i else None)
+    return dh, dw, db
+
+
+def _forward(h2, weight, bias, y, valid, opts):
+    if opts.backend == "triton":
+        return triton_forward(h2, weight, bias, y, valid, opts)
+    return None, _linear_torch.forward(h2, weight, bias, y, valid, opts)
+
+
+def _gradients(h2, weight, bias, y, valid, rows, saved, c_logp, c_ent, opts, needs):
+    """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row)."""
+    if opts.backend == "torch":
+        return _linear_torch.grads(h2, weight, bias, y, valid, saved["lse"], saved["ent"], c_logp, c_ent, opts,
+                                   needs)
+    k = _kernels()
+    acc = _acc(h2, weight)
+    scratch = k.new_outputs(h2.shape[0], h2.device, acc, c_ent is not None, False)
+    cl = c_logp.to(acc).index_select(0, rows.idx)
+    ce = None if c_ent is None else c_ent.to(acc).index_select(0, rows.idx)
+    return triton_gradient_pass(h2, weight, bias, y, rows, scratch, dataclasses.replace(opts, extras=False),
+                                needs, lambda r0, n: (cl, ce))
+
+
+def _flatten(hidden, labels):
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+
+
+# ----------------------------------------------------------------------------- linear_logprobs
+def linear_outputs(hidden, weight, bias, labels, opts: LinearOptions):
+    """Forward of linear_logprobs (the body of torch.ops.fastppo.linear_logprobs): logp, entropy,
+    log_sum_sq_probs, mean_logits, is_top1 shaped like labels (None where not computed) and lse per row."""
+    h2, y = _flatten(hidden, labels)
+    _, out = _forward(h2, weight, bias, y, y != opts.ignore_index, opts)
+    shape = labels.shape
+    ent = out["ent"].view(shape) if opts.with_entropy else None
+    extras = (out["sq"].view(shape), out["mean"].view(shape), out["top1"].view(shape).bool()) \
+        if opts.extras else (None, None, None)
+    return out["logp"].view(shape), ent, *extras, out["lse"]
+
+
+def linear_grads(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, opts: LinearOptions, needs):
+    """Backward of linear_logprobs: (d_hidden, d_weight, d_bias) of sum g_logp logp + g_ent H (None where
+    not needed); the valid rows are compacted again on device."""
+    h2, y = _flatten(hidden, labels)
+    valid = y != opts.ignore_index
+    rows = _kernels().Rows(valid) if opts.backend == "triton" else None
+    acc = lse.dtype
+    c_logp = g_logp.reshape(-1).to(acc)
+    c_ent = None if g_ent is None else g_ent.reshape(-1).to(acc)
+    ent = None if ent is None else ent.reshape(-1)
+    dh, dw, db = _gradients(h2, weight, bias, y, valid, rows, {"lse": lse, "ent": ent}, c_logp, c_ent, opts, needs)
+    return (None if dh is None else dh.view(hidden.shape)), dw, db
 
 
 def _check_linear(hidden, weight, labels, bias, ignore_index):
@@ -79,8 +184,8 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden [..., H] and weight [V, H] must agree on H, got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have one dtype")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must have at least one vocabulary row, got shape {tuple(weight.shape)}")
     if bias is not None:
         check_float("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
@@ -88,49 +193,193 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
     check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index)
 
 
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
-                    temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False):
-    """token_logprobs(hidden @ weight.T + bias, labels) without materialising the logits.
+def _linear_options(temperature, ignore_index, with_entropy, extras, final_logit_softcapping, logit_scale,
+                    chunk_bytes, backend):
+    from .kernels import _config as cfg
 
-    hidden [..., H] (any strides), weight [V, H] (e.g. `model.lm_head.weight`, tied or not),
-    bias [V] or None, labels [...]. Same outputs, conventions and gradients (to hidden, weight and
-    bias) as token_logprobs; memory beyond the returned gradients is one [N, V/16] chunk plus
-    O(N H)."""
-    _check_linear(hidden, weight, labels, bias, ignore_index)
     tau = check_temperature(temperature)
-    logp, ent, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, 1.0 / tau, int(ignore_index),
-                                                     bool(return_entropy), backend_for(hidden, weight, labels))
+    softcap = final_logit_softcapping
+    if softcap is not None:
+        softcap = float(softcap)
+        if not (softcap > 0 and math.isfinite(softcap)):
+            raise ValueError(f"final_logit_softcapping must be None or a positive finite number, got "
+                             f"{final_logit_softcapping!r}")
+    scale = float(logit_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    if chunk_bytes is None:
+        chunk_bytes = cfg.LIN_CHUNK_BYTES
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    return LinearOptions(1.0 / tau, int(ignore_index), bool(with_entropy), bool(extras), scale, softcap, backend,
+                         chunk_bytes)
+
+
+def _check_extras(extra_outputs):
+    if isinstance(extra_outputs, str) or not isinstance(extra_outputs, (tuple, list, set, frozenset)):
+        raise TypeError(f"extra_outputs must be a tuple of names from {EXTRA_OUTPUTS}, got {extra_outputs!r}")
+    bad = [e for e in extra_outputs if e not in EXTRA_OUTPUTS]
+    if bad:
+        raise ValueError(f"extra_outputs must be a subset of {EXTRA_OUTPUTS}, got unknown {bad}")
+    return frozenset(extra_outputs)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
+                    temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                    final_logit_softcapping=None, logit_scale: float = 1.0, extra_outputs=(), chunk_bytes=None):
+    """token_logprobs(z', labels) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
+    softcap(x) = c tanh(x / c) with c = final_logit_softcapping (none when None), without materialising
+    the logits.
+
+    hidden [..., H] (any strides), weight [V, H] (e.g. `model.lm_head.weight`, tied or not), bias [V] or
+    None, labels [...]. hidden and weight may differ in float dtype: the product runs in their promoted
+    dtype (fp32 hidden with a bf16 head: an fp32 product of the exactly upcast weight). Gradients flow to
+    hidden, weight and bias in their own dtypes (fp32 sums; fp64 throughout for fp64). Rows with
+    ignore_index labels are never read and get 0.
+    `extra_outputs`: any of "log_sum_sq_probs" (log sum_v p_v^2), "mean_logits" (mean of z'), "is_top1"
+    (the label is the first argmax of z'), computed in the same pass, without gradient; when given, the
+    result is LogprobOutputs(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1) with None where
+    not requested. Without it: logp, or (logp, entropy) with return_entropy.
+    `chunk_bytes` bounds the backward's fp32 [rows, V] logits chunk (default 512 MiB)."""
+    _check_linear(hidden, weight, labels, bias, ignore_index)
+    extras = _check_extras(extra_outputs)
+    opts = _linear_options(temperature, ignore_index, return_entropy, bool(extras), final_logit_softcapping,
+                           logit_scale, chunk_bytes, backend_for(hidden, weight, labels))
+    logp, ent, sq, mean, top1, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, encode(opts))
+    ent = ent if opts.with_entropy else None   # the op returns empty tensors for outputs not asked for
+    if extras:
+        pick = {"log_sum_sq_probs": sq, "mean_logits": mean, "is_top1": top1}
+        return LogprobOutputs(logp, ent, *[pick[k] if k in extras else None for k in EXTRA_OUTPUTS])
     return (logp, ent) if return_entropy else logp
+
+
+# ----------------------------------------------------------------------------- fused_linear_ppo_loss
+def _token_local(opts: PPOOptions) -> bool:
+    """Whether every token's loss coefficients depend only on that token's values and the aggregation
+    weights (then the gradient is formed chunk by chunk in forward, 6 N H V FLOPs). Every policy loss
+    and aggregation of fastppo.losses today; a sequence-level or batch-global term (GSPO/GMPO sequence
+    ratios, entropy quantiles) answers False and takes the recompute path (8 N H V)."""
+    return True
+
+
+def _agg_weights(mask, opts: PPOOptions, acc):
+    """Per-token aggregation weights m_t w_b of the loss's `agg` mode, read from the per-token loss function
+    itself: with entropy_coef = 1 and zero entropy its entropy coefficient is exactly -m_t w_b."""
+    zeros = torch.zeros(mask.shape, dtype=acc, device=mask.device)
+    unit = dataclasses.replace(opts, kl_coef=0.0, entropy_coef=1.0)
+    _, _, _, coef_ent, _ = ppo_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, None, unit)
+    return -coef_ent.reshape(-1)
+
+
+def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, opts: PPOOptions, lin: LinearOptions,
+                         needs):
+    """Forward of fused_linear_ppo_loss (the body of torch.ops.fastppo.fused_linear_ppo_loss): loss, logp,
+    kl, entropy, stats and the gradients (d_hidden, d_weight, d_bias) for a unit upstream gradient, formed
+    in this pass where `needs` asks for them (None elsewhere)."""
+    h2, y = _flatten(hidden, labels)
+    shape = labels.shape
+    valid = (y != lin.ignore_index) & (mask.reshape(-1) != 0)
+    use_ent = lin.with_entropy and opts.entropy_coef != 0
+    acc = _acc(h2, weight)
+    grads = (None, None, None)
+    if not any(needs):
+        _, out = _forward(h2, weight, bias, y, valid, lin)
+    elif _token_local(opts):
+        grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, opts, lin, needs,
+                                            use_ent, acc)
+    else:
+        rows, out = _forward(h2, weight, bias, y, valid, lin)
+    logp = out["logp"].view(shape)
+    ent = out["ent"].view(shape) if lin.with_entropy else None
+    loss, stats, coef_x, coef_ent, kl = ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts)
+    if any(needs) and not _token_local(opts):
+        grads = _gradients(h2, weight, bias, y, valid, rows, out, coef_x.reshape(-1),
+                           coef_ent.reshape(-1) if use_ent else None, lin, needs)
+    dh, dw, db = grads
+    return loss, logp, kl, ent, stats, (None if dh is None else dh.view(hidden.shape)), dw, db
+
+
+def _per_token(t, mask):
+    """A per-token ([B, T]) or per-sequence ([B]) tensor as one value per flattened token."""
+    if t is None:
+        return None
+    if t.dim() == 1 and mask.dim() == 2:
+        t = t[:, None]
+    return t.expand(mask.shape).reshape(-1)
+
+
+def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, opts, lin, needs, use_ent, acc):
+    """The 6 N H V path: each chunk's coefficients dloss/dlogp = m w dL/dlogp and dloss/dH = -m w c_ent come
+    from the per-token loss function run on the chunk's rows with unit aggregation (token-mean over a
+    count of 1), times the global aggregation weights m w, so chunk contributions add up exactly."""
+    k = _kernels()
+    N = h2.shape[0]
+    rows = k.Rows(valid)
+    out = k.new_outputs(N, h2.device, acc, lin.with_entropy, False)
+    weights = _agg_weights(mask, opts, acc)
+    flat = [_per_token(t, mask) for t in (old, adv, mask, ref)]
+    unit = dataclasses.replace(opts, agg=dataclasses.replace(opts.agg, agg="token-mean", num_tokens=1.0,
+                                                             num_seqs=None, horizon=None))
+    c_logp = torch.zeros(N, dtype=acc, device=h2.device)
+    c_ent = torch.zeros(N, dtype=acc, device=h2.device) if use_ent else None
+
+    def coefs(r0, n):
+        sel = rows.idx[r0:r0 + n]
+        old_c, adv_c, mask_c, ref_c = (None if t is None else t.index_select(0, sel)[None] for t in flat)
+        ent_c = out["ent_c"][r0:r0 + n][None] if use_ent else None
+        _, _, cx, ce, _ = ppo_terms_from_logprobs(out["logp_c"][r0:r0 + n][None], ent_c, old_c, adv_c, mask_c, ref_c,
+                                                  unit)
+        w = weights.index_select(0, sel)
+        c_logp[r0:r0 + n] = cx[0] * w
+        if use_ent:
+            c_ent[r0:r0 + n] = ce[0] * w
+        return c_logp, c_ent
+
+    grads = triton_gradient_pass(h2, weight, bias, y, rows, out, lin, needs, coefs)
+    return grads, out
 
 
 def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None, ref_logprobs=None,
                           kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                           temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                          num_tokens=None, num_seqs=None, horizon=None) -> PPOLossOutput:
-    """fused_ppo_loss(hidden @ weight.T + bias, ...) without materialising the logits.
+                          num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None,
+                          logit_scale=1.0, chunk_bytes=None) -> PPOLossOutput:
+    """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
+    without materialising the logits.
 
     hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments and the result are those of
-    fused_ppo_loss. Gradients flow to hidden, weight and bias."""
+    fused_ppo_loss. Only tokens with mask != 0 and a label != ignore_index are projected; the returned
+    per-token log-probs / entropy are 0 elsewhere. On the Triton path the gradients to hidden, weight and
+    bias are formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the fp32 [rows, V] logits
+    chunk, default 512 MiB): 6 N_valid H V FLOPs for forward + backward, and backward only scales them by
+    the upstream gradient. Those gradients are held from forward to backward."""
     _check_linear(hidden, weight, labels, bias, ignore_index)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
     check_ppo_args(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
                    clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
-    tau = check_temperature(temperature)
     clip_high = clip_low if clip_high is None else clip_high
     want_ent = bool(return_entropy or entropy_coef != 0)
     backend = backend_for(hidden, weight, labels, old_logprobs, advantages, mask)
+    lin = _linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
+                          chunk_bytes, backend)
     if backend == "torch":
-        out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=tau, ignore_index=ignore_index,
-                              return_entropy=want_ent)
+        # a masked token is an ignored label: never projected, no value or gradient (NaN there cannot leak)
+        labels = labels.masked_fill(mask.reshape(labels.shape) == 0, lin.ignore_index)
+        out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                              return_entropy=want_ent, final_logit_softcapping=final_logit_softcapping,
+                              logit_scale=logit_scale, chunk_bytes=chunk_bytes)
         logp, ent = out if want_ent else (out, None)
         return ref_impl.compose_ppo_loss(
             logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
             kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
             dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    opts = PPOOptions(lin.inv_tau, int(ignore_index), want_ent, kl_kind, float(kl_coef), float(entropy_coef), False,
+                      AggOptions(0, agg, clip_low, clip_high, dual_clip, None, num_tokens, num_seqs, horizon))
     ref = None if ref_logprobs is None else ref_logprobs.detach()
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_linear_ppo_loss(
-        hidden, weight, bias, labels, old_logprobs.detach(), advantages.detach(), mask, ref, 1.0 / tau,
-        int(ignore_index), want_ent, kl_kind, float(kl_coef), float(entropy_coef), agg, float(clip_low),
-        float(clip_high), opt_float(dual_clip), opt_float(num_tokens), opt_float(num_seqs), opt_float(horizon))
+        hidden, weight, bias, labels, old_logprobs.detach(), advantages.detach(), mask, ref, encode(opts), encode(lin),
+        *needs)
     return ppo_output(loss, logp, kl, ent, stats, ref is not None, want_ent)

@@ -2,30 +2,67 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from . import library  # noqa: F401  (registers torch.ops.fastppo)
+from . import _torch_ops, library  # noqa: F401  (library registers torch.ops.fastppo)
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
 
 
+def check_logit_transform(logit_scale, final_logit_softcapping):
+    """(scale, cap) of z' = softcap(scale * z) / tau, validated once: scale a finite non-zero number,
+    cap None (no cap) or a positive finite number."""
+    for name, v in (("logit_scale", logit_scale), ("final_logit_softcapping", final_logit_softcapping)):
+        if isinstance(v, bool) or (v is not None and not isinstance(v, (int, float))):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    if logit_scale is None:
+        raise TypeError("logit_scale must be a number, got None (use 1.0 for no scaling)")
+    scale = float(logit_scale)
+    if not (math.isfinite(scale) and scale != 0):
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
+    cap = None if final_logit_softcapping is None else float(final_logit_softcapping)
+    if cap is not None and not (cap > 0 and math.isfinite(cap)):
+        raise ValueError(f"final_logit_softcapping must be None or a positive finite number, got "
+                         f"{final_logit_softcapping}")
+    return scale, cap
+
+
+def ops_for(backend: str):
+    """The launcher module of a backend: Triton kernels or their chunked PyTorch twins."""
+    if backend == "triton":
+        from .kernels import logprobs as triton_ops
+
+        return triton_ops
+    return _torch_ops
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
-                   ignore_index: int = -100, return_entropy: bool = False):
-    """Log-probability of each label under softmax(logits / temperature), and optionally the
-    entropy of that distribution, in one pass over the vocabulary.
+                   ignore_index: int = -100, return_entropy: bool = False, final_logit_softcapping=None,
+                   logit_scale: float = 1.0):
+    """Log-probability of each label under softmax(z'), and optionally the entropy of that
+    distribution, in one pass over the vocabulary, with
 
-    logits: [..., V] fp32/bf16/fp16 (any strides); labels: [...] integer, `logits[..., t, :]`
-    predicts `labels[..., t]` (shift before calling). Returns float32 [...] log-probs, or
-    (log-probs, entropy) with `return_entropy=True`. `ignore_index` positions give 0 and no
-    gradient (entropy 0 there too). Differentiable w.r.t. logits.
+        z' = softcap(logit_scale * z) / temperature,   softcap(x) = c * tanh(x / c)  (c = final_logit_softcapping;
+        no cap when None). This is the order of TRL 1.16 (`trl/kernels/chunked_logprob.py::_transform`:
+        scale, then Gemma-style softcap, then temperature) and of the models (Cohere `logit_scale`,
+        Granite `1 / logits_scaling`, Gemma 2/3 `final_logit_softcapping`; temperature at sampling time).
+        logp_t = z'_y - logsumexp(z'),   H_t = logsumexp(z') - sum_i p_i z'_i.
 
-        logp_t = z'_y - logsumexp(z'),   H_t = logsumexp(z') - sum_i p_i z'_i,   z' = z / tau
+    logits: [..., V] fp16/bf16/fp32/fp64 (any strides); labels: [...] integer (any strides),
+    `logits[..., t, :]` predicts `labels[..., t]` (shift before calling). Returns float32 [...] log-probs
+    (float64 for float64 logits), or (log-probs, entropy) with `return_entropy=True`. `ignore_index`
+    positions give 0 and no gradient (entropy 0 there too), and their logits row is never read (NaN there
+    cannot leak). Differentiable w.r.t. logits:
+    dlogp/dz = (onehot(y) - p) dz'/dz, dH/dz = -p (log p + H) dz'/dz, dz'/dz = scale (1 - tanh^2(scale z / c)) / tau.
     """
     check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
     tau = check_temperature(temperature)
+    scale, cap = check_logit_transform(logit_scale, final_logit_softcapping)
     logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, 1.0 / tau, int(ignore_index), bool(return_entropy),
-                                                    backend_for(logits, labels))
+                                                    scale, cap, backend_for(logits, labels))
     return (logp, ent) if return_entropy else logp

@@ -3,12 +3,14 @@ interpreter, the reference in PyTorch otherwise). Math: fastppo.reference and DE
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from . import library  # noqa: F401  (registers torch.ops.fastppo)
 from . import reference as ref_impl
-from ._checks import check_choice, check_float, check_positive, check_same_shape
+from ._checks import check_choice, check_float, check_mask, check_positive, check_same_shape
 from .backend import backend_for
+from .library import encode
 
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
 
@@ -31,6 +33,7 @@ def check_token_args(name, shape, old, adv, mask, agg, num_tokens, num_seqs, hor
     check_float(adv_name, adv)
     check_same_shape(old_name, old, name, shape)
     check_same_shape("mask", mask, name, shape)
+    check_mask(mask)
     if tuple(adv.shape) != shape and not (len(shape) == 2 and tuple(adv.shape) == (shape[0],)):
         raise ValueError(f"{adv_name} must be {shape} (per token) or ({shape[0]},) (per "
                          f"sequence), got {tuple(adv.shape)}")
@@ -47,11 +50,6 @@ def check_clips(clip_low, clip_high, dual_clip):
         raise ValueError(f"clip_high must be >= 0, got {clip_high}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 (Dual-clip PPO), got {dual_clip}")
-
-
-def opt_float(x):
-    """An optional number as an op argument (float or None)."""
-    return None if x is None else float(x)
 
 
 def stats_dict(buf: torch.Tensor, names) -> dict[str, torch.Tensor]:
@@ -76,6 +74,24 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
 
 
 # ----------------------------------------------------------------------------- policy / value
+@dataclass(frozen=True)
+class AggOptions:
+    """Options of the aggregation kernel (see fastppo.kernels.loss_agg.loss_agg)."""
+
+    loss_kind: int
+    agg: str
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    value_clip: float | None = None
+    num_tokens: float | None = None
+    num_seqs: float | None = None
+    horizon: float | None = None
+
+    def kwargs(self):
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None,
                     dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None, horizon=None):
     """PPO clipped surrogate, aggregated. Per token, ratio = exp(clamp(logp - old, -20, 20)):
@@ -95,9 +111,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
         return ref_impl.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
                                         clip_high=clip_high, dual_clip=dual_clip, agg=agg,
                                         num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    loss, buf, _ = torch.ops.fastppo.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, agg, float(clip_low),
-                                                     float(clip_high), opt_float(dual_clip), opt_float(num_tokens),
-                                                     opt_float(num_seqs), opt_float(horizon))
+    opts = AggOptions(0, agg, clip_low, clip_high, dual_clip, None, num_tokens, num_seqs, horizon)
+    loss, buf, _ = torch.ops.fastppo.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, encode(opts))
     return loss, stats_dict(buf, [(k, k) for k in POLICY_STATS])
 
 
@@ -114,6 +129,6 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
     if backend_for(values, old_values, returns, mask) == "torch":
         return ref_impl.value_loss(values, old_values, returns, mask, clip=clip, agg=agg,
                                    num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    loss, buf, _ = torch.ops.fastppo.value_loss(values, old_values, returns, mask, agg, opt_float(clip),
-                                                opt_float(num_tokens), opt_float(num_seqs), opt_float(horizon))
+    opts = AggOptions(1, agg, value_clip=clip, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    loss, buf, _ = torch.ops.fastppo.value_loss(values, old_values, returns, mask, encode(opts))
     return loss, stats_dict(buf, [("vf_clipfrac", "clipfrac")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -18,3 +19,17 @@ class PPOLossOutput:
     kl: torch.Tensor | None
     entropy: torch.Tensor | None
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class LogprobOutputs(NamedTuple):
+    """Per-token outputs of token_logprobs / linear_logprobs when `extra_outputs` is given (TRL's fused-head
+    fields, same definitions; None where not requested; 0 / False at ignored labels):
+    logprobs (differentiable), entropy (differentiable, with return_entropy=True),
+    log_sum_sq_probs = log sum_v p_v^2, mean_logits = mean over v of the scaled logits z'_v, is_top1 = the
+    label is the first argmax of z' (bool); these three carry no gradient."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .modes import AGG_MODES, KL_KINDS  # noqa: F401  (re-exported: the names live in fastppo.modes)
 from .outputs import PPOLossOutput
-
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_KINDS = ("k1", "abs", "k2", "mse", "k3", "low_var_kl")
 
 
 def _f(x):
@@ -21,9 +19,17 @@ def _f(x):
 
 
 # ----------------------------------------------------------------------------- log-probs
-def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """logp_t = z'_y - logsumexp(z'), H_t = lse - sum_i p_i z'_i with z' = z / tau (fp32)."""
-    z = _f(logits) / temperature                     # read N*V*b, write N*V*4
+def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                   final_logit_softcapping=None, logit_scale=1.0):
+    """logp_t = z'_y - logsumexp(z'), H_t = lse - sum_i p_i z'_i = -sum_i p_i log p_i (computed from
+    log_softmax: no cancellation, exact in float64) with z' = softcap(scale * z) / tau,
+    softcap(x) = c tanh(x / c) (TRL 1.16's order: scale, softcap, temperature) (fp32; fp64 for fp64)."""
+    z = _f(logits)
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if final_logit_softcapping is not None:
+        z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
+    z = z / temperature                                  # read N*V*b, write N*V*4
     logsm = torch.log_softmax(z, dim=-1)                 # read + write N*V*4
     ignored = labels == ignore_index
     safe = labels.masked_fill(ignored, 0).long()
@@ -37,11 +43,16 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
 
 
 def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=False):
-    """token_logprobs of the materialised logits hidden @ weight.T + bias."""
-    logits = hidden @ weight.t()                         # write N*V*b
+                    return_entropy=False, final_logit_softcapping=None, logit_scale=1.0):
+    """token_logprobs of the materialised logits softcap(logit_scale * (hidden @ weight.T + bias)),
+    softcap(x) = c tanh(x / c) with c = final_logit_softcapping (identity when None)."""
+    dot = torch.promote_types(hidden.dtype, weight.dtype)
+    logits = hidden.to(dot) @ weight.to(dot).t()         # write N*V*b
     if bias is not None:
         logits = logits + bias
+    logits = logits * logit_scale
+    if final_logit_softcapping is not None:
+        logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
     return token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                           return_entropy=return_entropy)
 
@@ -97,7 +108,15 @@ def aggregate(x, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, hori
         return masked_sum / seqs.clamp_min(1)
     if agg == "seq-mean-token-sum-norm":
         return masked_sum / (seqs.clamp_min(1) * t_len)
+    if agg == "token-sum":
+        return masked_sum
     raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+def _keep(x, m):
+    """x where the mask is 1, else 0: masked positions (which may hold NaN/inf) then contribute nothing
+    to the value or the gradient (a select, never a multiply)."""
+    return torch.where(m > 0, x, torch.zeros_like(x))
 
 
 def _masked_mean(x, m):
@@ -121,10 +140,10 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     """ratio = exp(clamp(logp - old, -20, 20)); L = max(-A ratio, -A clamp(ratio, 1-cl, 1+ch));
     dual clip c: where A < 0, L = min(L, -c A). Returns (agg(L), stats)."""
     clip_high = clip_low if clip_high is None else clip_high
-    logp = _f(logprobs)
     m = _f(mask)
-    adv = _expand_advantages(advantages, logp)
-    d = logp - _f(old_logprobs)
+    logp = _keep(_f(logprobs), m)
+    adv = _keep(_expand_advantages(advantages, logp), m)
+    d = logp - _keep(_f(old_logprobs), m)
     ratio = torch.exp(d.clamp(-20, 20))
     l1 = -adv * ratio
     l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
@@ -149,14 +168,14 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
                num_seqs=None, horizon=None):
     """L = 0.5 max((v - R)^2, (v_c - R)^2), v_c = old + clamp(v - old, -clip, clip); 0.5 (v - R)^2
     without clip. Returns (agg(L), {"vf_clipfrac"})."""
-    v = _f(values)
-    r = _f(returns)
     m = _f(mask)
+    v = _keep(_f(values), m)
+    r = _keep(_f(returns), m)
     l1 = (v - r).square()
     if clip is None:
         loss, clipped = 0.5 * l1, torch.zeros_like(m)
     else:
-        old = _f(old_values)
+        old = _keep(_f(old_values), m)
         vc = old + (v - old).clamp(-clip, clip)
         l2 = (vc - r).square()
         loss, clipped = 0.5 * torch.maximum(l1, l2), (l2 > l1).float()
@@ -167,11 +186,14 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                    kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                   num_tokens=None, num_seqs=None, horizon=None):
-    """agg(L) + kl_coef * agg(KL) - entropy_coef * agg(H), composed from the pieces above."""
+                   num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None, logit_scale=1.0):
+    """agg(L) + kl_coef * agg(KL) - entropy_coef * agg(H), composed from the pieces above. Mask-0 rows
+    are treated as ignore_index (logprobs and entropy 0 there, no gradient)."""
     want_ent = return_entropy or entropy_coef != 0
+    labels = torch.where(_f(mask) != 0, labels, ignore_index)
     out = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                         return_entropy=want_ent)
+                         return_entropy=want_ent, final_logit_softcapping=final_logit_softcapping,
+                         logit_scale=logit_scale)
     logp, ent = out if want_ent else (out, None)
     return compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
                             kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
@@ -189,11 +211,12 @@ def compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs,
     m = _f(mask)
     kl = None
     if ref_logprobs is not None:
-        kl = kl_penalty(logp, ref_logprobs, kl_kind)
-        loss = loss + kl_coef * aggregate(kl, mask, agg, **counts)
+        kl = kl_penalty(logp.detach(), ref_logprobs, kl_kind)
+        kl_kept = kl_penalty(_keep(_f(logp), m), _keep(_f(ref_logprobs), m), kl_kind)
+        loss = loss + kl_coef * aggregate(kl_kept, mask, agg, **counts)
         stats["kl"] = _masked_mean(kl, m).detach()
     if ent is not None:
-        loss = loss - entropy_coef * aggregate(ent, mask, agg, **counts)
+        loss = loss - entropy_coef * aggregate(_keep(_f(ent), m), mask, agg, **counts)
         stats["entropy"] = _masked_mean(ent, m).detach()
     return PPOLossOutput(loss=loss, logprobs=logp.detach(), kl=None if kl is None else kl.detach(),
                          entropy=None if ent is None else ent.detach(), stats=stats)
@@ -220,21 +243,22 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=1.0):
 
 def masked_whiten(x, mask, *, shift_mean=True):
     """(x - mean) / sqrt(var + 1e-8) over masked entries (unbiased var); 0 where mask is 0."""
-    x = x.float()
-    m = mask.float()
+    out_dtype = x.dtype if x.dtype == torch.float64 else torch.float32
+    m = mask != 0
+    x = torch.where(m, x.double(), 0.0)                  # float64: squares of ~1e20 do not overflow
     n = m.sum()
-    mean = (x * m).sum() / n
-    var = ((x - mean).square() * m).sum() / (n - 1)
+    mean = x.sum() / n
+    var = torch.where(m, x - mean, 0.0).square().sum() / (n - 1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return out * m
+    return torch.where(m, out, 0.0).to(out_dtype)
 
 
 def group_advantages(scores, group_size, *, kind="grpo", norm_by_std=True, eps=1e-6):
     """Per group of `group_size` consecutive scores: grpo (R - mean)/(std + eps) (unbiased std,
     or R - mean without norm_by_std); rloo R - mean of the other G - 1. A group of one gets 0."""
-    s = scores.float().reshape(-1)
+    s = scores.double().reshape(-1)
     out = torch.zeros_like(s)
     for start in range(0, s.numel(), group_size):
         g = s[start:start + group_size]
@@ -249,7 +273,7 @@ def group_advantages(scores, group_size, *, kind="grpo", norm_by_std=True, eps=1
         else:
             raise ValueError(f"kind must be 'grpo' or 'rloo', got {kind!r}")
         out[start:start + group_size] = a
-    return out
+    return out.to(scores.dtype if scores.dtype == torch.float64 else torch.float32)
 
 
 def kl_shaped_rewards(scores, kl, mask, *, kl_coef):

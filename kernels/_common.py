@@ -89,3 +89,35 @@ def dlogits_block(z, cols, y, lse, ent, c_logp, c_ent, inv_tau, HAS_ENT: tl.cons
         logp = tl.where(z == float("-inf"), 0.0, z - bcast(lse))
         g += bcast(c_ent) * (-p * (logp + bcast(ent)))
     return g * inv_tau
+
+
+@triton.jit
+def tanh_exp(x):
+    """tanh(x) = 1 - 2 / (exp(2x) + 1) with exp only (no libdevice, so it also runs in the interpreter).
+    Exact limits: +inf -> 1, -inf -> -1, NaN -> NaN. Absolute error ~2 ulp(1) near 0, which is below the
+    rounding of the capped logit c * tanh(x) itself."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def scalar_hi_lo(hi, lo, ACC: tl.constexpr):
+    """A host float passed as two fp32 kernel arguments (hi = fp32(x), lo = fp32(x - hi)) back in ACC:
+    exact to ~2^-48 for an fp64 accumulator, fp32(x) for an fp32 one."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def transform_logits(z, pre, post, HAS_CAP: tl.constexpr):
+    """Scaled logits z' = softcap(scale * z) / tau and dz'/dz, per element (DESIGN.md 3b).
+
+    softcap(x) = c * tanh(x / c). The host folds the scalars (see kernels/_rows.py `LogitTransform`):
+    without a cap  pre = scale / tau:            z' = pre * z,              dz'/dz = pre;
+    with a cap c   pre = scale / c, post = c / tau: z' = post * tanh(pre z), dz'/dz = pre post (1 - tanh^2).
+    -inf stays -inf without a cap (a masked vocabulary entry) and becomes -c / tau with one, as in the model."""
+    zt = z * pre
+    dz = pre
+    if HAS_CAP:
+        th = tanh_exp(zt)
+        zt = th * post
+        dz = pre * post * (1.0 - th * th)
+    return zt, dz

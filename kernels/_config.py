@@ -32,3 +32,11 @@ LIN_BLOCK_V = 128
 LIN_BLOCK_K = 64
 LIN_NUM_WARPS = 8
 LIN_NUM_STAGES = 3
+# Gradient GEMMs of the linear path: d(hidden) / d(weight) output tiles are [BLOCK_N or BLOCK_V, LIN_BLOCK_H].
+LIN_BLOCK_H = 128
+# Forward statistics split the vocabulary into ranges of LIN_SPLIT_TILES tiles (one program per row tile and
+# range, partials merged by the finish kernel): enough programs for a GPU, several splits at test shapes.
+LIN_SPLIT_TILES = 2 if INTERPRET else 16
+LIN_FINISH_BLOCK = 256
+# Default memory bound of the fp32 [rows, V] logits chunk of the linear gradient pass (chunk_bytes=).
+LIN_CHUNK_BYTES = 512 << 20

@@ -1,5 +1,6 @@
 """Host-side layout helpers shared by the launchers (no Triton code, no device queries)."""
 
+import numpy as np
 import torch
 import triton.language as tl
 
@@ -46,10 +47,46 @@ class Rows:
 
 
 def flat_labels(labels: torch.Tensor, n_rows: int) -> torch.Tensor:
-    flat = labels.reshape(-1)
+    """Labels as a contiguous [N] vector (the kernels read label r at element r): a strided view such
+    as `labels[::2]` is copied here (N integers, not [N, V] data)."""
+    flat = labels.reshape(-1).contiguous()
     if flat.numel() != n_rows:
         raise ValueError(f"labels has {flat.numel()} elements but logits have {n_rows} rows")
     return flat
+
+
+def flat_rows(x: torch.Tensor, n_rows: int, name: str) -> torch.Tensor:
+    """A per-row tensor (mask, upstream gradient) as a contiguous [N] vector (copied if strided)."""
+    flat = x.reshape(-1).contiguous()
+    if flat.numel() != n_rows:
+        raise ValueError(f"{name} has {flat.numel()} elements but logits have {n_rows} rows")
+    return flat
+
+
+def split_float(x: float):
+    """(hi, lo) fp32 pair with hi + lo == x to ~2^-48: how a host float reaches an fp64 kernel exactly
+    (the JIT passes Python floats as fp32)."""
+    hi = float(np.float32(x))   # host arithmetic only: no tensor, so torch.compile can trace a launcher
+    lo = float(np.float32(x - hi))
+    return hi, lo
+
+
+class LogitTransform:
+    """Host side of `transform_logits` (kernels/_common.py): z' = softcap(scale * z) / tau,
+    softcap(x) = c * tanh(x / c) (no cap when c is None), folded into pre / post factors and passed
+    as (hi, lo) fp32 pairs: `args()` = (pre_hi, pre_lo, post_hi, post_lo); `has_cap` the constexpr."""
+
+    __slots__ = ("has_cap", "pre", "post")
+
+    def __init__(self, inv_tau: float, logit_scale: float = 1.0, softcap=None):
+        self.has_cap = softcap is not None
+        if self.has_cap:
+            self.pre, self.post = float(logit_scale) / float(softcap), float(softcap) * float(inv_tau)
+        else:
+            self.pre, self.post = float(logit_scale) * float(inv_tau), 1.0
+
+    def args(self):
+        return (*split_float(self.pre), *split_float(self.post))
 
 
 def acc_dtype(dtype: torch.dtype):

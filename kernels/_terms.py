@@ -2,13 +2,43 @@
 
 Each returns the value and its derivative with respect to the first argument, elementwise, in
 the dtype of its inputs (fp32, or fp64 for float64 checks). Kinds and modes are constexpr
-integers (see KL_KIND_IDS / AGG_IDS)."""
+integers (see fastppo.modes).
+
+NaN propagates exactly as in PyTorch: every clamp / max / min here is a `where` select that keeps
+a NaN operand (tl.maximum / tl.minimum would drop it), and a branch chosen by a comparison
+picks the gradient torch.maximum's backward gives (ties split the gradient in half)."""
 
 import triton
 import triton.language as tl
 
-KL_KIND_IDS = {"k1": 1, "abs": 2, "k2": 3, "mse": 3, "k3": 4, "low_var_kl": 5}
-AGG_IDS = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
+
+@triton.jit
+def is_nan(x):
+    return x != x
+
+
+@triton.jit
+def clamp_nan(x, lo, hi):
+    """torch.clamp(x, lo, hi): NaN stays NaN."""
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
+def max_nan(a, b):
+    """torch.maximum(a, b): NaN if either is NaN."""
+    return tl.where(is_nan(a) | is_nan(b), a + b, tl.where(b > a, b, a))
+
+
+@triton.jit
+def min_nan(a, b):
+    """torch.minimum(a, b): NaN if either is NaN."""
+    return tl.where(is_nan(a) | is_nan(b), a + b, tl.where(b < a, b, a))
+
+
+@triton.jit
+def max_grad(a, b, da, db):
+    """Gradient of torch.maximum(a, b) given the operands' gradients (ties: half each)."""
+    return tl.where(a > b, da, tl.where(b > a, db, tl.where(a == b, 0.5 * (da + db), da + db)))
 
 
 @triton.jit
@@ -18,10 +48,10 @@ def kl_terms(logp, ref, KIND: tl.constexpr):
     d = logp - ref
     if KIND == 1:
         kl = d
-        dkl = tl.full(d.shape, 1.0, d.dtype)
+        dkl = tl.where(is_nan(d), d, 1.0)
     elif KIND == 2:
         kl = tl.abs(d)
-        dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, tl.where(is_nan(d), d, 0.0)))
     elif KIND == 3:
         kl = 0.5 * d * d
         dkl = d
@@ -31,10 +61,10 @@ def kl_terms(logp, ref, KIND: tl.constexpr):
         dkl = 1.0 - e
     else:
         inside = (d >= -20.0) & (d <= 20.0)
-        dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
+        dc = clamp_nan(d, -20.0, 20.0)
         e = tl.exp(-dc)
         k = e - 1.0 + dc
-        kl = tl.minimum(tl.maximum(k, -10.0), 10.0)
+        kl = clamp_nan(k, -10.0, 10.0)
         dkl = tl.where(inside & (k >= -10.0) & (k <= 10.0), 1.0 - e, 0.0)
     return kl, dkl
 
@@ -46,10 +76,10 @@ def policy_terms(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL: tl.co
     Returns (L, dL, ratio, clipped, lower, d)."""
     d = logp - old
     inside = (d >= -20.0) & (d <= 20.0)
-    ratio = tl.exp(tl.minimum(tl.maximum(d, -20.0), 20.0))
+    ratio = tl.exp(clamp_nan(d, -20.0, 20.0))
     l1 = -adv * ratio
-    l2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-    loss = tl.maximum(l1, l2)
+    l2 = -adv * clamp_nan(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = max_nan(l1, l2)
     clipped = l2 > l1
     dloss = tl.where(clipped | ~inside, 0.0, -adv * ratio)
     lower = tl.zeros(d.shape, tl.int1)
@@ -63,16 +93,23 @@ def policy_terms(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL: tl.co
 
 @triton.jit
 def value_terms(v, old, ret, clip, HAS_CLIP: tl.constexpr):
-    """L = 0.5 max((v - R)^2, (v_c - R)^2), v_c = old + clamp(v - old, -clip, clip); dL/dv = v - R
-    where the unclipped branch is active, else 0. Returns (L, dL, clipped)."""
-    l1 = (v - ret) * (v - ret)
+    """L = 0.5 max((v - R)^2, (v_c - R)^2), v_c = old + clamp(v - old, -clip, clip).
+    dL/dv is the gradient torch.maximum gives: (v - R) where the unclipped error is larger,
+    (v_c - R) [|v - old| <= clip] where the clipped one is, their mean on a tie (so a value inside
+    the clip range always gets its full gradient, whichever branch rounding favours).
+    Returns (L, dL, clipped)."""
+    e1 = v - ret
+    l1 = e1 * e1
     if HAS_CLIP:
-        vc = old + tl.minimum(tl.maximum(v - old, -clip), clip)
-        l2 = (vc - ret) * (vc - ret)
+        dv = v - old
+        vc = old + clamp_nan(dv, -clip, clip)
+        e2 = vc - ret
+        l2 = e2 * e2
         clipped = l2 > l1
-        loss = 0.5 * tl.maximum(l1, l2)
+        loss = 0.5 * max_nan(l1, l2)
+        dloss = max_grad(l1, l2, e1, tl.where((dv >= -clip) & (dv <= clip), e2, 0.0))
     else:
         clipped = tl.zeros(l1.shape, tl.int1)
         loss = 0.5 * l1
-    dloss = tl.where(clipped, 0.0, v - ret)
+        dloss = e1
     return loss, dloss, clipped

@@ -52,22 +52,27 @@ def _specs():
     row = dict(BLOCK_V=cfg.ROW_BLOCK_V)
     strides = ("stride_outer", "stride_inner", "V")
     specs = []
+    scalars = {n: "fp32" for n in ("pre_hi", "pre_lo", "post_hi", "post_lo")}
     for dt in ("bf16", "fp32"):
-        ce = dict(row, WITH_ENT=True, ACC=tl.float32)
-        specs.append(AOTSpec(
-            f"logprobs_fwd[{dt}]", logprobs._logprobs_fwd_kernel,
-            _sig(logprobs._logprobs_fwd_kernel, dict(logits_ptr=f"*{dt}", labels_ptr="*i64", logp_ptr="*fp32",
-                 lse_ptr="*fp32", ent_ptr="*fp32", inv_tau="fp32"), ce), ce, strides, True, cfg.ROW_NUM_WARPS))
-        ce = dict(row, HAS_ENT=True, HAS_SCALE=True, ACC=tl.float32)
-        specs.append(AOTSpec(
-            f"logprobs_bwd[{dt}]", logprobs._logprobs_bwd_kernel,
-            _sig(logprobs._logprobs_bwd_kernel, dict(logits_ptr=f"*{dt}", labels_ptr="*i64", lse_ptr="*fp32",
-                 ent_ptr="*fp32", c_logp_ptr="*fp32", c_ent_ptr="*fp32", scale_ptr="*fp32",
-                 dlogits_ptr=f"*{dt}", inv_tau="fp32"), ce), ce,
-            strides + ("d_stride_outer", "d_stride_inner"), True, cfg.ROW_NUM_WARPS))
+        # the plain op (token_logprobs) and the fused loss's variant (row validity from the mask + softcap)
+        for tag, extra in (("", dict(HAS_VALID=False, HAS_CAP=False)), (",valid,cap", dict(HAS_VALID=True,
+                                                                                          HAS_CAP=True))):
+            ce = dict(row, WITH_ENT=True, ACC=tl.float32, **extra)
+            specs.append(AOTSpec(
+                f"logprobs_fwd[{dt}{tag}]", logprobs._logprobs_fwd_kernel,
+                _sig(logprobs._logprobs_fwd_kernel, dict(logits_ptr=f"*{dt}", labels_ptr="*i64", valid_ptr="*i1",
+                     logp_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32", **scalars), ce), ce, strides, True,
+                cfg.ROW_NUM_WARPS))
+            ce = dict(row, HAS_ENT=True, HAS_SCALE=True, ACC=tl.float32, **extra)
+            specs.append(AOTSpec(
+                f"logprobs_bwd[{dt}{tag}]", logprobs._logprobs_bwd_kernel,
+                _sig(logprobs._logprobs_bwd_kernel, dict(logits_ptr=f"*{dt}", labels_ptr="*i64", valid_ptr="*i1",
+                     lse_ptr="*fp32", ent_ptr="*fp32", c_logp_ptr="*fp32", c_ent_ptr="*fp32", scale_ptr="*fp32",
+                     dlogits_ptr=f"*{dt}", **scalars), ce), ce,
+                strides + ("d_stride_outer", "d_stride_inner"), True, cfg.ROW_NUM_WARPS))
     ce = dict(row, ACC=tl.float32)
     kl_types = dict(p_ptr="*bf16", q_ptr="*bf16", kl_ptr="*fp32", lse_p_ptr="*fp32", lse_q_ptr="*fp32",
-                    g_ptr="*fp32", dp_ptr="*bf16", inv_tau="fp32")
+                    g_ptr="*fp32", dp_ptr="*bf16", tau_hi="fp32", tau_lo="fp32")
     kl_div = ("p_outer_s", "p_inner_s", "q_outer_s", "q_inner_s", "V")
     specs.append(AOTSpec("full_kl_fwd[bf16]", full_kl._full_kl_fwd_kernel,
                          _sig(full_kl._full_kl_fwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))
@@ -82,7 +87,7 @@ def _specs():
         specs.append(AOTSpec(f"loss_agg[{name}]", loss_agg._loss_agg_kernel,
                              _sig(loss_agg._loss_agg_kernel, {**ptrs, **f32}, variant), variant, (), False,
                              cfg.AGG_NUM_WARPS))
-    ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK)
+    ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK, ACC=tl.float32)
     specs.append(AOTSpec("kl_fwd", kl._kl_fwd_kernel,
                          _sig(kl._kl_fwd_kernel, dict(logp_ptr="*fp32", ref_ptr="*fp32", kl_ptr="*fp32",
                                                       dkl_ptr="*fp32"), ce), ce, ("n",), True,

@@ -11,18 +11,19 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _config as cfg
-from ._common import online_softmax_step, row_offset
-from ._rows import Rows, acc_dtype
+from ._common import online_softmax_step, row_offset, scalar_hi_lo
+from ._rows import Rows, acc_dtype, split_float
 from .launches import record_launch
 
 
 @triton.jit
 def _full_kl_fwd_kernel(
     p_ptr, q_ptr, kl_ptr, lse_p_ptr, lse_q_ptr,
-    p_inner, p_outer_s, p_inner_s, q_inner, q_outer_s, q_inner_s, V, inv_tau,
+    p_inner, p_outer_s, p_inner_s, q_inner, q_outer_s, q_inner_s, V, tau_hi, tau_lo,
     BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
+    inv_tau = scalar_hi_lo(tau_hi, tau_lo, ACC)
     p_row = p_ptr + row_offset(row, p_inner, p_outer_s, p_inner_s)
     q_row = q_ptr + row_offset(row, q_inner, q_outer_s, q_inner_s)
     cols = tl.arange(0, BLOCK_V)
@@ -50,13 +51,14 @@ def _full_kl_fwd_kernel(
 @triton.jit
 def _full_kl_bwd_kernel(
     p_ptr, q_ptr, kl_ptr, lse_p_ptr, lse_q_ptr, g_ptr, dp_ptr,
-    p_inner, p_outer_s, p_inner_s, q_inner, q_outer_s, q_inner_s, V, inv_tau,
+    p_inner, p_outer_s, p_inner_s, q_inner, q_outer_s, q_inner_s, V, tau_hi, tau_lo,
     BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
+    inv_tau = scalar_hi_lo(tau_hi, tau_lo, ACC)
     p_row = p_ptr + row_offset(row, p_inner, p_outer_s, p_inner_s)
     q_row = q_ptr + row_offset(row, q_inner, q_outer_s, q_inner_s)
-    out_row = dp_ptr + row.to(tl.int64) * V
+    out_row = dp_ptr + row * V
     kl = tl.load(kl_ptr + row)
     lse_p = tl.load(lse_p_ptr + row)
     lse_q = tl.load(lse_q_ptr + row)
@@ -85,19 +87,20 @@ def full_kl_fwd(logits, ref_logits, *, inv_tau: float):
     if p.n_rows:
         record_launch("full_kl_fwd", logits, ref_logits, kl, lse_p, lse_q)
         wrap_triton(_full_kl_fwd_kernel)[(p.n_rows,)](
-            p.tensor, q.tensor, kl, lse_p, lse_q, *args, float(inv_tau),
+            p.tensor, q.tensor, kl, lse_p, lse_q, *args, *split_float(inv_tau),
             BLOCK_V=cfg.ROW_BLOCK_V, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS)
     return kl, lse_p, lse_q
 
 
 def full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, g, *, inv_tau: float):
-    """d(sum g * KL)/d logits, contiguous, in the logits' dtype."""
+    """d(sum g * KL)/d logits, contiguous, in the logits' dtype. (full_kl has no mask argument: every row
+    is valid and read; the per-row upstream gradient `g` is any-strided and copied to [N] here.)"""
     p, q, args = _rows_pair(logits, ref_logits)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     g = g.reshape(-1).contiguous()
     if p.n_rows:
         record_launch("full_kl_bwd", logits, ref_logits, kl, lse_p, lse_q, g, out)
         wrap_triton(_full_kl_bwd_kernel)[(p.n_rows,)](
-            p.tensor, q.tensor, kl, lse_p, lse_q, g, out, *args, float(inv_tau),
+            p.tensor, q.tensor, kl, lse_p, lse_q, g, out, *args, *split_float(inv_tau),
             BLOCK_V=cfg.ROW_BLOCK_V, ACC=acc_dtype(logits.dtype)[1], num_warps=cfg.ROW_NUM_WARPS)
     return out

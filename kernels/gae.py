@@ -6,7 +6,9 @@ Mask-aware GAE (DESIGN.md §4) walks t = T-1..0 with a carry (G, N) = (advantage
 Each step is an affine map of the carry with an upper-triangular matrix [[a, b], [0, d]] and an
 offset (c0, c1); composing affine maps is associative, so a chunk of BLOCK_T steps is one
 `tl.associative_scan` (reverse), applied to the carry coming from the chunk on its right.
-A_t = G_t and R_t = G_t + V_t where m_t, else 0. One program per sequence, any T.
+A_t = G_t and R_t = G_t + V_t where m_t, else 0. One program per sequence, any T. Every offset is 64-bit
+(`t * stride_t` of a view with stride 2^30 + 1 would wrap in int32). Values at masked positions are selected
+away (NaN/inf there never reach the result).
 The scan runs in fp64: with gamma = lam = 1 it sums thousands of terms in tree order, and fp32
 would leave errors of ~1e-5 relative on long responses; the data moved is unchanged (fp32 in / out).
 """
@@ -17,6 +19,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _config as cfg
+from ._common import scalar_hi_lo
+from ._rows import split_float
 from .launches import record_launch
 
 
@@ -29,11 +33,13 @@ def _affine_combine(a1, b1, d1, c01, c11, a2, b2, d2, c02, c12):
 @triton.jit
 def _gae_kernel(
     r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, T,
-    sr_b, sr_t, sv_b, sv_t, sm_b, sm_t, gamma, lam,
+    sr_b, sr_t, sv_b, sv_t, sm_b, sm_t, gamma_hi, gamma_lo, lam_hi, lam_lo,
     BLOCK_T: tl.constexpr,
 ):
+    gamma = scalar_hi_lo(gamma_hi, gamma_lo, tl.float64)
+    lam = scalar_hi_lo(lam_hi, lam_lo, tl.float64)
     b = tl.program_id(0).to(tl.int64)
-    lanes = tl.arange(0, BLOCK_T)
+    lanes = tl.arange(0, BLOCK_T).to(tl.int64)
     g_carry = tl.zeros((), tl.float64)
     n_carry = tl.zeros((), tl.float64)
     n_chunks = tl.cdiv(T, BLOCK_T)
@@ -54,28 +60,30 @@ def _gae_kernel(
         g = a * g_carry + bb * n_carry + c0
         n = d * n_carry + c1
         out = b * T + t
-        tl.store(adv_ptr + out, tl.where(m, g, zero).to(tl.float32), mask=inb)
-        tl.store(ret_ptr + out, tl.where(m, g + v, zero).to(tl.float32), mask=inb)
+        tl.store(adv_ptr + out, tl.where(m, g, zero).to(adv_ptr.dtype.element_ty), mask=inb)
+        tl.store(ret_ptr + out, tl.where(m, g + v, zero).to(ret_ptr.dtype.element_ty), mask=inb)
         g_carry = tl.sum(tl.where(lanes == 0, g, zero), 0)
         n_carry = tl.sum(tl.where(lanes == 0, n, zero), 0)
 
 
 def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Returns (advantages, returns), float32 [B, T], contiguous."""
+    """Returns (advantages, returns), float32 [B, T] (float64 when rewards or values are), contiguous.
+    Any strides (64-bit offsets); gamma and lam reach the fp64 scan as (hi, lo) fp32 pairs."""
     B, T = rewards.shape
-    adv = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
+    out_dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    adv = torch.empty((B, T), dtype=out_dtype, device=rewards.device)
     ret = torch.empty_like(adv)
     if B and T:
         record_launch("gae", rewards, values, mask, adv, ret)
         wrap_triton(_gae_kernel)[(B,)](
             rewards, values, mask, adv, ret, T, *rewards.stride(), *values.stride(), *mask.stride(),
-            float(gamma), float(lam), BLOCK_T=cfg.GAE_BLOCK_T, num_warps=cfg.GAE_NUM_WARPS)
+            *split_float(gamma), *split_float(lam), BLOCK_T=cfg.GAE_BLOCK_T, num_warps=cfg.GAE_NUM_WARPS)
     return adv, ret
 
 
 def aot_specs(AOTSpec, sig):
     ce = dict(BLOCK_T=cfg.GAE_BLOCK_T, sr_t=1, sv_t=1, sm_t=1)  # the JIT specialises unit strides
     types = dict(r_ptr="*fp32", v_ptr="*fp32", m_ptr="*i1", adv_ptr="*fp32", ret_ptr="*fp32",
-                 gamma="fp32", lam="fp32")
+                 gamma_hi="fp32", gamma_lo="fp32", lam_hi="fp32", lam_lo="fp32")
     return [AOTSpec("gae", _gae_kernel, sig(_gae_kernel, types, ce), ce, ("T", "sr_b", "sv_b", "sm_b"), True,
                     cfg.GAE_NUM_WARPS)]

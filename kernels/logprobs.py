@@ -1,12 +1,14 @@
-"""Per-token log-probabilities and entropy of a [..., V] logits tensor: one read per row forward,
-one read + one write backward.
+"""Per-token log-probabilities and entropy of a [..., V] logits tensor: one read per live row forward,
+one read + one write backward; a dead row (label == ignore_index, or row-validity 0) is never read:
+its outputs are 0 and its gradient row is written as zeros once.
 
-Forward, per row with z' = z / tau:
+Forward, per row with z' = softcap(scale * z) / tau (softcap(x) = c tanh(x / c), none by default):
     lse = logsumexp(z'),  logp = z'_y - lse,  H = lse - sum_i p_i z'_i = log s - t / s
 where s = sum exp(z' - m), t = sum exp(z' - m)(z' - m), m the row max (kept online).
 Backward (for upstream c_logp = dL/dlogp, c_ent = dL/dH, optional scalar `scale`):
-    dL/dz_j = scale * [c_logp (onehot(y)_j - p_j) - c_ent p_j (log p_j + H)] / tau
-Only lse and H (fp32, one per row) are saved between the passes.
+    dL/dz_j = scale * [c_logp (onehot(y)_j - p_j) - c_ent p_j (log p_j + H)] * dz'_j/dz_j
+    dz'/dz = scale / tau  (no cap),   scale (1 - tanh^2(scale z / c)) / tau  (cap c)
+Only lse and H (fp32, one per row; fp64 for fp64 logits) are saved between the passes.
 """
 
 import torch
@@ -15,31 +17,50 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _config as cfg
-from ._common import dlogits_block, finish_stats, row_offset, stats_step
-from ._rows import Rows, acc_dtype, flat_labels
+from ._common import dlogits_block, finish_stats, row_offset, scalar_hi_lo, stats_step, transform_logits
+from ._rows import LogitTransform, Rows, acc_dtype, flat_labels, flat_rows
 from .launches import record_launch
+
+
+@triton.jit
+def _row_live(labels_ptr, valid_ptr, row, ignore_index, HAS_VALID: tl.constexpr):
+    """(label, live): a row is live when its label is not ignore_index and its validity is not 0."""
+    y = tl.load(labels_ptr + row).to(tl.int64)
+    live = y != ignore_index
+    if HAS_VALID:
+        live = live & (tl.load(valid_ptr + row) != 0)
+    return y, live
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr,
+    logits_ptr, labels_ptr, valid_ptr, logp_ptr, lse_ptr, ent_ptr,
     n_inner, stride_outer, stride_inner, V,
-    inv_tau, ignore_index,
-    BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, ACC: tl.constexpr,
+    pre_hi, pre_lo, post_hi, post_lo, ignore_index,
+    BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, HAS_VALID: tl.constexpr, HAS_CAP: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    cols = tl.arange(0, BLOCK_V)
-    m = tl.full((), float("-inf"), ACC)
-    s = tl.zeros((), ACC)
-    t = tl.zeros((), ACC)
-    for start in range(0, V, BLOCK_V):
-        c = start + cols
-        z = tl.load(row_ptr + c, mask=c < V, other=float("-inf")).to(ACC) * inv_tau
-        m, s, t = stats_step(m, s, t, z, WITH_ENT)
-    y = tl.load(labels_ptr + row).to(tl.int64)
-    z_y = tl.load(row_ptr + y, mask=(y >= 0) & (y < V) & (y != ignore_index), other=0.0).to(ACC) * inv_tau
-    logp, lse, ent = finish_stats(m, s, t, z_y, y, V, ignore_index)
+    row = tl.program_id(0).to(tl.int64)
+    y, live = _row_live(labels_ptr, valid_ptr, row, ignore_index, HAS_VALID)
+    logp = tl.zeros((), ACC)
+    lse = tl.zeros((), ACC)
+    ent = tl.zeros((), ACC)
+    if live:
+        pre = scalar_hi_lo(pre_hi, pre_lo, ACC)
+        post = scalar_hi_lo(post_hi, post_lo, ACC)
+        row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+        cols = tl.arange(0, BLOCK_V)
+        m = tl.full((), float("-inf"), ACC)
+        s = tl.zeros((), ACC)
+        t = tl.zeros((), ACC)
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            inb = c < V
+            z, _ = transform_logits(tl.load(row_ptr + c, mask=inb, other=0.0).to(ACC), pre, post, HAS_CAP)
+            m, s, t = stats_step(m, s, t, tl.where(inb, z, float("-inf")), WITH_ENT)
+        z_y = tl.load(row_ptr + y, mask=(y >= 0) & (y < V), other=0.0).to(ACC)
+        z_y, _ = transform_logits(z_y, pre, post, HAS_CAP)
+        logp, lse, ent = finish_stats(m, s, t, z_y, y, V, ignore_index)
     tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
     if WITH_ENT:
@@ -48,40 +69,56 @@ def _logprobs_fwd_kernel(
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _logprobs_bwd_kernel(
-    logits_ptr, labels_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, scale_ptr, dlogits_ptr,
+    logits_ptr, labels_ptr, valid_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, scale_ptr, dlogits_ptr,
     n_inner, stride_outer, stride_inner, d_stride_outer, d_stride_inner, V,
-    inv_tau, ignore_index,
-    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
+    pre_hi, pre_lo, post_hi, post_lo, ignore_index,
+    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_CAP: tl.constexpr, ACC: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    row = tl.program_id(0).to(tl.int64)
+    y, live = _row_live(labels_ptr, valid_ptr, row, ignore_index, HAS_VALID)
     out_ptr = dlogits_ptr + row_offset(row, n_inner, d_stride_outer, d_stride_inner)
-    y = tl.load(labels_ptr + row).to(tl.int64)
-    keep = (y != ignore_index).to(ACC)
-    lse = tl.load(lse_ptr + row)
-    c_logp = tl.load(c_logp_ptr + row) * keep
-    ent = tl.zeros((), ACC)
-    c_ent = tl.zeros((), ACC)
-    if HAS_ENT:
-        ent = tl.load(ent_ptr + row)
-        c_ent = tl.load(c_ent_ptr + row) * keep
-    if HAS_SCALE:
-        g = tl.load(scale_ptr).to(ACC)
-        c_logp = c_logp * g
-        c_ent = c_ent * g
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        c = start + cols
-        inb = c < V
-        z = tl.load(row_ptr + c, mask=inb, other=float("-inf")).to(ACC) * inv_tau
-        g_z = dlogits_block(z, c, y, lse, ent, c_logp, c_ent, inv_tau, HAS_ENT)
-        tl.store(out_ptr + c, g_z.to(dlogits_ptr.dtype.element_ty), mask=inb)
+    if live:
+        pre = scalar_hi_lo(pre_hi, pre_lo, ACC)
+        post = scalar_hi_lo(post_hi, post_lo, ACC)
+        row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+        lse = tl.load(lse_ptr + row).to(ACC)
+        c_logp = tl.load(c_logp_ptr + row).to(ACC)
+        ent = tl.zeros((), ACC)
+        c_ent = tl.zeros((), ACC)
+        if HAS_ENT:
+            ent = tl.load(ent_ptr + row).to(ACC)
+            c_ent = tl.load(c_ent_ptr + row).to(ACC)
+        if HAS_SCALE:
+            g = tl.load(scale_ptr).to(ACC)
+            c_logp = c_logp * g
+            c_ent = c_ent * g
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            inb = c < V
+            z, dz = transform_logits(tl.load(row_ptr + c, mask=inb, other=0.0).to(ACC), pre, post, HAS_CAP)
+            g_z = dlogits_block(tl.where(inb, z, float("-inf")), c, y, lse, ent, c_logp, c_ent, dz, HAS_ENT)
+            tl.store(out_ptr + c, g_z.to(dlogits_ptr.dtype.element_ty), mask=inb)
+    else:
+        zero = tl.zeros((BLOCK_V,), dlogits_ptr.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            tl.store(out_ptr + c, zero, mask=c < V)
+
+
+def _valid_arg(valid, n_rows, fallback):
+    """(pointer tensor, HAS_VALID) for an optional per-row validity (bool or 0/1, any strides)."""
+    if valid is None:
+        return fallback, False
+    return flat_rows(valid, n_rows, "row validity (mask)"), True
 
 
 def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, *, inv_tau: float, ignore_index: int,
-                 with_entropy: bool):
+                 with_entropy: bool, logit_scale: float = 1.0, softcap=None, valid=None):
     """Returns (logp [N], lse [N], entropy [N] or None), N = logits.numel() // V, in fp32
-    (fp64 for fp64 logits, so that float64 gradcheck is meaningful)."""
+    (fp64 for fp64 logits, so that float64 gradcheck is meaningful). Rows whose label is ignore_index
+    or whose `valid` entry is 0 are not read: logp = H = lse = 0 there."""
     rows = Rows(logits)
     y = flat_labels(labels, rows.n_rows)
     n = rows.n_rows
@@ -90,20 +127,25 @@ def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, *, inv_tau: float, 
     logp = torch.empty(n, dtype=acc, device=dev)
     lse = torch.empty(n, dtype=acc, device=dev)
     ent = torch.empty(n, dtype=acc, device=dev) if with_entropy else lse
+    vp, has_valid = _valid_arg(valid, n, y)
+    tf = LogitTransform(inv_tau, logit_scale, softcap)
     if n > 0:
-        record_launch("logprobs_fwd", logits, y, logp, lse, ent if with_entropy else None)
+        record_launch("logprobs_fwd", logits, y, vp if has_valid else None, logp, lse,
+                      ent if with_entropy else None)
         wrap_triton(_logprobs_fwd_kernel)[(n,)](
-            rows.tensor, y, logp, lse, ent, *rows.args(), rows.n_cols, float(inv_tau), int(ignore_index),
-            BLOCK_V=cfg.ROW_BLOCK_V, WITH_ENT=with_entropy, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
+            rows.tensor, y, vp, logp, lse, ent, *rows.args(), rows.n_cols, *tf.args(), int(ignore_index),
+            BLOCK_V=cfg.ROW_BLOCK_V, WITH_ENT=with_entropy, HAS_VALID=has_valid, HAS_CAP=tf.has_cap,
+            ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
         )
     return logp, lse, (ent if with_entropy else None)
 
 
 def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau: float, ignore_index: int,
-                 scale=None, inplace: bool = False):
+                 scale=None, inplace: bool = False, logit_scale: float = 1.0, softcap=None, valid=None):
     """dlogits for upstream per-row gradients c_logp (of logp) and c_ent (of entropy, or None),
     times the optional 0-d tensor `scale` (read on the device: no host sync). With `inplace`
-    the gradient overwrites the logits' storage (each block is read before it is written)."""
+    the gradient overwrites the logits' storage (each block is read before it is written).
+    Dead rows (ignore_index label, `valid` 0) are not read; their gradient row is written as zeros."""
     rows = Rows(logits)
     y = flat_labels(labels, rows.n_rows)
     if inplace:
@@ -113,15 +155,18 @@ def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau: float, ign
         out = torch.empty(rows.tensor.shape, dtype=logits.dtype, device=logits.device)
         d_outer, d_inner = rows.n_inner * rows.n_cols, rows.n_cols
     has_ent = c_ent is not None
-    c_logp = c_logp.reshape(-1).contiguous()      # upstream grads of a .sum() arrive with stride 0
-    c_ent = c_ent.reshape(-1).contiguous() if has_ent else None
+    c_logp = flat_rows(c_logp, rows.n_rows, "logp gradient")      # upstream grads of a .sum() have stride 0
+    c_ent = flat_rows(c_ent, rows.n_rows, "entropy gradient") if has_ent else None
+    vp, has_valid = _valid_arg(valid, rows.n_rows, y)
+    tf = LogitTransform(inv_tau, logit_scale, softcap)
     if rows.n_rows > 0:
-        record_launch("logprobs_bwd", logits, y, lse, ent if has_ent else None, c_logp, c_ent, scale, logits)
+        record_launch("logprobs_bwd", logits, y, vp if has_valid else None, lse, ent if has_ent else None,
+                      c_logp, c_ent, scale, logits)
         wrap_triton(_logprobs_bwd_kernel)[(rows.n_rows,)](
-            rows.tensor, y, lse, ent if has_ent else lse, c_logp, c_ent if has_ent else c_logp,
+            rows.tensor, y, vp, lse, ent if has_ent else lse, c_logp, c_ent if has_ent else c_logp,
             scale if scale is not None else lse, out,
-            *rows.args(), d_outer, d_inner, rows.n_cols, float(inv_tau), int(ignore_index),
-            BLOCK_V=cfg.ROW_BLOCK_V, HAS_ENT=has_ent, HAS_SCALE=scale is not None,
-            ACC=acc_dtype(logits.dtype)[1], num_warps=cfg.ROW_NUM_WARPS,
+            *rows.args(), d_outer, d_inner, rows.n_cols, *tf.args(), int(ignore_index),
+            BLOCK_V=cfg.ROW_BLOCK_V, HAS_ENT=has_ent, HAS_SCALE=scale is not None, HAS_VALID=has_valid,
+            HAS_CAP=tf.has_cap, ACC=acc_dtype(logits.dtype)[1], num_warps=cfg.ROW_NUM_WARPS,
         )
     return out.view(logits.shape) if out.shape != logits.shape else out

@@ -18,9 +18,10 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..modes import AGG_IDS, KL_KIND_IDS
 from . import _config as cfg
 from ._rows import acc_dtype
-from ._terms import AGG_IDS, KL_KIND_IDS, kl_terms, policy_terms, value_terms
+from ._terms import is_nan, kl_terms, max_nan, policy_terms, value_terms
 from .launches import record_launch
 
 STATS = ("loss", "main_loss", "kl_loss", "entropy_loss", "clipfrac", "clipfrac_lower", "approx_kl",
@@ -32,7 +33,7 @@ POLICY, VALUE = 0, 1
 def _row_count(mask_ptr, b, T, sm_b, sm_t, BLOCK_T: tl.constexpr, ACC: tl.constexpr):
     cnt = tl.zeros((), ACC)
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
+        t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         m = tl.load(mask_ptr + b * sm_b + t * sm_t, mask=t < T, other=0)
         cnt += tl.sum((m != 0).to(ACC), 0)
     return cnt
@@ -80,13 +81,15 @@ def _loss_agg_kernel(
             w = tl.where(cnt > 0, 1.0 / (den_seq * tl.maximum(cnt, 1.0)), 0.0)
         elif AGG == 2:
             w = 1.0 / den_seq
-        else:
+        elif AGG == 3:
             w = 1.0 / (den_seq * hor)
+        else:
+            w = tl.full((), 1.0, ACC)
         row_main = tl.zeros((), ACC)
         row_kl = tl.zeros((), ACC)
         row_ent = tl.zeros((), ACC)
         for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
+            t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
             inb = t < T
             m = (tl.load(mask_ptr + b * sm_b + t * sm_t, mask=inb, other=0) != 0) & inb
             x = tl.load(x_ptr + b * sx_b + t * sx_t, mask=inb, other=0.0).to(ACC)
@@ -98,7 +101,9 @@ def _loss_agg_kernel(
                 s_lower += tl.sum(tl.where(m & lower, 1.0, 0.0), 0)
                 s_akl += tl.sum(tl.where(m, 0.5 * d * d, 0.0), 0)
                 s_ratio += tl.sum(tl.where(m, ratio, 0.0), 0)
-                r_max = tl.maximum(r_max, tl.max(tl.where(m, ratio, 0.0), 0))
+                r_blk = tl.where(m, ratio, 0.0)
+                r_blk_max = tl.where(tl.sum(is_nan(r_blk).to(tl.int32), 0) > 0, float("nan"), tl.max(r_blk, 0))
+                r_max = max_nan(r_max, r_blk_max)
             else:
                 loss, dloss, clipped = value_terms(x, old, adv, clip_low, HAS_CLIP)
             s_clip += tl.sum(tl.where(m & clipped, 1.0, 0.0), 0)

@@ -40,29 +40,38 @@ def _logits_cases(backend):
     logits = (torch.randn(2, 4, V, device=DEVICE) * 3)[:, :-1].requires_grad_()
     labels = _labels((2, 3), V)
     ref_logits = torch.randn(2, 3, V, device=DEVICE)
-    fwd = (logits, labels, 1 / 0.7, -100, True, backend)
+    transform = (1 / 0.7, -100, 1.0, None)   # inv_tau, ignore_index, logit_scale, softcap
+    fwd = (logits, labels, 1 / 0.7, -100, True, 0.5, 30.0, backend)
     with torch.no_grad():   # saved tensors and upstream gradients, as backward receives them
-        logp, ent, lse = torch.ops.fastppo.token_logprobs(*fwd)
+        logp, ent, lse = torch.ops.fastppo.token_logprobs(logits, labels, 1 / 0.7, -100, True, 1.0, None, backend)
         kl, lse_p, lse_q = torch.ops.fastppo.full_kl(logits, ref_logits, 1 / 0.7, backend)
     g_logp, g_ent = torch.randn_like(logp), torch.randn_like(ent)
     d = logits.detach()
+    valid = _mask(2, 3)
     cases = [
         ("token_logprobs", fwd),
-        ("token_logprobs", (logits, labels, 1.0, -100, False, backend)),
-        ("token_logprobs", (logits.detach().double().requires_grad_(), labels, 1.0, -100, True, backend)),
-        ("token_logprobs_backward", (d, labels, lse, ent, g_logp, g_ent, None, 1 / 0.7, -100, backend)),
-        ("token_logprobs_backward", (d, labels, lse, None, g_logp, None, None, 1 / 0.7, -100, backend)),
+        ("token_logprobs", (logits, labels, 1.0, -100, False, 1.0, None, backend)),
+        ("token_logprobs", (logits.detach().double().requires_grad_(), labels, 1.0, -100, True, 1.0, None, backend)),
+        ("token_logprobs_backward", (d, labels, lse, ent, g_logp, g_ent, None, None, *transform, backend)),
+        ("token_logprobs_backward", (d, labels, lse, None, g_logp, None, None, valid, *transform, backend)),
         ("full_kl", (logits, ref_logits, 1 / 0.7, backend)),
         ("full_kl_backward", (d, ref_logits, kl, lse_p, lse_q, torch.randn_like(kl), 1 / 0.7, backend)),
     ]
     if backend == "triton":
         scale = torch.tensor(0.5, device=DEVICE)
         cases += [
-            ("token_logprobs_backward", (d, labels, lse, ent, g_logp, g_ent, scale, 1 / 0.7, -100, backend)),
-            ("token_logprobs_backward_inplace", (d.contiguous(), labels, lse, ent, g_logp, g_ent, scale, 1 / 0.7,
-                                                 -100)),
+            ("token_logprobs_backward", (d, labels, lse, ent, g_logp, g_ent, scale, valid, *transform, backend)),
+            ("token_logprobs_backward_inplace", (d.contiguous(), labels, lse, ent, g_logp, g_ent, scale, valid,
+                                                 *transform)),
         ]
     return cases
+
+
+def _linear_options(backend, with_entropy=True, extras=False, softcap=None):
+    from fastppo.library import encode
+    from fastppo.linear import _linear_options as build
+
+    return encode(build(1 / 0.7, -100, with_entropy, extras, softcap, 1.0, None, backend))
 
 
 def _linear_cases(backend):
@@ -71,22 +80,26 @@ def _linear_cases(backend):
     weight = (torch.randn(V, H, device=DEVICE) / 4).requires_grad_()
     bias = torch.randn(V, device=DEVICE, requires_grad=True)
     labels = _labels((2, 3), V)
-    fwd = (hidden, weight, bias, labels, 1 / 0.7, -100, True, backend)
+    opts = _linear_options(backend)
     with torch.no_grad():
-        logp, ent, lse = torch.ops.fastppo.linear_logprobs(*fwd)
+        logp, ent, *_, lse = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, opts)
     h, w, b = hidden.detach(), weight.detach(), bias.detach()
     return [
-        ("linear_logprobs", fwd),
-        ("linear_logprobs", (hidden, weight, None, labels, 1.0, -100, False, backend)),
-        ("linear_logprobs_backward", (h, w, b, labels, lse, ent, torch.randn_like(logp), torch.randn_like(ent),
-                                      1 / 0.7, -100, True, True, True, backend)),
-        ("linear_logprobs_backward", (h, w, None, labels, lse, None, torch.randn_like(logp), None, 1 / 0.7, -100,
-                                      True, False, False, backend)),
+        ("linear_logprobs", (hidden, weight, bias, labels, opts)),
+        ("linear_logprobs", (hidden, weight, None, labels, _linear_options(backend, False, True, 20.0))),
+        ("linear_logprobs_backward", (h, w, b, labels, lse, ent, torch.randn_like(logp), torch.randn_like(ent), opts,
+                                      True, True, True)),
+        ("linear_logprobs_backward", (h, w, None, labels, lse, None, torch.randn_like(logp), None, opts, True, False,
+                                      False)),
     ]
 
 
 def _loss_cases():
     """The Triton-only loss ops (the PyTorch backend composes the differentiable reference)."""
+    from fastppo.fused import PPOOptions
+    from fastppo.library import encode
+    from fastppo.losses import AggOptions
+
     V, H = 40, 16
     mask = _mask(2, 3)
     labels = _labels((2, 3), V)
@@ -94,17 +107,19 @@ def _loss_cases():
     logits = torch.randn(2, 3, V, device=DEVICE, requires_grad=True)
     hidden = torch.randn(2, 3, H, device=DEVICE, requires_grad=True)
     weight = (torch.randn(V, H, device=DEVICE) / 4).requires_grad_()
-    loss_opts = ("k3", 0.05, 0.01, "seq-mean-token-mean", 0.2, 0.28, 3.0, None, None, None)
+    policy = AggOptions(0, "seq-mean-token-mean", 0.2, 0.28, 3.0)
+    fused = encode(PPOOptions(1 / 0.7, -100, True, "k3", 0.05, 0.01, False, policy, 0.5, 30.0))
+    plain = encode(PPOOptions(1.0, -100, False, "k3", 0.0, 0.0, False, AggOptions(0, "token-mean")))
     return [
-        ("ppo_policy_loss", (lp, old, adv, mask, "token-mean", 0.2, 0.28, 3.0, None, None, None)),
-        ("ppo_policy_loss", (lp, old, adv[:, 0], mask, "seq-mean-token-sum-norm", 0.2, 0.2, None, 10.0, 3.0, 8.0)),
-        ("value_loss", (lp, old, adv, mask, "seq-mean-token-sum", 0.5, None, None, None)),
-        ("value_loss", (lp, old, adv, mask, "token-mean", None, 7.0, None, None)),
-        ("fused_ppo_loss", (logits, labels, old, adv, mask, ref, 1 / 0.7, -100, True, *loss_opts, False)),
-        ("fused_ppo_loss", (logits, labels, old, adv[:, 0], mask, None, 1.0, -100, False, "k3", 0.0, 0.0,
-                            "token-mean", 0.2, 0.2, None, None, None, None, False)),
-        ("fused_linear_ppo_loss", (hidden, weight, None, labels, old, adv, mask, ref, 1 / 0.7, -100, True,
-                                   *loss_opts)),
+        ("ppo_policy_loss", (lp, old, adv, mask, encode(policy))),
+        ("ppo_policy_loss", (lp, old, adv[:, 0], mask, encode(AggOptions(0, "seq-mean-token-sum-norm", 0.2, 0.2, None,
+                                                                         None, 10.0, 3.0, 8.0)))),
+        ("value_loss", (lp, old, adv, mask, encode(AggOptions(1, "seq-mean-token-sum", value_clip=0.5)))),
+        ("value_loss", (lp, old, adv, mask, encode(AggOptions(1, "token-mean", num_tokens=7.0)))),
+        ("fused_ppo_loss", (logits, labels, old, adv, mask, ref, fused)),
+        ("fused_ppo_loss", (logits, labels, old, adv[:, 0], mask, None, plain)),
+        ("fused_linear_ppo_loss", (hidden, weight, None, labels, old, adv, mask, ref, fused,
+                                   _linear_options("triton"), True, True, False)),
     ]
 
 
@@ -231,6 +246,10 @@ NO_INTERPRETER = textwrap.dedent("""
     import fastppo
     from torch._dynamo.backends.common import aot_autograd
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from fastppo.fused import PPOOptions
+    from fastppo.library import encode
+    from fastppo.linear import _linear_options
+    from fastppo.losses import AggOptions
 
     assert not fastppo.library.OPAQUE_KERNELS
     # the PyTorch backend: the triton_op bodies are the fake implementations
@@ -238,12 +257,14 @@ NO_INTERPRETER = textwrap.dedent("""
     mask = torch.rand(3, 6) > 0.3
     logits, labels = torch.randn(3, 6, 40, requires_grad=True), torch.randint(0, 40, (3, 6))
     for op, args in [(torch.ops.fastppo.gae, (r, v, mask, 0.9, 0.8, "torch")),
-                     (torch.ops.fastppo.token_logprobs, (logits, labels, 1.0, -100, True, "torch"))]:
+                     (torch.ops.fastppo.token_logprobs, (logits, labels, 1.0, -100, True, 1.0, None, "torch"))]:
         res = torch.library.opcheck(op, args)
         assert all(x == "SUCCESS" for x in res.values()), res
 
     # the Triton backend traced, not run (no GPU here): AOTAutograd's joint forward + backward graph
     # holds the kernels themselves (Inductor compiles them into its graph), no opaque fastppo op
+    PPO = encode(PPOOptions(1.0, -100, True, "k3", 0.0, 0.01, False, AggOptions(0, "token-mean")))
+    LINEAR = encode(_linear_options(1.0, -100, False, False, None, 1.0, None, "triton"))
     joint = []
     def partition(gm, inputs, **kwargs):
         joint.append(gm)
@@ -252,10 +273,9 @@ NO_INTERPRETER = textwrap.dedent("""
         raise AssertionError("the partitioner stops first")
     def step(logits, labels, hidden, weight, old, adv, mask, r, v):
         gae_adv, ret = torch.ops.fastppo.gae(r, v, mask, 0.9, 0.8, "triton")
-        loss, *_ = torch.ops.fastppo.fused_ppo_loss(logits, labels, old, adv, mask, None, 1.0, -100, True, "k3", 0.0,
-                                                    0.01, "token-mean", 0.2, 0.2, None, None, None, None, False)
-        logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, 1.0, -100, True, "triton")
-        lin, _, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, None, labels, 1.0, -100, False, "triton")
+        loss = torch.ops.fastppo.fused_ppo_loss(logits, labels, old, adv, mask, None, PPO)[0]
+        logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, 1.0, -100, True, 1.0, None, "triton")
+        lin = torch.ops.fastppo.linear_logprobs(hidden, weight, None, labels, LINEAR)[0]
         kl = torch.ops.fastppo.kl_penalty(logp, old, "k3")[0] + torch.ops.fastppo.full_kl(logits, logits * 0.5, 1.0,
                                                                                           "triton")[0]
         return loss + (logp + ent + lin + kl).sum() + (gae_adv + ret).sum()
@@ -272,7 +292,8 @@ NO_INTERPRETER = textwrap.dedent("""
             kernels.add(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__)
         assert "fastppo" not in str(node.target), node.target
     want = {"_gae_kernel", "_logprobs_fwd_kernel", "_loss_agg_kernel", "_logprobs_bwd_kernel", "_linear_fwd_kernel",
-            "_linear_dlogits_kernel", "_kl_fwd_kernel", "_full_kl_fwd_kernel", "_full_kl_bwd_kernel"}
+            "_linear_finish_kernel", "_linear_dz_kernel", "_linear_dh_kernel", "_linear_dw_kernel", "_kl_fwd_kernel",
+            "_full_kl_fwd_kernel", "_full_kl_bwd_kernel"}
     assert kernels == want, kernels
     print("OK")
 """)

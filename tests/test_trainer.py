@@ -79,11 +79,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
 def test_non_finite_loss_skips_the_step(tmp_path):
     from fastppo.trainer.ppo import PPOTrainer
 
-    cfg = _cfg(tmp_path)
-    from fastppo.trainer.cli import build_demo
-
-    kwargs, _, _ = build_demo(cfg, torch.device("cpu"), log=lambda *_: None)
-    trainer = PPOTrainer(cfg, **kwargs)
+    trainer = PPOTrainer.from_config(_cfg(tmp_path), log=lambda *_: None)
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     loss = sum(p.sum() for p in trainer.policy.parameters()) * float("nan")
     with pytest.warns(UserWarning, match="non-finite loss"):
@@ -100,7 +96,7 @@ def test_config_errors_and_files(tmp_path):
     with pytest.raises(ValueError, match="--group_size"):
         TrainConfig(mode="grpo", batch_size=10, group_size=4).validate()
     with pytest.raises(ValueError, match="--prompts"):
-        TrainConfig(policy="x").validate()
+        TrainConfig(policy=str(tmp_path)).validate()
     with pytest.raises(ValueError, match="--kl_kind"):
         TrainConfig(kl_kind="k7").validate()
     assert TrainConfig().validate().kl_kind == "k1"

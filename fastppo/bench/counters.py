@@ -76,6 +76,15 @@ class KernelTraffic:
             InterpreterBuilder.create_masked_store = orig_store
 
 
+def _fastppo_body(mode, func, args, kwargs):
+    """A torch.ops.fastppo op (fastppo.library) runs its Python body under `mode`, so the modes see the
+    eager ops and allocations inside it (its kernels are counted by their launchers), not one opaque op."""
+    from torch._library.custom_ops import OPDEFS
+
+    with mode:
+        return OPDEFS[func._schema.name]._init_fn(*args, **(kwargs or {}))
+
+
 class EagerTraffic(TorchDispatchMode):
     """Bytes read + written by each eager op and the op count (launches on a GPU)."""
 
@@ -86,6 +95,8 @@ class EagerTraffic(TorchDispatchMode):
         self.per_op = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastppo":
+            return _fastppo_body(self, func, args, kwargs)
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if func.is_view or name in _FREE_OPS:
@@ -113,6 +124,8 @@ class PeakMemory(TorchDispatchMode):
         self.peak = max(self.peak, sum(n for _, n in self._live.values()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastppo":
+            return _fastppo_body(self, func, args, kwargs)
         inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs or {}))}
         out = func(*args, **(kwargs or {}))
         self._update()
@@ -144,3 +157,33 @@ def hide_interpreter_copies():
         yield
     finally:
         GridExecutor.__call__ = orig
+
+
+class DotFlops:
+    """FLOPs of the `tl.dot` tile products of Triton kernels run in the interpreter: 2 M N K per product
+    of an [M, K] and a [K, N] tile, as a GPU's tensor cores do them (masked lanes included, so a kernel is
+    charged for whole tiles). Needs TRITON_INTERPRET=1."""
+
+    def __init__(self):
+        self.flops = 0
+
+    @contextlib.contextmanager
+    def count(self):
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        orig = InterpreterBuilder.create_dot
+        counter = self
+
+        def dot(builder, a, b, d, *args):
+            shape_a, shape_b = a.data.shape, b.data.shape
+            batch = 1
+            for n in shape_a[:-2]:
+                batch *= int(n)
+            counter.flops += 2 * batch * int(shape_a[-2]) * int(shape_a[-1]) * int(shape_b[-1])
+            return orig(builder, a, b, d, *args)
+
+        InterpreterBuilder.create_dot = dot
+        try:
+            yield self
+        finally:
+            InterpreterBuilder.create_dot = orig

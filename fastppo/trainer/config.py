@@ -1,8 +1,13 @@
 """Configuration of `fastppo train`, parsed by transformers' HfArgumentParser (flags, or a JSON /
-YAML file), validated with clear errors."""
+YAML file), validated with clear errors before any model is built, saved with every checkpoint and
+restored on `--resume`."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import math
+import os
 from dataclasses import dataclass, field
 
 from ..reference import AGG_MODES, KL_KINDS
@@ -20,7 +25,17 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "how many checkpoints to keep"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     backend: str | None = field(default=None, metadata={"help": "force the fastppo backend: torch or triton"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = field(default=True, metadata={
+        "help": "progress: a tqdm bar on a terminal, plain periodic lines otherwise; false: silent"})
+    log_every: int = field(default=10, metadata={"help": "plain progress line every N iterations (not a terminal)"})
+    report_to: str = field(default="none", metadata={
+        "help": "also log metrics (TRL names) to: none, tensorboard, wandb or tensorboard,wandb"})
+    parallel: str = field(default="none", metadata={
+        "help": "data parallelism under torchrun: none, ddp (DistributedDataParallel) or fsdp2 (fully_shard)"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per minibatch on each rank (gradient accumulation; same loss as one pass)"})
+    bf16: bool = field(default=False, metadata={
+        "help": "bfloat16 autocast for the policy / reference / reward / critic forwards (fp32 master weights)"})
     # rollouts
     batch_size: int = field(default=64, metadata={"help": "sequences per iteration"})
     group_size: int = field(default=8, metadata={"help": "grpo: samples per prompt"})
@@ -51,41 +66,73 @@ class TrainConfig:
     reward: str | None = field(default=None, metadata={"help": "local AutoModelForSequenceClassification folder"})
     critic: str | None = field(default=None, metadata={"help": "local AutoModelForTokenClassification folder"})
     ref: str | None = field(default=None, metadata={"help": "reference model folder (default: frozen policy copy)"})
-    prompts: str | None = field(default=None, metadata={"help": "JSONL file with a 'prompt' per line"})
+    prompts: str | None = field(default=None, metadata={
+        "help": "prompts: a JSONL / JSON / Parquet / CSV file, a folder saved by datasets, or a datasets hub name"})
+    prompts_column: str = field(default="prompt", metadata={"help": "column (JSONL field) holding the prompt text"})
+    prompts_split: str = field(default="train", metadata={"help": "split of a datasets dataset"})
+    reward_funcs: list[str] = field(default_factory=list, metadata={
+        "help": "Python reward functions module:function, called as f(prompts=[str], completions=[str], "
+                "completion_ids=[[int]]) -> [float]; added to the reward model's score (if any)"})
+    reward_weights: list[float] = field(default_factory=list, metadata={
+        "help": "one weight per --reward_funcs entry (default 1 each)"})
+    # LoRA (needs peft: pip install 'fastppo[lora]')
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank of the policy (0: full fine-tuning); the reference "
+                                                      "is then the base model with the adapter disabled"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
+    lora_targets: str = field(default="all-linear", metadata={
+        "help": "comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     # demo
     sft_steps: int = field(default=150, metadata={"help": "demo: supervised warm-up steps of the policy"})
     reward_steps: int = field(default=400, metadata={"help": "demo: Bradley-Terry steps of the reward model"})
 
     def validate(self):
+        """Check every value (types, ranges, finiteness, files and folders, optional packages) and fill the
+        derived defaults; raises ValueError naming the flag. Builds nothing and contacts no server."""
+
         def bad(name, why):
             raise ValueError(f"--{name}={getattr(self, name)!r}: {why}")
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f.name, "must be finite")
         if self.mode not in ("ppo", "grpo"):
             bad("mode", "must be ppo or grpo")
         for name in ("iterations", "batch_size", "max_new_tokens", "ppo_epochs", "minibatches", "save_every",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("sft_steps", "reward_steps"):
+        for name in ("sft_steps", "reward_steps", "seed", "lora_r"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.batch_size % self.minibatches:
             bad("minibatches", f"must divide batch_size={self.batch_size}")
+        self._validate_parallel(bad)
         if self.mode == "grpo" and (self.group_size < 2 or self.batch_size % self.group_size):
             bad("group_size", f"grpo needs group_size >= 2 dividing batch_size={self.batch_size}")
-        for name in ("lr", "critic_lr", "temperature", "max_grad_norm"):
+        for name in ("lr", "critic_lr", "temperature", "max_grad_norm", "kl_horizon", "lora_alpha"):
             if not getattr(self, name) > 0:
                 bad(name, "must be > 0")
         if not 0 <= self.clip_low < 1:
             bad("clip_low", "must be in [0, 1)")
+        if self.clip_high is not None and not self.clip_high >= 0:
+            bad("clip_high", "must be >= 0")
         if self.dual_clip is not None and not self.dual_clip > 1:
             bad("dual_clip", "must be > 1")
-        if self.kl_coef < 0 or self.entropy_coef < 0:
-            bad("kl_coef" if self.kl_coef < 0 else "entropy_coef", "must be >= 0")
+        if self.vf_clip is not None and not self.vf_clip > 0:
+            bad("vf_clip", "must be > 0 (leave it unset for no value clipping)")
+        if self.kl_target is not None and not self.kl_target > 0:
+            bad("kl_target", "must be > 0 (leave it unset for a fixed KL coefficient)")
+        for name in ("kl_coef", "entropy_coef"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "must be in [0, 1)")
         if self.agg not in AGG_MODES:
             bad("agg", f"must be one of {AGG_MODES}")
         if self.kl_kind is None:
-            self.kl_kind = "k1" if self.mode == "ppo" else "low_var_kl"
+            self.kl_kind = default_kl_kind(self.mode)
         if self.kl_kind not in KL_KINDS:
             bad("kl_kind", f"must be one of {KL_KINDS}")
         for name in ("gamma", "lam"):
@@ -93,10 +140,116 @@ class TrainConfig:
                 bad(name, "must be in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "must be auto, cpu or cuda")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                bad("device", "CUDA is not available")
         if self.backend not in (None, "torch", "triton"):
             bad("backend", "must be torch or triton")
+        self._validate_reporting(bad)
+        self._validate_sources(bad)
+        return self
+
+    def _validate_parallel(self, bad):
+        from .parallel import KINDS
+
+        if self.parallel not in KINDS:
+            bad("parallel", f"must be one of {KINDS}")
+        if self.grad_accum < 1:
+            bad("grad_accum", "must be >= 1")
+        world = int(os.environ.get("WORLD_SIZE", "1")) if self.parallel != "none" else 1
+        if (self.batch_size // self.minibatches) % (world * self.grad_accum):
+            bad("grad_accum", f"batch_size / minibatches = {self.batch_size // self.minibatches} rows must split into "
+                              f"world size {world} x grad_accum {self.grad_accum} micro-batches")
+        if self.parallel != "none" and self.lora_r:
+            bad("parallel", "LoRA policies are trained in one process (--lora_r with --parallel is not supported)")
+
+    def _validate_reporting(self, bad):
+        targets = report_targets(self.report_to)
+        for t in targets:
+            if t not in ("tensorboard", "wandb"):
+                bad("report_to", "must be none, tensorboard, wandb or a comma-separated list of them")
+        if "tensorboard" in targets and importlib.util.find_spec("tensorboard") is None:
+            bad("report_to", "needs the tensorboard package: pip install 'fastppo[tensorboard]'")
+        if "wandb" in targets and importlib.util.find_spec("wandb") is None:
+            bad("report_to", "needs the wandb package: pip install 'fastppo[wandb]'")
+
+    def _validate_sources(self, bad):
+        for name in ("policy", "reward", "critic", "ref"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isdir(path):
+                bad(name, "no such folder (fastppo train loads local save_pretrained folders only, never a hub id: "
+                          "download the model first, e.g. `huggingface-cli download ID --local-dir DIR`)")
         if (self.policy is None) != (self.prompts is None):
             bad("policy" if self.policy is None else "prompts", "--policy and --prompts go together")
-        if self.policy is not None and self.reward is None:
-            bad("reward", "a real policy needs --reward")
-        return self
+        if self.policy is None and (self.reward or self.critic or self.ref):
+            bad("policy", "--reward / --critic / --ref need --policy (without them: the embedded demo)")
+        if self.policy is not None and self.reward is None and not self.reward_funcs:
+            bad("reward", "a real policy needs --reward (a reward model folder) or --reward_funcs")
+        for spec in self.reward_funcs:
+            module, _, func = spec.partition(":")
+            if not module or not func or not all(p.isidentifier() for p in module.split(".") + func.split(".")):
+                bad("reward_funcs", f"{spec!r} is not module:function")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            bad("reward_weights", f"needs one weight per --reward_funcs entry ({len(self.reward_funcs)})")
+        if self.lora_r and importlib.util.find_spec("peft") is None:
+            bad("lora_r", "LoRA needs the peft package: pip install 'fastppo[lora]'")
+        if self.lora_r and self.ref is not None:
+            bad("ref", "with LoRA the reference is the base model with the adapter disabled; drop --ref")
+        if not self.lora_targets.strip() or any(not t.strip() for t in self.lora_targets.split(",")):
+            bad("lora_targets", "must be all-linear or comma-separated module names")
+
+
+def default_kl_kind(mode: str) -> str:
+    return "k1" if mode == "ppo" else "low_var_kl"
+
+
+def report_targets(report_to: str) -> list[str]:
+    return [t.strip() for t in str(report_to).split(",") if t.strip() and t.strip() != "none"]
+
+
+# Flags that may differ from a checkpoint's configuration on --resume (logged as an override); any other
+# contradicting flag is an error, since it would silently change the run being continued.
+MAY_CHANGE_ON_RESUME = frozenset({"iterations", "save_every", "keep_checkpoints", "progress", "log_every",
+                                  "report_to", "out", "resume", "device", "backend"})
+
+
+def explicit_fields(cfg: TrainConfig) -> set[str]:
+    """Fields set away from their defaults (the API's notion of "given"; the CLI knows its flags)."""
+    given = set()
+    for f in dataclasses.fields(cfg):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(cfg, f.name)
+        if f.name == "kl_kind" and value == default_kl_kind(cfg.mode):
+            continue
+        if value != default:
+            given.add(f.name)
+    return given
+
+
+def merge_for_resume(cfg: TrainConfig, saved: dict, explicit: set[str] | None, source, log=print) -> TrainConfig:
+    """The checkpoint's configuration, with the flags given now: a flag that contradicts the saved value is a
+    ValueError unless it is in MAY_CHANGE_ON_RESUME (then a logged override). `--out` defaults to the resumed
+    folder."""
+    given = explicit_fields(cfg) if explicit is None else set(explicit)
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(saved) - names - {"fastppo_version"})
+    if unknown:
+        raise ValueError(f"{source}: unknown configuration keys {unknown} (written by another fastppo version?)")
+    merged = dataclasses.replace(cfg)
+    for name in sorted(names & set(saved)):
+        now, then = getattr(cfg, name), saved[name]
+        if name == "resume":
+            continue
+        if name not in given:
+            setattr(merged, name, then)
+        elif now != then:
+            if name not in MAY_CHANGE_ON_RESUME:
+                raise ValueError(f"--{name}={now!r} contradicts the resumed run's {name}={then!r} ({source}); "
+                                 f"drop the flag to continue that run, or start a fresh run in another --out")
+            if name != "out":
+                log(f"resume: overriding {name}={then!r} with {now!r}")
+    if "out" not in given:
+        merged.out = str(cfg.resume)
+    return merged.validate()

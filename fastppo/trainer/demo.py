@@ -22,6 +22,13 @@ ITEM0 = 6
 ANS0 = ITEM0 + N_ITEMS
 VOCAB = ANS0 + N_ITEMS
 PROMPT_LEN = 4
+WORDS = ["<pad>", "<s>", "</s>", "Q", "SEP", "fill"] + [f"item{i}" for i in range(N_ITEMS)] + \
+    [f"ans{i}" for i in range(N_ITEMS)]
+
+
+def decode(ids) -> str:
+    """Text of demo token ids (so Python reward functions can score demo completions); PAD is dropped."""
+    return " ".join(WORDS[int(t)] for t in ids if int(t) != PAD)
 
 
 class ToyTask:

@@ -5,14 +5,25 @@ Face models, with every loss computed by fastppo:
   advantage-> gae + masked_whiten (ppo)
   update   -> ppo_epochs x minibatches of fused_linear_ppo_loss (policy, from hidden states: the
               logits are never materialised) and value_loss (critic), gradient clipping, AdamW.
+
+Library entry point:
+    trainer = PPOTrainer.from_config(TrainConfig(...))   # demo or local folders, fresh or --resume
+    metrics = trainer.train()                             # metrics.jsonl, report_to, checkpoints, curves.png
+    trainer.evaluate()                                    # rollouts without an update
+    trainer.save()                                        # a checkpoint now
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import json
 import math
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -27,71 +38,179 @@ from .. import (
     masked_whiten,
     value_loss,
 )
-from ..hf import lm_head_of
-from .config import TrainConfig
-from .rollout import Rollout, generate, response_hidden, response_logprobs, response_values
+from . import checkpoint
+from .config import TrainConfig, report_targets
+from .parallel import Parallel
+from .reporting import Progress, Reporters, phase, read_metrics, write_metrics
+from .rollout import Rollout, generate, response_hidden_and_head, response_logprobs, response_values
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 class PPOTrainer:
-    """policy: AutoModelForCausalLM; ref: frozen reference (default: a frozen copy of the policy);
-    reward_model: AutoModelForSequenceClassification scoring prompt + response, or reward_fn(sequences,
-    attention_mask, prompt_len) -> [B] scores; critic: AutoModelForTokenClassification(num_labels=1)
-    (ppo mode). prompt_fn(n, generator, group_size) -> (prompt_ids, prompt_mask);
-    task_score_fn(prompt_ids, response) -> [B] optional ground truth (logged as task_score_mean)."""
+    """policy: AutoModelForCausalLM (or a peft LoRA model: then the reference is the base model with the adapter
+    disabled, no second copy); ref: frozen reference (default: a frozen copy of the policy); reward_model:
+    AutoModelForSequenceClassification scoring prompt + response, and/or reward_fn(sequences, attention_mask,
+    prompt_len) -> [B] scores (both given: their sum); critic: AutoModelForTokenClassification(num_labels=1)
+    (ppo mode). prompt_fn(n, generator, group_size) -> (prompt_ids, prompt_mask); task_score_fn(prompt_ids,
+    response) -> [B] optional ground truth (logged as task_score_mean); tokenizer: saved with each checkpoint."""
 
     def __init__(self, config: TrainConfig, policy, *, prompt_fn: Callable, eos_id: int, pad_id: int, ref=None,
                  reward_model=None, reward_fn: Callable | None = None, critic=None,
-                 task_score_fn: Callable | None = None):
-        if (reward_model is None) == (reward_fn is None):
-            raise ValueError("give exactly one of reward_model and reward_fn")
+                 task_score_fn: Callable | None = None, tokenizer=None, log: Callable = print,
+                 parallel: Parallel | None = None):
+        if reward_model is None and reward_fn is None:
+            raise ValueError("give a reward_model, a reward_fn, or both")
         if config.mode == "ppo" and critic is None:
             raise ValueError("ppo mode needs a critic (AutoModelForTokenClassification with num_labels=1)")
         self.cfg = config
         self.policy, self.critic = policy, (critic if config.mode == "ppo" else None)
-        if ref is None:
-            import copy
+        self.lora = _is_peft(policy)
+        if self.lora:
+            if ref is not None:
+                raise ValueError("a LoRA policy's reference is its base model with the adapter disabled: pass ref=None")
+            self.ref = None
+        else:
+            if ref is None:
+                import copy
 
-            ref = copy.deepcopy(policy)
-        self.ref = ref.eval().requires_grad_(False)
+                ref = copy.deepcopy(policy)
+            self.ref = ref.eval().requires_grad_(False)
         self.reward_model = None if reward_model is None else reward_model.eval().requires_grad_(False)
+        # data parallelism (parallel.py): wrap before the optimisers see the parameters
+        self.par = parallel or Parallel()
+        device = next(policy.parameters()).device
+        self.policy, self.critic = (self.par.wrap(m, device=device) for m in (self.policy, self.critic))
+        self.ref = self.par.wrap(self.ref, device=device)
+        policy = self.policy
         self.reward_fn, self.prompt_fn, self.task_score_fn = reward_fn, prompt_fn, task_score_fn
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.policy_opt = torch.optim.AdamW(policy.parameters(), lr=config.lr)
+        self.tokenizer, self.log = tokenizer, log
+        self.policy_params = [p for p in policy.parameters() if p.requires_grad]
+        self.policy_opt = torch.optim.AdamW(self.policy_params, lr=config.lr)
         self.critic_opt = None if self.critic is None else torch.optim.AdamW(self.critic.parameters(),
                                                                              lr=config.critic_lr)
         self.kl_ctl = (FixedKLController(config.kl_coef) if config.kl_target is None else
                        AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon))
         self.iteration = 0
         self.skipped_steps = 0
+        self.history: list[dict] = []   # metrics of the earlier iterations of a resumed run
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, log: Callable = print, explicit: set[str] | None = None) -> PPOTrainer:
+        """The trainer `fastppo train` runs: the embedded demo (no --policy) or local folders, fresh or resumed
+        (cfg.resume: the run folder's last complete checkpoint, its saved configuration merged with the flags
+        given now, see config.merge_for_resume). Everything that can be checked is checked before a model is
+        built: the configuration, the checkpoint's state file (weights_only), the prompts, the reward
+        functions. explicit: the flags the user gave (default: the fields that differ from the defaults)."""
+        import random
+
+        import fastppo
+
+        from .config import merge_for_resume
+        from .data import combined_reward, load_prompts, load_reward_funcs
+        from .models import build_demo, build_real
+
+        cfg.validate()
+        if not checkpoint.main_process():
+            log = _quiet
+        resume_from = state = None
+        if cfg.resume:
+            run_dir = Path(cfg.resume)
+            for p in checkpoint.clean_stale(run_dir):
+                log(f"removed {p.name} (left by an interrupted run)")
+            resume_from = checkpoint.latest(run_dir)
+            cfg = merge_for_resume(cfg, checkpoint.load_config(resume_from), explicit, resume_from, log)
+            state = checkpoint.load_state(resume_from)
+        out = Path(cfg.out)
+        prompts = load_prompts(cfg.prompts, cfg.prompts_column, cfg.prompts_split) if cfg.policy else None
+        reward_funcs = load_reward_funcs(cfg.reward_funcs)
+        fastppo.set_backend(cfg.backend)
+        parallel = Parallel.setup(cfg.parallel, _device(cfg))
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if cfg.policy is None:
+            setup = build_demo(cfg, out, resume_from, Path(cfg.resume) if cfg.resume else None, log)
+        else:
+            setup = build_real(cfg, prompts, resume_from, log)
+        device = _device(cfg)
+        policy, ref, reward_model, critic = (None if m is None else m.to(device) for m in
+                                             (setup.policy, setup.ref, setup.reward_model, setup.critic))
+        reward_fn = None
+        if reward_funcs:
+            text_reward = combined_reward(reward_funcs, cfg.reward_weights)
+
+            def reward_fn(seqs, attn, prompt_len):
+                prompt_ids, response = seqs[:, :prompt_len].tolist(), seqs[:, prompt_len:].tolist()
+                resp_mask = attn[:, prompt_len:].tolist()
+                completion_ids = [[t for t, m in zip(r, k) if m] for r, k in zip(response, resp_mask)]
+                return text_reward(prompts=[setup.decode(p) for p in prompt_ids],
+                                   completions=[setup.decode(c) for c in completion_ids],
+                                   completion_ids=completion_ids)
+
+        trainer = cls(cfg, policy, prompt_fn=setup.prompt_fn, eos_id=setup.eos_id, pad_id=setup.pad_id, ref=ref,
+                      reward_model=reward_model, reward_fn=reward_fn, critic=critic,
+                      task_score_fn=setup.task_score_fn, tokenizer=setup.tokenizer, log=log, parallel=parallel)
+        trainer.info = setup.info
+        if state is not None:
+            trainer.load_state_dict(state)
+            trainer.history = [m for m in read_metrics(Path(cfg.resume) / "metrics.jsonl")
+                               if m["iteration"] < trainer.iteration]
+            log(f"resumed from {resume_from} at iteration {trainer.iteration}")
+        return trainer
+
+    def _amp(self):
+        """bf16 autocast for the forward passes (--bf16); the weights and optimiser state stay fp32."""
+        if not self.cfg.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def _ref_logprobs(self, ro):
+        if self.lora:
+            with self.policy.disable_adapter():
+                return response_logprobs(self.policy, ro, self.cfg.temperature)
+        return response_logprobs(self.ref, ro, self.cfg.temperature)
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
     def rollout(self, generator: torch.Generator) -> Rollout:
         cfg = self.cfg
-        device = next(self.policy.parameters()).device
+        device = self.device
         group = cfg.group_size if cfg.mode == "grpo" else 1
+        # the global batch's prompts on every rank (same generator), this rank's rows of it
         prompt_ids, prompt_mask = self.prompt_fn(cfg.batch_size, generator, group)
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        rows = torch.arange(prompt_ids.shape[0])[self.par.local_rows(prompt_ids.shape[0])]
+        prompt_ids, prompt_mask = prompt_ids[rows].to(device), prompt_mask[rows].to(device)
         self.policy.eval()
-        seqs, attn, response, mask, labels = generate(self.policy, prompt_ids, prompt_mask,
-                                                      max_new_tokens=cfg.max_new_tokens,
-                                                      temperature=cfg.temperature, eos_id=self.eos_id,
-                                                      pad_id=self.pad_id)
-        if self.reward_model is not None:
-            scores = self.reward_model(input_ids=seqs, attention_mask=attn).logits[:, 0].float()
-        else:
-            scores = torch.as_tensor(self.reward_fn(seqs, attn, prompt_ids.shape[1]), dtype=torch.float32,
-                                     device=device)
-        ro = Rollout(seqs, attn, prompt_ids.shape[1], response, labels, mask, scores,
-                     old_logprobs=None, ref_logprobs=None, values=None)
-        ro.old_logprobs = response_logprobs(self.policy, ro, cfg.temperature)
-        ro.ref_logprobs = response_logprobs(self.ref, ro, cfg.temperature)
-        if self.critic is not None:
-            self.critic.eval()
-            ro.values = response_values(self.critic, ro)
+        with self._amp():
+            seqs, attn, response, mask, labels = generate(self.par.unwrap(self.policy), prompt_ids, prompt_mask,
+                                                          max_new_tokens=cfg.max_new_tokens,
+                                                          temperature=cfg.temperature, eos_id=self.eos_id,
+                                                          pad_id=self.pad_id, seed=seed, rows=rows,
+                                                          **self.par.generation_kwargs())
+            scores = torch.zeros(seqs.shape[0], dtype=torch.float32, device=device)
+            if self.reward_model is not None:
+                scores = scores + self.reward_model(input_ids=seqs, attention_mask=attn).logits[:, 0].float()
+            if self.reward_fn is not None:
+                scores = scores + torch.as_tensor(self.reward_fn(seqs, attn, prompt_ids.shape[1]),
+                                                  dtype=torch.float32, device=device)
+            ro = Rollout(seqs, attn, prompt_ids.shape[1], response, labels, mask, scores,
+                         old_logprobs=None, ref_logprobs=None, values=None)
+            ro.old_logprobs = response_logprobs(self.policy, ro, cfg.temperature)
+            ro.ref_logprobs = self._ref_logprobs(ro)
+            if self.critic is not None:
+                self.critic.eval()
+                ro.values = response_values(self.critic, ro)
         if self.task_score_fn is not None:
             ro.task_scores = self.task_score_fn(prompt_ids.cpu(), response.cpu())
-        return ro
+        return self.par.gather_rollout(ro)
 
     @torch.no_grad()
     def advantages(self, ro: Rollout):
@@ -105,39 +224,96 @@ class PPOTrainer:
         return masked_whiten(adv, ro.mask), returns, kl
 
     # ------------------------------------------------------------------ update
-    def _policy_step(self, mb: Rollout, adv) -> dict:
+    def _policy_step(self, mb: Rollout, adv, counts: dict | None = None) -> dict:
+        """One optimiser step of the policy on `mb` (this rank's part of a minibatch), normalised by the
+        minibatch's global `counts` (num_tokens, num_seqs, horizon; default: mb's own)."""
         cfg = self.cfg
+        counts = counts or token_counts(mb.mask)
         self.policy.train()
-        weight, bias = lm_head_of(self.policy)
-        hidden = response_hidden(self.policy, mb)
         grpo = cfg.mode == "grpo"
-        out = fused_linear_ppo_loss(
-            hidden, weight.to(hidden.dtype), mb.labels, mb.old_logprobs, adv, mb.mask, bias=bias,
-            ref_logprobs=mb.ref_logprobs if grpo else None, kl_coef=self.kl_ctl.value if grpo else 0.0,
-            kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip, temperature=cfg.temperature, agg=cfg.agg, return_entropy=True)
-        if not self._step(out.loss, self.policy, self.policy_opt):
-            return {}
-        return {"policy_loss": out.loss.item(), "clipfrac": out.stats["clipfrac"].item(),
-                "entropy": out.stats["entropy"].item(), "approx_kl": out.stats["approx_kl"].item()}
+        stats = []
 
-    def _critic_step(self, mb: Rollout, returns) -> dict:
+        def micro_loss(sl):
+            with self._amp():
+                hidden, weight, bias = response_hidden_and_head(self.policy, mb.select(sl))
+            out = fused_linear_ppo_loss(
+                hidden, weight.to(hidden.dtype), mb.labels[sl], mb.old_logprobs[sl], adv[sl], mb.mask[sl],
+                bias=bias, ref_logprobs=mb.ref_logprobs[sl] if grpo else None,
+                kl_coef=self.kl_ctl.value if grpo else 0.0, kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef,
+                clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                temperature=cfg.temperature, agg=cfg.agg, return_entropy=True, **counts)
+            stats.append(_weighted(out.loss, mb.mask[sl], out.stats, ("clipfrac", "entropy", "approx_kl")))
+            return out.loss
+
+        losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
+        if not self._step(losses, self.policy_params, self.policy_opt, model=self.policy):
+            return {}
+        return self._reduce_logs("policy_loss", ("clipfrac", "entropy", "approx_kl"), stats, counts)
+
+    def _critic_step(self, mb: Rollout, returns, counts: dict | None = None) -> dict:
+        counts = counts or token_counts(mb.mask)
         self.critic.train()
-        values = response_values(self.critic, mb)
-        loss, stats = value_loss(values, mb.values, returns, mb.mask, clip=self.cfg.vf_clip, agg=self.cfg.agg)
-        if not self._step(loss, self.critic, self.critic_opt):
-            return {}
-        return {"value_loss": loss.item(), "vf_clipfrac": stats["vf_clipfrac"].item()}
+        stats = []
 
-    def _step(self, loss, model, opt) -> bool:
-        if not torch.isfinite(loss):
-            warnings.warn(f"iteration {self.iteration}: non-finite loss {loss.item()}; step skipped", stacklevel=3)
+        def micro_loss(sl):
+            with self._amp():
+                values = response_values(self.critic, mb.select(sl))
+            loss, st = value_loss(values, mb.values[sl], returns[sl], mb.mask[sl], clip=self.cfg.vf_clip,
+                                  agg=self.cfg.agg, **counts)
+            stats.append(_weighted(loss, mb.mask[sl], st, ("vf_clipfrac",)))
+            return loss
+
+        losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
+        if not self._step(losses, list(self.critic.parameters()), self.critic_opt, model=self.critic):
+            return {}
+        return self._reduce_logs("value_loss", ("vf_clipfrac",), stats, counts)
+
+    def _micro_slices(self, mb: Rollout) -> list[slice]:
+        n = mb.mask.shape[0]
+        k = n // self.cfg.grad_accum
+        return [slice(i * k, (i + 1) * k) for i in range(self.cfg.grad_accum)]
+
+    def _reduce_logs(self, loss_name, stat_names, stats, counts) -> dict:
+        """Global minibatch loss (sum of every micro-batch share on every rank) and token-weighted statistics:
+        one all-reduce."""
+        total = self.par.all_reduce_sum(torch.stack([torch.stack(s) for s in stats]).sum(0))
+        values = total.tolist()
+        logs = {loss_name: values[0]}
+        for name, v in zip(stat_names, values[1:]):
+            logs[name] = v / counts["num_tokens"]
+        return logs
+
+    def _step(self, loss, params, opt, model=None) -> bool:
+        """Backward, clip, step. `loss`: a 0-d tensor, or a list of zero-argument functions that compute the
+        micro-batch losses (gradient accumulation: each is backpropagated before the next is computed; `model`
+        synchronises gradients across ranks on the last one only). Each loss is scaled by parallel.grad_scale
+        before backward. A non-finite loss on any rank or a non-finite gradient norm skips the step on every
+        rank (weights and optimiser state untouched) with a warning."""
+        if hasattr(params, "parameters"):
+            params = [p for p in params.parameters() if p.requires_grad]
+        micro = [lambda: loss] if isinstance(loss, torch.Tensor) else list(loss)
+        opt.zero_grad(set_to_none=True)
+        n_bad, first_bad = torch.zeros(()), None
+        for i, compute in enumerate(micro):
+            with self.par.micro_batch(model, last=i == len(micro) - 1):
+                value = compute()
+                (value * self.par.grad_scale).backward()
+            if not torch.isfinite(value.detach()):
+                n_bad += 1
+                first_bad = value.item() if first_bad is None else first_bad
+        if self.par.all_reduce_sum(n_bad).item() > 0:
+            warnings.warn(f"iteration {self.iteration}: non-finite loss {first_bad} (on some rank); step skipped",
+                          stacklevel=3)
             self.skipped_steps += 1
             opt.zero_grad(set_to_none=True)
             return False
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
+        norm = self.par.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if not torch.isfinite(norm):
+            warnings.warn(f"iteration {self.iteration}: non-finite gradient norm {norm.item()}; step skipped",
+                          stacklevel=3)
+            self.skipped_steps += 1
+            opt.zero_grad(set_to_none=True)
+            return False
         opt.step()
         return True
 
@@ -155,11 +331,13 @@ class PPOTrainer:
             order = torch.randperm(cfg.batch_size, generator=generator)
             for k in range(cfg.minibatches):
                 idx = order[k * mb_size:(k + 1) * mb_size].to(ro.scores.device)
+                counts = token_counts(ro.mask[idx])        # of the whole minibatch: every rank holds it
+                idx = idx[self.par.local_rows(mb_size)]     # this rank's part
                 mb = ro.select(idx)
-                for key, v in self._policy_step(mb, adv[idx]).items():
+                for key, v in self._policy_step(mb, adv[idx], counts).items():
                     logs.setdefault(key, []).append(v)
                 if self.critic is not None:
-                    for key, v in self._critic_step(mb, returns[idx]).items():
+                    for key, v in self._critic_step(mb, returns[idx], counts).items():
                         logs.setdefault(key, []).append(v)
         seq_kl = (kl * ro.mask).sum(1).mean().item()
         n_tokens = int(ro.mask.sum())
@@ -169,6 +347,8 @@ class PPOTrainer:
             "reward_mean": ro.scores.mean().item(),
             "kl_mean": seq_kl,
             "kl_coef": self.kl_ctl.value,
+            "non_score_reward": -self.kl_ctl.value * seq_kl,
+            "rlhf_reward": ro.scores.mean().item() - self.kl_ctl.value * seq_kl,
             "response_length": n_tokens / cfg.batch_size,
             "tokens_per_s": n_tokens / elapsed,
             "time_s": elapsed,
@@ -184,16 +364,142 @@ class PPOTrainer:
             warnings.warn(f"iteration {self.iteration - 1}: non-finite metrics {metrics}", stacklevel=2)
         return metrics
 
+    # ------------------------------------------------------------------ entry points
+    def train(self) -> list[dict]:
+        """Iterate to cfg.iterations: metrics.jsonl (+ report_to), a checkpoint every save_every iterations and
+        at the end, curves.png. Returns the metrics of every iteration (a resumed run includes the earlier)."""
+        cfg, out = self.cfg, Path(self.cfg.out)
+        if not self.par.is_main:
+            return self._train_other_rank()
+        out.mkdir(parents=True, exist_ok=True)
+        for p in checkpoint.clean_stale(out):
+            self.log(f"removed {p.name} (left by an interrupted run)")
+        metrics = list(self.history)
+        write_metrics(out / "metrics.jsonl", metrics)
+        if getattr(self, "info", None):
+            (out / "setup.json").write_text(json.dumps(self.info, indent=2))
+        reporters = Reporters(out, report_targets(cfg.report_to), dataclasses.asdict(cfg), run_name=out.name)
+        progress = Progress(cfg.iterations, self.iteration, f"fastppo {cfg.mode}", cfg.progress, cfg.log_every,
+                            self.log)
+        try:
+            with phase(f"{cfg.mode}: iterations {self.iteration}..{cfg.iterations}", self.log):
+                while self.iteration < cfg.iterations:
+                    m = self.train_iteration()
+                    metrics.append(m)
+                    reporters.log(m)
+                    progress.update(m)
+                    if self.iteration % cfg.save_every == 0 or self.iteration == cfg.iterations:
+                        self.save()
+        finally:
+            progress.close()
+            reporters.close()
+        self.history = metrics
+        try:
+            from .plot import plot_curves
+
+            plot_curves(metrics, out / "curves.png", label=out.name)
+        except ImportError:
+            self.log("curves.png skipped: matplotlib is not installed (pip install matplotlib; then "
+                     f"`fastppo plot {out}`)")
+        return metrics
+
+    def _train_other_rank(self) -> list[dict]:
+        """train() on ranks other than 0: the same iterations and checkpoint collectives, no files."""
+        cfg = self.cfg
+        metrics = list(self.history)
+        while self.iteration < cfg.iterations:
+            metrics.append(self.train_iteration())
+            if self.iteration % cfg.save_every == 0 or self.iteration == cfg.iterations:
+                self.save()
+        self.history = metrics
+        return metrics
+
+    def save(self) -> Path:
+        """A checkpoint of the current iteration in cfg.out (policy, or only its LoRA adapter, with the
+        tokenizer; critic; optimiser and controller state; configuration), rotated to keep_checkpoints.
+        Data parallel: every rank calls it (FSDP2 gathers the full weights and optimiser state), rank 0 writes."""
+        cfg = self.cfg
+        models = {"policy": self.par.savable(self.policy), "critic": self.par.savable(self.critic)}
+        config = {**dataclasses.asdict(cfg), "fastppo_version": _version()}
+        state = self.state_dict()
+        path = Path(cfg.out) / f"checkpoint-{self.iteration:06d}"
+        if self.par.is_main:
+            path = checkpoint.save(Path(cfg.out), self.iteration, models, state, config, cfg.keep_checkpoints,
+                                   tokenizer=self.tokenizer)
+        self.par.barrier()
+        return path
+
+    @torch.no_grad()
+    def evaluate(self, batches: int = 1, seed: int | None = None) -> dict:
+        """Rollouts with the current policy and no update: mean reward, task score (if known), KL to the
+        reference and response length over `batches` batches of cfg.batch_size, from generator seed `seed`
+        (default: fixed per run, so successive evaluations compare the same prompts)."""
+        cfg = self.cfg
+        seed = cfg.seed * 7919 + 999_983 if seed is None else seed
+        generator = torch.Generator().manual_seed(seed)
+        totals: dict[str, float] = {}
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)   # sampling: reproducible, and the training RNG stream is left as it was
+            rollouts = [self.rollout(generator) for _ in range(batches)]
+        for ro in rollouts:
+            kl = kl_penalty(ro.old_logprobs, ro.ref_logprobs, cfg.kl_kind)
+            row = {"reward_mean": ro.scores.mean().item(), "kl_mean": (kl * ro.mask).sum(1).mean().item(),
+                   "response_length": ro.mask.sum().item() / cfg.batch_size}
+            if ro.task_scores is not None:
+                row["task_score_mean"] = ro.task_scores.mean().item()
+            for k, v in row.items():
+                totals[k] = totals.get(k, 0.0) + v / batches
+        return totals
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "skipped_steps": self.skipped_steps,
-                "policy_opt": self.policy_opt.state_dict(),
-                "critic_opt": None if self.critic_opt is None else self.critic_opt.state_dict(),
+                "policy_opt": self.par.optimizer_state(self.policy, self.policy_opt),
+                "critic_opt": None if self.critic_opt is None else self.par.optimizer_state(self.critic,
+                                                                                          self.critic_opt),
                 "kl_ctl": self.kl_ctl.state_dict()}
 
     def load_state_dict(self, state: dict):
-        self.iteration, self.skipped_steps = state["iteration"], state["skipped_steps"]
-        self.policy_opt.load_state_dict(state["policy_opt"])
+        self.iteration, self.skipped_steps = int(state["iteration"]), int(state["skipped_steps"])
+        self.par.load_optimizer_state(self.policy, self.policy_opt, state["policy_opt"])
         if self.critic_opt is not None and state["critic_opt"] is not None:
-            self.critic_opt.load_state_dict(state["critic_opt"])
+            self.par.load_optimizer_state(self.critic, self.critic_opt, state["critic_opt"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+
+
+def token_counts(mask: torch.Tensor) -> dict:
+    """The global normalisers of a minibatch's losses (see fastppo's agg modes): tokens, sequences with a
+    token, horizon. Passed to every micro-batch's loss, so the micro-batch losses add up to the minibatch loss."""
+    per_seq = mask.sum(1)
+    return {"num_tokens": max(float(per_seq.sum()), 1.0), "num_seqs": max(float((per_seq > 0).sum()), 1.0),
+            "horizon": float(mask.shape[1])}
+
+
+def _weighted(loss, mask, stats: dict, names) -> list:
+    """[loss, stat * tokens, ...] of one micro-batch: summed over micro-batches and ranks, then divided by
+    the minibatch's tokens, the token-weighted mean of each statistic."""
+    n = mask.sum().to(torch.float32)
+    zero = torch.zeros((), device=n.device)
+    return [loss.detach().float().cpu()] + [torch.where(n > 0, stats[k].detach().float() * n, zero).cpu()
+                                             for k in names]
+
+
+def _quiet(*_args, **_kwargs):
+    """The log of ranks other than 0."""
+
+
+def _device(cfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda but CUDA is not available")
+    return torch.device(cfg.device)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fastppo")
+    except Exception:
+        return "unknown"

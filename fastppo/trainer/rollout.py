@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hf import causal_lm_hidden, lm_head_of
+from ..hf import causal_lm_hidden_and_head
 from ..linear import linear_logprobs
 
 
@@ -37,17 +37,17 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def response_hidden(model, rollout: Rollout) -> torch.Tensor:
-    """Hidden states that predict the response tokens: [B, R, H]."""
+def response_hidden_and_head(model, rollout: Rollout):
+    """Hidden states that predict the response tokens [B, R, H], and the lm_head (weight, bias) read after
+    the forward (under FSDP2 the all-gathered parameters)."""
     P, R = rollout.prompt_len, rollout.response.shape[1]
-    hidden = causal_lm_hidden(model, rollout.sequences, rollout.attention_mask,
-                              position_ids=position_ids(rollout.attention_mask))
-    return hidden[:, P - 1:P + R - 1]
+    hidden, weight, bias = causal_lm_hidden_and_head(model, rollout.sequences, rollout.attention_mask,
+                                                     position_ids=position_ids(rollout.attention_mask))
+    return hidden[:, P - 1:P + R - 1], weight, bias
 
 
 def response_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
-    weight, bias = lm_head_of(model)
-    hidden = response_hidden(model, rollout)
+    hidden, weight, bias = response_hidden_and_head(model, rollout)
     return linear_logprobs(hidden, weight.to(hidden.dtype), rollout.labels, bias=bias, temperature=temperature)
 
 
@@ -59,12 +59,22 @@ def response_values(critic, rollout: Rollout) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(policy, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_id, pad_id):
+def generate(policy, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_id, pad_id, seed: int,
+             rows: torch.Tensor | None = None, **generate_kwargs):
     """Sample from the full distribution (no top-k / top-p, so the log-probs used by the loss are
-    those of the sampler). Returns (sequences, attention_mask, response, mask, labels)."""
-    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
-                          temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                          pad_token_id=pad_id)
+    those of the sampler), row i keyed by (seed, rows[i]) (default rows 0..B-1; see parallel.CounterSampler:
+    the responses do not depend on how the batch is split). Returns (sequences, attention_mask, response,
+    mask, labels)."""
+    from transformers import LogitsProcessorList
+
+    from .parallel import CounterSampler
+
+    if rows is None:
+        rows = torch.arange(prompt_ids.shape[0])
+    sampler = CounterSampler(seed, rows, prompt_ids.shape[1], temperature)
+    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
+                          logits_processor=LogitsProcessorList([sampler]), max_new_tokens=max_new_tokens,
+                          eos_token_id=eos_id, pad_token_id=pad_id, **generate_kwargs)
     P = prompt_ids.shape[1]
     response = out[:, P:]
     if response.shape[1] < max_new_tokens:

@@ -1,0 +1,118 @@
+"""The pure-PyTorch backend of the linear ops: the Triton launchers' interface (per-row outputs by
+original row, gradients for per-row coefficients), computed over slices of valid rows so that no
+more than CHUNK_ELEMENTS values of the [N, V] logits are alive at once.
+
+Only valid rows are projected: on CPU they are gathered (`nonzero` costs nothing there); on other
+devices (a forced torch backend) every row is projected with invalid rows' hidden replaced by 0
+(selected, never multiplied, so a NaN there cannot leak)."""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per slice
+
+
+def _acc(hidden, weight):
+    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+
+
+def _selected(hidden2d, valid):
+    """(row ids or None, hidden rows to project)."""
+    if hidden2d.device.type == "cpu":
+        sel = valid.nonzero().squeeze(1)
+        return sel, hidden2d.index_select(0, sel)
+    return None, torch.where(valid[:, None], hidden2d, torch.zeros((), dtype=hidden2d.dtype, device=hidden2d.device))
+
+
+def _slices(n_rows, V):
+    step = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for a in range(0, n_rows, step):
+        yield a, min(n_rows, a + step)
+
+
+def logits(h, weight, bias, opts, acc):
+    """z' = softcap(logit_scale (h W^T + b)) / tau in acc, plus tanh(.) for the softcap derivative (or None).
+    The product runs in the promoted dtype of hidden and weight (as the Triton path)."""
+    dot = torch.promote_types(h.dtype, weight.dtype)
+    z = (h.to(dot) @ weight.to(dot).t()).to(acc)
+    if bias is not None:
+        z = z + bias.to(acc)
+    z = z * opts.logit_scale
+    th = None
+    if opts.softcap is not None:
+        th = torch.tanh(z / opts.softcap)
+        z = opts.softcap * th
+    return z * opts.inv_tau, th
+
+
+def forward(hidden2d, weight, bias, labels, valid, opts):
+    """Per original row: logp, ent, log_sum_sq_probs, mean_logits, is_top1 (zeros where not valid) and lse."""
+    N, V = hidden2d.shape[0], weight.shape[0]
+    acc = _acc(hidden2d, weight)
+    dev = hidden2d.device
+    sel, h = _selected(hidden2d, valid)
+    y_all = labels if sel is None else labels.index_select(0, sel)
+    n = h.shape[0]
+    res = {k: torch.zeros(n, dtype=acc, device=dev) for k in ("logp", "lse", "ent", "sq", "mean")}
+    res["top1"] = torch.zeros(n, dtype=torch.bool, device=dev)
+    for a, b in _slices(n, V):
+        z, _ = logits(h[a:b], weight, bias, opts, acc)
+        y = y_all[a:b]
+        in_range = (y >= 0) & (y < V)
+        lse = torch.logsumexp(z, -1)
+        z_y = z.gather(1, y.clamp(0, V - 1).long()[:, None])[:, 0]
+        res["lse"][a:b] = lse
+        res["logp"][a:b] = torch.where(in_range, z_y - lse, torch.full_like(lse, float("nan")))
+        if opts.with_entropy:
+            p = torch.exp(z - lse[:, None])
+            res["ent"][a:b] = lse - (p * z).sum(-1)
+        if opts.extras:
+            res["sq"][a:b] = torch.logsumexp(2 * z, -1) - 2 * lse
+            res["mean"][a:b] = z.mean(-1)
+            first = z.argmax(-1)
+            res["top1"][a:b] = in_range & (first == y)
+    out = {}
+    for k, v in res.items():
+        if sel is None:
+            out[k] = torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=dev))
+        else:
+            out[k] = torch.zeros(N, dtype=v.dtype, device=dev).index_copy_(0, sel, v)
+    return out
+
+
+def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, needs):
+    """(d_hidden, d_weight, d_bias) of sum_i c_logp_i logp_i + c_ent_i H_i over valid rows (per original row
+    coefficients; fp32 sums, fp64 for fp64)."""
+    N, H = hidden2d.shape
+    V = weight.shape[0]
+    acc = _acc(hidden2d, weight)
+    sel, h = _selected(hidden2d, valid)
+    pick = (lambda x: x) if sel is None else (lambda x: x.index_select(0, sel))
+    y_all, lse_s, cl, vrow = pick(labels), pick(lse), pick(c_logp).to(acc), pick(valid)
+    ce = None if c_ent is None else pick(c_ent).to(acc)
+    ent_s = None if c_ent is None else pick(ent)
+    dh = torch.zeros(h.shape, dtype=acc, device=h.device) if needs[0] else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if needs[1] else None
+    db = torch.zeros(V, dtype=acc, device=h.device) if (bias is not None and needs[2]) else None
+    cols = torch.arange(V, device=h.device)
+    for a, b in _slices(h.shape[0], V):
+        z, th = logits(h[a:b], weight, bias, opts, acc)
+        p = torch.exp(z - lse_s[a:b, None])
+        g = cl[a:b, None] * ((cols[None, :] == y_all[a:b, None]).to(acc) - p)
+        if ce is not None:
+            g = g - ce[a:b, None] * p * (z - lse_s[a:b, None] + ent_s[a:b, None])
+        g = g * opts.inv_tau
+        if th is not None:
+            g = g * (1 - th * th)
+        g = torch.where(vrow[a:b, None], g * opts.logit_scale, torch.zeros((), dtype=acc, device=g.device))
+        if dh is not None:
+            dh[a:b] = g @ weight.to(acc)
+        if dw is not None:
+            dw += g.t() @ h[a:b].to(acc)
+        if db is not None:
+            db += g.sum(0)
+    if dh is not None and sel is not None:
+        dh = torch.zeros(N, H, dtype=acc, device=h.device).index_copy_(0, sel, dh)
+    return (None if dh is None else dh.to(hidden2d.dtype), None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))

@@ -1,0 +1,224 @@
+"""verl adapter (verl 0.9).
+
+| verl entry point (and every module that imported it by name)            | fastppo op                 |
+|--------------------------------------------------------------------------|----------------------------|
+| `verl.utils.torch_functional.logprobs_from_logits`                       | `token_logprobs`           |
+| `verl.utils.torch_functional.entropy_from_logits`                        | `token_logprobs(return_entropy)` |
+| `core_algos.kl_penalty` (k1/kl, abs, k2/mse, k3/low_var_kl, and "+")     | `kl_penalty`               |
+| `core_algos.compute_gae_advantage_return`                                | `gae` + `masked_whiten`    |
+| `core_algos.compute_grpo_outcome_advantage` / `compute_rloo_outcome_advantage` | `group_advantages`   |
+| `core_algos.compute_value_loss`                                          | `value_loss`               |
+| policy-loss registry "vanilla" (`get_policy_loss_fn("vanilla")`)          | `ppo_policy_loss`          |
+
+Host semantics kept: verl's `k3`/`low_var_kl` is its clamped estimator (fastppo "low_var_kl");
+"k3+" etc. keep verl's straight-through k2 gradient (a composition of two kl_penalty calls). Group
+ids are verl's `index` array (any order, uneven groups): rows are gathered per group size and each
+size served by group_advantages; groups of one keep verl's own rule (grpo: score / (1 + eps),
+rloo: score) by calling verl's original on those rows. Agg modes map verl's dp_size /
+batch_num_tokens / global_batch_size / loss_scale_factor onto fastppo's num_tokens / num_seqs /
+horizon. The vanilla loss is dual-clip with verl's `clip_ratio_c` (default 3). Metrics keep verl's
+names and Python floats.
+
+Differences, documented: GAE advantages/returns are 0 at mask-0 positions (verl carries the last
+value there, which no verl loss reads); verl's seq-mean-token-mean divides by count + 1e-8.
+Delegated to verl (counted in `handle.stats.delegated`): kl "full", agg "token-sum" and
+`rollout_is_weights` until fastppo's ops take them, dp_size > 1 without global counts (verl raises).
+The entropy function is bound into the engine when it is built: patch before building it.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import version as _dist_version
+
+import numpy as np
+import torch
+from packaging.version import Version
+
+import fastppo
+
+from ._patching import EntryPoint, accepts, host_signature_wrapper
+
+SUPPORTED = ">=0.9, <0.10 (tested: 0.9.1)"
+_KL = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "low_var_kl", "k3": "low_var_kl"}
+
+
+def installed_version() -> str:
+    return _dist_version("verl")
+
+
+def supported(v: str) -> bool:
+    return Version("0.9") <= Version(v) < Version("0.10")
+
+
+def _tf():
+    import verl.utils.torch_functional as tf
+
+    return tf
+
+
+def _ca():
+    import verl.trainer.ppo.core_algos as ca
+
+    return ca
+
+
+def _logits_out_dtype(logits):
+    tf = _tf()
+    flash = getattr(tf, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", False) and os.environ.get(
+        "VERL_DISABLE_FLASH_ATTN_CE", "0") != "1"
+    return torch.float32 if flash else logits.dtype
+
+
+def _serve_logprobs(a):
+    logits = a["logits"]
+    return fastppo.token_logprobs(logits, a["labels"]).to(_logits_out_dtype(logits))
+
+
+def _serve_entropy(a):
+    logits = a["logits"]
+    zeros = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return fastppo.token_logprobs(logits, zeros, return_entropy=True)[1].to(logits.dtype)
+
+
+def _serve_kl(a):
+    kind = a["kl_penalty"]
+    base = kind[:-1] if kind.endswith("+") else kind
+    if base not in _KL:
+        return NotImplemented   # "full" and unknown kinds: verl raises NotImplementedError itself
+    logp, ref = a["logprob"], a["ref_logprob"]
+    dtype = torch.result_type(logp, ref)
+    fwd = fastppo.kl_penalty(logp, ref, kind=_KL[base]).to(dtype)
+    if not kind.endswith("+") or base in ("mse", "k2"):
+        return fwd
+    st = fastppo.kl_penalty(logp, ref, kind="k2").to(dtype)   # straight-through: k2's gradient, fwd's value
+    return st - st.detach() + fwd.detach()
+
+
+def _serve_gae(a):
+    r, v, m = a["token_level_rewards"], a["values"], a["response_mask"]
+    with torch.no_grad():
+        adv, ret = fastppo.gae(r, v, m, gamma=float(a["gamma"]), lam=float(a["lam"]))
+        adv = fastppo.masked_whiten(adv, m)
+    dtype = torch.result_type(r, v)
+    return adv.to(dtype), ret.to(dtype)
+
+
+def _group_rows(index):
+    """Row indices of each group of verl's `index` array, in first-seen order."""
+    groups: dict = {}
+    for i, g in enumerate(np.asarray(index).tolist()):
+        groups.setdefault(g, []).append(i)
+    return list(groups.values())
+
+
+def _outcome(kind):
+    def serve(a, original):
+        r, m, index = a["token_level_rewards"], a["response_mask"], np.asarray(a["index"])
+        eps = float(a["epsilon"])
+        norm = bool(a.get("norm_adv_by_std_in_grpo", True))
+        with torch.no_grad():
+            scores = r.sum(dim=-1)
+            out = torch.zeros(torch.broadcast_shapes(r.shape, m.shape), dtype=torch.result_type(scores, m),
+                              device=r.device)
+            by_size: dict[int, list[int]] = {}
+            for rows in _group_rows(index):
+                by_size.setdefault(len(rows), []).extend(rows)   # each size's groups stay contiguous
+            for size, rows in by_size.items():
+                idx = torch.tensor(rows, device=r.device)
+                if size == 1:   # verl's own rule for groups of one, from verl itself
+                    kw = {"norm_adv_by_std_in_grpo": norm} if kind == "grpo" else {}
+                    out[idx] = original(token_level_rewards=r[idx], response_mask=m[idx], index=index[rows],
+                                        epsilon=eps, config=a["config"], **kw)[0].to(out.dtype)
+                    continue
+                g = fastppo.group_advantages(scores[idx], size, kind=kind, norm_by_std=norm, eps=eps)
+                out[idx] = g.to(scores.dtype).unsqueeze(-1) * m[idx]
+        return out, out
+    return serve
+
+
+def _agg_counts(mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
+    """verl's agg_loss knobs as fastppo's global counts; None when verl would raise."""
+    if mode == "token-mean":
+        if batch_num_tokens is None:
+            return None if dp_size > 1 else {}
+        return {"num_tokens": batch_num_tokens / dp_size}
+    if mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+        kw = {}
+        if global_batch_size is None:
+            if dp_size > 1:
+                return None
+        else:
+            kw["num_seqs"] = global_batch_size / dp_size
+        if mode == "seq-mean-token-sum-norm" and loss_scale_factor is not None:
+            kw["horizon"] = loss_scale_factor
+        return kw
+    return None   # token-sum (until fastppo's agg takes it) and unknown modes (verl raises)
+
+
+def _serve_value_loss(a):
+    counts = _agg_counts(a["loss_agg_mode"], a["dp_size"], a["batch_num_tokens"], a["global_batch_size"],
+                         a["loss_scale_factor"])
+    if counts is None:
+        return NotImplemented
+    loss, stats = fastppo.value_loss(a["vpreds"], a["values"], a["returns"], a["response_mask"],
+                                     clip=a["cliprange_value"], agg=a["loss_agg_mode"], **counts)
+    return loss, stats["vf_clipfrac"]
+
+
+def _serve_vanilla(a):
+    cfg = a["config"]
+    if cfg is None:
+        return NotImplemented   # verl asserts
+    info = dict(getattr(cfg, "global_batch_info", None) or {})
+    counts = _agg_counts(a["loss_agg_mode"], info.get("dp_size", 1), info.get("batch_num_tokens"),
+                         info.get("global_batch_size"), info.get("loss_scale_factor"))
+    if counts is None:
+        return NotImplemented
+    kw = dict(counts)
+    if a["rollout_is_weights"] is not None:
+        if not accepts(fastppo.ppo_policy_loss, "rollout_is_weights"):
+            return NotImplemented
+        kw["rollout_is_weights"] = a["rollout_is_weights"]
+    clip = cfg.clip_ratio
+    low = cfg.clip_ratio_low if cfg.clip_ratio_low is not None else clip
+    high = cfg.clip_ratio_high if cfg.clip_ratio_high is not None else clip
+    c = cfg.get("clip_ratio_c", 3.0)
+    if not c > 1.0:
+        return NotImplemented   # verl asserts with its message
+    logp, old, adv, m = a["log_prob"], a["old_log_prob"], a["advantages"], a["response_mask"]
+    loss, stats = fastppo.ppo_policy_loss(logp, old, adv, m, clip_low=low, clip_high=high, dual_clip=c,
+                                          agg=a["loss_agg_mode"], **kw)
+    # verl's ppo_kl metric: masked mean of -clamp(logp - old, -20, 20), with verl's own helper
+    neg_kl = fastppo.kl_penalty(old.detach(), logp.detach(), kind="k1").clamp(-20, 20)
+    ppo_kl = _tf().masked_mean(neg_kl, m)
+    return loss, {"actor/pg_clipfrac": float(stats["clipfrac"]), "actor/ppo_kl": float(ppo_kl),
+                  "actor/pg_clipfrac_lower": float(stats["clipfrac_lower"])}
+
+
+def _function(name, serve, with_original=False):
+    def build(original, stats):
+        fn = (lambda a: serve(a, original)) if with_original else serve
+        return host_signature_wrapper(original, name, stats, fn)
+    return build
+
+
+def entry_points() -> list[EntryPoint]:
+    tf, ca = _tf(), _ca()
+    table = [
+        ("logprobs_from_logits", tf, "logprobs_from_logits", _function("logprobs_from_logits", _serve_logprobs)),
+        ("entropy_from_logits", tf, "entropy_from_logits", _function("entropy_from_logits", _serve_entropy)),
+        ("kl_penalty", ca, "kl_penalty", _function("kl_penalty", _serve_kl)),
+        ("compute_gae_advantage_return", ca, "compute_gae_advantage_return",
+         _function("compute_gae_advantage_return", _serve_gae)),
+        ("compute_grpo_outcome_advantage", ca, "compute_grpo_outcome_advantage",
+         _function("compute_grpo_outcome_advantage", _outcome("grpo"), True)),
+        ("compute_rloo_outcome_advantage", ca, "compute_rloo_outcome_advantage",
+         _function("compute_rloo_outcome_advantage", _outcome("rloo"), True)),
+        ("compute_value_loss", ca, "compute_value_loss", _function("compute_value_loss", _serve_value_loss)),
+    ]
+    regs = tuple((f"core_algos.{n}", getattr(ca, n)) for n in ("POLICY_LOSS_REGISTRY", "ADV_ESTIMATOR_REGISTRY")
+                 if isinstance(getattr(ca, n, None), dict))
+    table.append(("policy_loss_vanilla", ca, "compute_policy_loss_vanilla",
+                  _function("policy_loss_vanilla", _serve_vanilla)))
+    return [EntryPoint(name, (lambda h=h, attr=attr: (h, attr)), build, regs) for name, h, attr, build in table]

@@ -1,0 +1,16 @@
+"""Every mode name of the loss layer, in one place: aggregations, KL estimators, policy losses and
+rollout-correction modes, with the integer ids the kernels take as constexprs."""
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+AGG_IDS = {name: i for i, name in enumerate(AGG_MODES)}
+
+KL_KINDS = ("k1", "abs", "k2", "mse", "k3", "low_var_kl")
+KL_KIND_IDS = {"k1": 1, "abs": 2, "k2": 3, "mse": 3, "k3": 4, "low_var_kl": 5}   # 0: no KL term
+
+POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "sapo", "gmpo", "gpg")
+POLICY_LOSS_IDS = {name: i for i, name in enumerate(POLICY_LOSSES)}
+# variants whose per-token term needs a per-sequence reduction first (the sequence pre-pass)
+SEQUENCE_LEVEL = ("gspo", "gspo_token", "gmpo")
+
+IS_LEVELS = ("token", "sequence")
+IS_MODES = ("truncate", "mask")

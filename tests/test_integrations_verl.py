@@ -1,0 +1,173 @@
+"""fastppo.integrations.patch("verl"): every replaced verl function against verl's original on
+random inputs with masks with holes (forward and gradient), reached the way verl reaches it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("verl.trainer.ppo.core_algos", reason="pip install fastppo[verl]")
+
+import verl.trainer.ppo.core_algos as ca  # noqa: E402
+import verl.utils.torch_functional as tf  # noqa: E402
+import verl.workers.utils.losses as vl  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import fastppo.integrations as fi  # noqa: E402
+
+
+def _mask(B, T):
+    m = (torch.rand(B, T) > 0.3).float()
+    m[0] = 0.0            # an empty row
+    m[1, :] = 1.0         # a full row
+    m[2, 1::2] = 0.0      # holes
+    return m
+
+
+def _both(fn_name, module, *args, grad_of=(), **kwargs):
+    """(original result, patched result) of module.fn_name; grads of the listed inputs too."""
+    outs = []
+    for patched in (False, True):
+        ins = [a.detach().clone().requires_grad_(i in grad_of) if torch.is_tensor(a) else a
+               for i, a in enumerate(args)]
+        if patched:
+            with fi.patch("verl") as h:
+                res = getattr(module, fn_name)(*ins, **kwargs)
+                stats = h.stats
+        else:
+            res = getattr(module, fn_name)(*ins, **kwargs)
+            stats = None
+        first = res[0] if isinstance(res, tuple) else res
+        grads = []
+        if grad_of:
+            torch.manual_seed(1)
+            (first * torch.randn_like(first)).sum().backward()
+            grads = [ins[i].grad for i in grad_of]
+        outs.append((res, grads, stats))
+    return outs
+
+
+def test_patch_handle_lists_and_undoes():
+    orig = ca.kl_penalty
+    with fi.patch("verl") as h:
+        assert vl.kl_penalty is not orig and ca.kl_penalty is vl.kl_penalty
+        assert "verl.workers.utils.losses.kl_penalty" in h.replaced["kl_penalty"]
+        assert ca.get_policy_loss_fn("vanilla") is ca.compute_policy_loss_vanilla
+        assert any("POLICY_LOSS_REGISTRY" in w for w in h.replaced["policy_loss_vanilla"])
+        assert fi.patch("verl") is h   # idempotent
+    assert ca.kl_penalty is orig and vl.kl_penalty is orig
+    assert ca.get_policy_loss_fn("vanilla").__name__ == "compute_policy_loss_vanilla"
+    with fi.patch("verl", ops=["kl_penalty"]) as h:
+        assert list(h.replaced) == ["kl_penalty"]
+        assert not hasattr(tf.logprobs_from_logits, "__fastppo_original__")
+    with pytest.raises(ValueError, match="not entry points"):
+        fi.patch("verl", ops=["nope"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_entropy(dtype):
+    """Same dtype/shape as verl; error against the float64 formula no worse than verl's own plus
+    the output dtype's rounding (verl computes bf16 logits in bf16, fastppo in fp32)."""
+    logits = (torch.randn(3, 5, 97) * 3).to(dtype)
+    labels = torch.randint(0, 97, (3, 5))
+    z = logits.double()
+    ref_logp = torch.log_softmax(z, -1).gather(-1, labels[..., None])[..., 0]
+    ref_ent = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+    eps = torch.finfo(dtype).eps
+    for name, args, ref in (("logprobs_from_logits", (logits, labels), ref_logp),
+                            ("entropy_from_logits", (logits,), ref_ent)):
+        (a, ga, _), (b, gb, st) = _both(name, tf, *args, grad_of=(0,))
+        assert b.dtype == a.dtype and b.shape == a.shape and st.served[name] == 1
+        err_host = (a.double() - ref).abs().max()
+        err_ours = (b.double() - ref).abs().max()
+        assert err_ours <= err_host + eps * (1 + ref.abs().max()), (name, err_ours, err_host)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(gb[0].float(), ga[0].float(), **tol)
+
+
+@pytest.mark.parametrize("kind", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k3+", "low_var_kl+"])
+def test_kl_penalty(kind):
+    logp = torch.randn(4, 7) * 3
+    ref = torch.randn(4, 7) * 3
+    ref[0, 0] = logp[0, 0] + 30   # beyond verl's clamps
+    (a, ga, _), (b, gb, st) = _both("kl_penalty", vl, logp, ref, kind, grad_of=(0, 1))
+    assert st.served["kl_penalty"] == 1 and b.dtype == a.dtype
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for x, y in zip(gb, ga):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_full_delegates():
+    with fi.patch("verl") as h, pytest.raises(NotImplementedError):
+        ca.kl_penalty(torch.zeros(2), torch.zeros(2), "full")
+    assert h.stats.delegated["kl_penalty"] == 1
+
+
+def test_gae():
+    B, T = 4, 9
+    r, v, m = torch.randn(B, T), torch.randn(B, T), _mask(B, T)
+    m[0, 3] = 1.0  # whiten needs some tokens
+    (a, _, _), (b, _, st) = _both("compute_gae_advantage_return", ca, r, v, m, 0.97, 0.9)
+    keep = m.bool()
+    # verl carries the last value into mask-0 positions (never read by its losses); fastppo writes 0
+    for x, y in zip(b, a):
+        torch.testing.assert_close(x[keep], y[keep], rtol=1e-5, atol=1e-5)
+    assert st.served["compute_gae_advantage_return"] == 1
+
+
+@pytest.mark.parametrize("fn", ["compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_outcome_advantages_uneven_groups(fn, norm):
+    B, T = 10, 6
+    r = torch.zeros(B, T)
+    r[:, -1] = torch.randn(B)
+    m = _mask(B, T)
+    index = np.array(["a", "b", "a", "c", "b", "a", "d", "c", "d", "e"], dtype=object)   # sizes 3, 2, 2, 2, 1
+    kw = {"norm_adv_by_std_in_grpo": norm} if fn.startswith("compute_grpo") else {}
+    if not norm and not kw:
+        pytest.skip("rloo has no std switch")
+    (a, _, _), (b, _, st) = _both(fn, ca, r, m, index, **kw)
+    for x, y in zip(b, a):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert st.served[fn] == 1
+    assert ca.get_adv_estimator_fn("grpo") is ca.compute_grpo_outcome_advantage
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                  "seq-mean-token-sum-norm"])
+def test_value_loss(mode):
+    B, T = 5, 8
+    vp, ret, old, m = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T), _mask(B, T)
+    (a, ga, _), (b, gb, st) = _both("compute_value_loss", vl, vp, ret, old, m, 0.3, mode, grad_of=(0,))
+    torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b[1].float(), a[1].float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb[0], ga[0], rtol=1e-5, atol=1e-7)
+    assert st.served["compute_value_loss"] == 1
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("info", [{}, {"dp_size": 2, "batch_num_tokens": 40, "global_batch_size": 12}])
+def test_vanilla_policy_loss_via_registry(mode, info):
+    B, T = 6, 7
+    logp, old = torch.randn(B, T) * 0.3, torch.randn(B, T) * 0.3
+    adv, m = torch.randn(B, T), _mask(B, T)
+    cfg = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.1, "clip_ratio_high": 0.28, "clip_ratio_c": 3.0,
+                            "global_batch_info": info})
+    res = []
+    for patched in (False, True):
+        lp = logp.clone().requires_grad_()
+        if patched:
+            with fi.patch("verl") as h:
+                loss, metrics = ca.get_policy_loss_fn("vanilla")(old, lp, adv, m, mode, cfg, None)
+            assert h.stats.served["policy_loss_vanilla"] == 1
+        else:
+            loss, metrics = ca.get_policy_loss_fn("vanilla")(old, lp, adv, m, mode, cfg, None)
+        loss.backward()
+        res.append((loss, metrics, lp.grad))
+    (a, ma, ga), (b, mb, gb) = res
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-7)
+    assert mb.keys() == ma.keys()
+    for k in ma:
+        assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), k
