@@ -1,5 +1,6 @@
-"""Each public op, forward and forward + backward, fastppo vs the eager PyTorch reference, and vs
-Liger-Kernel / TRL where those are installed. Peak memory is recorded in extra_info on CUDA."""
+"""Each public op, forward, backward and forward + backward: fastppo, the eager PyTorch reference and
+the peers (TRL, Liger-Kernel) that offer the op, on the same inputs; a peer that is not installed is
+skipped with the reason. Peak memory is recorded in extra_info on CUDA."""
 
 import importlib.util
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from fastppo.bench.harness import make_backward, make_step
-from fastppo.bench.ops import OPS
+from fastppo.bench.ops import OPS, side_missing
 
 SHAPES = {
     "cuda": {"N": 8192, "V": 128256, "H": 4096, "B": 256, "T": 4096},
@@ -41,10 +42,18 @@ OP_MODES = [(op, mode) for op in OPS for mode in ("forward", "backward", "full")
             if mode == "forward" or OPS[op].has_backward]
 
 
-@pytest.mark.parametrize("side", ["fastppo", "eager"])
 @pytest.mark.parametrize("op,mode", OP_MODES)
+@pytest.mark.parametrize("side", ["fastppo", "trl", "liger", "eager"])
 def test_op(benchmark, device, op, side, mode):
+    """Every side of every op (TRL and Liger-Kernel where they offer the op) on the same inputs."""
     spec = OPS[op]
+    if side not in spec.sides:
+        pytest.skip(f"{side} has no {op}")
+    why = side_missing(side)
+    if why is not None:
+        pytest.skip(f"{side} missing: {why}")
+    if side in ("trl", "liger") and device != "cuda":
+        pytest.skip(f"{side}'s Triton kernels need a CUDA device outside the interpreter")
     inputs = spec.make(_shape(spec, device), torch.bfloat16, device)
     benchmark.group = f"{op}-{mode}"
     if mode == "backward":
@@ -67,7 +76,7 @@ def _bench_token_logprobs(benchmark, device, mode, per_token_fn):
 
     def step():
         inputs["logits"].grad = None
-        out = per_token_fn(inputs["logits"], inputs["labels"])
+        out = per_token_fn(inputs["logits"].flatten(0, 1), inputs["labels"].flatten())
         if mode == "full":
             out.sum().backward()
 
@@ -81,11 +90,3 @@ def test_liger_cross_entropy(benchmark, device, mode):
     from liger_kernel.transformers import LigerCrossEntropyLoss
 
     _bench_token_logprobs(benchmark, device, mode, LigerCrossEntropyLoss(reduction="none"))
-
-
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL not installed")
-@pytest.mark.parametrize("mode", ["forward", "full"])
-def test_trl_selective_log_softmax(benchmark, device, mode):
-    from trl.trainer.utils import selective_log_softmax
-
-    _bench_token_logprobs(benchmark, device, mode, selective_log_softmax)

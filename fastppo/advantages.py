@@ -9,7 +9,7 @@ import math
 import torch
 
 from . import library  # noqa: F401  (registers torch.ops.fastppo)
-from ._checks import check_choice, check_float, check_same_shape
+from ._checks import check_choice, check_float, check_mask, check_same_shape
 from .backend import backend_for
 
 
@@ -27,18 +27,11 @@ def _check_discount(name, x):
 
 
 def _check_mask(mask, like_name, like):
-    """mask: same shape as `like`, bool or 0/1 values of any dtype. The value check runs on CPU tensors
-    only (free there) and never while torch.compile traces; on CUDA it would cost a device->host sync."""
+    """mask: same shape as `like`, bool or 0/1 values of any dtype (checked where free: see check_mask)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     check_same_shape("mask", mask, like_name, like.shape)
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool or 0/1, got dtype {mask.dtype}")
-    if mask.dtype != torch.bool and mask.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            raise ValueError(f"mask must hold only 0/1 (or be bool); found {mask[bad].flatten()[0].item()} "
-                             f"({int(bad.sum())} entries)")
+    check_mask(mask)
 
 
 def _out_dtype(*xs):

@@ -30,11 +30,11 @@ import torch
 import torch.distributed as dist
 
 from . import reference as ref_impl
-from ._checks import check_float, check_labels, check_temperature
+from ._checks import check_float, check_inplace, check_labels, check_temperature
 from .backend import backend_for
 from .fused import check_ppo_args
-from .linear import LinearOptions, _check_linear, linear_backward, linear_forward
-from .logprobs import ops_for
+from .linear import LinearOptions, _check_linear, _linear_options, linear_backward, linear_forward
+from .logprobs import check_logit_transform, ops_for
 from .outputs import PPOLossOutput
 
 
@@ -124,17 +124,31 @@ def combine_shards(logp_r, lse_r, ent_r, owned, ignored, group):
 # ----------------------------------------------------------------------------- logits
 @dataclass(frozen=True)
 class ShardOptions:
+    """Non-tensor options of the logits ops, validated once where built."""
+
     inv_tau: float
     ignore_index: int
     with_entropy: bool
     backend: str
-    inplace: bool = False
+    inplace: bool
+    logit_scale: float
+    softcap: float | None
+
+    def transform(self):
+        """Keywords of the launchers for z' = softcap(scale * z) / tau (elementwise: it commutes with sharding)."""
+        return dict(inv_tau=self.inv_tau, logit_scale=self.logit_scale, softcap=self.softcap)
+
+
+def _shard_options(temperature, ignore_index, with_entropy, backend, inplace, final_logit_softcapping, logit_scale):
+    tau = check_temperature(temperature)
+    scale, cap = check_logit_transform(logit_scale, final_logit_softcapping)
+    return ShardOptions(1.0 / tau, int(ignore_index), bool(with_entropy), backend, bool(inplace), scale, cap)
 
 
 def _shard_forward(logits, labels, shard, opts: ShardOptions):
     local, owned, ignored = shard_labels(labels, shard, opts.ignore_index)
     logp_r, lse_r, ent_r = ops_for(opts.backend).logprobs_fwd(
-        logits, local, inv_tau=opts.inv_tau, ignore_index=opts.ignore_index, with_entropy=opts.with_entropy)
+        logits, local, ignore_index=opts.ignore_index, with_entropy=opts.with_entropy, **opts.transform())
     logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, owned, ignored, shard.group)
     return local, logp, lse, ent
 
@@ -163,8 +177,8 @@ class VocabParallelLogprobs(torch.autograd.Function):
         has_ent = opts.with_entropy and g_ent is not None
         dlogits = ops_for(opts.backend).logprobs_bwd(
             logits, local, lse, ent if has_ent else None, g_logp.to(lse.dtype).reshape(-1),
-            g_ent.to(lse.dtype).reshape(-1) if has_ent else None, inv_tau=opts.inv_tau,
-            ignore_index=opts.ignore_index, inplace=opts.inplace)
+            g_ent.to(lse.dtype).reshape(-1) if has_ent else None, ignore_index=opts.ignore_index,
+            inplace=opts.inplace, **opts.transform())
         return dlogits, None, None, None
 
 
@@ -191,16 +205,18 @@ def _check_logits(logits_shard, labels, ignore_index, group):
 
 
 def token_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor, *, group=None, temperature: float = 1.0,
-                   ignore_index: int = -100, return_entropy: bool = False):
+                   ignore_index: int = -100, return_entropy: bool = False, final_logit_softcapping=None,
+                   logit_scale: float = 1.0):
     """fastppo.token_logprobs of the full logits, given this rank's vocabulary shard.
 
     logits_shard [..., V_r]: columns [start_r, start_r + V_r) of the logits, shards in rank order
     of `group` (default: the world); labels [...] are GLOBAL token ids (replicated on every rank).
     Returns the global float32 log-probs (and entropy), replicated; the gradient reaching
-    logits_shard is its slice of the full gradient. Cost: 2 all-reduces of N (and 3-4 N) floats."""
+    logits_shard is its slice of the full gradient. z' = softcap(logit_scale * z) / temperature as in
+    fastppo.token_logprobs. Cost: 2 all-reduces, of N and of 4 N floats (3 N without entropy)."""
     shard = _check_logits(logits_shard, labels, ignore_index, group)
-    tau = check_temperature(temperature)
-    opts = ShardOptions(1.0 / tau, int(ignore_index), bool(return_entropy), backend_for(logits_shard, labels))
+    opts = _shard_options(temperature, ignore_index, return_entropy, backend_for(logits_shard, labels), False,
+                          final_logit_softcapping, logit_scale)
     logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
     return (logp, ent) if return_entropy else logp
 
@@ -219,21 +235,26 @@ def _compose(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs, kl_coef
 def fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask, *, group=None, ref_logprobs=None,
                    kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False, inplace=False,
-                   num_tokens=None, num_seqs=None, horizon=None) -> PPOLossOutput:
+                   num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None,
+                   logit_scale=1.0) -> PPOLossOutput:
     """fastppo.fused_ppo_loss of the full logits, given this rank's vocabulary shard (see
     token_logprobs above for the layout). The per-token arguments are replicated; the loss and the
     per-token outputs are the same on every rank; each rank's logits_shard gets its gradient slice.
-    `inplace=True` writes the shard's gradient into its storage, as the unsharded op does."""
+    As unsharded, rows where mask is 0 count as ignored labels (0 log-prob, no gradient), and
+    `inplace=True` writes the shard's gradient into its storage."""
     check_float("logits_shard", logits_shard)
     if logits_shard.dim() not in (2, 3):
         raise ValueError(f"logits_shard must be [B, T, V_r] or [T, V_r], got shape {tuple(logits_shard.shape)}")
     shard = _check_logits(logits_shard, labels, ignore_index, group)
     check_ppo_args(logits_shard.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef,
                    entropy_coef, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
-    tau = check_temperature(temperature)
+    if inplace:
+        check_inplace("logits_shard", logits_shard)
     want_ent = bool(return_entropy or entropy_coef != 0)
-    opts = ShardOptions(1.0 / tau, int(ignore_index), want_ent,
-                        backend_for(logits_shard, labels, old_logprobs, advantages, mask), bool(inplace))
+    opts = _shard_options(temperature, ignore_index, want_ent,
+                          backend_for(logits_shard, labels, old_logprobs, advantages, mask), inplace,
+                          final_logit_softcapping, logit_scale)
+    labels = torch.where(mask != 0, labels, opts.ignore_index)      # mask-0 rows are dead, as unsharded
     logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
     return _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
                     kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
@@ -288,16 +309,17 @@ def _check_linear_shard(hidden, weight_shard, labels, bias_shard, ignore_index, 
 
 
 def linear_logprobs(hidden, weight_shard, labels, *, group=None, bias=None, temperature: float = 1.0,
-                    ignore_index: int = -100, return_entropy: bool = False):
+                    ignore_index: int = -100, return_entropy: bool = False, final_logit_softcapping=None,
+                    logit_scale: float = 1.0, chunk_bytes=None):
     """fastppo.linear_logprobs with the lm_head sharded over the vocabulary: weight_shard [V_r, H]
     (and bias [V_r]) are rows [start_r, start_r + V_r) of the full head, in rank order; hidden
     [..., H] and labels [...] (global ids) are replicated. Returns the global log-probs (and
     entropy); hidden gets the full gradient on every rank, weight_shard / bias their slices.
-    Cost: 2 all-reduces of O(N) floats forward, 1 of N x H floats backward."""
+    Cost: 2 all-reduces of O(N) floats forward, 1 of N x H floats backward. (extra_outputs is not
+    offered here.)"""
     shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
-    tau = check_temperature(temperature)
-    opts = LinearOptions(1.0 / tau, int(ignore_index), bool(return_entropy),
-                         backend_for(hidden, weight_shard, labels))
+    opts = _linear_options(temperature, ignore_index, return_entropy, False, final_logit_softcapping, logit_scale,
+                           chunk_bytes, backend_for(hidden, weight_shard, labels))
     logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
     return (logp, ent) if return_entropy else logp
 
@@ -305,7 +327,8 @@ def linear_logprobs(hidden, weight_shard, labels, *, group=None, bias=None, temp
 def fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages, mask, *, group=None, bias=None,
                           ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2,
                           clip_high=None, dual_clip=None, temperature=1.0, agg="token-mean", ignore_index=-100,
-                          return_entropy=False, num_tokens=None, num_seqs=None, horizon=None) -> PPOLossOutput:
+                          return_entropy=False, num_tokens=None, num_seqs=None, horizon=None,
+                          final_logit_softcapping=None, logit_scale=1.0, chunk_bytes=None) -> PPOLossOutput:
     """fastppo.fused_linear_ppo_loss with the lm_head sharded over the vocabulary (layout as in
     linear_logprobs above); the loss and per-token outputs are replicated on every rank."""
     shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
@@ -313,10 +336,10 @@ def fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
     check_ppo_args(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
                    clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
-    tau = check_temperature(temperature)
     want_ent = bool(return_entropy or entropy_coef != 0)
-    opts = LinearOptions(1.0 / tau, int(ignore_index), want_ent,
-                         backend_for(hidden, weight_shard, labels, old_logprobs, advantages, mask))
+    opts = _linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
+                           chunk_bytes, backend_for(hidden, weight_shard, labels, old_logprobs, advantages, mask))
+    labels = torch.where(mask.reshape(labels.shape) != 0, labels, opts.ignore_index)   # mask-0 rows are dead
     logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
     return _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
                     kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,

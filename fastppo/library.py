@@ -334,20 +334,25 @@ def _linear_logprobs_fake(hidden, weight, bias, labels, options):
     per_token = [torch.empty_like(logp) if on else _empty(logp)
                  for on in (opts.with_entropy, opts.extras, opts.extras)]
     top1 = logp.new_empty(labels.shape, dtype=torch.bool) if opts.extras else _empty(logp, torch.bool)
-    return logp, *per_token, top1, hidden.new_empty((labels.numel(),), dtype=logp.dtype)
+    lse = logp.new_empty((labels.numel(),))
+    return logp, *per_token, top1, lse, torch.empty_like(lse) if opts.with_entropy else _empty(lse)
 
 
 @_define("linear_logprobs", _linear_logprobs_fake, kernels=True)
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                     options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor]:
-    """(logp, entropy, log_sum_sq_probs, mean_logits, is_top1, lse) of hidden @ weight.T + bias without the
-    [N, V] logits (fastppo.linear; `options` is a LinearOptions). Only logp and entropy are differentiable."""
+                                           torch.Tensor, torch.Tensor]:
+    """(logp, entropy, log_sum_sq_probs, mean_logits, is_top1, lse, entropy_rows) of hidden @ weight.T + bias
+    without the [N, V] logits (fastppo.linear; `options` is a LinearOptions). lse and entropy_rows [N] are
+    backward's statistics. Only logp and entropy are differentiable."""
     from .linear import linear_outputs
 
-    logp, ent, sq, mean, top1, lse = linear_outputs(hidden, weight, bias, labels, _linear_options(options))
+    opts = _linear_options(options)
+    logp, ent, sq, mean, top1, lse, ent_rows = linear_outputs(hidden, weight, bias, labels, opts)
+    if ent_rows is not None and opts.backend == "torch":
+        ent_rows = ent_rows.clone()   # by row there: the same values as entropy (op outputs may not alias)
     return logp, _or_empty(ent, logp), _or_empty(sq, logp), _or_empty(mean, logp), \
-        _or_empty(top1, _empty(logp, torch.bool)), lse
+        _or_empty(top1, _empty(logp, torch.bool)), lse, _or_empty(ent_rows, lse)
 
 
 def _linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, options, need_hidden,
@@ -375,11 +380,11 @@ def linear_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: t
 
 def _linear_logprobs_setup(ctx, inputs, output):
     hidden, weight, bias, labels, options = inputs
-    logp, ent, sq, mean, top1, lse = output
+    logp, ent, sq, mean, top1, lse, ent_rows = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(sq, mean, top1, lse)
+    ctx.mark_non_differentiable(sq, mean, top1, lse, ent_rows)
     with_entropy = _linear_options(options).with_entropy
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if with_entropy else None)
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent_rows if with_entropy else None)
     ctx.options = options
 
 

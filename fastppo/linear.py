@@ -8,7 +8,7 @@ The valid rows are found on device (a stable sort of the validity flags and thei
 scale with N_valid and there is no host sync. Logits (TRL's order):
     z' = softcap(logit_scale * (hidden @ weight.T + bias)) / tau,   softcap(x) = c tanh(x / c).
 
-Triton path, per chunk of compacted rows (at most `chunk_bytes` of fp32 z', default 512 MiB):
+Triton path, per chunk of compacted rows (`chunk_bytes` of fp32 z' and dz; see `chunk_rows`):
   1. linear_fwd      z' tiles (2 n H V FLOPs) into the chunk buffer, per-split row statistics
   2. linear_finish   lse, log-prob, entropy (extras) per row
   3. linear_dh       d(hidden) = dz @ W, accumulated in registers over V, written once   (2 n H V)
@@ -47,16 +47,16 @@ EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 
 @dataclass(frozen=True)
 class LinearOptions:
-    """Non-tensor options of the linear ops, validated once where built."""
+    """Non-tensor options of the linear ops, validated once where built (`_linear_options`)."""
 
     inv_tau: float
     ignore_index: int
     with_entropy: bool
-    extras: bool
-    logit_scale: float
-    softcap: float | None
     backend: str
-    chunk_bytes: int
+    extras: bool = False
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    chunk_bytes: int | None = None      # None: automatic (see chunk_rows)
 
 
 def _kernels():
@@ -70,16 +70,21 @@ def _acc(hidden, weight):
 
 
 def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
-    """Rows per chunk of the gradient pass: a multiple of the kernel's row tile whose fp32 (fp64) z' and
-    dz (a second [rows, V] buffer in the GEMM dtype when that is 16-bit; dz overwrites z' otherwise) fit
-    in chunk_bytes (at least one tile), at most n_rows."""
+    """Rows per chunk of the gradient pass: a multiple of the kernel's row tile (at least one tile, at most
+    n_rows) whose fp32 (fp64) z' and dz (a second [rows, V] buffer in the GEMM dtype when that is 16-bit;
+    dz overwrites z' otherwise) fit in chunk_bytes. chunk_bytes=None: at most LIN_CHUNK_BYTES (2 GiB) and
+    fewer than n_rows / 8 rows, so no buffer reaches N*V/8 elements. Fewer, larger chunks mean fewer
+    re-reads of the weight (2 V H b per chunk) and of the fp32 d(weight) sum (8 V H per chunk after the
+    first) and fuller GEMMs; the buffers are 6 bytes (bf16) per row and vocabulary entry."""
     from .kernels import _config as cfg
 
     size = torch.empty((), dtype=acc).element_size()
     per_row = vocab * (size + (0 if dz_dtype == acc else torch.empty((), dtype=dz_dtype).element_size()))
     tile = cfg.LIN_BLOCK_N
-    rows = max(tile, (chunk_bytes // max(per_row, 1)) // tile * tile)
-    return max(1, min(rows, n_rows))
+    rows = (cfg.LIN_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(per_row, 1) // tile * tile
+    if chunk_bytes is None:
+        rows = min(rows, (-(-n_rows // 8) - 1) // tile * tile)
+    return max(1, min(max(tile, rows), n_rows))
 
 
 # ----------------------------------------------------------------------------- the Triton pipeline
@@ -93,9 +98,11 @@ def triton_forward(h2, weight, bias, y, valid, opts):
     return rows, out
 
 
-def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs):
-    """Launches 1-4 chunk by chunk. `coefs(r0, n)` returns the chunk's per-row coefficients (c_logp,
-    c_ent or None; by compacted position) once its statistics are in `out`. Returns (dh, dw, db)."""
+def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, stats=None):
+    """Launches 1-5 chunk by chunk. `coefs(r0, n)` returns the chunk's per-row coefficients (c_logp,
+    c_ent or None; by compacted position) once its statistics are in `out`. With `stats` = (lse, ent or
+    None) by compacted position (known from an earlier forward, or global ones for a vocabulary shard),
+    those are used and launch 2 is skipped. Returns (dh, dw, db)."""
     k = _kernels()
     N, H = h2.shape
     V = weight.shape[0]
@@ -118,10 +125,11 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs):
     for i, r0 in enumerate(starts):
         n = min(step, N - r0)
         z = buf[:n]
-        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z)
+        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z, finish=stats is None)
         c_logp, c_ent = coefs(r0, n)
         last = i == len(starts) - 1
-        k.grads_chunk(z, dz_buf[:n], h2, weight, y, rows, r0, n, out["lse"], out["ent_c"], c_logp, c_ent, opts,
+        lse, ent = stats if stats is not None else (out["lse"], out["ent_c"])
+        k.grads_chunk(z, dz_buf[:n], h2, weight, y, rows, r0, n, lse, ent, c_logp, c_ent, opts,
                       d_hidden=dh, dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None,
                       db_out=None if db is None else (db if last else db_acc), db_in=db_acc if i else None)
     return dh, dw, db
@@ -133,18 +141,37 @@ def _forward(h2, weight, bias, y, valid, opts):
     return None, _linear_torch.forward(h2, weight, bias, y, valid, opts)
 
 
-def _gradients(h2, weight, bias, y, valid, rows, saved, c_logp, c_ent, opts, needs):
-    """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row)."""
+def _gradients(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, needs):
+    """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row). `stats`: the rows' lse and
+    entropy (or None), by original row on the torch backend, by compacted position on the Triton path."""
     if opts.backend == "torch":
-        return _linear_torch.grads(h2, weight, bias, y, valid, saved["lse"], saved["ent"], c_logp, c_ent, opts,
-                                   needs)
-    k = _kernels()
+        return _linear_torch.grads(h2, weight, bias, y, valid, stats[0], stats[1], c_logp, c_ent, opts, needs)
     acc = _acc(h2, weight)
-    scratch = k.new_outputs(h2.shape[0], h2.device, acc, c_ent is not None, False)
     cl = c_logp.to(acc).index_select(0, rows.idx)
     ce = None if c_ent is None else c_ent.to(acc).index_select(0, rows.idx)
-    return triton_gradient_pass(h2, weight, bias, y, rows, scratch, dataclasses.replace(opts, extras=False),
-                                needs, lambda r0, n: (cl, ce))
+    return triton_gradient_pass(h2, weight, bias, y, rows, None, dataclasses.replace(opts, extras=False), needs,
+                                lambda r0, n: (cl, ce), stats=stats)
+
+
+def linear_forward(hidden2d, weight, bias, labels1d, opts: LinearOptions):
+    """(logp, lse, entropy or None) per row in the rows' order (0 at ignored rows): the forward launches for
+    callers that combine row statistics themselves (fastppo.distributed)."""
+    valid = labels1d != opts.ignore_index
+    rows, out = _forward(hidden2d, weight, bias, labels1d, valid, opts)
+    lse = out["lse"] if rows is None else torch.empty_like(out["lse"]).index_copy_(0, rows.idx, out["lse"])
+    return out["logp"], lse, out["ent"] if opts.with_entropy else None
+
+
+def linear_backward(hidden2d, weight, bias, labels1d, lse, ent, c_logp, c_ent, opts: LinearOptions,
+                    needs=(True, True, True)):
+    """(d_hidden, d_weight, d_bias) of sum_i c_logp_i logp_i + c_ent_i H_i for the given per-row lse and
+    entropy (in the rows' order; e.g. global ones for a vocabulary shard), valid rows only."""
+    valid = labels1d != opts.ignore_index
+    if opts.backend == "torch":
+        return _gradients(hidden2d, weight, bias, labels1d, valid, None, (lse, ent), c_logp, c_ent, opts, needs)
+    rows = _kernels().Rows(valid)
+    stats = (lse.index_select(0, rows.idx), None if c_ent is None else ent.index_select(0, rows.idx))
+    return _gradients(hidden2d, weight, bias, labels1d, valid, rows, stats, c_logp, c_ent, opts, needs)
 
 
 def _flatten(hidden, labels):
@@ -154,27 +181,29 @@ def _flatten(hidden, labels):
 # ----------------------------------------------------------------------------- linear_logprobs
 def linear_outputs(hidden, weight, bias, labels, opts: LinearOptions):
     """Forward of linear_logprobs (the body of torch.ops.fastppo.linear_logprobs): logp, entropy,
-    log_sum_sq_probs, mean_logits, is_top1 shaped like labels (None where not computed) and lse per row."""
+    log_sum_sq_probs, mean_logits, is_top1 shaped like labels (None where not computed), and backward's
+    statistics lse and entropy (by compacted position on the Triton path, by row on the torch backend)."""
     h2, y = _flatten(hidden, labels)
-    _, out = _forward(h2, weight, bias, y, y != opts.ignore_index, opts)
+    rows, out = _forward(h2, weight, bias, y, y != opts.ignore_index, opts)
     shape = labels.shape
     ent = out["ent"].view(shape) if opts.with_entropy else None
     extras = (out["sq"].view(shape), out["mean"].view(shape), out["top1"].view(shape).bool()) \
         if opts.extras else (None, None, None)
-    return out["logp"].view(shape), ent, *extras, out["lse"]
+    ent_key = "ent" if rows is None else "ent_c"
+    return out["logp"].view(shape), ent, *extras, out["lse"], out[ent_key] if opts.with_entropy else None
 
 
 def linear_grads(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, opts: LinearOptions, needs):
     """Backward of linear_logprobs: (d_hidden, d_weight, d_bias) of sum g_logp logp + g_ent H (None where
-    not needed); the valid rows are compacted again on device."""
+    not needed) from linear_outputs' statistics; the valid rows are compacted again on device."""
     h2, y = _flatten(hidden, labels)
     valid = y != opts.ignore_index
     rows = _kernels().Rows(valid) if opts.backend == "triton" else None
     acc = lse.dtype
     c_logp = g_logp.reshape(-1).to(acc)
     c_ent = None if g_ent is None else g_ent.reshape(-1).to(acc)
-    ent = None if ent is None else ent.reshape(-1)
-    dh, dw, db = _gradients(h2, weight, bias, y, valid, rows, {"lse": lse, "ent": ent}, c_logp, c_ent, opts, needs)
+    dh, dw, db = _gradients(h2, weight, bias, y, valid, rows, (lse, None if c_ent is None else ent), c_logp, c_ent,
+                            opts, needs)
     return (None if dh is None else dh.view(hidden.shape)), dw, db
 
 
@@ -195,8 +224,6 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
 
 def _linear_options(temperature, ignore_index, with_entropy, extras, final_logit_softcapping, logit_scale,
                     chunk_bytes, backend):
-    from .kernels import _config as cfg
-
     tau = check_temperature(temperature)
     softcap = final_logit_softcapping
     if softcap is not None:
@@ -207,11 +234,10 @@ def _linear_options(temperature, ignore_index, with_entropy, extras, final_logit
     scale = float(logit_scale)
     if not math.isfinite(scale):
         raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
-    if chunk_bytes is None:
-        chunk_bytes = cfg.LIN_CHUNK_BYTES
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    return LinearOptions(1.0 / tau, int(ignore_index), bool(with_entropy), bool(extras), scale, softcap, backend,
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                    or chunk_bytes <= 0):
+        raise ValueError(f"chunk_bytes must be None or a positive int, got {chunk_bytes!r}")
+    return LinearOptions(1.0 / tau, int(ignore_index), bool(with_entropy), backend, bool(extras), scale, softcap,
                          chunk_bytes)
 
 
@@ -240,12 +266,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     (the label is the first argmax of z'), computed in the same pass, without gradient; when given, the
     result is LogprobOutputs(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1) with None where
     not requested. Without it: logp, or (logp, entropy) with return_entropy.
-    `chunk_bytes` bounds the backward's fp32 [rows, V] logits chunk (default 512 MiB)."""
+    `chunk_bytes` bounds the backward's [rows, V] buffers (fp32 logits + dz; None: automatic, see
+    `chunk_rows`)."""
     _check_linear(hidden, weight, labels, bias, ignore_index)
     extras = _check_extras(extra_outputs)
     opts = _linear_options(temperature, ignore_index, return_entropy, bool(extras), final_logit_softcapping,
                            logit_scale, chunk_bytes, backend_for(hidden, weight, labels))
-    logp, ent, sq, mean, top1, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, encode(opts))
+    logp, ent, sq, mean, top1, _, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, encode(opts))
     ent = ent if opts.with_entropy else None   # the op returns empty tensors for outputs not asked for
     if extras:
         pick = {"log_sum_sq_probs": sq, "mean_logits": mean, "is_top1": top1}
@@ -293,7 +320,8 @@ def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, opts
     ent = out["ent"].view(shape) if lin.with_entropy else None
     loss, stats, coef_x, coef_ent, kl = ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts)
     if any(needs) and not _token_local(opts):
-        grads = _gradients(h2, weight, bias, y, valid, rows, out, coef_x.reshape(-1),
+        row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
+        grads = _gradients(h2, weight, bias, y, valid, rows, row_stats, coef_x.reshape(-1),
                            coef_ent.reshape(-1) if use_ent else None, lin, needs)
     dh, dw, db = grads
     return loss, logp, kl, ent, stats, (None if dh is None else dh.view(hidden.shape)), dw, db
@@ -350,9 +378,9 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask
     hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments and the result are those of
     fused_ppo_loss. Only tokens with mask != 0 and a label != ignore_index are projected; the returned
     per-token log-probs / entropy are 0 elsewhere. On the Triton path the gradients to hidden, weight and
-    bias are formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the fp32 [rows, V] logits
-    chunk, default 512 MiB): 6 N_valid H V FLOPs for forward + backward, and backward only scales them by
-    the upstream gradient. Those gradients are held from forward to backward."""
+    bias are formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the [rows, V] buffers; None:
+    automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only scales them
+    by the upstream gradient. Those gradients are held from forward to backward."""
     _check_linear(hidden, weight, labels, bias, ignore_index)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")

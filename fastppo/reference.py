@@ -238,7 +238,8 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=1.0):
             v_next = v[b, t].item()
             adv[b, t] = g
     ret = torch.where(m, adv + v, torch.zeros_like(adv))
-    return adv.float().to(rewards.device), ret.float().to(rewards.device)
+    out = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    return adv.to(rewards.device, out), ret.to(rewards.device, out)
 
 
 def masked_whiten(x, mask, *, shift_mean=True):

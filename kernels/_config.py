@@ -38,5 +38,6 @@ LIN_BLOCK_H = 128
 # range, partials merged by the finish kernel): enough programs for a GPU, several splits at test shapes.
 LIN_SPLIT_TILES = 2 if INTERPRET else 16
 LIN_FINISH_BLOCK = 256
-# Default memory bound of the fp32 [rows, V] logits chunk of the linear gradient pass (chunk_bytes=).
-LIN_CHUNK_BYTES = 512 << 20
+# Default bound of the linear gradient pass's [rows, V] buffers (fp32 z' + dz) when chunk_bytes=None; the
+# automatic chunk also stays under N/8 rows (no allocation of N*V/8 elements or more).
+LIN_CHUNK_BYTES = 2 << 30

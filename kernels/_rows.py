@@ -46,6 +46,26 @@ class Rows:
         return self.n_inner, self.stride_outer, self.stride_inner
 
 
+def has_internal_overlap(x: torch.Tensor) -> bool:
+    """True when two indices of `x` may share memory (an expanded / stride-0 or otherwise overlapping view):
+    walking the dims by increasing stride, each stride must exceed the extent of the smaller ones."""
+    dims = sorted((x.stride(d), x.shape[d]) for d in range(x.dim()) if x.shape[d] > 1)
+    extent = 0
+    for stride, size in dims:
+        if stride <= extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
+def check_inplace_target(logits: torch.Tensor) -> None:
+    """`inplace=True` writes the gradient over the logits: refused for overlapping storage, where two
+    gradient entries would land on one element."""
+    if has_internal_overlap(logits):
+        raise ValueError(f"inplace=True needs logits whose elements do not share memory; got shape "
+                         f"{tuple(logits.shape)} with strides {logits.stride()} (an expanded or overlapping view)")
+
+
 def flat_labels(labels: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Labels as a contiguous [N] vector (the kernels read label r at element r): a strided view such
     as `labels[::2]` is copied here (N integers, not [N, V] data)."""

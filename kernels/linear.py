@@ -283,12 +283,12 @@ def _linear_dw_kernel(
     r0, n_rows, V, H,
     # strides
     s_dzn, s_hn, s_hk,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ACC_IN: tl.constexpr, ACC: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ACC_IN: tl.constexpr,
+    IN_PLACE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """d(weight)[v tile, h tile] (+)= dz[rows, v tile]^T @ hidden[rows, h tile] over the chunk's valid rows in
     a fixed order (no atomics). With ACC_IN the earlier chunks' fp32 sums are read from dw_in; the result is
-    stored in dw's dtype."""
+    stored in dw's dtype. IN_PLACE (dw_in is dw): a chunk without valid rows moves no bytes."""
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     hk = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     n_here = tl.minimum(n_rows, tl.load(nvalid_ptr) - r0)    # valid rows of this chunk (<= 0: none)
@@ -303,7 +303,10 @@ def _linear_dw_kernel(
                     other=0.0)
         acc = tl.dot(tl.trans(dz.to(DOT)), h.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
     out = cols.to(tl.int64)[:, None] * H + hk[None, :]
-    ok = (cols[:, None] < V) & (hk[None, :] < H)
+    v_lim = V
+    if IN_PLACE:
+        v_lim = tl.where(n_here > 0, V, 0)
+    ok = (cols[:, None] < v_lim) & (hk[None, :] < H)
     if ACC_IN:
         acc += tl.load(dw_in_ptr + out, mask=ok, other=0.0).to(ACC)
     tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=ok)
@@ -342,9 +345,10 @@ def _transform_args(opts):
     return (float(opts.logit_scale), float(opts.softcap or 1.0), float(opts.inv_tau))
 
 
-def stats_chunk(hidden, weight, bias, labels, rows: Rows, r0, n_rows, out, opts, z=None):
+def stats_chunk(hidden, weight, bias, labels, rows: Rows, r0, n_rows, out, opts, z=None, finish=True):
     """Row statistics of compacted rows [r0, r0 + n_rows) (launches 1 and 2); with `z` ([n_rows, V] fp32)
-    also stores the chunk's z'. `out` holds the per-row buffers (see `new_outputs`)."""
+    also stores the chunk's z'. `out` holds the per-row buffers (see `new_outputs`); without `finish`
+    only z' is wanted (launch 2 is skipped, `out` may be None)."""
     N, H = hidden.shape
     V = weight.shape[0]
     acc, tl_acc, tl_dot, precision = dtypes(hidden.dtype, weight.dtype)
@@ -352,7 +356,7 @@ def stats_chunk(hidden, weight, bias, labels, rows: Rows, r0, n_rows, out, opts,
     n_splits = triton.cdiv(V, v_split)
     part = torch.empty(N_PARTIALS, n_splits, n_rows, dtype=acc, device=hidden.device)
     zy = torch.empty(n_rows, dtype=acc, device=hidden.device)
-    with_ent, extras = out["ent_c"] is not None, out["sq"] is not None
+    with_ent, extras = (out["ent_c"] is not None, out["sq"] is not None) if finish else (False, False)
     record_launch("linear_fwd", hidden[:n_rows], weight, bias, labels[:n_rows], part, zy, z)
     wrap_triton(_linear_fwd_kernel)[(triton.cdiv(n_rows, cfg.LIN_BLOCK_N), n_splits)](
         hidden, weight, bias if bias is not None else weight, labels, rows.idx, rows.n_valid,
@@ -363,6 +367,8 @@ def stats_chunk(hidden, weight, bias, labels, rows: Rows, r0, n_rows, out, opts,
         BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_K=cfg.LIN_BLOCK_K, HAS_BIAS=bias is not None,
         HAS_SOFTCAP=opts.softcap is not None, WITH_ENT=with_ent, WITH_EXTRAS=extras, STORE_Z=z is not None,
         ACC=tl_acc, DOT=tl_dot, PRECISION=precision, num_warps=cfg.LIN_NUM_WARPS, num_stages=cfg.LIN_NUM_STAGES)
+    if not finish:
+        return
     record_launch("linear_finish", part, zy, labels[:n_rows], out["lse"][:n_rows], out["logp"][:n_rows],
                   None if not with_ent else out["ent"][:n_rows])
     logp_c = out["logp_c"]
@@ -414,10 +420,11 @@ def grads_chunk(z, dz, hidden, weight, labels, rows: Rows, r0, n_rows, lse, ent,
             dz, weight, rows.idx, rows.n_valid, d_hidden, r0, n_rows, V, H, dz.stride(0), *weight.stride(),
             d_hidden.stride(0), **gemm)
     if dw_out is not None:
-        record_launch("linear_dw", dz, hidden[:n_rows], dw_in, dw_out)
+        record_launch("linear_dw", dz, hidden[:n_rows], dw_in, dw_out)   # (a chunk past n_valid moves none)
         wrap_triton(_linear_dw_kernel)[(triton.cdiv(V, cfg.LIN_BLOCK_V), triton.cdiv(H, cfg.LIN_BLOCK_H))](
             dz, hidden, rows.idx, rows.n_valid, dw_in if dw_in is not None else dw_out, dw_out,
-            r0, n_rows, V, H, dz.stride(0), *hidden.stride(), ACC_IN=dw_in is not None, **gemm)
+            r0, n_rows, V, H, dz.stride(0), *hidden.stride(), ACC_IN=dw_in is not None, IN_PLACE=dw_in is dw_out,
+            **gemm)
 
 
 def aot_specs(AOTSpec, sig):
@@ -452,7 +459,7 @@ def aot_specs(AOTSpec, sig):
     specs.append(AOTSpec("linear_dh[bf16]", _linear_dh_kernel, sig(_linear_dh_kernel, types, ce), ce,
                          ("H", "V", "s_dzn", "s_wv", "s_dn"), True, cfg.LIN_NUM_WARPS, cfg.LIN_NUM_STAGES,
                          tensor_cores=True))
-    ce = dict(gemm, ACC_IN=True, s_hk=1)
+    ce = dict(gemm, ACC_IN=True, IN_PLACE=False, s_hk=1)
     types = dict(dz_ptr="*bf16", h_ptr="*bf16", idx_ptr="*i64", nvalid_ptr="*i64", dw_in_ptr=f32, dw_ptr="*bf16")
     specs.append(AOTSpec("linear_dw[bf16]", _linear_dw_kernel, sig(_linear_dw_kernel, types, ce), ce,
                          ("H", "V", "s_dzn", "s_hn"), True, cfg.LIN_NUM_WARPS, cfg.LIN_NUM_STAGES,

@@ -18,7 +18,7 @@ from torch.library import wrap_triton
 
 from . import _config as cfg
 from ._common import dlogits_block, finish_stats, row_offset, scalar_hi_lo, stats_step, transform_logits
-from ._rows import LogitTransform, Rows, acc_dtype, flat_labels, flat_rows
+from ._rows import LogitTransform, Rows, acc_dtype, check_inplace_target, flat_labels, flat_rows
 from .launches import record_launch
 
 
@@ -149,6 +149,7 @@ def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau: float, ign
     rows = Rows(logits)
     y = flat_labels(labels, rows.n_rows)
     if inplace:
+        check_inplace_target(logits)
         out = rows.tensor
         d_outer, d_inner = rows.stride_outer, rows.stride_inner
     else:

@@ -1,13 +1,19 @@
 """The benchmark counters must be exact, or the numbers they produce mean nothing."""
 
+import dataclasses
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastppo
-from fastppo.bench.counters import EagerTraffic, KernelTraffic, PeakMemory, hide_interpreter_copies
+from fastppo.bench import ops as bench_ops
+from fastppo.bench import report
+from fastppo.bench.counters import EagerTraffic, KernelTraffic, PeakMemory, TritonLaunches, hide_interpreter_copies
 from fastppo.bench.harness import LinearModel, count
-from fastppo.bench.ops import OPS
-from fastppo.bench.roofline import projected_ms
+from fastppo.bench.ops import OPS, logits_floor, n_valid
+from fastppo.bench.roofline import projected_ms, projected_ms_per_launch
 
 
 def test_kernel_traffic_of_logprobs_forward_is_exact():
@@ -19,21 +25,60 @@ def test_kernel_traffic_of_logprobs_forward_is_exact():
     traffic = KernelTraffic()
     with traffic.count():
         logprobs_fwd(logits, labels, inv_tau=1.0, ignore_index=-100, with_entropy=False)
-    # logits once, labels (int64), the label logit of the 4 non-ignored rows; logp + lse stored
-    assert traffic.loaded == N * V * 4 + N * 8 + 4 * 4
+    # the 4 non-ignored rows' logits once (the ignored row is never read), labels (int64), their label logit
+    assert traffic.loaded == 4 * V * 4 + N * 8 + 4 * 4
     assert traffic.stored == 2 * N * 4
 
 
-def test_eager_traffic_counts_ops_and_skips_views_and_allocations():
+@triton.jit
+def _tile_product(a_ptr, b_ptr, c_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+    m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+    c = tl.dot(a, b)
+    tl.store(c_ptr + tl.program_id(0) * M * N + m[:, None] * N + n[None, :], c)
+
+
+def test_triton_launches_record_grid_unique_bytes_and_dot_flops():
+    a, b = torch.randn(16, 32), torch.randn(32, 16)
+    c = torch.empty(3, 16, 16)
+    rec = TritonLaunches()
+    with rec.count():
+        _tile_product[(3,)](a, b, c, 16, 32, 16)
+    (launch,) = rec.log
+    assert launch["kernel"] == "_tile_product" and launch["programs"] == 3
+    # three programs read the same a and b: unique bytes count them once, requested bytes three times
+    assert launch["loaded_bytes"] == (a.numel() + b.numel()) * 4
+    assert launch["requested_bytes"] == 3 * (a.numel() + b.numel()) * 4 + c.numel() * 4
+    assert launch["stored_bytes"] == c.numel() * 4
+    assert launch["flops"] == 3 * 2 * 16 * 32 * 16
+    torch.testing.assert_close(c, (a @ b).expand(3, 16, 16))
+
+
+def test_dry_run_records_the_grid_without_running():
+    a, b = torch.randn(16, 32), torch.randn(32, 16)
+    c = torch.zeros(5, 16, 16)
+    rec = TritonLaunches(dry_run=True)
+    with rec.count():
+        _tile_product[lambda meta: (meta["M"] // 16 * 5,)](a, b, c, 16, 32, 16)
+    assert rec.log[0]["programs"] == 5 and rec.log[0]["requested_bytes"] == 0
+    assert c.abs().sum() == 0
+
+
+def test_eager_traffic_counts_ops_flops_and_skips_views_and_allocations():
     a, b = torch.randn(1000), torch.randn(1000)
     with EagerTraffic() as t:
         c = a + b                       # reads 8000, writes 4000
         c.view(10, 100).t()             # views: nothing
         torch.empty(10**6)              # allocation: nothing
-    assert t.bytes == 12000 and t.launches == 1
+    assert t.bytes == 12000 and t.launches == 1 and t.flops == 0
+    x, y = torch.randn(8, 4), torch.randn(4, 3)
     with EagerTraffic() as t2:
         a.to(torch.bfloat16)            # reads 4000, writes 2000
-    assert t2.bytes == 6000
+        x @ y                           # reads 32 + 12 floats, writes 24; 2 M K N FLOPs
+    assert t2.flops == 2 * 8 * 4 * 3 and t2.launches == 2
+    assert t2.bytes == 6000 + (32 + 12 + 24) * 4
+    del c
 
 
 def test_peak_memory_tracks_frees():
@@ -58,34 +103,155 @@ def test_interpreter_copies_are_hidden_from_peak_memory():
     assert N * V * 2 <= pm.peak < N * V * 2 + 64 * N
 
 
-def test_counts_scale_as_claimed():
-    """Counts are exactly linear in the op's monomials: a fit on some shapes predicts others."""
+@pytest.mark.parametrize("side", ["fastppo", "trl"])
+def test_dry_run_on_fake_tensors_counts_what_the_real_run_counts(side):
     spec = OPS["token_logprobs"]
-    for side in ("fastppo", "eager"):
-        measured = [(s, count(spec, s, side)) for s in spec.measure]
-        model = LinearModel(spec, measured)
-        assert model.max_rel_residual < 1e-12
-        held_out = {"N": 6, "V": 3000}
-        assert model.predict(held_out) == count(spec, held_out, side)
+    shape = {"N": 16, "V": 1024, "prompt": 0.5}
+    real, dry = count(spec, shape, side), count(spec, shape, side, dry_run=True)
+    for key in ("launches", "eager_bytes", "eager_flops", "peak_bytes", "host_syncs"):
+        assert real[key] == dry[key], key
+    assert {k: (v["launches"], v["programs"]) for k, v in real["kernels"].items()} == \
+        {k: (v["launches"], v["programs"]) for k, v in dry["kernels"].items()}
+    assert all(v["bytes"] == 0 for v in dry["kernels"].values())
+
+
+def test_kernel_counts_scale_as_claimed():
+    """Kernel counts are exactly linear in the op's monomials: a fit on some shapes predicts others."""
+    spec = OPS["token_logprobs"]
+    shapes = [{"N": n, "V": v, "prompt": 0.5} for n, v in ((16, 256), (32, 256), (16, 512), (32, 384), (48, 256))]
+    measured = [(s, count(spec, s, "fastppo")["kernels"]["_logprobs_fwd_kernel"]) for s in shapes]
+    model = LinearModel(spec.features, [(s, {"bytes": k["bytes"]}) for s, k in measured])
+    assert model.max_rel_residual < 1e-12
+    held_out = {"N": 24, "V": 300, "prompt": 0.5}
+    assert model.predict(held_out)["bytes"] == count(spec, held_out, "fastppo")["kernels"]["_logprobs_fwd_kernel"][
+        "bytes"]
 
 
 def test_fused_loss_is_three_launches_at_the_floor():
     spec = OPS["fused_ppo_loss"]
-    shape = {"N": 8, "V": 2048}
+    shape = {"N": 16, "V": 2048, "prompt": 0.0}
     c = count(spec, shape, "fastppo")
-    assert c["launches"] == 3
-    assert c["bytes"] / spec.floor_bytes(shape, torch.bfloat16) < 1.05
+    assert c["launches"] == 3 and c["host_syncs"] == 0
+    assert 1.0 <= c["bytes"] / spec.floor_bytes(shape, torch.bfloat16) < 1.05
 
 
-def test_projection():
+def test_trl_selective_kernel_on_a_half_masked_batch_is_at_the_masked_floor():
+    """TRL skips masked rows (reads nothing, writes their zero gradient): its kernels' bytes sit on the
+    masked floor; its eager part is two label ops (clamp, != -100)."""
+    shape = {"N": 64, "V": 1024, "prompt": 0.5}
+    c = count(OPS["token_logprobs"], shape, "trl")
+    floor = logits_floor(shape, torch.bfloat16)
+    assert n_valid(shape) == 32
+    kernel_bytes = sum(k["bytes"] for k in c["kernels"].values())
+    assert 1.0 <= kernel_bytes / floor < 1.02
+    assert c["launches"] == 4 and c["host_syncs"] == 0
+    assert {k: v["programs"] for k, v in c["kernels"].items()} == {"_forward_kernel": 64, "_backward_kernel": 64}
+
+
+def test_liger_grpo_loss_on_a_half_masked_batch():
+    shape = {"N": 32, "V": 1024, "prompt": 0.5}
+    c = count(OPS["fused_ppo_loss"], shape, "liger")
+    floor = logits_floor(shape, torch.bfloat16)
+    kernel_bytes = sum(k["bytes"] for k in c["kernels"].values())
+    assert 1.0 <= kernel_bytes / floor < 1.05
+    # one program per (sequence, position) of the B x T grid
+    assert {k: v["programs"] for k, v in c["kernels"].items()} == {"_grpo_loss_fwd_kernel": 32,
+                                                                  "_grpo_loss_bwd_kernel": 32}
+
+
+@pytest.mark.parametrize("op,side,factor", [("linear_logprobs", "trl", 8), ("fused_linear_ppo_loss", "liger", 8)])
+def test_linear_peers_flops(op, side, factor):
+    """TRL projects only the valid rows (forward 2, recomputed logits 2, two products 4: 8 N_valid H V);
+    Liger projects every row, with the same 8."""
+    shape = {"N": 64, "H": 64, "V": 2048, "prompt": 0.5}
+    c = count(OPS[op], shape, side)
+    rows = n_valid(shape) if side == "trl" else shape["N"]
+    assert c["flops"] == factor * rows * shape["H"] * shape["V"]
+
+
+def test_projection_charges_each_launch_by_its_grid():
     assert projected_ms("H100", 3.35e9, 0, 0) == 1.0
     assert projected_ms("A100", 0, 312e9, 1) == pytest.approx(1.004)
+    # a one-program kernel streams at one SM's share of the bandwidth
+    assert projected_ms("H100", 3.35e9, 0, 0, programs=1) == pytest.approx(132.0)
+    assert projected_ms("A100", 2.0e9, 0, 0, programs=54) == pytest.approx(2.0)
+    assert projected_ms("H100", 3.35e9, 0, 0, programs=10**6) == 1.0
+    two = projected_ms_per_launch("H100", [(3.35e9, 0, 1000), (3.35e6, 0, 1)], 0.0, 2)
+    assert two == pytest.approx(1.0 + 0.132 + 0.008)
 
 
-def test_bench_cli_writes_outputs(tmp_path):
-    from fastppo.bench.cli import main
+def test_report_sides_side_by_side_and_missing_peers_reported(tmp_path, monkeypatch):
+    """A tiny token_logprobs sweep through the whole report: every side's counts and projections
+    exist, a peer that cannot be imported is reported as missing (not dropped), the files are written."""
+    small = dataclasses.replace(OPS["token_logprobs"], measure=tuple(
+        {"N": n, "V": v, "prompt": 0.0} for n, v in ((16, 256), (32, 256), (16, 512), (32, 384), (48, 256))),
+        sweep=({"N": 4096, "V": 32000, "prompt": 0.0},))
+    monkeypatch.setitem(bench_ops.OPS, "token_logprobs", small)
+    monkeypatch.setitem(report.OPS, "token_logprobs", small)
+    monkeypatch.setattr(bench_ops.peers, "missing", lambda peer: "trl not importable (test)" if peer == "trl" else None)
+    rows = report.model_rows(["token_logprobs"], torch.bfloat16)
+    big = [r for r in rows if r["source"] == "derived"]
+    assert len(big) == 1 and big[0]["trl_status"].startswith("missing") and big[0]["liger_status"] == "n/a"
+    r = big[0]
+    assert r["fastppo_bytes_over_floor"] == pytest.approx(1.0, abs=1e-3)
+    assert r["eager_bytes"] > 20 * r["fastppo_bytes"]
+    assert r["fastppo_launches"] == 2 and r["eager_launches"] > 10
+    assert r["fastppo_H100_projected_ms"] < r["eager_H100_projected_ms"]
+    doc, png = report.write_outputs(rows, tmp_path, cuda=False)
+    assert "| token_logprobs | N=4096 V=32000 | 0% |" in doc and "| missing |" in doc
+    assert "TRL: missing: trl not importable (test)" in doc
+    assert (tmp_path / "bench.csv").read_text().count("\n") == len(rows) + 1
+    assert png.stat().st_size > 10_000
 
-    assert main(["--ops", "gae", "token_logprobs", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "bench.csv").read_text().count("\n") > 10
-    assert "| token_logprobs | N=16384 V=151936 | derived |" in (tmp_path / "bench.md").read_text()
-    assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+def test_launch_counter_records_grids_per_launch_only_while_counting():
+    from fastppo.kernels.launches import _log, count_launches, record_launch
+
+    record_launch("outside", torch.ones(2), grid=(7,))
+    with count_launches() as outer:
+        record_launch("k", torch.ones(3), grid=(2, 3))
+        with count_launches() as inner:
+            record_launch("k", None, grid=8)
+        record_launch("j", torch.ones(1))
+    assert outer == {"k": 2, "j": 1} and outer.io_bytes == 16
+    assert [(x.name, x.programs) for x in outer.log] == [("k", 6), ("k", 8), ("j", None)]
+    assert outer.programs == {"k": 8} and inner.programs == {"k": 8}
+    assert _log == []
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "fused_ppo_loss"])
+def test_fastppo_on_a_half_masked_batch_is_at_the_masked_floor(op):
+    """A masked row costs only its zero gradient (#14.1), counted by the same counter as the peers."""
+    shape = {"N": 32, "V": 2048, "prompt": 0.5}
+    c = count(OPS[op], shape, "fastppo")
+    assert 1.0 <= c["bytes"] / logits_floor(shape, torch.bfloat16) <= 1.02
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "fused_ppo_loss", "linear_logprobs", "fused_linear_ppo_loss"])
+def test_every_side_computes_the_same_numbers(op):
+    """The sides of a row compute the same thing (else the comparison means nothing): outputs and the
+    gradients of the leaves agree with the eager reference on a half-masked fp32 batch."""
+    from fastppo.bench.peers import as_on_gpu
+
+    spec = OPS[op]
+    shape = {"N": 16, "V": 512, "prompt": 0.5} if "H" not in spec.dims else {"N": 16, "H": 32, "V": 256,
+                                                                              "prompt": 0.5}
+    results = {}
+    for side in spec.sides:
+        inputs = spec.make(shape, torch.float32, "cpu")
+        with as_on_gpu():
+            outs = spec.sides[side](inputs)
+            torch.autograd.backward(list(outs), [torch.full_like(o, 0.5) for o in outs])
+        leaves = [v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+        grads = [(inputs["liger_logits"].grad[:, :-1] if k == "liger_logits" else v.grad)
+                 for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad
+                 and (side == "liger" or k != "liger_logits") and v.grad is not None]
+        assert leaves
+        results[side] = ([o.detach() for o in outs], grads)
+    ref_outs, ref_grads = results["eager"]
+    for side, (outs, grads) in results.items():
+        for a, b in zip(outs, ref_outs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{side} output")
+        assert len(grads) == len(ref_grads), side
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{side} gradient")

@@ -82,13 +82,13 @@ def _linear_cases(backend):
     labels = _labels((2, 3), V)
     opts = _linear_options(backend)
     with torch.no_grad():
-        logp, ent, *_, lse = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, opts)
+        logp, ent, _, _, _, lse, ent_rows = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, opts)
     h, w, b = hidden.detach(), weight.detach(), bias.detach()
     return [
         ("linear_logprobs", (hidden, weight, bias, labels, opts)),
         ("linear_logprobs", (hidden, weight, None, labels, _linear_options(backend, False, True, 20.0))),
-        ("linear_logprobs_backward", (h, w, b, labels, lse, ent, torch.randn_like(logp), torch.randn_like(ent), opts,
-                                      True, True, True)),
+        ("linear_logprobs_backward", (h, w, b, labels, lse, ent_rows, torch.randn_like(logp), torch.randn_like(ent),
+                                      opts, True, True, True)),
         ("linear_logprobs_backward", (h, w, None, labels, lse, None, torch.randn_like(logp), None, opts, True, False,
                                       False)),
     ]

@@ -105,11 +105,12 @@ def assert_no_worse(got, unsharded, want, tol):
     assert not bad.any(), f"{int(bad.sum())} elements off, max err {err.max().item():.3g} vs {base.max().item():.3g}"
 
 
-def _logits_case(rank, dtype, even, ignore_index, measure):
+def _logits_case(rank, dtype, even, ignore_index, measure, tf=None):
     import fastppo
     from fastppo import distributed as D
     from fastppo import reference as ref
 
+    tf = tf or {}
     gen = torch.Generator().manual_seed(7)
     B, T, V, tau = 3, 5, 41, 0.7
     split = _split(V, even)
@@ -122,7 +123,7 @@ def _logits_case(rank, dtype, even, ignore_index, measure):
     shard = full.detach().clone().requires_grad_()
     with CountAllReduce() as fwd:
         lp, ent = D.token_logprobs(shard[..., lo:hi], y, temperature=tau, ignore_index=ignore_index,
-                                   return_entropy=True)
+                                   return_entropy=True, **tf)
     with CountAllReduce() as bwd:
         (lp * g_lp + ent * g_ent).sum().backward()
     N = B * T
@@ -132,10 +133,10 @@ def _logits_case(rank, dtype, even, ignore_index, measure):
         measure["token_logprobs"] = dict(N=N, fwd_all_reduces=fwd.calls, fwd_bytes=fwd.bytes,
                                          bwd_all_reduces=bwd.calls, bwd_bytes=bwd.bytes)
     x64 = full.detach().double().clone().requires_grad_()
-    rlp, rent = ref.token_logprobs(x64, y, temperature=tau, ignore_index=ignore_index, return_entropy=True)
+    rlp, rent = ref.token_logprobs(x64, y, temperature=tau, ignore_index=ignore_index, return_entropy=True, **tf)
     (rlp * g_lp.double() + rent * g_ent.double()).sum().backward()
     x = full.detach().clone().requires_grad_()
-    ulp, uent = fastppo.token_logprobs(x, y, temperature=tau, ignore_index=ignore_index, return_entropy=True)
+    ulp, uent = fastppo.token_logprobs(x, y, temperature=tau, ignore_index=ignore_index, return_entropy=True, **tf)
     (ulp * g_lp + uent * g_ent).sum().backward()
     tol = _tol(dtype)
     assert_no_worse(lp, ulp, rlp, tol)
@@ -183,11 +184,12 @@ def _fused_case(rank, dtype, even):
     assert set(out.stats) >= {"clipfrac", "approx_kl", "kl", "entropy", "pg_loss"}
 
 
-def _linear_case(rank, dtype, even, measure):
+def _linear_case(rank, dtype, even, measure, tf=None):
     import fastppo
     from fastppo import distributed as D
     from fastppo import reference as ref
 
+    tf = tf or {}
     gen = torch.Generator().manual_seed(13)
     B, T, H, V = 2, 5, 16, 45
     split = _split(V, even)
@@ -201,7 +203,7 @@ def _linear_case(rank, dtype, even, measure):
     w = weight[lo:hi].clone().requires_grad_()
     b = bias[lo:hi].clone().requires_grad_()
     with CountAllReduce() as fwd:
-        lp, ent = D.linear_logprobs(h, w, y, bias=b, temperature=1.1, return_entropy=True)
+        lp, ent = D.linear_logprobs(h, w, y, bias=b, temperature=1.1, return_entropy=True, **tf)
     with CountAllReduce() as bwd:
         (lp * g_lp + ent * g_ent).sum().backward()
     N = B * T
@@ -212,7 +214,8 @@ def _linear_case(rank, dtype, even, measure):
         measure["linear_logprobs"] = dict(N=N, H=H, fwd_all_reduces=fwd.calls, fwd_bytes=fwd.bytes,
                                           bwd_all_reduces=bwd.calls, bwd_bytes=bwd.bytes)
     leaves = [t.detach().double().clone().requires_grad_() for t in (hidden, weight, bias)]
-    rlp, rent = ref.linear_logprobs(leaves[0], leaves[1], y, bias=leaves[2], temperature=1.1, return_entropy=True)
+    rlp, rent = ref.linear_logprobs(leaves[0], leaves[1], y, bias=leaves[2], temperature=1.1, return_entropy=True,
+                                    **tf)
     (rlp * g_lp.double() + rent * g_ent.double()).sum().backward()
     tol = _tol(dtype) if dtype != torch.float32 else dict(rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(lp.double(), rlp, **tol)
@@ -225,7 +228,7 @@ def _linear_case(rank, dtype, even, measure):
     old = torch.randn(B, T, generator=gen) * 0.3 - 3.7
     adv = torch.randn(B, T, generator=gen)
     mask = torch.rand(B, T, generator=gen) > 0.25
-    kw = dict(entropy_coef=0.02, agg="token-mean", num_tokens=13.0)
+    kw = dict(entropy_coef=0.02, agg="token-mean", num_tokens=13.0, **tf)
     h1, w1, b1 = (t.detach().clone().requires_grad_() for t in (hidden, weight[lo:hi], bias[lo:hi]))
     out = D.fused_linear_ppo_loss(h1, w1, y, old, adv, mask, bias=b1, **kw)
     out.loss.backward()
@@ -258,10 +261,11 @@ def _worker(rank, world, backend, out_path):
             _logits_case(rank, dtype, even, -100, measure if dtype == torch.float32 else None)
     _logits_case(rank, torch.float32, False, -1, None)       # ignore_index = -1: the sentinel moves to -2
     _logits_case(rank, torch.bfloat16, False, -100, None)
+    _logits_case(rank, torch.float32, False, -100, None, dict(final_logit_softcapping=20.0, logit_scale=0.8))
     for even in (True, False):
         _fused_case(rank, torch.float32, even)
     _linear_case(rank, torch.float32, False, measure)
-    _linear_case(rank, torch.float64, True, None)
+    _linear_case(rank, torch.float64, True, None, dict(final_logit_softcapping=3.0, logit_scale=1.5))
     _errors_case(rank)
     if measure is not None:
         with open(out_path, "w") as f:

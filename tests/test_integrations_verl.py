@@ -6,15 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("verl.trainer.ppo.core_algos", reason="pip install fastppo[verl]")
-
 import verl.trainer.ppo.core_algos as ca  # noqa: E402
 import verl.utils.torch_functional as tf  # noqa: E402
 import verl.workers.utils.losses as vl  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import fastppo.integrations as fi  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _verl_torch_paths(monkeypatch):
+    """verl's own switches to its PyTorch paths: flash-attn's Triton cross-entropy is CUDA only (and
+    importable here when the OpenRLHF tests loaded flash_attn's Python files)."""
+    import verl.utils.experimental.torch_functional as xtf
+
+    monkeypatch.setenv("VERL_DISABLE_FLASH_ATTN_CE", "1")
+    monkeypatch.setattr(xtf, "_FLASH_ATTN_CROSS_ENTROPY_AVAILABLE", False)
 
 
 def _mask(B, T):
@@ -116,17 +123,15 @@ def test_gae():
     assert st.served["compute_gae_advantage_return"] == 1
 
 
-@pytest.mark.parametrize("fn", ["compute_grpo_outcome_advantage", "compute_rloo_outcome_advantage"])
-@pytest.mark.parametrize("norm", [True, False])
-def test_outcome_advantages_uneven_groups(fn, norm):
+@pytest.mark.parametrize("fn,kw", [("compute_grpo_outcome_advantage", {"norm_adv_by_std_in_grpo": True}),
+                                   ("compute_grpo_outcome_advantage", {"norm_adv_by_std_in_grpo": False}),
+                                   ("compute_rloo_outcome_advantage", {})])
+def test_outcome_advantages_uneven_groups(fn, kw):
     B, T = 10, 6
     r = torch.zeros(B, T)
     r[:, -1] = torch.randn(B)
     m = _mask(B, T)
     index = np.array(["a", "b", "a", "c", "b", "a", "d", "c", "d", "e"], dtype=object)   # sizes 3, 2, 2, 2, 1
-    kw = {"norm_adv_by_std_in_grpo": norm} if fn.startswith("compute_grpo") else {}
-    if not norm and not kw:
-        pytest.skip("rloo has no std switch")
     (a, _, _), (b, _, st) = _both(fn, ca, r, m, index, **kw)
     for x, y in zip(b, a):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
@@ -171,3 +176,84 @@ def test_vanilla_policy_loss_via_registry(mode, info):
     assert mb.keys() == ma.keys()
     for k in ma:
         assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), k
+
+
+def test_fused_linear_for_ppo():
+    import verl.utils.experimental.torch_functional as xtf
+
+    h0, w0 = torch.randn(2, 9, 16), torch.randn(70, 16) * 0.5
+    ids = torch.randint(0, 70, (2, 9))
+    gl, ge = torch.randn(2, 9), torch.randn(2, 9)
+    res = []
+    for patched in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if patched:
+            with fi.patch("verl", ops=["FusedLinearForPPO"]) as hd:
+                logp, ent = xtf.FusedLinearForPPO()(h, w, ids, temperature=0.8)
+            assert hd.stats.served["FusedLinearForPPO"] == 1
+        else:
+            logp, ent = xtf.FusedLinearForPPO()(h, w, ids, temperature=0.8)
+        ((logp * gl).sum() + (ent * ge).sum()).backward()
+        res.append((logp, ent, h.grad, w.grad))
+    for a, b in zip(*res):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def _verl_batch(B=3, P=4, R=5):
+    """A verl micro-batch as its workers hand it to the loss functions: padded prompts/responses,
+    the model's outputs unpadded over the attention mask's tokens."""
+    from tensordict import TensorDict
+
+    prompt_len, resp_len = [4, 2, 3], [5, 3, 4]
+    am = torch.zeros(B, P + R, dtype=torch.long)
+    for i in range(B):
+        am[i, P - prompt_len[i]:P] = 1
+        am[i, P:P + resp_len[i]] = 1
+    data = TensorDict({"prompts": torch.randint(0, 9, (B, P)), "responses": torch.randint(0, 9, (B, R)),
+                       "attention_mask": am, "response_mask": am[:, P:].clone(),
+                       "old_log_probs": torch.randn(B, R) * 0.1 - 1, "ref_log_prob": torch.randn(B, R) * 0.1 - 1,
+                       "advantages": torch.randn(B, R), "values": torch.randn(B, R), "returns": torch.randn(B, R)},
+                      batch_size=[B])
+    data.set_non_tensor("dp_size", 1)
+    data.set_non_tensor("batch_num_tokens", None)
+    data.set_non_tensor("global_batch_size", None)
+    return data, int(am.sum())
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_verl_workers_ppo_loss_and_value_loss_run_patched(agg):
+    """verl.workers.utils.losses.ppo_loss / value_loss (the functions verl's engine workers call):
+    patched loss, metrics and gradients equal the unpatched ones, and fastppo served the calls."""
+    data, nnz = _verl_batch()
+    cfg = OmegaConf.create({"global_batch_info": {}, "loss_scale_factor": None, "loss_agg_mode": agg,
+                            "policy_loss": {"loss_mode": "vanilla"}, "clip_ratio": 0.2, "clip_ratio_low": 0.2,
+                            "clip_ratio_high": 0.28, "clip_ratio_c": 3.0, "entropy_coeff": 0.0, "use_kl_loss": True,
+                            "kl_loss_type": "low_var_kl", "kl_loss_coef": 0.1, "cliprange_value": 0.5})
+    lp0, v0 = torch.randn(nnz) * 0.1 - 1, torch.randn(nnz)
+    res = []
+    for patched in (False, True):
+        lp, v = lp0.clone().requires_grad_(), v0.clone().requires_grad_()
+        with fi.patch("verl") if patched else _Null() as h:
+            pl, pm = vl.ppo_loss(cfg, {"log_probs": lp}, data)
+            vfl, vm = vl.value_loss(cfg, {"values": v}, data)
+            if h is not None:
+                assert h.stats.served["policy_loss_vanilla"] == 1 and h.stats.served["kl_penalty"] == 1
+                assert h.stats.served["compute_value_loss"] == 1 and not h.stats.delegated
+        (pl + vfl).backward()
+        res.append((pl, vfl, lp.grad, v.grad, pm, vm))
+    (*a, pma, vma), (*b, pmb, vmb) = res
+    for x, y in zip(b, a):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    # critic/vf_clipfrac is not compared: verl clips v itself (v_c == v inside the range), fastppo's
+    # v_c = old + clamp(v - old) can differ from v by rounding and count such a tie as clipped
+    for k in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
+        assert pmb[k].aggregate() == pytest.approx(pma[k].aggregate(), rel=1e-5, abs=1e-6), k
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *e):
+        return False

@@ -365,3 +365,46 @@ def test_fused_ppo_loss_bytes_on_a_half_masked_batch():
     floor = _floor(logits, int(mask.sum()))
     assert traffic.total <= 1.02 * floor, (traffic.total, floor, traffic.total / floor)
     assert (x.grad[~mask] == 0).all() and (x.grad[mask] != 0).any()
+
+
+# ----------------------------------------------------------------------------- double backward, inplace
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["token_logprobs", "full_kl"])
+def test_double_backward_is_a_clear_error(backend, op):
+    x = make_logits((3, 40), torch.float64).requires_grad_()
+    with fastppo.use_backend(backend):
+        if op == "token_logprobs":
+            y = fastppo.token_logprobs(x, torch.tensor([1, 2, 3], device=DEVICE))
+        else:
+            y = fastppo.full_kl(x, make_logits((3, 40), torch.float64))
+        (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            g.sum().backward()
+
+
+def test_inplace_refuses_an_expanded_logits_view():
+    logits, labels, mask, old, adv = _ppo_batch(torch.float32, B=2, T=3, V=50)
+    expanded = logits[:1].expand(2, 3, 50).requires_grad_()
+    with fastppo.use_backend("triton"), pytest.raises(ValueError, match="inplace=True"):
+        fastppo.fused_ppo_loss(expanded, labels, old, adv, mask, inplace=True)
+    from fastppo.kernels._rows import has_internal_overlap
+
+    assert not has_internal_overlap(logits[:, :-1]) and not has_internal_overlap(logits.transpose(0, 1))
+    assert has_internal_overlap(logits.as_strided((2, 3, 50), (0, 50, 1)))
+    assert has_internal_overlap(logits.as_strided((2, 3, 50), (100, 40, 1)))   # rows overlap
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_kl_nan_stays_in_its_row(backend):
+    p = make_logits((4, 90), torch.float32)
+    q = make_logits((4, 90), torch.float32)
+    p[1, 3] = float("nan")
+    q[2, 7] = float("nan")
+    x = p.clone().requires_grad_()
+    with fastppo.use_backend(backend):
+        kl = fastppo.full_kl(x, q)
+        (kl * torch.tensor([0.5, -1.0, 2.0, 1.5], device=DEVICE)).sum().backward()
+    rkl = ref.full_kl(p.double(), q.double())
+    assert torch.equal(torch.isnan(kl), torch.isnan(rkl)) and torch.isnan(kl[1:3]).all()
+    assert_close_by_dtype(kl[[0, 3]], rkl[[0, 3]], torch.float32)
+    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 3]]).all()

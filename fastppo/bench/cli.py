@@ -1,4 +1,5 @@
-"""`fastppo bench [--ops ...] [--out DIR] [--dtype bf16] [--aot]`"""
+"""`fastppo bench [--ops ...] [--out DIR] [--dtype bf16] [--aot]`: fastppo, TRL, Liger-Kernel and the
+eager reference side by side (bytes, FLOPs, launches, peak memory, projected and measured time)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from .ops import OPS
-    from .report import add_projections, measure_cuda, model_rows, rows_in_subprocess, write_outputs
+    from .report import measure_cuda, model_rows, rows_in_subprocess, runs, write_outputs
 
     ops = args.ops or list(OPS)
     unknown = [o for o in ops if o not in OPS]
@@ -49,15 +50,13 @@ def main(argv=None) -> int:
         print("counting bytes and launches in Triton's interpreter (CPU subprocess) ...")
         rows = rows_in_subprocess(ops, args.dtype)
     else:
-        total = sum(2 * len(OPS[o].measure) for o in ops)
-        with tqdm(total=total, desc="measuring in Triton's interpreter", unit="run") as bar:
+        with tqdm(total=runs(ops), desc="measuring in Triton's interpreter", unit="run") as bar:
             rows = model_rows(ops, dtype, bar)
-    rows = [add_projections(r) for r in rows]
     if cuda:
         for r in tqdm([r for r in rows if r["source"] == "derived"], desc="timing on the GPU"):
             measure_cuda(r, dtype)
-    table, png = write_outputs(rows, Path(args.out), cuda)
-    print(table)
+    doc, png = write_outputs(rows, Path(args.out), cuda)
+    print(doc)
     print(f"wrote {args.out}/bench.csv, bench.md" + (f", {png.name}" if png else "") +
           f" in {time.perf_counter() - start:.0f} s. 'derived' rows extrapolate exact interpreter counts;"
           " times are projected from bytes, FLOPs and launches" + ("" if not cuda else " and measured on the GPU"))

@@ -1,6 +1,8 @@
-"""Measure one op at one shape on one side (fastppo or eager): bytes moved, launches, peak live
-memory of forward + backward. Exact on any machine: the fastppo side runs the real kernels in
-Triton's interpreter on CPU (or on the GPU, where bytes come from the fitted model instead)."""
+"""Measure one op at one shape on one side (fastppo, eager or a peer library): bytes moved, FLOPs,
+launches and their grid sizes, peak live memory of forward + backward. Exact on any machine: Triton
+kernels (fastppo's and the peers') run in Triton's interpreter on CPU; large shapes run on fake
+tensors (`dry_run`), where everything but the Triton kernels' bytes and FLOPs is counted directly and
+those come from a fit on small shapes (`LinearModel`)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..kernels.launches import count_launches
-from .counters import EagerTraffic, KernelTraffic, PeakMemory, hide_interpreter_copies
+from . import peers
+from .counters import AnswerHostSyncs, EagerTraffic, PeakMemory, TritonLaunches, hide_interpreter_copies
 from .ops import OpSpec
 
 
@@ -31,19 +33,22 @@ def _labels_unchecked():
 
 
 def _run(spec: OpSpec, side: str, inputs):
-    fn = spec.fastppo if side == "fastppo" else spec.eager
-    outs = fn(inputs)
+    outs = spec.sides[side](inputs)
     if spec.has_backward and outs:
         with _disable_current_modes():
             grads = [torch.full_like(o, 0.5) for o in outs]
         torch.autograd.backward(list(outs), grads)
 
 
+def _leaves(inputs):
+    return [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
 def make_step(spec: OpSpec, side: str, inputs, mode: str = "full"):
     """A callable running `mode` ('forward' or 'full' = forward + backward) of one side, resetting
     the leaves' gradients first; used for timing (pytest-benchmark, CUDA do_bench)."""
-    fn = spec.fastppo if side == "fastppo" else spec.eager
-    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    fn = spec.sides[side]
+    leaves = _leaves(inputs)
 
     def step():
         for t in leaves:
@@ -59,8 +64,8 @@ def make_step(spec: OpSpec, side: str, inputs, mode: str = "full"):
 def make_backward(spec: OpSpec, side: str, inputs):
     """(setup, target) for timing the backward pass alone: setup runs the forward pass and returns
     the outputs and upstream gradients; target back-propagates them."""
-    fn = spec.fastppo if side == "fastppo" else spec.eager
-    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    fn = spec.sides[side]
+    leaves = _leaves(inputs)
 
     def setup():
         for t in leaves:
@@ -74,40 +79,69 @@ def make_backward(spec: OpSpec, side: str, inputs):
     return setup, target
 
 
-def count(spec: OpSpec, shape: dict, side: str, dtype=torch.bfloat16, device="cpu") -> dict:
-    """Counts of forward + backward on `side`:
-    bytes: tensor bytes every launch reads and writes (eager ops and Triton kernels alike: the DRAM
-        traffic when tiles shared by several programs are reused on chip);
-    requested_bytes: for Triton kernels, what their loads and stores ask for (interpreter count, L2
-        hits included; equal to `bytes` for the streaming row kernels); eager ops as in `bytes`;
-    launches; peak_bytes: peak live tensor memory."""
-    inputs = spec.make(shape, dtype, device)
-    interp = side == "fastppo" and device == "cpu"
-    kernels = KernelTraffic()
-    with _labels_unchecked(), (hide_interpreter_copies() if interp else contextlib.nullcontext()), \
-            (kernels.count() if interp else contextlib.nullcontext()), count_launches() as launched, \
-            EagerTraffic() as eager, PeakMemory() as peak:
-        _run(spec, side, inputs)
-    return {"bytes": launched.io_bytes + eager.bytes,
-            "requested_bytes": (kernels.total if interp else launched.io_bytes) + eager.bytes,
-            "launches": sum(launched.values()) + eager.launches, "peak_bytes": peak.peak}
+KERNEL_KEYS = ("bytes", "requested_bytes", "flops")
+
+
+def count(spec: OpSpec, shape: dict, side: str, dtype=torch.bfloat16, device="cpu", dry_run=False) -> dict:
+    """Counts of forward + backward of `side` at `shape`:
+    eager_bytes / eager_flops / eager_launches / eager_roofline_s: the eager PyTorch ops (dispatch mode);
+    kernels: {kernel name: launches, programs (summed over its launches), bytes (unique addresses loaded
+        + stored per launch: the DRAM traffic when data shared by several programs is reused on chip;
+        skipped rows move nothing), requested_bytes (every access), flops (tl.dot)} of the Triton
+        launches, counted in Triton's interpreter;
+    launches (eager ops + Triton launches); peak_bytes: peak live tensor memory; host_syncs: device
+    values read on the host (`.item()`, `if tensor:`);
+    bytes / requested_bytes / flops: the eager and kernel parts added.
+    `dry_run=True`: on fake tensors (no memory, any shape), Triton launches recorded but not run:
+    everything but the kernels' bytes and FLOPs, which stay 0."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake = FakeTensorMode() if dry_run else contextlib.nullcontext()
+    triton = TritonLaunches(dry_run=dry_run)
+    with fake:
+        inputs = spec.make(shape, dtype, device)
+        with _labels_unchecked(), peers.as_on_gpu(), hide_interpreter_copies(), triton.count(), \
+                AnswerHostSyncs() if dry_run else contextlib.nullcontext(), EagerTraffic() as eager, \
+                PeakMemory() as peak:
+            _run(spec, side, inputs)
+    kernels: dict = {}
+    for launch in triton.log:
+        k = kernels.setdefault(launch["kernel"], dict.fromkeys(("launches", "programs", *KERNEL_KEYS), 0))
+        k["launches"] += 1
+        k["programs"] += launch["programs"]
+        k["bytes"] += launch["loaded_bytes"] + launch["stored_bytes"]
+        k["requested_bytes"] += launch["requested_bytes"]
+        k["flops"] += launch["flops"]
+    out = {"host_syncs": eager.host_syncs, "eager_bytes": eager.bytes, "eager_flops": eager.flops,
+           "eager_launches": eager.launches, "eager_roofline_s": dict(eager.roofline_s), "kernels": kernels,
+           "launches": eager.launches + len(triton.log), "peak_bytes": peak.peak}
+    return with_totals(out)
+
+
+def with_totals(c: dict) -> dict:
+    c["bytes"] = c["eager_bytes"] + sum(k["bytes"] for k in c["kernels"].values())
+    c["requested_bytes"] = c["eager_bytes"] + sum(k["requested_bytes"] for k in c["kernels"].values())
+    c["flops"] = c["eager_flops"] + sum(k["flops"] for k in c["kernels"].values())
+    return c
 
 
 class LinearModel:
-    """counts = features(shape) . coef, fitted exactly on measured shapes and checked on held-out ones."""
+    """values = features(shape) . coef, fitted exactly on measured shapes and checked on held-out ones.
+    `measured`: [(shape, {key: value})]."""
 
-    def __init__(self, spec: OpSpec, measured: list[tuple[dict, dict]]):
-        k = len(spec.features(measured[0][0]))
+    def __init__(self, features, measured: list[tuple[dict, dict]], name: str = ""):
+        k = len(features(measured[0][0]))
         if len(measured) <= k:
-            raise ValueError(f"{spec.name}: need more than {k} measured shapes to fit and check")
-        self.spec = spec
+            raise ValueError(f"{name}: need more than {k} measured shapes to fit and check")
+        self.features = features
         self.keys = list(measured[0][1])
-        X = np.array([spec.features(s) for s, _ in measured], dtype=np.float64)
+        X = np.array([features(s) for s, _ in measured], dtype=np.float64)
         Y = np.array([[c[key] for key in self.keys] for _, c in measured], dtype=np.float64)
         self.coef, *_ = np.linalg.lstsq(X[:k], Y[:k], rcond=None)
         pred = X @ self.coef
-        self.max_rel_residual = float(np.max(np.abs(pred - Y) / np.maximum(np.abs(Y), 1.0)))
+        self.residuals = pred - Y                       # [shape, key]
+        self.max_rel_residual = float(np.max(np.abs(self.residuals) / np.maximum(np.abs(Y), 1.0)))
 
     def predict(self, shape: dict) -> dict:
-        y = np.array(self.spec.features(shape), dtype=np.float64) @ self.coef
+        y = np.array(self.features(shape), dtype=np.float64) @ self.coef
         return {k: int(round(v)) for k, v in zip(self.keys, y)}

@@ -1,17 +1,24 @@
-"""The benchmarked ops: for each, inputs at a shape, the fastppo call, the eager reference call
-(what trainers run today: the reference module's PyTorch math), the traffic floor and FLOPs.
+"""The benchmarked ops: for each, inputs at a shape, the call of every side (fastppo, the eager
+reference — what trainers run today: the reference module's PyTorch math — and the peer libraries
+that offer the same op), the traffic floor and the shapes to measure and to report.
 
-`forward` functions return the tensors to back-propagate through (empty for rollout-time ops).
+A shape is a dict of the op's dims plus `prompt`: the fraction of every sequence (B = 4 sequences of
+T = N / 4 tokens) that is prompt, i.e. masked (`ignore_index` labels for the log-prob ops, mask 0 for
+the losses). Side callables return the tensors to back-propagate through (empty for rollout ops).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import reference as ref
+from . import peers
+
+B_SEQ = 4                     # sequences per batch in every logits / linear op
+PROMPTS = (0.0, 0.5, 0.75)    # prompt fractions of the masked sweeps
 
 
 @dataclass(frozen=True)
@@ -19,25 +26,66 @@ class OpSpec:
     name: str
     dims: tuple                       # names of the shape parameters, e.g. ("N", "V")
     make: Callable                    # (shape: dict, dtype, device) -> inputs dict
-    fastppo: Callable                 # inputs -> tuple of outputs to backward through
-    eager: Callable
+    sides: dict                       # side name -> (inputs -> tuple of outputs to backward through)
     floor_bytes: Callable             # (shape, dtype) -> bytes the op must move at least
-    features: Callable                # shape -> monomials the counts are linear in
-    flops: Callable = lambda shape, side: 0   # (shape, side) -> floating-point operations
+    features: Callable                # shape -> monomials the kernel counts are linear in
     has_backward: bool = True
     sweep: tuple = ()                 # the large shapes of the report (derived on CPU)
     measure: tuple = ()               # small shapes measured in the interpreter (fit + check)
+    floor_kind: str = "bytes"         # "bytes" or "flops": what the floor column counts
+    floor_flops: Callable = field(default=lambda s: 0)   # shape -> FLOPs floor (linear ops)
+    # how the sweep shapes are counted: "dry_run" (fake tensors at the shape; the Triton kernels' bytes
+    # and FLOPs fitted) or "fit" (every count fitted: for ops whose eager side is a long Python loop)
+    derive: str = "dry_run"
+
+    @property
+    def fastppo(self):
+        return self.sides["fastppo"]
+
+    @property
+    def eager(self):
+        return self.sides["eager"]
 
 
 def _esize(dtype):
     return torch.empty((), dtype=dtype).element_size()
 
 
+def n_prompt(shape) -> int:
+    """Prompt (masked) positions at the start of each of the B_SEQ sequences."""
+    T = shape["N"] // B_SEQ
+    return round(shape.get("prompt", 0.0) * T)
+
+
+def n_valid(shape) -> int:
+    return shape["N"] - B_SEQ * n_prompt(shape)
+
+
+def _prompt_mask(shape, device):
+    T = shape["N"] // B_SEQ
+    mask = torch.ones(B_SEQ, T, dtype=torch.bool, device=device)
+    mask[:, : n_prompt(shape)] = False
+    return mask
+
+
+def _seq_inputs(shape, device, g):
+    """old / ref log-probs, per-sequence advantages (broadcast per token) and the prompt mask."""
+    T = shape["N"] // B_SEQ
+    old = (torch.randn(B_SEQ, T, generator=g) * 0.1 - 7).to(device)
+    adv_seq = torch.randn(B_SEQ, generator=g).to(device)
+    mask = _prompt_mask(shape, device)
+    return {"old": old, "ref": old + 0.05, "adv_seq": adv_seq,
+            "adv": adv_seq[:, None].expand(B_SEQ, T).contiguous(), "mask": mask, "mask_int": mask.int()}
+
+
 def _logits_inputs(shape, dtype, device):
+    """logits [B, T, V]; labels [B, T] with ignore_index on the prompt."""
     N, V = shape["N"], shape["V"]
+    T = N // B_SEQ
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(N, V, generator=g) * 2).to(dtype).to(device).requires_grad_()
-    labels = torch.randint(0, V, (N,), generator=g).to(device)
+    logits = (torch.randn(B_SEQ, T, V, generator=g) * 2).to(dtype).to(device).requires_grad_()
+    labels = torch.randint(0, V, (B_SEQ, T), generator=g).to(device)
+    labels[:, : n_prompt(shape)] = -100
     return {"logits": logits, "labels": labels}
 
 
@@ -51,21 +99,20 @@ def _logprobs_eager(inp):
     return ref.token_logprobs(inp["logits"], inp["labels"], return_entropy=True)
 
 
-def _ppo_inputs(shape, dtype, device):
-    inp = _logits_inputs(shape, dtype, device)
-    N = shape["N"]
-    B = 4 if N % 4 == 0 else 1
+# The loss every side computes: PPO clip (0.2, 0.28), k3 KL to the reference at 0.04, token-mean.
+PPO_KW = dict(kl_coef=0.04, kl_kind="k3", clip_low=0.2, clip_high=0.28)
+
+
+def _ppo_inputs(shape, dtype, device, with_liger=False):
+    """logits [B, T, V] with valid labels everywhere, the prompt masked by `mask`; Liger's kernel
+    takes logits [B, T + 1, V] (its own tensor of the same values plus one row per sequence)."""
+    inp = _logits_inputs({**shape, "prompt": 0.0}, dtype, device)
     g = torch.Generator().manual_seed(1)
-    inp["logits"] = inp["logits"].detach().view(B, N // B, -1).requires_grad_()
-    inp["labels"] = inp["labels"].view(B, N // B)
-    inp["old"] = (torch.randn(B, N // B, generator=g) * 0.1 - 7).to(device)
-    inp["ref"] = inp["old"] + 0.05
-    inp["adv"] = torch.randn(B, N // B, generator=g).to(device)
-    inp["mask"] = torch.ones(B, N // B, dtype=torch.bool, device=device)
+    inp.update(_seq_inputs(shape, device, g))
+    if with_liger:
+        x = inp["logits"].detach()
+        inp["liger_logits"] = torch.cat([x, x[:, -1:]], 1).requires_grad_()
     return inp
-
-
-PPO_KW = dict(kl_coef=0.05, kl_kind="low_var_kl", entropy_coef=0.01, clip_high=0.28)
 
 
 def _ppo_fastppo(inp):
@@ -110,45 +157,93 @@ def _gae_eager(inp):
     return ()
 
 
+def _policy_inputs(shape, dtype, device):
+    """Per-token log-probs [B, T] (fp32, as the log-prob ops return them), old log-probs, advantages, a
+    mask with 10 % holes: the loss-aggregation kernel alone, at long-context batch sizes."""
+    B, T = shape["B"], shape["T"]
+    g = torch.Generator().manual_seed(5)
+    old = (torch.randn(B, T, generator=g) * 0.1 - 7).to(device)
+    return {"logp": (old + 0.01 * torch.randn(B, T, generator=g)).to(device).requires_grad_(), "old": old,
+            "adv": torch.randn(B, T, generator=g).to(device), "mask": (torch.rand(B, T, generator=g) > 0.1).to(device)}
+
+
+def _policy_fastppo(inp):
+    import fastppo
+
+    return (fastppo.ppo_policy_loss(inp["logp"], inp["old"], inp["adv"], inp["mask"], clip_low=0.2,
+                                    clip_high=0.28)[0],)
+
+
+def _policy_eager(inp):
+    return (ref.ppo_policy_loss(inp["logp"], inp["old"], inp["adv"], inp["mask"], clip_low=0.2, clip_high=0.28)[0],)
+
+
 def _nv(shape):
-    return [shape["N"] * shape["V"], shape["N"], 1]
+    return [shape["N"] * shape["V"], shape["N"], shape["V"], 1]
+
+
+def logits_floor(shape, dtype, reads=2):
+    """Read the valid rows `reads` times (forward, backward) and write their gradient once; a masked
+    row only gets its zero gradient written."""
+    row = shape["V"] * _esize(dtype)
+    return (reads + 1) * n_valid(shape) * row + (shape["N"] - n_valid(shape)) * row
+
+
+def _masked(shapes):
+    return tuple({**s, "prompt": p} for p in PROMPTS for s in shapes)
 
 
 LOGIT_SWEEP = tuple({"N": n, "V": v} for n in (4096, 16384) for v in (32000, 65536, 128256, 151936))
-LOGIT_MEASURE = ({"N": 8, "V": 1024}, {"N": 16, "V": 1024}, {"N": 8, "V": 2048}, {"N": 12, "V": 1536})
+# B = 4 sequences of T = N / 4 tokens, T a multiple of 4 so that 50 % and 75 % prompts are whole
+LOGIT_MEASURE = ({"N": 16, "V": 1024}, {"N": 32, "V": 1024}, {"N": 16, "V": 2048}, {"N": 32, "V": 1536},
+                 {"N": 48, "V": 1024})
 
 OPS = {
     "token_logprobs": OpSpec(
-        "token_logprobs", ("N", "V"), _logits_inputs, _logprobs_fastppo, _logprobs_eager,
-        floor_bytes=lambda s, dt: 3 * s["N"] * s["V"] * _esize(dt), features=_nv,
-        sweep=LOGIT_SWEEP, measure=LOGIT_MEASURE),
+        "token_logprobs", ("N", "V"), _logits_inputs,
+        {"fastppo": _logprobs_fastppo, "eager": _logprobs_eager, "trl": peers.trl_token_logprobs},
+        floor_bytes=logits_floor, features=_nv, sweep=_masked(LOGIT_SWEEP), measure=_masked(LOGIT_MEASURE)),
     "fused_ppo_loss": OpSpec(
-        "fused_ppo_loss", ("N", "V"), _ppo_inputs, _ppo_fastppo, _ppo_eager,
-        floor_bytes=lambda s, dt: 3 * s["N"] * s["V"] * _esize(dt), features=_nv,
-        sweep=LOGIT_SWEEP, measure=LOGIT_MEASURE),
+        "fused_ppo_loss", ("N", "V"), lambda s, dt, dev: _ppo_inputs(s, dt, dev, with_liger=True),
+        {"fastppo": _ppo_fastppo, "eager": _ppo_eager, "liger": lambda inp: peers.liger_ppo_loss(inp, PPO_KW)},
+        floor_bytes=logits_floor, features=_nv, sweep=_masked(LOGIT_SWEEP), measure=_masked(LOGIT_MEASURE)),
     "full_kl": OpSpec(
         "full_kl", ("N", "V"), _kl_inputs,
-        lambda inp: (__import__("fastppo").full_kl(inp["logits"], inp["ref_logits"]),),
-        lambda inp: (ref.full_kl(inp["logits"], inp["ref_logits"]),),
+        {"fastppo": lambda inp: (__import__("fastppo").full_kl(inp["logits"], inp["ref_logits"]),),
+         "eager": lambda inp: (ref.full_kl(inp["logits"], inp["ref_logits"]),)},
         floor_bytes=lambda s, dt: 5 * s["N"] * s["V"] * _esize(dt), features=_nv,
-        sweep=LOGIT_SWEEP, measure=LOGIT_MEASURE),
+        sweep=tuple({**s, "prompt": 0.0} for s in LOGIT_SWEEP),
+        measure=tuple({**s, "prompt": 0.0} for s in LOGIT_MEASURE)),
     "gae": OpSpec(
-        "gae", ("B", "T"), _gae_inputs, _gae_fastppo, _gae_eager,
+        "gae", ("B", "T"), _gae_inputs, {"fastppo": _gae_fastppo, "eager": _gae_eager},
         floor_bytes=lambda s, dt: s["B"] * s["T"] * (4 + 4 + 1 + 4 + 4),
-        features=lambda s: [s["B"] * s["T"], s["T"], s["B"], 1], has_backward=False,
+        features=lambda s: [s["B"] * s["T"], s["T"], s["B"], 1], has_backward=False, derive="fit",
         sweep=tuple({"B": b, "T": t} for b in (64, 512) for t in (1024, 8192, 32768)),
+        measure=({"B": 2, "T": 64}, {"B": 3, "T": 64}, {"B": 2, "T": 96}, {"B": 3, "T": 128},
+                 {"B": 4, "T": 96})),
+    # the aggregation kernel by itself: read logp, old, adv, mask, write the per-token gradient coefficient
+    "ppo_policy_loss": OpSpec(
+        "ppo_policy_loss", ("B", "T"), _policy_inputs, {"fastppo": _policy_fastppo, "eager": _policy_eager},
+        floor_bytes=lambda s, dt: s["B"] * s["T"] * (4 + 4 + 4 + 1 + 4),
+        features=lambda s: [s["B"] * s["T"], s["T"], s["B"], 1],
+        sweep=tuple({"B": b, "T": t} for b in (64, 256) for t in (1024, 4096)),
         measure=({"B": 2, "T": 64}, {"B": 3, "T": 64}, {"B": 2, "T": 96}, {"B": 3, "T": 128},
                  {"B": 4, "T": 96})),
 }
 
 
-
 def _linear_inputs(shape, dtype, device):
+    """hidden [N, H], weight [V, H], labels [N] (ignore_index on the prompt) and the valid row indices."""
     N, H, V = shape["N"], shape["H"], shape["V"]
     g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, V, (B_SEQ, N // B_SEQ), generator=g)
+    labels[:, : n_prompt(shape)] = -100
+    labels = labels.reshape(N).to(device)
     return {"hidden": torch.randn(N, H, generator=g).to(dtype).to(device).requires_grad_(),
             "weight": (torch.randn(V, H, generator=g) / H**0.5).to(dtype).to(device).requires_grad_(),
-            "labels": torch.randint(0, V, (N,), generator=g).to(device)}
+            # the rows TRL's fused forward gathers (labels != -100), known without a data-dependent op
+            "valid_rows": torch.arange(N, device=device).view(B_SEQ, -1)[:, n_prompt(shape):].reshape(-1),
+            "labels": labels}
 
 
 def _linear_fastppo(inp):
@@ -161,20 +256,72 @@ def _linear_eager(inp):
     return ref.linear_logprobs(inp["hidden"], inp["weight"], inp["labels"], return_entropy=True)
 
 
+def _linear_ppo_inputs(shape, dtype, device):
+    """hidden [B, T, H], weight [V, H], valid labels everywhere, the prompt masked by `mask`."""
+    N, H = shape["N"], shape["H"]
+    inp = _linear_inputs({**shape, "prompt": 0.0}, dtype, device)
+    inp["hidden"] = inp["hidden"].detach().view(B_SEQ, N // B_SEQ, H).requires_grad_()
+    inp["labels"] = inp["labels"].view(B_SEQ, N // B_SEQ)
+    inp.update(_seq_inputs(shape, device, torch.Generator().manual_seed(4)))
+    return inp
+
+
+def _linear_ppo_fastppo(inp):
+    import fastppo
+
+    out = fastppo.fused_linear_ppo_loss(inp["hidden"], inp["weight"], inp["labels"], inp["old"], inp["adv"],
+                                        inp["mask"], ref_logprobs=inp["ref"], **PPO_KW)
+    return (out.loss,)
+
+
+def _linear_ppo_eager(inp):
+    out = ref.fused_ppo_loss(inp["hidden"] @ inp["weight"].t(), inp["labels"], inp["old"], inp["adv"], inp["mask"],
+                             ref_logprobs=inp["ref"], **PPO_KW)
+    return (out.loss,)
+
+
 def _nhv(shape):
     N, H, V = shape["N"], shape["H"], shape["V"]
     return [N * H * V, N * V, N * H, V * H, N, V, H, 1]
 
 
+def linear_floor(shape, dtype):
+    """Read hidden and weight in forward and backward, write their gradients."""
+    return (2 * 2 + 1) * (shape["N"] + shape["V"]) * shape["H"] * _esize(dtype)
+
+
+def linear_flops_floor(shape):
+    """2 N_valid H V forward + 4 N_valid H V for the two gradient products (gradient formed in forward)."""
+    return 6 * n_valid(shape) * shape["H"] * shape["V"]
+
+
+LINEAR_SWEEP = tuple({"N": 8192, "H": 4096, "V": v} for v in (32768, 65536, 131072, 151552))
+# whole kernel tiles (64 rows, 128 columns of H and of V) for every prompt fraction's valid rows, so that
+# the kernels' counts stay linear in the shape; 75 % would need N = 1024 rows, too slow in the interpreter
+LINEAR_PROMPTS = (0.0, 0.5)
+LINEAR_MEASURE = (tuple({"N": n, "H": h, "V": v} for n in (128, 256) for h in (128, 256) for v in (2048, 4096))
+                  + ({"N": 384, "H": 128, "V": 6144}, {"N": 256, "H": 384, "V": 2048}))
+
+
+def _linear_masked(shapes):
+    return tuple({**s, "prompt": p} for p in LINEAR_PROMPTS for s in shapes)
+
+
 OPS["linear_logprobs"] = OpSpec(
-    "linear_logprobs", ("N", "H", "V"), _linear_inputs, _linear_fastppo, _linear_eager,
-    # floor: read hidden and weight in forward and backward, write their gradients
-    floor_bytes=lambda s, dt: (2 * 2 + 1) * (s["N"] + s["V"]) * s["H"] * _esize(dt),
-    features=_nhv,
-    # eager: logits 2NHV + two gradient products 4NHV; fastppo recomputes the logits in backward
-    flops=lambda s, side: (8 if side == "fastppo" else 6) * s["N"] * s["H"] * s["V"],
-    sweep=tuple({"N": 8192, "H": 4096, "V": v} for v in (32768, 65536, 131072, 151552)),
-    # multiples of the kernel tiles (64 x 128 x 64) and of 16 vocabulary chunks of whole tiles
-    measure=tuple({"N": n, "H": h, "V": v} for n in (64, 128) for h in (64, 128) for v in (2048, 4096))
-    + ({"N": 192, "H": 64, "V": 6144}, {"N": 128, "H": 192, "V": 2048}),
-)
+    "linear_logprobs", ("N", "H", "V"), _linear_inputs,
+    {"fastppo": _linear_fastppo, "eager": _linear_eager, "trl": peers.trl_linear_logprobs},
+    floor_bytes=linear_floor, features=_nhv, floor_kind="flops", floor_flops=linear_flops_floor,
+    sweep=_linear_masked(LINEAR_SWEEP), measure=_linear_masked(LINEAR_MEASURE))
+OPS["fused_linear_ppo_loss"] = OpSpec(
+    "fused_linear_ppo_loss", ("N", "H", "V"), _linear_ppo_inputs,
+    {"fastppo": _linear_ppo_fastppo, "eager": _linear_ppo_eager,
+     "liger": lambda inp: peers.liger_linear_ppo_loss(inp, PPO_KW)},
+    floor_bytes=linear_floor, features=_nhv, floor_kind="flops", floor_flops=linear_flops_floor,
+    sweep=_linear_masked(LINEAR_SWEEP), measure=_linear_masked(LINEAR_MEASURE))
+
+PEER_OF_SIDE = {"trl": "trl", "liger": "liger"}
+
+
+def side_missing(side: str) -> str | None:
+    """Why `side` cannot run here (a peer library not installed), or None."""
+    return peers.missing(PEER_OF_SIDE[side]) if side in PEER_OF_SIDE else None

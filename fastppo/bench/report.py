@@ -1,8 +1,16 @@
-"""The `fastppo bench` report: per op and shape, bytes moved (fastppo vs eager vs floor), kernel
-launches, peak memory of forward + backward, and the projected H100 / A100 time; on CUDA the
-measured time and memory beside them. Large shapes are derived from counts measured at small
-shapes in Triton's interpreter (the counts are exactly linear in the shape monomials; the fit is
-checked on held-out shapes), and labelled as derived."""
+"""The `fastppo bench` report: per op, shape and prompt fraction, every side side by side — fastppo,
+the peer libraries that offer the op (TRL, Liger-Kernel) and the eager PyTorch reference — with the
+same counters: bytes moved (vs the floor), FLOPs, launches, peak memory of forward +
+backward, and the projected H100 / A100 time (per launch, charged by its grid: see roofline.py); on
+CUDA the measured time and memory beside them.
+
+How each number is obtained (the table's notes repeat it):
+- measured rows: everything counted on the real run (Triton kernels in the interpreter, eager ops by
+  a dispatch mode);
+- derived rows (the large shapes): a dry run on fake tensors gives launches, grid sizes, peak memory,
+  host reads and the eager ops' bytes and FLOPs exactly; the Triton kernels' bytes and FLOPs come from
+  their exact counts at the measured shapes, which are linear in the shape monomials (fitted per
+  kernel, checked on held-out shapes; a residual above 1e-9 is an error)."""
 
 from __future__ import annotations
 
@@ -13,51 +21,141 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .ops import OPS
-from .roofline import GPUS, projected_ms
+from .ops import OPS, side_missing
+from .roofline import GPUS, projected_ms, projected_ms_per_launch
 
-SIDES = ("fastppo", "eager")
+SIDES = ("fastppo", "trl", "liger", "eager")
+# largest fit error of a kernel's count at the measured shapes, relative to the side's total count there
+FIT_TOLERANCE = 1e-4
+LABEL = {"fastppo": "fastppo", "trl": "TRL", "liger": "Liger", "eager": "eager"}
 
 
-def fit_models(ops, dtype, progress=None):
-    """{op: {side: LinearModel}} from interpreter measurements (needs TRITON_INTERPRET=1)."""
-    from .harness import LinearModel, count
+def _shape_str(shape):
+    return " ".join(f"{k}={v}" for k, v in shape.items() if k != "prompt")
 
-    models = {}
-    for name in ops:
-        spec = OPS[name]
-        models[name] = {}
-        for side in SIDES:
+
+def _prompt(shape):
+    return float(shape.get("prompt", 0.0))
+
+
+def _project(c: dict) -> dict:
+    """Projected times of one side's counts, per launch (grid-aware) and with the whole GPU for every
+    byte (the model before grid sizes were recorded, kept to show the difference)."""
+    out = {}
+    for gpu in GPUS:
+        kernels = [(k["bytes"], k["flops"], k["programs"] / k["launches"]) for k in c["kernels"].values()]
+        out[f"{gpu}_projected_ms"] = projected_ms_per_launch(gpu, kernels, c["eager_roofline_s"][gpu], c["launches"])
+        out[f"{gpu}_projected_ms_full_share"] = projected_ms(gpu, c["bytes"], c["flops"], c["launches"])
+    progs = [k["programs"] / k["launches"] for k in c["kernels"].values()]
+    out["min_programs"] = min(progs) if progs else ""
+    return out
+
+
+_SCALARS = ("host_syncs", "eager_bytes", "eager_flops", "eager_launches", "launches", "peak_bytes")
+
+
+def _scalars(c: dict) -> dict:
+    return {**{k: c[k] for k in _SCALARS}, **{f"eager_roofline_ns_{g}": c["eager_roofline_s"][g] * 1e9 for g in GPUS}}
+
+
+def _unscalars(p: dict) -> dict:
+    return {**{k: p[k] for k in _SCALARS}, "eager_roofline_s": {g: p[f"eager_roofline_ns_{g}"] / 1e9 for g in GPUS}}
+
+
+def _side_cells(side: str, c: dict) -> dict:
+    row = {f"{side}_{k}": c[k] for k in ("bytes", "requested_bytes", "flops", "launches", "peak_bytes")}
+    # device values read on the host while running on CPU tensors: includes CPU-only input checks that
+    # CUDA skips, so only a hint of a GPU host sync (e.g. Liger's `if grad_output != 1.0`); csv only
+    row[f"{side}_host_reads_on_cpu"] = c["host_syncs"]
+    row.update({f"{side}_{k}": v for k, v in _project(c).items()})
+    row[f"{side}_kernels"] = json.dumps({n: {"launches": k["launches"], "programs": k["programs"]}
+                                         for n, k in c["kernels"].items()})
+    return row
+
+
+def op_rows(name, dtype, progress=None):
+    """Rows of one op: its measured and sweep shapes, every side (needs TRITON_INTERPRET=1)."""
+    from .harness import KERNEL_KEYS, LinearModel, count, with_totals
+
+    spec = OPS[name]
+    status = {side: side_missing(side) for side in spec.sides}
+    rows = {}
+    for source, shapes in (("measured", spec.measure), ("derived", spec.sweep)):
+        for shape in shapes:
+            rows[(source, tuple(shape.items()))] = {
+                "op": name, "shape": _shape_str(shape), "prompt": _prompt(shape), "source": source,
+                "dtype": str(dtype).replace("torch.", ""), "floor_bytes": spec.floor_bytes(shape, dtype),
+                "floor_flops": spec.floor_flops(shape),
+                **{f"{side}_status": ("n/a" if side not in spec.sides else
+                                      "ok" if status[side] is None else f"missing: {status[side]}")
+                   for side in SIDES}}
+    for side in spec.sides:
+        if status[side] is not None:
+            continue
+        for prompt in sorted({_prompt(s) for s in spec.measure}):
             measured = []
-            for shape in spec.measure:
-                measured.append((shape, count(spec, shape, side, dtype=dtype, device="cpu")))
+            for shape in (s for s in spec.measure if _prompt(s) == prompt):
+                c = count(spec, shape, side, dtype=dtype)
+                measured.append((shape, c))
+                rows[("measured", tuple(shape.items()))].update(_side_cells(side, c))
                 if progress is not None:
                     progress.update(1)
-            models[name][side] = LinearModel(spec, measured)
-    return models
+            names = list(measured[0][1]["kernels"])
+            fit_error = 0.0
+            keys = KERNEL_KEYS if spec.derive == "dry_run" else ("launches", "programs", *KERNEL_KEYS)
+            models = {k: LinearModel(spec.features, [(s, {key: c["kernels"][k][key] for key in keys})
+                                                     for s, c in measured], name=f"{name}/{side}/{k}")
+                      for k in names}
+            if spec.derive == "fit":
+                models[None] = LinearModel(spec.features, [(s, _scalars(c)) for s, c in measured], name=name)
+            for k, m in models.items():
+                # a kernel's fit error, relative to the side's total count of the same kind at that shape
+                # (launches, programs and the eager scalars: relative to their own value)
+                own = [_scalars(c) if k is None else c["kernels"][k] for _, c in measured]
+                totals = [[c[key] if key in KERNEL_KEYS else o[key] for key in m.keys]
+                          for (_, c), o in zip(measured, own)]
+                err = float(np.max(np.abs(m.residuals) / np.maximum(np.abs(np.array(totals, dtype=np.float64)), 1.0)))
+                fit_error = max(fit_error, err)
+                if err > FIT_TOLERANCE:
+                    raise RuntimeError(f"{name}/{side}: counts of {k or 'eager ops'} are not linear in "
+                                       f"{spec.features.__name__}: residual {err:.2e} of the total")
+            for shape in (s for s in spec.sweep if _prompt(s) == prompt):
+                if spec.derive == "dry_run":
+                    c = count(spec, shape, side, dtype=dtype, dry_run=True)
+                    if set(c["kernels"]) != set(names):
+                        raise RuntimeError(f"{name}/{side} at {shape}: kernels {sorted(c['kernels'])}, "
+                                           f"measured {names}")
+                else:
+                    c = _unscalars(models[None].predict(shape))
+                    c["kernels"] = {k: {} for k in names}
+                for k in names:
+                    c["kernels"][k].update(models[k].predict(shape))
+                row = rows[("derived", tuple(shape.items()))]
+                row.update(_side_cells(side, with_totals(c)))
+                row[f"{side}_fit_error"] = fit_error
+    out = list(rows.values())
+    for r in out:
+        for side in SIDES:
+            if r[f"{side}_status"] == "ok":
+                r[f"{side}_bytes_over_floor"] = r[f"{side}_bytes"] / r["floor_bytes"]
+                if r["floor_flops"]:
+                    r[f"{side}_flops_over_floor"] = r[f"{side}_flops"] / r["floor_flops"]
+                for gpu in GPUS:
+                    r[f"{side}_{gpu}_time_over_fastppo"] = (r[f"{side}_{gpu}_projected_ms"]
+                                                            / r[f"fastppo_{gpu}_projected_ms"])
+    return out
+
+
+def runs(ops) -> int:
+    """Interpreter runs model_rows makes (for a progress bar)."""
+    return sum(len(OPS[o].measure) * sum(side_missing(s) is None for s in OPS[o].sides) for o in ops)
 
 
 def model_rows(ops, dtype, progress=None):
-    """Rows of counts for the measured and the sweep shapes (the part that needs the interpreter)."""
-    models = fit_models(ops, dtype, progress)
-    rows = []
-    for name in ops:
-        spec = OPS[name]
-        residual = max(m.max_rel_residual for m in models[name].values())
-        if residual > 1e-9:
-            raise RuntimeError(f"{name}: counts are not linear in {spec.features.__name__}: residual {residual}")
-        for source, shapes in (("measured", spec.measure), ("derived", spec.sweep)):
-            for shape in shapes:
-                row = {"op": name, "shape": " ".join(f"{k}={v}" for k, v in shape.items()), "source": source,
-                       "dtype": str(dtype).replace("torch.", ""), "floor_bytes": spec.floor_bytes(shape, dtype)}
-                row.update({f"{side}_flops": spec.flops(shape, side) for side in SIDES})
-                for side in SIDES:
-                    pred = models[name][side].predict(shape)
-                    row.update({f"{side}_{k}": v for k, v in pred.items()})
-                rows.append(row)
-    return rows
+    return [r for name in ops for r in op_rows(name, dtype, progress)]
 
 
 def rows_in_subprocess(ops, dtype_name, timeout=3000):
@@ -70,28 +168,19 @@ def rows_in_subprocess(ops, dtype_name, timeout=3000):
     return json.loads(out.stdout)
 
 
-def add_projections(row):
-    for gpu in GPUS:
-        for side in SIDES:
-            row[f"{side}_{gpu}_projected_ms"] = projected_ms(gpu, row[f"{side}_bytes"], row[f"{side}_flops"],
-                                                             row[f"{side}_launches"])
-        row[f"{gpu}_projected_speedup"] = row[f"eager_{gpu}_projected_ms"] / row[f"fastppo_{gpu}_projected_ms"]
-    row["fastppo_bytes_over_floor"] = row["fastppo_bytes"] / row["floor_bytes"]
-    row["fastppo_requested_over_floor"] = row["fastppo_requested_bytes"] / row["floor_bytes"]
-    row["eager_bytes_over_fastppo"] = row["eager_bytes"] / row["fastppo_bytes"]
-    return row
-
-
 def measure_cuda(row, dtype):
-    """Measured GPU time (ms, forward + backward) and peak memory on each side, at the row's shape."""
+    """Measured GPU time (ms, forward + backward) and peak memory of each side, at the row's shape."""
     import triton.testing
 
     from .harness import make_step
 
     spec = OPS[row["op"]]
-    shape = dict(kv.split("=") for kv in row["shape"].split())
-    shape = {k: int(v) for k, v in shape.items()}
-    for side in SIDES:
+    shape = {k: int(v) for k, v in (kv.split("=") for kv in row["shape"].split())}
+    shape["prompt"] = row["prompt"]
+    for side in spec.sides:
+        if row[f"{side}_status"] != "ok":
+            continue
+        inputs = None
         torch.cuda.empty_cache()
         try:
             inputs = spec.make(shape, dtype, "cuda")
@@ -118,58 +207,141 @@ def _mib(x):
     return f"{x / 2**20:,.0f}" if x >= 0 else "OOM"
 
 
+def _cell(r, side, cuda):
+    st = r[f"{side}_status"]
+    if st != "ok":
+        return "n/a" if st == "n/a" else "missing"
+    eff = (f"{r[f'{side}_flops_over_floor']:.2f}x FLOPs" if r["floor_flops"]
+           else f"{r[f'{side}_bytes_over_floor']:.2f}x bytes")
+    cell = (f"{r[f'{side}_H100_projected_ms']:.3f} / {r[f'{side}_A100_projected_ms']:.3f} ms, {eff}, "
+            f"{r[f'{side}_launches']} launches, {_mib(r[f'{side}_peak_bytes'])} MiB")
+    if cuda and f"{side}_cuda_ms" in r:
+        cell += f"; measured {r[f'{side}_cuda_ms']:.3f} ms, {_mib(r[f'{side}_cuda_peak_bytes'])} MiB"
+    return cell
+
+
+def summary(rows) -> str:
+    """The README table: the largest shape of each op with peers, at 0 % and 50 % prompt, H100 projected
+    time of each side and its ratio to fastppo's."""
+    head = ["op", "shape", "prompt", "fastppo ms", "TRL ms", "Liger ms", "eager ms", "TRL / fastppo",
+            "Liger / fastppo", "eager / fastppo"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op and r["source"] == "derived"]
+        if not mine or op == "gae":
+            continue
+        big = mine[-1]["shape"]
+        for prompt in (0.0, 0.5):
+            r = next((r for r in mine if r["shape"] == big and r["prompt"] == prompt), None)
+            if r is None:
+                continue
+            ms = {s: (f"{r[f'{s}_H100_projected_ms']:.2f}" if r[f"{s}_status"] == "ok" else
+                      "n/a" if r[f"{s}_status"] == "n/a" else "missing") for s in SIDES}
+            ratio = {s: (f"{r[f'{s}_H100_time_over_fastppo']:.2f}x" if r[f"{s}_status"] == "ok" else "")
+                     for s in SIDES}
+            lines.append(f"| {op} | {big} | {prompt:.0%} | {ms['fastppo']} | {ms['trl']} | {ms['liger']} | "
+                         f"{ms['eager']} | {ratio['trl']} | {ratio['liger']} | {ratio['eager']} |")
+    return "\n".join(lines) + "\n"
+
+
+def notes(rows) -> str:
+    from . import peers
+
+    lines = ["Notes:",
+             "- Times are projections (roofline.py): per Triton launch max(bytes / (BW s), FLOPs / (peak s)) with "
+             "s = min(programs, SMs) / SMs (132 SMs on H100, 108 on A100), per eager op max(bytes / BW, FLOPs / "
+             "peak), plus 4 us per launch. bf16 inputs, forward + backward.",
+             "- bytes: Triton kernels counted in Triton's interpreter (unique addresses loaded + stored per launch, "
+             "so rows a kernel skips cost nothing); eager ops: inputs + outputs of every op (TorchDispatchMode). "
+             "The floor reads each valid logits row twice and writes its gradient once, and writes a masked "
+             "row's zero gradient once; for the linear ops the floor is 6 N_valid H V FLOPs.",
+             "- derived rows: launches, grid sizes, peak memory and eager bytes / FLOPs from a dry run "
+             "at the shape on fake tensors; Triton kernel bytes / FLOPs extrapolated from exact counts at small "
+             "shapes (linear in the shape monomials, checked on held-out shapes: the largest error is in the csv, "
+             "`<side>_fit_error`, relative to the side's total).",
+             "- prompt: the first fraction of each of 4 sequences is masked (ignore_index labels for the log-prob "
+             "ops, mask 0 for the losses). n/a: the library has no such op."]
+    for peer in ("trl", "liger"):
+        st = {r[f"{peer}_status"] for r in rows} - {"n/a"}
+        if st == {"ok"}:
+            lines.append(f"- {peers.note(peer)}")
+        elif st:
+            lines.append(f"- {LABEL[peer]}: {sorted(st)[0]}")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows, cuda: bool) -> str:
-    head = ["op", "shape", "source", "fastppo bytes / floor (requested)", "eager / fastppo bytes",
-            "launches fastppo / eager", "peak MiB fastppo / eager", "H100 projected ms fastppo / eager",
-            "A100 projected ms fastppo / eager"]
-    if cuda:
-        head += ["measured ms fastppo / eager", "measured peak MiB fastppo / eager"]
+    head = ["op", "shape", "prompt"] + [f"{LABEL[s]}: H100 / A100 ms, vs floor, launches, peak" for s in SIDES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["op"], r["shape"], r["source"],
-                 f"{r['fastppo_bytes_over_floor']:.3f}x ({r['fastppo_requested_over_floor']:.2f}x)",
-                 f"{r['eager_bytes_over_fastppo']:.1f}x", f"{r['fastppo_launches']} / {r['eager_launches']}",
-                 f"{_mib(r['fastppo_peak_bytes'])} / {_mib(r['eager_peak_bytes'])}"]
-        for gpu in GPUS:
-            cells.append(f"{r[f'fastppo_{gpu}_projected_ms']:.3f} / {r[f'eager_{gpu}_projected_ms']:.3f} "
-                         f"({r[f'{gpu}_projected_speedup']:.1f}x)")
-        if cuda:
-            if "fastppo_cuda_ms" in r:
-                cells.append(f"{r['fastppo_cuda_ms']:.3f} / {r['eager_cuda_ms']:.3f}")
-                cells.append(f"{_mib(r['fastppo_cuda_peak_bytes'])} / {_mib(r['eager_cuda_peak_bytes'])}")
-            else:
-                cells += ["", ""]
+        cells = [r["op"], r["shape"], f"{r['prompt']:.0%}"] + [_cell(r, s, cuda) for s in SIDES]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def document(rows, cuda: bool) -> str:
+    derived = [r for r in rows if r["source"] != "measured"]
+    return ("# fastppo bench\n\nGenerated by `fastppo bench` (`python -m fastppo.cli bench --out docs/bench`).\n\n"
+            "## Summary: fastppo vs TRL vs Liger vs eager (H100, projected)\n\n" + summary(derived) + "\n"
+            "## All ops and shapes\n\n" + markdown(derived, cuda) + "\n" + notes(rows))
+
+
 def plot(rows, path: Path):
+    """One panel per (op, metric): bytes moved, peak memory, H100 projected time against the swept
+    dimension; one colour and marker per side (hollow, of decreasing size, slightly offset in x, so that
+    equal values stay visible), solid with hollow markers at 0 % prompt, dashed with small filled markers
+    at 50 %; log axes; legends outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    derived = [r for r in rows if r["source"] != "measured" and r["shape"].startswith("N=") and "H=" not in r["shape"]]
-    if not derived:
+    derived = [r for r in rows if r["source"] == "derived"]
+    ops = list(dict.fromkeys(r["op"] for r in derived))
+    if not ops:
         return None
-    n_max = max(int(r["shape"].split()[0].split("=")[1]) for r in derived)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    panels = [("bytes", "GB moved, forward + backward", 1e9), ("peak_bytes", "peak GiB, forward + backward", 2**30),
-              ("H100_projected_ms", "H100 time, ms (projected)", 1.0)]
-    for ax, (key, title, unit) in zip(axes, panels):
-        for op in dict.fromkeys(r["op"] for r in derived):
-            pts = sorted((int(r["shape"].split()[1].split("=")[1]), r) for r in derived
-                         if r["op"] == op and r["shape"].startswith(f"N={n_max} "))
-            vs = [v / 1000 for v, _ in pts]
-            for side, style in (("fastppo", "-o"), ("eager", "--x")):
-                ax.plot(vs, [r[f"{side}_{key}"] / unit for _, r in pts], style, label=f"{op} ({side})")
-        ax.set_title(f"{title}, N={n_max}")
-        ax.set_xlabel("vocabulary (thousands)")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    metrics = [("bytes", "GB moved", 1e9), ("peak_bytes", "peak GiB", 2**30),
+               ("H100_projected_ms", "H100 ms (projected)", 1.0)]
+    # hollow markers of decreasing size and a small horizontal offset per side: equal values stay visible
+    style = {"fastppo": ("tab:blue", "o", 10, 0.97), "trl": ("tab:green", "s", 7, 0.99),
+             "liger": ("tab:red", "^", 7, 1.01), "eager": ("black", "x", 6, 1.03)}
+    fig, axes = plt.subplots(len(ops), len(metrics), figsize=(5.2 * len(metrics) + 2.2, 3.0 * len(ops)),
+                             squeeze=False)
+    for i, op in enumerate(ops):
+        mine = [r for r in derived if r["op"] == op]
+        dims = mine[0]["shape"].split()
+        # the swept dimension: the one that varies; lines for the largest value of the others
+        values = {d.split("=")[0]: sorted({int(r["shape"].split()[j].split("=")[1]) for r in mine})
+                  for j, d in enumerate(dims)}
+        xdim = max(values, key=lambda d: len(values[d]))
+        fixed = {d: v[-1] for d, v in values.items() if d != xdim}
+        pts = [r for r in mine if all(f"{d}={v}" in r["shape"].split() for d, v in fixed.items())]
+        prompts = sorted({r["prompt"] for r in pts} & {0.0, 0.5})
+        for j, (key, title, unit) in enumerate(metrics):
+            ax = axes[i][j]
+            for side in SIDES:
+                for prompt in prompts:
+                    sel = sorted((r for r in pts if r["prompt"] == prompt and r[f"{side}_status"] == "ok"),
+                                 key=lambda r: int(dict(kv.split("=") for kv in r["shape"].split())[xdim]))
+                    if not sel:
+                        continue
+                    color, marker, size, shift = style[side]
+                    xs = [int(dict(kv.split("=") for kv in r["shape"].split())[xdim]) * shift for r in sel]
+                    ys = [max(r[f"{side}_{key}"] / unit, 1e-6) for r in sel]
+                    full = prompt == 0.0    # 0 %: solid line, hollow marker; 50 %: dashed, small filled marker
+                    ax.plot(xs, ys, "-" if full else "--", color=color, marker=marker,
+                            markersize=size if full else 0.55 * size, markerfacecolor="none" if full else color,
+                            markeredgewidth=1.4, linewidth=1.2, alpha=0.9,
+                            label=LABEL[side] + (f", {prompt:.0%} prompt" if len(prompts) > 1 else ""))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.set_title(f"{op}: {title}" + (", " + " ".join(f"{d}={v}" for d, v in fixed.items()) if fixed else ""),
+                         fontsize=9)
+            ax.set_xlabel(xdim)
+        axes[i][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
@@ -181,10 +353,10 @@ def write_outputs(rows, out_dir: Path, cuda: bool):
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    table = markdown([r for r in rows if r["source"] != "measured"], cuda)
-    (out_dir / "bench.md").write_text(table)
+    doc = document(rows, cuda)
+    (out_dir / "bench.md").write_text(doc)
     png = plot(rows, out_dir / "bench.png")
-    return table, png
+    return doc, png
 
 
 if __name__ == "__main__":

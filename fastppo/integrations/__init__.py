@@ -14,6 +14,7 @@ serve yet (an option fastppo lacks) goes to the host's original and is counted i
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError
 
 from ._patching import _ACTIVE, PatchHandle
 
@@ -41,7 +42,11 @@ def patch(target: str, *, ops=None) -> PatchHandle:
     Patch before the trainer / engine is built: a host that copied a function into an object
     (verl binds its entropy function when the engine is built) keeps the copy it made."""
     adapter = _adapter(target)
-    version = adapter.installed_version()
+    try:
+        version = adapter.installed_version()
+    except PackageNotFoundError as e:
+        raise ImportError(f"fastppo.integrations.patch({target!r}): {target} is not installed "
+                          f"(pip install 'fastppo[{target}]'; supported: {adapter.SUPPORTED})") from e
     if not adapter.supported(version):
         raise RuntimeError(f"fastppo.integrations.patch({target!r}): installed {target} {version} is not supported; "
                            f"supported versions: {adapter.SUPPORTED}")

@@ -15,7 +15,9 @@ experimental.*, ...) is rebound too. Host semantics kept:
   returns (log_probs, entropy). Log-probs and entropy are float32. The projection runs in the
   autocast dtype when autocast is on, else in hidden's dtype (TRL's `compute_dtype`; a bf16 head
   under fp32 hidden is upcast). `chunk_size` is TRL's tile width and is not used: fastppo picks its
-  own vocabulary chunks. Gradients to hidden, weight and bias.
+  own vocabulary chunks. Gradients to hidden, weight and bias. Under bf16 autocast fastppo's op runs
+  on the bf16 operands (fp32 accumulation inside) while TRL forms its gradient GEMMs from fp32
+  copies: the two agree at bf16 tolerance, not bit for bit.
 - selective_log_softmax: rows where `row_mask == 0` give 0 and no gradient; the result has the
   logits' dtype, float32 where TRL would run its own Triton kernel (CUDA, fp16/bf16/fp32). A
   top-K `index` [..., K] goes to TRL's original.

@@ -9,6 +9,7 @@
 | `core_algos.compute_grpo_outcome_advantage` / `compute_rloo_outcome_advantage` | `group_advantages`   |
 | `core_algos.compute_value_loss`                                          | `value_loss`               |
 | policy-loss registry "vanilla" (`get_policy_loss_fn("vanilla")`)          | `ppo_policy_loss`          |
+| `verl.utils.experimental.torch_functional.FusedLinearForPPO` (subclass)  | `linear_logprobs`          |
 
 Host semantics kept: verl's `k3`/`low_var_kl` is its clamped estimator (fastppo "low_var_kl");
 "k3+" etc. keep verl's straight-through k2 gradient (a composition of two kl_penalty calls). Group
@@ -24,6 +25,8 @@ value there, which no verl loss reads); verl's seq-mean-token-mean divides by co
 Delegated to verl (counted in `handle.stats.delegated`): kl "full", agg "token-sum" and
 `rollout_is_weights` until fastppo's ops take them, dp_size > 1 without global counts (verl raises).
 The entropy function is bound into the engine when it is built: patch before building it.
+FusedLinearForPPO serves its "torch" and "liger" backends alike (log-probs float32, entropy in the
+logits' dtype, as verl's torch backend returns).
 """
 
 from __future__ import annotations
@@ -196,6 +199,22 @@ def _serve_vanilla(a):
                   "actor/pg_clipfrac_lower": float(stats["clipfrac_lower"])}
 
 
+def _fused_linear_class(original, stats):
+    class FusedLinearForPPO(original):
+        __doc__ = "fastppo.linear_logprobs behind verl's FusedLinearForPPO. " + (original.__doc__ or "")
+
+        def forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+            stats.served["FusedLinearForPPO"] += 1
+            logp, ent = fastppo.linear_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
+                                                temperature=temperature, return_entropy=True)
+            return logp.float(), ent.to(torch.result_type(hidden_states, vocab_weights))
+
+    FusedLinearForPPO.__module__ = original.__module__
+    FusedLinearForPPO.__qualname__ = original.__qualname__
+    FusedLinearForPPO.__fastppo_original__ = original
+    return FusedLinearForPPO
+
+
 def _function(name, serve, with_original=False):
     def build(original, stats):
         fn = (lambda a: serve(a, original)) if with_original else serve
@@ -221,4 +240,8 @@ def entry_points() -> list[EntryPoint]:
                  if isinstance(getattr(ca, n, None), dict))
     table.append(("policy_loss_vanilla", ca, "compute_policy_loss_vanilla",
                   _function("policy_loss_vanilla", _serve_vanilla)))
-    return [EntryPoint(name, (lambda h=h, attr=attr: (h, attr)), build, regs) for name, h, attr, build in table]
+    import verl.utils.experimental.torch_functional as xtf  # models import the class from here at call time
+
+    eps = [EntryPoint(name, (lambda h=h, attr=attr: (h, attr)), build, regs) for name, h, attr, build in table]
+    eps.append(EntryPoint("FusedLinearForPPO", lambda: (xtf, "FusedLinearForPPO"), _fused_linear_class))
+    return eps

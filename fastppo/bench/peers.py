@@ -1,0 +1,126 @@
+"""The other libraries the bench runs beside fastppo, on the same inputs: TRL 1.16's Triton
+log-prob / entropy kernel and its chunked lm-head log-prob function, Liger-Kernel 0.8.5's Triton GRPO
+loss and its fused linear GRPO loss. Installed by the `bench` extra; a peer that is not installed is
+reported as missing (`missing(peer)` says why), never skipped silently.
+
+Each runs as it runs on a GPU, except where noted (the notes go into the report):
+- TRL's chunked function picks its Triton fold kernels only on CUDA devices; while counting on CPU
+  (`as_on_gpu()`) it is made to pick them too, so that the interpreter runs the kernels a GPU runs.
+- TRL accumulates the gradient products in fp32 with one `addmm(..., out_dtype=float32)` on CUDA and
+  upcasts both operands on CPU; the bench runs the CPU math but counts the CUDA op's bytes and FLOPs.
+- Liger's fused linear loss runs with `compiled=False` (torch.compile fuses its few loss-math ops on
+  a GPU; their bytes are N-sized, the logits-sized traffic is the same).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+
+PEERS = {"trl": "trl", "liger": "liger_kernel"}
+NOTES = {
+    "trl": "TRL {version}: `trl.kernels.selective_log_softmax_and_entropy` (Triton, one program per row, "
+           "masked rows skipped with `row_mask`) and `ChunkedLogProbFunction` (cuBLAS tiles of 4096 tokens x "
+           "32768 vocabulary, Triton folds; valid rows gathered first, as TRL's fused forward does, here with "
+           "`index_select` of precomputed row indices); its Triton folds run in the interpreter as on CUDA, the "
+           "fp32 gradient `addmm` is counted as CUDA's single `out_dtype=float32` op.",
+    "liger": "Liger-Kernel {version}: `triton_grpo_loss` (Triton, logits [B, T+1, V], loss_type='bnpo' = "
+             "token-mean, in-place gradient) and `LigerFusedLinearGRPOFunction` (chunks of one sequence, "
+             "vocabulary chunks of 4096, gradient formed in the forward pass by autograd, compiled=False).",
+}
+
+
+def missing(peer: str) -> str | None:
+    """None when `peer` can run here, else the reason it cannot."""
+    try:
+        importlib.import_module(PEERS[peer])
+        if peer == "trl":
+            importlib.import_module("trl.kernels.logprob_entropy")
+    except Exception as e:      # noqa: BLE001 - any import failure makes the peer missing
+        return f"{PEERS[peer]} not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def version(peer: str) -> str:
+    try:
+        return importlib.metadata.version(PEERS[peer].replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def note(peer: str) -> str:
+    return NOTES[peer].format(version=version(peer))
+
+
+# --- TRL ---------------------------------------------------------------------------------------
+
+def trl_token_logprobs(inp):
+    from trl.kernels import selective_log_softmax_and_entropy
+
+    labels = inp["labels"]
+    return selective_log_softmax_and_entropy(inp["logits"], labels.clamp(min=0), 1.0, labels != -100)
+
+
+def _addmm_fp32_counted_as_cuda(acc, a, b):
+    """`acc += a @ b` in fp32; counted as the one CUDA op TRL runs (reads a, b, acc; writes acc)."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from .counters import charge_eager
+
+    with _disable_current_modes():
+        if not is_fake(acc):
+            acc.addmm_(a.float(), b.float())
+    charge_eager("addmm", a.numel() * a.element_size() + b.numel() * b.element_size() + 2 * acc.numel() * 4,
+                 2 * a.shape[0] * a.shape[1] * b.shape[1])
+
+
+@contextlib.contextmanager
+def as_on_gpu():
+    """While counting on CPU: make the peers take the code path they take on a CUDA device."""
+    if missing("trl") is not None:
+        yield
+        return
+    mod = importlib.import_module("trl.kernels.chunked_logprob")
+    saved = mod._use_triton, mod._addmm_fp32
+    mod._use_triton = lambda device: True
+    mod._addmm_fp32 = _addmm_fp32_counted_as_cuda
+    try:
+        yield
+    finally:
+        mod._use_triton, mod._addmm_fp32 = saved
+
+
+def trl_linear_logprobs(inp):
+    """TRL's fused lm-head path: gather the valid rows, ChunkedLogProbFunction, scatter back."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    idx = inp["valid_rows"]
+    logp, ent, *_ = ChunkedLogProbFunction.apply(
+        inp["hidden"].index_select(0, idx), inp["weight"], None, inp["labels"].index_select(0, idx), 1.0,
+        _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("entropy",))
+    n = inp["hidden"].shape[0]
+    return (logp.new_zeros(n).index_copy(0, idx, logp), ent.new_zeros(n).index_copy(0, idx, ent))
+
+
+# --- Liger-Kernel ------------------------------------------------------------------------------
+
+def liger_ppo_loss(inp, kw):
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    loss, _ = triton_grpo_loss(inp["liger_logits"], inp["old"], inp["ref"], inp["labels"], inp["adv_seq"],
+                               inp["mask_int"], temperature=1.0, beta=kw["kl_coef"], eps_low=kw["clip_low"],
+                               eps_high=kw["clip_high"], loss_type="bnpo", reduce=True)
+    return (loss,)
+
+
+def liger_linear_ppo_loss(inp, kw):
+    from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOFunction
+
+    loss, _ = LigerFusedLinearGRPOFunction.apply(
+        inp["hidden"], inp["weight"], inp["labels"], inp["mask_int"], inp["adv_seq"], None, inp["ref"], inp["old"],
+        None, None, None, kw["kl_coef"], kw["clip_low"], kw["clip_high"], "bnpo", None, "token", 1.0, 1.05, 1.0,
+        False, True, 1)
+    return (loss,)

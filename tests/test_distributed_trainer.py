@@ -1,0 +1,142 @@
+"""The trainer under data parallelism (fastppo/trainer/parallel.py), 2 gloo processes on CPU: DDP and FSDP2
+runs give the losses and final weights of the 1-process run with the same global batch (to fp32
+reduction-order tolerance); gradient accumulation 2 ranks x 1 equals 1 x 2; an FSDP2 run resumed from
+its checkpoint, and a torchrun DDP run killed and resumed, reproduce the uninterrupted run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_distributed import free_port, run_ranks
+
+TINY = dict(mode="grpo", group_size=4, batch_size=8, minibatches=2, ppo_epochs=1, sft_steps=2, reward_steps=2,
+            save_every=1, progress=False, backend="torch")
+ITERATIONS = 4
+SKIP = {"tokens_per_s", "time_s"}
+
+
+def _train(out, **kw):
+    from fastppo.trainer.config import TrainConfig
+    from fastppo.trainer.ppo import PPOTrainer
+
+    cfg = TrainConfig(out=str(out), **{**TINY, "iterations": ITERATIONS, **kw})
+    return PPOTrainer.from_config(cfg, log=lambda *_: None).train()
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _weights(run: Path, iteration=ITERATIONS) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / f"checkpoint-{iteration:06d}" / "policy" / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path, iteration=ITERATIONS):
+    """Same metrics per iteration and same final policy weights, to fp32 reduction-order tolerance."""
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["iteration"] for m in ma] == [m["iteration"] for m in mb] == list(range(iteration))
+    for x, y in zip(ma, mb):
+        assert x.keys() == y.keys()
+        for k in x.keys() - SKIP:
+            assert abs(x[k] - y[k]) <= 1e-5 * (1 + abs(x[k])), (k, x[k], y[k])
+    wa, wb = _weights(a, iteration), _weights(b, iteration)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def _parallel_runs(rank, world, root):
+    os.environ["RANK"] = str(rank)          # checkpoint.main_process() reads it, as under torchrun
+    root = Path(root)
+    times = {}
+    for name, kw in (("ddp", dict(parallel="ddp")), ("ddp_accum", dict(parallel="ddp", grad_accum=2)),
+                     ("fsdp2", dict(parallel="fsdp2")), ("fsdp2_resumed", dict(parallel="fsdp2", iterations=2)),
+                     ("fsdp2_resumed", dict(parallel="fsdp2", resume=str(root / "fsdp2_resumed"))),
+                     ("killed", dict(parallel="ddp", resume=str(root / "killed")))):
+        t = time.perf_counter()
+        _train(root / name, **kw)
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t
+    if rank == 0:
+        (root / "times.json").write_text(json.dumps(times))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A torchrun DDP run killed after its first checkpoint; the 1-process runs here; the 2-rank runs (and the
+    resumption of the killed one) in one spawned gloo group."""
+    root = tmp_path_factory.mktemp("runs")
+    t0 = time.perf_counter()
+    killed_at = _torchrun_killed_after_first_checkpoint(root / "killed")
+    t1 = time.perf_counter()
+    _train(root / "single")
+    _train(root / "single_accum", grad_accum=2)
+    t2 = time.perf_counter()
+    run_ranks(_parallel_runs, str(root), timeout_s=300)
+    print(f"torchrun (killed) {t1 - t0:.1f} s, 1-process runs {t2 - t1:.1f} s, 2-rank spawn "
+          f"{time.perf_counter() - t2:.1f} s", json.loads((root / "times.json").read_text()))
+    return root, killed_at
+
+
+def test_ddp_fsdp2_and_grad_accum_match_one_process(runs):
+    runs = runs[0]
+    single = runs / "single"
+    assert_same_run(single, runs / "single_accum")        # 1 rank x 2 micro-batches
+    assert_same_run(single, runs / "ddp")                 # 2 ranks x 1
+    assert_same_run(single, runs / "ddp_accum")           # 2 ranks x 2
+    assert_same_run(single, runs / "fsdp2")
+    assert_same_run(runs / "fsdp2", runs / "fsdp2_resumed")
+    state = torch.load(runs / "fsdp2" / f"checkpoint-{ITERATIONS:06d}" / "trainer_state.pt", weights_only=True)
+    assert all(isinstance(k, str) for k in state["policy_opt"]["state"])   # full, by parameter name
+
+
+def _torchrun(out: Path, *extra):
+    args = [f"--{k}={v}" for k, v in {**TINY, "iterations": ITERATIONS}.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "fastppo.cli", "train", *args, "--parallel", "ddp",
+           "--out", str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=False)
+
+
+def _kill(proc):
+    """SIGKILL torchrun and its workers (torchrun starts each worker in a session of its own)."""
+    import psutil
+
+    if proc.poll() is None:
+        for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+def _torchrun_killed_after_first_checkpoint(out: Path) -> int:
+    """`torchrun ... fastppo.cli train --parallel ddp`, SIGKILLed (agent and workers) as soon as its first
+    checkpoint exists; returns how many iterations metrics.jsonl holds then."""
+    proc = _torchrun(out)
+    deadline = time.monotonic() + 150
+    try:
+        while not (out / "checkpoint-000001").exists():
+            assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 150 s"
+            time.sleep(0.01)
+    finally:
+        _kill(proc)
+    return len(_metrics(out))
+
+
+def test_torchrun_ddp_killed_and_resumed_reproduces_the_uninterrupted_run(runs):
+    root, killed_at = runs
+    assert 1 <= killed_at < ITERATIONS, f"killed after {killed_at} of {ITERATIONS} iterations"
+    assert_same_run(root / "ddp", root / "killed")

@@ -1,0 +1,144 @@
+"""fastppo.integrations.patch("openrlhf"): OpenRLHF's functions and loss modules against the
+originals on random inputs with masks with holes (forward and gradient)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+# flash-attn's CUDA extension cannot load on a CPU machine, and `import flash_attn` loads it; OpenRLHF
+# only needs flash_attn's pure-Python submodules (bert_padding, utils.distributed) at import time,
+# so load those from the installed package without running its __init__ (CI installs flash-attn
+# with FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE, see .ci/run).
+_fa = importlib.util.find_spec("flash_attn")
+if _fa is not None and "flash_attn" not in sys.modules:
+    _pkg = types.ModuleType("flash_attn")
+    _pkg.__path__ = list(_fa.submodule_search_locations)
+    _pkg.__spec__ = _fa
+    sys.modules["flash_attn"] = _pkg
+
+import openrlhf.models as om  # noqa: E402  (CI installs OpenRLHF: .ci/run)
+import openrlhf.models.actor as oa  # noqa: E402
+import openrlhf.models.loss as ol  # noqa: E402
+import openrlhf.models.utils as ou  # noqa: E402
+
+import fastppo.integrations as fi  # noqa: E402
+import fastppo.integrations.openrlhf as fo  # noqa: E402
+
+
+def _mask(B, T):
+    m = (torch.rand(B, T) > 0.3).float()
+    m[0, :2] = 1.0
+    m[1, :] = 1.0
+    m[2, 1::2] = 0.0
+    return m
+
+
+def test_rebinds_names_imported_elsewhere():
+    orig_kl, orig_pl = ou.compute_approx_kl, ol.PolicyLoss
+    with fi.patch("openrlhf") as h:
+        assert oa.log_probs_from_logits is ou.log_probs_from_logits is not None
+        assert oa.compute_entropy.__fastppo_original__ is not None
+        assert om.PolicyLoss is ol.PolicyLoss and issubclass(ol.PolicyLoss, orig_pl)
+        assert "openrlhf.models.PolicyLoss" in h.replaced["PolicyLoss"]
+    assert ou.compute_approx_kl is orig_kl and om.PolicyLoss is orig_pl
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_entropy(temperature, monkeypatch):
+    # OpenRLHF's fp32 path tries flash-attn's Triton cross-entropy (CUDA only) first; on CPU take
+    # its own fallback, as on a machine without flash-attn
+    monkeypatch.setitem(sys.modules, "flash_attn.ops.triton.cross_entropy", None)
+    logits = torch.randn(3, 6, 101) * 4
+    labels = torch.randint(0, 101, (3, 6))
+    g1, g2 = torch.randn(3, 6), torch.randn(3, 6)   # upstream gradients, not all ones
+    res = []
+    for patched in (False, True):
+        z = logits.clone().requires_grad_()
+        with fi.patch("openrlhf") if patched else _null():
+            zs = z * 1.0   # OpenRLHF divides in place: give it a non-leaf
+            lp = ou.log_probs_from_logits(zs, labels, temperature=temperature)
+            ent = ou.compute_entropy(zs)
+        ((lp * g1).sum() + (ent * g2).sum()).backward()
+        res.append((lp, ent, zs.detach(), z.grad))
+    for x, y in zip(*res):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *e):
+        return False
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_compute_approx_kl(kind):
+    lp, base = torch.randn(4, 9) * 4, torch.randn(4, 9) * 4
+    base[0, 0], base[0, 1] = lp[0, 0] + 25, lp[0, 1] - 25   # past the +-10 clamps
+    res = []
+    for patched in (False, True):
+        x, y = lp.clone().requires_grad_(), base.clone().requires_grad_()
+        with fi.patch("openrlhf") if patched else _null():
+            kl = ou.compute_approx_kl(x, y, kl_estimator=kind)
+        (kl * torch.linspace(-1, 2, kl.numel()).view_as(kl)).sum().backward()
+        res.append((kl, x.grad, y.grad))
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("token_level", [True, False])
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("counts", [{}, {"dp_size": 2, "batch_num_tokens": 30.0, "global_batch_size": 10.0}])
+def test_policy_and_value_loss(token_level, dual_clip, counts):
+    B, T = 5, 8
+    lp, old, adv, m = torch.randn(B, T) * 0.3, torch.randn(B, T) * 0.3, torch.randn(B, T), _mask(B, T)
+    v, ov, ret = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
+    res = []
+    for patched in (False, True):
+        x, vx = lp.clone().requires_grad_(), v.clone().requires_grad_()
+        with fi.patch("openrlhf") if patched else _null():
+            pl = ol.PolicyLoss(0.2, 0.28, dual_clip=dual_clip, token_level_loss=token_level)
+            vl = ol.ValueLoss(0.2, token_level_loss=token_level)
+            loss, clip_ratio, ppo_kl, vllm_kl, filt = pl(x, old, adv, m, **counts)
+            vloss = vl(vx, ov, ret, m, **counts)
+            if patched:
+                assert type(pl).__fastppo_original__ is not None
+        (loss + vloss).backward()
+        res.append((loss, clip_ratio, ppo_kl, vloss, x.grad, vx.grad))
+        assert vllm_kl is None and filt is None
+    for a, b in zip(*res):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-5, atol=1e-6)
+
+
+def _host_gae():
+    """OpenRLHF's own get_advantages_and_returns, compiled from its source (its module imports vLLM,
+    which a CPU CI does not install)."""
+    path = Path(importlib.util.find_spec("openrlhf").submodule_search_locations[0], "trainer", "ppo_utils",
+                "experience_maker.py")
+    tree = ast.parse(path.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RemoteExperienceMaker")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "get_advantages_and_returns")
+    ns = {"torch": torch, "Tuple": tuple}
+    exec(compile(ast.Module([fn], []), str(path), "exec"), ns)
+    return ns["get_advantages_and_returns"]
+
+
+def test_gae_keeps_openrlhf_semantics():
+    host = _host_gae()
+    stats = fi._patching.CallStats()
+    ours = fo.build_gae(host, stats)
+    B, T = 4, 11
+    v, r, m = torch.randn(B, T), torch.randn(B, T), _mask(B, T)
+    a = host(None, v, r, m, 0.95, 0.9)
+    b = ours(None, v, r, m, 0.95, 0.9)
+    for x, y in zip(b, a):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert stats.served["get_advantages_and_returns"] == 1
