@@ -13,7 +13,7 @@ from .full_kl import full_kl
 from .fused import fused_ppo_loss
 from .linear import fused_linear_ppo_loss, linear_logprobs
 from .logprobs import token_logprobs
-from .losses import kl_penalty, ppo_policy_loss, value_loss
+from .losses import kl_penalty, ppo_policy_loss, rollout_is_weights, value_loss
 from .outputs import LogprobOutputs, PPOLossOutput
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "kl_penalty",
     "linear_logprobs",
     "ppo_policy_loss",
+    "rollout_is_weights",
     "set_backend",
     "token_logprobs",
     "use_backend",

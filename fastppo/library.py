@@ -160,20 +160,19 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     return kl_shaped_rewards_torch(scores, kl, mask, kl_coef).contiguous()
 
 
-# ----------------------------------------------------------------------------- kl_penalty (Triton)
-# On the PyTorch backend kl_penalty, ppo_policy_loss, value_loss and the fused losses compose the
-# differentiable reference instead (plain PyTorch ops, which torch.compile traces and fuses itself).
-def _kl_penalty_fake(logprobs, ref_logprobs, kind):
+# ----------------------------------------------------------------------------- kl_penalty
+def _kl_penalty_fake(logprobs, ref_logprobs, kind, backend):
     kl = logprobs.new_empty(logprobs.shape, dtype=_acc(logprobs, ref_logprobs))
     return kl, torch.empty_like(kl)
 
 
 @_define("kl_penalty", _kl_penalty_fake, kernels=True)
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kl, dkl/dlogp) per token in one Triton launch; the derivative is saved for backward."""
-    from .kernels.kl import kl_fwd
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl, dkl/dlogp) per token (one Triton launch, or its PyTorch twin); the derivative is saved for backward."""
+    from .dispatch import ops
 
-    return kl_fwd(logprobs, ref_logprobs, kind)
+    return ops("kl_penalty", backend).kl_fwd(logprobs, ref_logprobs, kind)
 
 
 def _kl_penalty_setup(ctx, inputs, output):
@@ -184,10 +183,10 @@ def _kl_penalty_setup(ctx, inputs, output):
 
 def _kl_penalty_backward(ctx, g_kl, _g_dkl):
     if g_kl is None:
-        return None, None, None
+        return None, None, None, None
     (dkl,) = ctx.saved_tensors
-    g = g_kl * dkl
-    return g, (-g if ctx.needs_input_grad[1] else None), None
+    g = g_kl.to(dkl.dtype) * dkl
+    return g, (-g if ctx.needs_input_grad[1] else None), None, None
 
 
 kl_penalty.register_autograd(_kl_penalty_backward, setup_context=_kl_penalty_setup)
@@ -328,7 +327,7 @@ def _linear_options(options: str):
     return _decode(LinearOptions, options)
 
 
-def _linear_logprobs_fake(hidden, weight, bias, labels, options):
+def _linear_logprobs_fake(hidden, weight, bias, labels, options, backend):
     opts = _linear_options(options)
     logp = hidden.new_empty(labels.shape, dtype=_acc(hidden, weight))
     per_token = [torch.empty_like(logp) if on else _empty(logp)
@@ -340,8 +339,8 @@ def _linear_logprobs_fake(hidden, weight, bias, labels, options):
 
 @_define("linear_logprobs", _linear_logprobs_fake, kernels=True)
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                    options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor, torch.Tensor]:
+                    options: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, log_sum_sq_probs, mean_logits, is_top1, lse, entropy_rows) of hidden @ weight.T + bias
     without the [N, V] logits (fastppo.linear; `options` is a LinearOptions). lse and entropy_rows [N] are
     backward's statistics. Only logp and entropy are differentiable."""
@@ -356,7 +355,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def _linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, options, need_hidden,
-                          need_weight, need_bias):
+                          need_weight, need_bias, backend):
     return (hidden.new_empty(hidden.shape) if need_hidden else _empty(hidden),
             weight.new_empty(weight.shape) if need_weight else _empty(weight),
             bias.new_empty(bias.shape) if (bias is not None and need_bias) else _empty(weight))
@@ -366,8 +365,8 @@ def _linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp,
 def linear_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
                              grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, options: str,
-                             need_hidden: bool, need_weight: bool,
-                             need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             need_hidden: bool, need_weight: bool, need_bias: bool,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_hidden, d_weight, d_bias) for per-token upstream gradients (empty where not needed)."""
     from .linear import linear_grads
 
@@ -379,74 +378,75 @@ def linear_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: t
 
 
 def _linear_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, options = inputs
+    hidden, weight, bias, labels, options, backend = inputs
     logp, ent, sq, mean, top1, lse, ent_rows = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(sq, mean, top1, lse, ent_rows)
     with_entropy = _linear_options(options).with_entropy
     ctx.save_for_backward(hidden, weight, bias, labels, lse, ent_rows if with_entropy else None)
-    ctx.options = options
+    ctx.options, ctx.backend = options, backend
 
 
 def _linear_logprobs_backward(ctx, g_logp, g_ent, *_):
     hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if g_logp is None and (g_ent is None or ent is None):
-        return (None,) * 5
+        return (None,) * 6
     if g_logp is None:
         g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=lse.device)
     need_bias = bias is not None and needs[2]
     dh, dw, db = torch.ops.fastppo.linear_logprobs_backward(hidden, weight, bias, labels, lse, ent, g_logp, g_ent,
-                                                            ctx.options, needs[0], needs[1], need_bias)
-    return (dh if needs[0] else None), (dw if needs[1] else None), (db if need_bias else None), None, None
+                                                            ctx.options, needs[0], needs[1], need_bias, ctx.backend)
+    return (dh if needs[0] else None), (dw if needs[1] else None), (db if need_bias else None), None, None, None
 
 
 linear_logprobs.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup)
 
 
-# ----------------------------------------------------------------------------- policy / value losses (Triton)
-def _agg_options(options: str):
-    from .losses import AggOptions
+# ----------------------------------------------------------------------------- policy / value losses
+def _loss_options(options: str):
+    from .options import LossOptions
 
-    return _decode(AggOptions, options)
-
-
-def _n_stats():
-    from .kernels.loss_agg import STATS
-
-    return len(STATS)
+    return _decode(LossOptions, options)
 
 
 def _agg_outputs_fake(x, mask):
-    """loss, stats, coef: the aggregation kernel's outputs (coef is [B, T]; [1, T] for a [T] mask)."""
+    """loss, stats, coef: the aggregation's outputs (coef is [B, T]; [1, T] for a [T] mask)."""
+    from .kernels.loss_agg import STATS
+
     acc = _acc(x)
     bt = tuple(mask.shape) if mask.dim() == 2 else (1, mask.shape[0])
-    return x.new_empty((), dtype=acc), x.new_empty((_n_stats(),), dtype=acc), x.new_empty(bt, dtype=acc)
+    return x.new_empty((), dtype=acc), x.new_empty((len(STATS),), dtype=acc), x.new_empty(bt, dtype=acc)
 
 
-def _token_loss_fake(x, old, adv, mask, options):
-    return _agg_outputs_fake(x, mask)
+def _ppo_policy_loss_fake(logprobs, old_logprobs, advantages, mask, entropy, rollout_is_weights, options, backend):
+    return _agg_outputs_fake(logprobs, mask)
 
 
-def _token_loss(x, old, adv, mask, options):
-    from .kernels.loss_agg import loss_agg
-
-    loss, stats, coef, _, _ = loss_agg(x, old, adv, mask, **_agg_options(options).kwargs())
-    return loss, stats, coef
-
-
-@_define("ppo_policy_loss", _token_loss_fake, kernels=True)
+@_define("ppo_policy_loss", _ppo_policy_loss_fake, kernels=True)
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, stats, dloss/dlogprobs) from one launch of the aggregation kernel (`options`: AggOptions)."""
-    return _token_loss(logprobs, old_logprobs, advantages, mask, options)
+                    entropy: torch.Tensor | None, rollout_is_weights: torch.Tensor | None, options: str,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, dloss/dlogprobs) of the policy loss of `options` (a LossOptions)."""
+    from .losses import loss_terms_from_logprobs
+
+    res = loss_terms_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, opts=_loss_options(options),
+                                   backend=backend, rollout_is_weights=rollout_is_weights)
+    return res.loss, res.stats, res.coef
 
 
-@_define("value_loss", _token_loss_fake, kernels=True)
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, stats, dloss/dvalues) from one launch of the aggregation kernel (`options`: AggOptions)."""
-    return _token_loss(values, old_values, returns, mask, options)
+def _value_loss_fake(values, old_values, returns, mask, options, backend):
+    return _agg_outputs_fake(values, mask)
+
+
+@_define("value_loss", _value_loss_fake, kernels=True)
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, options: str,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, dloss/dvalues) of the value loss of `options` (a LossOptions)."""
+    from .dispatch import ops
+
+    res = ops("loss_agg", backend).value_loss_agg(values, old_values, returns, mask, opts=_loss_options(options))
+    return res.loss, res.stats, res.coef
 
 
 def _token_loss_setup(ctx, inputs, output):
@@ -454,81 +454,84 @@ def _token_loss_setup(ctx, inputs, output):
     loss, stats, coef = output
     ctx.mark_non_differentiable(stats, coef)
     ctx.save_for_backward(coef)
-    ctx.x_shape = inputs[0].shape
+    ctx.x_meta = (inputs[0].shape, len(inputs))
 
 
 def _token_loss_backward(ctx, g_loss, _g_stats, _g_coef):
+    shape, n = ctx.x_meta
     if g_loss is None:
-        return None, None, None, None, None
+        return (None,) * n
     (coef,) = ctx.saved_tensors
-    return (g_loss * coef).view(ctx.x_shape), None, None, None, None
+    return ((g_loss.to(coef.dtype) * coef).view(shape), *([None] * (n - 1)))
 
 
 for _op in (ppo_policy_loss, value_loss):
     _op.register_autograd(_token_loss_backward, setup_context=_token_loss_setup)
 
 
-# ----------------------------------------------------------------------------- fused PPO losses (Triton)
-def _ppo_options(options: str):
-    from .fused import PPOOptions
-    from .losses import AggOptions
+# ----------------------------------------------------------------------------- fused losses
+def _logits_options(options: str):
+    from .fused import LogitsOptions
 
-    return _decode(PPOOptions, options, agg=AggOptions)
+    return _decode(LogitsOptions, options)
 
 
 FusedOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                      torch.Tensor]
 
 
-def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_logprobs, options):
-    opts = _ppo_options(options)
+def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+                         logits_options, options, backend):
+    lopts = _logits_options(logits_options)
     loss, stats, coef = _agg_outputs_fake(logits, mask)
     logp = logits.new_empty(labels.shape, dtype=loss.dtype)
     kl = coef.new_empty(coef.shape) if ref_logprobs is not None else _empty(logp)
-    ent = torch.empty_like(logp) if opts.want_entropy else _empty(logp)
-    coef_ent = torch.empty_like(coef) if opts.want_entropy else _empty(coef)
+    ent = torch.empty_like(logp) if lopts.want_entropy else _empty(logp)
+    coef_ent = torch.empty_like(coef) if lopts.want_entropy else _empty(coef)
     return loss, logp, kl, ent, stats, logits.new_empty((labels.numel(),), dtype=loss.dtype), coef, coef_ent
 
 
 @_define("fused_ppo_loss", _fused_ppo_loss_fake, kernels=True)
 def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                   mask: torch.Tensor, ref_logprobs: torch.Tensor | None, options: str) -> FusedOutputs:
-    """(loss, logprobs, kl, entropy, stats, lse, coef_logp, coef_entropy): launches 1 and 2 of fastppo.fused
-    (`options`: PPOOptions; kl / entropy / coef_entropy empty when absent). Only loss is differentiable;
-    its backward is launch 3 (token_logprobs_backward, or written over the logits when inplace)."""
+                   mask: torch.Tensor, ref_logprobs: torch.Tensor | None, rollout_is_weights: torch.Tensor | None,
+                   logits_options: str, options: str, backend: str) -> FusedOutputs:
+    """(loss, logprobs, kl, entropy, stats, lse, coef_logp, coef_entropy) of fastppo.fused (`logits_options`: a
+    LogitsOptions, `options`: a LossOptions; kl / entropy / coef_entropy empty when absent). Only loss is
+    differentiable; its backward is one log-prob backward launch (token_logprobs_backward, or written over
+    the logits when inplace)."""
     from .fused import fused_outputs
 
-    loss, logp, kl, ent, stats, lse, coef, coef_ent = fused_outputs(logits, labels, old_logprobs, advantages, mask,
-                                                                    ref_logprobs, _ppo_options(options))
+    loss, logp, kl, ent, stats, lse, coef, coef_ent = fused_outputs(
+        logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+        _logits_options(logits_options), _loss_options(options))
     return loss, logp, _or_empty(kl, logp), _or_empty(ent, logp), stats, lse, coef, _or_empty(coef_ent, coef)
 
 
 def _fused_ppo_loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
-    logits, labels, old, adv, mask, ref, options = inputs
+    logits, labels, old, adv, mask, ref, isw, logits_options, options, backend = inputs
     loss, logp, kl, ent, stats, lse, coef, coef_ent = output
     ctx.mark_non_differentiable(logp, kl, ent, stats, lse, coef, coef_ent)
-    opts = _ppo_options(options)
-    use_ent = opts.want_entropy and opts.entropy_coef != 0
+    use_ent = _logits_options(logits_options).want_entropy and _loss_options(options).entropy_coef != 0
     ctx.save_for_backward(logits, labels, mask, lse, ent if use_ent else None, coef, coef_ent if use_ent else None)
-    ctx.options = options
+    ctx.logits_options = logits_options
 
 
 def _fused_ppo_loss_backward(ctx, g_loss, *_):
     if g_loss is None:
-        return (None,) * 7
+        return (None,) * 10
     logits, labels, mask, lse, ent, coef, coef_ent = ctx.saved_tensors
-    opts = _ppo_options(ctx.options)
+    lopts = _logits_options(ctx.logits_options)
     scale = g_loss.to(lse.dtype)
-    transform = (opts.inv_tau, opts.ignore_index, opts.logit_scale, opts.softcap)
-    if opts.inplace and logits.stride(-1) == 1:   # otherwise the kernel would write into a contiguous copy
+    transform = (lopts.inv_tau, lopts.ignore_index, lopts.logit_scale, lopts.softcap)
+    if lopts.inplace and lopts.backend == "triton" and logits.stride(-1) == 1:   # else: a contiguous copy
         torch.ops.fastppo.token_logprobs_backward_inplace(logits, labels, lse, ent, coef, coef_ent, scale, mask,
                                                           *transform)
         d = logits
     else:
         d = torch.ops.fastppo.token_logprobs_backward(logits, labels, lse, ent, coef, coef_ent, scale, mask,
-                                                      *transform, "triton")
-    return (d, *([None] * 6))
+                                                      *transform, lopts.backend)
+    return (d, *([None] * 9))
 
 
 fused_ppo_loss.register_autograd(_fused_ppo_loss_backward, setup_context=_fused_ppo_loss_setup)
@@ -554,30 +557,32 @@ def token_logprobs_backward_inplace(logits: torch.Tensor, labels: torch.Tensor, 
                  softcap=softcap)
 
 
-def _fused_linear_ppo_loss_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, options,
-                                linear_options, need_hidden, need_weight, need_bias):
-    opts = _ppo_options(options)
+def _fused_linear_ppo_loss_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
+                                rollout_is_weights, options, linear_options, need_hidden, need_weight, need_bias,
+                                backend):
+    lin = _linear_options(linear_options)
     loss, stats, coef = _agg_outputs_fake(hidden, mask)
     logp = hidden.new_empty(labels.shape, dtype=_acc(hidden, weight))
     kl = coef.new_empty(coef.shape) if ref_logprobs is not None else _empty(logp)
-    ent = torch.empty_like(logp) if opts.want_entropy else _empty(logp)
+    ent = torch.empty_like(logp) if lin.with_entropy else _empty(logp)
     return (loss, logp, kl, ent, stats, *_linear_backward_fake(hidden, weight, bias, None, None, None, None, None, None,
-                                                               need_hidden, need_weight, need_bias))
+                                                               need_hidden, need_weight, need_bias, backend))
 
 
 @_define("fused_linear_ppo_loss", _fused_linear_ppo_loss_fake, kernels=True)
 def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                           old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                          ref_logprobs: torch.Tensor | None, options: str, linear_options: str, need_hidden: bool,
-                          need_weight: bool, need_bias: bool) -> FusedOutputs:
+                          ref_logprobs: torch.Tensor | None, rollout_is_weights: torch.Tensor | None, options: str,
+                          linear_options: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+                          backend: str) -> FusedOutputs:
     """(loss, logprobs, kl, entropy, stats, d_hidden, d_weight, d_bias): fused_linear_ppo_loss's forward,
     which forms the gradients for a unit upstream gradient (fastppo.linear; empty where not needed).
     Only loss is differentiable; its backward scales the saved gradients."""
     from .linear import fused_linear_outputs
 
     loss, logp, kl, ent, stats, dh, dw, db = fused_linear_outputs(
-        hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, _ppo_options(options),
-        _linear_options(linear_options), (need_hidden, need_weight, need_bias))
+        hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+        _loss_options(options), _linear_options(linear_options), (need_hidden, need_weight, need_bias))
     return (loss, logp, _or_empty(kl, logp), _or_empty(ent, logp), stats, _empty(hidden) if dh is None else
             dh.contiguous(), _or_empty(dw, weight), _or_empty(db, weight))
 
@@ -587,12 +592,12 @@ def _fused_linear_ppo_loss_setup(ctx, inputs, output):
     loss, logp, kl, ent, stats, dh, dw, db = output
     ctx.mark_non_differentiable(logp, kl, ent, stats, dh, dw, db)
     ctx.save_for_backward(dh, dw, db)
-    ctx.present = inputs[-3:]
+    ctx.present = inputs[-4:-1]
 
 
 def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
     if g_loss is None:
-        return (None,) * 13
+        return (None,) * 15
     grads = []
     for t, present in zip(ctx.saved_tensors, ctx.present):
         if not present:
@@ -600,7 +605,7 @@ def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
             continue
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
         grads.append((t.to(acc) * g_loss.reshape(()).to(acc)).to(t.dtype))
-    return (*grads, *([None] * 10))
+    return (*grads, *([None] * 12))
 
 
 fused_linear_ppo_loss.register_autograd(_fused_linear_ppo_loss_backward, setup_context=_fused_linear_ppo_loss_setup)

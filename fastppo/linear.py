@@ -33,13 +33,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _linear_torch
-from . import reference as ref_impl
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
-from .fused import PPOOptions, check_ppo_args, ppo_output, ppo_terms_from_logprobs
+from .dispatch import ops
+from .fused import check_fused_tensors, loss_options, ppo_output
 from .library import encode
-from .losses import AggOptions
+from .losses import loss_terms_from_logprobs
+from .options import LossOptions
 from .outputs import LogprobOutputs, PPOLossOutput
 
 EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
@@ -60,9 +60,7 @@ class LinearOptions:
 
 
 def _kernels():
-    from .kernels import linear
-
-    return linear
+    return ops("linear", "triton")
 
 
 def _acc(hidden, weight):
@@ -138,14 +136,15 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
 def _forward(h2, weight, bias, y, valid, opts):
     if opts.backend == "triton":
         return triton_forward(h2, weight, bias, y, valid, opts)
-    return None, _linear_torch.forward(h2, weight, bias, y, valid, opts)
+    return None, ops("linear", "torch").forward(h2, weight, bias, y, valid, opts)
 
 
 def _gradients(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, needs):
     """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row). `stats`: the rows' lse and
     entropy (or None), by original row on the torch backend, by compacted position on the Triton path."""
     if opts.backend == "torch":
-        return _linear_torch.grads(h2, weight, bias, y, valid, stats[0], stats[1], c_logp, c_ent, opts, needs)
+        return ops("linear", "torch").grads(h2, weight, bias, y, valid, stats[0], stats[1], c_logp, c_ent, opts,
+                                              needs)
     acc = _acc(h2, weight)
     cl = c_logp.to(acc).index_select(0, rows.idx)
     ce = None if c_ent is None else c_ent.to(acc).index_select(0, rows.idx)
@@ -272,7 +271,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     extras = _check_extras(extra_outputs)
     opts = _linear_options(temperature, ignore_index, return_entropy, bool(extras), final_logit_softcapping,
                            logit_scale, chunk_bytes, backend_for(hidden, weight, labels))
-    logp, ent, sq, mean, top1, _, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, encode(opts))
+    logp, ent, sq, mean, top1, _, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, encode(opts),
+                                                                       opts.backend)
     ent = ent if opts.with_entropy else None   # the op returns empty tensors for outputs not asked for
     if extras:
         pick = {"log_sum_sq_probs": sq, "mean_logits": mean, "is_top1": top1}
@@ -281,25 +281,27 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 
 # ----------------------------------------------------------------------------- fused_linear_ppo_loss
-def _token_local(opts: PPOOptions) -> bool:
+def _token_local(opts: LossOptions) -> bool:
     """Whether every token's loss coefficients depend only on that token's values and the aggregation
-    weights (then the gradient is formed chunk by chunk in forward, 6 N H V FLOPs). Every policy loss
-    and aggregation of fastppo.losses today; a sequence-level or batch-global term (GSPO/GMPO sequence
-    ratios, entropy quantiles) answers False and takes the recompute path (8 N H V)."""
-    return True
+    weights (then the gradient is formed chunk by chunk in forward, 6 N H V FLOPs): every token-level
+    policy loss and every aggregation. A sequence-level term (gspo, gspo_token, gmpo: sequence ratios) or a
+    batch-global one (entropy_quantile: a threshold over all tokens) answers False and takes the
+    recompute path (8 N H V)."""
+    return not opts.sequence_level and opts.entropy_quantile is None
 
 
-def _agg_weights(mask, opts: PPOOptions, acc):
+def _agg_weights(mask, opts: LossOptions, acc, backend):
     """Per-token aggregation weights m_t w_b of the loss's `agg` mode, read from the per-token loss function
     itself: with entropy_coef = 1 and zero entropy its entropy coefficient is exactly -m_t w_b."""
     zeros = torch.zeros(mask.shape, dtype=acc, device=mask.device)
-    unit = dataclasses.replace(opts, kl_coef=0.0, entropy_coef=1.0)
-    _, _, _, coef_ent, _ = ppo_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, None, unit)
-    return -coef_ent.reshape(-1)
+    unit = opts.replace(policy_loss="ppo", dual_clip=None, ratio_max=None, entropy_quantile=None, kl_coef=0.0,
+                        entropy_coef=1.0)
+    res = loss_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, opts=unit, backend=backend)
+    return -res.coef_ent.reshape(-1)
 
 
-def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, opts: PPOOptions, lin: LinearOptions,
-                         needs):
+def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw, opts: LossOptions,
+                         lin: LinearOptions, needs):
     """Forward of fused_linear_ppo_loss (the body of torch.ops.fastppo.fused_linear_ppo_loss): loss, logp,
     kl, entropy, stats and the gradients (d_hidden, d_weight, d_bias) for a unit upstream gradient, formed
     in this pass where `needs` asks for them (None elsewhere)."""
@@ -309,22 +311,22 @@ def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, opts
     use_ent = lin.with_entropy and opts.entropy_coef != 0
     acc = _acc(h2, weight)
     grads = (None, None, None)
-    if not any(needs):
-        _, out = _forward(h2, weight, bias, y, valid, lin)
-    elif _token_local(opts):
-        grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, opts, lin, needs,
-                                            use_ent, acc)
+    in_forward = any(needs) and lin.backend == "triton" and _token_local(opts)
+    if in_forward:
+        grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin,
+                                            needs, use_ent, acc)
     else:
         rows, out = _forward(h2, weight, bias, y, valid, lin)
     logp = out["logp"].view(shape)
     ent = out["ent"].view(shape) if lin.with_entropy else None
-    loss, stats, coef_x, coef_ent, kl = ppo_terms_from_logprobs(logp, ent, old, adv, mask, ref, opts)
-    if any(needs) and not _token_local(opts):
+    res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lin.backend, ref=ref,
+                                   rollout_is_weights=isw)
+    if any(needs) and not in_forward:
         row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
-        grads = _gradients(h2, weight, bias, y, valid, rows, row_stats, coef_x.reshape(-1),
-                           coef_ent.reshape(-1) if use_ent else None, lin, needs)
+        grads = _gradients(h2, weight, bias, y, valid, rows, row_stats, res.coef.reshape(-1),
+                           res.coef_ent.reshape(-1) if use_ent else None, lin, needs)
     dh, dw, db = grads
-    return loss, logp, kl, ent, stats, (None if dh is None else dh.view(hidden.shape)), dw, db
+    return res.loss, logp, res.kl, ent, res.stats, (None if dh is None else dh.view(hidden.shape)), dw, db
 
 
 def _per_token(t, mask):
@@ -336,7 +338,7 @@ def _per_token(t, mask):
     return t.expand(mask.shape).reshape(-1)
 
 
-def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, opts, lin, needs, use_ent, acc):
+def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin, needs, use_ent, acc):
     """The 6 N H V path: each chunk's coefficients dloss/dlogp = m w dL/dlogp and dloss/dH = -m w c_ent come
     from the per-token loss function run on the chunk's rows with unit aggregation (token-mean over a
     count of 1), times the global aggregation weights m w, so chunk contributions add up exactly."""
@@ -344,23 +346,22 @@ def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, opts
     N = h2.shape[0]
     rows = k.Rows(valid)
     out = k.new_outputs(N, h2.device, acc, lin.with_entropy, False)
-    weights = _agg_weights(mask, opts, acc)
-    flat = [_per_token(t, mask) for t in (old, adv, mask, ref)]
-    unit = dataclasses.replace(opts, agg=dataclasses.replace(opts.agg, agg="token-mean", num_tokens=1.0,
-                                                             num_seqs=None, horizon=None))
+    weights = _agg_weights(mask, opts, acc, lin.backend)
+    flat = [_per_token(t, mask) for t in (old, adv, mask, ref, isw)]
+    unit = opts.replace(agg="token-mean", num_tokens=1.0, num_seqs=None, horizon=None)
     c_logp = torch.zeros(N, dtype=acc, device=h2.device)
     c_ent = torch.zeros(N, dtype=acc, device=h2.device) if use_ent else None
 
     def coefs(r0, n):
         sel = rows.idx[r0:r0 + n]
-        old_c, adv_c, mask_c, ref_c = (None if t is None else t.index_select(0, sel)[None] for t in flat)
+        old_c, adv_c, mask_c, ref_c, isw_c = (None if t is None else t.index_select(0, sel)[None] for t in flat)
         ent_c = out["ent_c"][r0:r0 + n][None] if use_ent else None
-        _, _, cx, ce, _ = ppo_terms_from_logprobs(out["logp_c"][r0:r0 + n][None], ent_c, old_c, adv_c, mask_c, ref_c,
-                                                  unit)
+        res = loss_terms_from_logprobs(out["logp_c"][r0:r0 + n][None], ent_c, old_c, adv_c, mask_c, opts=unit,
+                                       backend=lin.backend, ref=ref_c, rollout_is_weights=isw_c)
         w = weights.index_select(0, sel)
-        c_logp[r0:r0 + n] = cx[0] * w
+        c_logp[r0:r0 + n] = res.coef[0] * w
         if use_ent:
-            c_ent[r0:r0 + n] = ce[0] * w
+            c_ent[r0:r0 + n] = res.coef_ent[0] * w
         return c_logp, c_ent
 
     grads = triton_gradient_pass(h2, weight, bias, y, rows, out, lin, needs, coefs)
@@ -370,44 +371,36 @@ def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, opts
 def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None, ref_logprobs=None,
                           kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                           temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                          num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None,
-                          logit_scale=1.0, chunk_bytes=None) -> PPOLossOutput:
+                          num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo", ratio_max=None,
+                          sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None, entropy_quantile=None,
+                          final_logit_softcapping=None, logit_scale=1.0, chunk_bytes=None) -> PPOLossOutput:
     """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     without materialising the logits.
 
-    hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments and the result are those of
-    fused_ppo_loss. Only tokens with mask != 0 and a label != ignore_index are projected; the returned
-    per-token log-probs / entropy are 0 elsewhere. On the Triton path the gradients to hidden, weight and
-    bias are formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the [rows, V] buffers; None:
-    automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only scales them
-    by the upstream gradient. Those gradients are held from forward to backward."""
+    hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments (policy-loss variants included) and
+    the result are those of fused_ppo_loss. Only tokens with mask != 0 and a label != ignore_index are
+    projected; the returned per-token log-probs / entropy are 0 elsewhere, and NaN there cannot leak. On
+    the Triton path, for token-level losses (`_token_local`), the gradients to hidden, weight and bias are
+    formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the [rows, V] buffers; None:
+    automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only scales
+    them by the upstream gradient (those gradients are held from forward to backward). Sequence-level
+    variants (gspo, gspo_token, gmpo) and entropy_quantile recompute the logits in forward: 8 N_valid H V."""
+    opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                        ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+                        entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
+                        entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
     _check_linear(hidden, weight, labels, bias, ignore_index)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
-    check_ppo_args(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
-                   clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
-    clip_high = clip_low if clip_high is None else clip_high
-    want_ent = bool(return_entropy or entropy_coef != 0)
+    check_fused_tensors(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
+    want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(hidden, weight, labels, old_logprobs, advantages, mask)
     lin = _linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
                           chunk_bytes, backend)
-    if backend == "torch":
-        # a masked token is an ignored label: never projected, no value or gradient (NaN there cannot leak)
-        labels = labels.masked_fill(mask.reshape(labels.shape) == 0, lin.ignore_index)
-        out = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                              return_entropy=want_ent, final_logit_softcapping=final_logit_softcapping,
-                              logit_scale=logit_scale, chunk_bytes=chunk_bytes)
-        logp, ent = out if want_ent else (out, None)
-        return ref_impl.compose_ppo_loss(
-            logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-            kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-            dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    opts = PPOOptions(lin.inv_tau, int(ignore_index), want_ent, kl_kind, float(kl_coef), float(entropy_coef), False,
-                      AggOptions(0, agg, clip_low, clip_high, dual_clip, None, num_tokens, num_seqs, horizon))
-    ref = None if ref_logprobs is None else ref_logprobs.detach()
     grad_on = torch.is_grad_enabled()
     needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_linear_ppo_loss(
-        hidden, weight, bias, labels, old_logprobs.detach(), advantages.detach(), mask, ref, encode(opts), encode(lin),
-        *needs)
-    return ppo_output(loss, logp, kl, ent, stats, ref is not None, want_ent)
+        hidden, weight, bias, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
+        detach(rollout_is_weights), encode(opts), encode(lin), *needs, backend)
+    return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)

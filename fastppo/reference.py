@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .modes import AGG_MODES, KL_KINDS  # noqa: F401  (re-exported: the names live in fastppo.modes)
+from .modes import AGG_MODES, KL_KINDS, POLICY_LOSSES  # noqa: F401  (AGG_MODES, KL_KINDS re-exported)
 from .outputs import PPOLossOutput
 
 
@@ -135,33 +135,135 @@ def _expand_advantages(advantages, like):
     return adv.expand_as(like)
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None,
-                    dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None, horizon=None):
-    """ratio = exp(clamp(logp - old, -20, 20)); L = max(-A ratio, -A clamp(ratio, 1-cl, 1+ch));
-    dual clip c: where A < 0, L = min(L, -c A). Returns (agg(L), stats)."""
+def _seq_mean(x, m, den):
+    return _keep(x, m).sum(-1) / den
+
+
+def policy_loss_matrix(logprobs, old_logprobs, advantages, mask, *, policy_loss="ppo", clip_low=0.2,
+                       clip_high=None, dual_clip=None, ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+                       rollout_is_weights=None):
+    """Per-token policy loss L [B, T] of each variant (fastppo.losses docstring) and its per-token
+    (clipped, lower, ratio) for the stats. Follows verl 0.9's compute_policy_loss_<name>: vanilla
+    (ppo; ratio_max is TRL's two-sided `delta`), gspo (our gspo_token), cispo, sapo, geo_mean (gmpo),
+    gpg; `gspo` is the paper's sequence-level ratio with the gradient through the mean."""
     clip_high = clip_low if clip_high is None else clip_high
     m = _f(mask)
+    if logprobs.dim() == 1:
+        logprobs, old_logprobs, m = logprobs[None], old_logprobs[None], m[None]
+        advantages = advantages[None] if advantages.dim() == 1 else advantages
+        rollout_is_weights = None if rollout_is_weights is None else rollout_is_weights[None]
     logp = _keep(_f(logprobs), m)
     adv = _keep(_expand_advantages(advantages, logp), m)
+    isw = None if rollout_is_weights is None else _keep(_f(rollout_is_weights), m)
     d = logp - _keep(_f(old_logprobs), m)
     ratio = torch.exp(d.clamp(-20, 20))
-    l1 = -adv * ratio
-    l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = torch.maximum(l1, l2)
-    lower = torch.zeros_like(m)
-    if dual_clip is not None:
-        l3 = -adv * dual_clip
-        lower = ((adv < 0) & (l3 < loss)).float()
-        loss = torch.where(adv < 0, torch.minimum(loss, l3), loss)
-    total = aggregate(loss, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    zeros = torch.zeros_like(m)
+    lower = zeros.bool()
+    n = m.sum(-1)
+    if policy_loss == "ppo":
+        r1 = ratio if ratio_max is None else ratio.clamp(max=ratio_max)
+        l1 = -adv * r1
+        l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+        loss = torch.maximum(l1, l2)
+        clipped = l2 > l1
+        if dual_clip is not None:
+            l3 = -adv * dual_clip
+            lower = (adv < 0) & (l3 < loss)
+            loss = torch.where(adv < 0, torch.minimum(loss, l3), loss)
+    elif policy_loss in ("gspo", "gspo_token"):
+        lr = _seq_mean(d, m, n.clamp_min(1))[:, None]
+        if policy_loss == "gspo_token":
+            log_s = logp - logp.detach() + lr.detach()
+        else:
+            log_s = lr.expand_as(logp)
+        ratio = torch.exp(log_s.clamp(max=10.0))
+        l1 = -adv * ratio
+        l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+        loss = torch.maximum(l1, l2)
+        clipped = l2 > l1
+    elif policy_loss == "cispo":
+        c = ratio.clamp(1 - clip_low, 1 + clip_high).detach()
+        loss = -c * adv * logp
+        clipped = ratio != c
+    elif policy_loss == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, sapo_tau_pos), torch.full_like(adv, sapo_tau_neg))
+        loss = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
+        clipped = zeros.bool()
+    elif policy_loss == "gmpo":
+        sgn = torch.sign(adv)
+        dc = d.clamp(-clip_low, clip_high)
+        dmin = sgn * torch.minimum(sgn * d, sgn * dc)
+        den = n + 1e-8
+        s = torch.exp(_seq_mean(dmin, m, den))
+        lb = -_seq_mean(adv, m, den) * s
+        if isw is not None:
+            lb = lb * torch.exp(_seq_mean(torch.log(isw + 1e-10), m, den))
+        loss = lb[:, None].expand_as(logp)
+        ratio = s[:, None].expand_as(logp)
+        clip_d = d != dc
+        clipped, lower = clip_d & (adv > 0), clip_d & (adv < 0)
+    elif policy_loss == "gpg":
+        loss = -logp * adv
+        clipped = zeros.bool()
+    else:
+        raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
+    if isw is not None and policy_loss != "gmpo":
+        loss = loss * isw
+    return loss, clipped, lower, ratio, d
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None,
+                    dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None, horizon=None,
+                    policy_loss="ppo", ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+                    rollout_is_weights=None, entropy_quantile=None, entropy=None):
+    """agg(L) of the policy-loss variant (policy_loss_matrix); entropy_quantile rho keeps the valid
+    tokens with entropy >= the (1 - rho) quantile of the valid entropies (torch.quantile, TRL's
+    get_high_entropy_mask). Returns (agg(L), stats)."""
+    loss, clipped, lower, ratio, d = policy_loss_matrix(
+        logprobs, old_logprobs, advantages, mask, policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+        rollout_is_weights=rollout_is_weights)
+    m = _f(mask).reshape(loss.shape)
+    keep = m
+    if entropy_quantile is not None:
+        h = _f(entropy).reshape(loss.shape)
+        valid = h[m > 0]
+        if valid.numel():
+            thr = torch.quantile(valid, 1 - entropy_quantile)
+            keep = m * (h >= thr).to(m.dtype)
+        else:
+            keep = torch.zeros_like(m)
+    total = aggregate(_keep(loss, keep), m, agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
     stats = {
-        "clipfrac": _masked_mean((l2 > l1).float(), m).detach(),
-        "clipfrac_lower": _masked_mean(lower, m).detach(),
+        "clipfrac": _masked_mean(clipped.to(m.dtype), m).detach(),
+        "clipfrac_lower": _masked_mean(lower.to(m.dtype), m).detach(),
         "approx_kl": _masked_mean(0.5 * d.square(), m).detach(),
         "ratio_mean": _masked_mean(ratio, m).detach(),
         "ratio_max": _masked_max(ratio, m).detach(),
     }
+    if entropy_quantile is not None:
+        stats["entropy_kept_frac"] = _masked_mean(keep, m).detach()
     return total, stats
+
+
+def rollout_is_weights(old_logprobs, rollout_logprobs, mask, *, level="token", mode="truncate", max=2.0,
+                       min=None):
+    """TRL 1.16 GRPOTrainer's vLLM importance-sampling correction (`_generate_and_score_completions`):
+    diff = nan_to_num((old - rollout) * mask, nan=0); sequence level: diff summed over the sequence;
+    ratio = exp(diff); truncate: clamp(ratio, min, max); mask: ratio where min <= ratio <= max, else 0.
+    Weights [B, T] (0 at mask-0 positions)."""
+    m = _f(mask)
+    diff = torch.nan_to_num((_f(old_logprobs) - _f(rollout_logprobs)) * m, nan=0.0)
+    if level == "sequence":
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode == "truncate":
+        w = torch.clamp(ratio, min=min, max=max)
+    else:
+        lo = -float("inf") if min is None else min
+        hi = float("inf") if max is None else max
+        w = ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+    return _keep(w.expand_as(m), m)
 
 
 def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean", num_tokens=None,
@@ -183,13 +285,19 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
     return total, {"vf_clipfrac": _masked_mean(clipped, m).detach()}
 
 
+POLICY_KWARGS = ("policy_loss", "ratio_max", "sapo_tau_pos", "sapo_tau_neg", "rollout_is_weights",
+                 "entropy_quantile")
+
+
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                    kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                   num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None, logit_scale=1.0):
-    """agg(L) + kl_coef * agg(KL) - entropy_coef * agg(H), composed from the pieces above. Mask-0 rows
-    are treated as ignore_index (logprobs and entropy 0 there, no gradient)."""
-    want_ent = return_entropy or entropy_coef != 0
+                   num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None, logit_scale=1.0,
+                   **policy):
+    """agg(L) + kl_coef * agg(KL) - entropy_coef * agg(H), composed from the pieces above
+    (`policy`: the POLICY_KWARGS of ppo_policy_loss). Mask-0 rows are treated as ignore_index
+    (logprobs and entropy 0 there, no gradient)."""
+    want_ent = return_entropy or entropy_coef != 0 or policy.get("entropy_quantile") is not None
     labels = torch.where(_f(mask) != 0, labels, ignore_index)
     out = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                          return_entropy=want_ent, final_logit_softcapping=final_logit_softcapping,
@@ -198,15 +306,18 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
     return compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
                             kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
                             clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens,
-                            num_seqs=num_seqs, horizon=horizon)
+                            num_seqs=num_seqs, horizon=horizon, **policy)
 
 
 def compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs, kl_coef, kl_kind,
-                     entropy_coef, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon):
+                     entropy_coef, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon, **policy):
     """The fused loss from per-token log-probs (and entropy): the unfused composition."""
+    unknown = set(policy) - set(POLICY_KWARGS)
+    if unknown:
+        raise TypeError(f"unknown policy options {sorted(unknown)}")
     counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
     loss, stats = ppo_policy_loss(logp, old_logprobs, advantages, mask, clip_low=clip_low,
-                                  clip_high=clip_high, dual_clip=dual_clip, agg=agg, **counts)
+                                  clip_high=clip_high, dual_clip=dual_clip, agg=agg, entropy=ent, **counts, **policy)
     stats["pg_loss"] = loss.detach()
     m = _f(mask)
     kl = None

@@ -13,9 +13,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROW_BLOCK_V = 1024 if INTERPRET else 4096
 ROW_NUM_WARPS = 8
 
-# Single-program reductions over [B, T] per-token arrays (loss aggregation).
+# Loss aggregation over [B, T] per-token arrays: one program per (sequence, AGG_BLOCK_T tile), then
+# one finishing program that reduces the per-tile partials AGG_FINISH_BLOCK rows at a time.
 AGG_BLOCK_T = 1024
 AGG_NUM_WARPS = 8
+AGG_FINISH_BLOCK = 64
+AGG_FINISH_BLOCK_J = 16
 
 # GAE: one program per sequence, a reverse scan over BLOCK_T time steps per chunk.
 GAE_BLOCK_T = 1024

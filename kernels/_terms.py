@@ -42,6 +42,18 @@ def max_grad(a, b, da, db):
 
 
 @triton.jit
+def min_grad(a, b, da, db):
+    """Gradient of torch.minimum(a, b) given the operands' gradients (ties: half each)."""
+    return max_grad(b, a, da, db)
+
+
+@triton.jit
+def clip_grad(x, lo, hi):
+    """d clamp(x, lo, hi) / dx as torch gives it: 1 on [lo, hi] (bounds included), else 0 (NaN: 0)."""
+    return tl.where((x >= lo) & (x <= hi), 1.0, 0.0)
+
+
+@triton.jit
 def kl_terms(logp, ref, KIND: tl.constexpr):
     """d = logp - ref. k1: d (1); abs: |d| (sign d); k2: d^2/2 (d); k3: exp(-d) - 1 + d (1 - exp(-d));
     low_var_kl: k3 of clamp(d, -20, 20) clamped to [-10, 10] (0 outside either clamp)."""
@@ -113,3 +125,80 @@ def value_terms(v, old, ret, clip, HAS_CLIP: tl.constexpr):
         loss = 0.5 * l1
         dloss = e1
     return loss, dloss, clipped
+
+
+# ----------------------------------------------------------------------------- policy-loss variants
+# POLICY ids follow fastppo.modes.POLICY_LOSSES: 0 ppo, 1 gspo, 2 gspo_token, 3 cispo, 4 sapo, 5 gmpo, 6 gpg.
+@triton.jit
+def ppo_terms(logp, old, adv, clip_low, clip_high, dual_clip, ratio_max, HAS_DUAL: tl.constexpr,
+              HAS_RMAX: tl.constexpr):
+    """ppo: r = exp(clamp(d, -20, 20)), d = logp - old; r1 = min(r, ratio_max) (the two-sided cap);
+    L = max(-A r1, -A clamp(r, 1 - cl, 1 + ch)); dual clip: where A < 0, L = min(L, -c A).
+    Returns (L, dL/dlogp, ratio, clipped, lower)."""
+    d = logp - old
+    inside = (d >= -20.0) & (d <= 20.0)
+    ratio = tl.exp(clamp_nan(d, -20.0, 20.0))
+    dratio = tl.where(inside, ratio, 0.0)
+    r1 = ratio
+    dr1 = dratio
+    if HAS_RMAX:
+        r1 = min_nan(ratio, ratio_max)
+        dr1 = tl.where(ratio <= ratio_max, dratio, 0.0)
+    l1 = -adv * r1
+    l2 = -adv * clamp_nan(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = max_nan(l1, l2)
+    dloss = max_grad(l1, l2, -adv * dr1, -adv * dratio * clip_grad(ratio, 1.0 - clip_low, 1.0 + clip_high))
+    clipped = l2 > l1
+    lower = tl.zeros(d.shape, tl.int1)
+    if HAS_DUAL:
+        l3 = -adv * dual_clip
+        lower = (adv < 0) & (loss > l3)
+        dloss = tl.where(adv < 0, min_grad(loss, l3, dloss, 0.0), dloss)
+        loss = tl.where(adv < 0, min_nan(loss, l3), loss)
+    return loss, tl.where(inside, dloss, 0.0), ratio, clipped, lower
+
+
+@triton.jit
+def clipped_ratio_terms(ratio, dratio, adv, clip_low, clip_high):
+    """L = max(-A s, -A clamp(s, 1 - cl, 1 + ch)) of a ratio s with ds/dlogp = dratio (GSPO).
+    Returns (L, dL/ds * ds/dlogp, dL/ds, clipped)."""
+    l1 = -adv * ratio
+    l2 = -adv * clamp_nan(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    dl_ds = max_grad(l1, l2, -adv, -adv * clip_grad(ratio, 1.0 - clip_low, 1.0 + clip_high))
+    return max_nan(l1, l2), dl_ds * dratio, dl_ds, l2 > l1
+
+
+@triton.jit
+def cispo_terms(logp, old, adv, clip_low, clip_high):
+    """cispo: L = -sg(clamp(r, 1 - cl, 1 + ch)) A logp, dL/dlogp = -clamp(r) A; clipped where the clamp acts."""
+    ratio = tl.exp(clamp_nan(logp - old, -20.0, 20.0))
+    c = clamp_nan(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped = (ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)
+    return -c * adv * logp, -c * adv, ratio, clipped
+
+
+@triton.jit
+def sapo_terms(logp, old, adv, tau_pos, tau_neg):
+    """sapo: r = exp(clamp(d, -20, 20)), tau = tau_pos if A > 0 else tau_neg, g = sigmoid(tau (r - 1)),
+    L = -(4 / tau) g A; dL/dlogp = -4 g (1 - g) r A (0 outside the clamp)."""
+    d = logp - old
+    ratio = tl.exp(clamp_nan(d, -20.0, 20.0))
+    tau = tl.where(adv > 0, tau_pos, tau_neg)
+    g = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
+    loss = -(4.0 / tau) * g * adv
+    dloss = tl.where((d >= -20.0) & (d <= 20.0), -4.0 * g * (1.0 - g) * ratio * adv, 0.0)
+    return loss, dloss, ratio
+
+
+@triton.jit
+def gmpo_log_ratio(logp, old, adv, clip_low, clip_high):
+    """gmpo's per-token clipped log-ratio sgn(A) min(sgn(A) d, sgn(A) clamp(d, -cl, ch)) (verl geo_mean)
+    = min(d, ch) for A > 0, max(d, -cl) for A < 0, 0 for A = 0; returns (value, d value / d logp,
+    clipped = d outside [-cl, ch])."""
+    d = logp - old
+    pos = adv > 0
+    neg = adv < 0
+    val = tl.where(pos, min_nan(d, clip_high), tl.where(neg, max_nan(d, -clip_low), tl.where(adv != adv, adv, 0.0)))
+    grad = tl.where(pos, tl.where(d <= clip_high, 1.0, 0.0), tl.where(neg, tl.where(d >= -clip_low, 1.0, 0.0), 0.0))
+    clipped = (d < -clip_low) | (d > clip_high)
+    return val, grad, clipped

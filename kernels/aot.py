@@ -78,15 +78,7 @@ def _specs():
                          _sig(full_kl._full_kl_fwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))
     specs.append(AOTSpec("full_kl_bwd[bf16]", full_kl._full_kl_bwd_kernel,
                          _sig(full_kl._full_kl_bwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))
-    ce = dict(LOSS=0, AGG=1, KL_KIND=5, HAS_ENT=True, HAS_CLIP=True, BLOCK_T=cfg.AGG_BLOCK_T, ACC=tl.float32)
-    f32 = {n: "fp32" for n in ("clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef",
-                               "num_tokens", "num_seqs", "horizon")}
-    ptrs = {n: "*fp32" for n in loss_agg._loss_agg_kernel.arg_names if n.endswith("_ptr")}
-    ptrs["mask_ptr"] = "*i1"
-    for name, variant in (("policy", ce), ("value", dict(ce, LOSS=1, KL_KIND=0, HAS_ENT=False))):
-        specs.append(AOTSpec(f"loss_agg[{name}]", loss_agg._loss_agg_kernel,
-                             _sig(loss_agg._loss_agg_kernel, {**ptrs, **f32}, variant), variant, (), False,
-                             cfg.AGG_NUM_WARPS))
+    specs.extend(loss_agg.aot_specs(AOTSpec, _sig))
     ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK, ACC=tl.float32)
     specs.append(AOTSpec("kl_fwd", kl._kl_fwd_kernel,
                          _sig(kl._kl_fwd_kernel, dict(logp_ptr="*fp32", ref_ptr="*fp32", kl_ptr="*fp32",

@@ -82,44 +82,46 @@ def _linear_cases(backend):
     labels = _labels((2, 3), V)
     opts = _linear_options(backend)
     with torch.no_grad():
-        logp, ent, _, _, _, lse, ent_rows = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, opts)
+        logp, ent, _, _, _, lse, ent_rows = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, opts,
+                                                                              backend)
     h, w, b = hidden.detach(), weight.detach(), bias.detach()
     return [
-        ("linear_logprobs", (hidden, weight, bias, labels, opts)),
-        ("linear_logprobs", (hidden, weight, None, labels, _linear_options(backend, False, True, 20.0))),
+        ("linear_logprobs", (hidden, weight, bias, labels, opts, backend)),
+        ("linear_logprobs", (hidden, weight, None, labels, _linear_options(backend, False, True, 20.0), backend)),
         ("linear_logprobs_backward", (h, w, b, labels, lse, ent_rows, torch.randn_like(logp), torch.randn_like(ent),
-                                      opts, True, True, True)),
+                                      opts, True, True, True, backend)),
         ("linear_logprobs_backward", (h, w, None, labels, lse, None, torch.randn_like(logp), None, opts, True, False,
-                                      False)),
+                                      False, backend)),
     ]
 
 
-def _loss_cases():
-    """The Triton-only loss ops (the PyTorch backend composes the differentiable reference)."""
-    from fastppo.fused import PPOOptions
+def _loss_cases(backend):
+    """The loss ops (policy / value aggregation, the fused losses) on one backend."""
+    from fastppo.fused import LogitsOptions
     from fastppo.library import encode
-    from fastppo.losses import AggOptions
+    from fastppo.options import LossOptions
 
     V, H = 40, 16
     mask = _mask(2, 3)
     labels = _labels((2, 3), V)
     lp, old, adv, ref = _bt(2, 3, requires_grad=True), _bt(2, 3) - 1, _bt(2, 3), _bt(2, 3) - 1
+    ent, isw = _bt(2, 3).abs(), _bt(2, 3).abs()
     logits = torch.randn(2, 3, V, device=DEVICE, requires_grad=True)
     hidden = torch.randn(2, 3, H, device=DEVICE, requires_grad=True)
     weight = (torch.randn(V, H, device=DEVICE) / 4).requires_grad_()
-    policy = AggOptions(0, "seq-mean-token-mean", 0.2, 0.28, 3.0)
-    fused = encode(PPOOptions(1 / 0.7, -100, True, "k3", 0.05, 0.01, False, policy, 0.5, 30.0))
-    plain = encode(PPOOptions(1.0, -100, False, "k3", 0.0, 0.0, False, AggOptions(0, "token-mean")))
+    ppo = encode(LossOptions.policy(clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="seq-mean-token-mean"))
+    gspo = encode(LossOptions.policy(policy_loss="gspo", agg="token-sum", entropy_quantile=0.5, num_tokens=10.0))
+    fused = encode(LossOptions.policy(policy_loss="sapo", kl_kind="k3", kl_coef=0.05, entropy_coef=0.01))
+    lopts = encode(LogitsOptions(1 / 0.7, -100, True, False, backend, 0.5, 30.0))
     return [
-        ("ppo_policy_loss", (lp, old, adv, mask, encode(policy))),
-        ("ppo_policy_loss", (lp, old, adv[:, 0], mask, encode(AggOptions(0, "seq-mean-token-sum-norm", 0.2, 0.2, None,
-                                                                         None, 10.0, 3.0, 8.0)))),
-        ("value_loss", (lp, old, adv, mask, encode(AggOptions(1, "seq-mean-token-sum", value_clip=0.5)))),
-        ("value_loss", (lp, old, adv, mask, encode(AggOptions(1, "token-mean", num_tokens=7.0)))),
-        ("fused_ppo_loss", (logits, labels, old, adv, mask, ref, fused)),
-        ("fused_ppo_loss", (logits, labels, old, adv[:, 0], mask, None, plain)),
-        ("fused_linear_ppo_loss", (hidden, weight, None, labels, old, adv, mask, ref, fused,
-                                   _linear_options("triton"), True, True, False)),
+        ("ppo_policy_loss", (lp, old, adv, mask, None, None, ppo, backend)),
+        ("ppo_policy_loss", (lp, old, adv[:, 0], mask, ent, isw, gspo, backend)),
+        ("value_loss", (lp, old, adv, mask, encode(LossOptions.value(clip=0.5, agg="seq-mean-token-sum")), backend)),
+        ("fused_ppo_loss", (logits, labels, old, adv, mask, ref, isw, lopts, fused, backend)),
+        ("fused_ppo_loss", (logits, labels, old, adv[:, 0], mask, None, None,
+                            encode(LogitsOptions(1.0, -100, False, False, backend)), ppo, backend)),
+        ("fused_linear_ppo_loss", (hidden, weight, None, labels, old, adv, mask, ref, None, fused,
+                                   _linear_options(backend), True, True, False, backend)),
     ]
 
 
@@ -135,12 +137,12 @@ def _op_cases():
         ("group_advantages", (_bt(1, 6)[0], 3, "grpo", True, 1e-6)),
         ("group_advantages", (_bt(1, 6)[0], 2, "rloo", True, 1e-6)),
         ("kl_shaped_rewards", (_bt(1, 2)[0], ref, mask, 0.1)),
-        ("kl_penalty", (lp, ref, "k3")),
-        ("kl_penalty", (lp.detach().double().requires_grad_(), ref.double(), "low_var_kl")),
     ]
     for backend in ("triton", "torch"):
-        cases += _logits_cases(backend) + _linear_cases(backend)
-    return cases + _loss_cases()
+        cases += [("kl_penalty", (lp, ref, "k3", backend)),
+                  ("kl_penalty", (lp.detach().double().requires_grad_(), ref.double(), "low_var_kl", backend))]
+        cases += _logits_cases(backend) + _linear_cases(backend) + _loss_cases(backend)
+    return cases
 
 
 OP_NAMES = sorted({name for name, _ in _op_cases()})
@@ -246,10 +248,10 @@ NO_INTERPRETER = textwrap.dedent("""
     import fastppo
     from torch._dynamo.backends.common import aot_autograd
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-    from fastppo.fused import PPOOptions
+    from fastppo.fused import LogitsOptions
     from fastppo.library import encode
     from fastppo.linear import _linear_options
-    from fastppo.losses import AggOptions
+    from fastppo.options import LossOptions
 
     assert not fastppo.library.OPAQUE_KERNELS
     # the PyTorch backend: the triton_op bodies are the fake implementations
@@ -263,7 +265,8 @@ NO_INTERPRETER = textwrap.dedent("""
 
     # the Triton backend traced, not run (no GPU here): AOTAutograd's joint forward + backward graph
     # holds the kernels themselves (Inductor compiles them into its graph), no opaque fastppo op
-    PPO = encode(PPOOptions(1.0, -100, True, "k3", 0.0, 0.01, False, AggOptions(0, "token-mean")))
+    PPO = encode(LossOptions.policy(entropy_coef=0.01))
+    LOGITS = encode(LogitsOptions(1.0, -100, True, False, "triton"))
     LINEAR = encode(_linear_options(1.0, -100, False, False, None, 1.0, None, "triton"))
     joint = []
     def partition(gm, inputs, **kwargs):
@@ -273,11 +276,11 @@ NO_INTERPRETER = textwrap.dedent("""
         raise AssertionError("the partitioner stops first")
     def step(logits, labels, hidden, weight, old, adv, mask, r, v):
         gae_adv, ret = torch.ops.fastppo.gae(r, v, mask, 0.9, 0.8, "triton")
-        loss = torch.ops.fastppo.fused_ppo_loss(logits, labels, old, adv, mask, None, PPO)[0]
+        loss = torch.ops.fastppo.fused_ppo_loss(logits, labels, old, adv, mask, None, None, LOGITS, PPO, "triton")[0]
         logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, 1.0, -100, True, 1.0, None, "triton")
-        lin = torch.ops.fastppo.linear_logprobs(hidden, weight, None, labels, LINEAR)[0]
-        kl = torch.ops.fastppo.kl_penalty(logp, old, "k3")[0] + torch.ops.fastppo.full_kl(logits, logits * 0.5, 1.0,
-                                                                                          "triton")[0]
+        lin = torch.ops.fastppo.linear_logprobs(hidden, weight, None, labels, LINEAR, "triton")[0]
+        kl = torch.ops.fastppo.kl_penalty(logp, old, "k3", "triton")[0]
+        kl = kl + torch.ops.fastppo.full_kl(logits, logits * 0.5, 1.0, "triton")[0]
         return loss + (logp + ent + lin + kl).sum() + (gae_adv + ret).sum()
     args = (logits, labels, torch.randn(3, 6, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True),
             torch.randn(3, 6), torch.randn(3, 6), mask, r, v)
@@ -291,10 +294,10 @@ NO_INTERPRETER = textwrap.dedent("""
         if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
             kernels.add(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__)
         assert "fastppo" not in str(node.target), node.target
-    want = {"_gae_kernel", "_logprobs_fwd_kernel", "_loss_agg_kernel", "_logprobs_bwd_kernel", "_linear_fwd_kernel",
-            "_linear_finish_kernel", "_linear_dz_kernel", "_linear_dh_kernel", "_linear_dw_kernel", "_kl_fwd_kernel",
-            "_full_kl_fwd_kernel", "_full_kl_bwd_kernel"}
-    assert kernels == want, kernels
+    want = {"_gae_kernel", "_logprobs_fwd_kernel", "_policy_terms_kernel", "_agg_finish_kernel", "_logprobs_bwd_kernel",
+            "_linear_fwd_kernel", "_linear_finish_kernel", "_linear_dz_kernel", "_linear_dh_kernel",
+            "_linear_dw_kernel", "_kl_fwd_kernel", "_full_kl_fwd_kernel", "_full_kl_bwd_kernel"}
+    assert want <= kernels, (want - kernels, kernels)
     print("OK")
 """)
 

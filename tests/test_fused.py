@@ -62,11 +62,13 @@ def test_low_precision_logits(dtype, per_seq_adv):
     assert_close_by_dtype(grad, rgrad, dtype)
 
 
-def test_three_launches_and_no_entropy_work_when_unused():
+def test_six_launches_and_no_entropy_work_when_unused():
+    """logprobs_fwd + 4 aggregation launches (kernels/loss_agg.py) + logprobs_bwd."""
     logits, labels, old, adv, mask, refp = _batch(torch.bfloat16)
     with count_launches() as launches:
         out, _ = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, ref_logprobs=refp, kl_coef=0.1)
-    assert sum(launches.values()) == 3, launches
+    assert sum(launches.values()) == 6, launches
+    assert launches["logprobs_fwd"] == launches["logprobs_bwd"] == 1
     assert out.entropy is None and "entropy" not in out.stats
 
 

@@ -175,7 +175,7 @@ def test_kl_penalty_float64_end_to_end(backend):
         assert torch.autograd.gradcheck(lambda a: fastppo.kl_penalty(a, y, "low_var_kl"), (x,), eps=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_float64_backward_is_float64_accurate(backend):
     V = 67
     logits = make_logits((2, 4, V), torch.float64)
@@ -217,17 +217,30 @@ def test_inplace_refuses_expanded_logits():
         fastppo.fused_ppo_loss(logits, labels, lp, torch.ones(B, T), torch.ones(B, T), inplace=True)
 
 
-def test_double_backward_raises_clear_error():
-    logp, old, adv, mask = _policy_inputs()
-    x = logp.clone().requires_grad_()
-    loss, _ = fastppo.ppo_policy_loss(x, old, adv, mask)
-    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+def _double_backward(fn, x):
+    x = x.detach().clone().requires_grad_()
+    (g,) = torch.autograd.grad(fn(x), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         g.sum().backward()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises_clear_error(backend):
+    logp, old, adv, mask = _policy_inputs()
+    V = 33
+    logits = make_logits((B, T, V), torch.float32)
+    labels = make_labels((B, T), V, holes=0.0)
+    with fastppo.use_backend(backend):
+        _double_backward(lambda x: fastppo.ppo_policy_loss(x, old, adv, mask, policy_loss="sapo")[0], logp)
+        _double_backward(lambda x: fastppo.value_loss(x, old, adv, mask, clip=0.2)[0], logp)
+        _double_backward(lambda x: fastppo.kl_penalty(x, old, "k3").sum(), logp)
+        _double_backward(lambda x: fastppo.fused_ppo_loss(x, labels, old, adv, mask, entropy_coef=0.1).loss, logits)
+        _double_backward(lambda x: fastppo.fused_linear_ppo_loss(x, torch.randn(V, 8, device=DEVICE), labels, old,
+                                                                 adv, mask).loss, torch.randn(B, T, 8, device=DEVICE))
+
+
 _BIG_STRIDE = """
-import torch, fastppo
+import torch, fastppo, fastppo.reference
 S = 2**30 + 1                                   # t * stride overflows int32 from t = 2
 base = torch.empty(2 * S + 1)                   # virtual memory: only the touched pages are committed
 x = base.as_strided((1, 3), (0, S))

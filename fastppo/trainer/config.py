@@ -10,7 +10,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from ..reference import AGG_MODES, KL_KINDS
+from ..modes import AGG_MODES, KL_KINDS
+from ..options import LossOptions
 
 
 @dataclass
@@ -114,12 +115,6 @@ class TrainConfig:
         for name in ("lr", "critic_lr", "temperature", "max_grad_norm", "kl_horizon", "lora_alpha"):
             if not getattr(self, name) > 0:
                 bad(name, "must be > 0")
-        if not 0 <= self.clip_low < 1:
-            bad("clip_low", "must be in [0, 1)")
-        if self.clip_high is not None and not self.clip_high >= 0:
-            bad("clip_high", "must be >= 0")
-        if self.dual_clip is not None and not self.dual_clip > 1:
-            bad("dual_clip", "must be > 1")
         if self.vf_clip is not None and not self.vf_clip > 0:
             bad("vf_clip", "must be > 0 (leave it unset for no value clipping)")
         if self.kl_target is not None and not self.kl_target > 0:
@@ -129,12 +124,14 @@ class TrainConfig:
                 bad(name, "must be >= 0")
         if not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", "must be in [0, 1)")
-        if self.agg not in AGG_MODES:
-            bad("agg", f"must be one of {AGG_MODES}")
         if self.kl_kind is None:
             self.kl_kind = default_kl_kind(self.mode)
-        if self.kl_kind not in KL_KINDS:
-            bad("kl_kind", f"must be one of {KL_KINDS}")
+        try:   # the loss options are validated where the losses validate them (fastppo.options)
+            LossOptions.policy(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
+                               agg=self.agg, kl_kind=self.kl_kind, kl_coef=self.kl_coef,
+                               entropy_coef=self.entropy_coef)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--{e}") from None
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(name, "must be in [0, 1]")

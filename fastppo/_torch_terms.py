@@ -1,0 +1,255 @@
+"""The pure-PyTorch backend of the per-token ops: kl_penalty (`kl_fwd`), the loss aggregation
+(`policy_loss_agg`, `value_loss_agg`) and GAE (`gae_fwd`), with the launchers' interfaces
+(fastppo.kernels.kl / loss_agg / gae). Written in the kernels' closed form (values and explicit
+gradient coefficients, masked positions selected away before any arithmetic), not by autograd
+through the reference, so `fastppo check` and the tests compare two independent computations."""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels.loss_agg import RATIO_LOG_MAX as _RATIO_LOG_MAX
+from .kernels.loss_agg import STATS, AggResult
+
+RATIO_LOG_MAX = float(_RATIO_LOG_MAX.value)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bt(x, B, T, acc):
+    """x as [B, T] in the accumulator dtype: [B, T], [T] (B == 1) or per-sequence [B]."""
+    x = x.to(acc)
+    if x.dim() == 2:
+        return x
+    if x.dim() == 1 and x.shape[0] == T and B == 1:
+        return x.view(1, T)
+    return x.view(B, 1).expand(B, T)
+
+
+def _in(x, lo, hi):
+    """d clamp(x, lo, hi) / dx (1 on the closed range, 0 outside and at NaN)."""
+    return ((x >= lo) & (x <= hi)).to(x.dtype)
+
+
+def _max_grad(a, b, da, db):
+    """Gradient of torch.maximum(a, b) (ties: half to each)."""
+    return torch.where(a > b, da, torch.where(b > a, db, torch.where(a == b, 0.5 * (da + db), da + db)))
+
+
+# ----------------------------------------------------------------------------- kl_penalty
+def kl_terms(logp, ref, kind):
+    """(KL, dKL/dlogp) of the estimator `kind`, d = logp - ref (fastppo.modes.KL_KINDS)."""
+    d = logp - ref
+    if kind == "k1":
+        return d, torch.where(d.isnan(), d, torch.ones_like(d))
+    if kind == "abs":
+        return d.abs(), torch.where(d.isnan(), d, torch.sign(d))
+    if kind in ("k2", "mse"):
+        return 0.5 * d * d, d
+    if kind == "k3":
+        e = torch.exp(-d)
+        return e - 1 + d, 1 - e
+    dc = d.clamp(-20, 20)
+    e = torch.exp(-dc)
+    k = e - 1 + dc
+    return k.clamp(-10, 10), (1 - e) * _in(d, -20, 20) * _in(k, -10, 10)
+
+
+def kl_fwd(logp, ref, kind):
+    """Returns (kl, dkl/dlogp) in fp32 (fp64 for fp64 inputs), shaped like logp."""
+    acc = _acc(torch.promote_types(logp.dtype, ref.dtype))
+    return kl_terms(logp.to(acc), ref.to(acc), kind)
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _weights(m, opts, acc):
+    """Per-sequence weights w_b of the aggregation (kernels/loss_agg.py docstring), and (N_tok, S)."""
+    B, T = m.shape
+    n = m.sum(-1).to(acc)
+    tot = n.sum()
+    nseq = (n > 0).sum().to(acc)
+    den_tok = tot.clamp_min(1) if opts.num_tokens is None else torch.tensor(opts.num_tokens, dtype=acc)
+    den_seq = nseq.clamp_min(1) if opts.num_seqs is None else torch.tensor(opts.num_seqs, dtype=acc)
+    den_tok, den_seq = den_tok.to(m.device), den_seq.to(m.device)
+    hor = float(T if opts.horizon is None else opts.horizon)
+    ones = torch.ones_like(n)
+    if opts.agg == "token-mean":
+        w = ones / den_tok
+    elif opts.agg == "seq-mean-token-mean":
+        w = torch.where(n > 0, 1 / (den_seq * n.clamp_min(1)), torch.zeros_like(n))
+    elif opts.agg == "seq-mean-token-sum":
+        w = ones / den_seq
+    elif opts.agg == "seq-mean-token-sum-norm":
+        w = ones / (den_seq * hor)
+    else:
+        w = ones
+    return w, n, tot, nseq
+
+
+def _policy(x, o, a, m, n, opts, isw):
+    """Per-token (L, dL/dlogp, dL/ds, ratio, clipped, lower, sequence ratio s, ds) of opts.policy_loss."""
+    cl, ch = opts.clip_low, opts.clip_high
+    d = x - o
+    zero = torch.zeros_like(x)
+    lower = torch.zeros_like(m)
+    dl_ds = s = ds = None
+    kind = opts.policy_loss
+    sel = lambda v: torch.where(m, v, zero)  # noqa: E731
+    if kind in ("ppo", "cispo", "sapo", "gpg"):
+        inside = (d >= -20) & (d <= 20)
+        ratio = torch.exp(d.clamp(-20, 20))
+        dratio = torch.where(inside, ratio, zero)
+    if kind == "ppo":
+        r1, dr1 = ratio, dratio
+        if opts.ratio_max is not None:
+            r1 = ratio.clamp(max=opts.ratio_max)
+            dr1 = torch.where(ratio <= opts.ratio_max, dratio, zero)
+        l1, l2 = -a * r1, -a * ratio.clamp(1 - cl, 1 + ch)
+        loss = torch.maximum(l1, l2)
+        dloss = _max_grad(l1, l2, -a * dr1, -a * dratio * _in(ratio, 1 - cl, 1 + ch))
+        clipped = l2 > l1
+        if opts.dual_clip is not None:
+            l3 = -a * opts.dual_clip
+            lower = (a < 0) & (loss > l3)
+            dloss = torch.where(a < 0, _max_grad(l3, loss, dloss, zero), dloss)   # torch.minimum(loss, l3)
+            loss = torch.where(a < 0, torch.minimum(loss, l3), loss)
+        dloss = torch.where(inside, dloss, zero)
+    elif kind in ("gspo", "gspo_token"):
+        lr = sel(d).sum(-1) / n.clamp_min(1)
+        s = torch.exp(lr.clamp(max=RATIO_LOG_MAX))
+        ds = torch.where(lr <= RATIO_LOG_MAX, s, torch.zeros_like(s))
+        ratio = s[:, None].expand_as(x)
+        l1, l2 = -a * ratio, -a * ratio.clamp(1 - cl, 1 + ch)
+        loss = torch.maximum(l1, l2)
+        dl_ds = _max_grad(l1, l2, -a, -a * _in(ratio, 1 - cl, 1 + ch))
+        dloss = dl_ds * ds[:, None] if kind == "gspo_token" else zero
+        clipped = l2 > l1
+    elif kind == "cispo":
+        c = ratio.clamp(1 - cl, 1 + ch)
+        loss, dloss = -c * a * x, -c * a
+        clipped = (ratio < 1 - cl) | (ratio > 1 + ch)
+    elif kind == "sapo":
+        tau = torch.where(a > 0, torch.full_like(a, opts.sapo_tau_pos), torch.full_like(a, opts.sapo_tau_neg))
+        g = torch.sigmoid(tau * (ratio - 1))
+        loss = -(4 / tau) * g * a
+        dloss = torch.where(inside, -4 * g * (1 - g) * ratio * a, zero)
+        clipped = torch.zeros_like(m)
+    elif kind == "gmpo":
+        pos, neg = a > 0, a < 0
+        val = torch.where(pos, d.clamp(max=ch), torch.where(neg, d.clamp(min=-cl), torch.where(a.isnan(), a, zero)))
+        grad = torch.where(pos, (d <= ch).to(x.dtype), torch.where(neg, (d >= -cl).to(x.dtype), zero))
+        den = n + 1e-8
+        s = torch.exp(sel(val).sum(-1) / den)
+        adv_b = sel(a).sum(-1) / den
+        isw_b = torch.ones_like(s) if isw is None else torch.exp(sel(torch.log(isw + 1e-10)).sum(-1) / den)
+        lb = -adv_b * s * isw_b
+        ratio = s[:, None].expand_as(x)
+        loss = lb[:, None].expand_as(x)
+        dloss = (n * lb / den)[:, None] * grad
+        clip_d = (d < -cl) | (d > ch)
+        clipped, lower = clip_d & pos, clip_d & neg
+    else:   # gpg
+        loss, dloss = -a * x, -a
+        clipped = torch.zeros_like(m)
+    if isw is not None and kind != "gmpo":
+        loss, dloss = loss * isw, dloss * isw
+        dl_ds = None if dl_ds is None else dl_ds * isw
+    return loss, dloss, dl_ds, ratio, clipped, lower, s, ds
+
+
+def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_is_weights=None,
+                    ent_threshold=None) -> AggResult:
+    """PyTorch twin of fastppo.kernels.loss_agg.policy_loss_agg (same arguments, same results)."""
+    B, T = (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (1, mask.shape[0])
+    acc = _acc(logp.dtype)
+    m = _bt(mask, B, T, acc) != 0
+    zero = torch.zeros(B, T, dtype=acc, device=logp.device)
+    sel = lambda keep, v: torch.where(keep, v, zero)  # noqa: E731
+    x, o, a = _bt(logp, B, T, acc), _bt(old, B, T, acc), _bt(adv, B, T, acc)
+    isw = None if rollout_is_weights is None else _bt(rollout_is_weights, B, T, acc)
+    w, n, tot, nseq = _weights(m, opts, acc)
+    wt = w[:, None].expand(B, T)
+    loss, dloss, dl_ds, ratio, clipped, lower, s, ds = _policy(x, o, a, m, n, opts, isw)
+    keep = m
+    if ent_threshold is not None:
+        keep = m & (_bt(ent, B, T, acc) >= ent_threshold.to(acc))
+    pg = sel(keep, wt * loss).sum()
+    coef = sel(keep, wt * dloss)
+    if opts.policy_loss == "gspo":
+        g_b = sel(keep, wt * dl_ds).sum(-1)
+        coef = sel(m, (g_b * ds / n.clamp_min(1))[:, None].expand(B, T))
+    kl = None
+    kl_loss = kl_mean = torch.zeros((), dtype=acc, device=x.device)
+    if ref is not None:
+        kl, dkl = kl_terms(x, _bt(ref, B, T, acc), opts.kl_kind)
+        kl_loss, kl_mean = sel(m, wt * kl).sum(), sel(m, kl).sum()
+        coef = coef + sel(m, wt * opts.kl_coef * dkl)
+    coef_ent = None
+    ent_loss = ent_mean = torch.zeros((), dtype=acc, device=x.device)
+    if ent is not None:
+        h = _bt(ent, B, T, acc)
+        ent_loss, ent_mean = sel(m, wt * h).sum(), sel(m, h).sum()
+        coef_ent = sel(m, -wt * opts.entropy_coef)
+    kl_coef = opts.kl_coef if ref is not None else 0.0
+    ent_coef = opts.entropy_coef if ent is not None else 0.0
+    total = pg + kl_coef * kl_loss - ent_coef * ent_loss
+    n_tok = tot.clamp_min(1)
+    count = lambda b: sel(b, torch.ones_like(zero)).sum()  # noqa: E731
+    ratio_max = sel(m, ratio).amax() if m.numel() else torch.zeros((), dtype=acc, device=x.device)
+    values = {"loss": total, "pg_loss": pg, "kl_loss": kl_loss, "entropy_loss": ent_loss,
+              "clipfrac": count(m & clipped) / n_tok, "clipfrac_lower": count(m & lower) / n_tok,
+              "approx_kl": sel(m, 0.5 * (x - o) ** 2).sum() / n_tok, "ratio_mean": sel(m, ratio).sum() / n_tok,
+              "ratio_max": ratio_max, "entropy": ent_mean / n_tok, "kl": kl_mean / n_tok,
+              "entropy_kept_frac": count(keep) / n_tok, "num_tokens": tot, "num_seqs": nseq}
+    stats = torch.stack([values[k].to(acc) for k in STATS])
+    return AggResult(total, stats, coef, coef_ent, kl)
+
+
+def value_loss_agg(values, old_values, returns, mask, *, opts) -> AggResult:
+    """PyTorch twin of fastppo.kernels.loss_agg.value_loss_agg."""
+    B, T = (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (1, mask.shape[0])
+    acc = _acc(values.dtype)
+    m = _bt(mask, B, T, acc) != 0
+    zero = torch.zeros(B, T, dtype=acc, device=values.device)
+    v, o, r = _bt(values, B, T, acc), _bt(old_values, B, T, acc), _bt(returns, B, T, acc)
+    w, n, tot, nseq = _weights(m, opts, acc)
+    wt = w[:, None].expand(B, T)
+    e1 = v - r
+    l1 = e1 * e1
+    if opts.value_clip is None:
+        loss, dloss, clipped = 0.5 * l1, e1, torch.zeros_like(m)
+    else:
+        c = opts.value_clip
+        e2 = o + (v - o).clamp(-c, c) - r
+        l2 = e2 * e2
+        dloss = _max_grad(l1, l2, e1, torch.where((v - o).abs() <= c, e2, zero))
+        loss, clipped = 0.5 * torch.maximum(l1, l2), l2 > l1
+    total = torch.where(m, wt * loss, zero).sum()
+    stats = torch.zeros(len(STATS), dtype=acc, device=values.device)
+    stats[STATS.index("loss")] = total
+    stats[STATS.index("pg_loss")] = total
+    stats[STATS.index("clipfrac")] = torch.where(m & clipped, 1.0, 0.0).to(acc).sum() / tot.clamp_min(1)
+    stats[STATS.index("num_tokens")] = tot
+    stats[STATS.index("num_seqs")] = nseq
+    return AggResult(total, stats, torch.where(m, wt * dloss, zero), None, None)
+
+
+# ----------------------------------------------------------------------------- gae
+def gae_fwd(rewards, values, mask, gamma, lam):
+    """Mask-aware GAE (DESIGN.md section 4), vectorised over sequences, a loop over time in fp64.
+    Returns (advantages, returns), float32 [B, T]."""
+    r, v, m = rewards.double(), values.double(), mask != 0
+    B, T = r.shape
+    adv = torch.zeros(B, T, dtype=torch.float64, device=r.device)
+    g = torch.zeros(B, dtype=torch.float64, device=r.device)
+    v_next = torch.zeros_like(g)
+    for t in reversed(range(T)):
+        mt = m[:, t]
+        g_t = r[:, t] + gamma * v_next - v[:, t] + gamma * lam * g
+        g = torch.where(mt, g_t, g)
+        v_next = torch.where(mt, v[:, t], v_next)
+        adv[:, t] = torch.where(mt, g_t, torch.zeros_like(g_t))
+    ret = torch.where(m, adv + v, torch.zeros_like(adv))
+    return adv.float(), ret.float()

@@ -1,0 +1,130 @@
+"""LossOptions: every non-tensor option of the loss layer in one frozen dataclass, built from the
+public keyword arguments in one place and validated once, with one set of error messages. Used by
+ppo_policy_loss, value_loss, fused_ppo_loss, fused_linear_ppo_loss, the per-token loss function
+`loss_terms_from_logprobs` and the trainer's configuration. Mode names live in fastppo.modes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+from .modes import AGG_MODES, KL_KINDS, POLICY_LOSSES
+
+
+def _finite(name, value, *, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _positive(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Options of one loss call. `loss="policy"` (ppo_policy_loss / fused losses) or `"value"`.
+
+    policy_loss: ppo | gspo | gspo_token | cispo | sapo | gmpo | gpg (formulas: fastppo.losses).
+    clip_low in [0, 1], clip_high >= 0 (defaults to clip_low), dual_clip > 1 (ppo only), ratio_max > 1
+    (ppo only: the unclipped ratio capped at ratio_max), sapo_tau_pos / sapo_tau_neg > 0,
+    entropy_quantile in (0, 1] (keep the top fraction of valid tokens by entropy in the policy term),
+    agg one of AGG_MODES, kl_kind one of KL_KINDS, kl_coef / entropy_coef finite, value_clip > 0,
+    num_tokens / num_seqs / horizon > 0 (global counts for micro-batches)."""
+
+    loss: str = "policy"
+    policy_loss: str = "ppo"
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    dual_clip: float | None = None
+    ratio_max: float | None = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    entropy_quantile: float | None = None
+    agg: str = "token-mean"
+    kl_kind: str = "k3"
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    value_clip: float | None = None
+    num_tokens: float | None = None
+    num_seqs: float | None = None
+    horizon: float | None = None
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalise once, here)
+        _choice("loss", self.loss, ("policy", "value"))
+        _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
+        _choice("agg", self.agg, AGG_MODES)
+        _choice("kl_kind", self.kl_kind, KL_KINDS)
+        cl = _finite("clip_low", self.clip_low)
+        if not 0 <= cl <= 1:
+            raise ValueError(f"clip_low must be in [0, 1], got {self.clip_low}")
+        set_("clip_low", cl)
+        ch = cl if self.clip_high is None else _finite("clip_high", self.clip_high)
+        if not ch >= 0:
+            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
+        set_("clip_high", ch)
+        if self.dual_clip is not None:
+            if not _finite("dual_clip", self.dual_clip) > 1:
+                raise ValueError(f"dual_clip must be > 1 (Dual-clip PPO), got {self.dual_clip}")
+            if self.policy_loss != "ppo":
+                raise ValueError(f"dual_clip applies to policy_loss='ppo' only, got policy_loss={self.policy_loss!r}")
+            set_("dual_clip", float(self.dual_clip))
+        if self.ratio_max is not None:
+            if not _finite("ratio_max", self.ratio_max) > 1:
+                raise ValueError(f"ratio_max must be > 1 (a cap on the unclipped ratio), got {self.ratio_max}")
+            if self.policy_loss != "ppo":
+                raise ValueError(f"ratio_max applies to policy_loss='ppo' only, got policy_loss={self.policy_loss!r}")
+            set_("ratio_max", float(self.ratio_max))
+        for name in ("sapo_tau_pos", "sapo_tau_neg"):
+            v = _finite(name, getattr(self, name))
+            if not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
+            set_(name, v)
+        if self.entropy_quantile is not None:
+            q = _finite("entropy_quantile", self.entropy_quantile)
+            if not 0 < q <= 1:
+                raise ValueError(f"entropy_quantile must be in (0, 1] (the fraction of tokens kept), got {q}")
+            if self.policy_loss == "gmpo":
+                raise ValueError("entropy_quantile is not defined for policy_loss='gmpo' (a per-sequence ratio)")
+            set_("entropy_quantile", q)
+        set_("kl_coef", _finite("kl_coef", self.kl_coef))
+        set_("entropy_coef", _finite("entropy_coef", self.entropy_coef))
+        set_("value_clip", _positive("clip", self.value_clip))
+        for name in ("num_tokens", "num_seqs", "horizon"):
+            set_(name, _positive(name, getattr(self, name)))
+
+    @classmethod
+    def policy(cls, **kwargs) -> LossOptions:
+        """From the public keyword arguments of ppo_policy_loss / fused_ppo_loss (unknown names raise)."""
+        return cls(loss="policy", **kwargs)
+
+    @classmethod
+    def value(cls, *, clip=None, **kwargs) -> LossOptions:
+        """From the public keyword arguments of value_loss."""
+        return cls(loss="value", value_clip=clip, **kwargs)
+
+    def replace(self, **changes) -> LossOptions:
+        return replace(self, **changes)
+
+    @property
+    def sequence_level(self) -> bool:
+        """True when the per-token term needs a per-sequence reduction first (gspo, gspo_token, gmpo)."""
+        return self.loss == "policy" and self.policy_loss in ("gspo", "gspo_token", "gmpo")
+
+    def asdict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
