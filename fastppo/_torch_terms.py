@@ -238,8 +238,8 @@ def value_loss_agg(values, old_values, returns, mask, *, opts) -> AggResult:
 
 # ----------------------------------------------------------------------------- gae
 def gae_fwd(rewards, values, mask, gamma, lam):
-    """Mask-aware GAE (DESIGN.md section 4), vectorised over sequences, a loop over time in fp64.
-    Returns (advantages, returns), float32 [B, T]."""
+    """Mask-aware GAE (DESIGN.md section 4), vectorised over sequences, a loop over time in fp64 (as the
+    kernel's scan). Returns (advantages, returns) [B, T], float32 (float64 when rewards or values are)."""
     r, v, m = rewards.double(), values.double(), mask != 0
     B, T = r.shape
     adv = torch.zeros(B, T, dtype=torch.float64, device=r.device)
@@ -247,9 +247,9 @@ def gae_fwd(rewards, values, mask, gamma, lam):
     v_next = torch.zeros_like(g)
     for t in reversed(range(T)):
         mt = m[:, t]
-        g_t = r[:, t] + gamma * v_next - v[:, t] + gamma * lam * g
+        g_t = torch.where(mt, r[:, t] - v[:, t], 0.0) + gamma * v_next + gamma * lam * g
         g = torch.where(mt, g_t, g)
         v_next = torch.where(mt, v[:, t], v_next)
         adv[:, t] = torch.where(mt, g_t, torch.zeros_like(g_t))
-    ret = torch.where(m, adv + v, torch.zeros_like(adv))
-    return adv.float(), ret.float()
+    out = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    return adv.to(out), torch.where(m, adv + v, torch.zeros_like(adv)).to(out)

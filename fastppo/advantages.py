@@ -62,23 +62,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     return torch.ops.fastppo.gae(rewards, values, mask, float(gamma), float(lam), backend_for(rewards, values, mask))
 
 
-def gae_torch(rewards, values, mask, gamma, lam):
-    """The PyTorch backend of gae: the reverse loop over time, in fp64 as the kernel's scan."""
-    r, v, m = rewards.double(), values.double(), mask != 0    # fp64 recurrence, as the kernel's scan
-    B, T = r.shape
-    adv = torch.zeros(B, T, dtype=torch.float64, device=r.device)
-    g = torch.zeros(B, dtype=torch.float64, device=r.device)
-    v_next = torch.zeros_like(g)
-    for t in reversed(range(T)):
-        mt = m[:, t]
-        g_t = torch.where(mt, r[:, t] - v[:, t], 0.0) + gamma * v_next + gamma * lam * g
-        g = torch.where(mt, g_t, g)
-        v_next = torch.where(mt, v[:, t], v_next)
-        adv[:, t] = torch.where(mt, g_t, torch.zeros_like(g_t))
-    out = _out_dtype(rewards, values)
-    return adv.to(out), torch.where(m, adv + v, torch.zeros_like(adv)).to(out)
-
-
 @torch.no_grad()
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the mask-1 entries, var unbiased (n - 1); with

@@ -28,13 +28,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
-from . import reference as ref_impl
 from ._checks import check_float, check_inplace, check_labels, check_temperature
 from .backend import backend_for
-from .fused import check_ppo_args
+from .fused import check_fused_tensors, fused_stat_names, loss_options
 from .linear import LinearOptions, _check_linear, _linear_options, linear_backward, linear_forward
 from .logprobs import check_logit_transform, ops_for
+from .losses import loss_terms_from_logprobs, stats_dict
+from .options import LossOptions
 from .outputs import PPOLossOutput
 
 
@@ -221,44 +223,86 @@ def token_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor, *, group=No
     return (logp, ent) if return_entropy else logp
 
 
-def _compose(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs, kl_coef, kl_kind, entropy_coef,
-             clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon) -> PPOLossOutput:
-    """The loss on the (replicated) global log-probs: the same composition fastppo.fused_ppo_loss
-    uses on its PyTorch backend; every rank computes the same loss value."""
-    return ref_impl.compose_ppo_loss(
-        logp, ent, old_logprobs.detach(), advantages.detach(), mask,
-        ref_logprobs=None if ref_logprobs is None else ref_logprobs.detach(), kl_coef=kl_coef, kl_kind=kl_kind,
-        entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_low if clip_high is None else clip_high,
-        dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+def _loss_setup(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_kw):
+    """Validate the loss options and per-token tensors once (as the unsharded fused ops do)."""
+    opts = loss_options(**{k: v for k, v in loss_kw.items() if k != "rollout_is_weights"})
+    check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
+    return opts
+
+
+class ShardedLossTerms(torch.autograd.Function):
+    """The loss on the (replicated) global per-token log-probs and entropy: the library's per-token loss
+    function (fastppo.losses.loss_terms_from_logprobs, O(N), no collective), so every rank computes the
+    value, stats and per-token outputs of the unsharded fused ops. Backward hands dloss/dlogp = coef and
+    dloss/dH = coef_ent, times the upstream gradient, to the sharded log-prob op's backward (the entropy
+    gets no gradient when entropy_coef is 0, as unsharded)."""
+
+    @staticmethod
+    def forward(ctx, logp, ent, old, adv, mask, ref, isw, opts: LossOptions, backend: str):
+        ctx.set_materialize_grads(False)
+        res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=backend, ref=ref,
+                                       rollout_is_weights=isw)
+        use_ent_grad = ent is not None and opts.entropy_coef != 0
+        ctx.save_for_backward(res.coef, res.coef_ent if use_ent_grad else res.coef)
+        ctx.use_ent_grad, ctx.shape = use_ent_grad, logp.shape
+        ctx.mark_non_differentiable(*[t for t in (res.kl, res.stats) if t is not None])
+        return res.loss, res.kl, res.stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, *_):
+        if g_loss is None:
+            return (None,) * 9
+        coef, coef_ent = ctx.saved_tensors
+        g = g_loss.to(coef.dtype)
+        g_logp = (g * coef).view(ctx.shape)
+        g_ent = (g * coef_ent).view(ctx.shape) if ctx.use_ent_grad else None
+        return g_logp, g_ent, None, None, None, None, None, None, None
+
+
+def _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts: LossOptions,
+                  backend: str) -> PPOLossOutput:
+    """PPOLossOutput of the unsharded fused ops from the global per-token log-probs (and entropy) of a
+    vocabulary-parallel log-prob op, chained through its autograd."""
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    loss, kl, stats = ShardedLossTerms.apply(logp, ent, old_logprobs.detach(), advantages.detach(), mask,
+                                             detach(ref_logprobs), detach(rollout_is_weights), opts, backend)
+    return PPOLossOutput(loss=loss, logprobs=logp.detach(), kl=kl, entropy=detach(ent),
+                         stats=stats_dict(stats, fused_stat_names(opts, kl is not None, ent is not None)))
 
 
 def fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask, *, group=None, ref_logprobs=None,
                    kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False, inplace=False,
-                   num_tokens=None, num_seqs=None, horizon=None, final_logit_softcapping=None,
-                   logit_scale=1.0) -> PPOLossOutput:
+                   num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo", ratio_max=None,
+                   sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None, entropy_quantile=None,
+                   final_logit_softcapping=None, logit_scale=1.0) -> PPOLossOutput:
     """fastppo.fused_ppo_loss of the full logits, given this rank's vocabulary shard (see
     token_logprobs above for the layout). The per-token arguments are replicated; the loss and the
     per-token outputs are the same on every rank; each rank's logits_shard gets its gradient slice.
     As unsharded, rows where mask is 0 count as ignored labels (0 log-prob, no gradient), and
     `inplace=True` writes the shard's gradient into its storage."""
+    loss_kw = dict(kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
+                   clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                   horizon=horizon, policy_loss=policy_loss, ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos,
+                   sapo_tau_neg=sapo_tau_neg, rollout_is_weights=rollout_is_weights,
+                   entropy_quantile=entropy_quantile)
     check_float("logits_shard", logits_shard)
     if logits_shard.dim() not in (2, 3):
         raise ValueError(f"logits_shard must be [B, T, V_r] or [T, V_r], got shape {tuple(logits_shard.shape)}")
+    loss_opts = _loss_setup(logits_shard.shape[:-1], old_logprobs, advantages, mask, ref_logprobs,
+                            rollout_is_weights, loss_kw)
     shard = _check_logits(logits_shard, labels, ignore_index, group)
-    check_ppo_args(logits_shard.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef,
-                   entropy_coef, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
     if inplace:
         check_inplace("logits_shard", logits_shard)
-    want_ent = bool(return_entropy or entropy_coef != 0)
+    want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     opts = _shard_options(temperature, ignore_index, want_ent,
                           backend_for(logits_shard, labels, old_logprobs, advantages, mask), inplace,
                           final_logit_softcapping, logit_scale)
     labels = torch.where(mask != 0, labels, opts.ignore_index)      # mask-0 rows are dead, as unsharded
     logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
-    return _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-                    kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-                    dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
+                         opts.backend)
 
 
 # ----------------------------------------------------------------------------- linear
@@ -327,20 +371,27 @@ def linear_logprobs(hidden, weight_shard, labels, *, group=None, bias=None, temp
 def fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages, mask, *, group=None, bias=None,
                           ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2,
                           clip_high=None, dual_clip=None, temperature=1.0, agg="token-mean", ignore_index=-100,
-                          return_entropy=False, num_tokens=None, num_seqs=None, horizon=None,
-                          final_logit_softcapping=None, logit_scale=1.0, chunk_bytes=None) -> PPOLossOutput:
+                          return_entropy=False, num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo",
+                          ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None,
+                          entropy_quantile=None, final_logit_softcapping=None, logit_scale=1.0,
+                          chunk_bytes=None) -> PPOLossOutput:
     """fastppo.fused_linear_ppo_loss with the lm_head sharded over the vocabulary (layout as in
     linear_logprobs above); the loss and per-token outputs are replicated on every rank."""
-    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
+    loss_kw = dict(kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
+                   clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                   horizon=horizon, policy_loss=policy_loss, ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos,
+                   sapo_tau_neg=sapo_tau_neg, rollout_is_weights=rollout_is_weights,
+                   entropy_quantile=entropy_quantile)
+    check_float("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
-    check_ppo_args(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, kl_kind, kl_coef, entropy_coef,
-                   clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon)
-    want_ent = bool(return_entropy or entropy_coef != 0)
+    loss_opts = _loss_setup(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+                            loss_kw)
+    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
+    want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     opts = _linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
                            chunk_bytes, backend_for(hidden, weight_shard, labels, old_logprobs, advantages, mask))
     labels = torch.where(mask.reshape(labels.shape) != 0, labels, opts.ignore_index)   # mask-0 rows are dead
     logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
-    return _compose(logp, ent, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-                    kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high,
-                    dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
+                         opts.backend)

@@ -117,13 +117,9 @@ def _gae_fake(rewards, values, mask, gamma, lam, backend):
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) [B, T]; one Triton launch, or the PyTorch loop."""
-    if backend == "triton":
-        from .kernels.gae import gae_fwd
+    from .dispatch import ops
 
-        return gae_fwd(rewards, values, mask, gamma, lam)
-    from .advantages import gae_torch
-
-    return gae_torch(rewards, values, mask, gamma, lam)
+    return ops("gae", backend).gae_fwd(rewards, values, mask, gamma, lam)
 
 
 def _masked_whiten_fake(x, mask, shift_mean):
@@ -194,13 +190,9 @@ kl_penalty.register_autograd(_kl_penalty_backward, setup_context=_kl_penalty_set
 
 # ----------------------------------------------------------------------------- token_logprobs
 def _logprob_ops(backend):
-    if backend == "triton":
-        from .kernels import logprobs
+    from .dispatch import ops
 
-        return logprobs
-    from . import _torch_ops
-
-    return _torch_ops
+    return ops("logprobs", backend)
 
 
 def _token_logprobs_fake(logits, labels, inv_tau, ignore_index, with_entropy, logit_scale, softcap, backend):
@@ -266,13 +258,9 @@ token_logprobs.register_autograd(_token_logprobs_backward, setup_context=_token_
 
 # ----------------------------------------------------------------------------- full_kl
 def _full_kl_ops(backend):
-    if backend == "triton":
-        from .kernels import full_kl
+    from .dispatch import ops
 
-        return full_kl
-    from . import _torch_ops
-
-    return _torch_ops
+    return ops("full_kl", backend)
 
 
 def _full_kl_fake(logits, ref_logits, inv_tau, backend):

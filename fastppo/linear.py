@@ -11,17 +11,21 @@ scale with N_valid and there is no host sync. Logits (TRL's order):
 Triton path, per chunk of compacted rows (`chunk_bytes` of fp32 z' and dz; see `chunk_rows`):
   1. linear_fwd      z' tiles (2 n H V FLOPs) into the chunk buffer, per-split row statistics
   2. linear_finish   lse, log-prob, entropy (extras) per row
-  3. linear_dh       d(hidden) = dz @ W, accumulated in registers over V, written once   (2 n H V)
-  4. linear_dw       d(weight) (+)= dz^T @ hidden, d(bias) (+)= sum dz, fixed order      (2 n H V)
-dz is formed on the fly from the stored z' in 3 and 4.
-- fused_linear_ppo_loss runs 1-4 in its forward (the per-token coefficients dloss/dlogp, dloss/dH are
+  3. linear_dz       dz = dloss/dz from z' and the per-row coefficients, written once in the GEMM dtype;
+                     d(bias) (+)= sum dz in fp32
+  4. linear_dh       d(hidden) = dz @ W, accumulated in registers over V, written once   (2 n H V)
+  5. linear_dw       d(weight) (+)= dz^T @ hidden in a fixed order (no atomics)         (2 n H V)
+- fused_linear_ppo_loss runs 1-5 in its forward (the per-token coefficients dloss/dlogp, dloss/dH are
   known once a chunk's rows have their log-probs): 6 N_valid H V FLOPs in all; backward only scales the
-  saved gradients by the upstream scalar.
-- linear_logprobs runs 1-2 over all rows in forward (2 N_valid H V, no buffer) and 1-4 in backward,
+  saved gradients by the upstream scalar. A loss whose coefficients are not token-local would take the
+  recompute path (1-2 over all rows, the loss, then 1, 3-5: 8 N_valid H V); see `_token_local`.
+- linear_logprobs runs 1-2 over all rows in forward (2 N_valid H V, no buffer) and 1, 3-5 in backward,
   where the upstream gradient is known (6 N_valid H V): 8 N_valid H V in all.
-Bytes of the gradient pass beyond the GEMM operands: z' written once and read twice (12 N_valid V),
-d(hidden) written once (N H b), and with C > 1 chunks an fp32 d(weight) sum read and written per chunk
-(8 V H (C - 1)). Memory: the chunk buffer, per-split statistics (24 N V / (LIN_SPLIT_TILES*BLOCK_V)
+Bytes (each launch's tensors, tiles shared by programs reused on chip), b-byte inputs, C chunks: z'
+written once and read once, dz written once and read twice (14 N_valid V); d(hidden) written once
+(N_valid H b, no fp32 re-read); the weight read twice per chunk (4 V H C for bf16); d(weight) written
+once with C = 1, else an fp32 sum written, read and written per further chunk holding valid rows
+(about 8 V H C). Memory: the chunk buffers, per-split statistics (24 N V / (LIN_SPLIT_TILES*BLOCK_V)
 bytes), and in the loss the gradients held from forward to backward (as Liger's fused linear losses).
 """
 

@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from . import _torch_ops, library  # noqa: F401  (library registers torch.ops.fastppo)
+from . import library  # noqa: F401  (registers torch.ops.fastppo)
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
+from .dispatch import ops
 
 
 def check_logit_transform(logit_scale, final_logit_softcapping):
@@ -31,11 +32,7 @@ def check_logit_transform(logit_scale, final_logit_softcapping):
 
 def ops_for(backend: str):
     """The launcher module of a backend: Triton kernels or their chunked PyTorch twins."""
-    if backend == "triton":
-        from .kernels import logprobs as triton_ops
-
-        return triton_ops
-    return _torch_ops
+    return ops("logprobs", backend)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,

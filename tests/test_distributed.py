@@ -105,6 +105,22 @@ def assert_no_worse(got, unsharded, want, tol):
     assert not bad.any(), f"{int(bad.sum())} elements off, max err {err.max().item():.3g} vs {base.max().item():.3g}"
 
 
+def assert_same_outputs(out, unsharded, tol):
+    """The sharded loss returns what the unsharded fused op returns: per-token outputs (detached, same
+    dtype, None alike) and the same stats keys with the same values."""
+    assert out.loss.dtype == unsharded.loss.dtype and out.loss.shape == unsharded.loss.shape
+    for name in ("logprobs", "kl", "entropy"):
+        got, want = getattr(out, name), getattr(unsharded, name)
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert not got.requires_grad and got.dtype == want.dtype, (name, got.dtype, want.dtype)
+            torch.testing.assert_close(got.double(), want.double(), **tol)
+    assert list(out.stats) == list(unsharded.stats), (list(out.stats), list(unsharded.stats))
+    for k, v in out.stats.items():
+        assert v.dim() == 0 and not v.requires_grad, k
+        torch.testing.assert_close(v.double(), unsharded.stats[k].double(), **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def _logits_case(rank, dtype, even, ignore_index, measure, tf=None):
     import fastppo
     from fastppo import distributed as D
@@ -147,7 +163,7 @@ def _logits_case(rank, dtype, even, ignore_index, measure, tf=None):
     assert (lp[y == ignore_index] == 0).all() and (ent[y == ignore_index] == 0).all()
 
 
-def _fused_case(rank, dtype, even):
+def _fused_case(rank, dtype, even, policy=None):
     import fastppo
     from fastppo import distributed as D
 
@@ -162,11 +178,14 @@ def _fused_case(rank, dtype, even):
     mask = torch.rand(B, T, generator=gen) > 0.2
     mask[1] = False
     kw = dict(ref_logprobs=ref_lp, kl_coef=0.1, entropy_coef=0.01, agg="seq-mean-token-mean", temperature=0.9,
-              num_tokens=50.0, num_seqs=6.0, clip_high=0.28)
+              num_tokens=50.0, num_seqs=6.0, clip_high=0.28, **(policy or {}))
     lo, hi = split[rank]
     shard = full[..., lo:hi].detach().clone().requires_grad_()
-    out = D.fused_ppo_loss(shard, y, old, adv, mask, **kw)
-    (out.loss * 1.7).backward()
+    with CountAllReduce() as fwd:
+        out = D.fused_ppo_loss(shard, y, old, adv, mask, **kw)
+    with CountAllReduce() as bwd:
+        (out.loss * 1.7).backward()
+    assert (fwd.calls, bwd.calls) == (2, 0), (fwd.calls, bwd.calls)     # the loss itself adds no collective
     x64 = full.detach().double().clone().requires_grad_()
     with fastppo.use_backend("torch"):
         want = fastppo.fused_ppo_loss(x64, y, old.double(), adv.double(), mask, **kw)
@@ -181,6 +200,7 @@ def _fused_case(rank, dtype, even):
     torch.testing.assert_close(shard.grad.double(), x64.grad[..., lo:hi], **tol)
     torch.testing.assert_close(shard.grad, x.grad[..., lo:hi], **tol)
     torch.testing.assert_close(out.loss, unsharded.loss, **tol)
+    assert_same_outputs(out, unsharded, tol)
     assert set(out.stats) >= {"clipfrac", "approx_kl", "kl", "entropy", "pg_loss"}
 
 
@@ -228,14 +248,20 @@ def _linear_case(rank, dtype, even, measure, tf=None):
     old = torch.randn(B, T, generator=gen) * 0.3 - 3.7
     adv = torch.randn(B, T, generator=gen)
     mask = torch.rand(B, T, generator=gen) > 0.25
-    kw = dict(entropy_coef=0.02, agg="token-mean", num_tokens=13.0, **tf)
+    ref_lp = old + torch.randn(B, T, generator=gen) * 0.1
+    kw = dict(entropy_coef=0.02, agg="token-mean", num_tokens=13.0, ref_logprobs=ref_lp, kl_coef=0.05, **tf)
     h1, w1, b1 = (t.detach().clone().requires_grad_() for t in (hidden, weight[lo:hi], bias[lo:hi]))
-    out = D.fused_linear_ppo_loss(h1, w1, y, old, adv, mask, bias=b1, **kw)
-    out.loss.backward()
+    with CountAllReduce() as fwd:
+        out = D.fused_linear_ppo_loss(h1, w1, y, old, adv, mask, bias=b1, **kw)
+    with CountAllReduce() as bwd:
+        out.loss.backward()
+    assert (fwd.calls, bwd.calls) == (2, 1), (fwd.calls, bwd.calls)
     h2, w2, b2 = (t.detach().double().clone().requires_grad_() for t in (hidden, weight, bias))
     want = fastppo.fused_linear_ppo_loss(h2, w2, y, old.double(), adv.double(), mask, bias=b2, **kw)
     want.loss.backward()
     torch.testing.assert_close(out.loss.double(), want.loss, **tol)
+    unsharded = fastppo.fused_linear_ppo_loss(hidden, weight, y, old, adv, mask, bias=bias, **kw)
+    assert_same_outputs(out, unsharded, tol)
     torch.testing.assert_close(h1.grad.double(), h2.grad, **tol)
     torch.testing.assert_close(w1.grad.double(), w2.grad[lo:hi], **tol)
     torch.testing.assert_close(b1.grad.double(), b2.grad[lo:hi], **tol)
@@ -253,9 +279,7 @@ def _errors_case(rank):
         D.linear_logprobs(torch.randn(3, 4), torch.randn(0, 4), torch.tensor([0, 1, 2]))
 
 
-def _worker(rank, world, backend, out_path):
-    os.environ["FASTPPO_BACKEND"] = backend
-    measure = {} if rank == 0 else None
+def _cases(rank, measure):
     for dtype in (torch.float32, torch.float64):
         for even in (True, False):
             _logits_case(rank, dtype, even, -100, measure if dtype == torch.float32 else None)
@@ -264,21 +288,35 @@ def _worker(rank, world, backend, out_path):
     _logits_case(rank, torch.float32, False, -100, None, dict(final_logit_softcapping=20.0, logit_scale=0.8))
     for even in (True, False):
         _fused_case(rank, torch.float32, even)
+    is_w = torch.rand(4, 6, generator=torch.Generator().manual_seed(2)) + 0.5
+    _fused_case(rank, torch.float32, False, dict(policy_loss="gspo", rollout_is_weights=is_w))
+    _fused_case(rank, torch.float32, True, dict(policy_loss="cispo"))
+    _fused_case(rank, torch.float32, False, dict(entropy_quantile=0.5, dual_clip=3.0))
     _linear_case(rank, torch.float32, False, measure)
     _linear_case(rank, torch.float64, True, None, dict(final_logit_softcapping=3.0, logit_scale=1.5))
     _errors_case(rank)
-    if measure is not None:
+
+
+def _worker(rank, world, out_path):
+    import fastppo
+
+    measures = {}
+    for backend in ("triton", "torch"):       # the Triton kernels (interpreter on CPU) and the PyTorch backend
+        measures[backend] = {} if rank == 0 else None
+        with fastppo.use_backend(backend):
+            _cases(rank, measures[backend])
+    if rank == 0:
         with open(out_path, "w") as f:
-            json.dump(measure, f)
+            json.dump(measures, f)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_vocab_parallel_ops_match_full_ops(backend, tmp_path):
-    if backend == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+def test_vocab_parallel_ops_match_full_ops(tmp_path):
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.fail("the triton backend needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
     out = tmp_path / "measure.json"
-    run_ranks(_worker, backend, str(out))
-    measure = json.loads(out.read_text())
-    print(backend, measure)
-    lp = measure["token_logprobs"]
-    assert lp["fwd_bytes"] == 20 * lp["N"] and lp["bwd_all_reduces"] == 0
+    run_ranks(_worker, str(out))
+    for backend, measure in json.loads(out.read_text()).items():
+        print(backend, measure)
+        lp, lin = measure["token_logprobs"], measure["linear_logprobs"]
+        assert (lp["fwd_all_reduces"], lp["fwd_bytes"], lp["bwd_all_reduces"]) == (2, 20 * lp["N"], 0)
+        assert (lin["fwd_all_reduces"], lin["bwd_all_reduces"], lin["bwd_bytes"]) == (2, 1, 4 * lin["N"] * lin["H"])

@@ -1,13 +1,15 @@
 """The trainer under data parallelism (fastppo/trainer/parallel.py), 2 gloo processes on CPU: DDP and FSDP2
 runs give the losses and final weights of the 1-process run with the same global batch (to fp32
 reduction-order tolerance); gradient accumulation 2 ranks x 1 equals 1 x 2; an FSDP2 run resumed from
-its checkpoint, and a torchrun DDP run killed and resumed, reproduce the uninterrupted run."""
+its checkpoint, and a torchrun DDP run killed and resumed, reproduce the uninterrupted run; the killed
+2-rank run's checkpoint also resumes in one process."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,9 +81,11 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     t0 = time.perf_counter()
     killed_at = _torchrun_killed_after_first_checkpoint(root / "killed")
+    shutil.copytree(root / "killed", root / "killed_1proc")
     t1 = time.perf_counter()
     _train(root / "single")
     _train(root / "single_accum", grad_accum=2)
+    _train(root / "killed_1proc", resume=str(root / "killed_1proc"))     # the 2-rank checkpoint, 1 process
     t2 = time.perf_counter()
     run_ranks(_parallel_runs, str(root), timeout_s=300)
     print(f"torchrun (killed) {t1 - t0:.1f} s, 1-process runs {t2 - t1:.1f} s, 2-rank spawn "
@@ -140,3 +144,9 @@ def test_torchrun_ddp_killed_and_resumed_reproduces_the_uninterrupted_run(runs):
     root, killed_at = runs
     assert 1 <= killed_at < ITERATIONS, f"killed after {killed_at} of {ITERATIONS} iterations"
     assert_same_run(root / "ddp", root / "killed")
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(runs):
+    """Full checkpoints and sampling keyed by the global row: the world size may change on resume."""
+    root, _ = runs
+    assert_same_run(root / "single", root / "killed_1proc")

@@ -142,3 +142,82 @@ def test_gae_keeps_openrlhf_semantics():
     for x, y in zip(b, a):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     assert stats.served["get_advantages_and_returns"] == 1
+
+
+# ----------------------------------------------------------------------------- GSPO and the IS correction
+_COUNTS = {"dp_size": 2, "batch_num_tokens": 30.0, "global_batch_size": 10.0}
+
+
+def _policy_case(B=6, T=8):
+    torch.manual_seed(3)
+    lp, old = torch.randn(B, T) * 0.3, torch.randn(B, T) * 0.3
+    roll = old + torch.randn(B, T) * 0.3      # the rollout engine's log-probs: IS ratios around [0.5, 2]
+    adv, m = torch.randn(B, T), _mask(B, T)
+    m[3] = 0.0                                 # an empty row
+    return lp, old, roll, adv, m
+
+
+def _policy_pair(kwargs, lp, old, roll, adv, m, counts, served=True):
+    """(original outputs, patched outputs) of PolicyLoss(**kwargs): the five returned values and the
+    gradient of the log-probs under a non-unit upstream gradient; asserts who computed the patched one."""
+    res = []
+    for cls_of in (lambda: ol.PolicyLoss.__fastppo_original__, lambda: ol.PolicyLoss):
+        x = lp.clone().requires_grad_()
+        out = cls_of()(**kwargs)(x, old, adv, m, rollout_log_probs=roll, **counts)
+        (out[0] * 1.3).backward()
+        res.append((*out, x.grad))
+    return res
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"policy_loss_type": "gspo"},
+    {"policy_loss_type": "gspo", "is_correction_level": "token"},   # GSPO's ratio against the rollout policy
+    {"is_correction_level": "token", "is_correction_mode": "clip", "is_correction_threshold": (0.8, 1.25)},
+    {"is_correction_level": "token", "is_correction_mode": "mask", "is_correction_threshold": (0.8, 1.25)},
+    {"is_correction_level": "token", "is_correction_mode": "mask", "dual_clip": 3.0, "token_level_loss": False},
+    {"is_correction_level": "token", "is_correction_mode": "clip", "is_correction_threshold": (0.0, 1.5),
+     "dual_clip": 2.0},
+])
+@pytest.mark.parametrize("counts", [{}, _COUNTS])
+def test_policy_loss_gspo_and_is_correction(kwargs, counts):
+    """OpenRLHF's GSPO (sequence-mean ratio, gradient through the mean, per-sample loss) and its
+    token-level ratio IS correction (clip = truncate, mask = reject) served by ppo_policy_loss with
+    policy_loss="gspo" / rollout_is_weights: all five outputs (loss, clip ratio, ppo_kl, vllm_kl,
+    filter ratio) and the gradient equal OpenRLHF's; an empty row and holes in the mask."""
+    lp, old, roll, adv, m = _policy_case()
+    with fi.patch("openrlhf", ops=["PolicyLoss"]) as h:
+        want, got = _policy_pair({"clip_eps_low": 0.2, "clip_eps_high": 0.28, **kwargs}, lp, old, roll, adv, m, counts)
+        assert h.stats.served["PolicyLoss"] == 1 and not h.stats.delegated
+    for a, b in zip(want, got):
+        if a is None:
+            assert b is None
+            continue
+        assert b.dtype == a.dtype and b.shape == a.shape
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert (got[3] is None) == (kwargs.get("is_correction_level", "off") == "off" or kwargs.get("policy_loss_type")
+                                == "gspo")
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"policy_loss_type": "gspo", "dual_clip": 3.0},                         # fastppo's gspo has no dual clip
+    {"is_correction_level": "seq"},                                        # a geometric-mean gate on token weights
+    {"is_correction_level": "token", "is_correction_gating": "tv", "is_correction_threshold": (0.0, 0.5)},
+])
+def test_policy_loss_delegates_other_rules(kwargs):
+    lp, old, roll, adv, m = _policy_case()
+    with fi.patch("openrlhf", ops=["PolicyLoss"]) as h:
+        want, got = _policy_pair(kwargs, lp, old, roll, adv, m, {})
+        assert h.stats.delegated["PolicyLoss"] == 1 and not h.stats.served
+    for a, b in zip(want, got):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_policy_loss_gspo_beyond_fastppo_cap_delegates():
+    """A sequence whose mean log-ratio exceeds 10: fastppo's gspo caps it (verl's rule), OpenRLHF does
+    not, so that call is OpenRLHF's own (counted as delegated) and the numbers are OpenRLHF's."""
+    lp, old, roll, adv, m = _policy_case()
+    lp[1] += 11.0
+    with fi.patch("openrlhf", ops=["PolicyLoss"]) as h:
+        want, got = _policy_pair({"policy_loss_type": "gspo"}, lp, old, roll, adv, m, {})
+        assert h.stats.delegated["PolicyLoss"] == 1 and not h.stats.served
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)

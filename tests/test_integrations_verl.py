@@ -139,12 +139,12 @@ def test_outcome_advantages_uneven_groups(fn, kw):
     assert ca.get_adv_estimator_fn("grpo") is ca.compute_grpo_outcome_advantage
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                  "seq-mean-token-sum-norm"])
-def test_value_loss(mode):
+@pytest.mark.parametrize("mode,dp", [("token-mean", 1), ("seq-mean-token-mean", 1), ("seq-mean-token-sum", 1),
+                                     ("seq-mean-token-sum-norm", 1), ("token-sum", 1), ("token-sum", 2)])
+def test_value_loss(mode, dp):
     B, T = 5, 8
     vp, ret, old, m = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T), _mask(B, T)
-    (a, ga, _), (b, gb, st) = _both("compute_value_loss", vl, vp, ret, old, m, 0.3, mode, grad_of=(0,))
+    (a, ga, _), (b, gb, st) = _both("compute_value_loss", vl, vp, ret, old, m, 0.3, mode, dp, grad_of=(0,))
     torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b[1].float(), a[1].float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gb[0], ga[0], rtol=1e-5, atol=1e-7)
@@ -257,3 +257,137 @@ class _Null:
 
     def __exit__(self, *e):
         return False
+
+
+# ----------------------------------------------------------------------------- the policy-loss registry
+_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+_GLOBAL = {"dp_size": 2, "batch_num_tokens": 40, "global_batch_size": 12, "loss_scale_factor": 5}
+
+
+def _actor_config(loss_mode="vanilla", info=None, **kw):
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
+                      clip_ratio_low=0.1, clip_ratio_high=0.28, tau_pos=1.0, tau_neg=1.05,
+                      policy_loss=PolicyLossConfig(loss_mode=loss_mode), **kw)
+    cfg.global_batch_info.update(info or {})
+    return cfg
+
+
+def _policy_inputs(B=6, T=7, dtype=torch.float32):
+    logp, old = torch.randn(B, T) * 0.3, torch.randn(B, T) * 0.3
+    logp[3, 0] += 25.0    # beyond verl's [-20, 20] clamp of the token log-ratio
+    logp[4] += 12.0       # a sequence mean log-ratio beyond gspo's cap of 10
+    adv, m = torch.randn(B, T), _mask(B, T)
+    return logp.to(dtype), old.to(dtype), adv.to(dtype), m
+
+
+def _run_policy_loss(fn, old, logp, adv, m, mode, cfg, isw, g):
+    lp = logp.clone().requires_grad_()
+    args = (old, lp, adv, m) + (() if mode is None else (mode,))
+    loss, metrics = fn(*args, config=cfg, rollout_is_weights=isw)
+    (loss * g).backward()
+    return loss, metrics, lp.grad
+
+
+def _assert_same_policy_loss(a, b, scale):
+    (la, ma, ga), (lb, mb, gb) = a, b
+    assert lb.dtype == la.dtype and lb.shape == la.shape
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=2e-6 * scale)
+    torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-7 * scale)
+    assert mb.keys() == ma.keys() and all(isinstance(v, float) for v in mb.values())
+    for k in ma:
+        assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize("name", ["vanilla", "gspo", "sapo", "gpg", "geo_mean", "cispo"])
+def test_policy_loss_registry_modes(name):
+    """Every verl registry loss fastppo serves, patched vs verl's original: every loss_agg_mode with
+    rollout IS weights and verl's global batch info (dp_size 2: token-sum's dp_size scaling), and the
+    host's defaults (its own loss_agg_mode, no weights, a bool mask); an empty row, holes, a token
+    beyond the [-20, 20] clamp and a sequence beyond gspo's cap of 10; loss, gradient (upstream not
+    one), metrics keys and values; every call served by fastppo (none delegated)."""
+    torch.manual_seed(0)
+    logp, old, adv, m = _policy_inputs()
+    isw = torch.rand_like(logp) * 2
+    g = torch.tensor(0.7)
+    cases = [(mode, m, isw, _GLOBAL) for mode in _AGGS] + [(None, m.bool(), None, {})]
+    original = ca.get_policy_loss_fn(name)
+    want = [_run_policy_loss(original, old, logp, adv, mm, mode, _actor_config(info=info), w, g)
+            for mode, mm, w, info in cases]
+    with fi.patch("verl", ops=[f"policy_loss_{name}"]) as h:
+        fn = ca.get_policy_loss_fn(name)
+        assert fn.__fastppo_original__ is original
+        got = [_run_policy_loss(fn, old, logp, adv, mm, mode, _actor_config(info=info), w, g)
+               for mode, mm, w, info in cases]
+        assert h.stats.served[f"policy_loss_{name}"] == len(cases) and not h.stats.delegated
+    scale = float((adv.abs() * m).sum())   # magnitude of the token-sum losses
+    for a, b in zip(want, got):
+        _assert_same_policy_loss(a, b, max(1.0, scale / 10))
+
+
+@pytest.mark.parametrize("name,mode,bool_mask", [("gspo", None, False), ("geo_mean", None, True),
+                                                 ("sapo", "token-mean", True), ("cispo", "token-mean", True),
+                                                 ("vanilla", "token-sum", False)])
+def test_policy_loss_registry_bf16(name, mode, bool_mask):
+    """bf16 inputs: verl's result dtype (bf16, or float32 where its agg divides by float32 counts or
+    multiplies by a float mask); verl computes in bf16, fastppo in fp32 and rounds once, so both are
+    compared with the float64 evaluation of verl's own formula."""
+    torch.manual_seed(1)
+    logp, old, adv, m = _policy_inputs()
+    logp, old = logp * 0.1, old * 0.1   # ratios near one: bf16 resolves them
+    m = m.bool() if bool_mask else m
+    g = torch.tensor(1.0)
+    original = ca.get_policy_loss_fn(name)
+    cfg = _actor_config()
+    bf = [t.bfloat16() for t in (old, logp, adv)]
+    ref = _run_policy_loss(original, old.double(), logp.double(), adv.double(), m, mode, cfg, None, g)
+    host = _run_policy_loss(original, *bf, m, mode, cfg, None, g)
+    with fi.patch("verl", ops=[f"policy_loss_{name}"]) as h:
+        ours = _run_policy_loss(ca.get_policy_loss_fn(name), *bf, m, mode, cfg, None, g)
+        assert h.stats.served[f"policy_loss_{name}"] == 1
+    assert ours[0].dtype == host[0].dtype and ours[2].dtype == host[2].dtype == torch.bfloat16
+    err_host = (host[0].double() - ref[0]).abs()
+    assert (ours[0].double() - ref[0]).abs() <= err_host + 2 ** -8 * ref[0].abs() + 1e-6
+    torch.testing.assert_close(ours[2].double(), ref[2], rtol=2e-2, atol=2e-2 * ref[2].abs().max().item())
+
+
+def test_policy_loss_registry_delegates_what_verl_decides():
+    """A config verl's assertion rejects, and IS weights that carry a gradient (verl back-propagates
+    into them), go to verl's original, counted as delegated."""
+    logp, old, adv, m = _policy_inputs()
+    with fi.patch("verl", ops=["policy_loss_gspo", "policy_loss_cispo"]) as h:
+        with pytest.raises(AssertionError):
+            ca.get_policy_loss_fn("gspo")(old, logp, adv, m, "token-mean", OmegaConf.create({"clip_ratio": 0.2}))
+        isw = torch.rand_like(logp).requires_grad_()
+        loss, _ = ca.get_policy_loss_fn("cispo")(old, logp, adv, m, "token-mean", _actor_config(), isw)
+        loss.backward()
+        assert isw.grad is not None
+        assert h.stats.delegated["policy_loss_gspo"] == 1 and h.stats.delegated["policy_loss_cispo"] == 1
+        assert not h.stats.served
+
+
+@pytest.mark.parametrize("loss_mode,agg", [("gspo", "seq-mean-token-mean"), ("geo_mean", "token-mean"),
+                                           ("cispo", "token-sum")])
+def test_verl_workers_ppo_loss_new_modes(loss_mode, agg):
+    """verl.workers.utils.losses.ppo_loss with an ActorConfig selecting a newer registry loss and
+    rollout_is_weights in the batch: patched loss, metrics and gradients equal the unpatched ones."""
+    data, nnz = _verl_batch()
+    data["rollout_is_weights"] = torch.rand(3, 5) * 1.5
+    lp0 = torch.randn(nnz) * 0.1 - 1
+    res = []
+    for patched in (False, True):
+        cfg = _actor_config(loss_mode, loss_agg_mode=agg, use_kl_loss=True, kl_loss_coef=0.1)
+        lp = lp0.clone().requires_grad_()
+        with fi.patch("verl") if patched else _Null() as h:
+            pl, pm = vl.ppo_loss(cfg, {"log_probs": lp}, data)
+            if h is not None:
+                assert h.stats.served[f"policy_loss_{loss_mode}"] == 1 and not h.stats.delegated
+        pl.backward()
+        res.append((pl, lp.grad, pm))
+    (a, ga, ma), (b, gb, mb) = res
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-7)
+    assert mb.keys() == ma.keys()
+    for k in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
+        assert mb[k].aggregate() == pytest.approx(ma[k].aggregate(), rel=1e-5, abs=1e-6), k

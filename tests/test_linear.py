@@ -118,7 +118,7 @@ def test_no_allocation_near_the_logits(op):
     assert pm.peak - returned < N * V * 2, (pm.peak - returned, N * V * 2)
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum", "token-sum"])
 def test_fused_linear_ppo_loss_matches_fused_ppo_loss(agg):
     B, T, H, V = 3, 6, 24, 517
     hidden = torch.randn(B, T, H, device=DEVICE)
@@ -584,3 +584,18 @@ def test_fused_loss_without_grad_and_frozen_head():
     with count_launches() as frozen:
         fastppo.fused_linear_ppo_loss(h, weight, *args).loss.backward()
     assert frozen["linear_dh"] == 1 and "linear_dw" not in frozen and h.grad is not None
+
+
+def test_nan_in_a_valid_row_propagates_and_double_backward_raises():
+    """NaN in a valid row's hidden gives that row NaN log-prob (as PyTorch) and no other row changes; a
+    second differentiation raises a clear RuntimeError instead of a silently wrong number."""
+    hidden, weight, b = _inputs(6, 8, 140, torch.float32)
+    labels = make_labels((6,), 140, holes=0.0)
+    clean = fastppo.linear_logprobs(hidden, weight, labels, bias=b)
+    hidden[2, 3] = float("nan")
+    lp = fastppo.linear_logprobs(hidden, weight, labels, bias=b)
+    assert torch.isnan(lp[2]) and torch.equal(lp[[0, 1, 3, 4, 5]], clean[[0, 1, 3, 4, 5]])
+    h = torch.randn(6, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(fastppo.linear_logprobs(h, weight, labels).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice|once_differentiable|does not require grad"):
+        g.sum().backward()

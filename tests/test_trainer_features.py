@@ -15,8 +15,18 @@ from fastppo.trainer.config import TrainConfig
 from tests.test_trainer import _save_tiny_hf_models
 
 TINY = dict(iterations=2, batch_size=8, minibatches=2, ppo_epochs=1, sft_steps=3, reward_steps=3, save_every=1,
-            progress=False)
+            progress=False, backend="torch")  # the Triton path: test_demo_ppo_end_to_end[triton], NaN test
 QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """from_config forces the run's backend process-wide (fastppo.set_backend): undo it after each test."""
+    from fastppo.backend import forced_backend, set_backend
+
+    before = forced_backend()
+    yield
+    set_backend(before)
 
 
 def _metrics(path):
@@ -147,7 +157,7 @@ def test_reward_function_errors(tmp_path, reward_module):
 def _real_args(tmp_path, prompts, *extra):
     return ["--policy", str(tmp_path / "policy"), "--prompts", str(prompts), "--out", str(tmp_path / "run"),
             "--iterations", "1", "--batch_size", "4", "--minibatches", "1", "--ppo_epochs", "1", "--max_new_tokens",
-            "3", "--progress", "false", "--mode", "grpo", "--group_size", "2", *extra]
+            "3", "--progress", "false", "--backend", "torch", "--mode", "grpo", "--group_size", "2", *extra]
 
 
 @pytest.mark.parametrize("kind", ["save_to_disk", "parquet"])
@@ -234,7 +244,7 @@ def test_a_missing_local_model_is_an_error_never_a_hub_request(tmp_path, monkeyp
 def test_every_flag_is_validated_before_any_model_is_built(tmp_path, capsys, flag, value, why):
     assert main(["--out", str(tmp_path / "run"), f"--{flag}", value]) == 2
     err = capsys.readouterr().err
-    assert f"--{flag}=" in err
+    assert f"--{flag}" in err
     import re
 
     assert re.search(why, err), err
@@ -267,11 +277,11 @@ def test_evaluate_changes_nothing(tmp_path):
 def test_a_nan_loss_skips_the_step_and_leaves_the_weights_unchanged(tmp_path, backend):
     """A NaN old log-prob at one unmasked token: the fused loss must be NaN (as the float64 formula is), so
     the step is skipped and neither the weights nor the optimiser state move."""
-    trainer = PPOTrainer.from_config(TrainConfig(out=str(tmp_path / "run"), backend=backend, **TINY).validate(),
-                                     **QUIET)
+    cfg = TrainConfig(out=str(tmp_path / "run"), **{**TINY, "backend": backend}).validate()
+    trainer = PPOTrainer.from_config(cfg, **QUIET)
     assert fastppo.backend.backend_for(torch.zeros(1)) == backend
     ro = trainer.rollout(torch.Generator().manual_seed(0))
-    adv, _, _ = trainer.advantages(ro)
+    adv = torch.randn(ro.mask.shape, generator=torch.Generator().manual_seed(1))
     b, t = ro.mask.nonzero()[0].tolist()
     ro.old_logprobs[b, t] = float("nan")
     before = [p.detach().clone() for p in trainer.policy.parameters()]
@@ -280,3 +290,32 @@ def test_a_nan_loss_skips_the_step_and_leaves_the_weights_unchanged(tmp_path, ba
     assert trainer.skipped_steps == 1
     assert all(torch.equal(x, y) for x, y in zip(before, trainer.policy.parameters()))
     assert trainer.policy_opt.state_dict()["state"] == {}
+
+
+def test_policy_loss_variants_from_the_command_line(tmp_path, monkeypatch, capsys):
+    import fastppo.trainer.ppo as ppo_mod
+
+    seen = []
+    real = ppo_mod.fused_linear_ppo_loss
+
+    def spy(*a, **kw):
+        seen.append({k: kw[k] for k in ("policy_loss", "entropy_quantile", "sapo_tau_pos", "ratio_max")})
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ppo_mod, "fused_linear_ppo_loss", spy)
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--iterations", "1", "--batch_size", "8", "--minibatches", "2", "--ppo_epochs", "1",
+            "--sft_steps", "2", "--reward_steps", "2", "--progress", "false", "--backend", "torch", "--mode", "grpo",
+            "--group_size", "4", "--policy-loss", "gspo", "--entropy-quantile", "0.5"]
+    assert main(args) == 0
+    assert seen and all(s == {"policy_loss": "gspo", "entropy_quantile": 0.5, "sapo_tau_pos": 1.0,
+                              "ratio_max": None} for s in seen)
+    assert checkpoint.load_config(checkpoint.latest(out))["policy_loss"] == "gspo"
+    capsys.readouterr()
+    for flag, value, why in (("--policy-loss", "reinforce", "policy_loss must be one of"),
+                             ("--ratio_max", "0.5", "ratio_max must be > 1"),
+                             ("--entropy_quantile", "0", r"entropy_quantile must be in \(0, 1\]")):
+        assert main(["--out", str(tmp_path / "bad"), flag, value]) == 2
+        import re
+
+        assert re.search("--" + why, capsys.readouterr().err)

@@ -15,8 +15,18 @@ from fastppo.trainer.config import TrainConfig, merge_for_resume
 from fastppo.trainer.reporting import read_metrics
 
 TINY = dict(iterations=2, batch_size=8, minibatches=2, ppo_epochs=1, sft_steps=3, reward_steps=3, save_every=1,
-            progress=False)
+            progress=False, backend="torch")  # the Triton path: test_demo_ppo_end_to_end[triton], NaN test
 QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """from_config forces the run's backend process-wide (fastppo.set_backend): undo it after each test."""
+    from fastppo.backend import forced_backend, set_backend
+
+    before = forced_backend()
+    yield
+    set_backend(before)
 
 
 class _Payload:
@@ -82,7 +92,8 @@ def test_tokenizer_saved_and_frozen_models_saved_once(tmp_path):
     _save_tiny_hf_models(tmp_path)
     args = ["--policy", str(tmp_path / "policy"), "--reward", str(tmp_path / "rm"), "--prompts",
             str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "run"), "--iterations", "1", "--batch_size", "4",
-            "--minibatches", "1", "--ppo_epochs", "1", "--max_new_tokens", "3", "--progress", "false"]
+            "--minibatches", "1", "--ppo_epochs", "1", "--max_new_tokens", "3", "--progress", "false",
+            "--backend", "torch"]
     assert main(args) == 0
     ckpt = checkpoint.latest(tmp_path / "run")
     assert (ckpt / "policy" / "tokenizer_config.json").exists()

@@ -10,7 +10,8 @@ How each number is obtained (the table's notes repeat it):
 - derived rows (the large shapes): a dry run on fake tensors gives launches, grid sizes, peak memory,
   host reads and the eager ops' bytes and FLOPs exactly; the Triton kernels' bytes and FLOPs come from
   their exact counts at the measured shapes, which are linear in the shape monomials (fitted per
-  kernel, checked on held-out shapes; a residual above 1e-9 is an error)."""
+  kernel, checked on held-out shapes; an error above FIT_TOLERANCE of the side's total count is an
+  error)."""
 
 from __future__ import annotations
 

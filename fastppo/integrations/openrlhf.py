@@ -6,6 +6,8 @@
 | `openrlhf.models.utils.compute_entropy`                                    | `token_logprobs(return_entropy)` |
 | `openrlhf.models.utils.compute_approx_kl` (k1, k2, k3)                     | `kl_penalty`       |
 | `openrlhf.models.loss.PolicyLoss` ("ppo", dual clip, token / sequence loss) | `ppo_policy_loss`  |
+|   + token-level ratio IS correction (clip / mask)                          | `+ rollout_is_weights` |
+|   "gspo" (+ its IS correction: the ratio against the rollout log-probs)    | `ppo_policy_loss(policy_loss="gspo")` |
 | `openrlhf.models.loss.ValueLoss`                                           | `value_loss`       |
 | `RemoteExperienceMaker.get_advantages_and_returns` (when importable)       | `gae`              |
 
@@ -13,26 +15,43 @@ Host semantics kept: compute_approx_kl works in float32 and clamps k1/k2/k3 to [
 fastppo's "low_var_kl", whose clamps give the same values and gradients); log_probs_from_logits
 divides the caller's logits by `temperature` in place, as OpenRLHF does; the losses take
 OpenRLHF's dp_size / batch_num_tokens / global_batch_size (as fastppo's num_tokens / num_seqs) and
-return OpenRLHF's tuple (loss, clip_ratio, ppo_kl, None, None). OpenRLHF's GAE does not skip
+return OpenRLHF's tuple (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio). OpenRLHF's GAE does not skip
 masked tokens: it zeroes rewards and values at mask-0 positions and runs the plain recursion over
 every position; the adapter does exactly that (fastppo.gae with an all-ones mask on the masked
 inputs).
 
+PolicyLoss's IS correction at token level with the ratio gate is fastppo.rollout_is_weights
+(level="token", mode "clip" -> "truncate", "mask" -> "mask", [min, max] = is_correction_threshold),
+multiplied into the (dual-clipped) loss; vllm_kl and is_filter_ratio are returned as OpenRLHF
+returns them. GSPO is fastppo's "gspo" (the sequence-mean ratio, gradient through the mean,
+per-sample loss); with IS correction on, OpenRLHF's GSPO ratio is taken against the rollout
+log-probs and no weights are applied, and so does the adapter.
+
 PolicyLoss / ValueLoss are replaced by subclasses: modules built before the patch keep the
-original class. Delegated to OpenRLHF (counted): `unbiased_gradient=True`, GSPO and the rollout
-IS-correction of PolicyLoss, and `action_mask=None`. Not replaced: `compute_reward` (OpenRLHF keeps
--kl_coef * kl on mask-0 tokens, fastppo.kl_shaped_rewards writes 0 there).
+original class. Delegated to OpenRLHF (counted): compute_approx_kl's `unbiased_gradient=True`;
+PolicyLoss with `action_mask=None`, the sequence-level IS correction (a geometric-mean gate on
+per-token weights, not fastppo's sequence weight), the binary_kl / tv gates, GSPO with dual_clip
+(fastppo's gspo has none), and a GSPO call where some sequence's mean log-ratio exceeds 10: fastppo
+caps it there (verl's rule), OpenRLHF does not, so the adapter reads the 0-d ratio_max stat (one
+host sync per GSPO call; OpenRLHF's actor syncs every micro-step anyway) and recomputes such a call
+with OpenRLHF's own PolicyLoss. Differences, documented: a NaN rollout log-prob on a valid token
+gives weight clamp(1) in fastppo.rollout_is_weights (TRL's nan_to_num) where OpenRLHF's loss is NaN;
+a micro-batch with no valid token gives fastppo's 0 where OpenRLHF divides 0 by 0. Not replaced:
+`compute_reward` (OpenRLHF keeps -kl_coef * kl on mask-0 tokens, fastppo.kl_shaped_rewards writes 0
+there).
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from importlib.metadata import version as _dist_version
 
 import torch
 from packaging.version import Version
 
 import fastppo
+from fastppo.options import LossOptions
 
 from ._patching import EntryPoint, host_signature_wrapper
 
@@ -75,28 +94,78 @@ def _counts(token_level, dp_size, batch_num_tokens, global_batch_size):
     return {} if global_batch_size is None else {"num_seqs": global_batch_size / dp_size}
 
 
+_GSPO_CAP = math.exp(10.0) * (1 - 1e-6)   # fastppo's gspo caps the sequence log-ratio at 10; OpenRLHF does not
+
+
+def _is_weights_kwargs(loss):
+    """fastppo.rollout_is_weights keywords for the PolicyLoss's IS correction, or None where
+    OpenRLHF's rule is not fastppo's: token level with the ratio gate ("clip" = truncate to
+    [low, high], "mask" = the ratio where low <= ratio <= high else 0) is; the sequence level (a
+    geometric-mean gate on per-token weights) and the binary_kl / tv gates are not."""
+    if loss.is_correction_level != "token" or loss.is_correction_gating != "ratio":
+        return None
+    low, high = (float(x) for x in loss.is_correction_threshold)
+    if not 0 <= low <= high:
+        return None
+    return {"level": "token", "mode": "truncate" if loss.is_correction_mode == "clip" else "mask",
+            "min": low, "max": high}
+
+
 def _policy_loss_class(original, stats):
     from openrlhf.models.utils import masked_mean
 
     class PolicyLoss(original):
         __doc__ = "fastppo.ppo_policy_loss behind OpenRLHF's PolicyLoss. " + (original.__doc__ or "")
 
+        def _fastppo_kwargs(self, rollout_log_probs):
+            """(ppo_policy_loss keywords, rollout_is_weights keywords or None), or None to delegate."""
+            gspo = self.policy_loss_type == "gspo"
+            if self.policy_loss_type not in ("ppo", "gspo") or (gspo and self.dual_clip is not None):
+                return None   # fastppo's gspo has no dual clip
+            kw = {"policy_loss": self.policy_loss_type, "clip_low": self.clip_eps_low,
+                  "clip_high": self.clip_eps_high, "dual_clip": self.dual_clip}
+            is_kw = None
+            if self.is_correction_level != "off":
+                if rollout_log_probs is None:
+                    return None
+                if not gspo:   # GSPO's IS correction is its ratio against the rollout policy
+                    is_kw = _is_weights_kwargs(self)
+                    if is_kw is None:
+                        return None
+            try:
+                LossOptions.policy(**kw)
+            except (TypeError, ValueError):
+                return None
+            return kw, is_kw
+
         def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None,
                     dp_size=1, batch_num_tokens=None, global_batch_size=None):
             args = (log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size, batch_num_tokens,
                     global_batch_size)
-            if self.policy_loss_type != "ppo" or self.is_correction_level != "off" or action_mask is None:
+            plan = None if action_mask is None else self._fastppo_kwargs(rollout_log_probs)
+            if plan is None:
                 stats.delegated["PolicyLoss"] += 1
                 return super().forward(*args)
-            stats.served["PolicyLoss"] += 1
+            kw, is_kw = plan
+            gspo = self.policy_loss_type == "gspo"
+            ratio_ref = rollout_log_probs if gspo and self.is_correction_level != "off" else old_log_probs
+            vllm_kl = filt = isw = None
+            if is_kw is not None:
+                isw, is_stats = fastppo.rollout_is_weights(old_log_probs, rollout_log_probs, action_mask, **is_kw)
+                filt = is_stats["is_clipped_frac" if is_kw["mode"] == "truncate" else "is_masked_frac"]
+                vllm_kl = masked_mean(fastppo.kl_penalty(rollout_log_probs.detach(), old_log_probs.detach(),
+                                                         kind="k1"), action_mask, dim=None)
             agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
             loss, st = fastppo.ppo_policy_loss(
-                log_probs, old_log_probs, advantages, action_mask, clip_low=self.clip_eps_low,
-                clip_high=self.clip_eps_high, dual_clip=self.dual_clip, agg=agg,
-                **_counts(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size))
+                log_probs, ratio_ref, advantages, action_mask, agg=agg, rollout_is_weights=isw,
+                **kw, **_counts(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size))
+            if gspo and float(st["ratio_max"]) >= _GSPO_CAP:
+                stats.delegated["PolicyLoss"] += 1   # a sequence ratio beyond fastppo's cap: OpenRLHF's numbers
+                return super().forward(*args)
+            stats.served["PolicyLoss"] += 1
             ppo_kl = masked_mean(fastppo.kl_penalty(old_log_probs.detach(), log_probs.detach(), kind="k1"),
                                  action_mask, dim=None)
-            return loss, st["clipfrac"], ppo_kl, None, None
+            return loss, st["clipfrac"], ppo_kl, vllm_kl, filt
 
     PolicyLoss.__module__ = original.__module__
     PolicyLoss.__qualname__ = original.__qualname__

@@ -8,7 +8,11 @@
 | `core_algos.compute_gae_advantage_return`                                | `gae` + `masked_whiten`    |
 | `core_algos.compute_grpo_outcome_advantage` / `compute_rloo_outcome_advantage` | `group_advantages`   |
 | `core_algos.compute_value_loss`                                          | `value_loss`               |
-| policy-loss registry "vanilla" (`get_policy_loss_fn("vanilla")`)          | `ppo_policy_loss`          |
+| policy-loss registry `get_policy_loss_fn(name)` / `compute_policy_loss_<name>`, `rollout_is_weights` | |
+|   "vanilla" (dual_clip = clip_ratio_c)                                   | `ppo_policy_loss("ppo")`   |
+|   "gspo"                                                                 | `ppo_policy_loss("gspo_token")` |
+|   "sapo" (tau_pos / tau_neg), "gpg", "cispo"                             | `ppo_policy_loss(same name)` |
+|   "geo_mean"                                                             | `ppo_policy_loss("gmpo")`  |
 | `verl.utils.experimental.torch_functional.FusedLinearForPPO` (subclass)  | `linear_logprobs`          |
 
 Host semantics kept: verl's `k3`/`low_var_kl` is its clamped estimator (fastppo "low_var_kl");
@@ -17,16 +21,30 @@ ids are verl's `index` array (any order, uneven groups): rows are gathered per g
 size served by group_advantages; groups of one keep verl's own rule (grpo: score / (1 + eps),
 rloo: score) by calling verl's original on those rows. Agg modes map verl's dp_size /
 batch_num_tokens / global_batch_size / loss_scale_factor onto fastppo's num_tokens / num_seqs /
-horizon. The vanilla loss is dual-clip with verl's `clip_ratio_c` (default 3). Metrics keep verl's
-names and Python floats.
+horizon; "token-sum" is fastppo's token-sum times verl's dp_size. Policy losses, per registry entry,
+as verl 0.9.1 computes them: clip_ratio_low / clip_ratio_high (default clip_ratio); "sapo" always
+aggregates seq-mean-token-mean (verl ignores loss_agg_mode) with the taus rounded to the
+advantages' dtype as verl does; "geo_mean" ignores loss_agg_mode and global_batch_info and takes
+torch.mean over all rows (fastppo gmpo with agg seq-mean-token-mean, num_seqs = B: an empty row
+adds 0 and counts); "gspo" is fastppo's gspo_token (the per-token gradient s_b dlogp, log-ratio
+capped at 10, sequence mean unclamped). Metrics keep verl's keys and Python floats: ppo_kl is the
+masked mean of -(logp - old), clamped to [-20, 20] for vanilla / sapo / cispo and not for gspo /
+geo_mean as in verl; pg_clipfrac_lower is verl's 0.0 for gspo / sapo / cispo and pg_clipfrac 0.0 for
+sapo; gpg returns verl's empty dict. The loss has verl's result dtype (its loss matrix's dtype,
+promoted to float32 by the seq-mean modes and geo_mean, and by a floating mask in token modes).
 
 Differences, documented: GAE advantages/returns are 0 at mask-0 positions (verl carries the last
-value there, which no verl loss reads); verl's seq-mean-token-mean divides by count + 1e-8.
-Delegated to verl (counted in `handle.stats.delegated`): kl "full", agg "token-sum" and
-`rollout_is_weights` until fastppo's ops take them, dp_size > 1 without global counts (verl raises).
-The entropy function is bound into the engine when it is built: patch before building it.
-FusedLinearForPPO serves its "torch" and "liger" backends alike (log-probs float32, entropy in the
-logits' dtype, as verl's torch backend returns).
+value there, which no verl loss reads); verl's seq-mean-token-mean divides by count + 1e-8 (a
+relative 1e-8 / count, below fp32 rounding); NaN/inf at mask-0 positions of a policy loss's inputs
+make verl's seq-mean aggregations and geo_mean NaN (they multiply by the mask) while fastppo's are finite (it selects).
+Delegated to verl (counted in `handle.stats.delegated`): kl "full"; dp_size > 1 without global
+counts (verl raises); a config verl's own assertion rejects (it raises); rollout_is_weights that
+require grad (verl back-propagates into them, fastppo treats them as constants); options fastppo
+rejects (clip_ratio_low outside [0, 1], clip_ratio_c <= 1, taus <= 0); geo_mean on non-2-D inputs.
+Registry losses fastppo has no variant for stay verl's and are not patched: dppo_tv, dppo_kl,
+clip_cov, kl_cov, dro, bypass_mode. The entropy function is bound into the engine when it is
+built: patch before building it. FusedLinearForPPO serves its "torch" and "liger" backends alike
+(log-probs float32, entropy in the logits' dtype, as verl's torch backend returns).
 """
 
 from __future__ import annotations
@@ -39,8 +57,9 @@ import torch
 from packaging.version import Version
 
 import fastppo
+from fastppo.options import LossOptions
 
-from ._patching import EntryPoint, accepts, host_signature_wrapper
+from ._patching import EntryPoint, host_signature_wrapper
 
 SUPPORTED = ">=0.9, <0.10 (tested: 0.9.1)"
 _KL = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "low_var_kl", "k3": "low_var_kl"}
@@ -141,7 +160,8 @@ def _outcome(kind):
 
 
 def _agg_counts(mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
-    """verl's agg_loss knobs as fastppo's global counts; None when verl would raise."""
+    """verl's agg_loss knobs as fastppo's global counts (+ "dp_scale": verl's token-sum multiplies the
+    local sum by dp_size); None when verl would raise."""
     if mode == "token-mean":
         if batch_num_tokens is None:
             return None if dp_size > 1 else {}
@@ -156,7 +176,9 @@ def _agg_counts(mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_f
         if mode == "seq-mean-token-sum-norm" and loss_scale_factor is not None:
             kw["horizon"] = loss_scale_factor
         return kw
-    return None   # token-sum (until fastppo's agg takes it) and unknown modes (verl raises)
+    if mode == "token-sum":
+        return {} if dp_size == 1 else {"dp_scale": dp_size}
+    return None   # unknown modes (verl raises)
 
 
 def _serve_value_loss(a):
@@ -164,39 +186,125 @@ def _serve_value_loss(a):
                          a["loss_scale_factor"])
     if counts is None:
         return NotImplemented
+    scale = counts.pop("dp_scale", 1)
     loss, stats = fastppo.value_loss(a["vpreds"], a["values"], a["returns"], a["response_mask"],
                                      clip=a["cliprange_value"], agg=a["loss_agg_mode"], **counts)
-    return loss, stats["vf_clipfrac"]
+    return (loss * scale if scale != 1 else loss), stats["vf_clipfrac"]
 
 
-def _serve_vanilla(a):
-    cfg = a["config"]
+# verl registry name -> (fastppo policy_loss, verl's config assertion, ppo_kl metric clamped to [-20, 20],
+# clipfrac_lower reported by fastppo (else verl's 0.0), metrics returned)
+_POLICY_LOSSES = {
+    "vanilla": ("ppo", "not_algo", True, True, True),
+    "gspo": ("gspo_token", "actor", False, False, True),
+    "sapo": ("sapo", "actor", True, False, True),
+    "gpg": ("gpg", None, True, False, False),
+    "geo_mean": ("gmpo", "not_algo", False, True, True),
+    "cispo": ("cispo", "actor", True, False, True),
+}
+
+
+def _config_ok(cfg, rule):
+    """verl's own `assert` on the config type (a failing one is left for verl to raise)."""
     if cfg is None:
-        return NotImplemented   # verl asserts
-    info = dict(getattr(cfg, "global_batch_info", None) or {})
-    counts = _agg_counts(a["loss_agg_mode"], info.get("dp_size", 1), info.get("batch_num_tokens"),
-                         info.get("global_batch_size"), info.get("loss_scale_factor"))
-    if counts is None:
-        return NotImplemented
-    kw = dict(counts)
-    if a["rollout_is_weights"] is not None:
-        if not accepts(fastppo.ppo_policy_loss, "rollout_is_weights"):
-            return NotImplemented
-        kw["rollout_is_weights"] = a["rollout_is_weights"]
+        return False
+    if rule == "actor":
+        from verl.workers.config import ActorConfig
+
+        return isinstance(cfg, ActorConfig)
+    if rule == "not_algo":
+        from verl.trainer.config import AlgoConfig
+
+        return not isinstance(cfg, AlgoConfig)
+    return True
+
+
+def _clip_range(cfg):
     clip = cfg.clip_ratio
     low = cfg.clip_ratio_low if cfg.clip_ratio_low is not None else clip
     high = cfg.clip_ratio_high if cfg.clip_ratio_high is not None else clip
-    c = cfg.get("clip_ratio_c", 3.0)
-    if not c > 1.0:
-        return NotImplemented   # verl asserts with its message
-    logp, old, adv, m = a["log_prob"], a["old_log_prob"], a["advantages"], a["response_mask"]
-    loss, stats = fastppo.ppo_policy_loss(logp, old, adv, m, clip_low=low, clip_high=high, dual_clip=c,
-                                          agg=a["loss_agg_mode"], **kw)
-    # verl's ppo_kl metric: masked mean of -clamp(logp - old, -20, 20), with verl's own helper
-    neg_kl = fastppo.kl_penalty(old.detach(), logp.detach(), kind="k1").clamp(-20, 20)
-    ppo_kl = _tf().masked_mean(neg_kl, m)
-    return loss, {"actor/pg_clipfrac": float(stats["clipfrac"]), "actor/ppo_kl": float(ppo_kl),
-                  "actor/pg_clipfrac_lower": float(stats["clipfrac_lower"])}
+    return low, high
+
+
+def _loss_dtype(name, a, agg):
+    """The dtype verl's arithmetic gives the loss: its loss matrix's promoted dtype, then agg_loss's
+    promotions (the seq-mean modes and geo_mean's means divide by float32 counts; token-mean /
+    token-sum multiply by the mask, which promotes with a floating mask)."""
+    ts = [a["log_prob"], a["advantages"]] + ([] if name == "gpg" else [a["old_log_prob"]])
+    if a["rollout_is_weights"] is not None:
+        ts.append(a["rollout_is_weights"])
+    dtype = ts[0].dtype
+    for t in ts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    m = a["response_mask"]
+    if name == "geo_mean" or agg.startswith("seq-mean"):
+        return torch.promote_types(dtype, torch.float32)
+    return torch.promote_types(dtype, m.dtype) if m.is_floating_point() else dtype
+
+
+def _policy_kwargs(name, a):
+    """ppo_policy_loss keywords reproducing verl's compute_policy_loss_<name>, or None where verl's
+    semantics cannot be reproduced (the call is then delegated to verl)."""
+    kind, rule, _, _, _ = _POLICY_LOSSES[name]
+    cfg, logp, adv, isw = a["config"], a["log_prob"], a["advantages"], a["rollout_is_weights"]
+    if not _config_ok(cfg, rule) or logp.dim() != 2:
+        return None
+    if isw is not None and isw.requires_grad:
+        return None   # verl back-propagates into the weights; fastppo treats them as constants
+    kw = {"policy_loss": kind}
+    if name == "geo_mean":   # verl ignores loss_agg_mode and global_batch_info: torch.mean over the rows
+        if logp.shape[0] == 0:
+            return None
+        kw.update(agg="seq-mean-token-mean", num_seqs=logp.shape[0])
+    else:
+        mode = "seq-mean-token-mean" if name == "sapo" else a["loss_agg_mode"]   # sapo: always seq-mean-token-mean
+        info = dict(getattr(cfg, "global_batch_info", None) or {})
+        counts = _agg_counts(mode, info.get("dp_size", 1), info.get("batch_num_tokens"),
+                             info.get("global_batch_size"), info.get("loss_scale_factor"))
+        if counts is None:
+            return None
+        kw.update(agg=mode, **counts)
+    if name != "gpg":
+        kw["clip_low"], kw["clip_high"] = _clip_range(cfg)
+    if name == "vanilla":
+        kw["dual_clip"] = cfg.get("clip_ratio_c", 3.0)
+        if not kw["dual_clip"] > 1.0:
+            return None   # verl asserts with its message
+    if name == "sapo":   # verl makes the taus tensors of the advantages' dtype
+        kw["sapo_tau_pos"] = float(torch.tensor(cfg.tau_pos, dtype=adv.dtype))
+        kw["sapo_tau_neg"] = float(torch.tensor(cfg.tau_neg, dtype=adv.dtype))
+    try:   # an option fastppo rejects (e.g. clip_ratio_low > 1) is verl's to compute
+        LossOptions.policy(**{k: v for k, v in kw.items() if k != "dp_scale"})
+    except (TypeError, ValueError):
+        return None
+    return kw
+
+
+def _policy_loss(name):
+    """The replacement of verl's registry entry `name` (compute_policy_loss_<name>)."""
+    _, _, kl_clamped, has_lower, has_metrics = _POLICY_LOSSES[name]
+
+    def serve(a):
+        kw = _policy_kwargs(name, a)
+        if kw is None:
+            return NotImplemented
+        scale = kw.pop("dp_scale", 1)
+        logp, old, adv, m = a["log_prob"], a["old_log_prob"], a["advantages"], a["response_mask"]
+        loss, stats = fastppo.ppo_policy_loss(logp, old, adv, m, rollout_is_weights=a["rollout_is_weights"], **kw)
+        loss = loss.to(_loss_dtype(name, a, kw["agg"]))
+        if scale != 1:   # verl's token-sum: the local masked sum times dp_size
+            loss = loss * scale
+        if not has_metrics:
+            return loss, {}
+        # verl's ppo_kl metric: masked mean of -(logp - old) (clamped to [-20, 20] where verl clamps it)
+        neg_kl = fastppo.kl_penalty(old.detach(), logp.detach(), kind="k1")
+        if kl_clamped:
+            neg_kl = neg_kl.clamp(-20, 20)
+        ppo_kl = _tf().masked_mean(neg_kl, m)
+        clipfrac = 0.0 if name == "sapo" else float(stats["clipfrac"])
+        lower = float(stats["clipfrac_lower"]) if has_lower else 0.0
+        return loss, {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": float(ppo_kl), "actor/pg_clipfrac_lower": lower}
+    return serve
 
 
 def _fused_linear_class(original, stats):
@@ -238,8 +346,9 @@ def entry_points() -> list[EntryPoint]:
     ]
     regs = tuple((f"core_algos.{n}", getattr(ca, n)) for n in ("POLICY_LOSS_REGISTRY", "ADV_ESTIMATOR_REGISTRY")
                  if isinstance(getattr(ca, n, None), dict))
-    table.append(("policy_loss_vanilla", ca, "compute_policy_loss_vanilla",
-                  _function("policy_loss_vanilla", _serve_vanilla)))
+    for name in _POLICY_LOSSES:
+        table.append((f"policy_loss_{name}", ca, f"compute_policy_loss_{name}",
+                      _function(f"policy_loss_{name}", _policy_loss(name))))
     import verl.utils.experimental.torch_functional as xtf  # models import the class from here at call time
 
     eps = [EntryPoint(name, (lambda h=h, attr=attr: (h, attr)), build, regs) for name, h, attr, build in table]

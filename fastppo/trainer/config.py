@@ -53,6 +53,13 @@ class TrainConfig:
     dual_clip: float | None = field(default=None, metadata={"help": "dual-clip constant c > 1"})
     vf_clip: float | None = field(default=0.2, metadata={"help": "value clip"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus"})
+    policy_loss: str = field(default="ppo", metadata={
+        "help": "policy-loss variant: ppo, gspo, gspo_token, cispo, sapo, gmpo or gpg (see fastppo.ppo_policy_loss)"})
+    ratio_max: float | None = field(default=None, metadata={"help": "ppo: cap on the unclipped ratio (> 1)"})
+    sapo_tau_pos: float = field(default=1.0, metadata={"help": "sapo: temperature for positive advantages"})
+    sapo_tau_neg: float = field(default=1.05, metadata={"help": "sapo: temperature for negative advantages"})
+    entropy_quantile: float | None = field(default=None, metadata={
+        "help": "train only on the highest-entropy fraction of tokens, in (0, 1] (None: every token)"})
     agg: str = field(default="token-mean", metadata={"help": f"loss aggregation: {', '.join(AGG_MODES)}"})
     gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
@@ -129,7 +136,9 @@ class TrainConfig:
         try:   # the loss options are validated where the losses validate them (fastppo.options)
             LossOptions.policy(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
                                agg=self.agg, kl_kind=self.kl_kind, kl_coef=self.kl_coef,
-                               entropy_coef=self.entropy_coef)
+                               entropy_coef=self.entropy_coef, policy_loss=self.policy_loss,
+                               ratio_max=self.ratio_max, sapo_tau_pos=self.sapo_tau_pos,
+                               sapo_tau_neg=self.sapo_tau_neg, entropy_quantile=self.entropy_quantile)
         except (TypeError, ValueError) as e:
             raise ValueError(f"--{e}") from None
         for name in ("gamma", "lam"):

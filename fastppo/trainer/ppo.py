@@ -241,6 +241,8 @@ class PPOTrainer:
                 bias=bias, ref_logprobs=mb.ref_logprobs[sl] if grpo else None,
                 kl_coef=self.kl_ctl.value if grpo else 0.0, kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef,
                 clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                policy_loss=cfg.policy_loss, ratio_max=cfg.ratio_max, sapo_tau_pos=cfg.sapo_tau_pos,
+                sapo_tau_neg=cfg.sapo_tau_neg, entropy_quantile=cfg.entropy_quantile,
                 temperature=cfg.temperature, agg=cfg.agg, return_entropy=True, **counts)
             stats.append(_weighted(out.loss, mb.mask[sl], out.stats, ("clipfrac", "entropy", "approx_kl")))
             return out.loss
