@@ -597,3 +597,19 @@ def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
 
 
 fused_linear_ppo_loss.register_autograd(_fused_linear_ppo_loss_backward, setup_context=_fused_linear_ppo_loss_setup)
+
+
+# ----------------------------------------------------------------------------- double backward
+def _refuse_double_backward(op, name):
+    """Backward ops are once_differentiable: differentiating through them raises this clear error."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"torch.ops.fastppo.{name} is once_differentiable: fastppo cannot differentiate twice "
+                           f"(double backward is not implemented)")
+
+    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
+
+for _name, _op in (("token_logprobs_backward", token_logprobs_backward), ("full_kl_backward", full_kl_backward),
+                   ("linear_logprobs_backward", linear_logprobs_backward)):
+    _refuse_double_backward(_op, _name)
