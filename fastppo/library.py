@@ -156,6 +156,21 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     return kl_shaped_rewards_torch(scores, kl, mask, kl_coef).contiguous()
 
 
+def _rollout_is_weights_fake(old_logprobs, rollout_logprobs, mask, level, mode, max, min):
+    acc = _acc(old_logprobs)
+    return old_logprobs.new_empty(old_logprobs.shape, dtype=acc), old_logprobs.new_empty((4,), dtype=acc)
+
+
+@_define("rollout_is_weights", _rollout_is_weights_fake, kernels=False)
+def rollout_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, level: str,
+                       mode: str, max: float | None, min: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, stats [is_mean, is_min, is_max, clipped / masked fraction]) of fastppo.rollout_is_weights."""
+    from .losses import rollout_is_weights_torch
+
+    w, stats = rollout_is_weights_torch(old_logprobs, rollout_logprobs, mask, level, mode, max, min)
+    return w.contiguous(), stats
+
+
 # ----------------------------------------------------------------------------- kl_penalty
 def _kl_penalty_fake(logprobs, ref_logprobs, kind, backend):
     kl = logprobs.new_empty(logprobs.shape, dtype=_acc(logprobs, ref_logprobs))

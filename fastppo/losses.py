@@ -208,9 +208,19 @@ def rollout_is_weights(old_logprobs, rollout_logprobs, mask, *, level="token", m
         raise ValueError("rollout_is_weights needs max and/or min")
     if max is not None and min is not None and min > max:
         raise ValueError(f"min ({min}) must be <= max ({max})")
+    weights, stats = torch.ops.fastppo.rollout_is_weights(old_logprobs.detach(), rollout_logprobs.detach(), mask,
+                                                          level, mode, None if max is None else float(max),
+                                                          None if min is None else float(min))
+    frac = "is_clipped_frac" if mode == "truncate" else "is_masked_frac"
+    return weights, dict(zip(("is_mean", "is_min", "is_max", frac), stats.unbind()))
+
+
+def rollout_is_weights_torch(old_logprobs, rollout_logprobs, mask, level, mode, max, min):
+    """The body of torch.ops.fastppo.rollout_is_weights: (weights, stats [4]: mean, min, max, fraction
+    clipped / masked)."""
     acc = torch.float64 if old_logprobs.dtype == torch.float64 else torch.float32
     m = mask != 0
-    old, roll = old_logprobs.detach().to(acc), rollout_logprobs.detach().to(acc)
+    old, roll = old_logprobs.to(acc), rollout_logprobs.to(acc)
     diff = torch.nan_to_num(torch.where(m, old - roll, torch.zeros_like(old)), nan=0.0)
     if level == "sequence":
         diff = diff.sum(-1, keepdim=True)
@@ -233,4 +243,4 @@ def rollout_is_weights(old_logprobs, rollout_logprobs, mask, *, level="token", m
         ("is_clipped_frac" if mode == "truncate" else "is_masked_frac"): (valid & outside).sum().to(acc) / n,
     }
     weights = torch.where(m, w.expand_as(old), torch.zeros_like(old))
-    return weights, stats
+    return weights, torch.stack(list(stats.values()))

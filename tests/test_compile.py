@@ -137,6 +137,8 @@ def _op_cases():
         ("group_advantages", (_bt(1, 6)[0], 3, "grpo", True, 1e-6)),
         ("group_advantages", (_bt(1, 6)[0], 2, "rloo", True, 1e-6)),
         ("kl_shaped_rewards", (_bt(1, 2)[0], ref, mask, 0.1)),
+        ("rollout_is_weights", (r, v_t, mask, "token", "truncate", 2.0, None)),
+        ("rollout_is_weights", (r, v_t, mask, "sequence", "mask", 2.0, 0.5)),
     ]
     for backend in ("triton", "torch"):
         cases += [("kl_penalty", (lp, ref, "k3", backend)),
@@ -162,7 +164,7 @@ def test_opcheck(case):
 def test_every_public_op_is_registered_and_checked():
     public = ("token_logprobs", "linear_logprobs", "full_kl", "kl_penalty", "ppo_policy_loss", "value_loss",
               "fused_ppo_loss", "fused_linear_ppo_loss", "gae", "masked_whiten", "group_advantages",
-              "kl_shaped_rewards")
+              "kl_shaped_rewards", "rollout_is_weights")
     assert set(public) <= set(OP_NAMES)
     for name in OP_NAMES:
         assert hasattr(torch.ops.fastppo, name), name
@@ -174,7 +176,9 @@ def _train_step(logits, hidden, weight, values, labels, old, mask, rewards, scor
     adv, ret = fastppo.gae(fastppo.kl_shaped_rewards(scores, fastppo.kl_penalty(old, ref), mask, kl_coef=0.1),
                            values.detach(), mask, gamma=0.9, lam=0.8)
     adv = fastppo.masked_whiten(adv, mask) + fastppo.group_advantages(scores, 2)[:, None]
+    isw, _ = fastppo.rollout_is_weights(old, old - 0.05, mask, level="sequence")
     out = fastppo.fused_ppo_loss(logits, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01,
+                                 rollout_is_weights=isw,
                                  dual_clip=3.0, agg="seq-mean-token-mean")
     logp, ent = fastppo.token_logprobs(logits, labels, temperature=0.7, return_entropy=True)
     lin = fastppo.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, entropy_coef=0.01)
