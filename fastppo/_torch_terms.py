@@ -238,7 +238,7 @@ def value_loss_agg(values, old_values, returns, mask, *, opts) -> AggResult:
 
 # ----------------------------------------------------------------------------- gae
 def gae_fwd(rewards, values, mask, gamma, lam):
-    """Mask-aware GAE (DESIGN.md section 4), vectorised over sequences, a loop over time in fp64 (as the
+    """Mask-aware GAE (docs/design.md §4), vectorised over sequences, a loop over time in fp64 (as the
     kernel's scan). Returns (advantages, returns) [B, T], float32 (float64 when rewards or values are)."""
     r, v, m = rewards.double(), values.double(), mask != 0
     B, T = r.shape

@@ -1,4 +1,4 @@
-"""Backend choice per call (DESIGN.md section 2).
+"""Backend choice per call (docs/design.md §2).
 
 - CUDA tensors: Triton kernels.
 - CPU tensors with TRITON_INTERPRET=1 set before triton was imported: the same Triton kernels,

@@ -2,7 +2,7 @@
 the rollout-correction helper rollout_is_weights, and `loss_terms_from_logprobs`, the one per-token
 loss function the fused losses (logits and linear) call. Each op runs through one autograd Function
 on either backend (fastppo.dispatch picks the Triton launcher or its PyTorch twin). Math:
-fastppo.reference and DESIGN.md section 4.
+fastppo.reference and docs/design.md §4.
 
 Policy-loss variants (d = logp - old, r = exp(clamp(d, -20, 20)), A the advantage, n_b the valid
 tokens of sequence b; each per-token L is multiplied by the rollout IS weight when given, then

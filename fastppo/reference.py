@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every public function: the documented math (DESIGN.md section 4),
+"""Pure-PyTorch reference of every public function: the documented math (docs/design.md §4),
 the oracle of the tests and benchmarks, and the fallback for the per-token ops.
 
 Comments give the memory each eager step reads and writes for N tokens, vocabulary V, logits in
@@ -86,7 +86,7 @@ def kl_penalty(logprobs, ref_logprobs, kind="k3"):
 
 
 def aggregate(x, mask, agg="token-mean", *, num_tokens=None, num_seqs=None, horizon=None):
-    """Reduce a per-token [B, T] matrix with mask m (DESIGN.md section 4). Sequences with no
+    """Reduce a per-token [B, T] matrix with mask m (docs/design.md §4). Sequences with no
     unmasked token are excluded. Global counts (num_tokens, num_seqs, horizon) replace the local
     ones so that micro-batch losses add up to the whole-batch loss."""
     x = _f(x)
@@ -335,7 +335,7 @@ def compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs,
 
 # ----------------------------------------------------------------------------- advantages
 def gae(rewards, values, mask, *, gamma=1.0, lam=1.0):
-    """The plain reverse loop of DESIGN.md: masked positions are skipped (carry passes through)."""
+    """The plain reverse loop of docs/design.md §4.3: masked positions are skipped (carry passes through)."""
     r, v, m = rewards.double(), values.double(), mask.bool()
     B, T = r.shape
     adv = torch.zeros(B, T, dtype=torch.float64)

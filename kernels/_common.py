@@ -108,7 +108,7 @@ def scalar_hi_lo(hi, lo, ACC: tl.constexpr):
 
 @triton.jit
 def transform_logits(z, pre, post, HAS_CAP: tl.constexpr):
-    """Scaled logits z' = softcap(scale * z) / tau and dz'/dz, per element (DESIGN.md 3b).
+    """Scaled logits z' = softcap(scale * z) / tau and dz'/dz, per element (docs/design.md §4.1).
 
     softcap(x) = c * tanh(x / c). The host folds the scalars (see kernels/_rows.py `LogitTransform`):
     without a cap  pre = scale / tau:            z' = pre * z,              dz'/dz = pre;

@@ -1,4 +1,4 @@
-"""Per-token loss terms as @triton.jit helpers, shared by the loss kernels (DESIGN.md section 4).
+"""Per-token loss terms as @triton.jit helpers, shared by the loss kernels (docs/design.md §4).
 
 Each returns the value and its derivative with respect to the first argument, elementwise, in
 the dtype of its inputs (fp32, or fp64 for float64 checks). Kinds and modes are constexpr

@@ -1,6 +1,6 @@
 """Generalised advantage estimation in one launch: a reverse linear-recurrence scan over time.
 
-Mask-aware GAE (DESIGN.md §4) walks t = T-1..0 with a carry (G, N) = (advantage, next value):
+Mask-aware GAE (docs/design.md §4) walks t = T-1..0 with a carry (G, N) = (advantage, next value):
     unmasked t:  G' = gamma*lam*G + gamma*N + (r_t - V_t),  N' = V_t
     masked t:    G' = G,  N' = N           (the step is skipped)
 Each step is an affine map of the carry with an upper-triangular matrix [[a, b], [0, d]] and an

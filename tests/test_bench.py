@@ -129,12 +129,14 @@ def test_kernel_counts_scale_as_claimed():
         "bytes"]
 
 
-def test_fused_loss_is_six_launches_at_the_floor():
-    """logprobs_fwd, the multi-program loss aggregation (4 launches, kernels/loss_agg.py) and logprobs_bwd."""
+def test_fused_loss_is_six_kernel_launches_at_the_floor():
+    """logprobs_fwd, the multi-program loss aggregation (4 launches, kernels/loss_agg.py) and logprobs_bwd;
+    no eager op."""
     spec = OPS["fused_ppo_loss"]
     shape = {"N": 16, "V": 2048, "prompt": 0.0}
     c = count(spec, shape, "fastppo")
-    assert c["launches"] == 6
+    assert c["launches"] == 6 and c["eager_launches"] == 0
+    assert {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel"} <= set(c["kernels"])
     assert 1.0 <= c["bytes"] / spec.floor_bytes(shape, torch.bfloat16) < 1.05
 
 

@@ -20,13 +20,16 @@ QUIET = dict(log=lambda *_: None)
 
 
 @pytest.fixture(autouse=True)
-def _restore_backend():
-    """from_config forces the run's backend process-wide (fastppo.set_backend): undo it after each test."""
+def _one_thread_and_backend_restored():
+    """One intra-op thread (tiny matrices: faster, above all on a busy machine, and a trajectory that does not
+    depend on the core count); from_config forces the run's backend process-wide: undone after each test."""
     from fastppo.backend import forced_backend, set_backend
 
-    before = forced_backend()
+    before, threads = forced_backend(), torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     set_backend(before)
+    torch.set_num_threads(threads)
 
 
 def _metrics(path):

@@ -21,8 +21,9 @@ def main(argv=None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
+    # the counts need Triton's interpreter, switched on before triton is imported: importing fastppo (which
+    # this command did) imports triton, so unless TRITON_INTERPRET=1 was already set they run in a subprocess
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
 
     if args.aot:
         from ..kernels.aot import report_in_subprocess
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
         p.error(f"unknown ops {unknown}; choose from {list(OPS)}")
     dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
-    if cuda:
+    if cuda or not interpreted:
         print("counting bytes and launches in Triton's interpreter (CPU subprocess) ...")
         rows = rows_in_subprocess(ops, args.dtype)
     else:

@@ -1,4 +1,4 @@
-"""Exact counters of what decides GPU speed, measurable on any machine (DESIGN.md §5).
+"""Exact counters of what decides GPU speed, measurable on any machine (docs/design.md §5).
 
 - `KernelTraffic`: bytes each Triton kernel loads and stores, counted by wrapping the Triton
   interpreter's masked load/store (only lanes whose mask is true count), needs TRITON_INTERPRET=1.

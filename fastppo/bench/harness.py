@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from ..kernels.launches import count_launches
 from . import peers
 from .counters import AnswerHostSyncs, EagerTraffic, PeakMemory, TritonLaunches, hide_interpreter_copies
 from .ops import OpSpec
@@ -101,12 +102,17 @@ def count(spec: OpSpec, shape: dict, side: str, dtype=torch.bfloat16, device="cp
     with fake:
         inputs = spec.make(shape, dtype, device)
         with _labels_unchecked(), peers.as_on_gpu(), hide_interpreter_copies(), triton.count(), \
-                AnswerHostSyncs() if dry_run else contextlib.nullcontext(), EagerTraffic() as eager, \
-                PeakMemory() as peak:
+                count_launches() as recorded, AnswerHostSyncs() if dry_run else contextlib.nullcontext(), \
+                EagerTraffic() as eager, PeakMemory() as peak:
             _run(spec, side, inputs)
     kernels: dict = {}
-    for launch in triton.log:
+    # fastppo's launchers also record the tensors each launch reads and writes (kernels/launches.py): their
+    # size bounds the unique bytes from above; kept per kernel as io_bytes when every launch recorded it
+    io = [r.io_bytes for r in recorded.log] if len(recorded.log) == len(triton.log) else None
+    for i, launch in enumerate(triton.log):
         k = kernels.setdefault(launch["kernel"], dict.fromkeys(("launches", "programs", *KERNEL_KEYS), 0))
+        if io is not None:
+            k["io_bytes"] = k.get("io_bytes", 0) + io[i]
         k["launches"] += 1
         k["programs"] += launch["programs"]
         k["bytes"] += launch["loaded_bytes"] + launch["stored_bytes"]

@@ -134,6 +134,10 @@ def op_rows(name, dtype, progress=None):
                     c["kernels"] = {k: {} for k in names}
                 for k in names:
                     c["kernels"][k].update(models[k].predict(shape))
+                    # the fit extrapolates small shapes (one vocabulary chunk); the unique bytes of a launch
+                    # cannot exceed the size of the tensors it was given (recorded by fastppo's launchers)
+                    if "io_bytes" in c["kernels"][k]:
+                        c["kernels"][k]["bytes"] = min(c["kernels"][k]["bytes"], c["kernels"][k]["io_bytes"])
                 row = rows[("derived", tuple(shape.items()))]
                 row.update(_side_cells(side, with_totals(c)))
                 row[f"{side}_fit_error"] = fit_error

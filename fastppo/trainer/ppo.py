@@ -49,6 +49,23 @@ def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+
+def backend_scope(name: str | None):
+    """`fastppo.use_backend(name)` around the trainer's own work (--backend), leaving the process-wide
+    choice as it was afterwards; None changes nothing."""
+    import fastppo
+
+    return contextlib.nullcontext() if name is None else fastppo.use_backend(name)
+
+
+def _in_backend(method):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with backend_scope(self.cfg.backend):
+            return method(self, *args, **kwargs)
+
+    return run
+
 class PPOTrainer:
     """policy: AutoModelForCausalLM (or a peft LoRA model: then the reference is the base model with the adapter
     disabled, no second copy); ref: frozen reference (default: a frozen copy of the policy); reward_model:
@@ -107,8 +124,6 @@ class PPOTrainer:
         functions. explicit: the flags the user gave (default: the fields that differ from the defaults)."""
         import random
 
-        import fastppo
-
         from .config import merge_for_resume
         from .data import combined_reward, load_prompts, load_reward_funcs
         from .models import build_demo, build_real
@@ -127,14 +142,14 @@ class PPOTrainer:
         out = Path(cfg.out)
         prompts = load_prompts(cfg.prompts, cfg.prompts_column, cfg.prompts_split) if cfg.policy else None
         reward_funcs = load_reward_funcs(cfg.reward_funcs)
-        fastppo.set_backend(cfg.backend)
         parallel = Parallel.setup(cfg.parallel, _device(cfg))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        if cfg.policy is None:
-            setup = build_demo(cfg, out, resume_from, Path(cfg.resume) if cfg.resume else None, log)
-        else:
-            setup = build_real(cfg, prompts, resume_from, log)
+        with backend_scope(cfg.backend):
+            if cfg.policy is None:
+                setup = build_demo(cfg, out, resume_from, Path(cfg.resume) if cfg.resume else None, log)
+            else:
+                setup = build_real(cfg, prompts, resume_from, log)
         device = _device(cfg)
         policy, ref, reward_model, critic = (None if m is None else m.to(device) for m in
                                              (setup.policy, setup.ref, setup.reward_model, setup.critic))
@@ -319,6 +334,7 @@ class PPOTrainer:
         opt.step()
         return True
 
+    @_in_backend
     def train_iteration(self) -> dict:
         """One rollout + update; deterministic given (seed, iteration), so a resumed run matches."""
         cfg = self.cfg
@@ -367,6 +383,7 @@ class PPOTrainer:
         return metrics
 
     # ------------------------------------------------------------------ entry points
+    @_in_backend
     def train(self) -> list[dict]:
         """Iterate to cfg.iterations: metrics.jsonl (+ report_to), a checkpoint every save_every iterations and
         at the end, curves.png. Returns the metrics of every iteration (a resumed run includes the earlier)."""
@@ -432,6 +449,7 @@ class PPOTrainer:
         return path
 
     @torch.no_grad()
+    @_in_backend
     def evaluate(self, batches: int = 1, seed: int | None = None) -> dict:
         """Rollouts with the current policy and no update: mean reward, task score (if known), KL to the
         reference and response length over `batches` batches of cfg.batch_size, from generator seed `seed`
