@@ -37,7 +37,10 @@ def check_labels(labels: torch.Tensor, lead_shape, vocab: int, ignore_index: int
 
 def label_check_enabled(device: torch.device) -> bool:
     """FASTPPO_CHECK_LABELS=1 forces the host-side label check, =0 turns it off (as on CUDA by
-    default: the check costs a device->host sync); unset, it runs where it is free (CPU)."""
+    default: the check costs a device->host sync); unset, it runs where it is free (CPU). Never while
+    torch.compile traces (a value check would break the graph; the kernels stay in bounds anyway)."""
+    if torch.compiler.is_compiling():
+        return False
     env = os.environ.get("FASTPPO_CHECK_LABELS")
     if env in ("0", "1"):
         return env == "1"

@@ -8,8 +8,9 @@ import math
 
 import torch
 
+from . import library  # noqa: F401  (registers torch.ops.fastppo)
 from ._checks import check_choice, check_float, check_mask, check_same_shape
-from .dispatch import ops_for
+from .backend import backend_for
 
 
 def _check_bt(name, x):
@@ -58,25 +59,31 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     _check_mask(mask, "rewards", rewards)
     _check_discount("gamma", gamma)
     _check_discount("lam", lam)
-    gae_ops, _ = ops_for("gae", rewards, values, mask)
-    return gae_ops.gae_fwd(rewards, values, mask, gamma, lam)
+    return torch.ops.fastppo.gae(rewards, values, mask, float(gamma), float(lam), backend_for(rewards, values, mask))
 
 
 @torch.no_grad()
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the mask-1 entries, var unbiased (n - 1); with
     shift_mean=False the mean is added back. 0 where mask is 0 (NaN/inf there are ignored). Needs at
-    least 2 mask-1 entries (one host sync to check it). Returns float32 (float64 for float64 x).
+    least 2 mask-1 entries: checked where that is free (CPU tensors, outside torch.compile); elsewhere fewer
+    give NaN / inf (no host sync). Returns float32 (float64 for float64 x).
 
     Scale-safe: computed in float64 on x / a, a = max |x| over the mask (two passes: mean, then the
     centred squares), so values near 1e20 (whose squares overflow fp32) or 1e300 whiten correctly:
     out = d / sqrt(q + 1e-8 / a^2), d = x / a - mean(x / a), q = sum(d^2) / (n - 1)."""
     check_float("x", x)
     _check_mask(mask, "x", x)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        n = int((mask != 0).sum())
+        if n < 2:
+            raise ValueError(f"masked_whiten needs at least 2 mask-1 entries, got {n}")
+    return torch.ops.fastppo.masked_whiten(x, mask, bool(shift_mean))
+
+
+def masked_whiten_torch(x, mask, shift_mean):
     m = mask != 0
-    n = int(m.sum().item())
-    if n < 2:
-        raise ValueError(f"masked_whiten needs at least 2 mask-1 entries, got {n}")
+    n = m.sum()
     xd = torch.where(m, x.double(), 0.0)
     a = xd.abs().amax()
     a = torch.where((a > 0) & torch.isfinite(a), a, torch.ones_like(a))   # inf / NaN stay NaN below
@@ -108,6 +115,10 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo
     if scores.numel() % group_size:
         raise ValueError(f"scores has {scores.numel()} entries, not a multiple of group_size={group_size}")
     check_choice("kind", kind, ("grpo", "rloo"))
+    return torch.ops.fastppo.group_advantages(scores, group_size, kind, bool(norm_by_std), float(eps))
+
+
+def group_advantages_torch(scores, group_size, kind, norm_by_std, eps):
     out_dtype = _out_dtype(scores)
     if group_size == 1:
         return torch.zeros_like(scores, dtype=out_dtype)
@@ -132,16 +143,18 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     _check_mask(mask, "kl", kl)
     if tuple(scores.shape) != (kl.shape[0],):
         raise ValueError(f"scores must be [{kl.shape[0]}], got shape {tuple(scores.shape)}")
+    return torch.ops.fastppo.kl_shaped_rewards(scores, kl, mask, float(kl_coef))
+
+
+def kl_shaped_rewards_torch(scores, kl, mask, kl_coef):
+    """No value-dependent shapes: the score lands where the position equals the last mask-1 position."""
     m = mask != 0
     dt = _out_dtype(scores, kl)
-    out = torch.where(m, -float(kl_coef) * kl.to(dt), torch.zeros_like(kl, dtype=dt))
-    T = m.shape[1]
-    positions = torch.arange(T, device=m.device).expand_as(m)
-    last = torch.where(m, positions, torch.full_like(positions, -1)).amax(-1)
-    has = last >= 0
-    rows = torch.arange(m.shape[0], device=m.device)[has]
-    out[rows, last[has]] += scores.to(dt)[has]
-    return out
+    zero = torch.zeros((), dtype=dt, device=kl.device)
+    out = torch.where(m, -kl_coef * kl.to(dt), zero)
+    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(m, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
+    return out + torch.where(positions == last, scores.to(dt)[:, None], zero)
 
 
 class FixedKLController:

@@ -3,35 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from . import library  # noqa: F401  (registers torch.ops.fastppo)
 from ._checks import check_float, check_same_shape, check_temperature
 from .backend import backend_for
-from .dispatch import ops
-
-
-def _full_kl_ops(backend):
-    return ops("full_kl", backend)
-
-
-class FullKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, ref_logits, inv_tau, backend):
-        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
-        kl, lse_p, lse_q = _full_kl_ops(backend).full_kl_fwd(logits, ref_logits, inv_tau=inv_tau)
-        ctx.save_for_backward(logits, ref_logits, kl, lse_p, lse_q)
-        ctx.inv_tau, ctx.backend = inv_tau, backend
-        return kl.view(logits.shape[:-1])
-
-    @staticmethod
-    @once_differentiable          # double backward: a clear RuntimeError, never a silently wrong number
-    def backward(ctx, g):
-        if g is None:
-            return None, None, None, None
-        logits, ref_logits, kl, lse_p, lse_q = ctx.saved_tensors
-        g = g.to(kl.dtype).reshape(-1)
-        d = _full_kl_ops(ctx.backend).full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, g, inv_tau=ctx.inv_tau)
-        return d, None, None, None
 
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
@@ -45,4 +20,5 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: floa
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
     tau = check_temperature(temperature)
-    return FullKL.apply(logits, ref_logits.detach(), 1.0 / tau, backend_for(logits, ref_logits))
+    kl, _, _ = torch.ops.fastppo.full_kl(logits, ref_logits.detach(), 1.0 / tau, backend_for(logits, ref_logits))
+    return kl

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._checks import check_float, check_inplace, check_labels, check_temperature
 from .backend import backend_for
 from .dispatch import ops
+from .library import encode
 from .logprobs import check_logit_transform
 from .losses import check_optional, check_policy_tensors, loss_terms_from_logprobs, policy_stat_names, stats_dict
 from .options import LossOptions
@@ -71,39 +71,33 @@ def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs
     check_optional("rollout_is_weights", rollout_is_weights, "labels", lead_shape)
 
 
-class FusedPPOLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, old, adv, mask, ref, isw, lopts: LogitsOptions, opts: LossOptions):
-        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
-        lp = ops("logprobs", lopts.backend)
-        # mask-0 rows are dead: never read (forward or backward), logp = H = 0 there, zero gradient rows
-        logp, lse, ent = lp.logprobs_fwd(logits, labels, ignore_index=lopts.ignore_index,
-                                         with_entropy=lopts.want_entropy, valid=mask, **lopts.transform())
-        shape = labels.shape
-        logp = logp.view(shape)
-        ent = None if ent is None else ent.view(shape)
-        res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lopts.backend, ref=ref,
-                                       rollout_is_weights=isw)
-        use_ent_grad = ent is not None and opts.entropy_coef != 0
-        ctx.save_for_backward(logits, labels, mask, lse, ent if use_ent_grad else lse, res.coef,
-                              res.coef_ent if use_ent_grad else res.coef)
-        ctx.lopts, ctx.use_ent_grad = lopts, use_ent_grad
-        outs = [t for t in (logp, res.kl, ent, res.stats) if t is not None]
-        ctx.mark_non_differentiable(*outs)
-        return res.loss, logp, res.kl, ent, res.stats
+def fused_outputs(logits, labels, old, adv, mask, ref, isw, lopts: LogitsOptions, opts: LossOptions):
+    """Launches 1 and 2 (the body of torch.ops.fastppo.fused_ppo_loss): loss, logp, kl, entropy, stats and
+    what the backward launch needs (lse, dloss/dlogp, dloss/dH); None where absent."""
+    lp = ops("logprobs", lopts.backend)
+    # mask-0 rows are dead: never read (forward or backward), logp = H = 0 there, zero gradient rows
+    logp, lse, ent = lp.logprobs_fwd(logits, labels, ignore_index=lopts.ignore_index, with_entropy=lopts.want_entropy,
+                                     valid=mask, **lopts.transform())
+    shape = labels.shape
+    logp = logp.view(shape)
+    ent = None if ent is None else ent.view(shape)
+    res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lopts.backend, ref=ref,
+                                   rollout_is_weights=isw)
+    return res.loss, logp, res.kl, ent, res.stats, lse, res.coef, res.coef_ent
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss, *_):
-        if g_loss is None:
-            return (None,) * 9
-        logits, labels, mask, lse, ent, coef, coef_ent = ctx.saved_tensors
-        lopts = ctx.lopts
-        dlogits = ops("logprobs", lopts.backend).logprobs_bwd(
-            logits, labels, lse, ent.reshape(-1) if ctx.use_ent_grad else None, coef.view(-1),
-            coef_ent.view(-1) if ctx.use_ent_grad else None, ignore_index=lopts.ignore_index,
-            scale=g_loss.to(coef.dtype), inplace=lopts.inplace, valid=mask, **lopts.transform())
-        return dlogits, None, None, None, None, None, None, None, None
+
+def fused_grad(logits, labels, mask, lse, ent, coef, coef_ent, scale, lopts: LogitsOptions, inplace: bool):
+    """The backward launch: dlogits = scale (coef dlogp/dz + coef_ent dH/dz), over the logits when inplace."""
+    return ops("logprobs", lopts.backend).logprobs_bwd(
+        logits, labels, lse, None if ent is None else ent.reshape(-1), coef.reshape(-1),
+        None if coef_ent is None else coef_ent.reshape(-1), ignore_index=lopts.ignore_index, scale=scale,
+        inplace=inplace, valid=mask, **lopts.transform())
+
+
+def ppo_output(loss, logp, kl, ent, stats, opts: LossOptions, has_ref, has_ent) -> PPOLossOutput:
+    """PPOLossOutput from a fused op's outputs (kl / entropy are empty tensors where absent)."""
+    return PPOLossOutput(loss=loss, logprobs=logp, kl=kl if has_ref else None, entropy=ent if has_ent else None,
+                         stats=stats_dict(stats, fused_stat_names(opts, has_ref, has_ent)))
 
 
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
@@ -142,8 +136,7 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
     backend = backend_for(logits, labels, old_logprobs, advantages, mask)
     lopts = LogitsOptions(1.0 / tau, int(ignore_index), want_ent, bool(inplace), backend, scale, cap)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    loss, logp, kl, ent, stats = FusedPPOLoss.apply(logits, labels, old_logprobs.detach(), advantages.detach(),
-                                                    mask, detach(ref_logprobs), detach(rollout_is_weights),
-                                                    lopts, opts)
-    return PPOLossOutput(loss=loss, logprobs=logp, kl=kl, entropy=ent,
-                         stats=stats_dict(stats, fused_stat_names(opts, kl is not None, ent is not None)))
+    loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_ppo_loss(
+        logits, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
+        detach(rollout_is_weights), encode(lopts), encode(opts), backend)
+    return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)

@@ -36,13 +36,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
 from .dispatch import ops
-from .fused import check_fused_tensors, fused_stat_names, loss_options
-from .losses import loss_terms_from_logprobs, stats_dict
+from .fused import check_fused_tensors, loss_options, ppo_output
+from .library import encode
+from .losses import loss_terms_from_logprobs
 from .options import LossOptions
 from .outputs import LogprobOutputs, PPOLossOutput
 
@@ -182,40 +182,32 @@ def _flatten(hidden, labels):
 
 
 # ----------------------------------------------------------------------------- linear_logprobs
-class LinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opts: LinearOptions):
-        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
-        h2, y = _flatten(hidden, labels)
-        valid = y != opts.ignore_index
-        rows, out = _forward(h2, weight, bias, y, valid, opts)
-        shape = labels.shape
-        ent = out["ent"].view(shape) if opts.with_entropy else None
-        extras = (out["sq"].view(shape), out["mean"].view(shape), out["top1"].view(shape).bool()) \
-            if opts.extras else (None, None, None)
-        # backward's statistics: by compacted position on the Triton path, by row on the torch backend
-        ent_key = "ent" if rows is None else "ent_c"
-        saved_lse = out["lse"]
-        ctx.save_for_backward(h2, weight, bias, y, valid, saved_lse, out[ent_key] if opts.with_entropy else saved_lse)
-        ctx.rows, ctx.opts, ctx.hidden_shape = rows, opts, hidden.shape
-        ctx.mark_non_differentiable(*[t for t in extras if t is not None])
-        return (out["logp"].view(shape), ent, *extras)
+def linear_outputs(hidden, weight, bias, labels, opts: LinearOptions):
+    """Forward of linear_logprobs (the body of torch.ops.fastppo.linear_logprobs): logp, entropy,
+    log_sum_sq_probs, mean_logits, is_top1 shaped like labels (None where not computed), and backward's
+    statistics lse and entropy (by compacted position on the Triton path, by row on the torch backend)."""
+    h2, y = _flatten(hidden, labels)
+    rows, out = _forward(h2, weight, bias, y, y != opts.ignore_index, opts)
+    shape = labels.shape
+    ent = out["ent"].view(shape) if opts.with_entropy else None
+    extras = (out["sq"].view(shape), out["mean"].view(shape), out["top1"].view(shape).bool()) \
+        if opts.extras else (None, None, None)
+    ent_key = "ent" if rows is None else "ent_c"
+    return out["logp"].view(shape), ent, *extras, out["lse"], out[ent_key] if opts.with_entropy else None
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_logp, g_ent, *_):
-        h2, weight, bias, y, valid, lse, ent = ctx.saved_tensors
-        opts = ctx.opts
-        has_ent = opts.with_entropy and g_ent is not None
-        if g_logp is None and not has_ent:
-            return None, None, None, None, None
-        acc = lse.dtype
-        c_logp = torch.zeros(y.shape, dtype=acc, device=lse.device) if g_logp is None else \
-            g_logp.reshape(-1).to(acc)
-        c_ent = g_ent.reshape(-1).to(acc) if has_ent else None
-        dh, dw, db = _gradients(h2, weight, bias, y, valid, ctx.rows, (lse, ent if has_ent else None), c_logp, c_ent,
-                                opts, ctx.needs_input_grad[:3])
-        return (None if dh is None else dh.view(ctx.hidden_shape)), dw, db, None, None
+
+def linear_grads(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, opts: LinearOptions, needs):
+    """Backward of linear_logprobs: (d_hidden, d_weight, d_bias) of sum g_logp logp + g_ent H (None where
+    not needed) from linear_outputs' statistics; the valid rows are compacted again on device."""
+    h2, y = _flatten(hidden, labels)
+    valid = y != opts.ignore_index
+    rows = _kernels().Rows(valid) if opts.backend == "triton" else None
+    acc = lse.dtype
+    c_logp = g_logp.reshape(-1).to(acc)
+    c_ent = None if g_ent is None else g_ent.reshape(-1).to(acc)
+    dh, dw, db = _gradients(h2, weight, bias, y, valid, rows, (lse, None if c_ent is None else ent), c_logp, c_ent,
+                            opts, needs)
+    return (None if dh is None else dh.view(hidden.shape)), dw, db
 
 
 def _check_linear(hidden, weight, labels, bias, ignore_index):
@@ -283,7 +275,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     extras = _check_extras(extra_outputs)
     opts = _linear_options(temperature, ignore_index, return_entropy, bool(extras), final_logit_softcapping,
                            logit_scale, chunk_bytes, backend_for(hidden, weight, labels))
-    logp, ent, sq, mean, top1 = LinearLogprobs.apply(hidden, weight, bias, labels, opts)
+    logp, ent, sq, mean, top1, _, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, encode(opts),
+                                                                       opts.backend)
+    ent = ent if opts.with_entropy else None   # the op returns empty tensors for outputs not asked for
     if extras:
         pick = {"log_sum_sq_probs": sq, "mean_logits": mean, "is_top1": top1}
         return LogprobOutputs(logp, ent, *[pick[k] if k in extras else None for k in EXTRA_OUTPUTS])
@@ -310,54 +304,33 @@ def _agg_weights(mask, opts: LossOptions, acc, backend):
     return -res.coef_ent.reshape(-1)
 
 
-class FusedLinearPPOLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old, adv, mask, ref, isw, opts: LossOptions, lin: LinearOptions,
-                needs):
-        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
-        h2, y = _flatten(hidden, labels)
-        shape = labels.shape
-        valid = (y != lin.ignore_index) & (mask.reshape(-1) != 0)
-        use_ent = lin.with_entropy and opts.entropy_coef != 0
-        acc = _acc(h2, weight)
-        grads = (None, None, None)
-        in_forward = any(needs) and lin.backend == "triton" and _token_local(opts)
-        if in_forward:
-            grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin,
-                                                needs, use_ent, acc)
-        else:
-            rows, out = _forward(h2, weight, bias, y, valid, lin)
-        logp = out["logp"].view(shape)
-        ent = out["ent"].view(shape) if lin.with_entropy else None
-        res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lin.backend, ref=ref,
-                                       rollout_is_weights=isw)
-        if any(needs) and not in_forward:
-            row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
-            grads = _gradients(h2, weight, bias, y, valid, rows, row_stats, res.coef.reshape(-1),
-                               res.coef_ent.reshape(-1) if use_ent else None, lin, needs)
-        ctx.save_for_backward(*[t for t in grads if t is not None])
-        ctx.present = [t is not None for t in grads]
-        ctx.hidden_shape = hidden.shape
-        ctx.mark_non_differentiable(*[t for t in (logp, res.kl, ent, res.stats) if t is not None])
-        return res.loss, logp, res.kl, ent, res.stats
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss, *_):
-        if g_loss is None:
-            return (None,) * 12
-        saved = iter(ctx.saved_tensors)
-        dh, dw, db = (next(saved) if p else None for p in ctx.present)
-        g = g_loss.reshape(())
-
-        def scale(t):
-            if t is None:
-                return None
-            acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-            return (t.to(acc) * g.to(acc)).to(t.dtype)
-
-        dh = scale(dh)
-        return (None if dh is None else dh.view(ctx.hidden_shape)), scale(dw), scale(db), *([None] * 9)
+def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw, opts: LossOptions,
+                         lin: LinearOptions, needs):
+    """Forward of fused_linear_ppo_loss (the body of torch.ops.fastppo.fused_linear_ppo_loss): loss, logp,
+    kl, entropy, stats and the gradients (d_hidden, d_weight, d_bias) for a unit upstream gradient, formed
+    in this pass where `needs` asks for them (None elsewhere)."""
+    h2, y = _flatten(hidden, labels)
+    shape = labels.shape
+    valid = (y != lin.ignore_index) & (mask.reshape(-1) != 0)
+    use_ent = lin.with_entropy and opts.entropy_coef != 0
+    acc = _acc(h2, weight)
+    grads = (None, None, None)
+    in_forward = any(needs) and lin.backend == "triton" and _token_local(opts)
+    if in_forward:
+        grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin,
+                                            needs, use_ent, acc)
+    else:
+        rows, out = _forward(h2, weight, bias, y, valid, lin)
+    logp = out["logp"].view(shape)
+    ent = out["ent"].view(shape) if lin.with_entropy else None
+    res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lin.backend, ref=ref,
+                                   rollout_is_weights=isw)
+    if any(needs) and not in_forward:
+        row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
+        grads = _gradients(h2, weight, bias, y, valid, rows, row_stats, res.coef.reshape(-1),
+                           res.coef_ent.reshape(-1) if use_ent else None, lin, needs)
+    dh, dw, db = grads
+    return res.loss, logp, res.kl, ent, res.stats, (None if dh is None else dh.view(hidden.shape)), dw, db
 
 
 def _per_token(t, mask):
@@ -431,8 +404,7 @@ def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask
     grad_on = torch.is_grad_enabled()
     needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    loss, logp, kl, ent, stats = FusedLinearPPOLoss.apply(hidden, weight, bias, labels, old_logprobs.detach(),
-                                                          advantages.detach(), mask, detach(ref_logprobs),
-                                                          detach(rollout_is_weights), opts, lin, needs)
-    return PPOLossOutput(loss=loss, logprobs=logp, kl=kl, entropy=ent,
-                         stats=stats_dict(stats, fused_stat_names(opts, kl is not None, ent is not None)))
+    loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_linear_ppo_loss(
+        hidden, weight, bias, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
+        detach(rollout_is_weights), encode(opts), encode(lin), *needs, backend)
+    return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)

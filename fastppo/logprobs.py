@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from . import library  # noqa: F401  (registers torch.ops.fastppo)
 from ._checks import check_float, check_labels, check_temperature
 from .backend import backend_for
 from .dispatch import ops
@@ -36,53 +35,6 @@ def ops_for(backend: str):
     return ops("logprobs", backend)
 
 
-@dataclass(frozen=True)
-class LogprobOptions:
-    inv_tau: float
-    ignore_index: int
-    with_entropy: bool
-    backend: str
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-    def transform(self):
-        """Keywords of the launchers for z' = softcap(scale * z) / tau."""
-        return dict(inv_tau=self.inv_tau, logit_scale=self.logit_scale, softcap=self.softcap)
-
-
-class TokenLogprobs(torch.autograd.Function):
-    """Forward saves only lse and H (fp32 per row); backward recomputes p from the logits."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, opts: LogprobOptions):
-        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
-        ops = ops_for(opts.backend)
-        logp, lse, ent = ops.logprobs_fwd(logits, labels, ignore_index=opts.ignore_index,
-                                          with_entropy=opts.with_entropy, **opts.transform())
-        ctx.save_for_backward(logits, labels, lse, ent if ent is not None else lse)
-        ctx.opts = opts
-        shape = labels.shape
-        if ent is None:
-            return logp.view(shape), None
-        return logp.view(shape), ent.view(shape)
-
-    @staticmethod
-    @once_differentiable          # double backward: a clear RuntimeError, never a silently wrong number
-    def backward(ctx, g_logp, g_ent):
-        logits, labels, lse, ent = ctx.saved_tensors
-        opts = ctx.opts
-        if g_logp is None and g_ent is None:
-            return None, None, None
-        acc = lse.dtype                    # fp32, or fp64 for fp64 logits: upstream grads keep that precision
-        if g_logp is None:
-            g_logp = torch.zeros(labels.shape, dtype=acc, device=logits.device)
-        has_ent = opts.with_entropy and g_ent is not None
-        dlogits = ops_for(opts.backend).logprobs_bwd(
-            logits, labels, lse, ent if has_ent else None, g_logp.to(acc).reshape(-1),
-            g_ent.to(acc).reshape(-1) if has_ent else None, ignore_index=opts.ignore_index, **opts.transform())
-        return dlogits, None, None
-
-
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
                    ignore_index: int = -100, return_entropy: bool = False, final_logit_softcapping=None,
                    logit_scale: float = 1.0):
@@ -108,7 +60,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
     tau = check_temperature(temperature)
     scale, cap = check_logit_transform(logit_scale, final_logit_softcapping)
-    opts = LogprobOptions(1.0 / tau, int(ignore_index), bool(return_entropy), backend_for(logits, labels),
-                          scale, cap)
-    logp, ent = TokenLogprobs.apply(logits, labels, opts)
+    logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, 1.0 / tau, int(ignore_index), bool(return_entropy),
+                                                    scale, cap, backend_for(logits, labels))
     return (logp, ent) if return_entropy else logp

@@ -32,12 +32,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._checks import check_choice, check_float, check_mask, check_same_shape
 from .backend import backend_for
 from .dispatch import ops
 from .kernels.loss_agg import STATS, AggResult
+from .library import encode
 from .modes import IS_LEVELS, IS_MODES, KL_KINDS
 from .options import LossOptions
 
@@ -88,26 +88,6 @@ def check_policy_tensors(name, shape, old, adv, mask, opts, *, rollout_is_weight
 
 
 # ----------------------------------------------------------------------------- kl_penalty
-class KLPenalty(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logprobs, ref_logprobs, kind, backend):
-        kl, dkl = ops("kl_penalty", backend).kl_fwd(logprobs, ref_logprobs, kind)
-        ctx.save_for_backward(dkl)
-        ctx.ref_requires_grad = ref_logprobs.requires_grad
-        ctx.dtypes = (logprobs.dtype, ref_logprobs.dtype)
-        return kl
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        if g is None:
-            return None, None, None, None
-        (dkl,) = ctx.saved_tensors
-        g_logp = g.to(dkl.dtype) * dkl
-        g_ref = (-g_logp).to(ctx.dtypes[1]) if ctx.ref_requires_grad else None
-        return g_logp.to(ctx.dtypes[0]), g_ref, None, None
-
-
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token KL estimator between the policy and the reference, with d = logp - ref_logp:
     `k1` d; `abs` |d|; `k2`/`mse` d^2/2; `k3` exp(-d) - 1 + d; `low_var_kl` k3 with d clamped to
@@ -117,7 +97,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     check_float("ref_logprobs", ref_logprobs)
     check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs.shape)
     check_choice("kind", kind, KL_KINDS)
-    return KLPenalty.apply(logprobs, ref_logprobs, kind, backend_for(logprobs, ref_logprobs))
+    return torch.ops.fastppo.kl_penalty(logprobs, ref_logprobs, kind, backend_for(logprobs, ref_logprobs))[0]
 
 
 # ----------------------------------------------------------------------------- the per-token loss function
@@ -153,49 +133,6 @@ def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, ba
 
 
 # ----------------------------------------------------------------------------- policy / value
-class PolicyLoss(torch.autograd.Function):
-    """loss = agg(L(logp)); dloss/dlogp is written by the forward pass."""
-
-    @staticmethod
-    def forward(ctx, logp, old, adv, mask, entropy, isw, opts: LossOptions, backend: str):
-        ctx.set_materialize_grads(False)   # unused outputs get no zero-filled gradient launch
-        res = loss_terms_from_logprobs(logp, entropy, old, adv, mask, opts=opts, backend=backend,
-                                       rollout_is_weights=isw)
-        ctx.save_for_backward(res.coef)
-        ctx.x_meta = (logp.shape, logp.dtype)
-        ctx.mark_non_differentiable(res.stats)
-        return res.loss, res.stats
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss, _g_stats):
-        if g_loss is None:
-            return (None,) * 8
-        (coef,) = ctx.saved_tensors
-        shape, dtype = ctx.x_meta
-        return (g_loss.to(coef.dtype) * coef).view(shape).to(dtype), None, None, None, None, None, None, None
-
-
-class ValueLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values, old, returns, mask, opts: LossOptions, backend: str):
-        ctx.set_materialize_grads(False)
-        res = ops("loss_agg", backend).value_loss_agg(values, old, returns, mask, opts=opts)
-        ctx.save_for_backward(res.coef)
-        ctx.x_meta = (values.shape, values.dtype)
-        ctx.mark_non_differentiable(res.stats)
-        return res.loss, res.stats
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss, _g_stats):
-        if g_loss is None:
-            return (None,) * 6
-        (coef,) = ctx.saved_tensors
-        shape, dtype = ctx.x_meta
-        return (g_loss.to(coef.dtype) * coef).view(shape).to(dtype), None, None, None, None, None
-
-
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
                     agg="token-mean", num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo",
                     ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None,
@@ -221,8 +158,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     check_optional("entropy", entropy, "logprobs", logprobs.shape)
     backend = backend_for(logprobs, old_logprobs, advantages, mask)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    loss, buf = PolicyLoss.apply(logprobs, old_logprobs.detach(), advantages.detach(), mask, detach(entropy),
-                                 detach(rollout_is_weights), opts, backend)
+    loss, buf, _ = torch.ops.fastppo.ppo_policy_loss(logprobs, old_logprobs.detach(), advantages.detach(), mask,
+                                                     detach(entropy), detach(rollout_is_weights), encode(opts), backend)
     return loss, stats_dict(buf, policy_stat_names(opts))
 
 
@@ -237,7 +174,8 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
     check_token_args("values", values.shape, old_values, returns, mask, old_name="old_values", adv_name="returns")
     check_same_shape("returns", returns, "values", values.shape)
     backend = backend_for(values, old_values, returns, mask)
-    loss, buf = ValueLoss.apply(values, old_values.detach(), returns.detach(), mask, opts, backend)
+    loss, buf, _ = torch.ops.fastppo.value_loss(values, old_values.detach(), returns.detach(), mask, encode(opts),
+                                                backend)
     return loss, stats_dict(buf, [("vf_clipfrac", "clipfrac")])
 
 
@@ -270,9 +208,19 @@ def rollout_is_weights(old_logprobs, rollout_logprobs, mask, *, level="token", m
         raise ValueError("rollout_is_weights needs max and/or min")
     if max is not None and min is not None and min > max:
         raise ValueError(f"min ({min}) must be <= max ({max})")
+    weights, stats = torch.ops.fastppo.rollout_is_weights(old_logprobs.detach(), rollout_logprobs.detach(), mask,
+                                                          level, mode, None if max is None else float(max),
+                                                          None if min is None else float(min))
+    frac = "is_clipped_frac" if mode == "truncate" else "is_masked_frac"
+    return weights, dict(zip(("is_mean", "is_min", "is_max", frac), stats.unbind()))
+
+
+def rollout_is_weights_torch(old_logprobs, rollout_logprobs, mask, level, mode, max, min):
+    """The body of torch.ops.fastppo.rollout_is_weights: (weights, stats [4]: mean, min, max, fraction
+    clipped / masked)."""
     acc = torch.float64 if old_logprobs.dtype == torch.float64 else torch.float32
     m = mask != 0
-    old, roll = old_logprobs.detach().to(acc), rollout_logprobs.detach().to(acc)
+    old, roll = old_logprobs.to(acc), rollout_logprobs.to(acc)
     diff = torch.nan_to_num(torch.where(m, old - roll, torch.zeros_like(old)), nan=0.0)
     if level == "sequence":
         diff = diff.sum(-1, keepdim=True)
@@ -295,4 +243,4 @@ def rollout_is_weights(old_logprobs, rollout_logprobs, mask, *, level="token", m
         ("is_clipped_frac" if mode == "truncate" else "is_masked_frac"): (valid & outside).sum().to(acc) / n,
     }
     weights = torch.where(m, w.expand_as(old), torch.zeros_like(old))
-    return weights, stats
+    return weights, torch.stack(list(stats.values()))

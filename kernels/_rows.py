@@ -1,5 +1,6 @@
 """Host-side layout helpers shared by the launchers (no Triton code, no device queries)."""
 
+import numpy as np
 import torch
 import triton.language as tl
 
@@ -85,8 +86,8 @@ def flat_rows(x: torch.Tensor, n_rows: int, name: str) -> torch.Tensor:
 def split_float(x: float):
     """(hi, lo) fp32 pair with hi + lo == x to ~2^-48: how a host float reaches an fp64 kernel exactly
     (the JIT passes Python floats as fp32)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    lo = float(torch.tensor(x - hi, dtype=torch.float32))
+    hi = float(np.float32(x))   # host arithmetic only: no tensor, so torch.compile can trace a launcher
+    lo = float(np.float32(x - hi))
     return hi, lo
 
 

@@ -8,6 +8,7 @@ With z' = z / tau for policy and reference, p = softmax(z'_pi), q = softmax(z'_r
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import _config as cfg
 from ._common import online_softmax_step, row_offset, scalar_hi_lo
@@ -85,8 +86,9 @@ def full_kl_fwd(logits, ref_logits, *, inv_tau: float):
     kl, lse_p, lse_q = (torch.empty(p.n_rows, dtype=acc, device=logits.device) for _ in range(3))
     if p.n_rows:
         record_launch("full_kl_fwd", logits, ref_logits, kl, lse_p, lse_q)
-        _full_kl_fwd_kernel[(p.n_rows,)](p.tensor, q.tensor, kl, lse_p, lse_q, *args, *split_float(inv_tau),
-                                         BLOCK_V=cfg.ROW_BLOCK_V, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS)
+        wrap_triton(_full_kl_fwd_kernel)[(p.n_rows,)](
+            p.tensor, q.tensor, kl, lse_p, lse_q, *args, *split_float(inv_tau),
+            BLOCK_V=cfg.ROW_BLOCK_V, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS)
     return kl, lse_p, lse_q
 
 
@@ -98,7 +100,7 @@ def full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, g, *, inv_tau: float):
     g = g.reshape(-1).contiguous()
     if p.n_rows:
         record_launch("full_kl_bwd", logits, ref_logits, kl, lse_p, lse_q, g, out)
-        _full_kl_bwd_kernel[(p.n_rows,)](p.tensor, q.tensor, kl, lse_p, lse_q, g, out, *args, *split_float(inv_tau),
-                                         BLOCK_V=cfg.ROW_BLOCK_V, ACC=acc_dtype(logits.dtype)[1],
-                                         num_warps=cfg.ROW_NUM_WARPS)
+        wrap_triton(_full_kl_bwd_kernel)[(p.n_rows,)](
+            p.tensor, q.tensor, kl, lse_p, lse_q, g, out, *args, *split_float(inv_tau),
+            BLOCK_V=cfg.ROW_BLOCK_V, ACC=acc_dtype(logits.dtype)[1], num_warps=cfg.ROW_NUM_WARPS)
     return out

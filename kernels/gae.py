@@ -16,6 +16,7 @@ would leave errors of ~1e-5 relative on long responses; the data moved is unchan
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import _config as cfg
 from ._common import scalar_hi_lo
@@ -74,9 +75,9 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gam
     ret = torch.empty_like(adv)
     if B and T:
         record_launch("gae", rewards, values, mask, adv, ret)
-        _gae_kernel[(B,)](rewards, values, mask, adv, ret, T, *rewards.stride(), *values.stride(), *mask.stride(),
-                          *split_float(gamma), *split_float(lam), BLOCK_T=cfg.GAE_BLOCK_T,
-                          num_warps=cfg.GAE_NUM_WARPS)
+        wrap_triton(_gae_kernel)[(B,)](
+            rewards, values, mask, adv, ret, T, *rewards.stride(), *values.stride(), *mask.stride(),
+            *split_float(gamma), *split_float(lam), BLOCK_T=cfg.GAE_BLOCK_T, num_warps=cfg.GAE_NUM_WARPS)
     return adv, ret
 
 

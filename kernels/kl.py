@@ -4,6 +4,7 @@
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..modes import KL_KIND_IDS
 from . import _config as cfg
@@ -34,6 +35,6 @@ def kl_fwd(logp: torch.Tensor, ref: torch.Tensor, kind: str):
     n = a.numel()
     if n:
         record_launch("kl_fwd", a, b, kl, dkl)
-        _kl_fwd_kernel[(triton.cdiv(n, cfg.ELEM_BLOCK),)](
+        wrap_triton(_kl_fwd_kernel)[(triton.cdiv(n, cfg.ELEM_BLOCK),)](
             a, b, kl, dkl, n, KIND=KL_KIND_IDS[kind], BLOCK=cfg.ELEM_BLOCK, ACC=tl_acc, num_warps=cfg.ELEM_NUM_WARPS)
     return kl.view(logp.shape), dkl.view(logp.shape)

@@ -10,6 +10,8 @@ import contextlib
 import math
 from typing import NamedTuple
 
+from torch._subclasses.fake_tensor import is_fake
+
 _counts: collections.Counter = collections.Counter()
 _io_bytes = [0]
 _log: list = []          # per-launch records, kept only while a count_launches() block is open
@@ -24,7 +26,10 @@ class Launch(NamedTuple):
 
 def record_launch(name: str, *tensors, grid=None) -> None:
     """Record one launch of `name` that reads / writes `tensors` (views: only the viewed elements)
-    on `grid` (a tuple of program counts per grid axis, or an int)."""
+    on `grid` (a tuple of program counts per grid axis, or an int). Nothing is recorded while torch.compile
+    traces a launcher with fake tensors (no launch happens)."""
+    if any(t is not None and is_fake(t) for t in tensors):
+        return
     io = sum(t.numel() * t.element_size() for t in tensors if t is not None)
     _counts[name] += 1
     _io_bytes[0] += io

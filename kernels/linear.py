@@ -28,6 +28,7 @@ Kernels (a "chunk" is a block of consecutive compacted rows [r0, r0 + n_rows)):
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import _config as cfg
 from ._common import dlogits_block, entropy_step, online_softmax_step
@@ -357,7 +358,7 @@ def stats_chunk(hidden, weight, bias, labels, rows: Rows, r0, n_rows, out, opts,
     zy = torch.empty(n_rows, dtype=acc, device=hidden.device)
     with_ent, extras = (out["ent_c"] is not None, out["sq"] is not None) if finish else (False, False)
     record_launch("linear_fwd", hidden[:n_rows], weight, bias, labels[:n_rows], part, zy, z)
-    _linear_fwd_kernel[(triton.cdiv(n_rows, cfg.LIN_BLOCK_N), n_splits)](
+    wrap_triton(_linear_fwd_kernel)[(triton.cdiv(n_rows, cfg.LIN_BLOCK_N), n_splits)](
         hidden, weight, bias if bias is not None else weight, labels, rows.idx, rows.n_valid,
         z if z is not None else zy, part, zy,
         r0, n_rows, V, H, v_split,
@@ -371,7 +372,7 @@ def stats_chunk(hidden, weight, bias, labels, rows: Rows, r0, n_rows, out, opts,
     record_launch("linear_finish", part, zy, labels[:n_rows], out["lse"][:n_rows], out["logp"][:n_rows],
                   None if not with_ent else out["ent"][:n_rows])
     logp_c = out["logp_c"]
-    _linear_finish_kernel[(triton.cdiv(n_rows, cfg.LIN_FINISH_BLOCK),)](
+    wrap_triton(_linear_finish_kernel)[(triton.cdiv(n_rows, cfg.LIN_FINISH_BLOCK),)](
         labels, rows.idx, rows.n_valid, part, zy, out["lse"], out["ent_c"] if with_ent else zy, logp_c,
         out["logp"], out["ent"] if with_ent else zy, out["sq"] if extras else zy, out["mean"] if extras else zy,
         out["top1"] if extras else zy, r0, n_rows, V, n_splits, labels.stride(0),
@@ -405,7 +406,7 @@ def grads_chunk(z, dz, hidden, weight, labels, rows: Rows, r0, n_rows, lse, ent,
     ent_arg, c_ent_arg = (ent, c_ent) if has_ent else (lse, c_logp)
     record_launch("linear_dz", z, labels[:n_rows], lse[:n_rows], c_logp[:n_rows], c_ent if has_ent else None, dz,
                   db_in, db_out)
-    _linear_dz_kernel[(triton.cdiv(V, cfg.LIN_BLOCK_V),)](
+    wrap_triton(_linear_dz_kernel)[(triton.cdiv(V, cfg.LIN_BLOCK_V),)](
         z, dz, labels, rows.idx, rows.n_valid, lse, ent_arg, c_logp, c_ent_arg,
         db_in if db_in is not None else lse, db_out if db_out is not None else lse,
         r0, n_rows, V, z.stride(0), dz.stride(0), labels.stride(0), *_transform_args(opts),
@@ -415,12 +416,12 @@ def grads_chunk(z, dz, hidden, weight, labels, rows: Rows, r0, n_rows, lse, ent,
                 PRECISION=precision, num_warps=cfg.LIN_NUM_WARPS, num_stages=cfg.LIN_NUM_STAGES)
     if d_hidden is not None:
         record_launch("linear_dh", dz, weight, d_hidden[:n_rows])
-        _linear_dh_kernel[(triton.cdiv(n_rows, cfg.LIN_BLOCK_N), triton.cdiv(H, cfg.LIN_BLOCK_H))](
+        wrap_triton(_linear_dh_kernel)[(triton.cdiv(n_rows, cfg.LIN_BLOCK_N), triton.cdiv(H, cfg.LIN_BLOCK_H))](
             dz, weight, rows.idx, rows.n_valid, d_hidden, r0, n_rows, V, H, dz.stride(0), *weight.stride(),
             d_hidden.stride(0), **gemm)
     if dw_out is not None:
         record_launch("linear_dw", dz, hidden[:n_rows], dw_in, dw_out)   # (a chunk past n_valid moves none)
-        _linear_dw_kernel[(triton.cdiv(V, cfg.LIN_BLOCK_V), triton.cdiv(H, cfg.LIN_BLOCK_H))](
+        wrap_triton(_linear_dw_kernel)[(triton.cdiv(V, cfg.LIN_BLOCK_V), triton.cdiv(H, cfg.LIN_BLOCK_H))](
             dz, hidden, rows.idx, rows.n_valid, dw_in if dw_in is not None else dw_out, dw_out,
             r0, n_rows, V, H, dz.stride(0), *hidden.stride(), ACC_IN=dw_in is not None, IN_PLACE=dw_in is dw_out,
             **gemm)

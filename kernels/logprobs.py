@@ -14,6 +14,7 @@ Only lse and H (fp32, one per row; fp64 for fp64 logits) are saved between the p
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import _config as cfg
 from ._common import dlogits_block, finish_stats, row_offset, scalar_hi_lo, stats_step, transform_logits
@@ -131,7 +132,7 @@ def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, *, inv_tau: float, 
     if n > 0:
         record_launch("logprobs_fwd", logits, y, vp if has_valid else None, logp, lse,
                       ent if with_entropy else None)
-        _logprobs_fwd_kernel[(n,)](
+        wrap_triton(_logprobs_fwd_kernel)[(n,)](
             rows.tensor, y, vp, logp, lse, ent, *rows.args(), rows.n_cols, *tf.args(), int(ignore_index),
             BLOCK_V=cfg.ROW_BLOCK_V, WITH_ENT=with_entropy, HAS_VALID=has_valid, HAS_CAP=tf.has_cap,
             ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
@@ -162,7 +163,7 @@ def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau: float, ign
     if rows.n_rows > 0:
         record_launch("logprobs_bwd", logits, y, vp if has_valid else None, lse, ent if has_ent else None,
                       c_logp, c_ent, scale, logits)
-        _logprobs_bwd_kernel[(rows.n_rows,)](
+        wrap_triton(_logprobs_bwd_kernel)[(rows.n_rows,)](
             rows.tensor, y, vp, lse, ent if has_ent else lse, c_logp, c_ent if has_ent else c_logp,
             scale if scale is not None else lse, out,
             *rows.args(), d_outer, d_inner, rows.n_cols, *tf.args(), int(ignore_index),

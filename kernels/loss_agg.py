@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..modes import AGG_IDS, KL_KIND_IDS, POLICY_LOSS_IDS
 from . import _config as cfg
@@ -402,14 +403,14 @@ def _seq_tables(B, T, n_tiles, x, old, adv, isw, mask, opts, seq_kind, acc, tl_a
     has_isw = isw is not None
     record_launch("loss_agg_seq", mask, *((x, old) if seq_kind else ()), *((adv, isw) if seq_kind == 2 else ()),
                   part, grid=(B, n_tiles))
-    _seq_partials_kernel[(B, n_tiles)](
+    wrap_triton(_seq_partials_kernel)[(B, n_tiles)](
         x, old, adv, isw if has_isw else x, mask, part, T, n_tiles,
         *bt_strides(x, B, T), *bt_strides(old, B, T), *bt_strides(adv, B, T),
         *(bt_strides(isw, B, T) if has_isw else (0, 0)), *bt_strides(mask, B, T),
         float(opts.clip_low), float(opts.clip_high),
         SEQ=seq_kind, HAS_ISW=has_isw, BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl_acc, num_warps=cfg.AGG_NUM_WARPS)
     record_launch("loss_agg_seq_finish", part, seq, total, grid=(1,))
-    _seq_finish_kernel[(1,)](
+    wrap_triton(_seq_finish_kernel)[(1,)](
         part, seq, total, B, T, n_tiles, _count(opts.num_tokens), _count(opts.num_seqs), _count(opts.horizon),
         AGG=AGG_IDS[opts.agg], SEQ=seq_kind, HAS_ISW=has_isw, BLOCK_B=cfg.AGG_FINISH_BLOCK,
         BLOCK_J=cfg.AGG_FINISH_BLOCK_J, NC=NCOL, ACC=tl_acc, num_warps=cfg.AGG_NUM_WARPS)
@@ -420,7 +421,7 @@ def _finish(part, total, n_parts, kl_coef, entropy_coef, acc, tl_acc, dev):
     loss = torch.empty((), dtype=acc, device=dev)
     stats = torch.empty(len(STATS), dtype=acc, device=dev)
     record_launch("loss_agg_finish", part, total, loss, stats, grid=(1,))
-    _agg_finish_kernel[(1,)](part, total, loss, stats, n_parts, float(kl_coef), float(entropy_coef),
+    wrap_triton(_agg_finish_kernel)[(1,)](part, total, loss, stats, n_parts, float(kl_coef), float(entropy_coef),
                              BLOCK_P=cfg.AGG_FINISH_BLOCK, NC=NCOL, ACC=tl_acc, num_warps=cfg.AGG_NUM_WARPS)
     return loss, stats
 
@@ -451,7 +452,7 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
     ent_mask = ent_threshold is not None
     record_launch("loss_agg", logp, old, adv, mask, ref, ent, isw, seq, coef, coef_ent, kl, part,
                   grid=(B, n_tiles))
-    _policy_terms_kernel[(B, n_tiles)](
+    wrap_triton(_policy_terms_kernel)[(B, n_tiles)](
         logp, old, adv, ref if ref is not None else logp, ent if has_ent else logp, isw if isw is not None else logp,
         mask, seq, ent_threshold if ent_mask else seq,
         coef, coef_ent if has_ent else coef, kl if kl is not None else coef, part,
@@ -466,7 +467,7 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
         HAS_ENT_MASK=ent_mask, BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl_acc, num_warps=cfg.AGG_NUM_WARPS)
     if policy == 1:
         record_launch("loss_agg_seq_grad", mask, seq, part, coef, grid=(B, n_tiles))
-        _seq_grad_kernel[(B, n_tiles)](mask, seq, part, coef, T, n_tiles, *bt_strides(mask, B, T),
+        wrap_triton(_seq_grad_kernel)[(B, n_tiles)](mask, seq, part, coef, T, n_tiles, *bt_strides(mask, B, T),
                                        BLOCK_T=cfg.AGG_BLOCK_T, BLOCK_J=cfg.AGG_FINISH_BLOCK_J, NC=NCOL,
                                        ACC=tl_acc, num_warps=cfg.AGG_NUM_WARPS)
     loss, stats = _finish(part, total, B * n_tiles, opts.kl_coef if kl is not None else 0.0,
@@ -484,7 +485,7 @@ def value_loss_agg(values, old_values, returns, mask, *, opts) -> AggResult:
     coef = torch.empty((B, T), dtype=acc, device=dev)
     part = torch.zeros(B * n_tiles, NCOL, dtype=acc, device=dev)
     record_launch("loss_agg", values, old_values, returns, mask, seq, coef, part, grid=(B, n_tiles))
-    _value_terms_kernel[(B, n_tiles)](
+    wrap_triton(_value_terms_kernel)[(B, n_tiles)](
         values, old_values, returns, mask, seq, coef, part, T, n_tiles,
         *bt_strides(values, B, T), *bt_strides(old_values, B, T), *bt_strides(returns, B, T),
         *bt_strides(mask, B, T), float(opts.value_clip or 0.0),

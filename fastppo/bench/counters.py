@@ -196,6 +196,15 @@ def charge_eager(name: str, moved_bytes: int, flops: int = 0) -> None:
         mode.add(name, moved_bytes, flops)
 
 
+def _fastppo_body(mode, func, args, kwargs):
+    """A torch.ops.fastppo op (fastppo.library) runs its Python body under `mode`, so the modes see the
+    eager ops and allocations inside it (its kernels are counted by their launchers), not one opaque op."""
+    from torch._library.custom_ops import OPDEFS
+
+    with mode:
+        return OPDEFS[func._schema.name]._init_fn(*args, **(kwargs or {}))
+
+
 class EagerTraffic(TorchDispatchMode):
     """Bytes read + written by each eager op, the op count (launches on a GPU), the FLOPs of its
     matrix products (torch.utils.flop_counter's formulas) and `roofline_s[gpu]`: the sum over ops of
@@ -233,6 +242,8 @@ class EagerTraffic(TorchDispatchMode):
             self.roofline_s[gpu] += max(moved / spec["bandwidth_Bps"], flops / spec["bf16_flops"])
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastppo":
+            return _fastppo_body(self, func, args, kwargs)
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
@@ -253,6 +264,8 @@ class AnswerHostSyncs(TorchDispatchMode):
     which takes the general path of the code that asks (e.g. `if grad_output != 1.0: scale`)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastppo":
+            return _fastppo_body(self, func, args, kwargs)
         if func.overloadpacket.__name__ in _SYNC_OPS:
             return True if args[0].dtype == torch.bool or func.overloadpacket.__name__ == "is_nonzero" else 1
         return func(*args, **(kwargs or {}))
@@ -273,6 +286,8 @@ class PeakMemory(TorchDispatchMode):
         self.peak = max(self.peak, sum(n for _, n in self._live.values()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastppo":
+            return _fastppo_body(self, func, args, kwargs)
         inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs or {}))}
         out = func(*args, **(kwargs or {}))
         self._update()
