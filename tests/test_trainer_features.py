@@ -12,24 +12,17 @@ import fastppo.backend
 from fastppo.trainer import PPOTrainer, checkpoint
 from fastppo.trainer.cli import main, run
 from fastppo.trainer.config import TrainConfig
-from tests.test_trainer import _save_tiny_hf_models
+from fastppo.trainer.ppo import backend_scope
+from tests.test_trainer import (
+    _one_thread_and_backend_untouched,  # noqa: F401  (autouse fixture)
+    _save_tiny_hf_models,
+)
 
 TINY = dict(iterations=2, batch_size=8, minibatches=2, ppo_epochs=1, sft_steps=3, reward_steps=3, save_every=1,
             progress=False, backend="torch")  # the Triton path: test_demo_ppo_end_to_end[triton], NaN test
 QUIET = dict(log=lambda *_: None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_backend_restored():
-    """One intra-op thread (tiny matrices: faster, above all on a busy machine, and a trajectory that does not
-    depend on the core count); from_config forces the run's backend process-wide: undone after each test."""
-    from fastppo.backend import forced_backend, set_backend
-
-    before, threads = forced_backend(), torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    set_backend(before)
-    torch.set_num_threads(threads)
 
 
 def _metrics(path):
@@ -282,14 +275,15 @@ def test_a_nan_loss_skips_the_step_and_leaves_the_weights_unchanged(tmp_path, ba
     the step is skipped and neither the weights nor the optimiser state move."""
     cfg = TrainConfig(out=str(tmp_path / "run"), **{**TINY, "backend": backend}).validate()
     trainer = PPOTrainer.from_config(cfg, **QUIET)
-    assert fastppo.backend.backend_for(torch.zeros(1)) == backend
-    ro = trainer.rollout(torch.Generator().manual_seed(0))
-    adv = torch.randn(ro.mask.shape, generator=torch.Generator().manual_seed(1))
-    b, t = ro.mask.nonzero()[0].tolist()
-    ro.old_logprobs[b, t] = float("nan")
-    before = [p.detach().clone() for p in trainer.policy.parameters()]
-    with pytest.warns(UserWarning, match="non-finite"):
-        assert trainer._policy_step(ro, adv) == {}
+    with backend_scope(cfg.backend):     # as train_iteration runs it
+        assert fastppo.backend.backend_for(torch.zeros(1)) == backend
+        ro = trainer.rollout(torch.Generator().manual_seed(0))
+        adv = torch.randn(ro.mask.shape, generator=torch.Generator().manual_seed(1))
+        b, t = ro.mask.nonzero()[0].tolist()
+        ro.old_logprobs[b, t] = float("nan")
+        before = [p.detach().clone() for p in trainer.policy.parameters()]
+        with pytest.warns(UserWarning, match="non-finite"):
+            assert trainer._policy_step(ro, adv) == {}
     assert trainer.skipped_steps == 1
     assert all(torch.equal(x, y) for x, y in zip(before, trainer.policy.parameters()))
     assert trainer.policy_opt.state_dict()["state"] == {}

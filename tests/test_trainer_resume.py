@@ -13,23 +13,13 @@ from fastppo.trainer import checkpoint
 from fastppo.trainer.cli import main, run
 from fastppo.trainer.config import TrainConfig, merge_for_resume
 from fastppo.trainer.reporting import read_metrics
+from tests.test_trainer import _one_thread_and_backend_untouched  # noqa: F401  (autouse fixture)
 
 TINY = dict(iterations=2, batch_size=8, minibatches=2, ppo_epochs=1, sft_steps=3, reward_steps=3, save_every=1,
             progress=False, backend="torch")  # the Triton path: test_demo_ppo_end_to_end[triton], NaN test
 QUIET = dict(log=lambda *_: None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_backend_restored():
-    """One intra-op thread (tiny matrices: faster, above all on a busy machine, and a trajectory that does not
-    depend on the core count); from_config forces the run's backend process-wide: undone after each test."""
-    from fastppo.backend import forced_backend, set_backend
-
-    before, threads = forced_backend(), torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    set_backend(before)
-    torch.set_num_threads(threads)
 
 
 class _Payload:
