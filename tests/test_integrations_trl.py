@@ -16,7 +16,7 @@ import trl
 
 import fastppo.integrations as fi
 
-# CI installs TRL 1.14.0 here (.ci/run): pip install --no-deps --target "$FASTPPO_TRL114" trl==1.14.0
+# .ci/install puts TRL 1.14.0 here: pip install --no-deps --target "$FASTPPO_TRL114" trl==1.14.0
 TRL114 = os.environ.get("FASTPPO_TRL114", "/tmp/trl114")
 WORDS = [f"w{i}" for i in range(40)]
 
