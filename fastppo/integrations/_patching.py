@@ -97,6 +97,17 @@ def host_signature_wrapper(original: Callable, name: str, stats: CallStats, serv
     return replacement
 
 
+def entropy_of_logits(logits):
+    """Per-row entropy of softmax(logits) (float32; float64 for float64 logits) through
+    fastppo.token_logprobs: every host's `entropy_from_logits` needs no label, so a dummy one is given."""
+    import torch
+
+    import fastppo
+
+    zeros = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return fastppo.token_logprobs(logits, zeros, return_entropy=True)[1]
+
+
 def accepts(fn: Callable, keyword: str) -> bool:
     """Whether fastppo's op `fn` takes `keyword` (features land op by op; until one does, the
     adapter hands the calls that need it to the host)."""

@@ -53,7 +53,7 @@ from packaging.version import Version
 import fastppo
 from fastppo.options import LossOptions
 
-from ._patching import EntryPoint, host_signature_wrapper
+from ._patching import EntryPoint, entropy_of_logits, host_signature_wrapper
 
 SUPPORTED = ">=0.11, <0.12 (tested: 0.11.2)"
 _KL = {"k1": "k1", "k2": "k2", "k3": "low_var_kl"}
@@ -76,8 +76,7 @@ def _serve_logprobs(a):
 
 def _serve_entropy(a):
     logits = a["logits"]
-    zeros = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return fastppo.token_logprobs(logits, zeros, return_entropy=True)[1].to(logits.dtype)
+    return entropy_of_logits(logits).to(logits.dtype)
 
 
 def _serve_kl(a):

@@ -34,7 +34,7 @@ from packaging.version import Version
 
 import fastppo
 
-from ._patching import EntryPoint, accepts, host_signature_wrapper
+from ._patching import EntryPoint, accepts, entropy_of_logits, host_signature_wrapper
 
 SUPPORTED = ">=1.14, <1.17 (tested: 1.14.0, 1.16.0)"
 EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
@@ -129,9 +129,7 @@ def _serve_selective(a):
 def _serve_entropy(a):
     logits = a["logits"]
     out_dtype = torch.float32 if _host_kernel_path(logits) else logits.dtype
-    zeros = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    _, ent = fastppo.token_logprobs(logits, zeros, return_entropy=True)
-    return ent.to(out_dtype)
+    return entropy_of_logits(logits).to(out_dtype)
 
 
 def _serve_selective_and_entropy(a):

@@ -59,7 +59,7 @@ from packaging.version import Version
 import fastppo
 from fastppo.options import LossOptions
 
-from ._patching import EntryPoint, host_signature_wrapper
+from ._patching import EntryPoint, entropy_of_logits, host_signature_wrapper
 
 SUPPORTED = ">=0.9, <0.10 (tested: 0.9.1)"
 _KL = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "low_var_kl", "k3": "low_var_kl"}
@@ -99,8 +99,7 @@ def _serve_logprobs(a):
 
 def _serve_entropy(a):
     logits = a["logits"]
-    zeros = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return fastppo.token_logprobs(logits, zeros, return_entropy=True)[1].to(logits.dtype)
+    return entropy_of_logits(logits).to(logits.dtype)
 
 
 def _serve_kl(a):
