@@ -73,6 +73,18 @@ class AggResult(NamedTuple):
     kl: torch.Tensor | None
 
 
+@triton.jit
+def _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T: tl.constexpr):
+    """The (sequence b, time tile j) of this program on a [B, n_tiles] grid: 64-bit time indices t,
+    in-bounds flags and the mask as 0/1 (mask-0 and out-of-range positions False)."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    t = j * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    inb = t < T
+    m = (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inb, other=0) != 0) & inb
+    return b, j, t, inb, m
+
+
 @triton.jit(do_not_specialize=["T", "n_tiles"])
 def _seq_partials_kernel(
     # [B, T] inputs (advantages may be per sequence: time stride 0)
@@ -85,11 +97,7 @@ def _seq_partials_kernel(
     SEQ: tl.constexpr,        # 0: counts only; 1: sum of d = logp - old (gspo); 2: gmpo sums
     HAS_ISW: tl.constexpr, BLOCK_T: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64)
-    t = j * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    inb = t < T
-    m = (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inb, other=0) != 0) & inb
+    b, j, t, inb, m = _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T)
     out = part_ptr + (b * n_tiles + j) * NC
     tl.store(out + 0, tl.sum(m.to(ACC), 0))
     if SEQ != 0:
@@ -194,11 +202,7 @@ def _policy_terms_kernel(
     HAS_DUAL: tl.constexpr, HAS_RMAX: tl.constexpr, HAS_ENT_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64)
-    t = j * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    inb = t < T
-    m = (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inb, other=0) != 0) & inb
+    b, j, t, inb, m = _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T)
     seq = seq_ptr + b * NC
     n_b = tl.load(seq + 0)
     w = tl.load(seq + 1)
@@ -293,11 +297,7 @@ def _value_terms_kernel(
     clip,
     HAS_CLIP: tl.constexpr, BLOCK_T: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64)
-    t = j * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    inb = t < T
-    m = (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inb, other=0) != 0) & inb
+    b, j, t, inb, m = _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T)
     w = tl.load(seq_ptr + b * NC + 1)
     v = tl.load(v_ptr + b * s_v_b + t * s_v_t, mask=inb, other=0.0).to(ACC)
     o = tl.load(old_ptr + b * s_old_b + t * s_old_t, mask=inb, other=0.0).to(ACC)
@@ -357,8 +357,7 @@ def _seq_grad_kernel(
 ):
     """gspo: s_b = exp(min(mean_b(d), 10)); dloss/dlogp_t = m_t s_b [mean <= 10] / n_b * G_b with
     G_b = sum over the sequence's kept tokens of w_b isw_t dL_t/ds_b (the partials' seq_grad column)."""
-    b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64)
+    b, j, t, inb, m = _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T)
     g_b = tl.zeros((), ACC)
     for j0 in range(0, n_tiles, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
@@ -366,9 +365,6 @@ def _seq_grad_kernel(
     n_b = tl.load(seq_ptr + b * NC + 0)
     lr = tl.load(seq_ptr + b * NC + 2)
     s = tl.where(lr <= RATIO_LOG_MAX, tl.exp(lr), 0.0)
-    t = j * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    inb = t < T
-    m = (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inb, other=0) != 0) & inb
     flat = b * T + t
     c = tl.load(coef_ptr + flat, mask=inb, other=0.0)
     tl.store(coef_ptr + flat, c + tl.where(m, g_b * s / tl.maximum(n_b, 1.0), 0.0), mask=inb)
