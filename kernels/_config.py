@@ -1,4 +1,9 @@
-"""Block sizes and warp counts for every kernel, in one place.
+"""Block sizes and warp counts for every kernel, in one place (every kernel module imports this first).
+
+This folder is installed as `fastppo.kernels` and has no `__init__.py` on purpose: a Python process started
+in the repo root has the root on `sys.path`, and a regular package here would shadow Hugging Face's
+`kernels` package (which transformers imports). As a namespace portion it never wins over an installed
+`kernels`; `fastppo/kernels` is a link to this folder, so the source tree imports it as `fastppo.kernels`.
 
 One fixed configuration per kernel (no autotuning by default). Under the Triton interpreter
 (`TRITON_INTERPRET=1`) the same kernels run with blocks sized for test shapes (vocab ~1k).
@@ -44,3 +49,8 @@ LIN_FINISH_BLOCK = 256
 # Default bound of the linear gradient pass's [rows, V] buffers (fp32 z' + dz) when chunk_bytes=None; the
 # automatic chunk also stays under N/8 rows (no allocation of N*V/8 elements or more).
 LIN_CHUNK_BYTES = 2 << 30
+
+if INTERPRET:
+    from . import _interpreter
+
+    _interpreter.apply()
