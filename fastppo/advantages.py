@@ -9,7 +9,7 @@ import math
 import torch
 
 from . import library  # noqa: F401  (registers torch.ops.fastppo)
-from ._checks import check_choice, check_float, check_mask, check_same_shape
+from ._validation import check_choice, check_float, check_mask, check_same_shape
 from .backend import backend_for
 
 

@@ -12,17 +12,17 @@ from .backend import backend_for
 
 TABLE = {
     ("logprobs", "triton"): "fastppo.kernels.logprobs",
-    ("logprobs", "torch"): "fastppo._torch_ops",
+    ("logprobs", "torch"): "fastppo.logprobs_torch",
     ("full_kl", "triton"): "fastppo.kernels.full_kl",
-    ("full_kl", "torch"): "fastppo._torch_ops",
+    ("full_kl", "torch"): "fastppo.logprobs_torch",
     ("linear", "triton"): "fastppo.kernels.linear",
-    ("linear", "torch"): "fastppo._linear_torch",
+    ("linear", "torch"): "fastppo.linear_torch",
     ("kl_penalty", "triton"): "fastppo.kernels.kl",
-    ("kl_penalty", "torch"): "fastppo._torch_terms",
+    ("kl_penalty", "torch"): "fastppo.losses_torch",
     ("loss_agg", "triton"): "fastppo.kernels.loss_agg",
-    ("loss_agg", "torch"): "fastppo._torch_terms",
+    ("loss_agg", "torch"): "fastppo.losses_torch",
     ("gae", "triton"): "fastppo.kernels.gae",
-    ("gae", "torch"): "fastppo._torch_terms",
+    ("gae", "torch"): "fastppo.losses_torch",
 }
 OPS = tuple(sorted({op for op, _ in TABLE}))
 

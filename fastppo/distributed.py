@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_float, check_inplace, check_labels, check_temperature
+from ._validation import check_float, check_inplace, check_labels, check_temperature
 from .backend import backend_for
 from .fused import check_fused_tensors, fused_stat_names, loss_options
 from .linear import LinearOptions, _check_linear, _linear_options, linear_backward, linear_forward

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import library  # noqa: F401  (registers torch.ops.fastppo)
-from ._checks import check_float, check_same_shape, check_temperature
+from ._validation import check_float, check_same_shape, check_temperature
 from .backend import backend_for
 
 

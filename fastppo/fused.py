@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_float, check_inplace, check_labels, check_temperature
+from ._validation import check_float, check_inplace, check_labels, check_temperature
 from .backend import backend_for
 from .dispatch import ops
 from .library import encode

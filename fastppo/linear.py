@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_float, check_labels, check_temperature
+from ._validation import check_float, check_labels, check_temperature
 from .backend import backend_for
 from .dispatch import ops
 from .fused import check_fused_tensors, loss_options, ppo_output

@@ -7,7 +7,7 @@ import math
 import torch
 
 from . import library  # noqa: F401  (registers torch.ops.fastppo)
-from ._checks import check_float, check_labels, check_temperature
+from ._validation import check_float, check_labels, check_temperature
 from .backend import backend_for
 from .dispatch import ops
 

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from ._checks import check_choice, check_float, check_mask, check_same_shape
+from ._validation import check_choice, check_float, check_mask, check_same_shape
 from .backend import backend_for
 from .dispatch import ops
 from .kernels.loss_agg import STATS, AggResult

@@ -4,7 +4,7 @@ line (and only its line) fail, on whichever backend runs the ops."""
 import pytest
 import torch
 
-import fastppo._torch_terms as torch_terms
+import fastppo.losses_torch as torch_terms
 import fastppo.kernels.gae as triton_gae
 import fastppo.kernels.kl as triton_kl
 import fastppo.kernels.loss_agg as triton_agg
