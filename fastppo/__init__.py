@@ -11,9 +11,11 @@ from .advantages import (
 from .backend import backend_for, set_backend, use_backend
 from .full_kl import full_kl
 from .fused import fused_ppo_loss
-from .linear import fused_linear_ppo_loss, linear_logprobs
+from .fused_linear import fused_linear_ppo_loss
+from .kl import kl_penalty
+from .linear import linear_logprobs
 from .logprobs import token_logprobs
-from .losses import kl_penalty, ppo_policy_loss, rollout_is_weights, value_loss
+from .losses import ppo_policy_loss, rollout_is_weights, value_loss
 from .outputs import LogprobOutputs, PPOLossOutput
 
 __version__ = "0.1.0"

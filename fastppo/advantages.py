@@ -1,6 +1,7 @@
 """Advantages and rewards at rollout time: gae (one Triton launch), masked_whiten,
 group_advantages (GRPO / RLOO), kl_shaped_rewards and the KL-coefficient controllers.
-No autograd: these run under torch.no_grad on rollout data."""
+No autograd: these run under torch.no_grad on rollout data. Each is a torch.library op registered here,
+beside its public function; the bodies are in fastppo.advantages_torch (gae: or fastppo.kernels.gae)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import math
 
 import torch
 
-from . import library  # noqa: F401  (registers torch.ops.fastppo)
+from . import advantages_torch
 from ._validation import check_choice, check_float, check_mask, check_same_shape
 from .backend import backend_for
+from .dispatch import ops
+from .library import acc_dtype, define
 
 
 def _check_bt(name, x):
@@ -34,11 +37,48 @@ def _check_mask(mask, like_name, like):
     check_mask(mask)
 
 
-def _out_dtype(*xs):
-    """float32 results, float64 when an input is float64 (fp64 stays fp64 end to end)."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+# ----------------------------------------------------------------------------- ops
+def _gae_fake(rewards, values, mask, gamma, lam, backend):
+    out = rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards, values))
+    return out, torch.empty_like(out)
 
 
+@define("gae", _gae_fake, kernels=True)
+def gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [B, T]; one Triton launch, or the PyTorch loop."""
+    return ops("gae", backend).gae_fwd(rewards, values, mask, gamma, lam)
+
+
+def _masked_whiten_fake(x, mask, shift_mean):
+    return x.new_empty(x.shape, dtype=acc_dtype(x))
+
+
+@define("masked_whiten", _masked_whiten_fake, kernels=False)
+def masked_whiten_op(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
+    return advantages_torch.masked_whiten_torch(x, mask, shift_mean).contiguous()
+
+
+def _group_advantages_fake(scores, group_size, kind, norm_by_std, eps):
+    return scores.new_empty(scores.shape, dtype=acc_dtype(scores))
+
+
+@define("group_advantages", _group_advantages_fake, kernels=False)
+def group_advantages_op(scores: torch.Tensor, group_size: int, kind: str, norm_by_std: bool,
+                     eps: float) -> torch.Tensor:
+    return advantages_torch.group_advantages_torch(scores, group_size, kind, norm_by_std, eps).contiguous()
+
+
+def _kl_shaped_rewards_fake(scores, kl, mask, kl_coef):
+    return kl.new_empty(kl.shape, dtype=acc_dtype(scores, kl))
+
+
+@define("kl_shaped_rewards", _kl_shaped_rewards_fake, kernels=False)
+def kl_shaped_rewards_op(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    return advantages_torch.kl_shaped_rewards_torch(scores, kl, mask, kl_coef).contiguous()
+
+
+# ----------------------------------------------------------------------------- public functions
 @torch.no_grad()
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
         lam: float = 1.0):
@@ -81,22 +121,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     return torch.ops.fastppo.masked_whiten(x, mask, bool(shift_mean))
 
 
-def masked_whiten_torch(x, mask, shift_mean):
-    m = mask != 0
-    n = m.sum()
-    xd = torch.where(m, x.double(), 0.0)
-    a = xd.abs().amax()
-    a = torch.where((a > 0) & torch.isfinite(a), a, torch.ones_like(a))   # inf / NaN stay NaN below
-    xs = xd / a
-    mean_s = xs.sum() / n
-    d = torch.where(m, xs - mean_s, 0.0)
-    q = d.square().sum() / (n - 1)
-    out = d / torch.sqrt(q + 1e-8 / a.square())
-    if not shift_mean:
-        out = out + mean_s * a
-    return torch.where(m, out, 0.0).to(_out_dtype(x))
-
-
 @torch.no_grad()
 def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo", norm_by_std: bool = True,
                      eps: float = 1e-6) -> torch.Tensor:
@@ -118,21 +142,6 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo
     return torch.ops.fastppo.group_advantages(scores, group_size, kind, bool(norm_by_std), float(eps))
 
 
-def group_advantages_torch(scores, group_size, kind, norm_by_std, eps):
-    out_dtype = _out_dtype(scores)
-    if group_size == 1:
-        return torch.zeros_like(scores, dtype=out_dtype)
-    s = scores.double().view(-1, group_size)
-    mean = s.mean(-1, keepdim=True)
-    if kind == "rloo":
-        out = s - (s.sum(-1, keepdim=True) - s) / (group_size - 1)
-    else:
-        out = s - mean
-        if norm_by_std:
-            out = out / (s.std(-1, keepdim=True) + eps)
-    return out.reshape(-1).to(out_dtype)
-
-
 @torch.no_grad()
 def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float):
     """Per-token rewards of RLHF PPO: -kl_coef * kl on every mask-1 token, plus the sequence score
@@ -144,17 +153,6 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     if tuple(scores.shape) != (kl.shape[0],):
         raise ValueError(f"scores must be [{kl.shape[0]}], got shape {tuple(scores.shape)}")
     return torch.ops.fastppo.kl_shaped_rewards(scores, kl, mask, float(kl_coef))
-
-
-def kl_shaped_rewards_torch(scores, kl, mask, kl_coef):
-    """No value-dependent shapes: the score lands where the position equals the last mask-1 position."""
-    m = mask != 0
-    dt = _out_dtype(scores, kl)
-    zero = torch.zeros((), dtype=dt, device=kl.device)
-    out = torch.where(m, -kl_coef * kl.to(dt), zero)
-    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
-    last = torch.where(m, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
-    return out + torch.where(positions == last, scores.to(dt)[:, None], zero)
 
 
 class FixedKLController:

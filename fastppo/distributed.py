@@ -30,13 +30,13 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from ._validation import check_float, check_inplace, check_labels, check_temperature
+from ._validation import check_float, check_inplace, check_labels
 from .backend import backend_for
+from .dispatch import ops
 from .fused import check_fused_tensors, fused_stat_names, loss_options
-from .linear import LinearOptions, _check_linear, _linear_options, linear_backward, linear_forward
-from .logprobs import check_logit_transform, ops_for
+from .linear import build_linear_options, check_linear, linear_backward, linear_forward
 from .losses import loss_terms_from_logprobs, stats_dict
-from .options import LossOptions
+from .options import LinearOptions, LogprobOptions, LossOptions
 from .outputs import PPOLossOutput
 
 
@@ -124,32 +124,9 @@ def combine_shards(logp_r, lse_r, ent_r, owned, ignored, group):
 
 
 # ----------------------------------------------------------------------------- logits
-@dataclass(frozen=True)
-class ShardOptions:
-    """Non-tensor options of the logits ops, validated once where built."""
-
-    inv_tau: float
-    ignore_index: int
-    with_entropy: bool
-    backend: str
-    inplace: bool
-    logit_scale: float
-    softcap: float | None
-
-    def transform(self):
-        """Keywords of the launchers for z' = softcap(scale * z) / tau (elementwise: it commutes with sharding)."""
-        return dict(inv_tau=self.inv_tau, logit_scale=self.logit_scale, softcap=self.softcap)
-
-
-def _shard_options(temperature, ignore_index, with_entropy, backend, inplace, final_logit_softcapping, logit_scale):
-    tau = check_temperature(temperature)
-    scale, cap = check_logit_transform(logit_scale, final_logit_softcapping)
-    return ShardOptions(1.0 / tau, int(ignore_index), bool(with_entropy), backend, bool(inplace), scale, cap)
-
-
-def _shard_forward(logits, labels, shard, opts: ShardOptions):
+def _shard_forward(logits, labels, shard, opts: LogprobOptions):
     local, owned, ignored = shard_labels(labels, shard, opts.ignore_index)
-    logp_r, lse_r, ent_r = ops_for(opts.backend).logprobs_fwd(
+    logp_r, lse_r, ent_r = ops("logprobs", opts.backend).logprobs_fwd(
         logits, local, ignore_index=opts.ignore_index, with_entropy=opts.with_entropy, **opts.transform())
     logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, owned, ignored, shard.group)
     return local, logp, lse, ent
@@ -160,7 +137,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
     shard with the global lse and H (no collective)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, shard: VocabShard, opts: ShardOptions):
+    def forward(ctx, logits, labels, shard: VocabShard, opts: LogprobOptions):
         ctx.set_materialize_grads(False)
         local, logp, lse, ent = _shard_forward(logits, labels, shard, opts)
         ctx.save_for_backward(logits, local, lse, ent if ent is not None else lse)
@@ -177,7 +154,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
         if g_logp is None:
             g_logp = torch.zeros(local.shape, dtype=lse.dtype, device=lse.device)
         has_ent = opts.with_entropy and g_ent is not None
-        dlogits = ops_for(opts.backend).logprobs_bwd(
+        dlogits = ops("logprobs", opts.backend).logprobs_bwd(
             logits, local, lse, ent if has_ent else None, g_logp.to(lse.dtype).reshape(-1),
             g_ent.to(lse.dtype).reshape(-1) if has_ent else None, ignore_index=opts.ignore_index,
             inplace=opts.inplace, **opts.transform())
@@ -217,8 +194,9 @@ def token_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor, *, group=No
     logits_shard is its slice of the full gradient. z' = softcap(logit_scale * z) / temperature as in
     fastppo.token_logprobs. Cost: 2 all-reduces, of N and of 4 N floats (3 N without entropy)."""
     shard = _check_logits(logits_shard, labels, ignore_index, group)
-    opts = _shard_options(temperature, ignore_index, return_entropy, backend_for(logits_shard, labels), False,
-                          final_logit_softcapping, logit_scale)
+    opts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
+                                final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
+                                with_entropy=return_entropy, backend=backend_for(logits_shard, labels))
     logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
     return (logp, ent) if return_entropy else logp
 
@@ -296,9 +274,10 @@ def fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask, *, grou
     if inplace:
         check_inplace("logits_shard", logits_shard)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
-    opts = _shard_options(temperature, ignore_index, want_ent,
-                          backend_for(logits_shard, labels, old_logprobs, advantages, mask), inplace,
-                          final_logit_softcapping, logit_scale)
+    opts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
+                                final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
+                                with_entropy=want_ent, inplace=inplace,
+                                backend=backend_for(logits_shard, labels, old_logprobs, advantages, mask))
     labels = torch.where(mask != 0, labels, opts.ignore_index)      # mask-0 rows are dead, as unsharded
     logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
     return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
@@ -347,7 +326,7 @@ def _check_linear_shard(hidden, weight_shard, labels, bias_shard, ignore_index, 
     if weight_shard.dim() != 2 or weight_shard.shape[0] == 0:
         raise ValueError(f"weight_shard must be [V_r, H] with V_r >= 1, got {tuple(weight_shard.shape)}")
     # the unsharded checks with the labels' range left to _locate (they are global ids)
-    _check_linear(hidden, weight_shard, torch.zeros(labels.shape, dtype=torch.int64) if isinstance(
+    check_linear(hidden, weight_shard, torch.zeros(labels.shape, dtype=torch.int64) if isinstance(
         labels, torch.Tensor) and not labels.dtype.is_floating_point else labels, bias_shard, ignore_index)
     return _locate(weight_shard.shape[0], hidden.device, labels, hidden.shape[:-1], ignore_index, group)
 
@@ -362,8 +341,8 @@ def linear_logprobs(hidden, weight_shard, labels, *, group=None, bias=None, temp
     Cost: 2 all-reduces of O(N) floats forward, 1 of N x H floats backward. (extra_outputs is not
     offered here.)"""
     shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
-    opts = _linear_options(temperature, ignore_index, return_entropy, False, final_logit_softcapping, logit_scale,
-                           chunk_bytes, backend_for(hidden, weight_shard, labels))
+    opts = build_linear_options(temperature, ignore_index, return_entropy, False, final_logit_softcapping,
+                                logit_scale, chunk_bytes, backend_for(hidden, weight_shard, labels))
     logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
     return (logp, ent) if return_entropy else logp
 
@@ -389,8 +368,8 @@ def fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages
                             loss_kw)
     shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
-    opts = _linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
-                           chunk_bytes, backend_for(hidden, weight_shard, labels, old_logprobs, advantages, mask))
+    opts = build_linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
+                                chunk_bytes, backend_for(hidden, weight_shard, labels, old_logprobs, advantages, mask))
     labels = torch.where(mask.reshape(labels.shape) != 0, labels, opts.ignore_index)   # mask-0 rows are dead
     logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
     return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,

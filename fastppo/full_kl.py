@@ -1,14 +1,68 @@
-"""full_kl: exact KL(pi || ref) per token over the whole vocabulary (verl's unimplemented "full")."""
+"""full_kl: exact KL(pi || ref) per token over the whole vocabulary (verl's unimplemented "full").
+
+The ops full_kl (kl, lse_p, lse_q) and full_kl_backward with their fakes and autograd, then the public
+function. Backends: fastppo.kernels.full_kl (Triton) or fastppo.full_kl_torch (PyTorch)."""
 
 from __future__ import annotations
 
 import torch
 
-from . import library  # noqa: F401  (registers torch.ops.fastppo)
 from ._validation import check_float, check_same_shape, check_temperature
 from .backend import backend_for
+from .dispatch import ops
+from .library import acc_dtype, define, refuse_double_backward
 
 
+# ----------------------------------------------------------------------------- ops
+def _full_kl_fake(logits, ref_logits, inv_tau, backend):
+    n = logits.numel() // max(logits.shape[-1], 1)
+    acc = acc_dtype(logits)
+    return logits.new_empty(logits.shape[:-1], dtype=acc), logits.new_empty((n,), dtype=acc), \
+        logits.new_empty((n,), dtype=acc)
+
+
+@define("full_kl", _full_kl_fake, kernels=True)
+def full_kl_op(logits: torch.Tensor, ref_logits: torch.Tensor, inv_tau: float,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kl [...], lse_p [N], lse_q [N]); only kl is differentiable (w.r.t. logits)."""
+    kl, lse_p, lse_q = ops("full_kl", backend).full_kl_fwd(logits, ref_logits, inv_tau=inv_tau)
+    return kl.view(logits.shape[:-1]), lse_p, lse_q
+
+
+def _full_kl_backward_fake(logits, ref_logits, kl, lse_p, lse_q, grad, inv_tau, backend):
+    return logits.new_empty(logits.shape)
+
+
+@define("full_kl_backward", _full_kl_backward_fake, kernels=True)
+def full_kl_backward_op(logits: torch.Tensor, ref_logits: torch.Tensor, kl: torch.Tensor, lse_p: torch.Tensor,
+                     lse_q: torch.Tensor, grad: torch.Tensor, inv_tau: float, backend: str) -> torch.Tensor:
+    return ops("full_kl", backend).full_kl_bwd(logits, ref_logits, kl.reshape(-1), lse_p, lse_q,
+                                             grad.to(kl.dtype).reshape(-1), inv_tau=inv_tau).contiguous()
+
+
+def _full_kl_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
+    logits, ref_logits, inv_tau, backend = inputs
+    kl, lse_p, lse_q = output
+    ctx.mark_non_differentiable(lse_p, lse_q)
+    ctx.save_for_backward(logits, ref_logits, kl, lse_p, lse_q)
+    ctx.args = (inv_tau, backend)
+
+
+def _full_kl_backward(ctx, g, _g_lse_p, _g_lse_q):
+    if g is None:
+        return None, None, None, None
+    logits, ref_logits, kl, lse_p, lse_q = ctx.saved_tensors
+    return torch.ops.fastppo.full_kl_backward(logits, ref_logits, kl, lse_p, lse_q, g, *ctx.args), None, None, None
+
+
+full_kl_op.register_autograd(_full_kl_backward, setup_context=_full_kl_setup)
+
+
+refuse_double_backward(full_kl_backward_op, "full_kl_backward")
+
+
+# ----------------------------------------------------------------------------- public function
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """Exact per-token KL(pi || pi_ref) = sum_i p_i (log p_i - log q_i) with p = softmax(logits / tau),
     q = softmax(ref_logits / tau), reading both [..., V] rows once. float32 [...]; differentiable

@@ -8,35 +8,24 @@ fastppo.losses) from the logits, with no host sync. Triton launches, forward + b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ._validation import check_float, check_inplace, check_labels, check_temperature
+from ._validation import check_float, check_inplace, check_labels
 from .backend import backend_for
 from .dispatch import ops
-from .library import encode
-from .logprobs import check_logit_transform
-from .losses import check_optional, check_policy_tensors, loss_terms_from_logprobs, policy_stat_names, stats_dict
-from .options import LossOptions
+from .library import decode, define, empty, encode, or_empty
+from .logprobs import token_logprobs_backward_inplace_op, token_logprobs_backward_op
+from .losses import (
+    agg_outputs_fake,
+    check_optional,
+    check_policy_tensors,
+    loss_options_of,
+    loss_terms_from_logprobs,
+    policy_stat_names,
+    stats_dict,
+)
+from .options import LogprobOptions, LossOptions
 from .outputs import PPOLossOutput
-
-
-@dataclass(frozen=True)
-class LogitsOptions:
-    """The log-prob op's options in a fused loss (the loss's own options are a LossOptions)."""
-
-    inv_tau: float
-    ignore_index: int
-    want_entropy: bool
-    inplace: bool
-    backend: str
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-    def transform(self):
-        """Keywords of the logprobs launchers for z' = softcap(scale * z) / tau."""
-        return dict(inv_tau=self.inv_tau, logit_scale=self.logit_scale, softcap=self.softcap)
 
 
 def fused_stat_names(opts: LossOptions, has_ref: bool, has_ent: bool):
@@ -71,12 +60,12 @@ def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs
     check_optional("rollout_is_weights", rollout_is_weights, "labels", lead_shape)
 
 
-def fused_outputs(logits, labels, old, adv, mask, ref, isw, lopts: LogitsOptions, opts: LossOptions):
+def fused_outputs(logits, labels, old, adv, mask, ref, isw, lopts: LogprobOptions, opts: LossOptions):
     """Launches 1 and 2 (the body of torch.ops.fastppo.fused_ppo_loss): loss, logp, kl, entropy, stats and
     what the backward launch needs (lse, dloss/dlogp, dloss/dH); None where absent."""
     lp = ops("logprobs", lopts.backend)
     # mask-0 rows are dead: never read (forward or backward), logp = H = 0 there, zero gradient rows
-    logp, lse, ent = lp.logprobs_fwd(logits, labels, ignore_index=lopts.ignore_index, with_entropy=lopts.want_entropy,
+    logp, lse, ent = lp.logprobs_fwd(logits, labels, ignore_index=lopts.ignore_index, with_entropy=lopts.with_entropy,
                                      valid=mask, **lopts.transform())
     shape = labels.shape
     logp = logp.view(shape)
@@ -86,20 +75,77 @@ def fused_outputs(logits, labels, old, adv, mask, ref, isw, lopts: LogitsOptions
     return res.loss, logp, res.kl, ent, res.stats, lse, res.coef, res.coef_ent
 
 
-def fused_grad(logits, labels, mask, lse, ent, coef, coef_ent, scale, lopts: LogitsOptions, inplace: bool):
-    """The backward launch: dlogits = scale (coef dlogp/dz + coef_ent dH/dz), over the logits when inplace."""
-    return ops("logprobs", lopts.backend).logprobs_bwd(
-        logits, labels, lse, None if ent is None else ent.reshape(-1), coef.reshape(-1),
-        None if coef_ent is None else coef_ent.reshape(-1), ignore_index=lopts.ignore_index, scale=scale,
-        inplace=inplace, valid=mask, **lopts.transform())
-
-
 def ppo_output(loss, logp, kl, ent, stats, opts: LossOptions, has_ref, has_ent) -> PPOLossOutput:
     """PPOLossOutput from a fused op's outputs (kl / entropy are empty tensors where absent)."""
     return PPOLossOutput(loss=loss, logprobs=logp, kl=kl if has_ref else None, entropy=ent if has_ent else None,
                          stats=stats_dict(stats, fused_stat_names(opts, has_ref, has_ent)))
 
 
+# ----------------------------------------------------------------------------- op
+def _logprob_options(options: str) -> LogprobOptions:
+    return decode(LogprobOptions, options)
+
+
+FusedOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                     torch.Tensor]
+
+
+def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+                         logits_options, options, backend):
+    lopts = _logprob_options(logits_options)
+    loss, stats, coef = agg_outputs_fake(logits, mask)
+    logp = logits.new_empty(labels.shape, dtype=loss.dtype)
+    kl = coef.new_empty(coef.shape) if ref_logprobs is not None else empty(logp)
+    ent = torch.empty_like(logp) if lopts.with_entropy else empty(logp)
+    coef_ent = torch.empty_like(coef) if lopts.with_entropy else empty(coef)
+    return loss, logp, kl, ent, stats, logits.new_empty((labels.numel(),), dtype=loss.dtype), coef, coef_ent
+
+
+@define("fused_ppo_loss", _fused_ppo_loss_fake, kernels=True)
+def fused_ppo_loss_op(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   mask: torch.Tensor, ref_logprobs: torch.Tensor | None, rollout_is_weights: torch.Tensor | None,
+                   logits_options: str, options: str, backend: str) -> FusedOutputs:
+    """(loss, logprobs, kl, entropy, stats, lse, coef_logp, coef_entropy) of fastppo.fused (`logits_options`: a
+    LogprobOptions, `options`: a LossOptions; kl / entropy / coef_entropy empty when absent). Only loss is
+    differentiable; its backward is one log-prob backward launch (token_logprobs_backward, or written over
+    the logits when inplace)."""
+    loss, logp, kl, ent, stats, lse, coef, coef_ent = fused_outputs(
+        logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+        _logprob_options(logits_options), loss_options_of(options))
+    return loss, logp, or_empty(kl, logp), or_empty(ent, logp), stats, lse, coef, or_empty(coef_ent, coef)
+
+
+def _fused_ppo_loss_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
+    logits, labels, old, adv, mask, ref, isw, logits_options, options, backend = inputs
+    loss, logp, kl, ent, stats, lse, coef, coef_ent = output
+    ctx.mark_non_differentiable(logp, kl, ent, stats, lse, coef, coef_ent)
+    use_ent = _logprob_options(logits_options).with_entropy and loss_options_of(options).entropy_coef != 0
+    ctx.save_for_backward(logits, labels, mask, lse, ent if use_ent else None, coef, coef_ent if use_ent else None)
+    ctx.logits_options = logits_options
+
+
+def _fused_ppo_loss_backward(ctx, g_loss, *_):
+    if g_loss is None:
+        return (None,) * 10
+    logits, labels, mask, lse, ent, coef, coef_ent = ctx.saved_tensors
+    lopts = _logprob_options(ctx.logits_options)
+    scale = g_loss.to(lse.dtype)
+    transform = (lopts.inv_tau, lopts.ignore_index, lopts.logit_scale, lopts.softcap)
+    if lopts.inplace and lopts.backend == "triton" and logits.stride(-1) == 1:   # else: a contiguous copy
+        token_logprobs_backward_inplace_op(logits, labels, lse, ent, coef, coef_ent, scale, mask,
+                                                          *transform)
+        d = logits
+    else:
+        d = token_logprobs_backward_op(logits, labels, lse, ent, coef, coef_ent, scale, mask,
+                                                      *transform, lopts.backend)
+    return (d, *([None] * 9))
+
+
+fused_ppo_loss_op.register_autograd(_fused_ppo_loss_backward, setup_context=_fused_ppo_loss_setup)
+
+
+# ----------------------------------------------------------------------------- public function
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
                    kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
@@ -128,13 +174,13 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
         raise ValueError(f"logits must be [B, T, V] or [T, V], got shape {tuple(logits.shape)}")
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
     check_fused_tensors(logits.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
-    tau = check_temperature(temperature)
     if inplace:
         check_inplace("logits", logits)
-    scale, cap = check_logit_transform(logit_scale, final_logit_softcapping)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(logits, labels, old_logprobs, advantages, mask)
-    lopts = LogitsOptions(1.0 / tau, int(ignore_index), want_ent, bool(inplace), backend, scale, cap)
+    lopts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
+                                 final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
+                                 with_entropy=want_ent, inplace=inplace, backend=backend)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_ppo_loss(
         logits, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),

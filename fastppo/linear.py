@@ -32,43 +32,22 @@ bytes), and in the loss the gradients held from forward to backward (as Liger's 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_float, check_labels, check_temperature
+from ._validation import check_float, check_labels
 from .backend import backend_for
 from .dispatch import ops
-from .fused import check_fused_tensors, loss_options, ppo_output
-from .library import encode
-from .losses import loss_terms_from_logprobs
-from .options import LossOptions
-from .outputs import LogprobOutputs, PPOLossOutput
+from .kernels import _config as cfg
+from .library import acc_dtype, decode, define, empty, encode, or_empty, refuse_double_backward
+from .options import LinearOptions
+from .outputs import LogprobOutputs
 
 EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 
 
-@dataclass(frozen=True)
-class LinearOptions:
-    """Non-tensor options of the linear ops, validated once where built (`_linear_options`)."""
-
-    inv_tau: float
-    ignore_index: int
-    with_entropy: bool
-    backend: str
-    extras: bool = False
-    logit_scale: float = 1.0
-    softcap: float | None = None
-    chunk_bytes: int | None = None      # None: automatic (see chunk_rows)
-
-
-def _kernels():
+def triton_kernels():
     return ops("linear", "triton")
-
-
-def _acc(hidden, weight):
-    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
 
 
 def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
@@ -78,8 +57,6 @@ def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
     fewer than n_rows / 8 rows, so no buffer reaches N*V/8 elements. Fewer, larger chunks mean fewer
     re-reads of the weight (2 V H b per chunk) and of the fp32 d(weight) sum (8 V H per chunk after the
     first) and fuller GEMMs; the buffers are 6 bytes (bf16) per row and vocabulary entry."""
-    from .kernels import _config as cfg
-
     size = torch.empty((), dtype=acc).element_size()
     per_row = vocab * (size + (0 if dz_dtype == acc else torch.empty((), dtype=dz_dtype).element_size()))
     tile = cfg.LIN_BLOCK_N
@@ -92,9 +69,9 @@ def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
 # ----------------------------------------------------------------------------- the Triton pipeline
 def triton_forward(h2, weight, bias, y, valid, opts):
     """Launches 1-2 over all rows (no buffer). Returns (rows, per-row outputs)."""
-    k = _kernels()
+    k = triton_kernels()
     rows = k.Rows(valid)
-    out = k.new_outputs(h2.shape[0], h2.device, _acc(h2, weight), opts.with_entropy, opts.extras)
+    out = k.new_outputs(h2.shape[0], h2.device, acc_dtype(h2, weight), opts.with_entropy, opts.extras)
     if h2.shape[0]:
         k.stats_chunk(h2, weight, bias, y, rows, 0, h2.shape[0], out, opts)
     return rows, out
@@ -105,10 +82,10 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
     c_ent or None; by compacted position) once its statistics are in `out`. With `stats` = (lse, ent or
     None) by compacted position (known from an earlier forward, or global ones for a vocabulary shard),
     those are used and launch 2 is skipped. Returns (dh, dw, db)."""
-    k = _kernels()
+    k = triton_kernels()
     N, H = h2.shape
     V = weight.shape[0]
-    acc = _acc(h2, weight)
+    acc = acc_dtype(h2, weight)
     dev = h2.device
     dh = torch.zeros(N, H, dtype=h2.dtype, device=dev) if needs[0] else None
     dw = torch.empty(V, H, dtype=weight.dtype, device=dev) if needs[1] else None
@@ -137,19 +114,19 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
     return dh, dw, db
 
 
-def _forward(h2, weight, bias, y, valid, opts):
+def forward_rows(h2, weight, bias, y, valid, opts):
     if opts.backend == "triton":
         return triton_forward(h2, weight, bias, y, valid, opts)
     return None, ops("linear", "torch").forward(h2, weight, bias, y, valid, opts)
 
 
-def _gradients(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, needs):
+def gradient_rows(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, needs):
     """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row). `stats`: the rows' lse and
     entropy (or None), by original row on the torch backend, by compacted position on the Triton path."""
     if opts.backend == "torch":
         return ops("linear", "torch").grads(h2, weight, bias, y, valid, stats[0], stats[1], c_logp, c_ent, opts,
                                               needs)
-    acc = _acc(h2, weight)
+    acc = acc_dtype(h2, weight)
     cl = c_logp.to(acc).index_select(0, rows.idx)
     ce = None if c_ent is None else c_ent.to(acc).index_select(0, rows.idx)
     return triton_gradient_pass(h2, weight, bias, y, rows, None, dataclasses.replace(opts, extras=False), needs,
@@ -160,7 +137,7 @@ def linear_forward(hidden2d, weight, bias, labels1d, opts: LinearOptions):
     """(logp, lse, entropy or None) per row in the rows' order (0 at ignored rows): the forward launches for
     callers that combine row statistics themselves (fastppo.distributed)."""
     valid = labels1d != opts.ignore_index
-    rows, out = _forward(hidden2d, weight, bias, labels1d, valid, opts)
+    rows, out = forward_rows(hidden2d, weight, bias, labels1d, valid, opts)
     lse = out["lse"] if rows is None else torch.empty_like(out["lse"]).index_copy_(0, rows.idx, out["lse"])
     return out["logp"], lse, out["ent"] if opts.with_entropy else None
 
@@ -171,13 +148,13 @@ def linear_backward(hidden2d, weight, bias, labels1d, lse, ent, c_logp, c_ent, o
     entropy (in the rows' order; e.g. global ones for a vocabulary shard), valid rows only."""
     valid = labels1d != opts.ignore_index
     if opts.backend == "torch":
-        return _gradients(hidden2d, weight, bias, labels1d, valid, None, (lse, ent), c_logp, c_ent, opts, needs)
-    rows = _kernels().Rows(valid)
+        return gradient_rows(hidden2d, weight, bias, labels1d, valid, None, (lse, ent), c_logp, c_ent, opts, needs)
+    rows = triton_kernels().Rows(valid)
     stats = (lse.index_select(0, rows.idx), None if c_ent is None else ent.index_select(0, rows.idx))
-    return _gradients(hidden2d, weight, bias, labels1d, valid, rows, stats, c_logp, c_ent, opts, needs)
+    return gradient_rows(hidden2d, weight, bias, labels1d, valid, rows, stats, c_logp, c_ent, opts, needs)
 
 
-def _flatten(hidden, labels):
+def flatten_rows(hidden, labels):
     return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
 
 
@@ -186,8 +163,8 @@ def linear_outputs(hidden, weight, bias, labels, opts: LinearOptions):
     """Forward of linear_logprobs (the body of torch.ops.fastppo.linear_logprobs): logp, entropy,
     log_sum_sq_probs, mean_logits, is_top1 shaped like labels (None where not computed), and backward's
     statistics lse and entropy (by compacted position on the Triton path, by row on the torch backend)."""
-    h2, y = _flatten(hidden, labels)
-    rows, out = _forward(h2, weight, bias, y, y != opts.ignore_index, opts)
+    h2, y = flatten_rows(hidden, labels)
+    rows, out = forward_rows(h2, weight, bias, y, y != opts.ignore_index, opts)
     shape = labels.shape
     ent = out["ent"].view(shape) if opts.with_entropy else None
     extras = (out["sq"].view(shape), out["mean"].view(shape), out["top1"].view(shape).bool()) \
@@ -199,18 +176,18 @@ def linear_outputs(hidden, weight, bias, labels, opts: LinearOptions):
 def linear_grads(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, opts: LinearOptions, needs):
     """Backward of linear_logprobs: (d_hidden, d_weight, d_bias) of sum g_logp logp + g_ent H (None where
     not needed) from linear_outputs' statistics; the valid rows are compacted again on device."""
-    h2, y = _flatten(hidden, labels)
+    h2, y = flatten_rows(hidden, labels)
     valid = y != opts.ignore_index
-    rows = _kernels().Rows(valid) if opts.backend == "triton" else None
+    rows = triton_kernels().Rows(valid) if opts.backend == "triton" else None
     acc = lse.dtype
     c_logp = g_logp.reshape(-1).to(acc)
     c_ent = None if g_ent is None else g_ent.reshape(-1).to(acc)
-    dh, dw, db = _gradients(h2, weight, bias, y, valid, rows, (lse, None if c_ent is None else ent), c_logp, c_ent,
+    dh, dw, db = gradient_rows(h2, weight, bias, y, valid, rows, (lse, None if c_ent is None else ent), c_logp, c_ent,
                             opts, needs)
     return (None if dh is None else dh.view(hidden.shape)), dw, db
 
 
-def _check_linear(hidden, weight, labels, bias, ignore_index):
+def check_linear(hidden, weight, labels, bias, ignore_index):
     check_float("hidden", hidden)
     check_float("weight", weight)
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -225,23 +202,12 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
     check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index)
 
 
-def _linear_options(temperature, ignore_index, with_entropy, extras, final_logit_softcapping, logit_scale,
-                    chunk_bytes, backend):
-    tau = check_temperature(temperature)
-    softcap = final_logit_softcapping
-    if softcap is not None:
-        softcap = float(softcap)
-        if not (softcap > 0 and math.isfinite(softcap)):
-            raise ValueError(f"final_logit_softcapping must be None or a positive finite number, got "
-                             f"{final_logit_softcapping!r}")
-    scale = float(logit_scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
-    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
-                                    or chunk_bytes <= 0):
-        raise ValueError(f"chunk_bytes must be None or a positive int, got {chunk_bytes!r}")
-    return LinearOptions(1.0 / tau, int(ignore_index), bool(with_entropy), backend, bool(extras), scale, softcap,
-                         chunk_bytes)
+def build_linear_options(temperature, ignore_index, with_entropy, extras, final_logit_softcapping, logit_scale,
+                         chunk_bytes, backend) -> LinearOptions:
+    """LinearOptions from the public keywords (the logit transform validated as for every logits op)."""
+    return LinearOptions.build(temperature=temperature, logit_scale=logit_scale,
+                               final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
+                               with_entropy=with_entropy, backend=backend, extras=bool(extras), chunk_bytes=chunk_bytes)
 
 
 def _check_extras(extra_outputs):
@@ -253,6 +219,88 @@ def _check_extras(extra_outputs):
     return frozenset(extra_outputs)
 
 
+# ----------------------------------------------------------------------------- ops
+def linear_options_of(options: str) -> LinearOptions:
+    """The LinearOptions an op received as its encoded string (cached)."""
+    return decode(LinearOptions, options)
+
+
+def _linear_logprobs_fake(hidden, weight, bias, labels, options, backend):
+    opts = linear_options_of(options)
+    logp = hidden.new_empty(labels.shape, dtype=acc_dtype(hidden, weight))
+    per_token = [torch.empty_like(logp) if on else empty(logp)
+                 for on in (opts.with_entropy, opts.extras, opts.extras)]
+    top1 = logp.new_empty(labels.shape, dtype=torch.bool) if opts.extras else empty(logp, torch.bool)
+    lse = logp.new_empty((labels.numel(),))
+    return logp, *per_token, top1, lse, torch.empty_like(lse) if opts.with_entropy else empty(lse)
+
+
+@define("linear_logprobs", _linear_logprobs_fake, kernels=True)
+def linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                    options: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, log_sum_sq_probs, mean_logits, is_top1, lse, entropy_rows) of hidden @ weight.T + bias
+    without the [N, V] logits (fastppo.linear; `options` is a LinearOptions). lse and entropy_rows [N] are
+    backward's statistics. Only logp and entropy are differentiable."""
+    opts = linear_options_of(options)
+    logp, ent, sq, mean, top1, lse, ent_rows = linear_outputs(hidden, weight, bias, labels, opts)
+    if ent_rows is not None and opts.backend == "torch":
+        ent_rows = ent_rows.clone()   # by row there: the same values as entropy (op outputs may not alias)
+    return logp, or_empty(ent, logp), or_empty(sq, logp), or_empty(mean, logp), \
+        or_empty(top1, empty(logp, torch.bool)), lse, or_empty(ent_rows, lse)
+
+
+def linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, options, need_hidden,
+                          need_weight, need_bias, backend):
+    return (hidden.new_empty(hidden.shape) if need_hidden else empty(hidden),
+            weight.new_empty(weight.shape) if need_weight else empty(weight),
+            bias.new_empty(bias.shape) if (bias is not None and need_bias) else empty(weight))
+
+
+@define("linear_logprobs_backward", linear_backward_fake, kernels=True)
+def linear_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
+                             grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, options: str,
+                             need_hidden: bool, need_weight: bool, need_bias: bool,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_hidden, d_weight, d_bias) for per-token upstream gradients (empty where not needed)."""
+    has_ent = entropy is not None and grad_entropy is not None
+    dh, dw, db = linear_grads(hidden, weight, bias, labels, lse, entropy if has_ent else None, grad_logp,
+                              grad_entropy if has_ent else None, linear_options_of(options),
+                              (need_hidden, need_weight, need_bias))
+    return (empty(hidden) if dh is None else dh.contiguous(), or_empty(dw, weight), or_empty(db, weight))
+
+
+def _linear_logprobs_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, options, backend = inputs
+    logp, ent, sq, mean, top1, lse, ent_rows = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(sq, mean, top1, lse, ent_rows)
+    with_entropy = linear_options_of(options).with_entropy
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent_rows if with_entropy else None)
+    ctx.options, ctx.backend = options, backend
+
+
+def _linear_logprobs_backward(ctx, g_logp, g_ent, *_):
+    hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if g_logp is None and (g_ent is None or ent is None):
+        return (None,) * 6
+    if g_logp is None:
+        g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=lse.device)
+    need_bias = bias is not None and needs[2]
+    dh, dw, db = linear_logprobs_backward_op(hidden, weight, bias, labels, lse, ent, g_logp, g_ent,
+                                                            ctx.options, needs[0], needs[1], need_bias, ctx.backend)
+    return (dh if needs[0] else None), (dw if needs[1] else None), (db if need_bias else None), None, None, None
+
+
+linear_logprobs_op.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup)
+
+
+refuse_double_backward(linear_logprobs_backward_op, "linear_logprobs_backward")
+
+
+# ----------------------------------------------------------------------------- public function
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
                     temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
                     final_logit_softcapping=None, logit_scale: float = 1.0, extra_outputs=(), chunk_bytes=None):
@@ -271,9 +319,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     not requested. Without it: logp, or (logp, entropy) with return_entropy.
     `chunk_bytes` bounds the backward's [rows, V] buffers (fp32 logits + dz; None: automatic, see
     `chunk_rows`)."""
-    _check_linear(hidden, weight, labels, bias, ignore_index)
+    check_linear(hidden, weight, labels, bias, ignore_index)
     extras = _check_extras(extra_outputs)
-    opts = _linear_options(temperature, ignore_index, return_entropy, bool(extras), final_logit_softcapping,
+    opts = build_linear_options(temperature, ignore_index, return_entropy, bool(extras), final_logit_softcapping,
                            logit_scale, chunk_bytes, backend_for(hidden, weight, labels))
     logp, ent, sq, mean, top1, _, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, encode(opts),
                                                                        opts.backend)
@@ -282,129 +330,3 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         pick = {"log_sum_sq_probs": sq, "mean_logits": mean, "is_top1": top1}
         return LogprobOutputs(logp, ent, *[pick[k] if k in extras else None for k in EXTRA_OUTPUTS])
     return (logp, ent) if return_entropy else logp
-
-
-# ----------------------------------------------------------------------------- fused_linear_ppo_loss
-def _token_local(opts: LossOptions) -> bool:
-    """Whether every token's loss coefficients depend only on that token's values and the aggregation
-    weights (then the gradient is formed chunk by chunk in forward, 6 N H V FLOPs): every token-level
-    policy loss and every aggregation. A sequence-level term (gspo, gspo_token, gmpo: sequence ratios) or a
-    batch-global one (entropy_quantile: a threshold over all tokens) answers False and takes the
-    recompute path (8 N H V)."""
-    return not opts.sequence_level and opts.entropy_quantile is None
-
-
-def _agg_weights(mask, opts: LossOptions, acc, backend):
-    """Per-token aggregation weights m_t w_b of the loss's `agg` mode, read from the per-token loss function
-    itself: with entropy_coef = 1 and zero entropy its entropy coefficient is exactly -m_t w_b."""
-    zeros = torch.zeros(mask.shape, dtype=acc, device=mask.device)
-    unit = opts.replace(policy_loss="ppo", dual_clip=None, ratio_max=None, entropy_quantile=None, kl_coef=0.0,
-                        entropy_coef=1.0)
-    res = loss_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, opts=unit, backend=backend)
-    return -res.coef_ent.reshape(-1)
-
-
-def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw, opts: LossOptions,
-                         lin: LinearOptions, needs):
-    """Forward of fused_linear_ppo_loss (the body of torch.ops.fastppo.fused_linear_ppo_loss): loss, logp,
-    kl, entropy, stats and the gradients (d_hidden, d_weight, d_bias) for a unit upstream gradient, formed
-    in this pass where `needs` asks for them (None elsewhere)."""
-    h2, y = _flatten(hidden, labels)
-    shape = labels.shape
-    valid = (y != lin.ignore_index) & (mask.reshape(-1) != 0)
-    use_ent = lin.with_entropy and opts.entropy_coef != 0
-    acc = _acc(h2, weight)
-    grads = (None, None, None)
-    in_forward = any(needs) and lin.backend == "triton" and _token_local(opts)
-    if in_forward:
-        grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin,
-                                            needs, use_ent, acc)
-    else:
-        rows, out = _forward(h2, weight, bias, y, valid, lin)
-    logp = out["logp"].view(shape)
-    ent = out["ent"].view(shape) if lin.with_entropy else None
-    res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lin.backend, ref=ref,
-                                   rollout_is_weights=isw)
-    if any(needs) and not in_forward:
-        row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
-        grads = _gradients(h2, weight, bias, y, valid, rows, row_stats, res.coef.reshape(-1),
-                           res.coef_ent.reshape(-1) if use_ent else None, lin, needs)
-    dh, dw, db = grads
-    return res.loss, logp, res.kl, ent, res.stats, (None if dh is None else dh.view(hidden.shape)), dw, db
-
-
-def _per_token(t, mask):
-    """A per-token ([B, T]) or per-sequence ([B]) tensor as one value per flattened token."""
-    if t is None:
-        return None
-    if t.dim() == 1 and mask.dim() == 2:
-        t = t[:, None]
-    return t.expand(mask.shape).reshape(-1)
-
-
-def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin, needs, use_ent, acc):
-    """The 6 N H V path: each chunk's coefficients dloss/dlogp = m w dL/dlogp and dloss/dH = -m w c_ent come
-    from the per-token loss function run on the chunk's rows with unit aggregation (token-mean over a
-    count of 1), times the global aggregation weights m w, so chunk contributions add up exactly."""
-    k = _kernels()
-    N = h2.shape[0]
-    rows = k.Rows(valid)
-    out = k.new_outputs(N, h2.device, acc, lin.with_entropy, False)
-    weights = _agg_weights(mask, opts, acc, lin.backend)
-    flat = [_per_token(t, mask) for t in (old, adv, mask, ref, isw)]
-    unit = opts.replace(agg="token-mean", num_tokens=1.0, num_seqs=None, horizon=None)
-    c_logp = torch.zeros(N, dtype=acc, device=h2.device)
-    c_ent = torch.zeros(N, dtype=acc, device=h2.device) if use_ent else None
-
-    def coefs(r0, n):
-        sel = rows.idx[r0:r0 + n]
-        old_c, adv_c, mask_c, ref_c, isw_c = (None if t is None else t.index_select(0, sel)[None] for t in flat)
-        ent_c = out["ent_c"][r0:r0 + n][None] if use_ent else None
-        res = loss_terms_from_logprobs(out["logp_c"][r0:r0 + n][None], ent_c, old_c, adv_c, mask_c, opts=unit,
-                                       backend=lin.backend, ref=ref_c, rollout_is_weights=isw_c)
-        w = weights.index_select(0, sel)
-        c_logp[r0:r0 + n] = res.coef[0] * w
-        if use_ent:
-            c_ent[r0:r0 + n] = res.coef_ent[0] * w
-        return c_logp, c_ent
-
-    grads = triton_gradient_pass(h2, weight, bias, y, rows, out, lin, needs, coefs)
-    return grads, out
-
-
-def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None, ref_logprobs=None,
-                          kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
-                          temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                          num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo", ratio_max=None,
-                          sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None, entropy_quantile=None,
-                          final_logit_softcapping=None, logit_scale=1.0, chunk_bytes=None) -> PPOLossOutput:
-    """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
-    without materialising the logits.
-
-    hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments (policy-loss variants included) and
-    the result are those of fused_ppo_loss. Only tokens with mask != 0 and a label != ignore_index are
-    projected; the returned per-token log-probs / entropy are 0 elsewhere, and NaN there cannot leak. On
-    the Triton path, for token-level losses (`_token_local`), the gradients to hidden, weight and bias are
-    formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the [rows, V] buffers; None:
-    automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only scales
-    them by the upstream gradient (those gradients are held from forward to backward). Sequence-level
-    variants (gspo, gspo_token, gmpo) and entropy_quantile recompute the logits in forward: 8 N_valid H V."""
-    opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                        ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
-                        entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
-                        entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
-    _check_linear(hidden, weight, labels, bias, ignore_index)
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
-    check_fused_tensors(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
-    want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
-    backend = backend_for(hidden, weight, labels, old_logprobs, advantages, mask)
-    lin = _linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
-                          chunk_bytes, backend)
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
-    detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_linear_ppo_loss(
-        hidden, weight, bias, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
-        detach(rollout_is_weights), encode(opts), encode(lin), *needs, backend)
-    return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)

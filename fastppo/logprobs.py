@@ -1,43 +1,111 @@
-"""token_logprobs: per-token log-probabilities (and entropy) from logits, fused."""
+"""token_logprobs: per-token log-probabilities (and entropy) from logits, fused.
+
+The op family, top to bottom: the torch.library ops token_logprobs (forward: logp, entropy, lse),
+token_logprobs_backward (dlogits, recomputing p) and token_logprobs_backward_inplace (the same written
+over the logits, fused_ppo_loss(inplace=True)), each with its fake beside it; then the public function.
+Backends: fastppo.kernels.logprobs (Triton) or fastppo.logprobs_torch (PyTorch), chosen by
+`fastppo.dispatch.ops("logprobs", backend)`."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import library  # noqa: F401  (registers torch.ops.fastppo)
-from ._validation import check_float, check_labels, check_temperature
+from ._validation import check_float, check_labels
 from .backend import backend_for
 from .dispatch import ops
+from .kernels.logprobs import logprobs_bwd as triton_logprobs_bwd
+from .library import acc_dtype, define, empty, refuse_double_backward
+from .options import LogitTransform
 
 
-def check_logit_transform(logit_scale, final_logit_softcapping):
-    """(scale, cap) of z' = softcap(scale * z) / tau, validated once: scale a finite non-zero number,
-    cap None (no cap) or a positive finite number."""
-    for name, v in (("logit_scale", logit_scale), ("final_logit_softcapping", final_logit_softcapping)):
-        if isinstance(v, bool) or (v is not None and not isinstance(v, (int, float))):
-            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    if logit_scale is None:
-        raise TypeError("logit_scale must be a number, got None (use 1.0 for no scaling)")
-    scale = float(logit_scale)
-    if not (math.isfinite(scale) and scale != 0):
-        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
-    cap = None if final_logit_softcapping is None else float(final_logit_softcapping)
-    if cap is not None and not (cap > 0 and math.isfinite(cap)):
-        raise ValueError(f"final_logit_softcapping must be None or a positive finite number, got "
-                         f"{final_logit_softcapping}")
-    return scale, cap
+# ----------------------------------------------------------------------------- ops
+def _token_logprobs_fake(logits, labels, inv_tau, ignore_index, with_entropy, logit_scale, softcap, backend):
+    logp = logits.new_empty(labels.shape, dtype=acc_dtype(logits))
+    ent = torch.empty_like(logp) if with_entropy else empty(logp)
+    return logp, ent, logits.new_empty((labels.numel(),), dtype=acc_dtype(logits))
 
 
-def ops_for(backend: str):
-    """The launcher module of a backend: Triton kernels or their chunked PyTorch twins."""
-    return ops("logprobs", backend)
+@define("token_logprobs", _token_logprobs_fake, kernels=True)
+def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, inv_tau: float, ignore_index: int, with_entropy: bool,
+                   logit_scale: float, softcap: float | None,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, lse) of z' = softcap(logit_scale z) inv_tau: logp and entropy shaped like labels
+    (entropy empty unless with_entropy); lse [N] is saved for backward and gets no gradient."""
+    logp, lse, ent = ops("logprobs", backend).logprobs_fwd(logits, labels, inv_tau=inv_tau, ignore_index=ignore_index,
+                                                        with_entropy=with_entropy, logit_scale=logit_scale,
+                                                        softcap=softcap)
+    return logp.view(labels.shape), empty(logp) if ent is None else ent.view(labels.shape), lse
 
 
+def _logprobs_backward_fake(logits, labels, lse, entropy, grad_logp, grad_entropy, scale, valid, inv_tau,
+                            ignore_index, logit_scale, softcap, backend):
+    return logits.new_empty(logits.shape)
+
+
+@define("token_logprobs_backward", _logprobs_backward_fake, kernels=True)
+def token_logprobs_backward_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                            entropy: torch.Tensor | None, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
+                            scale: torch.Tensor | None, valid: torch.Tensor | None, inv_tau: float,
+                            ignore_index: int, logit_scale: float, softcap: float | None,
+                            backend: str) -> torch.Tensor:
+    """dlogits = scale * (grad_logp dlogp/dz + grad_entropy dH/dz), recomputing p from the logits; rows
+    with an ignore_index label or valid == 0 get exact zeros."""
+    has_ent = entropy is not None and grad_entropy is not None
+    acc = lse.dtype
+    return ops("logprobs", backend).logprobs_bwd(
+        logits, labels, lse, entropy.reshape(-1) if has_ent else None, grad_logp.to(acc).reshape(-1),
+        grad_entropy.to(acc).reshape(-1) if has_ent else None, inv_tau=inv_tau, ignore_index=ignore_index,
+        scale=scale, valid=valid, logit_scale=logit_scale, softcap=softcap).contiguous()
+
+
+def _token_logprobs_setup(ctx, inputs, output):
+    logits, labels, inv_tau, ignore_index, with_entropy, logit_scale, softcap, backend = inputs
+    logp, ent, lse = output
+    ctx.set_materialize_grads(False)   # an unused output gets no zero-filled gradient pass
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(logits, labels, lse, ent if with_entropy else None)
+    ctx.args = (inv_tau, ignore_index, logit_scale, softcap, backend)
+
+
+def _token_logprobs_backward(ctx, g_logp, g_ent, _g_lse):
+    logits, labels, lse, ent = ctx.saved_tensors
+    if g_logp is None and g_ent is None:
+        return (None,) * 8
+    if g_logp is None:
+        g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=lse.device)
+    d = torch.ops.fastppo.token_logprobs_backward(logits, labels, lse, ent, g_logp, g_ent, None, None, *ctx.args)
+    return (d, *([None] * 7))
+
+
+token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
+
+
+def _logprobs_backward_inplace_fake(logits, labels, lse, entropy, grad_logp, grad_entropy, scale, valid, inv_tau,
+                                    ignore_index, logit_scale, softcap):
+    return None
+
+
+@define("token_logprobs_backward_inplace", _logprobs_backward_inplace_fake, kernels=True, mutates_args=("logits",))
+def token_logprobs_backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                                    entropy: torch.Tensor | None, grad_logp: torch.Tensor,
+                                    grad_entropy: torch.Tensor | None, scale: torch.Tensor | None,
+                                    valid: torch.Tensor | None, inv_tau: float, ignore_index: int, logit_scale: float,
+                                    softcap: float | None) -> None:
+    """token_logprobs_backward written over the logits (fused_ppo_loss(inplace=True)); Triton only."""
+    triton_logprobs_bwd(logits, labels, lse, None if entropy is None else entropy.reshape(-1), grad_logp.reshape(-1),
+                 None if grad_entropy is None else grad_entropy.reshape(-1), inv_tau=inv_tau,
+                 ignore_index=ignore_index, scale=scale, inplace=True, valid=valid, logit_scale=logit_scale,
+                 softcap=softcap)
+
+
+refuse_double_backward(token_logprobs_backward_op, "token_logprobs_backward")
+
+
+# ----------------------------------------------------------------------------- public function
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
-                   ignore_index: int = -100, return_entropy: bool = False, final_logit_softcapping=None,
-                   logit_scale: float = 1.0):
+                   ignore_index: int = -100, return_entropy: bool = False,
+                   final_logit_softcapping: float | None = None,
+                   logit_scale: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label under softmax(z'), and optionally the entropy of that
     distribution, in one pass over the vocabulary, with
 
@@ -58,8 +126,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
-    tau = check_temperature(temperature)
-    scale, cap = check_logit_transform(logit_scale, final_logit_softcapping)
-    logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, 1.0 / tau, int(ignore_index), bool(return_entropy),
-                                                    scale, cap, backend_for(logits, labels))
+    tr = LogitTransform.of(temperature, logit_scale, final_logit_softcapping)
+    logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, tr.inv_tau, int(ignore_index), bool(return_entropy),
+                                                    tr.logit_scale, tr.softcap, backend_for(logits, labels))
     return (logp, ent) if return_entropy else logp

@@ -1,13 +1,13 @@
-"""The pure-PyTorch backend of the logits ops: the same interface as the Triton launchers
-(`logprobs_fwd`, `logprobs_bwd`), computed in fp32 over bounded slices of rows so that no more
-than CHUNK_ELEMENTS fp32 values of [N, V] are alive at once, forward or backward."""
+"""The pure-PyTorch backend of token_logprobs (and the log-prob pass of the fused losses): the same
+interface as the Triton launchers (`logprobs_fwd`, `logprobs_bwd`), computed in fp32 over bounded
+slices of rows so that no more than CHUNK_ELEMENTS fp32 values of [N, V] are alive at once, forward or backward."""
 
 import torch
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per slice
 
 
-def _row_chunks(n_rows: int, n_cols: int):
+def row_chunks(n_rows: int, n_cols: int):
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
     for start in range(0, n_rows, step):
         yield start, min(n_rows, start + step)
@@ -45,7 +45,7 @@ def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy, logit_s
     logp = torch.empty(n, dtype=acc, device=logits.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if with_entropy else None
-    for a, b in _row_chunks(n, V):
+    for a, b in row_chunks(n, V):
         z, _ = transform(z_all[a:b].to(acc), inv_tau=inv_tau, logit_scale=logit_scale, softcap=softcap)
         y = y_all[a:b]
         live = live_all[a:b]
@@ -77,7 +77,7 @@ def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau, ignore_ind
     c_logp = c_logp.reshape(-1)
     c_ent = None if c_ent is None else c_ent.reshape(-1)
     out = z_all if inplace and z_all.data_ptr() == logits.data_ptr() else torch.empty_like(z_all)
-    for a, b in _row_chunks(z_all.shape[0], V):
+    for a, b in row_chunks(z_all.shape[0], V):
         z, dz = transform(z_all[a:b].to(lse.dtype), inv_tau=inv_tau, logit_scale=logit_scale, softcap=softcap)
         y = y_all[a:b]
         live = live_all[a:b].unsqueeze(-1)
@@ -93,33 +93,4 @@ def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau, ignore_ind
         if scale is not None:
             g = g * scale.to(p.dtype)
         out[a:b] = torch.where(live, g * dz, torch.zeros((), dtype=g.dtype, device=g.device)).to(out.dtype)
-    return out.view(logits.shape)
-
-
-def full_kl_fwd(logits, ref_logits, *, inv_tau):
-    V = logits.shape[-1]
-    zp_all, zq_all = logits.reshape(-1, V), ref_logits.reshape(-1, V)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    n = zp_all.shape[0]
-    kl, lse_p, lse_q = (torch.empty(n, dtype=acc, device=logits.device) for _ in range(3))
-    for a, b in _row_chunks(n, V):
-        zp, zq = zp_all[a:b].to(acc) * inv_tau, zq_all[a:b].to(acc) * inv_tau
-        lp, lq = torch.logsumexp(zp, -1), torch.logsumexp(zq, -1)
-        logp = zp - lp.unsqueeze(-1)
-        p = logp.exp()
-        kl[a:b] = (p * (logp - (zq - lq.unsqueeze(-1))).masked_fill(p == 0, 0.0)).sum(-1)
-        lse_p[a:b], lse_q[a:b] = lp, lq
-    return kl, lse_p, lse_q
-
-
-def full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, g, *, inv_tau):
-    V = logits.shape[-1]
-    zp_all, zq_all = logits.reshape(-1, V), ref_logits.reshape(-1, V)
-    out = torch.empty(zp_all.shape, dtype=logits.dtype, device=logits.device)
-    for a, b in _row_chunks(zp_all.shape[0], V):
-        zp, zq = zp_all[a:b].to(kl.dtype) * inv_tau, zq_all[a:b].to(kl.dtype) * inv_tau
-        logp = zp - lse_p[a:b].unsqueeze(-1)
-        p = logp.exp()
-        d = p * (logp - (zq - lse_q[a:b].unsqueeze(-1)) - kl[a:b].unsqueeze(-1)).masked_fill(p == 0, 0.0)
-        out[a:b] = (g[a:b].unsqueeze(-1) * d * inv_tau).to(out.dtype)
     return out.view(logits.shape)

@@ -1,7 +1,8 @@
-"""Per-token losses on log-probs: kl_penalty, ppo_policy_loss (every policy-loss variant), value_loss,
+"""Per-token losses on log-probs: ppo_policy_loss (every policy-loss variant), value_loss,
 the rollout-correction helper rollout_is_weights, and `loss_terms_from_logprobs`, the one per-token
-loss function the fused losses (logits and linear) call. Each op runs through one autograd Function
-on either backend (fastppo.dispatch picks the Triton launcher or its PyTorch twin). Math:
+loss function the fused losses (logits and linear) call. Each op is a torch.library op registered
+here (fake and autograd beside its body) and runs on either backend (fastppo.dispatch picks the Triton
+launcher or its PyTorch twin, fastppo.losses_torch). Math:
 fastppo.reference and docs/design.md §4.
 
 Policy-loss variants (d = logp - old, r = exp(clamp(d, -20, 20)), A the advantage, n_b the valid
@@ -33,12 +34,13 @@ import math
 
 import torch
 
+from . import losses_torch
 from ._validation import check_choice, check_float, check_mask, check_same_shape
 from .backend import backend_for
 from .dispatch import ops
 from .kernels.loss_agg import STATS, AggResult
-from .library import encode
-from .modes import IS_LEVELS, IS_MODES, KL_KINDS
+from .library import acc_dtype, decode, define, encode
+from .modes import IS_LEVELS, IS_MODES
 from .options import LossOptions
 
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
@@ -87,19 +89,6 @@ def check_policy_tensors(name, shape, old, adv, mask, opts, *, rollout_is_weight
         raise ValueError(f"entropy_quantile={opts.entropy_quantile} needs the per-token {entropy_name}")
 
 
-# ----------------------------------------------------------------------------- kl_penalty
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token KL estimator between the policy and the reference, with d = logp - ref_logp:
-    `k1` d; `abs` |d|; `k2`/`mse` d^2/2; `k3` exp(-d) - 1 + d; `low_var_kl` k3 with d clamped to
-    [-20, 20] and the result to [-10, 10] (verl). float32 (float64 for float64 inputs),
-    differentiable in both arguments (once: double backward raises)."""
-    check_float("logprobs", logprobs)
-    check_float("ref_logprobs", ref_logprobs)
-    check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs.shape)
-    check_choice("kind", kind, KL_KINDS)
-    return torch.ops.fastppo.kl_penalty(logprobs, ref_logprobs, kind, backend_for(logprobs, ref_logprobs))[0]
-
-
 # ----------------------------------------------------------------------------- the per-token loss function
 def entropy_threshold(entropy, mask, quantile):
     """The (1 - quantile) quantile of the valid tokens' entropies (linear interpolation, as
@@ -130,6 +119,78 @@ def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, ba
     return ops("loss_agg", backend).policy_loss_agg(logp, old, adv, mask, opts=opts, ref=ref, ent=ent,
                                                     rollout_is_weights=rollout_is_weights,
                                                     ent_threshold=ent_threshold)
+
+
+# ----------------------------------------------------------------------------- ops
+def loss_options_of(options: str) -> LossOptions:
+    """The LossOptions an op received as its encoded string (cached)."""
+    return decode(LossOptions, options)
+
+
+def agg_outputs_fake(x, mask):
+    """loss, stats, coef: the aggregation's outputs (coef is [B, T]; [1, T] for a [T] mask)."""
+    acc = acc_dtype(x)
+    bt = tuple(mask.shape) if mask.dim() == 2 else (1, mask.shape[0])
+    return x.new_empty((), dtype=acc), x.new_empty((len(STATS),), dtype=acc), x.new_empty(bt, dtype=acc)
+
+
+def _ppo_policy_loss_fake(logprobs, old_logprobs, advantages, mask, entropy, rollout_is_weights, options, backend):
+    return agg_outputs_fake(logprobs, mask)
+
+
+@define("ppo_policy_loss", _ppo_policy_loss_fake, kernels=True)
+def ppo_policy_loss_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    entropy: torch.Tensor | None, rollout_is_weights: torch.Tensor | None, options: str,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, dloss/dlogprobs) of the policy loss of `options` (a LossOptions)."""
+    res = loss_terms_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, opts=loss_options_of(options),
+                                   backend=backend, rollout_is_weights=rollout_is_weights)
+    return res.loss, res.stats, res.coef
+
+
+def _value_loss_fake(values, old_values, returns, mask, options, backend):
+    return agg_outputs_fake(values, mask)
+
+
+@define("value_loss", _value_loss_fake, kernels=True)
+def value_loss_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                  options: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, dloss/dvalues) of the value loss of `options` (a LossOptions)."""
+    res = ops("loss_agg", backend).value_loss_agg(values, old_values, returns, mask, opts=loss_options_of(options))
+    return res.loss, res.stats, res.coef
+
+
+def _token_loss_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
+    loss, stats, coef = output
+    ctx.mark_non_differentiable(stats, coef)
+    ctx.save_for_backward(coef)
+    ctx.x_meta = (inputs[0].shape, len(inputs))
+
+
+def _token_loss_backward(ctx, g_loss, _g_stats, _g_coef):
+    shape, n = ctx.x_meta
+    if g_loss is None:
+        return (None,) * n
+    (coef,) = ctx.saved_tensors
+    return ((g_loss.to(coef.dtype) * coef).view(shape), *([None] * (n - 1)))
+
+
+for _op in (ppo_policy_loss_op, value_loss_op):
+    _op.register_autograd(_token_loss_backward, setup_context=_token_loss_setup)
+
+
+def _rollout_is_weights_fake(old_logprobs, rollout_logprobs, mask, level, mode, max, min):
+    acc = acc_dtype(old_logprobs)
+    return old_logprobs.new_empty(old_logprobs.shape, dtype=acc), old_logprobs.new_empty((4,), dtype=acc)
+
+
+@define("rollout_is_weights", _rollout_is_weights_fake, kernels=False)
+def rollout_is_weights_op(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, level: str,
+                       mode: str, max: float | None, min: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, stats [is_mean, is_min, is_max, clipped / masked fraction]) of fastppo.rollout_is_weights."""
+    w, stats = losses_torch.rollout_is_weights_torch(old_logprobs, rollout_logprobs, mask, level, mode, max, min)
+    return w.contiguous(), stats
 
 
 # ----------------------------------------------------------------------------- policy / value
@@ -213,34 +274,3 @@ def rollout_is_weights(old_logprobs, rollout_logprobs, mask, *, level="token", m
                                                           None if min is None else float(min))
     frac = "is_clipped_frac" if mode == "truncate" else "is_masked_frac"
     return weights, dict(zip(("is_mean", "is_min", "is_max", frac), stats.unbind()))
-
-
-def rollout_is_weights_torch(old_logprobs, rollout_logprobs, mask, level, mode, max, min):
-    """The body of torch.ops.fastppo.rollout_is_weights: (weights, stats [4]: mean, min, max, fraction
-    clipped / masked)."""
-    acc = torch.float64 if old_logprobs.dtype == torch.float64 else torch.float32
-    m = mask != 0
-    old, roll = old_logprobs.to(acc), rollout_logprobs.to(acc)
-    diff = torch.nan_to_num(torch.where(m, old - roll, torch.zeros_like(old)), nan=0.0)
-    if level == "sequence":
-        diff = diff.sum(-1, keepdim=True)
-    ratio = torch.exp(diff)
-    lo = -math.inf if min is None else float(min)
-    hi = math.inf if max is None else float(max)
-    outside = (ratio < lo) | (ratio > hi)
-    w = ratio.clamp(min=min, max=max) if mode == "truncate" else ratio.masked_fill(outside, 0.0)
-    if level == "sequence":
-        valid = m.any(-1, keepdim=True)
-    else:
-        valid = m
-    n = valid.sum().clamp_min(1).to(acc)
-    zero = torch.zeros_like(w)
-    has = valid.any()
-    stats = {
-        "is_mean": torch.where(valid, w, zero).sum() / n,
-        "is_min": torch.where(has, torch.where(valid, w, torch.full_like(w, math.inf)).amin(), zero.sum()),
-        "is_max": torch.where(has, torch.where(valid, w, torch.full_like(w, -math.inf)).amax(), zero.sum()),
-        ("is_clipped_frac" if mode == "truncate" else "is_masked_frac"): (valid & outside).sum().to(acc) / n,
-    }
-    weights = torch.where(m, w.expand_as(old), torch.zeros_like(old))
-    return weights, torch.stack(list(stats.values()))

@@ -1,15 +1,18 @@
-"""The pure-PyTorch backend of the per-token ops: kl_penalty (`kl_fwd`), the loss aggregation
-(`policy_loss_agg`, `value_loss_agg`) and GAE (`gae_fwd`), with the launchers' interfaces
-(fastppo.kernels.kl / loss_agg / gae). Written in the kernels' closed form (values and explicit
+"""The pure-PyTorch backend of the per-token losses: the loss aggregation (`policy_loss_agg`,
+`value_loss_agg`, the interface of fastppo.kernels.loss_agg) and the body of rollout_is_weights.
+Written in the kernels' closed form (values and explicit
 gradient coefficients, masked positions selected away before any arithmetic), not by autograd
 through the reference, so `fastppo check` and the tests compare two independent computations."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .kernels.loss_agg import RATIO_LOG_MAX as _RATIO_LOG_MAX
 from .kernels.loss_agg import STATS, AggResult
+from .kl_torch import clamp_grad, kl_terms
 
 RATIO_LOG_MAX = float(_RATIO_LOG_MAX.value)
 
@@ -28,39 +31,9 @@ def _bt(x, B, T, acc):
     return x.view(B, 1).expand(B, T)
 
 
-def _in(x, lo, hi):
-    """d clamp(x, lo, hi) / dx (1 on the closed range, 0 outside and at NaN)."""
-    return ((x >= lo) & (x <= hi)).to(x.dtype)
-
-
 def _max_grad(a, b, da, db):
     """Gradient of torch.maximum(a, b) (ties: half to each)."""
     return torch.where(a > b, da, torch.where(b > a, db, torch.where(a == b, 0.5 * (da + db), da + db)))
-
-
-# ----------------------------------------------------------------------------- kl_penalty
-def kl_terms(logp, ref, kind):
-    """(KL, dKL/dlogp) of the estimator `kind`, d = logp - ref (fastppo.modes.KL_KINDS)."""
-    d = logp - ref
-    if kind == "k1":
-        return d, torch.where(d.isnan(), d, torch.ones_like(d))
-    if kind == "abs":
-        return d.abs(), torch.where(d.isnan(), d, torch.sign(d))
-    if kind in ("k2", "mse"):
-        return 0.5 * d * d, d
-    if kind == "k3":
-        e = torch.exp(-d)
-        return e - 1 + d, 1 - e
-    dc = d.clamp(-20, 20)
-    e = torch.exp(-dc)
-    k = e - 1 + dc
-    return k.clamp(-10, 10), (1 - e) * _in(d, -20, 20) * _in(k, -10, 10)
-
-
-def kl_fwd(logp, ref, kind):
-    """Returns (kl, dkl/dlogp) in fp32 (fp64 for fp64 inputs), shaped like logp."""
-    acc = _acc(torch.promote_types(logp.dtype, ref.dtype))
-    return kl_terms(logp.to(acc), ref.to(acc), kind)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -108,7 +81,7 @@ def _policy(x, o, a, m, n, opts, isw):
             dr1 = torch.where(ratio <= opts.ratio_max, dratio, zero)
         l1, l2 = -a * r1, -a * ratio.clamp(1 - cl, 1 + ch)
         loss = torch.maximum(l1, l2)
-        dloss = _max_grad(l1, l2, -a * dr1, -a * dratio * _in(ratio, 1 - cl, 1 + ch))
+        dloss = _max_grad(l1, l2, -a * dr1, -a * dratio * clamp_grad(ratio, 1 - cl, 1 + ch))
         clipped = l2 > l1
         if opts.dual_clip is not None:
             l3 = -a * opts.dual_clip
@@ -123,7 +96,7 @@ def _policy(x, o, a, m, n, opts, isw):
         ratio = s[:, None].expand_as(x)
         l1, l2 = -a * ratio, -a * ratio.clamp(1 - cl, 1 + ch)
         loss = torch.maximum(l1, l2)
-        dl_ds = _max_grad(l1, l2, -a, -a * _in(ratio, 1 - cl, 1 + ch))
+        dl_ds = _max_grad(l1, l2, -a, -a * clamp_grad(ratio, 1 - cl, 1 + ch))
         dloss = dl_ds * ds[:, None] if kind == "gspo_token" else zero
         clipped = l2 > l1
     elif kind == "cispo":
@@ -236,20 +209,33 @@ def value_loss_agg(values, old_values, returns, mask, *, opts) -> AggResult:
     return AggResult(total, stats, torch.where(m, wt * dloss, zero), None, None)
 
 
-# ----------------------------------------------------------------------------- gae
-def gae_fwd(rewards, values, mask, gamma, lam):
-    """Mask-aware GAE (docs/design.md §4), vectorised over sequences, a loop over time in fp64 (as the
-    kernel's scan). Returns (advantages, returns) [B, T], float32 (float64 when rewards or values are)."""
-    r, v, m = rewards.double(), values.double(), mask != 0
-    B, T = r.shape
-    adv = torch.zeros(B, T, dtype=torch.float64, device=r.device)
-    g = torch.zeros(B, dtype=torch.float64, device=r.device)
-    v_next = torch.zeros_like(g)
-    for t in reversed(range(T)):
-        mt = m[:, t]
-        g_t = torch.where(mt, r[:, t] - v[:, t], 0.0) + gamma * v_next + gamma * lam * g
-        g = torch.where(mt, g_t, g)
-        v_next = torch.where(mt, v[:, t], v_next)
-        adv[:, t] = torch.where(mt, g_t, torch.zeros_like(g_t))
-    out = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
-    return adv.to(out), torch.where(m, adv + v, torch.zeros_like(adv)).to(out)
+# ----------------------------------------------------------------------------- rollout correction
+def rollout_is_weights_torch(old_logprobs, rollout_logprobs, mask, level, mode, max, min):
+    """The body of torch.ops.fastppo.rollout_is_weights: (weights, stats [4]: mean, min, max, fraction
+    clipped / masked)."""
+    acc = torch.float64 if old_logprobs.dtype == torch.float64 else torch.float32
+    m = mask != 0
+    old, roll = old_logprobs.to(acc), rollout_logprobs.to(acc)
+    diff = torch.nan_to_num(torch.where(m, old - roll, torch.zeros_like(old)), nan=0.0)
+    if level == "sequence":
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    lo = -math.inf if min is None else float(min)
+    hi = math.inf if max is None else float(max)
+    outside = (ratio < lo) | (ratio > hi)
+    w = ratio.clamp(min=min, max=max) if mode == "truncate" else ratio.masked_fill(outside, 0.0)
+    if level == "sequence":
+        valid = m.any(-1, keepdim=True)
+    else:
+        valid = m
+    n = valid.sum().clamp_min(1).to(acc)
+    zero = torch.zeros_like(w)
+    has = valid.any()
+    stats = {
+        "is_mean": torch.where(valid, w, zero).sum() / n,
+        "is_min": torch.where(has, torch.where(valid, w, torch.full_like(w, math.inf)).amin(), zero.sum()),
+        "is_max": torch.where(has, torch.where(valid, w, torch.full_like(w, -math.inf)).amax(), zero.sum()),
+        ("is_clipped_frac" if mode == "truncate" else "is_masked_frac"): (valid & outside).sum().to(acc) / n,
+    }
+    weights = torch.where(m, w.expand_as(old), torch.zeros_like(old))
+    return weights, torch.stack(list(stats.values()))

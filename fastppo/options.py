@@ -1,13 +1,21 @@
-"""LossOptions: every non-tensor option of the loss layer in one frozen dataclass, built from the
-public keyword arguments in one place and validated once, with one set of error messages. Used by
-ppo_policy_loss, value_loss, fused_ppo_loss, fused_linear_ppo_loss, the per-token loss function
-`loss_terms_from_logprobs` and the trainer's configuration. Mode names live in fastppo.modes."""
+"""The non-tensor options of the ops, one frozen dataclass per concern, each validated once where it is
+built, with one set of error messages:
+
+- LogitTransform: z' = softcap(logit_scale * z) / temperature, shared by every logits, linear and
+  vocabulary-parallel op (token_logprobs, fused_ppo_loss, linear_logprobs, fused_linear_ppo_loss and
+  their fastppo.distributed versions), so all of them refuse the same bad values with the same error.
+- LogprobOptions (a LogitTransform plus ignore_index, entropy, inplace, backend): the log-prob pass of the
+  logits ops; LinearOptions adds what the linear ops need (extras, chunk_bytes).
+- LossOptions: every option of the loss layer (ppo_policy_loss, value_loss, the fused losses, the
+  per-token loss function `loss_terms_from_logprobs` and the trainer's configuration).
+Mode names live in fastppo.modes."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
+from ._validation import check_temperature
 from .modes import AGG_MODES, KL_KINDS, POLICY_LOSSES
 
 
@@ -126,5 +134,79 @@ class LossOptions:
         """True when the per-token term needs a per-sequence reduction first (gspo, gspo_token, gmpo)."""
         return self.loss == "policy" and self.policy_loss in ("gspo", "gspo_token", "gmpo")
 
-    def asdict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_logit_transform(logit_scale, final_logit_softcapping) -> tuple[float, float | None]:
+    """(scale, cap) of z' = softcap(scale * z) / tau, validated: scale a finite non-zero number, cap None
+    (no cap) or a positive finite number."""
+    for name, v in (("logit_scale", logit_scale), ("final_logit_softcapping", final_logit_softcapping)):
+        if isinstance(v, bool) or (v is not None and not isinstance(v, (int, float))):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    if logit_scale is None:
+        raise TypeError("logit_scale must be a number, got None (use 1.0 for no scaling)")
+    scale = float(logit_scale)
+    if not (math.isfinite(scale) and scale != 0):
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
+    cap = None if final_logit_softcapping is None else float(final_logit_softcapping)
+    if cap is not None and not (cap > 0 and math.isfinite(cap)):
+        raise ValueError(f"final_logit_softcapping must be None or a positive finite number, got "
+                         f"{final_logit_softcapping}")
+    return scale, cap
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """z' = softcap(logit_scale * z) * inv_tau, softcap(x) = softcap * tanh(x / softcap) (none when None).
+    Build it with `LogitTransform.of` (the one validator); the kernels and the PyTorch twins read the
+    three fields."""
+
+    inv_tau: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    @staticmethod
+    def validate(temperature, logit_scale, final_logit_softcapping) -> dict:
+        """The validated fields of the public keywords temperature, logit_scale, final_logit_softcapping."""
+        tau = check_temperature(temperature)
+        scale, cap = check_logit_transform(logit_scale, final_logit_softcapping)
+        return dict(inv_tau=1.0 / tau, logit_scale=scale, softcap=cap)
+
+    @classmethod
+    def of(cls, temperature=1.0, logit_scale=1.0, final_logit_softcapping=None) -> LogitTransform:
+        return cls(**cls.validate(temperature, logit_scale, final_logit_softcapping))
+
+    def transform(self) -> dict:
+        """Keywords of the launchers for z' = softcap(scale * z) / tau (the transform alone)."""
+        return dict(inv_tau=self.inv_tau, logit_scale=self.logit_scale, softcap=self.softcap)
+
+
+@dataclass(frozen=True)
+class LogprobOptions(LogitTransform):
+    """The log-prob pass of a logits op: the transform, the ignored label, whether entropy is computed,
+    whether backward writes over the logits, and the backend chosen for the call."""
+
+    ignore_index: int = -100
+    with_entropy: bool = False
+    inplace: bool = False
+    backend: str = "torch"
+
+    @classmethod
+    def build(cls, *, temperature=1.0, logit_scale=1.0, final_logit_softcapping=None, ignore_index=-100,
+              with_entropy=False, inplace=False, backend="torch", **more):
+        """From the public keywords (validated here once); `more`: a subclass's own fields."""
+        return cls(**cls.validate(temperature, logit_scale, final_logit_softcapping), ignore_index=int(ignore_index),
+                   with_entropy=bool(with_entropy), inplace=bool(inplace), backend=backend, **more)
+
+
+@dataclass(frozen=True)
+class LinearOptions(LogprobOptions):
+    """The linear ops' options: TRL's extra per-token outputs, and chunk_bytes (None: automatic, see
+    fastppo.linear.chunk_rows)."""
+
+    extras: bool = False
+    chunk_bytes: int | None = None
+
+    def __post_init__(self):
+        cb = self.chunk_bytes
+        if cb is not None and (isinstance(cb, bool) or not isinstance(cb, int) or cb <= 0):
+            raise ValueError(f"chunk_bytes must be None or a positive int, got {cb!r}")

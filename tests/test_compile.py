@@ -69,7 +69,7 @@ def _logits_cases(backend):
 
 def _linear_options(backend, with_entropy=True, extras=False, softcap=None):
     from fastppo.library import encode
-    from fastppo.linear import _linear_options as build
+    from fastppo.linear import build_linear_options as build
 
     return encode(build(1 / 0.7, -100, with_entropy, extras, softcap, 1.0, None, backend))
 
@@ -97,9 +97,8 @@ def _linear_cases(backend):
 
 def _loss_cases(backend):
     """The loss ops (policy / value aggregation, the fused losses) on one backend."""
-    from fastppo.fused import LogitsOptions
     from fastppo.library import encode
-    from fastppo.options import LossOptions
+    from fastppo.options import LogprobOptions, LossOptions
 
     V, H = 40, 16
     mask = _mask(2, 3)
@@ -112,14 +111,15 @@ def _loss_cases(backend):
     ppo = encode(LossOptions.policy(clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="seq-mean-token-mean"))
     gspo = encode(LossOptions.policy(policy_loss="gspo", agg="token-sum", entropy_quantile=0.5, num_tokens=10.0))
     fused = encode(LossOptions.policy(policy_loss="sapo", kl_kind="k3", kl_coef=0.05, entropy_coef=0.01))
-    lopts = encode(LogitsOptions(1 / 0.7, -100, True, False, backend, 0.5, 30.0))
+    lopts = encode(LogprobOptions(inv_tau=1 / 0.7, ignore_index=-100, with_entropy=True, backend=backend,
+                                  logit_scale=0.5, softcap=30.0))
     return [
         ("ppo_policy_loss", (lp, old, adv, mask, None, None, ppo, backend)),
         ("ppo_policy_loss", (lp, old, adv[:, 0], mask, ent, isw, gspo, backend)),
         ("value_loss", (lp, old, adv, mask, encode(LossOptions.value(clip=0.5, agg="seq-mean-token-sum")), backend)),
         ("fused_ppo_loss", (logits, labels, old, adv, mask, ref, isw, lopts, fused, backend)),
         ("fused_ppo_loss", (logits, labels, old, adv[:, 0], mask, None, None,
-                            encode(LogitsOptions(1.0, -100, False, False, backend)), ppo, backend)),
+                            encode(LogprobOptions(backend=backend)), ppo, backend)),
         ("fused_linear_ppo_loss", (hidden, weight, None, labels, old, adv, mask, ref, None, fused,
                                    _linear_options(backend), True, True, False, backend)),
     ]
@@ -252,10 +252,9 @@ NO_INTERPRETER = textwrap.dedent("""
     import fastppo
     from torch._dynamo.backends.common import aot_autograd
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-    from fastppo.fused import LogitsOptions
     from fastppo.library import encode
-    from fastppo.linear import _linear_options
-    from fastppo.options import LossOptions
+    from fastppo.linear import build_linear_options
+    from fastppo.options import LogprobOptions, LossOptions
 
     assert not fastppo.library.OPAQUE_KERNELS
     # the PyTorch backend: the triton_op bodies are the fake implementations
@@ -270,8 +269,8 @@ NO_INTERPRETER = textwrap.dedent("""
     # the Triton backend traced, not run (no GPU here): AOTAutograd's joint forward + backward graph
     # holds the kernels themselves (Inductor compiles them into its graph), no opaque fastppo op
     PPO = encode(LossOptions.policy(entropy_coef=0.01))
-    LOGITS = encode(LogitsOptions(1.0, -100, True, False, "triton"))
-    LINEAR = encode(_linear_options(1.0, -100, False, False, None, 1.0, None, "triton"))
+    LOGITS = encode(LogprobOptions(with_entropy=True, backend="triton"))
+    LINEAR = encode(build_linear_options(1.0, -100, False, False, None, 1.0, None, "triton"))
     joint = []
     def partition(gm, inputs, **kwargs):
         joint.append(gm)

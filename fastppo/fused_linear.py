@@ -1,0 +1,206 @@
+"""fused_linear_ppo_loss: fused_ppo_loss from the final hidden states and the lm_head weight, never holding
+the [N, V] logits. Built on fastppo.linear (the chunked projection, its Triton pipeline and PyTorch twin)
+and fastppo.losses (the per-token loss function); the op fused_linear_ppo_loss is registered here with its
+fake and autograd. FLOPs and bytes: fastppo.linear's docstring (6 N_valid H V with the gradient formed in
+forward, 8 N_valid H V on the recompute path)."""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import backend_for
+from .fused import FusedOutputs, check_fused_tensors, loss_options, ppo_output
+from .library import acc_dtype, define, empty, encode, or_empty
+from .linear import (
+    build_linear_options,
+    check_linear,
+    flatten_rows,
+    forward_rows,
+    gradient_rows,
+    linear_backward_fake,
+    linear_options_of,
+    triton_gradient_pass,
+    triton_kernels,
+)
+from .losses import agg_outputs_fake, loss_options_of, loss_terms_from_logprobs
+from .options import LinearOptions, LossOptions
+from .outputs import PPOLossOutput
+
+
+def _token_local(opts: LossOptions) -> bool:
+    """Whether every token's loss coefficients depend only on that token's values and the aggregation
+    weights (then the gradient is formed chunk by chunk in forward, 6 N H V FLOPs): every token-level
+    policy loss and every aggregation. A sequence-level term (gspo, gspo_token, gmpo: sequence ratios) or a
+    batch-global one (entropy_quantile: a threshold over all tokens) answers False and takes the
+    recompute path (8 N H V)."""
+    return not opts.sequence_level and opts.entropy_quantile is None
+
+
+def _agg_weights(mask, opts: LossOptions, acc, backend):
+    """Per-token aggregation weights m_t w_b of the loss's `agg` mode, read from the per-token loss function
+    itself: with entropy_coef = 1 and zero entropy its entropy coefficient is exactly -m_t w_b."""
+    zeros = torch.zeros(mask.shape, dtype=acc, device=mask.device)
+    unit = opts.replace(policy_loss="ppo", dual_clip=None, ratio_max=None, entropy_quantile=None, kl_coef=0.0,
+                        entropy_coef=1.0)
+    res = loss_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, opts=unit, backend=backend)
+    return -res.coef_ent.reshape(-1)
+
+
+def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw, opts: LossOptions,
+                         lin: LinearOptions, needs):
+    """Forward of fused_linear_ppo_loss (the body of torch.ops.fastppo.fused_linear_ppo_loss): loss, logp,
+    kl, entropy, stats and the gradients (d_hidden, d_weight, d_bias) for a unit upstream gradient, formed
+    in this pass where `needs` asks for them (None elsewhere)."""
+    h2, y = flatten_rows(hidden, labels)
+    shape = labels.shape
+    valid = (y != lin.ignore_index) & (mask.reshape(-1) != 0)
+    use_ent = lin.with_entropy and opts.entropy_coef != 0
+    acc = acc_dtype(h2, weight)
+    grads = (None, None, None)
+    in_forward = any(needs) and lin.backend == "triton" and _token_local(opts)
+    if in_forward:
+        grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin,
+                                            needs, use_ent, acc)
+    else:
+        rows, out = forward_rows(h2, weight, bias, y, valid, lin)
+    logp = out["logp"].view(shape)
+    ent = out["ent"].view(shape) if lin.with_entropy else None
+    res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lin.backend, ref=ref,
+                                   rollout_is_weights=isw)
+    if any(needs) and not in_forward:
+        row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
+        grads = gradient_rows(h2, weight, bias, y, valid, rows, row_stats, res.coef.reshape(-1),
+                           res.coef_ent.reshape(-1) if use_ent else None, lin, needs)
+    dh, dw, db = grads
+    return res.loss, logp, res.kl, ent, res.stats, (None if dh is None else dh.view(hidden.shape)), dw, db
+
+
+def _per_token(t, mask):
+    """A per-token ([B, T]) or per-sequence ([B]) tensor as one value per flattened token."""
+    if t is None:
+        return None
+    if t.dim() == 1 and mask.dim() == 2:
+        t = t[:, None]
+    return t.expand(mask.shape).reshape(-1)
+
+
+def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin, needs, use_ent, acc):
+    """The 6 N H V path: each chunk's coefficients dloss/dlogp = m w dL/dlogp and dloss/dH = -m w c_ent come
+    from the per-token loss function run on the chunk's rows with unit aggregation (token-mean over a
+    count of 1), times the global aggregation weights m w, so chunk contributions add up exactly."""
+    k = triton_kernels()
+    N = h2.shape[0]
+    rows = k.Rows(valid)
+    out = k.new_outputs(N, h2.device, acc, lin.with_entropy, False)
+    weights = _agg_weights(mask, opts, acc, lin.backend)
+    flat = [_per_token(t, mask) for t in (old, adv, mask, ref, isw)]
+    unit = opts.replace(agg="token-mean", num_tokens=1.0, num_seqs=None, horizon=None)
+    c_logp = torch.zeros(N, dtype=acc, device=h2.device)
+    c_ent = torch.zeros(N, dtype=acc, device=h2.device) if use_ent else None
+
+    def coefs(r0, n):
+        sel = rows.idx[r0:r0 + n]
+        old_c, adv_c, mask_c, ref_c, isw_c = (None if t is None else t.index_select(0, sel)[None] for t in flat)
+        ent_c = out["ent_c"][r0:r0 + n][None] if use_ent else None
+        res = loss_terms_from_logprobs(out["logp_c"][r0:r0 + n][None], ent_c, old_c, adv_c, mask_c, opts=unit,
+                                       backend=lin.backend, ref=ref_c, rollout_is_weights=isw_c)
+        w = weights.index_select(0, sel)
+        c_logp[r0:r0 + n] = res.coef[0] * w
+        if use_ent:
+            c_ent[r0:r0 + n] = res.coef_ent[0] * w
+        return c_logp, c_ent
+
+    grads = triton_gradient_pass(h2, weight, bias, y, rows, out, lin, needs, coefs)
+    return grads, out
+
+
+# ----------------------------------------------------------------------------- op
+def _fused_linear_ppo_loss_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
+                                rollout_is_weights, options, linear_options, need_hidden, need_weight, need_bias,
+                                backend):
+    lin = linear_options_of(linear_options)
+    loss, stats, coef = agg_outputs_fake(hidden, mask)
+    logp = hidden.new_empty(labels.shape, dtype=acc_dtype(hidden, weight))
+    kl = coef.new_empty(coef.shape) if ref_logprobs is not None else empty(logp)
+    ent = torch.empty_like(logp) if lin.with_entropy else empty(logp)
+    return (loss, logp, kl, ent, stats, *linear_backward_fake(hidden, weight, bias, None, None, None, None, None, None,
+                                                               need_hidden, need_weight, need_bias, backend))
+
+
+@define("fused_linear_ppo_loss", _fused_linear_ppo_loss_fake, kernels=True)
+def fused_linear_ppo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                             mask: torch.Tensor, ref_logprobs: torch.Tensor | None,
+                             rollout_is_weights: torch.Tensor | None, options: str, linear_options: str,
+                             need_hidden: bool, need_weight: bool, need_bias: bool, backend: str) -> FusedOutputs:
+    """(loss, logprobs, kl, entropy, stats, d_hidden, d_weight, d_bias): fused_linear_ppo_loss's forward,
+    which forms the gradients for a unit upstream gradient (fastppo.linear; empty where not needed).
+    Only loss is differentiable; its backward scales the saved gradients."""
+    loss, logp, kl, ent, stats, dh, dw, db = fused_linear_outputs(
+        hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+        loss_options_of(options), linear_options_of(linear_options), (need_hidden, need_weight, need_bias))
+    return (loss, logp, or_empty(kl, logp), or_empty(ent, logp), stats, empty(hidden) if dh is None else
+            dh.contiguous(), or_empty(dw, weight), or_empty(db, weight))
+
+
+def _fused_linear_ppo_loss_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
+    loss, logp, kl, ent, stats, dh, dw, db = output
+    ctx.mark_non_differentiable(logp, kl, ent, stats, dh, dw, db)
+    ctx.save_for_backward(dh, dw, db)
+    ctx.present = inputs[-4:-1]
+
+
+def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
+    if g_loss is None:
+        return (None,) * 15
+    grads = []
+    for t, present in zip(ctx.saved_tensors, ctx.present):
+        if not present:
+            grads.append(None)
+            continue
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        grads.append((t.to(acc) * g_loss.reshape(()).to(acc)).to(t.dtype))
+    return (*grads, *([None] * 12))
+
+
+fused_linear_ppo_loss_op.register_autograd(_fused_linear_ppo_loss_backward, setup_context=_fused_linear_ppo_loss_setup)
+
+
+# ----------------------------------------------------------------------------- public function
+def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None, ref_logprobs=None,
+                          kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
+                          temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
+                          num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo", ratio_max=None,
+                          sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None, entropy_quantile=None,
+                          final_logit_softcapping=None, logit_scale=1.0, chunk_bytes=None) -> PPOLossOutput:
+    """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
+    without materialising the logits.
+
+    hidden [B, T, H] (or [T, H]), weight [V, H]; the other arguments (policy-loss variants included) and
+    the result are those of fused_ppo_loss. Only tokens with mask != 0 and a label != ignore_index are
+    projected; the returned per-token log-probs / entropy are 0 elsewhere, and NaN there cannot leak. On
+    the Triton path, for token-level losses (`_token_local`), the gradients to hidden, weight and bias are
+    formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the [rows, V] buffers; None:
+    automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only scales
+    them by the upstream gradient (those gradients are held from forward to backward). Sequence-level
+    variants (gspo, gspo_token, gmpo) and entropy_quantile recompute the logits in forward: 8 N_valid H V."""
+    opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                        ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+                        entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
+                        entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    check_linear(hidden, weight, labels, bias, ignore_index)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
+    check_fused_tensors(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
+    want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
+    backend = backend_for(hidden, weight, labels, old_logprobs, advantages, mask)
+    lin = build_linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
+                          chunk_bytes, backend)
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_linear_ppo_loss(
+        hidden, weight, bias, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
+        detach(rollout_is_weights), encode(opts), encode(lin), *needs, backend)
+    return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)
