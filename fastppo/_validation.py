@@ -64,13 +64,6 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def check_positive(name: str, value, allow_none=True) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or not float(value) > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-
-
 def check_mask(mask: torch.Tensor, name: str = "mask") -> None:
     """A mask is bool, or holds only 0 and 1 (any dtype). The value check needs a device->host
     sync on CUDA, so it runs where it is free (CPU) unless FASTPPO_CHECK_LABELS says otherwise

@@ -62,9 +62,9 @@ def vocab_shard(local_size: int, device: torch.device, group=None) -> VocabShard
     # gloo collectives run on CPU tensors, nccl on CUDA ones
     comm_device = torch.device("cpu") if dist.get_backend(group) == "gloo" else device
     mine = torch.tensor([local_size], dtype=torch.int64, device=comm_device)
-    sizes = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(sizes, mine, group=group)
-    sizes = torch.cat(sizes)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    sizes = torch.cat(gathered)
     start = sizes[:rank].sum().to(device)
     total = int(sizes.sum()) if sizes.device.type == "cpu" else None
     return VocabShard(group, start, int(local_size), total)
@@ -193,10 +193,10 @@ def token_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor, *, group=No
     Returns the global float32 log-probs (and entropy), replicated; the gradient reaching
     logits_shard is its slice of the full gradient. z' = softcap(logit_scale * z) / temperature as in
     fastppo.token_logprobs. Cost: 2 all-reduces, of N and of 4 N floats (3 N without entropy)."""
-    shard = _check_logits(logits_shard, labels, ignore_index, group)
     opts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
                                 final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
                                 with_entropy=return_entropy, backend=backend_for(logits_shard, labels))
+    shard = _check_logits(logits_shard, labels, ignore_index, group)
     logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
     return (logp, ent) if return_entropy else logp
 
@@ -270,14 +270,14 @@ def fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask, *, grou
         raise ValueError(f"logits_shard must be [B, T, V_r] or [T, V_r], got shape {tuple(logits_shard.shape)}")
     loss_opts = _loss_setup(logits_shard.shape[:-1], old_logprobs, advantages, mask, ref_logprobs,
                             rollout_is_weights, loss_kw)
-    shard = _check_logits(logits_shard, labels, ignore_index, group)
-    if inplace:
-        check_inplace("logits_shard", logits_shard)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     opts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
                                 final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
                                 with_entropy=want_ent, inplace=inplace,
                                 backend=backend_for(logits_shard, labels, old_logprobs, advantages, mask))
+    if inplace:
+        check_inplace("logits_shard", logits_shard)
+    shard = _check_logits(logits_shard, labels, ignore_index, group)
     labels = torch.where(mask != 0, labels, opts.ignore_index)      # mask-0 rows are dead, as unsharded
     logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
     return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
@@ -340,9 +340,9 @@ def linear_logprobs(hidden, weight_shard, labels, *, group=None, bias=None, temp
     entropy); hidden gets the full gradient on every rank, weight_shard / bias their slices.
     Cost: 2 all-reduces of O(N) floats forward, 1 of N x H floats backward. (extra_outputs is not
     offered here.)"""
-    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
     opts = build_linear_options(temperature, ignore_index, return_entropy, False, final_logit_softcapping,
                                 logit_scale, chunk_bytes, backend_for(hidden, weight_shard, labels))
+    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
     logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
     return (logp, ent) if return_entropy else logp
 
@@ -366,10 +366,10 @@ def fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
     loss_opts = _loss_setup(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
                             loss_kw)
-    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     opts = build_linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
                                 chunk_bytes, backend_for(hidden, weight_shard, labels, old_logprobs, advantages, mask))
+    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
     labels = torch.where(mask.reshape(labels.shape) != 0, labels, opts.ignore_index)   # mask-0 rows are dead
     logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
     return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,

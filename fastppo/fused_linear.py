@@ -90,7 +90,7 @@ def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw,
     count of 1), times the global aggregation weights m w, so chunk contributions add up exactly."""
     k = triton_kernels()
     N = h2.shape[0]
-    rows = k.Rows(valid)
+    rows = k.CompactRows(valid)
     out = k.new_outputs(N, h2.device, acc, lin.with_entropy, False)
     weights = _agg_weights(mask, opts, acc, lin.backend)
     flat = [_per_token(t, mask) for t in (old, adv, mask, ref, isw)]

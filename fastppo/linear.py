@@ -70,7 +70,7 @@ def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
 def triton_forward(h2, weight, bias, y, valid, opts):
     """Launches 1-2 over all rows (no buffer). Returns (rows, per-row outputs)."""
     k = triton_kernels()
-    rows = k.Rows(valid)
+    rows = k.CompactRows(valid)
     out = k.new_outputs(h2.shape[0], h2.device, acc_dtype(h2, weight), opts.with_entropy, opts.extras)
     if h2.shape[0]:
         k.stats_chunk(h2, weight, bias, y, rows, 0, h2.shape[0], out, opts)
@@ -149,7 +149,7 @@ def linear_backward(hidden2d, weight, bias, labels1d, lse, ent, c_logp, c_ent, o
     valid = labels1d != opts.ignore_index
     if opts.backend == "torch":
         return gradient_rows(hidden2d, weight, bias, labels1d, valid, None, (lse, ent), c_logp, c_ent, opts, needs)
-    rows = triton_kernels().Rows(valid)
+    rows = triton_kernels().CompactRows(valid)
     stats = (lse.index_select(0, rows.idx), None if c_ent is None else ent.index_select(0, rows.idx))
     return gradient_rows(hidden2d, weight, bias, labels1d, valid, rows, stats, c_logp, c_ent, opts, needs)
 
@@ -178,7 +178,7 @@ def linear_grads(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, opts: Li
     not needed) from linear_outputs' statistics; the valid rows are compacted again on device."""
     h2, y = flatten_rows(hidden, labels)
     valid = y != opts.ignore_index
-    rows = triton_kernels().Rows(valid) if opts.backend == "triton" else None
+    rows = triton_kernels().CompactRows(valid) if opts.backend == "triton" else None
     acc = lse.dtype
     c_logp = g_logp.reshape(-1).to(acc)
     c_ent = None if g_ent is None else g_ent.reshape(-1).to(acc)

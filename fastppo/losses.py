@@ -38,7 +38,7 @@ from . import losses_torch
 from ._validation import check_choice, check_float, check_mask, check_same_shape
 from .backend import backend_for
 from .dispatch import ops
-from .kernels.loss_agg import STATS, AggResult
+from .kernels.loss_layout import STATS, AggResult
 from .library import acc_dtype, decode, define, encode
 from .modes import IS_LEVELS, IS_MODES
 from .options import LossOptions
@@ -47,7 +47,7 @@ POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_
 
 
 def stats_dict(buf: torch.Tensor, names) -> dict[str, torch.Tensor]:
-    """Views of a stats buffer (kernels.loss_agg.STATS layout) by name: pairs (public name, STATS name)."""
+    """Views of a stats buffer (kernels.loss_layout.STATS layout) by name: pairs (public name, STATS name)."""
     return {out: buf[STATS.index(src)] for out, src in names}
 
 

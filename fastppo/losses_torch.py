@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from .kernels.loss_agg import RATIO_LOG_MAX as _RATIO_LOG_MAX
-from .kernels.loss_agg import STATS, AggResult
+from .kernels.loss_layout import RATIO_LOG_MAX as _RATIO_LOG_MAX
+from .kernels.loss_layout import STATS, AggResult
 from .kl_torch import clamp_grad, kl_terms
 
 RATIO_LOG_MAX = float(_RATIO_LOG_MAX.value)

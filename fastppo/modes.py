@@ -9,8 +9,6 @@ KL_KIND_IDS = {"k1": 1, "abs": 2, "k2": 3, "mse": 3, "k3": 4, "low_var_kl": 5}  
 
 POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "sapo", "gmpo", "gpg")
 POLICY_LOSS_IDS = {name: i for i, name in enumerate(POLICY_LOSSES)}
-# variants whose per-token term needs a per-sequence reduction first (the sequence pre-pass)
-SEQUENCE_LEVEL = ("gspo", "gspo_token", "gmpo")
 
 IS_LEVELS = ("token", "sequence")
 IS_MODES = ("truncate", "mask")

@@ -1,7 +1,7 @@
 """Ahead-of-time compile of every kernel for real GPUs (sm_80, sm_90) without a GPU.
 
-`AOT_KERNELS` is the one list of kernels: a new kernel joins the compile test and
-`fastppo bench --aot` by being listed here, with the argument types it is launched with and the
+`aot_kernels()` builds the one list of kernels: a new kernel joins the compile test and
+`fastppo bench --aot` by being listed there (`_specs`), with the argument types it is launched with and the
 constexpr values of its default configuration. Like the JIT, pointers and the integer arguments
 named in `divisible` get the `tt.divisibility = 16` attribute (torch allocations are 16-byte
 aligned; real vocabularies and row strides are multiples of 16).
@@ -47,7 +47,7 @@ def _sig(fn, types: dict, constexprs: dict):
 
 
 def _specs():
-    from . import full_kl, gae, kl, linear, logprobs, loss_agg
+    from . import full_kl, gae, kl, linear, logprobs, loss_agg, loss_seq
 
     row = dict(BLOCK_V=cfg.ROW_BLOCK_V)
     strides = ("stride_outer", "stride_inner", "V")
@@ -78,6 +78,7 @@ def _specs():
                          _sig(full_kl._full_kl_fwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))
     specs.append(AOTSpec("full_kl_bwd[bf16]", full_kl._full_kl_bwd_kernel,
                          _sig(full_kl._full_kl_bwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))
+    specs.extend(loss_seq.aot_specs(AOTSpec, _sig))
     specs.extend(loss_agg.aot_specs(AOTSpec, _sig))
     ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK, ACC=tl.float32)
     specs.append(AOTSpec("kl_fwd", kl._kl_fwd_kernel,

@@ -327,7 +327,7 @@ def dtypes(hidden_dtype, weight_dtype):
     return acc, _TL[acc], _TL[dot], precision
 
 
-class Rows:
+class CompactRows:
     """Compacted rows shared by the launches of one op call: `idx` [N] int64 (valid rows first, in
     order), `n_valid` a 0-d int64 device tensor. Built on device, no host sync."""
 
@@ -345,7 +345,7 @@ def _transform_args(opts):
     return (float(opts.logit_scale), float(opts.softcap or 1.0), float(opts.inv_tau))
 
 
-def stats_chunk(hidden, weight, bias, labels, rows: Rows, r0, n_rows, out, opts, z=None, finish=True):
+def stats_chunk(hidden, weight, bias, labels, rows: CompactRows, r0, n_rows, out, opts, z=None, finish=True):
     """Row statistics of compacted rows [r0, r0 + n_rows) (launches 1 and 2); with `z` ([n_rows, V] fp32)
     also stores the chunk's z'. `out` holds the per-row buffers (see `new_outputs`); without `finish`
     only z' is wanted (launch 2 is skipped, `out` may be None)."""
@@ -393,7 +393,7 @@ def new_outputs(N, device, acc, with_entropy, extras):
     }
 
 
-def grads_chunk(z, dz, hidden, weight, labels, rows: Rows, r0, n_rows, lse, ent, c_logp, c_ent, opts, *,
+def grads_chunk(z, dz, hidden, weight, labels, rows: CompactRows, r0, n_rows, lse, ent, c_logp, c_ent, opts, *,
                 d_hidden=None, dw_out=None, dw_in=None, db_out=None, db_in=None):
     """Gradient launches 3-5 for compacted rows [r0, r0 + n_rows) whose z' is in `z` ([n_rows, V]): dz into
     `dz` (the GEMM dtype; may be `z` itself), d(bias); d_hidden's rows written once; d(weight) / d(bias)

@@ -4,10 +4,12 @@ line (and only its line) fail, on whichever backend runs the ops."""
 import pytest
 import torch
 
-import fastppo.losses_torch as torch_terms
+import fastppo.advantages_torch as torch_advantages
 import fastppo.kernels.gae as triton_gae
 import fastppo.kernels.kl as triton_kl
 import fastppo.kernels.loss_agg as triton_agg
+import fastppo.kl_torch as torch_kl
+import fastppo.losses_torch as torch_losses
 from fastppo.check import run_check
 
 
@@ -40,9 +42,9 @@ def _biased_gae(fn):
 
 @pytest.mark.parametrize("select,patches", [
     ("ppo_policy_loss[sapo]", [(triton_agg, "policy_loss_agg", _scaled_policy),
-                               (torch_terms, "policy_loss_agg", _scaled_policy)]),
-    ("kl_penalty", [(triton_kl, "kl_fwd", _shifted_kl), (torch_terms, "kl_fwd", _shifted_kl)]),
-    ("gae", [(triton_gae, "gae_fwd", _biased_gae), (torch_terms, "gae_fwd", _biased_gae)]),
+                               (torch_losses, "policy_loss_agg", _scaled_policy)]),
+    ("kl_penalty", [(triton_kl, "kl_fwd", _shifted_kl), (torch_kl, "kl_fwd", _shifted_kl)]),
+    ("gae", [(triton_gae, "gae_fwd", _biased_gae), (torch_advantages, "gae_fwd", _biased_gae)]),
 ])
 def test_a_broken_op_fails_its_line(monkeypatch, select, patches):
     ok, lines = _run(select)

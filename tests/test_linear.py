@@ -526,7 +526,7 @@ def test_fused_loss_chunked_equals_one_chunk_and_recompute_path(monkeypatch):
     """Several chunks (chunk_bytes of one row tile) give the loss and gradients of one chunk and of the
     recompute path (forward, loss, then the gradient pass: the fallback for non-token-local losses), and all
     match the float64 reference."""
-    from fastppo import linear as lin_mod
+    from fastppo import fused_linear as lin_mod
 
     B, T, H, V = 3, 50, 16, 300
     hidden = torch.randn(B, T, H, device=DEVICE)
