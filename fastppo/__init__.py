@@ -11,6 +11,7 @@ from .advantages import (
 from .backend import backend_for, set_backend, use_backend
 from .full_kl import full_kl
 from .fused import fused_ppo_loss
+from .kept import KeptSet
 from .linear import fused_linear_ppo_loss, linear_logprobs
 from .logprobs import token_logprobs
 from .losses import kl_penalty, ppo_policy_loss, rollout_is_weights, value_loss
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "KeptSet",
     "gae",
     "group_advantages",
     "kl_shaped_rewards",

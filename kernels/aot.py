@@ -47,7 +47,7 @@ def _sig(fn, types: dict, constexprs: dict):
 
 
 def _specs():
-    from . import full_kl, gae, kl, linear, logprobs, loss_agg
+    from . import full_kl, gae, kept, kl, linear, logprobs, loss_agg
 
     row = dict(BLOCK_V=cfg.ROW_BLOCK_V)
     strides = ("stride_outer", "stride_inner", "V")
@@ -86,6 +86,7 @@ def _specs():
                          cfg.ELEM_NUM_WARPS))
     specs.extend(gae.aot_specs(AOTSpec, _sig))
     specs.extend(linear.aot_specs(AOTSpec, _sig))
+    specs.extend(kept.aot_specs(AOTSpec, _sig))
     return specs
 
 
