@@ -244,3 +244,26 @@ def test_dropout_is_off_in_every_model_unless_kept(tmp_path):
     trainer.policy.train()
     assert torch.equal(trainer.critic(input_ids=ids).logits, trainer.critic(input_ids=ids).logits)
     assert torch.equal(trainer.policy(input_ids=ids).logits, trainer.policy(input_ids=ids).logits)
+
+
+def test_log_lines_never_run_into_the_progress_bar(monkeypatch):
+    """On a terminal the phase lines go through tqdm's external_write_mode: the bar is cleared first."""
+    import io
+    import sys
+
+    from fastppo.trainer import reporting
+
+    screen = io.StringIO()   # stdout and stderr on one terminal
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setattr(reporting, "is_terminal", lambda stream=None: True)
+    progress = reporting.Progress(3, 0, "fastppo ppo", True, 1)
+    log = progress.around(print)
+    progress.update({"iteration": 0, "reward_mean": 0.5})
+    with reporting.phase("ppo: iterations 0..3", log):
+        progress.update({"iteration": 1, "reward_mean": 0.75})
+    progress.close()
+    lines = screen.getvalue().split("\n")
+    for msg in ("[ppo: iterations 0..3] ...", "[ppo: iterations 0..3] done in"):
+        (line,) = [line for line in lines if msg in line]
+        assert line.split("\r")[-1].startswith(msg), repr(line)
