@@ -4,6 +4,7 @@
     fastppo train --mode grpo --iterations 40
     fastppo train config.yaml                       # every flag from a JSON / YAML file
     fastppo train --resume runs/demo --iterations 200   # continue the run (its saved configuration)
+    fastppo train --overwrite                       # start afresh in a folder holding a run (deletes that run)
     fastppo train --policy DIR --reward DIR --prompts prompts.jsonl [--critic DIR] [--ref DIR]
     fastppo train --policy DIR --reward_funcs mymod:score --prompts data.parquet --prompts_column question
     fastppo train --lora_r 8 --bf16 --report_to tensorboard
