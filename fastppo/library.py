@@ -213,7 +213,7 @@ def _logprob_ops(backend):
 def _token_logprobs_fake(logits, labels, inv_tau, ignore_index, with_entropy, logit_scale, softcap, backend):
     logp = logits.new_empty(labels.shape, dtype=_acc(logits))
     ent = torch.empty_like(logp) if with_entropy else _empty(logp)
-    return logp, ent, logits.new_empty((labels.numel(),), dtype=_acc(logits))
+    return logp, ent, logits.new_empty((labels.numel(), 2), dtype=_acc(logits))
 
 
 @_define("token_logprobs", _token_logprobs_fake, kernels=True)
@@ -221,7 +221,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, inv_tau: float, i
                    logit_scale: float, softcap: float | None,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, lse) of z' = softcap(logit_scale z) inv_tau: logp and entropy shaped like labels
-    (entropy empty unless with_entropy); lse [N] is saved for backward and gets no gradient."""
+    (entropy empty unless with_entropy); lse [N, 2] (each row's max m and log s, kept apart so that backward's
+    p = exp((z' - m) - log s) is exact at any magnitude) is saved for backward and gets no gradient."""
     logp, lse, ent = _logprob_ops(backend).logprobs_fwd(logits, labels, inv_tau=inv_tau, ignore_index=ignore_index,
                                                         with_entropy=with_entropy, logit_scale=logit_scale,
                                                         softcap=softcap)
@@ -281,14 +282,15 @@ def _full_kl_ops(backend):
 def _full_kl_fake(logits, ref_logits, inv_tau, backend):
     n = logits.numel() // max(logits.shape[-1], 1)
     acc = _acc(logits)
-    return logits.new_empty(logits.shape[:-1], dtype=acc), logits.new_empty((n,), dtype=acc), \
-        logits.new_empty((n,), dtype=acc)
+    return logits.new_empty(logits.shape[:-1], dtype=acc), logits.new_empty((n, 2), dtype=acc), \
+        logits.new_empty((n, 2), dtype=acc)
 
 
 @_define("full_kl", _full_kl_fake, kernels=True)
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, inv_tau: float,
             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kl [...], lse_p [N], lse_q [N]); only kl is differentiable (w.r.t. logits)."""
+    """(kl [...], lse_p [N, 2], lse_q [N, 2]: each row's (max, log-sum) of policy and reference); only kl is
+    differentiable (w.r.t. logits)."""
     kl, lse_p, lse_q = _full_kl_ops(backend).full_kl_fwd(logits, ref_logits, inv_tau=inv_tau)
     return kl.view(logits.shape[:-1]), lse_p, lse_q
 
@@ -336,8 +338,8 @@ def _linear_logprobs_fake(hidden, weight, bias, labels, options, backend):
     per_token = [torch.empty_like(logp) if on else _empty(logp)
                  for on in (opts.with_entropy, opts.extras, opts.extras)]
     top1 = logp.new_empty(labels.shape, dtype=torch.bool) if opts.extras else _empty(logp, torch.bool)
-    lse = logp.new_empty((labels.numel(),))
-    return logp, *per_token, top1, lse, torch.empty_like(lse) if opts.with_entropy else _empty(lse)
+    lse = logp.new_empty((labels.numel(), 2))
+    return logp, *per_token, top1, lse, logp.new_empty((labels.numel(),)) if opts.with_entropy else _empty(lse)
 
 
 @_define("linear_logprobs", _linear_logprobs_fake, kernels=True)
@@ -345,8 +347,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                     options: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, log_sum_sq_probs, mean_logits, is_top1, lse, entropy_rows) of hidden @ weight.T + bias
-    without the [N, V] logits (fastppo.linear; `options` is a LinearOptions). lse and entropy_rows [N] are
-    backward's statistics. Only logp and entropy are differentiable."""
+    without the [N, V] logits (fastppo.linear; `options` is a LinearOptions). lse [N, 2] (row max, log-sum) and
+    entropy_rows [N] are backward's statistics. Only logp and entropy are differentiable."""
     from .linear import linear_outputs
 
     opts = _linear_options(options)
@@ -354,7 +356,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if ent_rows is not None and opts.backend == "torch":
         ent_rows = ent_rows.clone()   # by row there: the same values as entropy (op outputs may not alias)
     return logp, _or_empty(ent, logp), _or_empty(sq, logp), _or_empty(mean, logp), \
-        _or_empty(top1, _empty(logp, torch.bool)), lse, _or_empty(ent_rows, lse)
+        _or_empty(top1, _empty(logp, torch.bool)), lse, _or_empty(ent_rows, logp)
 
 
 def _linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, options, need_hidden,
@@ -491,7 +493,7 @@ def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_log
     kl = coef.new_empty(coef.shape) if ref_logprobs is not None else _empty(logp)
     ent = torch.empty_like(logp) if lopts.want_entropy else _empty(logp)
     coef_ent = torch.empty_like(coef) if lopts.want_entropy else _empty(coef)
-    return loss, logp, kl, ent, stats, logits.new_empty((labels.numel(),), dtype=loss.dtype), coef, coef_ent
+    return loss, logp, kl, ent, stats, logits.new_empty((labels.numel(), 2), dtype=loss.dtype), coef, coef_ent
 
 
 @_define("fused_ppo_loss", _fused_ppo_loss_fake, kernels=True)
