@@ -61,7 +61,8 @@ def check_number(name: str, value, *, low=None, low_open=False, high=None, allow
     if math.isnan(v) or (math.isinf(v) and not allow_inf):
         raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}number, got {value!r}")
     if low is not None and not (v > low if low_open else v >= low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+        bound = "a positive number" if (low, low_open) == (0, True) else f"{'>' if low_open else '>='} {low}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
     if high is not None and not v <= high:
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
     return v
