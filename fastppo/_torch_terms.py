@@ -43,9 +43,9 @@ def kl_terms(logp, ref, kind):
     """(KL, dKL/dlogp) of the estimator `kind`, d = logp - ref (fastppo.modes.KL_KINDS)."""
     d = logp - ref
     if kind == "k1":
-        return d, torch.where(d.isnan(), d, torch.ones_like(d))
+        return d, torch.ones_like(d)   # autograd of d: 1 even where d is NaN
     if kind == "abs":
-        return d.abs(), torch.where(d.isnan(), d, torch.sign(d))
+        return d.abs(), torch.sign(torch.nan_to_num(d, nan=0.0))   # torch's abs backward: sgn(NaN) = 0
     if kind in ("k2", "mse"):
         return 0.5 * d * d, d
     if kind == "k3":
@@ -54,7 +54,7 @@ def kl_terms(logp, ref, kind):
     dc = d.clamp(-20, 20)
     e = torch.exp(-dc)
     k = e - 1 + dc
-    return k.clamp(-10, 10), (1 - e) * _in(d, -20, 20) * _in(k, -10, 10)
+    return k.clamp(-10, 10), torch.where((_in(d, -20, 20) * _in(k, -10, 10)) != 0, 1 - e, torch.zeros_like(d))
 
 
 def kl_fwd(logp, ref, kind):
@@ -121,13 +121,17 @@ def _policy(x, o, a, m, n, opts, isw):
         s = torch.exp(lr.clamp(max=RATIO_LOG_MAX))
         ds = torch.where(lr <= RATIO_LOG_MAX, s, torch.zeros_like(s))
         ratio = s[:, None].expand_as(x)
+        if kind == "gspo_token":   # log s_bt = logp - sg(logp) + sg(lr), clamped per token as verl (gradient 0 there)
+            lr_t = lr.detach()[:, None] + (x - x.detach())   # the value lr (NaN at a non-finite logp), d/dlogp 1
+            ratio = torch.exp(lr_t.clamp(max=RATIO_LOG_MAX))
+            ds_t = torch.where(lr_t <= RATIO_LOG_MAX, ratio, zero)
         l1, l2 = -a * ratio, -a * ratio.clamp(1 - cl, 1 + ch)
         loss = torch.maximum(l1, l2)
         dl_ds = _max_grad(l1, l2, -a, -a * _in(ratio, 1 - cl, 1 + ch))
-        dloss = dl_ds * ds[:, None] if kind == "gspo_token" else zero
+        dloss = dl_ds * ds_t if kind == "gspo_token" else zero
         clipped = l2 > l1
     elif kind == "cispo":
-        c = ratio.clamp(1 - cl, 1 + ch)
+        c = ratio.clamp(1 - cl, 1 + ch).detach()   # sg: a constant under double backward too
         loss, dloss = -c * a * x, -c * a
         clipped = (ratio < 1 - cl) | (ratio > 1 + ch)
     elif kind == "sapo":
@@ -139,7 +143,8 @@ def _policy(x, o, a, m, n, opts, isw):
     elif kind == "gmpo":
         pos, neg = a > 0, a < 0
         val = torch.where(pos, d.clamp(max=ch), torch.where(neg, d.clamp(min=-cl), torch.where(a.isnan(), a, zero)))
-        grad = torch.where(pos, (d <= ch).to(x.dtype), torch.where(neg, (d >= -cl).to(x.dtype), zero))
+        dead = (pos & (d > ch)) | (neg & (d < -cl))   # the clamp acts: autograd's gradient is an exact 0
+        grad = torch.where(pos | neg, (~dead).to(x.dtype), zero)
         den = n + 1e-8
         s = torch.exp(sel(val).sum(-1) / den)
         adv_b = sel(a).sum(-1) / den
@@ -147,7 +152,7 @@ def _policy(x, o, a, m, n, opts, isw):
         lb = -adv_b * s * isw_b
         ratio = s[:, None].expand_as(x)
         loss = lb[:, None].expand_as(x)
-        dloss = (n * lb / den)[:, None] * grad
+        dloss = torch.where(dead, zero, (n * lb / den)[:, None] * grad)
         clip_d = (d < -cl) | (d > ch)
         clipped, lower = clip_d & pos, clip_d & neg
     else:   # gpg

@@ -4,12 +4,10 @@ No autograd: these run under torch.no_grad on rollout data."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import library  # noqa: F401  (registers torch.ops.fastppo)
-from ._checks import check_choice, check_float, check_mask, check_same_shape
+from ._checks import check_choice, check_float, check_mask, check_number, check_same_shape
 from .backend import backend_for
 
 
@@ -20,10 +18,7 @@ def _check_bt(name, x):
 
 
 def _check_discount(name, x):
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
-    if not 0.0 <= float(x) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {x}")
+    return check_number(name, x, low=0.0, high=1.0)
 
 
 def _check_mask(mask, like_name, like):
@@ -115,7 +110,8 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo
     if scores.numel() % group_size:
         raise ValueError(f"scores has {scores.numel()} entries, not a multiple of group_size={group_size}")
     check_choice("kind", kind, ("grpo", "rloo"))
-    return torch.ops.fastppo.group_advantages(scores, group_size, kind, bool(norm_by_std), float(eps))
+    eps = check_number("eps", eps, low=0.0, low_open=True)   # eps <= 0 divides by a zero std
+    return torch.ops.fastppo.group_advantages(scores, group_size, kind, bool(norm_by_std), eps)
 
 
 def group_advantages_torch(scores, group_size, kind, norm_by_std, eps):
@@ -143,7 +139,7 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     _check_mask(mask, "kl", kl)
     if tuple(scores.shape) != (kl.shape[0],):
         raise ValueError(f"scores must be [{kl.shape[0]}], got shape {tuple(scores.shape)}")
-    return torch.ops.fastppo.kl_shaped_rewards(scores, kl, mask, float(kl_coef))
+    return torch.ops.fastppo.kl_shaped_rewards(scores, kl, mask, check_number("kl_coef", kl_coef))
 
 
 def kl_shaped_rewards_torch(scores, kl, mask, kl_coef):
@@ -161,7 +157,7 @@ class FixedKLController:
     """A constant KL coefficient."""
 
     def __init__(self, kl_coef: float):
-        self.value = float(kl_coef)
+        self.value = check_number("kl_coef", kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
@@ -178,10 +174,8 @@ class AdaptiveKLController:
     coef *= 1 + e * n_steps / horizon after each batch of n_steps samples."""
 
     def __init__(self, init_coef: float, target: float, horizon: float):
-        for name, v in (("init_coef", init_coef), ("target", target), ("horizon", horizon)):
-            if not (float(v) > 0 and math.isfinite(float(v))):
-                raise ValueError(f"{name} must be a positive finite number, got {v}")
-        self.value, self.target, self.horizon = float(init_coef), float(target), float(horizon)
+        self.value, self.target, self.horizon = (check_number(name, v, low=0.0, low_open=True) for name, v in
+                                                 (("init_coef", init_coef), ("target", target), ("horizon", horizon)))
 
     def update(self, current_kl: float, n_steps: int) -> float:
         err = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)

@@ -189,14 +189,21 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str,
 def _kl_penalty_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], inputs[0], inputs[1])
+    ctx.kind = inputs[2]
 
 
 def _kl_penalty_backward(ctx, g_kl, _g_dkl):
     if g_kl is None:
         return None, None, None, None
-    (dkl,) = ctx.saved_tensors
-    g = g_kl.to(dkl.dtype) * dkl
+    dkl, logp, ref = ctx.saved_tensors
+    g_kl = g_kl.to(dkl.dtype)
+    g = g_kl * dkl
+    if torch.is_grad_enabled():   # create_graph: add dkl's own derivative (zero in value), so double backward is exact
+        from ._torch_terms import kl_terms
+
+        c = kl_terms(logp.to(dkl.dtype), ref.to(dkl.dtype), ctx.kind)[1]
+        g = g + g_kl * (c - c.detach())
     return g, (-g if ctx.needs_input_grad[1] else None), None, None
 
 
@@ -458,16 +465,34 @@ def _token_loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
     loss, stats, coef = output
     ctx.mark_non_differentiable(stats, coef)
-    ctx.save_for_backward(coef)
-    ctx.x_meta = (inputs[0].shape, len(inputs))
+    ctx.save_for_backward(coef, *inputs[:-2])   # the tensor inputs: only read under create_graph
+    ctx.x_meta = (inputs[0].shape, len(inputs), inputs[-2])
+
+
+def _coef_graph(options: str, x, *rest):
+    """dloss/dx per token as differentiable torch ops of the inputs (the PyTorch backend's closed form, whose
+    own derivative is the loss's second derivative)."""
+    from .dispatch import ops
+    from .losses import loss_terms_from_logprobs
+
+    opts = _loss_options(options)
+    if opts.loss == "value":
+        return ops("loss_agg", "torch").value_loss_agg(x, *rest, opts=opts).coef
+    old, adv, mask, ent, isw = rest
+    return loss_terms_from_logprobs(x, ent, old, adv, mask, opts=opts, backend="torch", rollout_is_weights=isw).coef
 
 
 def _token_loss_backward(ctx, g_loss, _g_stats, _g_coef):
-    shape, n = ctx.x_meta
+    shape, n, options = ctx.x_meta
     if g_loss is None:
         return (None,) * n
-    (coef,) = ctx.saved_tensors
-    return ((g_loss.to(coef.dtype) * coef).view(shape), *([None] * (n - 1)))
+    coef, x, *rest = ctx.saved_tensors
+    g = g_loss.to(coef.dtype)
+    d = g * coef
+    if torch.is_grad_enabled():   # create_graph: add the coefficient's own derivative (zero in value)
+        c = _coef_graph(options, x.to(coef.dtype), *rest)
+        d = d + g * (c - c.detach())
+    return (d.view(shape), *([None] * (n - 1)))
 
 
 for _op in (ppo_policy_loss, value_loss):
@@ -529,7 +554,8 @@ def _fused_ppo_loss_backward(ctx, g_loss, *_):
     lopts = _logits_options(ctx.logits_options)
     scale = g_loss.to(lse.dtype)
     transform = (lopts.inv_tau, lopts.ignore_index, lopts.logit_scale, lopts.softcap)
-    if lopts.inplace and lopts.backend == "triton" and logits.stride(-1) == 1:   # else: a contiguous copy
+    if lopts.inplace and lopts.backend == "triton" and logits.stride(-1) == 1 and not torch.is_grad_enabled():
+        # (else a new buffer: a contiguous copy, or create_graph, whose double backward then raises)
         torch.ops.fastppo.token_logprobs_backward_inplace(logits, labels, lse, ent, coef, coef_ent, scale, mask,
                                                           *transform)
         d = logits
@@ -596,7 +622,7 @@ def _fused_linear_ppo_loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
     loss, logp, kl, ent, stats, dh, dw, db = output
     ctx.mark_non_differentiable(logp, kl, ent, stats, dh, dw, db)
-    ctx.save_for_backward(dh, dw, db)
+    ctx.save_for_backward(dh, dw, db, *inputs[:3])
     ctx.present = inputs[-4:-1]
 
 
@@ -604,12 +630,16 @@ def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
     if g_loss is None:
         return (None,) * 15
     grads = []
-    for t, present in zip(ctx.saved_tensors, ctx.present):
+    dh, dw, db, *linked = ctx.saved_tensors
+    for t, present in zip((dh, dw, db), ctx.present):
         if not present:
             grads.append(None)
             continue
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        grads.append((t.to(acc) * g_loss.reshape(()).to(acc)).to(t.dtype))
+        t = (t.to(acc) * g_loss.reshape(()).to(acc)).to(t.dtype)
+        if torch.is_grad_enabled():   # the gradients were formed in the forward: a second derivative cannot be
+            t = _Once.apply("fused_linear_ppo_loss", t, g_loss, *(x for x in linked if x is not None))
+        grads.append(t)
     return (*grads, *([None] * 12))
 
 
@@ -617,12 +647,30 @@ fused_linear_ppo_loss.register_autograd(_fused_linear_ppo_loss_backward, setup_c
 
 
 # ----------------------------------------------------------------------------- double backward
+def _twice(name):
+    return RuntimeError(f"torch.ops.fastppo.{name} is once_differentiable: fastppo cannot differentiate twice "
+                        f"(double backward is not implemented)")
+
+
+class _Once(torch.autograd.Function):
+    """The identity on a gradient, linked to the op's inputs, whose derivative raises `_twice`: for backward
+    formulas that are not functions of those inputs in torch ops (gradients formed in the forward pass)."""
+
+    @staticmethod
+    def forward(ctx, name, grad, *linked):
+        ctx.name = name
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise _twice(ctx.name)
+
+
 def _refuse_double_backward(op, name):
     """Backward ops are once_differentiable: differentiating through them raises this clear error."""
 
     def backward(ctx, *grads):
-        raise RuntimeError(f"torch.ops.fastppo.{name} is once_differentiable: fastppo cannot differentiate twice "
-                           f"(double backward is not implemented)")
+        raise _twice(name)
 
     op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
 

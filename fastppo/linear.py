@@ -32,7 +32,6 @@ bytes), and in the loss the gradients held from forward to backward (as Liger's 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +41,7 @@ from .backend import backend_for
 from .dispatch import ops
 from .fused import check_fused_tensors, loss_options, ppo_output
 from .library import encode
+from .logprobs import check_logit_transform
 from .losses import loss_terms_from_logprobs
 from .options import LossOptions
 from .outputs import LogprobOutputs, PPOLossOutput
@@ -228,15 +228,7 @@ def _check_linear(hidden, weight, labels, bias, ignore_index):
 def _linear_options(temperature, ignore_index, with_entropy, extras, final_logit_softcapping, logit_scale,
                     chunk_bytes, backend):
     tau = check_temperature(temperature)
-    softcap = final_logit_softcapping
-    if softcap is not None:
-        softcap = float(softcap)
-        if not (softcap > 0 and math.isfinite(softcap)):
-            raise ValueError(f"final_logit_softcapping must be None or a positive finite number, got "
-                             f"{final_logit_softcapping!r}")
-    scale = float(logit_scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    scale, softcap = check_logit_transform(logit_scale, final_logit_softcapping)   # the logits ops' one check
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                     or chunk_bytes <= 0):
         raise ValueError(f"chunk_bytes must be None or a positive int, got {chunk_bytes!r}")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import library  # noqa: F401  (registers torch.ops.fastppo)
-from ._checks import check_float, check_labels, check_temperature
+from ._checks import check_float, check_labels, check_number, check_temperature
 from .backend import backend_for
 from .dispatch import ops
 
@@ -15,19 +13,11 @@ from .dispatch import ops
 def check_logit_transform(logit_scale, final_logit_softcapping):
     """(scale, cap) of z' = softcap(scale * z) / tau, validated once: scale a finite non-zero number,
     cap None (no cap) or a positive finite number."""
-    for name, v in (("logit_scale", logit_scale), ("final_logit_softcapping", final_logit_softcapping)):
-        if isinstance(v, bool) or (v is not None and not isinstance(v, (int, float))):
-            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    if logit_scale is None:
-        raise TypeError("logit_scale must be a number, got None (use 1.0 for no scaling)")
-    scale = float(logit_scale)
-    if not (math.isfinite(scale) and scale != 0):
-        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
-    cap = None if final_logit_softcapping is None else float(final_logit_softcapping)
-    if cap is not None and not (cap > 0 and math.isfinite(cap)):
-        raise ValueError(f"final_logit_softcapping must be None or a positive finite number, got "
-                         f"{final_logit_softcapping}")
-    return scale, cap
+    scale = check_number("logit_scale", logit_scale)
+    if scale == 0:
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
+    return scale, check_number("final_logit_softcapping", final_logit_softcapping, low=0.0, low_open=True,
+                               allow_none=True)
 
 
 def ops_for(backend: str):

@@ -11,8 +11,8 @@ aggregated by `agg`):
                 min(L, -c A)                                   (PPO; dual-clip PPO; INTELLECT-2's delta)
     gspo        s_b = exp(min(mean_b(d), 10)), L = max(-A s_b, -A clamp(s_b, 1 - cl, 1 + ch)), the
                 gradient flows through the sequence mean (GSPO, arXiv 2507.18071)
-    gspo_token  the same value with log s_bt = logp - sg(logp) + sg(log s_b): per-token gradient
-                s_b dlogp (verl's `gspo`)
+    gspo_token  log s_bt = min(logp - sg(logp) + sg(mean_b(d)), 10) per token: gradient s_b dlogp, 0 where
+                the mean log-ratio exceeds 10 (verl's `gspo`, clamped per token as verl does)
     cispo       L = -sg(clamp(r, 1 - cl, 1 + ch)) A logp      (MiniMax-M1, arXiv 2506.13585)
     sapo        L = -(4 / tau) sigmoid(tau (r - 1)) A, tau = sapo_tau_pos if A > 0 else sapo_tau_neg
                                                                (SAPO, arXiv 2511.20347)
@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from ._checks import check_choice, check_float, check_mask, check_same_shape
+from ._checks import check_choice, check_float, check_mask, check_number, check_same_shape
 from .backend import backend_for
 from .dispatch import ops
 from .kernels.loss_agg import STATS, AggResult
@@ -92,7 +92,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     """Per-token KL estimator between the policy and the reference, with d = logp - ref_logp:
     `k1` d; `abs` |d|; `k2`/`mse` d^2/2; `k3` exp(-d) - 1 + d; `low_var_kl` k3 with d clamped to
     [-20, 20] and the result to [-10, 10] (verl). float32 (float64 for float64 inputs),
-    differentiable in both arguments (once: double backward raises)."""
+    differentiable in both arguments, twice included (double backward is autograd's of the formula)."""
     check_float("logprobs", logprobs)
     check_float("ref_logprobs", ref_logprobs)
     check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs.shape)
@@ -201,9 +201,8 @@ def rollout_is_weights(old_logprobs, rollout_logprobs, mask, *, level="token", m
         raise ValueError(f"old_logprobs must be [B, T], got shape {tuple(old_logprobs.shape)}")
     check_choice("level", level, IS_LEVELS)
     check_choice("mode", mode, IS_MODES)
-    for name, v in (("max", max), ("min", min)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
-            raise ValueError(f"{name} must be a number >= 0 or None, got {v!r}")
+    max, min = (check_number(name, v, low=0.0, allow_none=True, allow_inf=True) for name, v in (("max", max),
+                                                                                                 ("min", min)))
     if max is None and min is None:
         raise ValueError("rollout_is_weights needs max and/or min")
     if max is not None and min is not None and min > max:

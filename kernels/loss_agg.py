@@ -81,7 +81,7 @@ def _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T: tl.constexpr):
     j = tl.program_id(1).to(tl.int64)
     t = j * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     inb = t < T
-    m = (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inb, other=0) != 0) & inb
+    m = (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inb, other=0).to(tl.float32) != 0) & inb
     return b, j, t, inb, m
 
 
@@ -107,7 +107,7 @@ def _seq_partials_kernel(
             tl.store(out + 1, tl.sum(tl.where(m, x - o, 0.0), 0))
         else:
             a = tl.load(adv_ptr + b * s_adv_b + t * s_adv_t, mask=inb, other=0.0).to(ACC)
-            val, _g, _c = gmpo_log_ratio(x, o, a, clip_low, clip_high)
+            val, _g, _c, _dead = gmpo_log_ratio(x, o, a, clip_low, clip_high)
             tl.store(out + 1, tl.sum(tl.where(m, val, 0.0), 0))
             tl.store(out + 2, tl.sum(tl.where(m, a, 0.0), 0))
             if HAS_ISW:
@@ -217,8 +217,10 @@ def _policy_terms_kernel(
     elif POLICY == 1 or POLICY == 2:
         # gspo (sequence ratio, gradient through its mean) / gspo_token (verl's stop-gradient token form)
         lr = tl.load(seq + 2)
+        if POLICY == 2:
+            lr = lr + (x - x)   # log s_bt = logp - sg(logp) + sg(lr): NaN at a non-finite logp, as autograd's
         s = tl.exp(tl.where(lr > RATIO_LOG_MAX, RATIO_LOG_MAX, lr))   # min(lr, 10), NaN kept
-        ds = tl.where(lr <= RATIO_LOG_MAX, s, 0.0)
+        ds = tl.where(lr <= RATIO_LOG_MAX, s, 0.0)   # per token, as verl: 0 where the clamp acts
         ratio = tl.full((BLOCK_T,), 1.0, ACC) * s
         loss, dloss, dl_ds, clipped = clipped_ratio_terms(ratio, ds, a, clip_low, clip_high)
         if POLICY == 1:
@@ -230,12 +232,12 @@ def _policy_terms_kernel(
         clipped = tl.zeros((BLOCK_T,), tl.int1)
     elif POLICY == 5:
         # gmpo: L_b = -mean_b(A) exp(mean_b(clipped log-ratio)) isw_b, counted once per token with w_b
-        _v, g, clip_d = gmpo_log_ratio(x, o, a, clip_low, clip_high)
+        _v, g, clip_d, dead = gmpo_log_ratio(x, o, a, clip_low, clip_high)
         s = tl.exp(tl.load(seq + 2))
         lb = -tl.load(seq + 3) * s * tl.load(seq + 4)
         ratio = tl.full((BLOCK_T,), 1.0, ACC) * s
         loss = tl.full((BLOCK_T,), 1.0, ACC) * lb
-        dloss = n_b * lb * g / (n_b + 1e-8)
+        dloss = tl.where(dead, 0.0, n_b * lb * g / (n_b + 1e-8))   # a select: clamped tokens stay 0 (NaN lb)
         clipped = clip_d & (a > 0)
         lower = clip_d & (a < 0)
     else:
