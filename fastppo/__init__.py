@@ -12,6 +12,7 @@ from .backend import backend_for, set_backend, use_backend
 from .full_kl import full_kl
 from .fused import fused_ppo_loss
 from .fused_linear import fused_linear_ppo_loss
+from .kept import KeptSet
 from .kl import kl_penalty
 from .linear import linear_logprobs
 from .logprobs import token_logprobs
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "KeptSet",
     "gae",
     "group_advantages",
     "kl_shaped_rewards",

@@ -5,9 +5,12 @@ bounds and return NaN for an out-of-range label instead."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
+
+from .kernels._rows import has_internal_overlap
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -47,14 +50,33 @@ def label_check_enabled(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def check_number(name: str, value, *, low=None, low_open=False, high=None, allow_none=False,
+                 allow_inf=False) -> float | None:
+    """The one validator of a numeric option (every op's every float option goes through it): a real int /
+    float (a bool, string or None is a TypeError naming `name`), not NaN, finite unless `allow_inf`, and
+    within [low, high] ((low, high] when `low_open`). Returns it as a float (None when allowed and given)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise ValueError(f"{name} must be a {'' if allow_inf else 'finite '}number, got {value!r}")
+    if low is not None and not (v > low if low_open else v >= low):
+        bound = "a positive number" if (low, low_open) == (0, True) else f"{'>' if low_open else '>='} {low}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    if high is not None and not v <= high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+    return v
+
+
 def check_temperature(temperature) -> float:
-    t = float(temperature)
-    if not t > 0 or t == float("inf"):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    return t
+    return check_number("temperature", temperature, low=0.0, low_open=True)
 
 
 def check_same_shape(name: str, x: torch.Tensor, like_name: str, like_shape) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if tuple(x.shape) != tuple(like_shape):
         raise ValueError(f"{name} shape {tuple(x.shape)} must equal {like_name} shape {tuple(like_shape)}")
 
@@ -83,8 +105,7 @@ def check_mask(mask: torch.Tensor, name: str = "mask") -> None:
 def check_inplace(name: str, x: torch.Tensor) -> None:
     """`inplace=True` writes the gradient into x's storage: refuse storage that several elements share
     (expanded / overlapping views), where the in-place gradient would be wrong."""
-    overlap = torch._debug_has_internal_overlap(x)   # 0 no, 1 yes, 2 too hard to tell
-    if overlap != 0 or any(s == 0 and n > 1 for s, n in zip(x.stride(), x.shape)):
+    if has_internal_overlap(x):   # exact for strided views (logits[:, :-1] passes)
         raise ValueError(f"inplace=True needs {name} whose elements do not share memory; got shape "
                          f"{tuple(x.shape)} with strides {x.stride()} (an expanded or overlapping view). "
                          f"Pass inplace=False or a contiguous copy.")

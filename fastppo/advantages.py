@@ -5,12 +5,10 @@ beside its public function; the bodies are in fastppo.advantages_torch (gae: or 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import advantages_torch
-from ._validation import check_choice, check_float, check_mask, check_same_shape
+from ._validation import check_choice, check_float, check_mask, check_number, check_same_shape
 from .backend import backend_for
 from .dispatch import ops
 from .library import acc_dtype, define
@@ -23,10 +21,7 @@ def _check_bt(name, x):
 
 
 def _check_discount(name, x):
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
-    if not 0.0 <= float(x) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {x}")
+    return check_number(name, x, low=0.0, high=1.0)
 
 
 def _check_mask(mask, like_name, like):
@@ -139,7 +134,8 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo
     if scores.numel() % group_size:
         raise ValueError(f"scores has {scores.numel()} entries, not a multiple of group_size={group_size}")
     check_choice("kind", kind, ("grpo", "rloo"))
-    return torch.ops.fastppo.group_advantages(scores, group_size, kind, bool(norm_by_std), float(eps))
+    eps = check_number("eps", eps, low=0.0, low_open=True)   # eps <= 0 divides by a zero std
+    return torch.ops.fastppo.group_advantages(scores, group_size, kind, bool(norm_by_std), eps)
 
 
 @torch.no_grad()
@@ -152,14 +148,14 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     _check_mask(mask, "kl", kl)
     if tuple(scores.shape) != (kl.shape[0],):
         raise ValueError(f"scores must be [{kl.shape[0]}], got shape {tuple(scores.shape)}")
-    return torch.ops.fastppo.kl_shaped_rewards(scores, kl, mask, float(kl_coef))
+    return torch.ops.fastppo.kl_shaped_rewards(scores, kl, mask, check_number("kl_coef", kl_coef))
 
 
 class FixedKLController:
     """A constant KL coefficient."""
 
     def __init__(self, kl_coef: float):
-        self.value = float(kl_coef)
+        self.value = check_number("kl_coef", kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
@@ -176,10 +172,8 @@ class AdaptiveKLController:
     coef *= 1 + e * n_steps / horizon after each batch of n_steps samples."""
 
     def __init__(self, init_coef: float, target: float, horizon: float):
-        for name, v in (("init_coef", init_coef), ("target", target), ("horizon", horizon)):
-            if not (float(v) > 0 and math.isfinite(float(v))):
-                raise ValueError(f"{name} must be a positive finite number, got {v}")
-        self.value, self.target, self.horizon = float(init_coef), float(target), float(horizon)
+        self.value, self.target, self.horizon = (check_number(name, v, low=0.0, low_open=True) for name, v in
+                                                 (("init_coef", init_coef), ("target", target), ("horizon", horizon)))
 
     def update(self, current_kl: float, n_steps: int) -> float:
         err = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)

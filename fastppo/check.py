@@ -116,11 +116,34 @@ def _cases(device, dtype):
         rlp, rgrad = _grad(lambda x: ref.linear_logprobs(x, d(w), y).sum(), d(h))
         return max(_max_err(lp, rlp), _max_err(grad, rgrad))
 
-    return ([("token_logprobs (+entropy, grad)", tl, logprobs), ("fused_ppo_loss (+grad)", tl, fused)]
+    def fused_linear():
+        h, w = rnd(B, T, 64), rnd(V, 64, scale=0.2)
+        kw = dict(ref_logprobs=old, kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
+        loss, grad = _grad(lambda x: fastppo.fused_linear_ppo_loss(x, w, labels, old, adv, mask, **kw).loss, h)
+        # the reference: float64 logits h @ w.T through the documented fused_ppo_loss formula
+        rloss, rgrad = _grad(lambda x: ref.fused_ppo_loss(x @ d(w).T, labels, d(old), d(adv), mask,
+                                                          **dict(kw, ref_logprobs=d(old))).loss, d(h))
+        return max(_max_err(loss, rloss), _max_err(grad, rgrad))
+
+    def group():
+        scores = rnd(4 * 3)
+        return _max_err(fastppo.group_advantages(scores, 3), ref.group_advantages(d(scores), 3))
+
+    def whiten():
+        return _max_err(fastppo.masked_whiten(adv, mask), ref.masked_whiten(d(adv), mask))
+
+    def shaped():
+        scores = rnd(B)
+        return _max_err(fastppo.kl_shaped_rewards(scores, old.abs(), mask, kl_coef=0.1),
+                        ref.kl_shaped_rewards(d(scores), d(old).abs(), mask, kl_coef=0.1))
+
+    return ([("token_logprobs (+entropy, grad)", tl, logprobs), ("fused_ppo_loss (+grad)", tl, fused),
+             ("fused_linear_ppo_loss (+grad)", tl, fused_linear)]
             + [(f"ppo_policy_loss[{v}] (+grad)", tg, policy(v)) for v in POLICY_LOSSES]
             + [("value_loss (+grad)", tg, value), ("kl_penalty (+grad)", tg, kl),
                ("rollout_is_weights", tv, is_weights), ("full_kl (+grad)", tl, full), ("gae", 1e-5, gae),
-               ("linear_logprobs (+grad)", tl, linear)])
+               ("linear_logprobs (+grad)", tl, linear), ("group_advantages", tv, group),
+               ("masked_whiten", tv, whiten), ("kl_shaped_rewards", tv, shaped)])
 
 
 def run_check(print_fn=print, dtypes=DTYPES, select=None) -> bool:

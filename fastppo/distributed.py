@@ -5,10 +5,11 @@ slice [start_r, start_r + V_r) in rank order; uneven V_r allowed). Nothing [N, V
 Each rank runs the unsharded launchers on its shard (kernels/logprobs.py or kernels/linear.py, or
 their PyTorch twins), with the labels shifted into the shard and labels owned by another rank
 replaced by an out-of-range sentinel (no one-hot there, NaN local log-prob, discarded). Per row it
-gets lse_r, H_r (entropy of the shard's own softmax) and, where it owns the label, logp_r. With
-M = max_r lse_r and a_r = lse_r - M:
+gets its row stats (m_r, log s_r), H_r (entropy of the shard's own softmax) and, where it owns the label,
+logp_r (lse_r = m_r + log s_r is never formed: the stats stay apart, exact at any magnitude). With
+M = max_r m_r and a_r = (m_r - M) + log s_r = lse_r - M:
 
-    S = sum_r exp(a_r),                 lse = M + log S
+    S = sum_r exp(a_r),                 lse = M + log S  (saved as (M, log S))
     sum_i p_i z'_i - M = sum_r exp(a_r) (a_r - H_r) / S        (shard r's mean of z' is lse_r - H_r)
     H = log S - sum_r exp(a_r) (a_r - H_r) / S
     logp = (logp_r + a_r) - log S       from the owning rank r (z'_y - lse = z'_y - lse_r + lse_r - lse)
@@ -101,20 +102,22 @@ def shard_labels(labels: torch.Tensor, shard: VocabShard, ignore_index: int):
 
 
 def combine_shards(logp_r, lse_r, ent_r, owned, ignored, group):
-    """Global (logp, lse, H) per row from every rank's (logp_r, lse_r, H_r): 2 all-reduces
-    (MAX of [N]; SUM of [N, 3], or [N, 4] with entropy). Ignored rows give 0 log-prob and entropy;
-    a label no rank owns gives NaN (as an out-of-range label does unsharded)."""
-    m = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)
+    """Global (logp, lse, H) per row from every rank's (logp_r, lse_r, H_r), lse_r = the shard's row stats
+    (m_r, log s_r) [N, 2] and the returned lse the global (M, log S) [N, 2], never one absolute lse (exact
+    at any magnitude): 2 all-reduces (MAX of [N]; SUM of [N, 3], or [N, 4] with entropy). Ignored rows give
+    0 log-prob and entropy; a label no rank owns gives NaN (as an out-of-range label does unsharded)."""
+    m_r, log_s_r = lse_r[:, 0], lse_r[:, 1]
+    m = _all_reduce(torch.where(log_s_r == float("-inf"), log_s_r, m_r), dist.ReduceOp.MAX, group)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)    # an all -inf row: S = 0, lse = -inf
-    a = lse_r - m
+    a = (m_r - m) + log_s_r                                         # log of the shard's sum exp(z' - M)
     e = torch.exp(a)
     zero = torch.zeros_like(e)
     cols = [e, torch.where(owned, logp_r + a, zero), owned.to(e.dtype)]
     if ent_r is not None:
-        cols.append(torch.where(e > 0, e * (a - ent_r), zero))
+        cols.append(torch.where(e == 0, zero, e * (a - ent_r)))
     sums = _all_reduce(torch.stack(cols, 1), dist.ReduceOp.SUM, group)
     log_s = torch.log(sums[:, 0])
-    lse = m + log_s
+    lse = torch.stack((m, log_s), 1)
     logp = torch.where(sums[:, 2] > 0, sums[:, 1] - log_s, float("nan"))
     logp = torch.where(ignored, zero, logp)
     ent = None

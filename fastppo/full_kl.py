@@ -17,14 +17,15 @@ from .library import acc_dtype, define, refuse_double_backward
 def _full_kl_fake(logits, ref_logits, inv_tau, backend):
     n = logits.numel() // max(logits.shape[-1], 1)
     acc = acc_dtype(logits)
-    return logits.new_empty(logits.shape[:-1], dtype=acc), logits.new_empty((n,), dtype=acc), \
-        logits.new_empty((n,), dtype=acc)
+    return logits.new_empty(logits.shape[:-1], dtype=acc), logits.new_empty((n, 2), dtype=acc), \
+        logits.new_empty((n, 2), dtype=acc)
 
 
 @define("full_kl", _full_kl_fake, kernels=True)
 def full_kl_op(logits: torch.Tensor, ref_logits: torch.Tensor, inv_tau: float,
             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kl [...], lse_p [N], lse_q [N]); only kl is differentiable (w.r.t. logits)."""
+    """(kl [...], lse_p [N, 2], lse_q [N, 2]: each row's (max, log-sum) of policy and reference); only kl is
+    differentiable (w.r.t. logits)."""
     kl, lse_p, lse_q = ops("full_kl", backend).full_kl_fwd(logits, ref_logits, inv_tau=inv_tau)
     return kl.view(logits.shape[:-1]), lse_p, lse_q
 

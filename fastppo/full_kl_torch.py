@@ -6,30 +6,48 @@ import torch
 from .logprobs_torch import row_chunks
 
 
+def _log_softmax_stats(z):
+    """(log p, m, log s) of rows z: log p = (z - m) - log s with the row max m (0 for an all -inf row) and the
+    log-sum kept apart, as fp32 log_softmax computes it (exact at any magnitude)."""
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    zs = z - m
+    log_s = torch.log(torch.exp(zs).sum(-1, keepdim=True))
+    return zs - log_s, m, log_s
+
+
+def _kl_terms(logp, logq, kl=None):
+    """p (log p - log q [- KL]) per entry, exactly 0 where p == 0 (an underflowed or -inf entry)."""
+    p = logp.exp()
+    d = logp - logq if kl is None else (logp - logq) - kl
+    return torch.where(p == 0, torch.zeros_like(p), p * d)
+
+
 def full_kl_fwd(logits, ref_logits, *, inv_tau):
+    """(kl [N], stats_p [N, 2], stats_q [N, 2]): each side's row (max, log-sum) kept apart for backward."""
     V = logits.shape[-1]
     zp_all, zq_all = logits.reshape(-1, V), ref_logits.reshape(-1, V)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n = zp_all.shape[0]
-    kl, lse_p, lse_q = (torch.empty(n, dtype=acc, device=logits.device) for _ in range(3))
+    kl = torch.empty(n, dtype=acc, device=logits.device)
+    stats_p, stats_q = (torch.empty(n, 2, dtype=acc, device=logits.device) for _ in range(2))
     for a, b in row_chunks(n, V):
-        zp, zq = zp_all[a:b].to(acc) * inv_tau, zq_all[a:b].to(acc) * inv_tau
-        lp, lq = torch.logsumexp(zp, -1), torch.logsumexp(zq, -1)
-        logp = zp - lp.unsqueeze(-1)
-        p = logp.exp()
-        kl[a:b] = (p * (logp - (zq - lq.unsqueeze(-1))).masked_fill(p == 0, 0.0)).sum(-1)
-        lse_p[a:b], lse_q[a:b] = lp, lq
-    return kl, lse_p, lse_q
+        logp, mp, lsp = _log_softmax_stats(zp_all[a:b].to(acc) * inv_tau)
+        logq, mq, lsq = _log_softmax_stats(zq_all[a:b].to(acc) * inv_tau)
+        kl[a:b] = _kl_terms(logp, logq).sum(-1)
+        stats_p[a:b] = torch.cat((mp, lsp), -1)
+        stats_q[a:b] = torch.cat((mq, lsq), -1)
+    return kl, stats_p, stats_q
 
 
-def full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, g, *, inv_tau):
+def full_kl_bwd(logits, ref_logits, kl, stats_p, stats_q, g, *, inv_tau):
     V = logits.shape[-1]
     zp_all, zq_all = logits.reshape(-1, V), ref_logits.reshape(-1, V)
     out = torch.empty(zp_all.shape, dtype=logits.dtype, device=logits.device)
     for a, b in row_chunks(zp_all.shape[0], V):
         zp, zq = zp_all[a:b].to(kl.dtype) * inv_tau, zq_all[a:b].to(kl.dtype) * inv_tau
-        logp = zp - lse_p[a:b].unsqueeze(-1)
-        p = logp.exp()
-        d = p * (logp - (zq - lse_q[a:b].unsqueeze(-1)) - kl[a:b].unsqueeze(-1)).masked_fill(p == 0, 0.0)
+        logp = (zp - stats_p[a:b, :1]) - stats_p[a:b, 1:]
+        logq = (zq - stats_q[a:b, :1]) - stats_q[a:b, 1:]
+        d = _kl_terms(logp, logq, kl[a:b].unsqueeze(-1))
         out[a:b] = (g[a:b].unsqueeze(-1) * d * inv_tau).to(out.dtype)
     return out.view(logits.shape)

@@ -98,7 +98,7 @@ def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_log
     kl = coef.new_empty(coef.shape) if ref_logprobs is not None else empty(logp)
     ent = torch.empty_like(logp) if lopts.with_entropy else empty(logp)
     coef_ent = torch.empty_like(coef) if lopts.with_entropy else empty(coef)
-    return loss, logp, kl, ent, stats, logits.new_empty((labels.numel(),), dtype=loss.dtype), coef, coef_ent
+    return loss, logp, kl, ent, stats, logits.new_empty((labels.numel(), 2), dtype=loss.dtype), coef, coef_ent
 
 
 @define("fused_ppo_loss", _fused_ppo_loss_fake, kernels=True)
@@ -132,7 +132,8 @@ def _fused_ppo_loss_backward(ctx, g_loss, *_):
     lopts = _logprob_options(ctx.logits_options)
     scale = g_loss.to(lse.dtype)
     transform = (lopts.inv_tau, lopts.ignore_index, lopts.logit_scale, lopts.softcap)
-    if lopts.inplace and lopts.backend == "triton" and logits.stride(-1) == 1:   # else: a contiguous copy
+    if lopts.inplace and lopts.backend == "triton" and logits.stride(-1) == 1 and not torch.is_grad_enabled():
+        # (else a new buffer: a contiguous copy, or create_graph, whose double backward then raises)
         token_logprobs_backward_inplace_op(logits, labels, lse, ent, coef, coef_ent, scale, mask,
                                                           *transform)
         d = logits

@@ -10,7 +10,7 @@ import torch
 
 from .backend import backend_for
 from .fused import FusedOutputs, check_fused_tensors, loss_options, ppo_output
-from .library import acc_dtype, define, empty, encode, or_empty
+from .library import Once, acc_dtype, define, empty, encode, or_empty
 from .linear import (
     build_linear_options,
     check_linear,
@@ -147,7 +147,7 @@ def _fused_linear_ppo_loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
     loss, logp, kl, ent, stats, dh, dw, db = output
     ctx.mark_non_differentiable(logp, kl, ent, stats, dh, dw, db)
-    ctx.save_for_backward(dh, dw, db)
+    ctx.save_for_backward(dh, dw, db, *inputs[:3])
     ctx.present = inputs[-4:-1]
 
 
@@ -155,12 +155,16 @@ def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
     if g_loss is None:
         return (None,) * 15
     grads = []
-    for t, present in zip(ctx.saved_tensors, ctx.present):
+    dh, dw, db, *linked = ctx.saved_tensors
+    for t, present in zip((dh, dw, db), ctx.present):
         if not present:
             grads.append(None)
             continue
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        grads.append((t.to(acc) * g_loss.reshape(()).to(acc)).to(t.dtype))
+        t = (t.to(acc) * g_loss.reshape(()).to(acc)).to(t.dtype)
+        if torch.is_grad_enabled():   # the gradients were formed in the forward: a second derivative cannot be
+            t = Once.apply("fused_linear_ppo_loss", t, g_loss, *(x for x in linked if x is not None))
+        grads.append(t)
     return (*grads, *([None] * 12))
 
 

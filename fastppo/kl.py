@@ -11,6 +11,7 @@ import torch
 from ._validation import check_choice, check_float, check_same_shape
 from .backend import backend_for
 from .dispatch import ops
+from .kl_torch import kl_terms
 from .library import acc_dtype, define
 from .modes import KL_KINDS
 
@@ -31,14 +32,19 @@ def kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str,
 def _kl_penalty_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], inputs[0], inputs[1])
+    ctx.kind = inputs[2]
 
 
 def _kl_penalty_backward(ctx, g_kl, _g_dkl):
     if g_kl is None:
         return None, None, None, None
-    (dkl,) = ctx.saved_tensors
-    g = g_kl.to(dkl.dtype) * dkl
+    dkl, logp, ref = ctx.saved_tensors
+    g_kl = g_kl.to(dkl.dtype)
+    g = g_kl * dkl
+    if torch.is_grad_enabled():   # create_graph: add dkl's own derivative (zero in value), so double backward is exact
+        c = kl_terms(logp.to(dkl.dtype), ref.to(dkl.dtype), ctx.kind)[1]
+        g = g + g_kl * (c - c.detach())
     return g, (-g if ctx.needs_input_grad[1] else None), None, None
 
 
@@ -50,7 +56,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     """Per-token KL estimator between the policy and the reference, with d = logp - ref_logp:
     `k1` d; `abs` |d|; `k2`/`mse` d^2/2; `k3` exp(-d) - 1 + d; `low_var_kl` k3 with d clamped to
     [-20, 20] and the result to [-10, 10] (verl). float32 (float64 for float64 inputs),
-    differentiable in both arguments (once: double backward raises)."""
+    differentiable in both arguments, twice included (double backward is autograd's of the formula)."""
     check_float("logprobs", logprobs)
     check_float("ref_logprobs", ref_logprobs)
     check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs.shape)

@@ -17,9 +17,9 @@ def kl_terms(logp, ref, kind):
     """(KL, dKL/dlogp) of the estimator `kind`, d = logp - ref (fastppo.modes.KL_KINDS)."""
     d = logp - ref
     if kind == "k1":
-        return d, torch.where(d.isnan(), d, torch.ones_like(d))
+        return d, torch.ones_like(d)   # autograd of d: 1 even where d is NaN
     if kind == "abs":
-        return d.abs(), torch.where(d.isnan(), d, torch.sign(d))
+        return d.abs(), torch.sign(torch.nan_to_num(d, nan=0.0))   # torch's abs backward: sgn(NaN) = 0
     if kind in ("k2", "mse"):
         return 0.5 * d * d, d
     if kind == "k3":
@@ -28,7 +28,8 @@ def kl_terms(logp, ref, kind):
     dc = d.clamp(-20, 20)
     e = torch.exp(-dc)
     k = e - 1 + dc
-    return k.clamp(-10, 10), (1 - e) * clamp_grad(d, -20, 20) * clamp_grad(k, -10, 10)
+    return k.clamp(-10, 10), torch.where((clamp_grad(d, -20, 20) * clamp_grad(k, -10, 10)) != 0, 1 - e,
+                                         torch.zeros_like(d))
 
 
 def kl_fwd(logp, ref, kind):

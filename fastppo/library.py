@@ -110,11 +110,30 @@ def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return empty(like) if t is None else t
 
 
+def twice(name: str) -> RuntimeError:
+    """The error of differentiating a once-differentiable fastppo op twice."""
+    return RuntimeError(f"torch.ops.fastppo.{name} is once_differentiable: fastppo cannot differentiate twice "
+                        f"(double backward is not implemented)")
+
+
 def refuse_double_backward(op: Any, name: str) -> None:
-    """Backward ops are once_differentiable: differentiating through them raises this clear error."""
+    """Backward ops are once_differentiable: differentiating through them raises `twice(name)`."""
 
     def backward(ctx, *grads):
-        raise RuntimeError(f"torch.ops.fastppo.{name} is once_differentiable: fastppo cannot differentiate twice "
-                           f"(double backward is not implemented)")
+        raise twice(name)
 
     op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
+
+class Once(torch.autograd.Function):
+    """The identity on a gradient, linked to the op's inputs, whose derivative raises `twice`: for backward
+    formulas that are not functions of those inputs in torch ops (gradients formed in the forward pass)."""
+
+    @staticmethod
+    def forward(ctx, name, grad, *linked):
+        ctx.name = name
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise twice(ctx.name)

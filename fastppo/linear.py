@@ -231,8 +231,8 @@ def _linear_logprobs_fake(hidden, weight, bias, labels, options, backend):
     per_token = [torch.empty_like(logp) if on else empty(logp)
                  for on in (opts.with_entropy, opts.extras, opts.extras)]
     top1 = logp.new_empty(labels.shape, dtype=torch.bool) if opts.extras else empty(logp, torch.bool)
-    lse = logp.new_empty((labels.numel(),))
-    return logp, *per_token, top1, lse, torch.empty_like(lse) if opts.with_entropy else empty(lse)
+    lse = logp.new_empty((labels.numel(), 2))
+    return logp, *per_token, top1, lse, logp.new_empty((labels.numel(),)) if opts.with_entropy else empty(lse)
 
 
 @define("linear_logprobs", _linear_logprobs_fake, kernels=True)
@@ -240,14 +240,14 @@ def linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
                     options: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, log_sum_sq_probs, mean_logits, is_top1, lse, entropy_rows) of hidden @ weight.T + bias
-    without the [N, V] logits (fastppo.linear; `options` is a LinearOptions). lse and entropy_rows [N] are
-    backward's statistics. Only logp and entropy are differentiable."""
+    without the [N, V] logits (fastppo.linear; `options` is a LinearOptions). lse [N, 2] (row max, log-sum) and
+    entropy_rows [N] are backward's statistics. Only logp and entropy are differentiable."""
     opts = linear_options_of(options)
     logp, ent, sq, mean, top1, lse, ent_rows = linear_outputs(hidden, weight, bias, labels, opts)
     if ent_rows is not None and opts.backend == "torch":
         ent_rows = ent_rows.clone()   # by row there: the same values as entropy (op outputs may not alias)
     return logp, or_empty(ent, logp), or_empty(sq, logp), or_empty(mean, logp), \
-        or_empty(top1, empty(logp, torch.bool)), lse, or_empty(ent_rows, lse)
+        or_empty(top1, empty(logp, torch.bool)), lse, or_empty(ent_rows, logp)
 
 
 def linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, options, need_hidden,

@@ -1,6 +1,9 @@
 """The pure-PyTorch backend of the linear ops: the Triton launchers' interface (per-row outputs by
 original row, gradients for per-row coefficients), computed over slices of valid rows so that no
-more than CHUNK_ELEMENTS values of the [N, V] logits are alive at once.
+more than CHUNK_ELEMENTS values of the [N, V] logits are alive at once. The logits are accumulated and kept in
+fp32 (fp64 for fp64) whatever the input dtype, as on the Triton path: the weight is upcast a block of at most
+CHUNK_ELEMENTS values at a time (never a whole fp32 copy of it), and the softmax keeps the row max m and log s
+apart (logp = (z'_y - m) - log s, exact at any magnitude, as fp32 log_softmax is).
 
 Only valid rows are projected: on CPU they are gathered (`nonzero` costs nothing there); on other
 devices (a forced torch backend) every row is projected with invalid rows' hidden replaced by 0
@@ -31,11 +34,23 @@ def _slices(n_rows, V):
         yield a, min(n_rows, a + step)
 
 
+def _weight_blocks(weight, acc):
+    """(v0, v1, weight[v0:v1] in acc), blocks of at most CHUNK_ELEMENTS values (no copy when already acc)."""
+    V, H = weight.shape
+    step = V if weight.dtype == acc else max(1, CHUNK_ELEMENTS // max(H, 1))
+    for v0 in range(0, V, step):
+        v1 = min(V, v0 + step)
+        yield v0, v1, weight[v0:v1].to(acc)
+
+
 def logits(h, weight, bias, opts, acc):
     """z' = softcap(logit_scale (h W^T + b)) / tau in acc, plus tanh(.) for the softcap derivative (or None).
-    The product runs in the promoted dtype of hidden and weight (as the Triton path)."""
-    dot = torch.promote_types(h.dtype, weight.dtype)
-    z = (h.to(dot) @ weight.to(dot).t()).to(acc)
+    The product is accumulated and kept in acc from upcast operands (bf16 / fp16 products are exact in fp32):
+    never rounded to the input dtype before the softmax."""
+    hz = h.to(acc)
+    z = torch.empty(h.shape[0], weight.shape[0], dtype=acc, device=h.device)
+    for v0, v1, w in _weight_blocks(weight, acc):
+        torch.matmul(hz, w.t(), out=z[:, v0:v1])
     if bias is not None:
         z = z + bias.to(acc)
     z = z * opts.logit_scale
@@ -47,37 +62,43 @@ def logits(h, weight, bias, opts, acc):
 
 
 def forward(hidden2d, weight, bias, labels, valid, opts):
-    """Per original row: logp, ent, log_sum_sq_probs, mean_logits, is_top1 (zeros where not valid) and lse."""
+    """Per original row: logp, ent, log_sum_sq_probs, mean_logits, is_top1 (zeros where not valid) and lse,
+    the [N, 2] row statistics (max m, log s)."""
     N, V = hidden2d.shape[0], weight.shape[0]
     acc = _acc(hidden2d, weight)
     dev = hidden2d.device
     sel, h = _selected(hidden2d, valid)
     y_all = labels if sel is None else labels.index_select(0, sel)
     n = h.shape[0]
-    res = {k: torch.zeros(n, dtype=acc, device=dev) for k in ("logp", "lse", "ent", "sq", "mean")}
+    res = {k: torch.zeros(n, dtype=acc, device=dev) for k in ("logp", "ent", "sq", "mean")}
+    res["lse"] = torch.zeros(n, 2, dtype=acc, device=dev)
     res["top1"] = torch.zeros(n, dtype=torch.bool, device=dev)
     for a, b in _slices(n, V):
         z, _ = logits(h[a:b], weight, bias, opts, acc)
         y = y_all[a:b]
         in_range = (y >= 0) & (y < V)
-        lse = torch.logsumexp(z, -1)
-        z_y = z.gather(1, y.clamp(0, V - 1).long()[:, None])[:, 0]
-        res["lse"][a:b] = lse
-        res["logp"][a:b] = torch.where(in_range, z_y - lse, torch.full_like(lse, float("nan")))
+        m = z.amax(-1, keepdim=True)
+        m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+        zs = z - m
+        e = torch.exp(zs)
+        s_row = e.sum(-1)
+        log_s = torch.log(s_row)
+        z_y = zs.gather(1, y.clamp(0, V - 1).long()[:, None])[:, 0]
+        res["lse"][a:b, 0], res["lse"][a:b, 1] = m[:, 0], log_s
+        res["logp"][a:b] = torch.where(in_range, z_y - log_s, torch.full_like(log_s, float("nan")))
         if opts.with_entropy:
-            p = torch.exp(z - lse[:, None])
-            res["ent"][a:b] = lse - (p * z).sum(-1)
+            res["ent"][a:b] = log_s - torch.where(e == 0, torch.zeros_like(e), e * zs).sum(-1) / s_row
         if opts.extras:
-            res["sq"][a:b] = torch.logsumexp(2 * z, -1) - 2 * lse
+            res["sq"][a:b] = torch.logsumexp(2 * zs, -1) - 2 * log_s
             res["mean"][a:b] = z.mean(-1)
             first = z.argmax(-1)
             res["top1"][a:b] = in_range & (first == y)
     out = {}
     for k, v in res.items():
         if sel is None:
-            out[k] = torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=dev))
+            out[k] = torch.where(valid.view(-1, *([1] * (v.dim() - 1))), v, torch.zeros((), dtype=v.dtype, device=dev))
         else:
-            out[k] = torch.zeros(N, dtype=v.dtype, device=dev).index_copy_(0, sel, v)
+            out[k] = torch.zeros(N, *v.shape[1:], dtype=v.dtype, device=dev).index_copy_(0, sel, v)
     return out
 
 
@@ -98,16 +119,19 @@ def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, 
     cols = torch.arange(V, device=h.device)
     for a, b in _slices(h.shape[0], V):
         z, th = logits(h[a:b], weight, bias, opts, acc)
-        p = torch.exp(z - lse_s[a:b, None])
+        logp = (z - lse_s[a:b, :1]) - lse_s[a:b, 1:]
+        p = torch.exp(logp)
         g = cl[a:b, None] * ((cols[None, :] == y_all[a:b, None]).to(acc) - p)
         if ce is not None:
-            g = g - ce[a:b, None] * p * (z - lse_s[a:b, None] + ent_s[a:b, None])
+            h_term = torch.where(p == 0, torch.zeros_like(p), p * (logp + ent_s[a:b, None]))
+            g = g - ce[a:b, None] * h_term
         g = g * opts.inv_tau
         if th is not None:
             g = g * (1 - th * th)
         g = torch.where(vrow[a:b, None], g * opts.logit_scale, torch.zeros((), dtype=acc, device=g.device))
         if dh is not None:
-            dh[a:b] = g @ weight.to(acc)
+            for v0, v1, w in _weight_blocks(weight, acc):
+                dh[a:b] += g[:, v0:v1] @ w
         if dw is not None:
             dw += g.t() @ h[a:b].to(acc)
         if db is not None:

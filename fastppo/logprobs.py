@@ -22,7 +22,7 @@ from .options import LogitTransform
 def _token_logprobs_fake(logits, labels, inv_tau, ignore_index, with_entropy, logit_scale, softcap, backend):
     logp = logits.new_empty(labels.shape, dtype=acc_dtype(logits))
     ent = torch.empty_like(logp) if with_entropy else empty(logp)
-    return logp, ent, logits.new_empty((labels.numel(),), dtype=acc_dtype(logits))
+    return logp, ent, logits.new_empty((labels.numel(), 2), dtype=acc_dtype(logits))
 
 
 @define("token_logprobs", _token_logprobs_fake, kernels=True)
@@ -30,7 +30,8 @@ def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, inv_tau: float
                    logit_scale: float, softcap: float | None,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, lse) of z' = softcap(logit_scale z) inv_tau: logp and entropy shaped like labels
-    (entropy empty unless with_entropy); lse [N] is saved for backward and gets no gradient."""
+    (entropy empty unless with_entropy); lse [N, 2] (each row's max m and log s, kept apart so that backward's
+    p = exp((z' - m) - log s) is exact at any magnitude) is saved for backward and gets no gradient."""
     logp, lse, ent = ops("logprobs", backend).logprobs_fwd(logits, labels, inv_tau=inv_tau, ignore_index=ignore_index,
                                                         with_entropy=with_entropy, logit_scale=logit_scale,
                                                         softcap=softcap)

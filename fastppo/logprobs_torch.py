@@ -33,7 +33,9 @@ def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy, logit_s
                  valid=None):
     """Entropy is kept relative to the row max, as the kernel does: with zs = z' - max, e = exp(zs),
     s = sum e, H = log s - sum(e zs) / s (no cancellation between lse and sum p z' for huge logits).
-    Dead rows (ignore_index label, `valid` 0) give logp = H = lse = 0."""
+    The row max m and log s are saved apart (stats [N, 2], as the kernel does): logp = (z'_y - m) - log s
+    is as exact as fp32 log_softmax at any magnitude. Dead rows (ignore_index label, `valid` 0) give
+    logp = H = m = log s = 0."""
     V = logits.shape[-1]
     z_all = logits.reshape(-1, V)
     y_all = labels.reshape(-1)
@@ -43,7 +45,7 @@ def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy, logit_s
     n = z_all.shape[0]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.empty(n, dtype=acc, device=logits.device)
-    lse = torch.empty_like(logp)
+    stats = torch.empty((n, 2), dtype=acc, device=logits.device)
     ent = torch.empty_like(logp) if with_entropy else None
     for a, b in row_chunks(n, V):
         z, _ = transform(z_all[a:b].to(acc), inv_tau=inv_tau, logit_scale=logit_scale, softcap=softcap)
@@ -57,19 +59,20 @@ def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy, logit_s
         e = torch.exp(zs)
         s_row = e.sum(-1)
         log_s = torch.log(s_row)
-        row_lse = m.squeeze(-1) + log_s
-        lse[a:b] = torch.where(live, row_lse, zero)
+        stats[a:b, 0] = torch.where(live, m.squeeze(-1), zero)
+        stats[a:b, 1] = torch.where(live, log_s, zero)
         z_y = z.gather(-1, torch.where(live & in_range, y, 0).long().unsqueeze(-1)).squeeze(-1)
-        logp[a:b] = torch.where(live, torch.where(in_range, z_y - row_lse, float("nan")), zero)
+        logp[a:b] = torch.where(live, torch.where(in_range, (z_y - m.squeeze(-1)) - log_s, float("nan")), zero)
         if with_entropy:
-            t = torch.where(e > 0, e * zs, zero).sum(-1)
+            t = torch.where(e == 0, zero, e * zs).sum(-1)
             ent[a:b] = torch.where(live, log_s - t / s_row, zero)
-    return logp, lse, ent
+    return logp, stats, ent
 
 
-def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau, ignore_index, scale=None,
+def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau, ignore_index, scale=None,
                  inplace=False, logit_scale=1.0, softcap=None, valid=None):
-    """Dead rows get an exact zero gradient row (selected with where: NaN there cannot leak)."""
+    """p = exp((z' - m) - log s) from the saved row stats. Dead rows get an exact zero gradient row
+    (selected with where: NaN there cannot leak)."""
     V = logits.shape[-1]
     z_all = logits.reshape(-1, V)
     y_all = labels.reshape(-1)
@@ -78,18 +81,18 @@ def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau, ignore_ind
     c_ent = None if c_ent is None else c_ent.reshape(-1)
     out = z_all if inplace and z_all.data_ptr() == logits.data_ptr() else torch.empty_like(z_all)
     for a, b in row_chunks(z_all.shape[0], V):
-        z, dz = transform(z_all[a:b].to(lse.dtype), inv_tau=inv_tau, logit_scale=logit_scale, softcap=softcap)
+        z, dz = transform(z_all[a:b].to(stats.dtype), inv_tau=inv_tau, logit_scale=logit_scale, softcap=softcap)
         y = y_all[a:b]
         live = live_all[a:b].unsqueeze(-1)
-        row_lse = lse[a:b].unsqueeze(-1)
-        p = torch.exp(z - row_lse)
+        logp = (z - stats[a:b, :1]) - stats[a:b, 1:]
+        p = torch.exp(logp)
         hot = live & ((y >= 0) & (y < V)).unsqueeze(-1)   # an out-of-range label has no one-hot column
         onehot = torch.zeros_like(p).scatter_(-1, torch.where(hot.squeeze(-1), y, 0).long().unsqueeze(-1),
                                               hot.to(p.dtype))
         g = c_logp[a:b].to(p.dtype).unsqueeze(-1) * (onehot - p)
         if c_ent is not None:
-            logp = torch.where(z == float("-inf"), torch.zeros_like(z), z - row_lse)
-            g -= c_ent[a:b].to(p.dtype).unsqueeze(-1) * p * (logp + ent[a:b].unsqueeze(-1))
+            h = torch.where(p == 0, torch.zeros_like(p), p * (logp + ent[a:b].unsqueeze(-1)))
+            g -= c_ent[a:b].to(p.dtype).unsqueeze(-1) * h
         if scale is not None:
             g = g * scale.to(p.dtype)
         out[a:b] = torch.where(live, g * dz, torch.zeros((), dtype=g.dtype, device=g.device)).to(out.dtype)

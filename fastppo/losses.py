@@ -12,8 +12,8 @@ aggregated by `agg`):
                 min(L, -c A)                                   (PPO; dual-clip PPO; INTELLECT-2's delta)
     gspo        s_b = exp(min(mean_b(d), 10)), L = max(-A s_b, -A clamp(s_b, 1 - cl, 1 + ch)), the
                 gradient flows through the sequence mean (GSPO, arXiv 2507.18071)
-    gspo_token  the same value with log s_bt = logp - sg(logp) + sg(log s_b): per-token gradient
-                s_b dlogp (verl's `gspo`)
+    gspo_token  log s_bt = min(logp - sg(logp) + sg(mean_b(d)), 10) per token: gradient s_b dlogp, 0 where
+                the mean log-ratio exceeds 10 (verl's `gspo`, clamped per token as verl does)
     cispo       L = -sg(clamp(r, 1 - cl, 1 + ch)) A logp      (MiniMax-M1, arXiv 2506.13585)
     sapo        L = -(4 / tau) sigmoid(tau (r - 1)) A, tau = sapo_tau_pos if A > 0 else sapo_tau_neg
                                                                (SAPO, arXiv 2511.20347)
@@ -35,7 +35,7 @@ import math
 import torch
 
 from . import losses_torch
-from ._validation import check_choice, check_float, check_mask, check_same_shape
+from ._validation import check_choice, check_float, check_mask, check_number, check_same_shape
 from .backend import backend_for
 from .dispatch import ops
 from .kernels.loss_layout import STATS, AggResult
@@ -164,16 +164,31 @@ def _token_loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
     loss, stats, coef = output
     ctx.mark_non_differentiable(stats, coef)
-    ctx.save_for_backward(coef)
-    ctx.x_meta = (inputs[0].shape, len(inputs))
+    ctx.save_for_backward(coef, *inputs[:-2])   # the tensor inputs: only read under create_graph
+    ctx.x_meta = (inputs[0].shape, len(inputs), inputs[-2])
+
+
+def _coef_graph(options: str, x, *rest):
+    """dloss/dx per token as differentiable torch ops of the inputs (the PyTorch backend's closed form, whose
+    own derivative is the loss's second derivative)."""
+    opts = loss_options_of(options)
+    if opts.loss == "value":
+        return ops("loss_agg", "torch").value_loss_agg(x, *rest, opts=opts).coef
+    old, adv, mask, ent, isw = rest
+    return loss_terms_from_logprobs(x, ent, old, adv, mask, opts=opts, backend="torch", rollout_is_weights=isw).coef
 
 
 def _token_loss_backward(ctx, g_loss, _g_stats, _g_coef):
-    shape, n = ctx.x_meta
+    shape, n, options = ctx.x_meta
     if g_loss is None:
         return (None,) * n
-    (coef,) = ctx.saved_tensors
-    return ((g_loss.to(coef.dtype) * coef).view(shape), *([None] * (n - 1)))
+    coef, x, *rest = ctx.saved_tensors
+    g = g_loss.to(coef.dtype)
+    d = g * coef
+    if torch.is_grad_enabled():   # create_graph: add the coefficient's own derivative (zero in value)
+        c = _coef_graph(options, x.to(coef.dtype), *rest)
+        d = d + g * (c - c.detach())
+    return (d.view(shape), *([None] * (n - 1)))
 
 
 for _op in (ppo_policy_loss_op, value_loss_op):
@@ -262,9 +277,8 @@ def rollout_is_weights(old_logprobs, rollout_logprobs, mask, *, level="token", m
         raise ValueError(f"old_logprobs must be [B, T], got shape {tuple(old_logprobs.shape)}")
     check_choice("level", level, IS_LEVELS)
     check_choice("mode", mode, IS_MODES)
-    for name, v in (("max", max), ("min", min)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
-            raise ValueError(f"{name} must be a number >= 0 or None, got {v!r}")
+    max, min = (check_number(name, v, low=0.0, allow_none=True, allow_inf=True) for name, v in (("max", max),
+                                                                                                 ("min", min)))
     if max is None and min is None:
         raise ValueError("rollout_is_weights needs max and/or min")
     if max is not None and min is not None and min > max:

@@ -94,13 +94,17 @@ def _policy(x, o, a, m, n, opts, isw):
         s = torch.exp(lr.clamp(max=RATIO_LOG_MAX))
         ds = torch.where(lr <= RATIO_LOG_MAX, s, torch.zeros_like(s))
         ratio = s[:, None].expand_as(x)
+        if kind == "gspo_token":   # log s_bt = logp - sg(logp) + sg(lr), clamped per token as verl (gradient 0 there)
+            lr_t = lr.detach()[:, None] + (x - x.detach())   # the value lr (NaN at a non-finite logp), d/dlogp 1
+            ratio = torch.exp(lr_t.clamp(max=RATIO_LOG_MAX))
+            ds_t = torch.where(lr_t <= RATIO_LOG_MAX, ratio, zero)
         l1, l2 = -a * ratio, -a * ratio.clamp(1 - cl, 1 + ch)
         loss = torch.maximum(l1, l2)
         dl_ds = _max_grad(l1, l2, -a, -a * clamp_grad(ratio, 1 - cl, 1 + ch))
-        dloss = dl_ds * ds[:, None] if kind == "gspo_token" else zero
+        dloss = dl_ds * ds_t if kind == "gspo_token" else zero
         clipped = l2 > l1
     elif kind == "cispo":
-        c = ratio.clamp(1 - cl, 1 + ch)
+        c = ratio.clamp(1 - cl, 1 + ch).detach()   # sg: a constant under double backward too
         loss, dloss = -c * a * x, -c * a
         clipped = (ratio < 1 - cl) | (ratio > 1 + ch)
     elif kind == "sapo":
@@ -112,7 +116,8 @@ def _policy(x, o, a, m, n, opts, isw):
     elif kind == "gmpo":
         pos, neg = a > 0, a < 0
         val = torch.where(pos, d.clamp(max=ch), torch.where(neg, d.clamp(min=-cl), torch.where(a.isnan(), a, zero)))
-        grad = torch.where(pos, (d <= ch).to(x.dtype), torch.where(neg, (d >= -cl).to(x.dtype), zero))
+        dead = (pos & (d > ch)) | (neg & (d < -cl))   # the clamp acts: autograd's gradient is an exact 0
+        grad = torch.where(pos | neg, (~dead).to(x.dtype), zero)
         den = n + 1e-8
         s = torch.exp(sel(val).sum(-1) / den)
         adv_b = sel(a).sum(-1) / den
@@ -120,7 +125,7 @@ def _policy(x, o, a, m, n, opts, isw):
         lb = -adv_b * s * isw_b
         ratio = s[:, None].expand_as(x)
         loss = lb[:, None].expand_as(x)
-        dloss = (n * lb / den)[:, None] * grad
+        dloss = torch.where(dead, zero, (n * lb / den)[:, None] * grad)
         clip_d = (d < -cl) | (d > ch)
         clipped, lower = clip_d & pos, clip_d & neg
     else:   # gpg

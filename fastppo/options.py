@@ -15,26 +15,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from ._validation import check_temperature
+from ._validation import check_number, check_temperature
 from .modes import AGG_MODES, KL_KINDS, POLICY_LOSSES
 
 
-def _finite(name, value, *, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+def _finite(name, value):
+    return check_number(name, value)
 
 
 def _positive(name, value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
+    """None or a positive finite number (a global count: inf would make every loss 0)."""
+    return check_number(name, value, low=0.0, low_open=True, allow_none=True)
 
 
 def _choice(name, value, choices):
@@ -51,8 +42,9 @@ class LossOptions:
     clip_low in [0, 1], clip_high >= 0 (defaults to clip_low), dual_clip > 1 (ppo only), ratio_max > 1
     (ppo only: the unclipped ratio capped at ratio_max), sapo_tau_pos / sapo_tau_neg > 0,
     entropy_quantile in (0, 1] (keep the top fraction of valid tokens by entropy in the policy term),
-    agg one of AGG_MODES, kl_kind one of KL_KINDS, kl_coef / entropy_coef finite, value_clip > 0,
-    num_tokens / num_seqs / horizon > 0 (global counts for micro-batches)."""
+    agg one of AGG_MODES, kl_kind one of KL_KINDS, kl_coef / entropy_coef finite, value_clip > 0 (inf: no
+    clip, stored as None), num_tokens / num_seqs / horizon > 0 and finite (global counts for micro-batches).
+    Every number goes through fastppo._validation.check_number: errors name the argument."""
 
     loss: str = "policy"
     policy_loss: str = "ppo"
@@ -112,7 +104,8 @@ class LossOptions:
             set_("entropy_quantile", q)
         set_("kl_coef", _finite("kl_coef", self.kl_coef))
         set_("entropy_coef", _finite("entropy_coef", self.entropy_coef))
-        set_("value_clip", _positive("clip", self.value_clip))
+        clip = check_number("clip", self.value_clip, low=0.0, low_open=True, allow_none=True, allow_inf=True)
+        set_("value_clip", None if clip == math.inf else clip)   # clip=inf: no clip (the same loss, exactly)
         for name in ("num_tokens", "num_seqs", "horizon"):
             set_(name, _positive(name, getattr(self, name)))
 
@@ -139,18 +132,10 @@ class LossOptions:
 def check_logit_transform(logit_scale, final_logit_softcapping) -> tuple[float, float | None]:
     """(scale, cap) of z' = softcap(scale * z) / tau, validated: scale a finite non-zero number, cap None
     (no cap) or a positive finite number."""
-    for name, v in (("logit_scale", logit_scale), ("final_logit_softcapping", final_logit_softcapping)):
-        if isinstance(v, bool) or (v is not None and not isinstance(v, (int, float))):
-            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    if logit_scale is None:
-        raise TypeError("logit_scale must be a number, got None (use 1.0 for no scaling)")
-    scale = float(logit_scale)
-    if not (math.isfinite(scale) and scale != 0):
-        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
-    cap = None if final_logit_softcapping is None else float(final_logit_softcapping)
-    if cap is not None and not (cap > 0 and math.isfinite(cap)):
-        raise ValueError(f"final_logit_softcapping must be None or a positive finite number, got "
-                         f"{final_logit_softcapping}")
+    scale = check_number("logit_scale", logit_scale)
+    if scale == 0:
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
+    cap = check_number("final_logit_softcapping", final_logit_softcapping, low=0.0, low_open=True, allow_none=True)
     return scale, cap
 
 

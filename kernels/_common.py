@@ -48,8 +48,14 @@ def entropy_step(t, s, m, m_ref, alpha, e, z):
     that entropy H = log(s) - t / s has no cancellation for large logits. `s`, `m` are the values
     before this block (same call order as online_softmax_step)."""
     shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
-    zd = tl.where(z == float("-inf"), 0.0, z - bcast(m_ref))
-    return alpha * (t + s * shift) + tl.sum(e * zd, -1)
+    return keep_nonzero(alpha, t + s * shift) + tl.sum(keep_nonzero(e, z - bcast(m_ref)), -1)
+
+
+@triton.jit
+def keep_nonzero(w, x):
+    """w * x, but 0 where w == 0: an underflowed weight times an overflowed difference (z - m = -inf for
+    logits spanning +-3e38, or a masked -inf logit) contributes exactly nothing, as in float64. NaN w stays NaN."""
+    return tl.where(w == 0.0, 0.0, w * x)
 
 
 @triton.jit
@@ -63,31 +69,33 @@ def stats_step(m, s, t, z, WITH_ENT: tl.constexpr):
 
 @triton.jit
 def finish_stats(m, s, t, z_y, y, V, ignore_index):
-    """(logp, lse, entropy) from the finished statistics and the label's scaled logit z_y:
-    lse = m + log s, logp = z_y - lse, H = log s - t / s; ignored labels give 0, labels outside
-    [0, V) give NaN."""
-    lse = m + tl.log(s)
+    """(logp, m_ref, log s, entropy) from the finished statistics and the label's scaled logit z_y:
+    logp = (z_y - m) - log s (the row max and the log-sum kept apart, exact at any magnitude as fp32
+    log_softmax is; m_ref = m, or 0 for an all -inf row), H = log s - t / s; ignored labels give 0,
+    labels outside [0, V) give NaN."""
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
     ignored = y == ignore_index
     in_range = (y >= 0) & (y < V)
-    logp = tl.where(ignored, 0.0, tl.where(in_range, z_y - lse, float("nan")))
-    ent = tl.where(ignored, 0.0, tl.log(s) - t / s)
-    return logp, lse, ent
+    logp = tl.where(ignored, 0.0, tl.where(in_range, (z_y - m_ref) - log_s, float("nan")))
+    ent = tl.where(ignored, 0.0, log_s - t / s)
+    return logp, m_ref, log_s, ent
 
 
 @triton.jit
-def dlogits_block(z, cols, y, lse, ent, c_logp, c_ent, inv_tau, HAS_ENT: tl.constexpr):
+def dlogits_block(z, cols, y, m, log_s, ent, c_logp, c_ent, inv_tau, HAS_ENT: tl.constexpr):
     """Gradient of c_logp * logp_y + c_ent * H with respect to the raw logits z / inv_tau.
 
     d logp_y / dz_j = (onehot(y)_j - p_j) / tau,  dH / dz_j = -p_j (log p_j + H) / tau,
-    with p_j = exp(z'_j - lse). `z` is the scaled block z' (-inf where masked); the per-row values
-    (y, lse, ent, c_logp, c_ent) are scalars for a row block [BLOCK_V] or [BLOCK_N] vectors for a
-    tile [BLOCK_N, BLOCK_V].
+    with log p_j = (z'_j - m) - log s (saved row max m and log-sum, never an absolute lse). `z` is the
+    scaled block z' (-inf where masked); the per-row values (y, m, log_s, ent, c_logp, c_ent) are
+    scalars for a row block [BLOCK_V] or [BLOCK_N] vectors for a tile [BLOCK_N, BLOCK_V].
     """
-    p = tl.exp(z - bcast(lse))
+    logp = (z - bcast(m)) - bcast(log_s)
+    p = tl.exp(logp)
     g = bcast(c_logp) * (tl.where(cols == bcast(y), 1.0, 0.0) - p)
     if HAS_ENT:
-        logp = tl.where(z == float("-inf"), 0.0, z - bcast(lse))
-        g += bcast(c_ent) * (-p * (logp + bcast(ent)))
+        g -= bcast(c_ent) * keep_nonzero(p, logp + bcast(ent))
     return g * inv_tau
 
 

@@ -60,10 +60,10 @@ def kl_terms(logp, ref, KIND: tl.constexpr):
     d = logp - ref
     if KIND == 1:
         kl = d
-        dkl = tl.where(is_nan(d), d, 1.0)
+        dkl = tl.full(d.shape, 1.0, d.dtype)          # autograd of d: 1 even where d is NaN
     elif KIND == 2:
         kl = tl.abs(d)
-        dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, tl.where(is_nan(d), d, 0.0)))
+        dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))   # torch's abs backward: sgn(NaN) = 0
     elif KIND == 3:
         kl = 0.5 * d * d
         dkl = d
@@ -194,11 +194,13 @@ def sapo_terms(logp, old, adv, tau_pos, tau_neg):
 def gmpo_log_ratio(logp, old, adv, clip_low, clip_high):
     """gmpo's per-token clipped log-ratio sgn(A) min(sgn(A) d, sgn(A) clamp(d, -cl, ch)) (verl geo_mean)
     = min(d, ch) for A > 0, max(d, -cl) for A < 0, 0 for A = 0; returns (value, d value / d logp,
-    clipped = d outside [-cl, ch])."""
+    clipped = d outside [-cl, ch], dead = the clamp acts on the active side: there autograd's gradient is an
+    exact 0 whatever the upstream, NaN included). A NaN d keeps gradient 1 (torch.minimum passes NaN on)."""
     d = logp - old
     pos = adv > 0
     neg = adv < 0
     val = tl.where(pos, min_nan(d, clip_high), tl.where(neg, max_nan(d, -clip_low), tl.where(adv != adv, adv, 0.0)))
-    grad = tl.where(pos, tl.where(d <= clip_high, 1.0, 0.0), tl.where(neg, tl.where(d >= -clip_low, 1.0, 0.0), 0.0))
+    dead = (pos & (d > clip_high)) | (neg & (d < -clip_low))
+    grad = tl.where(pos | neg, tl.where(dead, 0.0, 1.0), 0.0)
     clipped = (d < -clip_low) | (d > clip_high)
-    return val, grad, clipped
+    return val, grad, clipped, dead

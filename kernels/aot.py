@@ -47,7 +47,7 @@ def _sig(fn, types: dict, constexprs: dict):
 
 
 def _specs():
-    from . import full_kl, gae, kl, linear, logprobs, loss_agg, loss_seq
+    from . import full_kl, gae, kept, kl, linear, logprobs, loss_agg, loss_seq
 
     row = dict(BLOCK_V=cfg.ROW_BLOCK_V)
     strides = ("stride_outer", "stride_inner", "V")
@@ -61,17 +61,17 @@ def _specs():
             specs.append(AOTSpec(
                 f"logprobs_fwd[{dt}{tag}]", logprobs._logprobs_fwd_kernel,
                 _sig(logprobs._logprobs_fwd_kernel, dict(logits_ptr=f"*{dt}", labels_ptr="*i64", valid_ptr="*i1",
-                     logp_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32", **scalars), ce), ce, strides, True,
+                     logp_ptr="*fp32", stats_ptr="*fp32", ent_ptr="*fp32", **scalars), ce), ce, strides, True,
                 cfg.ROW_NUM_WARPS))
             ce = dict(row, HAS_ENT=True, HAS_SCALE=True, ACC=tl.float32, **extra)
             specs.append(AOTSpec(
                 f"logprobs_bwd[{dt}{tag}]", logprobs._logprobs_bwd_kernel,
                 _sig(logprobs._logprobs_bwd_kernel, dict(logits_ptr=f"*{dt}", labels_ptr="*i64", valid_ptr="*i1",
-                     lse_ptr="*fp32", ent_ptr="*fp32", c_logp_ptr="*fp32", c_ent_ptr="*fp32", scale_ptr="*fp32",
+                     stats_ptr="*fp32", ent_ptr="*fp32", c_logp_ptr="*fp32", c_ent_ptr="*fp32", scale_ptr="*fp32",
                      dlogits_ptr=f"*{dt}", **scalars), ce), ce,
                 strides + ("d_stride_outer", "d_stride_inner"), True, cfg.ROW_NUM_WARPS))
     ce = dict(row, ACC=tl.float32)
-    kl_types = dict(p_ptr="*bf16", q_ptr="*bf16", kl_ptr="*fp32", lse_p_ptr="*fp32", lse_q_ptr="*fp32",
+    kl_types = dict(p_ptr="*bf16", q_ptr="*bf16", kl_ptr="*fp32", stats_p_ptr="*fp32", stats_q_ptr="*fp32",
                     g_ptr="*fp32", dp_ptr="*bf16", tau_hi="fp32", tau_lo="fp32")
     kl_div = ("p_outer_s", "p_inner_s", "q_outer_s", "q_inner_s", "V")
     specs.append(AOTSpec("full_kl_fwd[bf16]", full_kl._full_kl_fwd_kernel,
@@ -87,6 +87,7 @@ def _specs():
                          cfg.ELEM_NUM_WARPS))
     specs.extend(gae.aot_specs(AOTSpec, _sig))
     specs.extend(linear.aot_specs(AOTSpec, _sig))
+    specs.extend(kept.aot_specs(AOTSpec, _sig))
     return specs
 
 

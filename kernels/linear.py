@@ -14,8 +14,8 @@ Kernels (a "chunk" is a block of consecutive compacted rows [r0, r0 + n_rows)):
 - `_linear_fwd_kernel`  grid (row tiles, vocabulary splits): z' tiles, per-split partial row
   statistics (max, sum-exp, entropy sum, sum-exp^2, sum z', max before the label), the label's z'
   and, with STORE_Z, the chunk's z' into an fp32 [n_rows, V] buffer. 2 n H V FLOPs.
-- `_linear_finish_kernel`: merges the split partials per row into lse, log-prob, entropy and the
-  extras, scattered to the rows' original positions.
+- `_linear_finish_kernel`: merges the split partials per row into the row statistics (max m, log s; kept
+  apart, never one absolute lse), log-prob, entropy and the extras, scattered to the rows' original positions.
 - `_linear_dz_kernel`   grid (V tiles): dz = dloss/dz from the stored z' and the per-row coefficients,
   written once in the GEMM input dtype (in place over z' for fp32/fp64); d(bias) summed in fp32.
 - `_linear_dh_kernel`   grid (row tiles, H tiles): d(hidden)[i, :] = sum_j dz_ij weight_j, the
@@ -31,7 +31,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _config as cfg
-from ._common import dlogits_block, entropy_step, online_softmax_step
+from ._common import dlogits_block, entropy_step, keep_nonzero, online_softmax_step
 from .launches import record_launch
 
 N_PARTIALS = 6   # max, sum-exp, entropy sum, sum-exp^2, sum z', max z' before the label
@@ -142,14 +142,14 @@ def _linear_fwd_kernel(
 def _linear_finish_kernel(
     # data
     labels_ptr, idx_ptr, nvalid_ptr, part_ptr, zy_ptr,
-    lse_ptr, ent_c_ptr, logp_c_ptr,                       # per compacted row (global position)
+    lse_ptr, ent_c_ptr, logp_c_ptr,                       # per compacted row (global position); lse: (m, log s)
     logp_ptr, ent_ptr, sq_ptr, mean_ptr, top1_ptr,        # per original row
     # shapes
     r0, n_rows, V, n_splits, s_y,
     BLOCK: tl.constexpr, WITH_ENT: tl.constexpr, WITH_EXTRAS: tl.constexpr, ACC: tl.constexpr,
 ):
     """Merge the split partials of each row (logsumexp merge, sums relative to the common max):
-    lse = m + log s, logp = z'_y - lse, H = log s - t / s, log_sum_sq_probs = log sq - 2 log s,
+    logp = (z'_y - m) - log s, H = log s - t / s, log_sum_sq_probs = log sq - 2 log s,
     mean_logits = sum z' / V, is_top1 = z'_y >= max and z'_y > max before the label (first argmax).
     A label outside [0, V) gives NaN log-prob."""
     rows_c, rows, row_ok, orig = _chunk_rows(idx_ptr, nvalid_ptr, r0, n_rows, tl.program_id(0), BLOCK)
@@ -170,7 +170,8 @@ def _linear_finish_kernel(
         b = tl.exp(mj - m_new)
         if WITH_ENT:
             tj = tl.load(base + 2 * plane, mask=row_ok, other=0.0)
-            t = a * (t + s * tl.where(m == float("-inf"), 0.0, m - m_new)) + b * (tj + sj * (mj - m_new))
+            t = keep_nonzero(a, t + s * tl.where(m == float("-inf"), 0.0, m - m_new)) \
+                + keep_nonzero(b, tj + sj * (mj - m_new))
         if WITH_EXTRAS:
             sq = a * a * sq + b * b * tl.load(base + 3 * plane, mask=row_ok, other=0.0)
             zsum += tl.load(base + 4 * plane, mask=row_ok, other=0.0)
@@ -180,13 +181,14 @@ def _linear_finish_kernel(
     z_y = tl.load(zy_ptr + rows_c, mask=row_ok, other=0.0)
     s = tl.where(row_ok, s, 1.0)     # rows not stored: keep their (discarded) lanes finite
     sq = tl.where(row_ok, sq, 1.0)
-    lse = m + tl.log(s)
-    logp = tl.where((y >= 0) & (y < V), z_y - lse, float("nan"))
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    log_s = tl.log(s)
+    logp = tl.where((y >= 0) & (y < V), (z_y - m) - log_s, float("nan"))
+    tl.store(lse_ptr + 2 * rows, m, mask=row_ok)
+    tl.store(lse_ptr + 2 * rows + 1, log_s, mask=row_ok)
     tl.store(logp_c_ptr + rows, logp, mask=row_ok)
     tl.store(logp_ptr + orig, logp, mask=row_ok)
     if WITH_ENT:
-        ent = tl.log(s) - t / s
+        ent = log_s - t / s
         tl.store(ent_c_ptr + rows, ent, mask=row_ok)
         tl.store(ent_ptr + orig, ent, mask=row_ok)
     if WITH_EXTRAS:
@@ -211,7 +213,7 @@ def _linear_dz_kernel(
     """dz = dloss/dz (w.r.t. the raw logits hidden . weight + bias) of the chunk's valid rows, for the
     vocabulary tile program_id(0), from the stored z':
         dz_ij = [c_logp_i (onehot(y_i)_j - p_ij) - c_ent_i p_ij (log p_ij + H_i)] inv_tau
-                * (1 - (z'_ij / (c inv_tau))^2 with softcap) * logit_scale,   p_ij = exp(z'_ij - lse_i),
+                * (1 - (z'_ij / (c inv_tau))^2 with softcap) * logit_scale,   p_ij = exp((z'_ij - m_i) - log s_i),
     written in the gradient GEMMs' input dtype; d(bias)_j (+)= sum_i dz_ij in fp32 over the rows in order."""
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
@@ -223,17 +225,18 @@ def _linear_dz_kernel(
         row_ok = rows_c < n_here
         orig = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         y = tl.load(labels_ptr + orig * s_y, mask=row_ok, other=-1).to(tl.int64)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        m = tl.load(lse_ptr + 2 * rows, mask=row_ok, other=0.0)
+        log_s = tl.load(lse_ptr + 2 * rows + 1, mask=row_ok, other=0.0)
         c_logp = tl.load(c_logp_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-        ent = tl.zeros_like(lse)
-        c_ent = tl.zeros_like(lse)
+        ent = tl.zeros_like(m)
+        c_ent = tl.zeros_like(m)
         if HAS_ENT:
             ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
             c_ent = tl.load(c_ent_ptr + rows, mask=row_ok, other=0.0).to(ACC)
         ok = row_ok[:, None] & col_ok[None, :]
         r64 = rows_c.to(tl.int64)[:, None]
         z = tl.load(z_ptr + r64 * s_zn + cols[None, :], mask=ok, other=0.0)
-        g = dlogits_block(z, cols[None, :], y, lse, ent, c_logp, c_ent, inv_tau, HAS_ENT)
+        g = dlogits_block(z, cols[None, :], y, m, log_s, ent, c_logp, c_ent, inv_tau, HAS_ENT)
         if HAS_SOFTCAP:
             th = z / (softcap * inv_tau)
             g = g * (1.0 - th * th)
@@ -382,13 +385,13 @@ def stats_chunk(hidden, weight, bias, labels, rows: CompactRows, r0, n_rows, out
 
 def new_outputs(N, device, acc, with_entropy, extras):
     """Per-row buffers: outputs by original row (zero where a row is not valid) and, by compacted
-    position, lse / entropy / log-prob that the gradient launches read."""
+    position, the row statistics lse = (m, log s) [N, 2], entropy and log-prob that the gradient launches read."""
     zeros = dict(dtype=acc, device=device)
     return {
         "logp": torch.zeros(N, **zeros), "ent": torch.zeros(N, **zeros) if with_entropy else None,
         "sq": torch.zeros(N, **zeros) if extras else None, "mean": torch.zeros(N, **zeros) if extras else None,
         "top1": torch.zeros(N, dtype=torch.int8, device=device) if extras else None,
-        "lse": torch.zeros(N, **zeros), "ent_c": torch.zeros(N, **zeros) if with_entropy else None,
+        "lse": torch.zeros(N, 2, **zeros), "ent_c": torch.zeros(N, **zeros) if with_entropy else None,
         "logp_c": torch.zeros(N, **zeros),
     }
 

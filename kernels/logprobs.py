@@ -3,12 +3,16 @@ one read + one write backward; a dead row (label == ignore_index, or row-validit
 its outputs are 0 and its gradient row is written as zeros once.
 
 Forward, per row with z' = softcap(scale * z) / tau (softcap(x) = c tanh(x / c), none by default):
-    lse = logsumexp(z'),  logp = z'_y - lse,  H = lse - sum_i p_i z'_i = log s - t / s
-where s = sum exp(z' - m), t = sum exp(z' - m)(z' - m), m the row max (kept online).
+    logp = (z'_y - m) - log s,  H = lse - sum_i p_i z'_i = log s - t / s
+where s = sum exp(z' - m), t = sum exp(z' - m)(z' - m), m the row max (kept online), lse = m + log s.
 Backward (for upstream c_logp = dL/dlogp, c_ent = dL/dH, optional scalar `scale`):
     dL/dz_j = scale * [c_logp (onehot(y)_j - p_j) - c_ent p_j (log p_j + H)] * dz'_j/dz_j
     dz'/dz = scale / tau  (no cap),   scale (1 - tanh^2(scale z / c)) / tau  (cap c)
-Only lse and H (fp32, one per row; fp64 for fp64 logits) are saved between the passes.
+Only the row statistics (m, log s) and H (fp32, three per row; fp64 for fp64 logits) are saved between the
+passes: p_j = exp((z'_j - m) - log s) is then as exact as fp32 log_softmax at any magnitude of the logits,
+where one absolute fp32 lse would lose ulp(lse) (4e-4 at 1e4). Where z' spans +-3e38, z' - m overflows to
+-inf in fp32: those entries get p = 0 and log p = -inf, what float64 log_softmax of the fp32 z' gives once
+rounded to fp32, and contribute exactly nothing to the entropy or its gradient.
 """
 
 import torch
@@ -34,7 +38,7 @@ def _row_live(labels_ptr, valid_ptr, row, ignore_index, HAS_VALID: tl.constexpr)
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, valid_ptr, logp_ptr, lse_ptr, ent_ptr,
+    logits_ptr, labels_ptr, valid_ptr, logp_ptr, stats_ptr, ent_ptr,
     n_inner, stride_outer, stride_inner, V,
     pre_hi, pre_lo, post_hi, post_lo, ignore_index,
     BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, HAS_VALID: tl.constexpr, HAS_CAP: tl.constexpr,
@@ -43,7 +47,8 @@ def _logprobs_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     y, live = _row_live(labels_ptr, valid_ptr, row, ignore_index, HAS_VALID)
     logp = tl.zeros((), ACC)
-    lse = tl.zeros((), ACC)
+    m_ref = tl.zeros((), ACC)
+    log_s = tl.zeros((), ACC)
     ent = tl.zeros((), ACC)
     if live:
         pre = scalar_hi_lo(pre_hi, pre_lo, ACC)
@@ -60,16 +65,17 @@ def _logprobs_fwd_kernel(
             m, s, t = stats_step(m, s, t, tl.where(inb, z, float("-inf")), WITH_ENT)
         z_y = tl.load(row_ptr + y, mask=(y >= 0) & (y < V), other=0.0).to(ACC)
         z_y, _ = transform_logits(z_y, pre, post, HAS_CAP)
-        logp, lse, ent = finish_stats(m, s, t, z_y, y, V, ignore_index)
+        logp, m_ref, log_s, ent = finish_stats(m, s, t, z_y, y, V, ignore_index)
     tl.store(logp_ptr + row, logp)
-    tl.store(lse_ptr + row, lse)
+    tl.store(stats_ptr + 2 * row, m_ref)
+    tl.store(stats_ptr + 2 * row + 1, log_s)
     if WITH_ENT:
         tl.store(ent_ptr + row, ent)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _logprobs_bwd_kernel(
-    logits_ptr, labels_ptr, valid_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, scale_ptr, dlogits_ptr,
+    logits_ptr, labels_ptr, valid_ptr, stats_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, scale_ptr, dlogits_ptr,
     n_inner, stride_outer, stride_inner, d_stride_outer, d_stride_inner, V,
     pre_hi, pre_lo, post_hi, post_lo, ignore_index,
     BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VALID: tl.constexpr,
@@ -83,7 +89,8 @@ def _logprobs_bwd_kernel(
         pre = scalar_hi_lo(pre_hi, pre_lo, ACC)
         post = scalar_hi_lo(post_hi, post_lo, ACC)
         row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-        lse = tl.load(lse_ptr + row).to(ACC)
+        m = tl.load(stats_ptr + 2 * row).to(ACC)
+        log_s = tl.load(stats_ptr + 2 * row + 1).to(ACC)
         c_logp = tl.load(c_logp_ptr + row).to(ACC)
         ent = tl.zeros((), ACC)
         c_ent = tl.zeros((), ACC)
@@ -98,7 +105,7 @@ def _logprobs_bwd_kernel(
             c = start + cols
             inb = c < V
             z, dz = transform_logits(tl.load(row_ptr + c, mask=inb, other=0.0).to(ACC), pre, post, HAS_CAP)
-            g_z = dlogits_block(tl.where(inb, z, float("-inf")), c, y, lse, ent, c_logp, c_ent, dz, HAS_ENT)
+            g_z = dlogits_block(tl.where(inb, z, float("-inf")), c, y, m, log_s, ent, c_logp, c_ent, dz, HAS_ENT)
             tl.store(out_ptr + c, g_z.to(dlogits_ptr.dtype.element_ty), mask=inb)
     else:
         zero = tl.zeros((BLOCK_V,), dlogits_ptr.dtype.element_ty)
@@ -116,33 +123,35 @@ def _valid_arg(valid, n_rows, fallback):
 
 def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, *, inv_tau: float, ignore_index: int,
                  with_entropy: bool, logit_scale: float = 1.0, softcap=None, valid=None):
-    """Returns (logp [N], lse [N], entropy [N] or None), N = logits.numel() // V, in fp32
-    (fp64 for fp64 logits, so that float64 gradcheck is meaningful). Rows whose label is ignore_index
-    or whose `valid` entry is 0 are not read: logp = H = lse = 0 there."""
+    """Returns (logp [N], stats [N, 2], entropy [N] or None), N = logits.numel() // V, in fp32
+    (fp64 for fp64 logits, so that float64 gradcheck is meaningful); stats holds each row's (max m, log s),
+    what the backward needs. Rows whose label is ignore_index or whose `valid` entry is 0 are not read:
+    logp = H = m = log s = 0 there."""
     rows = Rows(logits)
     y = flat_labels(labels, rows.n_rows)
     n = rows.n_rows
     dev = logits.device
     acc, tl_acc = acc_dtype(logits.dtype)
     logp = torch.empty(n, dtype=acc, device=dev)
-    lse = torch.empty(n, dtype=acc, device=dev)
-    ent = torch.empty(n, dtype=acc, device=dev) if with_entropy else lse
+    stats = torch.empty((n, 2), dtype=acc, device=dev)
+    ent = torch.empty(n, dtype=acc, device=dev) if with_entropy else logp
     vp, has_valid = _valid_arg(valid, n, y)
     tf = LogitTransform(inv_tau, logit_scale, softcap)
     if n > 0:
-        record_launch("logprobs_fwd", logits, y, vp if has_valid else None, logp, lse,
+        record_launch("logprobs_fwd", logits, y, vp if has_valid else None, logp, stats,
                       ent if with_entropy else None)
         wrap_triton(_logprobs_fwd_kernel)[(n,)](
-            rows.tensor, y, vp, logp, lse, ent, *rows.args(), rows.n_cols, *tf.args(), int(ignore_index),
+            rows.tensor, y, vp, logp, stats, ent, *rows.args(), rows.n_cols, *tf.args(), int(ignore_index),
             BLOCK_V=cfg.ROW_BLOCK_V, WITH_ENT=with_entropy, HAS_VALID=has_valid, HAS_CAP=tf.has_cap,
             ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
         )
-    return logp, lse, (ent if with_entropy else None)
+    return logp, stats, (ent if with_entropy else None)
 
 
-def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau: float, ignore_index: int,
+def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau: float, ignore_index: int,
                  scale=None, inplace: bool = False, logit_scale: float = 1.0, softcap=None, valid=None):
-    """dlogits for upstream per-row gradients c_logp (of logp) and c_ent (of entropy, or None),
+    """dlogits from the forward's row `stats` [N, 2] and entropy, for upstream per-row gradients c_logp
+    (of logp) and c_ent (of entropy, or None),
     times the optional 0-d tensor `scale` (read on the device: no host sync). With `inplace`
     the gradient overwrites the logits' storage (each block is read before it is written).
     Dead rows (ignore_index label, `valid` 0) are not read; their gradient row is written as zeros."""
@@ -161,11 +170,11 @@ def logprobs_bwd(logits, labels, lse, ent, c_logp, c_ent, *, inv_tau: float, ign
     vp, has_valid = _valid_arg(valid, rows.n_rows, y)
     tf = LogitTransform(inv_tau, logit_scale, softcap)
     if rows.n_rows > 0:
-        record_launch("logprobs_bwd", logits, y, vp if has_valid else None, lse, ent if has_ent else None,
+        record_launch("logprobs_bwd", logits, y, vp if has_valid else None, stats, ent if has_ent else None,
                       c_logp, c_ent, scale, logits)
         wrap_triton(_logprobs_bwd_kernel)[(rows.n_rows,)](
-            rows.tensor, y, vp, lse, ent if has_ent else lse, c_logp, c_ent if has_ent else c_logp,
-            scale if scale is not None else lse, out,
+            rows.tensor, y, vp, stats, ent if has_ent else stats, c_logp, c_ent if has_ent else c_logp,
+            scale if scale is not None else stats, out,
             *rows.args(), d_outer, d_inner, rows.n_cols, *tf.args(), int(ignore_index),
             BLOCK_V=cfg.ROW_BLOCK_V, HAS_ENT=has_ent, HAS_SCALE=scale is not None, HAS_VALID=has_valid,
             HAS_CAP=tf.has_cap, ACC=acc_dtype(logits.dtype)[1], num_warps=cfg.ROW_NUM_WARPS,

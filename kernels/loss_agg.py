@@ -132,8 +132,10 @@ def _policy_terms_kernel(
     elif POLICY == POLICY_GSPO or POLICY == POLICY_GSPO_TOKEN:  # noqa: SIM109  (constexpr ids, compared one by one)
         # gspo (sequence ratio, gradient through its mean) / gspo_token (verl's stop-gradient token form)
         lr = tl.load(seq + SQ_LOG_RATIO)
+        if POLICY == POLICY_GSPO_TOKEN:
+            lr = lr + (x - x)   # log s_bt = logp - sg(logp) + sg(lr): NaN at a non-finite logp, as autograd's
         s = tl.exp(tl.where(lr > RATIO_LOG_MAX, RATIO_LOG_MAX, lr))   # min(lr, 10), NaN kept
-        ds = tl.where(lr <= RATIO_LOG_MAX, s, 0.0)
+        ds = tl.where(lr <= RATIO_LOG_MAX, s, 0.0)   # per token, as verl: 0 where the clamp acts
         ratio = tl.full((BLOCK_T,), 1.0, ACC) * s
         loss, dloss, dl_ds, clipped = clipped_ratio_terms(ratio, ds, a, clip_low, clip_high)
         if POLICY == POLICY_GSPO:
@@ -145,12 +147,12 @@ def _policy_terms_kernel(
         clipped = tl.zeros((BLOCK_T,), tl.int1)
     elif POLICY == POLICY_GMPO:
         # gmpo: L_b = -mean_b(A) exp(mean_b(clipped log-ratio)) isw_b, counted once per token with w_b
-        _v, g, clip_d = gmpo_log_ratio(x, o, a, clip_low, clip_high)
+        _v, g, clip_d, dead = gmpo_log_ratio(x, o, a, clip_low, clip_high)
         s = tl.exp(tl.load(seq + SQ_LOG_RATIO))
         lb = -tl.load(seq + SQ_ADV_MEAN) * s * tl.load(seq + SQ_IS_WEIGHT)
         ratio = tl.full((BLOCK_T,), 1.0, ACC) * s
         loss = tl.full((BLOCK_T,), 1.0, ACC) * lb
-        dloss = n_b * lb * g / (n_b + 1e-8)
+        dloss = tl.where(dead, 0.0, n_b * lb * g / (n_b + 1e-8))   # a select: clamped tokens stay 0 (NaN lb)
         clipped = clip_d & (a > 0)
         lower = clip_d & (a < 0)
     else:

@@ -50,7 +50,7 @@ def _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T: tl.constexpr):
     j = tl.program_id(1).to(tl.int64)
     t = j * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     inb = t < T
-    m = (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inb, other=0) != 0) & inb
+    m = (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inb, other=0).to(tl.float32) != 0) & inb
     return b, j, t, inb, m
 
 
@@ -83,7 +83,7 @@ def _seq_partials_kernel(
             tl.store(out + SP_LOG_RATIO, tl.sum(tl.where(m, x - o, 0.0), 0))
         else:
             a = tl.load(adv_ptr + b * s_adv_b + t * s_adv_t, mask=inb, other=0.0).to(ACC)
-            val, _g, _c = gmpo_log_ratio(x, o, a, clip_low, clip_high)
+            val, _g, _c, _dead = gmpo_log_ratio(x, o, a, clip_low, clip_high)
             tl.store(out + SP_LOG_RATIO, tl.sum(tl.where(m, val, 0.0), 0))
             tl.store(out + SP_ADV, tl.sum(tl.where(m, a, 0.0), 0))
             if HAS_ISW:

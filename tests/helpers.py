@@ -21,3 +21,22 @@ def make_mask(shape, holes=0.25, empty_rows=(1,), device=DEVICE):
         if r < shape[0]:
             mask[r] = False
     return mask
+
+
+# Logit magnitudes every logits / linear op must handle as exactly as fp32 log_softmax (issue #21 class 2):
+# (name, dtype, offset or None): fp32 logits around 0, +-1e4 and 1e6, and rows spanning a dtype's whole range.
+MAGNITUDES = [("0", torch.float32), ("1e4", torch.float32), ("-1e4", torch.float32), ("1e6", torch.float32),
+              ("bf16 +-3e38", torch.bfloat16), ("fp16 +-65504", torch.float16)]
+
+
+def magnitude_logits(name, dtype, shape, device=DEVICE):
+    """Logits of one MAGNITUDES case: offset + 3 randn for the fp32 ones; for the range-spanning ones every
+    entry at +-top (bf16 3e38, fp16 65504 with a little noise) and the first two columns at +top."""
+    if name.startswith("bf16") or name.startswith("fp16"):
+        top = 3e38 if name.startswith("bf16") else 65504.0
+        z = torch.where(torch.rand(shape, device=device) < 0.5, top, -top)
+        if name.startswith("fp16"):
+            z = (z + torch.randn(shape, device=device)).clamp(-top, top)
+        z[..., :2] = top
+        return z.to(dtype)
+    return (float(name) + 3 * torch.randn(shape, device=device)).to(dtype)

@@ -58,3 +58,24 @@ def test_a_broken_op_fails_its_line(monkeypatch, select, patches):
 def test_check_covers_fp32_and_bf16():
     ok, lines = _run("value_loss", dtypes=(torch.float32, torch.bfloat16))
     assert ok and len(lines) == 2 and "float32" in lines[0] and "bfloat16" in lines[1]
+
+
+def _biased(fn):
+    def broken(*args, **kw):
+        out = fn(*args, **kw)
+        if hasattr(out, "loss"):
+            out.loss = out.loss * 1.001
+            return out
+        return out + 1e-3
+    return broken
+
+
+@pytest.mark.parametrize("name", ["fused_linear_ppo_loss", "group_advantages", "masked_whiten", "kl_shaped_rewards"])
+def test_the_trainer_ops_have_a_line_that_fails_when_the_op_is_wrong(monkeypatch, name):
+    import fastppo
+
+    ok, lines = _run(name)
+    assert ok and len(lines) == 1 and name in lines[0] and lines[0].startswith("  ok")
+    monkeypatch.setattr(fastppo, name, _biased(getattr(fastppo, name)))
+    ok, lines = _run(name)
+    assert not ok and len(lines) == 1 and lines[0].startswith("  BAD"), lines

@@ -23,6 +23,19 @@ def test_bench_aot_table(capsys):
     assert "| logprobs_fwd[bf16] | sm_90 |" in out and "| linear_fwd[bf16] | sm_80 |" in out
 
 
+def test_bench_dtype_help_and_behaviour_agree(capsys):
+    """Every --dtype the help offers is accepted (the parse goes on to the --ops check)."""
+    assert main(["bench", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    for name in ("bf16", "fp16", "fp32", "bfloat16"):
+        assert name in help_text
+        assert main(["bench", "--dtype", name, "--ops", "no_such_op"]) == 2
+        err = capsys.readouterr().err
+        assert "unknown ops ['no_such_op']" in err and "invalid choice" not in err
+    assert main(["bench", "--dtype", "int8"]) == 2
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
 def test_version_and_help_on_every_subcommand(capsys):
     import fastppo
 

@@ -267,6 +267,47 @@ def _linear_case(rank, dtype, even, measure, tf=None):
     torch.testing.assert_close(b1.grad.double(), b2.grad[lo:hi], **tol)
 
 
+def _magnitude_case(rank, name, dtype):
+    """Issue #21 class 2 sharded: log-probs, entropy and gradient to fp32 rounding of float64 at every
+    magnitude (the shards' row max and log-sum are combined, never one absolute lse), both the logits op and
+    the linear op (exact fp32 logits: integer hidden, weights in 1/8 steps, a bias at the offset)."""
+    from fastppo import distributed as D
+    from fastppo import reference as ref
+    from tests.helpers import assert_close_by_dtype, magnitude_logits
+
+    torch.manual_seed(5)                                      # every rank draws the same full tensors
+    B, T, H, V = 2, 3, 8, 41
+    split = _split(V, False)
+    lo, hi = split[rank]
+    full = magnitude_logits(name, dtype, (B, T, V), device="cpu")
+    y = _labels((B, T), V, split, -100, torch.Generator().manual_seed(3))
+    g_lp, g_ent = torch.randn(B, T), torch.randn(B, T)
+    shard = full[..., lo:hi].detach().clone().requires_grad_()
+    lp, ent = D.token_logprobs(shard, y, return_entropy=True)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    x64 = full.detach().double().requires_grad_()
+    rlp, rent = ref.token_logprobs(x64, y, return_entropy=True)
+    (rlp * g_lp.double() + rent * g_ent.double()).sum().backward()
+    for got, want in ((lp, rlp), (ent, rent)):
+        assert_close_by_dtype(got, want, torch.float32)
+    assert_close_by_dtype(shard.grad, x64.grad[..., lo:hi], dtype)
+    if dtype != torch.float32:
+        return
+    hidden = torch.randint(-2, 3, (B, T, H)).float()
+    weight = torch.randint(-4, 5, (V, H)) / 8.0
+    bias = torch.full((V,), float(name))
+    h, w = hidden.clone().requires_grad_(), weight[lo:hi].clone().requires_grad_()
+    lp, ent = D.linear_logprobs(h, w, y, bias=bias[lo:hi], return_entropy=True)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    rlp, rent = ref.linear_logprobs(h64, w64, y, bias=bias.double(), return_entropy=True)
+    (rlp * g_lp.double() + rent * g_ent.double()).sum().backward()
+    for got, want in ((lp, rlp), (ent, rent)):
+        assert_close_by_dtype(got, want, torch.float32)
+    assert_close_by_dtype(h.grad, h64.grad, torch.float32, scale=H)
+    assert_close_by_dtype(w.grad, w64.grad[lo:hi], torch.float32, scale=H)
+
+
 def _errors_case(rank):
     from fastppo import distributed as D
 
@@ -294,6 +335,9 @@ def _cases(rank, measure):
     _fused_case(rank, torch.float32, False, dict(entropy_quantile=0.5, dual_clip=3.0))
     _linear_case(rank, torch.float32, False, measure)
     _linear_case(rank, torch.float64, True, None, dict(final_logit_softcapping=3.0, logit_scale=1.5))
+    from tests.helpers import MAGNITUDES
+    for name, dtype in MAGNITUDES:
+        _magnitude_case(rank, name, dtype)
     _errors_case(rank)
 
 

@@ -16,8 +16,8 @@ import trl
 
 import fastppo.integrations as fi
 
-# .ci/install puts TRL 1.14.0 here: pip install --no-deps --target "$FASTPPO_TRL114" trl==1.14.0
-TRL114 = os.environ.get("FASTPPO_TRL114", "/tmp/trl114")
+# .ci/install puts TRL 1.14.0 here (inside the clone, or where FASTPPO_TRL114 says)
+TRL114 = os.environ.get("FASTPPO_TRL114", str(Path(__file__).resolve().parents[1] / ".cache" / "trl-1.14.0"))
 WORDS = [f"w{i}" for i in range(40)]
 
 

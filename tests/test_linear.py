@@ -597,5 +597,5 @@ def test_nan_in_a_valid_row_propagates_and_double_backward_raises():
     assert torch.isnan(lp[2]) and torch.equal(lp[[0, 1, 3, 4, 5]], clean[[0, 1, 3, 4, 5]])
     h = torch.randn(6, 8, requires_grad=True)
     (g,) = torch.autograd.grad(fastppo.linear_logprobs(h, weight, labels).sum(), h, create_graph=True)
-    with pytest.raises(RuntimeError, match="twice|once_differentiable|does not require grad"):
+    with pytest.raises(RuntimeError, match="cannot differentiate twice"):
         g.sum().backward()

@@ -1,9 +1,11 @@
+import math
+
 import pytest
 import torch
 
 import fastppo
 from fastppo import reference as ref
-from tests.helpers import DEVICE, assert_close_by_dtype, make_labels, make_logits
+from tests.helpers import DEVICE, MAGNITUDES, assert_close_by_dtype, magnitude_logits, make_labels, make_logits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -183,3 +185,69 @@ def test_torch_backend_matches_kernel():
     torch.testing.assert_close(lp, lp2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, ent2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g1.float(), logits.grad.float(), rtol=0.02, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- any magnitude (issue #21 class 2)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name,dtype", MAGNITUDES)
+def test_any_logit_magnitude_is_as_exact_as_fp32_log_softmax(backend, name, dtype):
+    """logp, entropy and the gradient to fp32 rounding of the float64 values at any magnitude: the row max
+    and log-sum are saved apart (one absolute fp32 lse lost 4e-4 at -1e4, 0.03 at 1e6, gave logp 0 and NaN
+    entropy across +-3e38)."""
+    V = 203
+    logits = magnitude_logits(name, dtype, (2, 3, V))
+    labels = make_labels((2, 3), V)
+    labels[0, 0] = 0                                             # a label at the row's top
+    with fastppo.use_backend(backend):
+        _check(logits, labels)
+        if name.startswith("bf16"):
+            lp, ent = fastppo.token_logprobs(logits, labels, return_entropy=True)
+            top = (logits[0, 0] == logits[0, 0].max()).sum().item()      # the entries at bf16's 3e38
+            assert abs(lp[0, 0].item() + math.log(top)) < 1e-6 and abs(ent[0, 0].item() - math.log(top)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name,dtype", MAGNITUDES)
+def test_full_kl_at_any_magnitude(backend, name, dtype):
+    """KL and its gradient against float64 at every magnitude (the fp16 +-65504 case gave 69071.46 where
+    68951.31 is right on the PyTorch backend). The reference shares the policy's top entries and adds three,
+    so the KL stays finite even across +-3e38."""
+    V = 203
+    p = magnitude_logits(name, dtype, (3, 2, V))
+    q = p.flip(-1).clone() if name[0].isdigit() or name[0] == "-" else p.clone()
+    q[..., 2:5] = p[..., 0:1]                                    # q's top set is a superset of p's
+    g = torch.randn(3, 2, device=DEVICE)
+    x = p.detach().clone().requires_grad_()
+    with fastppo.use_backend(backend):
+        kl = fastppo.full_kl(x, q)
+        (kl * g).sum().backward()
+    xr = p.detach().double().requires_grad_()
+    rkl = ref.full_kl(xr, q.double())
+    (rkl * g.double()).sum().backward()
+    assert torch.isfinite(rkl).all()
+    scale = 1.0 + rkl.abs().max().item()                         # the KL's own size: fp32 rounding of it
+    assert_close_by_dtype(kl, rkl, torch.float32, scale=scale)
+    assert_close_by_dtype(x.grad, xr.grad, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name,dtype", MAGNITUDES)
+def test_fused_ppo_loss_at_any_magnitude(backend, name, dtype):
+    """The fused loss shares token_logprobs' saved statistics: loss, log-probs, entropy, gradient vs float64."""
+    B, T, V = 2, 3, 203
+    logits = magnitude_logits(name, dtype, (B, T, V))
+    labels = make_labels((B, T), V, holes=0.0)
+    old, adv = torch.randn(B, T, device=DEVICE) - 4.0, torch.randn(B, T, device=DEVICE)
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    kw = dict(entropy_coef=0.1, return_entropy=True)
+    x = logits.detach().clone().requires_grad_()
+    with fastppo.use_backend(backend):
+        out = fastppo.fused_ppo_loss(x, labels, old, adv, mask, **kw)
+        out.loss.backward()
+    xr = logits.detach().double().requires_grad_()
+    rout = ref.fused_ppo_loss(xr, labels, old.double(), adv.double(), mask, **kw)
+    rout.loss.backward()
+    assert_close_by_dtype(out.loss, rout.loss, torch.float32)
+    assert_close_by_dtype(out.logprobs, rout.logprobs, torch.float32)
+    assert_close_by_dtype(out.entropy, rout.entropy, torch.float32)
+    assert_close_by_dtype(x.grad, xr.grad, dtype)

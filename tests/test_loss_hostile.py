@@ -217,26 +217,96 @@ def test_inplace_refuses_expanded_logits():
         fastppo.fused_ppo_loss(logits, labels, lp, torch.ones(B, T), torch.ones(B, T), inplace=True)
 
 
-def _double_backward(fn, x):
+# ----------------------------------------------------------------------------- double backward (issue #21, class 1)
+POLICY_VARIANTS = ["ppo", "gspo", "gspo_token", "cispo", "sapo", "gmpo", "gpg"]
+STOP_GRADIENT = ("cispo", "gspo_token")   # sg() in the formula: finite differences see through it, autograd not
+
+
+def _second(fn, x, w):
+    """(d fn / dx, d/dx sum(w * d fn / dx)) with autograd (create_graph), fn scalar."""
     x = x.detach().clone().requires_grad_()
     (g,) = torch.autograd.grad(fn(x), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    if not g.requires_grad:   # a gradient constant in x (gpg; cispo's sg)
+        return g, torch.zeros_like(x)
+    (h,) = torch.autograd.grad((g * w).sum(), x)
+    return g.detach(), h
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["k1", "abs", "k2", "k3", "low_var_kl"])
+def test_kl_penalty_double_backward_is_exact(backend, kind):
+    x = torch.randn(7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    r = torch.randn(7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, device=DEVICE)
+    with fastppo.use_backend(backend):
+        assert torch.autograd.gradgradcheck(lambda a, b: fastppo.kl_penalty(a, b, kind), (x, r))
+        got = _second(lambda a: (fastppo.kl_penalty(a, r.detach(), kind) ** 2).sum(), x, w)
+    want = _second(lambda a: (ref.kl_penalty(a, r.detach(), kind) ** 2).sum(), x, w)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy_loss", POLICY_VARIANTS)
+def test_policy_loss_double_backward_matches_autograd_of_the_formula(backend, policy_loss):
+    logp, old, adv, mask = (t.double() if t.is_floating_point() else t for t in _policy_inputs())
+    mask[2] = False
+    w = torch.randn(B, T, dtype=torch.float64, device=DEVICE)
+    kw = dict(policy_loss=policy_loss, agg="seq-mean-token-mean")
+    with fastppo.use_backend(backend):
+        got = _second(lambda a: fastppo.ppo_policy_loss(a, old, adv, mask, **kw)[0] * 1.7, logp, w)
+        if policy_loss not in STOP_GRADIENT:
+            assert torch.autograd.gradgradcheck(lambda a: fastppo.ppo_policy_loss(a, old, adv, mask, **kw)[0],
+                                                (logp.clone().requires_grad_(),))
+    want = _second(lambda a: ref.ppo_policy_loss(a, old, adv, mask, **kw)[0] * 1.7, logp, w)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)   # gmpo: n / (n + 1e-8) rounds differently
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_value_loss_double_backward_is_exact(backend, clip):
+    v, old, ret, mask = (t.double() if t.is_floating_point() else t for t in _policy_inputs())
+    w = torch.randn(B, T, dtype=torch.float64, device=DEVICE)
+    with fastppo.use_backend(backend):
+        assert torch.autograd.gradgradcheck(lambda a: fastppo.value_loss(a, old, ret, mask, clip=clip)[0],
+                                            (v.clone().requires_grad_(),))
+        got = _second(lambda a: fastppo.value_loss(a, old, ret, mask, clip=clip)[0], v, w)
+    want = _second(lambda a: ref.value_loss(a, old, ret, mask, clip=clip)[0], v, w)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _raises_twice(fn, x):
+    x = x.detach().clone().requires_grad_()
+    (g,) = torch.autograd.grad(fn(x), x, create_graph=True)
+    assert g.requires_grad   # else a second backward would fail for another reason
+    with pytest.raises(RuntimeError, match="cannot differentiate twice"):
         g.sum().backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_double_backward_raises_clear_error(backend):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_losses_double_backward_raises_clear_error(backend, inplace):
     logp, old, adv, mask = _policy_inputs()
     V = 33
-    logits = make_logits((B, T, V), torch.float32)
     labels = make_labels((B, T), V, holes=0.0)
     with fastppo.use_backend(backend):
-        _double_backward(lambda x: fastppo.ppo_policy_loss(x, old, adv, mask, policy_loss="sapo")[0], logp)
-        _double_backward(lambda x: fastppo.value_loss(x, old, adv, mask, clip=0.2)[0], logp)
-        _double_backward(lambda x: fastppo.kl_penalty(x, old, "k3").sum(), logp)
-        _double_backward(lambda x: fastppo.fused_ppo_loss(x, labels, old, adv, mask, entropy_coef=0.1).loss, logits)
-        _double_backward(lambda x: fastppo.fused_linear_ppo_loss(x, torch.randn(V, 8, device=DEVICE), labels, old,
-                                                                 adv, mask).loss, torch.randn(B, T, 8, device=DEVICE))
+        _raises_twice(lambda x: fastppo.fused_ppo_loss(x * 1.0, labels, old, adv, mask, entropy_coef=0.1,
+                                                       inplace=inplace).loss, make_logits((B, T, V), torch.float32))
+        if not inplace:
+            weight = torch.randn(V, 8, device=DEVICE)
+            _raises_twice(lambda x: fastppo.fused_linear_ppo_loss(x, weight, labels, old, adv, mask).loss,
+                          torch.randn(B, T, 8, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_advantage_ops_are_not_differentiable(backend):
+    """gae, masked_whiten, group_advantages, kl_shaped_rewards, rollout_is_weights have no autograd: their
+    outputs never carry a (silently wrong) gradient."""
+    x, old, _, mask = _policy_inputs()
+    x.requires_grad_()
+    with fastppo.use_backend(backend):
+        outs = [fastppo.gae(x, x, mask)[0], fastppo.masked_whiten(x, mask), fastppo.group_advantages(x[:, 0], 3),
+                fastppo.kl_shaped_rewards(x[:, 0], x, mask, kl_coef=0.1), fastppo.rollout_is_weights(x, old, mask)[0]]
+    assert not any(o.requires_grad for o in outs)
 
 
 _BIG_STRIDE = """
@@ -262,3 +332,166 @@ def test_64bit_offsets_in_loss_aggregation():
     if out.returncode != 0 and "MemoryError" in out.stderr + out.stdout or "can't allocate" in out.stderr:
         pytest.skip("this machine refuses an 8 GiB virtual allocation (no overcommit)")
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- issue #21: classes 3-7, 9
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["k1", "abs", "k2", "k3", "low_var_kl"])
+def test_kl_penalty_nan_gradient_is_autograds(backend, kind):
+    x = torch.tensor([NAN, -1.0, INF, 0.5], dtype=torch.float64, device=DEVICE)
+    r = torch.tensor([-1.0, NAN, 0.0, -INF], dtype=torch.float64, device=DEVICE)
+    with fastppo.use_backend(backend):
+        got = _grad_of(lambda a: fastppo.kl_penalty(a, r, kind).sum(), x)
+    want = _grad_of(lambda a: ref.kl_penalty(a, r, kind).sum(), x)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy_loss", ["gspo", "gspo_token", "gmpo", "cispo", "sapo"])
+@pytest.mark.parametrize("where", ["logp", "old", "adv"])
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_policy_nonfinite_gradient_is_autograds(backend, policy_loss, where, value):
+    logp, old, adv, mask = (t.double() if t.is_floating_point() else t for t in _policy_inputs())
+    {"logp": logp, "old": old, "adv": adv}[where][0, 2] = value
+    with fastppo.use_backend(backend):
+        got = _grad_of(lambda a: fastppo.ppo_policy_loss(a, old, adv, mask, policy_loss=policy_loss)[0], logp)
+    want = _grad_of(lambda a: ref.ppo_policy_loss(a, old, adv, mask, policy_loss=policy_loss)[0], logp)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=1e-9)   # sapo: the kernel takes tau as fp32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gspo_token_saturated_ratio_follows_verl(backend):
+    """Mean log-ratio > 10: verl clamps log s per token, so the gradient is 0 there (finite elsewhere)."""
+    logp = torch.full((2, 4), -1.0, dtype=torch.float64, device=DEVICE)
+    old = logp.clone()
+    old[0] -= 12.0
+    adv, mask = torch.ones(2, 4, dtype=torch.float64, device=DEVICE), torch.ones(2, 4, dtype=torch.bool, device=DEVICE)
+    with fastppo.use_backend(backend):
+        got = _grad_of(lambda a: fastppo.ppo_policy_loss(a, old, adv, mask, policy_loss="gspo_token",
+                                                         clip_high=1e6)[0], logp)
+    want = _grad_of(lambda a: ref.ppo_policy_loss(a, old, adv, mask, policy_loss="gspo_token", clip_high=1e6)[0],
+                    logp)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert (got[1][0] == 0).all() and (got[1][1] != 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int32, torch.bfloat16, torch.float16,
+                                   torch.float64])
+def test_every_mask_dtype_on_every_masked_op(backend, dtype):
+    x, old, adv, m = (t.double() if t.is_floating_point() else t for t in _policy_inputs())
+    mask = m.to(dtype)
+    V = 40
+    logits, labels = make_logits((B, T, V), torch.float64), make_labels((B, T), V, holes=0.0)
+    calls = {
+        "ppo": lambda k, mm: k.ppo_policy_loss(x, old, adv, mm)[0],
+        "value": lambda k, mm: k.value_loss(x, old, adv, mm, clip=0.2)[0],
+        "fused": lambda k, mm: k.fused_ppo_loss(logits, labels, old, adv, mm, entropy_coef=0.1).loss,
+        "gae": lambda k, mm: k.gae(x, old, mm)[0],
+        "whiten": lambda k, mm: k.masked_whiten(x, mm),
+        "shaped": lambda k, mm: k.kl_shaped_rewards(adv[:, 0], x, mm, kl_coef=0.1),
+        "is": lambda k, mm: k.rollout_is_weights(x, old, mm),
+    }
+    first = lambda r: r[0] if isinstance(r, tuple) else r  # noqa: E731  (the reference returns the weights alone)
+    with fastppo.use_backend(backend):
+        for name, call in calls.items():
+            got, want = first(call(fastppo, mask)).double(), first(call(ref, m)).double()
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_accepts_the_shifted_view_and_writes_into_it(backend):
+    logp, old, adv, mask = _policy_inputs()
+    V = 30
+    full = make_logits((B, T + 1, V), torch.float32)
+    labels = make_labels((B, T), V, holes=0.0)
+    xr = full.double()[:, :-1].detach().requires_grad_()
+    ref.fused_ppo_loss(xr, labels, old, adv, mask).loss.backward()
+    with fastppo.use_backend(backend):
+        base = full.clone().requires_grad_()
+        view = base * 1.0
+        shifted = view[:, :-1]
+        grad = torch.autograd.grad(fastppo.fused_ppo_loss(shifted, labels, old, adv, mask, inplace=True).loss,
+                                   shifted)[0]
+    torch.testing.assert_close(grad.double(), xr.grad, rtol=1e-4, atol=1e-6)
+    if backend == "triton":
+        assert grad.data_ptr() == shifted.data_ptr()   # written over the view's own storage
+
+
+BAD = {"nan": NAN, "inf": INF, "str": "0.5", "bool": True, "none": None, "neg": -1.0}
+
+
+def _option_table():
+    x, old, adv, mask = _policy_inputs()
+    V = 20
+    logits, labels = make_logits((B, T, V), torch.float32), make_labels((B, T), V, holes=0.0)
+    h, w, lab = torch.randn(B, T, 6), torch.randn(V, 6), labels
+    ppo = lambda **k: fastppo.ppo_policy_loss(x, old, adv, mask, **k)  # noqa: E731
+    return {
+        ("temperature", "token_logprobs"): lambda v: fastppo.token_logprobs(logits, labels, temperature=v),
+        ("temperature", "linear_logprobs"): lambda v: fastppo.linear_logprobs(h, w, lab, temperature=v),
+        ("temperature", "full_kl"): lambda v: fastppo.full_kl(logits, logits, temperature=v),
+        ("temperature", "fused_ppo_loss"): lambda v: fastppo.fused_ppo_loss(logits, labels, old, adv, mask,
+                                                                             temperature=v),
+        ("logit_scale", "token_logprobs"): lambda v: fastppo.token_logprobs(logits, labels, logit_scale=v),
+        ("logit_scale", "linear_logprobs"): lambda v: fastppo.linear_logprobs(h, w, lab, logit_scale=v),
+        ("logit_scale", "fused_linear_ppo_loss"): lambda v: fastppo.fused_linear_ppo_loss(
+            h, w, lab, old, adv, mask, logit_scale=v),
+        ("final_logit_softcapping", "linear_logprobs"): lambda v: fastppo.linear_logprobs(
+            h, w, lab, final_logit_softcapping=v),
+        ("clip_low", "ppo_policy_loss"): lambda v: ppo(clip_low=v),
+        ("clip_high", "ppo_policy_loss"): lambda v: ppo(clip_high=v),
+        ("dual_clip", "ppo_policy_loss"): lambda v: ppo(dual_clip=v),
+        ("ratio_max", "ppo_policy_loss"): lambda v: ppo(ratio_max=v),
+        ("sapo_tau_pos", "ppo_policy_loss"): lambda v: ppo(policy_loss="sapo", sapo_tau_pos=v),
+        ("entropy_quantile", "ppo_policy_loss"): lambda v: ppo(entropy_quantile=v, entropy=x),
+        ("num_tokens", "ppo_policy_loss"): lambda v: ppo(num_tokens=v),
+        ("num_seqs", "ppo_policy_loss"): lambda v: ppo(num_seqs=v, agg="seq-mean-token-sum"),
+        ("horizon", "ppo_policy_loss"): lambda v: ppo(horizon=v, agg="seq-mean-token-sum-norm"),
+        ("clip", "value_loss"): lambda v: fastppo.value_loss(x, old, adv, mask, clip=v),
+        ("kl_coef", "fused_ppo_loss"): lambda v: fastppo.fused_ppo_loss(logits, labels, old, adv, mask,
+                                                                         ref_logprobs=old, kl_coef=v),
+        ("entropy_coef", "fused_ppo_loss"): lambda v: fastppo.fused_ppo_loss(logits, labels, old, adv, mask,
+                                                                              entropy_coef=v),
+        ("kl_coef", "kl_shaped_rewards"): lambda v: fastppo.kl_shaped_rewards(adv[:, 0], x, mask, kl_coef=v),
+        ("eps", "group_advantages"): lambda v: fastppo.group_advantages(adv[:, 0], 3, eps=v),
+        ("gamma", "gae"): lambda v: fastppo.gae(x, old, mask, gamma=v),
+        ("lam", "gae"): lambda v: fastppo.gae(x, old, mask, lam=v),
+        ("max", "rollout_is_weights"): lambda v: fastppo.rollout_is_weights(x, old, mask, max=v),
+        ("kl_coef", "FixedKLController"): lambda v: fastppo.FixedKLController(v),
+        ("target", "AdaptiveKLController"): lambda v: fastppo.AdaptiveKLController(0.1, v, 100.0),
+    }
+
+
+# values an option may legitimately take (None: the documented default / off; inf: no clip / no cap)
+ALLOWED = {("clip_high", "none"), ("dual_clip", "none"), ("ratio_max", "none"), ("entropy_quantile", "none"),
+           ("num_tokens", "none"), ("num_seqs", "none"), ("horizon", "none"), ("clip", "none"), ("clip", "inf"),
+           ("final_logit_softcapping", "none"), ("max", "inf"), ("logit_scale", "neg"),
+           ("kl_coef", "neg"), ("entropy_coef", "neg")}
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+@pytest.mark.parametrize("case", list(_option_table()), ids=lambda c: f"{c[1]}-{c[0]}")
+def test_every_numeric_option_is_validated_by_name(case, bad):
+    option, _op = case
+    call = _option_table()[case]
+    if (option, bad) in ALLOWED:
+        call(BAD[bad])
+        return
+    with pytest.raises((ValueError, TypeError), match=option):
+        call(BAD[bad])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_loss_clip_inf_is_no_clip(backend):
+    v, old, ret, mask = (t.double() if t.is_floating_point() else t for t in _policy_inputs())
+    with fastppo.use_backend(backend):
+        got = _grad_of(lambda a: fastppo.value_loss(a, old, ret, mask, clip=INF)[0], v)
+    want = _grad_of(lambda a: ref.value_loss(a, old, ret, mask, clip=None)[0], v)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_list_mask_is_a_type_error_naming_mask():
+    x, old, adv, _ = _policy_inputs()
+    with pytest.raises(TypeError, match="mask"):
+        fastppo.ppo_policy_loss(x, old, adv, [[1] * T] * B)

@@ -290,7 +290,7 @@ def test_a_nan_loss_skips_the_step_and_leaves_the_weights_unchanged(tmp_path, ba
 
 
 def test_policy_loss_variants_from_the_command_line(tmp_path, monkeypatch, capsys):
-    import fastppo.trainer.ppo as ppo_mod
+    import fastppo.trainer.update as ppo_mod
 
     seen = []
     real = ppo_mod.fused_linear_ppo_loss

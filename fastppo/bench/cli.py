@@ -1,4 +1,4 @@
-"""`fastppo bench [--ops ...] [--out DIR] [--dtype bf16] [--aot]`: fastppo, TRL, Liger-Kernel and the
+"""`fastppo bench [--ops ...] [--out DIR] [--dtype bf16|fp16|fp32] [--aot]`: fastppo, TRL, Liger-Kernel and the
 eager reference side by side (bytes, FLOPs, launches, peak memory, projected and measured time)."""
 
 from __future__ import annotations
@@ -8,15 +8,20 @@ import os
 import time
 from pathlib import Path
 
+# --dtype: the short names the help shows, and torch's names
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+          "float32": "float32"}
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastppo bench", description=__doc__)
     p.add_argument("--ops", nargs="+", default=None, help="ops to report (default: all)")
     p.add_argument("--out", default="bench_out", help="folder for bench.csv, bench.md, bench.png")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="input dtype of the ops (default bf16)")
     p.add_argument("--aot", action="store_true", help="registers, spills, shared memory and vector loads "
                    "per kernel for sm_80 and sm_90 instead")
     args = p.parse_args(argv)
+    dtype_name = DTYPES[args.dtype]
 
     import torch
 
@@ -45,18 +50,19 @@ def main(argv=None) -> int:
     unknown = [o for o in ops if o not in OPS]
     if unknown:
         p.error(f"unknown ops {unknown}; choose from {list(OPS)}")
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, dtype_name)
     start = time.perf_counter()
     if cuda or not interpreted:
         print("counting bytes and launches in Triton's interpreter (CPU subprocess) ...")
-        rows = rows_in_subprocess(ops, args.dtype)
+        rows = rows_in_subprocess(ops, dtype_name)
     else:
         with tqdm(total=runs(ops), desc="measuring in Triton's interpreter", unit="run") as bar:
             rows = model_rows(ops, dtype, bar)
     if cuda:
         for r in tqdm([r for r in rows if r["source"] == "derived"], desc="timing on the GPU"):
             measure_cuda(r, dtype)
-    doc, png = write_outputs(rows, Path(args.out), cuda)
+    command = f"fastppo bench --out {args.out} --dtype {args.dtype}" + (f" --ops {' '.join(ops)}" if args.ops else "")
+    doc, png = write_outputs(rows, Path(args.out), cuda, command)
     print(doc)
     print(f"wrote {args.out}/bench.csv, bench.md" + (f", {png.name}" if png else "") +
           f" in {time.perf_counter() - start:.0f} s. 'derived' rows extrapolate exact interpreter counts;"

@@ -4,6 +4,7 @@
     fastppo train --mode grpo --iterations 40
     fastppo train config.yaml                       # every flag from a JSON / YAML file
     fastppo train --resume runs/demo --iterations 200   # continue the run (its saved configuration)
+    fastppo train --overwrite                       # start afresh in a folder holding a run (deletes that run)
     fastppo train --policy DIR --reward DIR --prompts prompts.jsonl [--critic DIR] [--ref DIR]
     fastppo train --policy DIR --reward_funcs mymod:score --prompts data.parquet --prompts_column question
     fastppo train --lora_r 8 --bf16 --report_to tensorboard
@@ -106,7 +107,22 @@ def _is_demo(cfg: TrainConfig) -> bool:
         return False   # from_config reports it
 
 
+def _interrupted(out: Path) -> str:
+    """The Ctrl-C line: where the last complete checkpoint is and how to continue."""
+    from . import checkpoint
+
+    try:
+        last = checkpoint.latest(out)
+    except FileNotFoundError:
+        return f"fastppo train: interrupted before the first checkpoint in {out}; nothing to resume: run it again"
+    return (f"fastppo train: interrupted; the last checkpoint is {last}: continue with "
+            f"`fastppo train --resume {out}`")
+
+
 def main(argv=None) -> int:
+    """Exit status 0, or 2 with one line on stderr (what, where, what to do) for a bad flag or file, an output
+    folder that cannot be written or holds another run, a model folder that cannot be loaded, a full disk,
+    or Ctrl-C."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg, given = parse_config_and_flags(argv)
@@ -123,22 +139,29 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from .ppo import PPOTrainer, _device
+    from .launch import _device
+    from .ppo import PPOTrainer
 
     transformers.utils.logging.disable_progress_bar()
     if _is_demo(cfg) and _device(cfg).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # the demo's matrices are tiny: one intra-op thread is faster (25.6 s vs 31.2 s wall on an idle 2-core
         # box, 5x faster on a busy one) and gives the same numbers on any core count
         torch.set_num_threads(1)
+    trainer = None
     try:
         trainer = PPOTrainer.from_config(cfg, log=log, explicit=given)
-    except (ValueError, FileNotFoundError) as e:
+        metrics = trainer.train()
+    except (ValueError, OSError) as e:   # checkpoint.WriteError is an OSError
         print(f"fastppo train: {e}", file=sys.stderr)
         return 2
-    try:
-        metrics = trainer.train()
+    except KeyboardInterrupt:
+        out = trainer.cfg.out if trainer is not None else (cfg.out if not cfg.resume or "out" in given
+                                                            else cfg.resume)
+        print(_interrupted(Path(out)), file=sys.stderr)
+        return 2
     finally:
-        trainer.par.close()
+        if trainer is not None:
+            trainer.par.close()
     if not trainer.par.is_main:
         return 0
     print(summarize(metrics))

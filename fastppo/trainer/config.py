@@ -22,6 +22,8 @@ class TrainConfig:
     iterations: int = field(default=100, metadata={"help": "rollout + update iterations"})
     mode: str = field(default="ppo", metadata={"help": "ppo (critic + GAE) or grpo (group advantages, no critic)"})
     resume: str | None = field(default=None, metadata={"help": "continue from the last checkpoint in this folder"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "a fresh run into an --out that holds a run deletes that run's files first (without it: refused)"})
     save_every: int = field(default=10, metadata={"help": "checkpoint every N iterations (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many checkpoints to keep"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -35,6 +37,8 @@ class TrainConfig:
         "help": "data parallelism under torchrun: none, ddp (DistributedDataParallel) or fsdp2 (fully_shard)"})
     grad_accum: int = field(default=1, metadata={
         "help": "micro-batches per minibatch on each rank (gradient accumulation; same loss as one pass)"})
+    keep_dropout: bool = field(default=False, metadata={
+        "help": "keep the models' dropout (default: off in policy, reference, reward model and critic, as TRL)"})
     bf16: bool = field(default=False, metadata={
         "help": "bfloat16 autocast for the policy / reference / reward / critic forwards (fp32 master weights)"})
     # rollouts
@@ -75,7 +79,8 @@ class TrainConfig:
     critic: str | None = field(default=None, metadata={"help": "local AutoModelForTokenClassification folder"})
     ref: str | None = field(default=None, metadata={"help": "reference model folder (default: frozen policy copy)"})
     prompts: str | None = field(default=None, metadata={
-        "help": "prompts: a JSONL / JSON / Parquet / CSV file, a folder saved by datasets, or a datasets hub name"})
+        "help": "prompts: a JSONL / JSON / Parquet / CSV file, a folder saved by datasets, or a datasets hub name "
+                "(hub:owner/name when it has a '/'; a missing local path is an error, never a hub request)"})
     prompts_column: str = field(default="prompt", metadata={"help": "column (JSONL field) holding the prompt text"})
     prompts_split: str = field(default="train", metadata={"help": "split of a datasets dataset"})
     reward_funcs: list[str] = field(default_factory=list, metadata={
@@ -218,7 +223,7 @@ def report_targets(report_to: str) -> list[str]:
 # Flags that may differ from a checkpoint's configuration on --resume (logged as an override); any other
 # contradicting flag is an error, since it would silently change the run being continued.
 MAY_CHANGE_ON_RESUME = frozenset({"iterations", "save_every", "keep_checkpoints", "progress", "log_every",
-                                  "report_to", "out", "resume", "device", "backend"})
+                                  "report_to", "out", "resume", "overwrite", "device", "backend"})
 
 
 def explicit_fields(cfg: TrainConfig) -> set[str]:
@@ -246,7 +251,7 @@ def merge_for_resume(cfg: TrainConfig, saved: dict, explicit: set[str] | None, s
     merged = dataclasses.replace(cfg)
     for name in sorted(names & set(saved)):
         now, then = getattr(cfg, name), saved[name]
-        if name == "resume":
+        if name in ("resume", "overwrite"):   # what this invocation does, never restored
             continue
         if name not in given:
             setattr(merged, name, then)

@@ -97,6 +97,18 @@ class ToyTask:
         return torch.tensor(seqs)
 
 
+def tokenizer():
+    """The demo's word-level tokenizer (WORDS, whitespace-separated, no special tokens added): saved beside every
+    demo policy, so a demo checkpoint loads like any Hugging Face model (`--policy checkpoint-N/policy`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token=WORDS[FILL]))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=WORDS[BOS], eos_token=WORDS[EOS],
+                                   pad_token=WORDS[PAD], unk_token=WORDS[FILL])
+
+
 def tiny_llama_config():
     from transformers import LlamaConfig
 

@@ -32,7 +32,38 @@ class Setup:
 
 
 def _load(cls, path, **kw):
-    return cls.from_pretrained(str(path), local_files_only=True, **kw)
+    """cls.from_pretrained of a local folder; a folder that cannot be loaded (truncated or corrupt safetensors,
+    a pickle where weights belong, which is never executed) is a ValueError naming it."""
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True, **kw)
+    except Exception as e:   # safetensors, pickle, OSError, ValueError: every way a folder can be unloadable
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: cannot load it as {cls.__name__} ({type(e).__name__}: {first}); the weights are "
+                         f"truncated, corrupt or not safetensors (pickles are never unpickled): re-save or "
+                         f"re-download the folder") from None
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in `model` (TRL's disable_dropout_in_model, and the config): every nn.Dropout's p = 0, every
+    float `*dropout` attribute of a module or of the config = 0. A peft model's `lora_dropout` modules are the
+    adapter's own (--lora_dropout) and stay as set."""
+    if model is None:
+        return
+    configs = []
+    for name, module in model.named_modules():
+        if "lora_dropout" in name:
+            continue
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr, value in list(vars(module).items()):
+            if attr.endswith("dropout") and isinstance(value, float):
+                setattr(module, attr, 0.0)
+        if getattr(module, "config", None) is not None and hasattr(module.config, "to_dict"):
+            configs.append(module.config)
+    for config in configs:
+        for attr, value in config.to_dict().items():
+            if attr.endswith("dropout") and isinstance(value, float):
+                setattr(config, attr, 0.0)
 
 
 def apply_lora(cfg, base, adapter_dir: Path | None = None):
@@ -68,7 +99,7 @@ def build_demo(cfg, out: Path, resume_from: Path | None = None, run_dir: Path | 
             ph["detail"] = f"held-out pair accuracy {info['reward_model_accuracy']:.3f}"
         with phase(f"warm-up: {cfg.sft_steps} supervised steps of the policy on the answer format", log):
             demo.warm_up_policy(task, policy, cfg.sft_steps, cfg.seed)
-        checkpoint.save_frozen(out, {"ref": policy, "reward": reward})
+        checkpoint.save_frozen(out, {"ref": policy, "reward": reward}, tokenizer=demo.tokenizer())
         ref = None if cfg.lora_r else copy.deepcopy(policy)
         if cfg.lora_r:
             policy = apply_lora(cfg, policy)
@@ -89,7 +120,7 @@ def build_demo(cfg, out: Path, resume_from: Path | None = None, run_dir: Path | 
 
     return Setup(policy=policy, ref=ref, reward_model=reward, critic=critic if cfg.mode == "ppo" else None,
                  prompt_fn=prompt_fn, eos_id=demo.EOS, pad_id=demo.PAD, decode=demo.decode,
-                 task_score_fn=task.score, info=info)
+                 task_score_fn=task.score, tokenizer=demo.tokenizer(), info=info)
 
 
 def build_real(cfg, prompts: list[str], resume_from: Path | None = None, log=print) -> Setup:

@@ -30,24 +30,23 @@ import torch
 from .. import (
     AdaptiveKLController,
     FixedKLController,
-    fused_linear_ppo_loss,
     gae,
     group_advantages,
     kl_penalty,
     kl_shaped_rewards,
     masked_whiten,
-    value_loss,
 )
 from . import checkpoint
 from .config import TrainConfig, report_targets
+from .models import disable_dropout
 from .parallel import Parallel
-from .reporting import Progress, Reporters, phase, read_metrics, write_metrics
-from .rollout import Rollout, generate, response_hidden_and_head, response_logprobs, response_values
+from .reporting import Progress, Reporters, phase, write_metrics
+from .rollout import Rollout, generate, response_logprobs, response_values
+from .update import UpdateSteps, token_counts
 
 
 def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
 
 
 def backend_scope(name: str | None):
@@ -66,13 +65,15 @@ def _in_backend(method):
 
     return run
 
-class PPOTrainer:
+
+class PPOTrainer(UpdateSteps):
     """policy: AutoModelForCausalLM (or a peft LoRA model: then the reference is the base model with the adapter
     disabled, no second copy); ref: frozen reference (default: a frozen copy of the policy); reward_model:
     AutoModelForSequenceClassification scoring prompt + response, and/or reward_fn(sequences, attention_mask,
     prompt_len) -> [B] scores (both given: their sum); critic: AutoModelForTokenClassification(num_labels=1)
     (ppo mode). prompt_fn(n, generator, group_size) -> (prompt_ids, prompt_mask); task_score_fn(prompt_ids,
-    response) -> [B] optional ground truth (logged as task_score_mean); tokenizer: saved with each checkpoint."""
+    response) -> [B] optional ground truth (logged as task_score_mean); tokenizer: saved with each checkpoint.
+    Dropout is switched off in every model (disable_dropout) unless config.keep_dropout."""
 
     def __init__(self, config: TrainConfig, policy, *, prompt_fn: Callable, eos_id: int, pad_id: int, ref=None,
                  reward_model=None, reward_fn: Callable | None = None, critic=None,
@@ -83,6 +84,9 @@ class PPOTrainer:
         if config.mode == "ppo" and critic is None:
             raise ValueError("ppo mode needs a critic (AutoModelForTokenClassification with num_labels=1)")
         self.cfg = config
+        if not config.keep_dropout:   # old / new log-probs and values must come from the same function
+            for model in (policy, ref, reward_model, critic):
+                disable_dropout(model)
         self.policy, self.critic = policy, (critic if config.mode == "ppo" else None)
         self.lora = _is_peft(policy)
         if self.lora:
@@ -121,60 +125,11 @@ class PPOTrainer:
         (cfg.resume: the run folder's last complete checkpoint, its saved configuration merged with the flags
         given now, see config.merge_for_resume). Everything that can be checked is checked before a model is
         built: the configuration, the checkpoint's state file (weights_only), the prompts, the reward
-        functions. explicit: the flags the user gave (default: the fields that differ from the defaults)."""
-        import random
+        functions, the output folder (writable, and holding no other run unless cfg.overwrite; see launch.py).
+        explicit: the flags the user gave (default: the fields that differ from the defaults)."""
+        from .launch import build_trainer
 
-        from .config import merge_for_resume
-        from .data import combined_reward, load_prompts, load_reward_funcs
-        from .models import build_demo, build_real
-
-        cfg.validate()
-        if not checkpoint.main_process():
-            log = _quiet
-        resume_from = state = None
-        if cfg.resume:
-            run_dir = Path(cfg.resume)
-            for p in checkpoint.clean_stale(run_dir):
-                log(f"removed {p.name} (left by an interrupted run)")
-            resume_from = checkpoint.latest(run_dir)
-            cfg = merge_for_resume(cfg, checkpoint.load_config(resume_from), explicit, resume_from, log)
-            state = checkpoint.load_state(resume_from)
-        out = Path(cfg.out)
-        prompts = load_prompts(cfg.prompts, cfg.prompts_column, cfg.prompts_split) if cfg.policy else None
-        reward_funcs = load_reward_funcs(cfg.reward_funcs)
-        parallel = Parallel.setup(cfg.parallel, _device(cfg))
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        with backend_scope(cfg.backend):
-            if cfg.policy is None:
-                setup = build_demo(cfg, out, resume_from, Path(cfg.resume) if cfg.resume else None, log)
-            else:
-                setup = build_real(cfg, prompts, resume_from, log)
-        device = _device(cfg)
-        policy, ref, reward_model, critic = (None if m is None else m.to(device) for m in
-                                             (setup.policy, setup.ref, setup.reward_model, setup.critic))
-        reward_fn = None
-        if reward_funcs:
-            text_reward = combined_reward(reward_funcs, cfg.reward_weights)
-
-            def reward_fn(seqs, attn, prompt_len):
-                prompt_ids, response = seqs[:, :prompt_len].tolist(), seqs[:, prompt_len:].tolist()
-                resp_mask = attn[:, prompt_len:].tolist()
-                completion_ids = [[t for t, m in zip(r, k) if m] for r, k in zip(response, resp_mask)]
-                return text_reward(prompts=[setup.decode(p) for p in prompt_ids],
-                                   completions=[setup.decode(c) for c in completion_ids],
-                                   completion_ids=completion_ids)
-
-        trainer = cls(cfg, policy, prompt_fn=setup.prompt_fn, eos_id=setup.eos_id, pad_id=setup.pad_id, ref=ref,
-                      reward_model=reward_model, reward_fn=reward_fn, critic=critic,
-                      task_score_fn=setup.task_score_fn, tokenizer=setup.tokenizer, log=log, parallel=parallel)
-        trainer.info = setup.info
-        if state is not None:
-            trainer.load_state_dict(state)
-            trainer.history = [m for m in read_metrics(Path(cfg.resume) / "metrics.jsonl")
-                               if m["iteration"] < trainer.iteration]
-            log(f"resumed from {resume_from} at iteration {trainer.iteration}")
-        return trainer
+        return build_trainer(cls, cfg, log, explicit)
 
     def _amp(self):
         """bf16 autocast for the forward passes (--bf16); the weights and optimiser state stay fp32."""
@@ -237,102 +192,6 @@ class PPOTrainer:
         rewards = kl_shaped_rewards(ro.scores, kl, ro.mask, kl_coef=self.kl_ctl.value)
         adv, returns = gae(rewards, ro.values, ro.mask, gamma=cfg.gamma, lam=cfg.lam)
         return masked_whiten(adv, ro.mask), returns, kl
-
-    # ------------------------------------------------------------------ update
-    def _policy_step(self, mb: Rollout, adv, counts: dict | None = None) -> dict:
-        """One optimiser step of the policy on `mb` (this rank's part of a minibatch), normalised by the
-        minibatch's global `counts` (num_tokens, num_seqs, horizon; default: mb's own)."""
-        cfg = self.cfg
-        counts = counts or token_counts(mb.mask)
-        self.policy.train()
-        grpo = cfg.mode == "grpo"
-        stats = []
-
-        def micro_loss(sl):
-            with self._amp():
-                hidden, weight, bias = response_hidden_and_head(self.policy, mb.select(sl))
-            out = fused_linear_ppo_loss(
-                hidden, weight.to(hidden.dtype), mb.labels[sl], mb.old_logprobs[sl], adv[sl], mb.mask[sl],
-                bias=bias, ref_logprobs=mb.ref_logprobs[sl] if grpo else None,
-                kl_coef=self.kl_ctl.value if grpo else 0.0, kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef,
-                clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-                policy_loss=cfg.policy_loss, ratio_max=cfg.ratio_max, sapo_tau_pos=cfg.sapo_tau_pos,
-                sapo_tau_neg=cfg.sapo_tau_neg, entropy_quantile=cfg.entropy_quantile,
-                temperature=cfg.temperature, agg=cfg.agg, return_entropy=True, **counts)
-            stats.append(_weighted(out.loss, mb.mask[sl], out.stats, ("clipfrac", "entropy", "approx_kl")))
-            return out.loss
-
-        losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
-        if not self._step(losses, self.policy_params, self.policy_opt, model=self.policy):
-            return {}
-        return self._reduce_logs("policy_loss", ("clipfrac", "entropy", "approx_kl"), stats, counts)
-
-    def _critic_step(self, mb: Rollout, returns, counts: dict | None = None) -> dict:
-        counts = counts or token_counts(mb.mask)
-        self.critic.train()
-        stats = []
-
-        def micro_loss(sl):
-            with self._amp():
-                values = response_values(self.critic, mb.select(sl))
-            loss, st = value_loss(values, mb.values[sl], returns[sl], mb.mask[sl], clip=self.cfg.vf_clip,
-                                  agg=self.cfg.agg, **counts)
-            stats.append(_weighted(loss, mb.mask[sl], st, ("vf_clipfrac",)))
-            return loss
-
-        losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
-        if not self._step(losses, list(self.critic.parameters()), self.critic_opt, model=self.critic):
-            return {}
-        return self._reduce_logs("value_loss", ("vf_clipfrac",), stats, counts)
-
-    def _micro_slices(self, mb: Rollout) -> list[slice]:
-        n = mb.mask.shape[0]
-        k = n // self.cfg.grad_accum
-        return [slice(i * k, (i + 1) * k) for i in range(self.cfg.grad_accum)]
-
-    def _reduce_logs(self, loss_name, stat_names, stats, counts) -> dict:
-        """Global minibatch loss (sum of every micro-batch share on every rank) and token-weighted statistics:
-        one all-reduce."""
-        total = self.par.all_reduce_sum(torch.stack([torch.stack(s) for s in stats]).sum(0))
-        values = total.tolist()
-        logs = {loss_name: values[0]}
-        for name, v in zip(stat_names, values[1:]):
-            logs[name] = v / counts["num_tokens"]
-        return logs
-
-    def _step(self, loss, params, opt, model=None) -> bool:
-        """Backward, clip, step. `loss`: a 0-d tensor, or a list of zero-argument functions that compute the
-        micro-batch losses (gradient accumulation: each is backpropagated before the next is computed; `model`
-        synchronises gradients across ranks on the last one only). Each loss is scaled by parallel.grad_scale
-        before backward. A non-finite loss on any rank or a non-finite gradient norm skips the step on every
-        rank (weights and optimiser state untouched) with a warning."""
-        if hasattr(params, "parameters"):
-            params = [p for p in params.parameters() if p.requires_grad]
-        micro = [lambda: loss] if isinstance(loss, torch.Tensor) else list(loss)
-        opt.zero_grad(set_to_none=True)
-        n_bad, first_bad = torch.zeros(()), None
-        for i, compute in enumerate(micro):
-            with self.par.micro_batch(model, last=i == len(micro) - 1):
-                value = compute()
-                (value * self.par.grad_scale).backward()
-            if not torch.isfinite(value.detach()):
-                n_bad += 1
-                first_bad = value.item() if first_bad is None else first_bad
-        if self.par.all_reduce_sum(n_bad).item() > 0:
-            warnings.warn(f"iteration {self.iteration}: non-finite loss {first_bad} (on some rank); step skipped",
-                          stacklevel=3)
-            self.skipped_steps += 1
-            opt.zero_grad(set_to_none=True)
-            return False
-        norm = self.par.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        if not torch.isfinite(norm):
-            warnings.warn(f"iteration {self.iteration}: non-finite gradient norm {norm.item()}; step skipped",
-                          stacklevel=3)
-            self.skipped_steps += 1
-            opt.zero_grad(set_to_none=True)
-            return False
-        opt.step()
-        return True
 
     @_in_backend
     def train_iteration(self) -> dict:
@@ -400,8 +259,9 @@ class PPOTrainer:
         reporters = Reporters(out, report_targets(cfg.report_to), dataclasses.asdict(cfg), run_name=out.name)
         progress = Progress(cfg.iterations, self.iteration, f"fastppo {cfg.mode}", cfg.progress, cfg.log_every,
                             self.log)
+        log = progress.around(self.log)
         try:
-            with phase(f"{cfg.mode}: iterations {self.iteration}..{cfg.iterations}", self.log):
+            with phase(f"{cfg.mode}: iterations {self.iteration}..{cfg.iterations}", log):
                 while self.iteration < cfg.iterations:
                     m = self.train_iteration()
                     metrics.append(m)
@@ -485,35 +345,6 @@ class PPOTrainer:
         if self.critic_opt is not None and state["critic_opt"] is not None:
             self.par.load_optimizer_state(self.critic, self.critic_opt, state["critic_opt"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-
-
-def token_counts(mask: torch.Tensor) -> dict:
-    """The global normalisers of a minibatch's losses (see fastppo's agg modes): tokens, sequences with a
-    token, horizon. Passed to every micro-batch's loss, so the micro-batch losses add up to the minibatch loss."""
-    per_seq = mask.sum(1)
-    return {"num_tokens": max(float(per_seq.sum()), 1.0), "num_seqs": max(float((per_seq > 0).sum()), 1.0),
-            "horizon": float(mask.shape[1])}
-
-
-def _weighted(loss, mask, stats: dict, names) -> list:
-    """[loss, stat * tokens, ...] of one micro-batch: summed over micro-batches and ranks, then divided by
-    the minibatch's tokens, the token-weighted mean of each statistic."""
-    n = mask.sum().to(torch.float32)
-    zero = torch.zeros((), device=n.device)
-    return [loss.detach().float().cpu()] + [torch.where(n > 0, stats[k].detach().float() * n, zero).cpu()
-                                             for k in names]
-
-
-def _quiet(*_args, **_kwargs):
-    """The log of ranks other than 0."""
-
-
-def _device(cfg) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device=cuda but CUDA is not available")
-    return torch.device(cfg.device)
 
 
 def _version() -> str:

@@ -136,6 +136,18 @@ class Progress:
             self.log(f"iteration {done}/{self.total} ({rate:.1f} s/it, ~{rate * (self.total - done):.0f} s left) "
                      f"{fields}")
 
+    def around(self, log):
+        """`log` for lines printed while the bar is shown: the bar is cleared first and redrawn below the line
+        (tqdm's external_write_mode), so a line never runs into it."""
+        if self.bar is None:
+            return log
+
+        def write(*args, **kwargs):
+            with self.bar.external_write_mode():
+                log(*args, **kwargs)
+
+        return write
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
