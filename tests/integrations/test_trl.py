@@ -17,7 +17,7 @@ import trl
 import fastppo.integrations as fi
 
 # .ci/install puts TRL 1.14.0 here (inside the clone, or where FASTPPO_TRL114 says)
-TRL114 = os.environ.get("FASTPPO_TRL114", str(Path(__file__).resolve().parents[1] / ".cache" / "trl-1.14.0"))
+TRL114 = os.environ.get("FASTPPO_TRL114", str(Path(__file__).resolve().parents[2] / ".cache" / "trl-1.14.0"))
 WORDS = [f"w{i}" for i in range(40)]
 
 
@@ -94,7 +94,7 @@ def test_grpo_trainer_trl114_patched_matches_unpatched(tmp_path):
     imported by name into grpo_trainer: the patch must reach it there."""
     assert Path(TRL114, "trl").is_dir(), f"TRL 1.14 is not installed at {TRL114}: see .ci/run"
     out = tmp_path / "runs.pt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TRL114, str(Path(__file__).resolve().parents[1])]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TRL114, str(Path(__file__).resolve().parents[2])]))
     subprocess.run([sys.executable, __file__, str(tmp_path), str(out)], check=True, env=env, timeout=600)
     base, ours = torch.load(out)
     assert ours["version"] == "1.14.0"

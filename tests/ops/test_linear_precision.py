@@ -36,7 +36,7 @@ def _truth(hidden, weight, bias, labels):
 
 def _check_grads(leaves, ref_leaves, dtype):
     """fp32: to fp32 rounding of sums of H (or V) terms. bf16 / fp16: the Triton path rounds dz to the GEMM
-    dtype by design, so sums of rounded products (the tolerance of tests/test_linear.py)."""
+    dtype by design, so sums of rounded products (the tolerance of tests/ops/test_linear.py)."""
     for x, r in zip(leaves, ref_leaves):
         assert x.grad.dtype == dtype
         if dtype == torch.float32:

@@ -14,7 +14,7 @@ import torch
 
 from fastppo.trainer import checkpoint
 from fastppo.trainer.cli import main
-from tests.test_trainer import (
+from tests.trainer.test_trainer import (
     _one_thread_and_backend_untouched,  # noqa: F401  (autouse fixture)
     _save_tiny_hf_models,
 )

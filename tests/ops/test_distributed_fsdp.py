@@ -9,7 +9,7 @@ import copy
 import torch
 import torch.distributed as dist
 
-from tests.test_distributed import run_ranks
+from tests.ops.test_distributed import run_ranks
 
 
 def _tiny_llama(tie):

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_distributed import free_port, run_ranks
+from tests.ops.test_distributed import free_port, run_ranks
 
 TINY = dict(mode="grpo", group_size=4, batch_size=8, minibatches=2, ppo_epochs=1, sft_steps=2, reward_steps=2,
             save_every=1, progress=False, backend="torch")
@@ -137,7 +137,7 @@ def _torchrun(out: Path, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "fastppo.cli", "train", *args, "--parallel", "ddp",
            "--out", str(out), *extra]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=False)
 
 

@@ -13,7 +13,7 @@ from fastppo.trainer import checkpoint
 from fastppo.trainer.cli import main, run
 from fastppo.trainer.config import TrainConfig, merge_for_resume
 from fastppo.trainer.reporting import read_metrics
-from tests.test_trainer import _one_thread_and_backend_untouched  # noqa: F401  (autouse fixture)
+from tests.trainer.test_trainer import _one_thread_and_backend_untouched  # noqa: F401  (autouse fixture)
 
 TINY = dict(iterations=2, batch_size=8, minibatches=2, ppo_epochs=1, sft_steps=3, reward_steps=3, save_every=1,
             progress=False, backend="torch")  # the Triton path: test_demo_ppo_end_to_end[triton], NaN test
@@ -80,7 +80,7 @@ def test_resume_restores_the_saved_configuration(tmp_path):
 
 
 def test_tokenizer_saved_and_frozen_models_saved_once(tmp_path):
-    from tests.test_trainer import _save_tiny_hf_models
+    from tests.trainer.test_trainer import _save_tiny_hf_models
 
     _save_tiny_hf_models(tmp_path)
     args = ["--policy", str(tmp_path / "policy"), "--reward", str(tmp_path / "rm"), "--prompts",
