@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any, Literal, overload
 
 import torch
 
@@ -50,8 +51,14 @@ def label_check_enabled(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def check_number(name: str, value, *, low=None, low_open=False, high=None, allow_none=False,
-                 allow_inf=False) -> float | None:
+@overload
+def check_number(name: str, value: Any, *, low: float | None = ..., low_open: bool = ..., high: float | None = ...,
+                 allow_none: Literal[False] = ..., allow_inf: bool = ...) -> float: ...
+@overload
+def check_number(name: str, value: Any, *, low: float | None = ..., low_open: bool = ..., high: float | None = ...,
+                 allow_none: bool = ..., allow_inf: bool = ...) -> float | None: ...
+def check_number(name: str, value: Any, *, low: float | None = None, low_open: bool = False,
+                 high: float | None = None, allow_none: bool = False, allow_inf: bool = False) -> float | None:
     """The one validator of a numeric option (every op's every float option goes through it): a real int /
     float (a bool, string or None is a TypeError naming `name`), not NaN, finite unless `allow_inf`, and
     within [low, high] ((low, high] when `low_open`). Returns it as a float (None when allowed and given)."""

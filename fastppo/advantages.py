@@ -76,7 +76,7 @@ def kl_shaped_rewards_op(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Ten
 # ----------------------------------------------------------------------------- public functions
 @torch.no_grad()
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
-        lam: float = 1.0):
+        lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation, mask-aware. rewards, values, mask: [B, T] (any float dtype;
     mask bool/int/float). Masked positions (padding, or tool/observation tokens inside a response)
     are skipped: the recurrence runs over the mask-1 tokens only, so values there never matter.
@@ -118,7 +118,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
 
 @torch.no_grad()
 def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo", norm_by_std: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-06) -> torch.Tensor:
     """Advantages within groups of `group_size` consecutive sequences (the G samples of one prompt).
     grpo: (R - mean_g) / (std_g + eps) with unbiased std (norm_by_std=False: R - mean_g, Dr. GRPO);
     rloo: R - mean of the other G - 1 scores. A group of one gets 0. scores: [B], B % G == 0.
@@ -139,7 +139,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo
 
 
 @torch.no_grad()
-def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float):
+def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float) -> torch.Tensor:
     """Per-token rewards of RLHF PPO: -kl_coef * kl on every mask-1 token, plus the sequence score
     [B] on its last mask-1 token. Returns float32 [B, T] (0 where mask is 0; a sequence with no
     mask-1 token gets no score)."""

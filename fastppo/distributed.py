@@ -186,9 +186,10 @@ def _check_logits(logits_shard, labels, ignore_index, group):
                    group)
 
 
-def token_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor, *, group=None, temperature: float = 1.0,
-                   ignore_index: int = -100, return_entropy: bool = False, final_logit_softcapping=None,
-                   logit_scale: float = 1.0):
+def token_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor, *, group: dist.ProcessGroup | None = None,
+                   temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                   final_logit_softcapping: float | None = None,
+                   logit_scale: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fastppo.token_logprobs of the full logits, given this rank's vocabulary shard.
 
     logits_shard [..., V_r]: columns [start_r, start_r + V_r) of the logits, shards in rank order
@@ -252,12 +253,17 @@ def _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollo
                          stats=stats_dict(stats, fused_stat_names(opts, kl is not None, ent is not None)))
 
 
-def fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask, *, group=None, ref_logprobs=None,
-                   kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
-                   temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False, inplace=False,
-                   num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo", ratio_max=None,
-                   sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None, entropy_quantile=None,
-                   final_logit_softcapping=None, logit_scale=1.0) -> PPOLossOutput:
+def fused_ppo_loss(logits_shard: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
+                   advantages: torch.Tensor, mask: torch.Tensor, *, group: dist.ProcessGroup | None = None,
+                   ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
+                   entropy_coef: float = 0.0, clip_low: float = 0.2, clip_high: float | None = None,
+                   dual_clip: float | None = None, temperature: float = 1.0, agg: str = "token-mean",
+                   ignore_index: int = -100, return_entropy: bool = False, inplace: bool = False,
+                   num_tokens: float | None = None, num_seqs: float | None = None, horizon: float | None = None,
+                   policy_loss: str = "ppo", ratio_max: float | None = None, sapo_tau_pos: float = 1.0,
+                   sapo_tau_neg: float = 1.05, rollout_is_weights: torch.Tensor | None = None,
+                   entropy_quantile: float | None = None, final_logit_softcapping: float | None = None,
+                   logit_scale: float = 1.0) -> PPOLossOutput:
     """fastppo.fused_ppo_loss of the full logits, given this rank's vocabulary shard (see
     token_logprobs above for the layout). The per-token arguments are replicated; the loss and the
     per-token outputs are the same on every rank; each rank's logits_shard gets its gradient slice.
@@ -334,9 +340,11 @@ def _check_linear_shard(hidden, weight_shard, labels, bias_shard, ignore_index, 
     return _locate(weight_shard.shape[0], hidden.device, labels, hidden.shape[:-1], ignore_index, group)
 
 
-def linear_logprobs(hidden, weight_shard, labels, *, group=None, bias=None, temperature: float = 1.0,
-                    ignore_index: int = -100, return_entropy: bool = False, final_logit_softcapping=None,
-                    logit_scale: float = 1.0, chunk_bytes=None):
+def linear_logprobs(hidden: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor, *,
+                    group: dist.ProcessGroup | None = None, bias: torch.Tensor | None = None, temperature: float = 1.0,
+                    ignore_index: int = -100, return_entropy: bool = False,
+                    final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
+                    chunk_bytes: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fastppo.linear_logprobs with the lm_head sharded over the vocabulary: weight_shard [V_r, H]
     (and bias [V_r]) are rows [start_r, start_r + V_r) of the full head, in rank order; hidden
     [..., H] and labels [...] (global ids) are replicated. Returns the global log-probs (and
@@ -350,13 +358,18 @@ def linear_logprobs(hidden, weight_shard, labels, *, group=None, bias=None, temp
     return (logp, ent) if return_entropy else logp
 
 
-def fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages, mask, *, group=None, bias=None,
-                          ref_logprobs=None, kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2,
-                          clip_high=None, dual_clip=None, temperature=1.0, agg="token-mean", ignore_index=-100,
-                          return_entropy=False, num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo",
-                          ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None,
-                          entropy_quantile=None, final_logit_softcapping=None, logit_scale=1.0,
-                          chunk_bytes=None) -> PPOLossOutput:
+def fused_linear_ppo_loss(hidden: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor,
+                          old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                          group: dist.ProcessGroup | None = None, bias: torch.Tensor | None = None,
+                          ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
+                          entropy_coef: float = 0.0, clip_low: float = 0.2, clip_high: float | None = None,
+                          dual_clip: float | None = None, temperature: float = 1.0, agg: str = "token-mean",
+                          ignore_index: int = -100, return_entropy: bool = False, num_tokens: float | None = None,
+                          num_seqs: float | None = None, horizon: float | None = None, policy_loss: str = "ppo",
+                          ratio_max: float | None = None, sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
+                          rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
+                          final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
+                          chunk_bytes: int | None = None) -> PPOLossOutput:
     """fastppo.fused_linear_ppo_loss with the lm_head sharded over the vocabulary (layout as in
     linear_logprobs above); the loss and per-token outputs are replicated on every rank."""
     loss_kw = dict(kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,

@@ -147,12 +147,16 @@ fused_ppo_loss_op.register_autograd(_fused_ppo_loss_backward, setup_context=_fus
 
 
 # ----------------------------------------------------------------------------- public function
-def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
-                   kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
-                   temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                   inplace=False, num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo",
-                   ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None,
-                   entropy_quantile=None, final_logit_softcapping=None, logit_scale=1.0) -> PPOLossOutput:
+def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   mask: torch.Tensor, *, ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
+                   kl_kind: str = "k3", entropy_coef: float = 0.0, clip_low: float = 0.2,
+                   clip_high: float | None = None, dual_clip: float | None = None, temperature: float = 1.0,
+                   agg: str = "token-mean", ignore_index: int = -100, return_entropy: bool = False,
+                   inplace: bool = False, num_tokens: float | None = None, num_seqs: float | None = None,
+                   horizon: float | None = None, policy_loss: str = "ppo", ratio_max: float | None = None,
+                   sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
+                   rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
+                   final_logit_softcapping: float | None = None, logit_scale: float = 1.0) -> PPOLossOutput:
     """The whole policy objective from the logits in one pass:
 
         loss = agg(L_policy) + kl_coef * agg(KL(logp, ref_logprobs)) - entropy_coef * agg(H)

@@ -42,8 +42,9 @@ def _agg_weights(mask, opts: LossOptions, acc, backend):
     zeros = torch.zeros(mask.shape, dtype=acc, device=mask.device)
     unit = opts.replace(policy_loss="ppo", dual_clip=None, ratio_max=None, entropy_quantile=None, kl_coef=0.0,
                         entropy_coef=1.0)
-    res = loss_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, opts=unit, backend=backend)
-    return -res.coef_ent.reshape(-1)
+    coef_ent = loss_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, opts=unit, backend=backend).coef_ent
+    assert coef_ent is not None   # entropy given: the entropy coefficient exists
+    return -coef_ent.reshape(-1)
 
 
 def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw, opts: LossOptions,
@@ -70,7 +71,7 @@ def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw,
     if any(needs) and not in_forward:
         row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
         grads = gradient_rows(h2, weight, bias, y, valid, rows, row_stats, res.coef.reshape(-1),
-                           res.coef_ent.reshape(-1) if use_ent else None, lin, needs)
+                              res.coef_ent.reshape(-1) if use_ent and res.coef_ent is not None else None, lin, needs)
     dh, dw, db = grads
     return res.loss, logp, res.kl, ent, res.stats, (None if dh is None else dh.view(hidden.shape)), dw, db
 
@@ -172,12 +173,17 @@ fused_linear_ppo_loss_op.register_autograd(_fused_linear_ppo_loss_backward, setu
 
 
 # ----------------------------------------------------------------------------- public function
-def fused_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, *, bias=None, ref_logprobs=None,
-                          kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
-                          temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
-                          num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo", ratio_max=None,
-                          sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None, entropy_quantile=None,
-                          final_logit_softcapping=None, logit_scale=1.0, chunk_bytes=None) -> PPOLossOutput:
+def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
+                          advantages: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
+                          ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
+                          entropy_coef: float = 0.0, clip_low: float = 0.2, clip_high: float | None = None,
+                          dual_clip: float | None = None, temperature: float = 1.0, agg: str = "token-mean",
+                          ignore_index: int = -100, return_entropy: bool = False, num_tokens: float | None = None,
+                          num_seqs: float | None = None, horizon: float | None = None, policy_loss: str = "ppo",
+                          ratio_max: float | None = None, sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
+                          rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
+                          final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
+                          chunk_bytes: int | None = None) -> PPOLossOutput:
     """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     without materialising the logits.
 

@@ -32,6 +32,7 @@ bytes), and in the loss the gradients held from forward to backward (as Liger's 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 
 import torch
 
@@ -44,6 +45,8 @@ from .options import LinearOptions
 from .outputs import LogprobOutputs
 
 EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
+# what linear_logprobs returns: logp, (logp, entropy) or, with extra_outputs, LogprobOutputs
+LinearLogprobs = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LogprobOutputs
 
 
 def triton_kernels():
@@ -301,9 +304,11 @@ refuse_double_backward(linear_logprobs_backward_op, "linear_logprobs_backward")
 
 
 # ----------------------------------------------------------------------------- public function
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
-                    temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                    final_logit_softcapping=None, logit_scale: float = 1.0, extra_outputs=(), chunk_bytes=None):
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                    return_entropy: bool = False, final_logit_softcapping: float | None = None,
+                    logit_scale: float = 1.0, extra_outputs: Collection[str] = (),
+                    chunk_bytes: int | None = None) -> LinearLogprobs:
     """token_logprobs(z', labels) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     softcap(x) = c tanh(x / c) with c = final_logit_softcapping (none when None), without materialising
     the logits.
@@ -325,8 +330,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                            logit_scale, chunk_bytes, backend_for(hidden, weight, labels))
     logp, ent, sq, mean, top1, _, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, encode(opts),
                                                                        opts.backend)
-    ent = ent if opts.with_entropy else None   # the op returns empty tensors for outputs not asked for
-    if extras:
+    if extras:   # (the op returns empty tensors for outputs not asked for)
         pick = {"log_sum_sq_probs": sq, "mean_logits": mean, "is_top1": top1}
-        return LogprobOutputs(logp, ent, *[pick[k] if k in extras else None for k in EXTRA_OUTPUTS])
+        return LogprobOutputs(logp, ent if opts.with_entropy else None,
+                              *[pick[k] if k in extras else None for k in EXTRA_OUTPUTS])
     return (logp, ent) if return_entropy else logp

@@ -51,12 +51,13 @@ def token_logprobs_backward_op(logits: torch.Tensor, labels: torch.Tensor, lse: 
                             backend: str) -> torch.Tensor:
     """dlogits = scale * (grad_logp dlogp/dz + grad_entropy dH/dz), recomputing p from the logits; rows
     with an ignore_index label or valid == 0 get exact zeros."""
-    has_ent = entropy is not None and grad_entropy is not None
     acc = lse.dtype
+    ent_rows = g_ent = None
+    if entropy is not None and grad_entropy is not None:
+        ent_rows, g_ent = entropy.reshape(-1), grad_entropy.to(acc).reshape(-1)
     return ops("logprobs", backend).logprobs_bwd(
-        logits, labels, lse, entropy.reshape(-1) if has_ent else None, grad_logp.to(acc).reshape(-1),
-        grad_entropy.to(acc).reshape(-1) if has_ent else None, inv_tau=inv_tau, ignore_index=ignore_index,
-        scale=scale, valid=valid, logit_scale=logit_scale, softcap=softcap).contiguous()
+        logits, labels, lse, ent_rows, grad_logp.to(acc).reshape(-1), g_ent, inv_tau=inv_tau,
+        ignore_index=ignore_index, scale=scale, valid=valid, logit_scale=logit_scale, softcap=softcap).contiguous()
 
 
 def _token_logprobs_setup(ctx, inputs, output):

@@ -209,10 +209,13 @@ def rollout_is_weights_op(old_logprobs: torch.Tensor, rollout_logprobs: torch.Te
 
 
 # ----------------------------------------------------------------------------- policy / value
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
-                    agg="token-mean", num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo",
-                    ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None,
-                    entropy_quantile=None, entropy=None):
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                    clip_low: float = 0.2, clip_high: float | None = None, dual_clip: float | None = None,
+                    agg: str = "token-mean", num_tokens: float | None = None, num_seqs: float | None = None,
+                    horizon: float | None = None, policy_loss: str = "ppo", ratio_max: float | None = None,
+                    sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
+                    rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
+                    entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss `policy_loss` (ppo, gspo, gspo_token, cispo, sapo, gmpo, gpg; formulas in
     this module's docstring), aggregated. For ppo, per token with ratio = exp(clamp(logp - old, -20, 20)):
         L = max(-A min(ratio, ratio_max), -A clamp(ratio, 1 - clip_low, 1 + clip_high))
@@ -239,8 +242,10 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     return loss, stats_dict(buf, policy_stat_names(opts))
 
 
-def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean", num_tokens=None,
-               num_seqs=None, horizon=None):
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
+               clip: float | None = None, agg: str = "token-mean", num_tokens: float | None = None,
+               num_seqs: float | None = None,
+               horizon: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Critic loss 0.5 (v - R)^2, or with clip: 0.5 max((v - R)^2, (v_c - R)^2) where
     v_c = old + clamp(v - old, -clip, clip). Same shapes and aggregation as ppo_policy_loss
     (returns [B, T]). The gradient is torch.maximum's (verl's compute_value_loss): a value inside
@@ -256,8 +261,9 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
 
 
 # ----------------------------------------------------------------------------- rollout correction
-def rollout_is_weights(old_logprobs, rollout_logprobs, mask, *, level="token", mode="truncate", max=2.0,
-                       min=None):
+def rollout_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                       level: str = "token", mode: str = "truncate", max: float | None = 2.0,
+                       min: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Importance-sampling weights that correct for the rollout engine's sampling distribution
     (TRL's vllm_importance_sampling_mode = f"{level}_{mode}"), to pass as `rollout_is_weights=`:
 
