@@ -1,5 +1,6 @@
 """Pure-PyTorch reference of every public function: the documented math (docs/design.md §4),
-the oracle of the tests and benchmarks, and the fallback for the per-token ops.
+the oracle of the tests and benchmarks. No op runs it: the PyTorch backend is each family's twin
+(fastppo/<family>_torch.py, chosen by fastppo.dispatch), an independent closed form checked against this.
 
 Comments give the memory each eager step reads and writes for N tokens, vocabulary V, logits in
 dtype of b bytes (fp32 = 4). They are what the fused kernels avoid.
