@@ -160,10 +160,10 @@ class FixedKLController:
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, float]:
         return {"value": self.value}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
 
 
@@ -180,8 +180,8 @@ class AdaptiveKLController:
         self.value *= 1.0 + err * n_steps / self.horizon
         return self.value
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, float]:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, float]) -> None:
         self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), float(state["horizon"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -33,7 +34,7 @@ def set_backend(name: str | None) -> None:
 
 
 @contextlib.contextmanager
-def use_backend(name: str | None):
+def use_backend(name: str | None) -> Iterator[None]:
     """Context manager form of set_backend."""
     global _override
     prev = _override

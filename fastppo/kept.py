@@ -111,7 +111,7 @@ class KeptSet:
         _check_data(self.ids, self.offsets, vocab_size if vocab_size is not None else self.vocab_size)
         return self
 
-    def to(self, device) -> KeptSet:
+    def to(self, device: torch.device | str) -> KeptSet:
         return KeptSet(self.ids.to(device), self.offsets.to(device), self.vocab_size)
 
     def to_mask(self, vocab_size: int | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ serve yet (an option fastppo lacks) goes to the host's original and is counted i
 from __future__ import annotations
 
 import importlib
+from collections.abc import Collection
 from importlib.metadata import PackageNotFoundError
 
 from ._patching import _ACTIVE, PatchHandle
@@ -32,7 +33,7 @@ def entry_points(target: str) -> list[str]:
     return [ep.name for ep in _adapter(target).entry_points()]
 
 
-def patch(target: str, *, ops=None) -> PatchHandle:
+def patch(target: str, *, ops: Collection[str] | None = None) -> PatchHandle:
     """Rebind `target`'s entry points ("trl" | "verl" | "openrlhf") to fastppo ops in every module
     that imported them by name. `ops` (names from `entry_points(target)`) limits what is replaced.
 
