@@ -9,9 +9,9 @@ import os
 import shutil
 import tempfile
 
-# torch.compile's on-disk caches are keyed without the fake (meta) implementations of custom ops, so a cache
-# written by another checkout (or an earlier version of this one) can hand a compiled graph stale output shapes.
-# Every test session compiles into its own folder, removed at exit.
+# torch.compile's on-disk caches outlive code changes: a cache written by another checkout of this repo handed a
+# compiled graph a custom op's old output shape (linear_logprobs' saved statistics, [N] before they became
+# [N, 2]). Every test session compiles into its own folder, removed at exit.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastppo-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
