@@ -4,9 +4,19 @@ TRITON_INTERPRET must be set before triton is imported, so this happens at colle
 before any test module imports fastppo.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
-import torch
+# torch.compile's on-disk caches outlive code changes: a cache written by another checkout of this repo handed a
+# compiled graph a custom op's old output shape (linear_logprobs' saved statistics, [N] before they became
+# [N, 2]). Every test session compiles into its own folder, removed at exit.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastppo-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -41,7 +41,7 @@ class UpdateSteps:
             return out.loss
 
         losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
-        if not self._step(losses, self.policy_params, self.policy_opt, model=self.policy):
+        if not self._step(losses, self.policy_opt, model=self.policy):
             return {}
         return self._reduce_logs("policy_loss", ("clipfrac", "entropy", "approx_kl"), stats, counts)
 
@@ -59,7 +59,7 @@ class UpdateSteps:
             return loss
 
         losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
-        if not self._step(losses, list(self.critic.parameters()), self.critic_opt, model=self.critic):
+        if not self._step(losses, self.critic_opt, model=self.critic):
             return {}
         return self._reduce_logs("value_loss", ("vf_clipfrac",), stats, counts)
 
@@ -78,14 +78,17 @@ class UpdateSteps:
             logs[name] = v / counts["num_tokens"]
         return logs
 
-    def _step(self, loss, params, opt, model=None) -> bool:
+    def _step(self, loss, opt, model=None) -> bool:
         """Backward, clip, step. `loss`: a 0-d tensor, or a list of zero-argument functions that compute the
         micro-batch losses (gradient accumulation: each is backpropagated before the next is computed; `model`
         synchronises gradients across ranks on the last one only). Each loss is scaled by parallel.grad_scale
-        before backward. A non-finite loss on any rank or a non-finite gradient norm skips the step on every
-        rank (weights and optimiser state untouched) with a warning."""
-        if hasattr(params, "parameters"):
-            params = [p for p in params.parameters() if p.requires_grad]
+        before backward. The gradient norm is clipped over exactly the parameters `opt` steps: under FSDP2 a
+        model's .parameters() is not that set after a forward without backward (the rollout's): fully_shard's
+        root module keeps its own parameters (embeddings, final norm, heads) unsharded after forward and
+        registers them as plain tensors until the next backward reshards it, so they would get no gradient
+        and drop out of the norm. A non-finite loss on any rank or a non-finite gradient norm skips the step
+        on every rank (weights and optimiser state untouched) with a warning."""
+        params = [p for group in opt.param_groups for p in group["params"]]
         micro = [lambda: loss] if isinstance(loss, torch.Tensor) else list(loss)
         opt.zero_grad(set_to_none=True)
         n_bad, first_bad = torch.zeros(()), None

@@ -99,7 +99,7 @@ def test_non_finite_loss_skips_the_step(tmp_path):
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     loss = sum(p.sum() for p in trainer.policy.parameters()) * float("nan")
     with pytest.warns(UserWarning, match="non-finite loss"):
-        assert not trainer._step(loss, trainer.policy, trainer.policy_opt)
+        assert not trainer._step(loss, trainer.policy_opt)
     assert trainer.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
 
