@@ -9,6 +9,7 @@ from .advantages import (
     masked_whiten,
 )
 from .backend import backend_for, set_backend, use_backend
+from .divergence import logits_divergence
 from .full_kl import full_kl
 from .fused import fused_ppo_loss
 from .linear import fused_linear_ppo_loss, linear_logprobs
@@ -33,6 +34,7 @@ __all__ = [
     "fused_ppo_loss",
     "kl_penalty",
     "linear_logprobs",
+    "logits_divergence",
     "ppo_policy_loss",
     "rollout_is_weights",
     "set_backend",

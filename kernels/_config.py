@@ -54,3 +54,8 @@ if INTERPRET:
     from . import _interpreter
 
     _interpreter.apply()
+
+# Distillation divergences (kernels/divergence.py): one program per row streaming the student's and the
+# teacher's rows together, BLOCK_V columns of each per step.
+DIV_BLOCK_V = 1024 if INTERPRET else 2048
+DIV_NUM_WARPS = 8

@@ -47,7 +47,7 @@ def _sig(fn, types: dict, constexprs: dict):
 
 
 def _specs():
-    from . import full_kl, gae, kl, linear, logprobs, loss_agg
+    from . import divergence, full_kl, gae, kl, linear, logprobs, loss_agg
 
     row = dict(BLOCK_V=cfg.ROW_BLOCK_V)
     strides = ("stride_outer", "stride_inner", "V")
@@ -78,6 +78,14 @@ def _specs():
                          _sig(full_kl._full_kl_fwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))
     specs.append(AOTSpec("full_kl_bwd[bf16]", full_kl._full_kl_bwd_kernel,
                          _sig(full_kl._full_kl_bwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))
+    div_types = dict(s_ptr="*bf16", t_ptr="*bf16", valid_ptr="*i1", div_ptr="*fp32", stats_ptr="*fp32",
+                     g_ptr="*fp32", ds_ptr="*bf16", tau_hi="fp32", tau_lo="fp32", beta_hi="fp32", beta_lo="fp32")
+    div_div = ("s_outer_s", "s_inner_s", "t_outer_s", "t_inner_s", "V")
+    for mode, tag in ((0, "fwd_kl"), (1, "rev_kl"), (2, "jsd")):
+        ce = dict(BLOCK_V=cfg.DIV_BLOCK_V, MODE=mode, HAS_VALID=True, ACC=tl.float32)
+        for kernel, step in ((divergence._divergence_fwd_kernel, "fwd"), (divergence._divergence_bwd_kernel, "bwd")):
+            specs.append(AOTSpec(f"divergence_{step}[bf16,{tag},valid]", kernel, _sig(kernel, div_types, ce), ce,
+                                 div_div, True, cfg.DIV_NUM_WARPS))
     specs.extend(loss_agg.aot_specs(AOTSpec, _sig))
     ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK, ACC=tl.float32)
     specs.append(AOTSpec("kl_fwd", kl._kl_fwd_kernel,
