@@ -16,6 +16,7 @@ from .linear import fused_linear_ppo_loss, linear_logprobs
 from .logprobs import token_logprobs
 from .losses import kl_penalty, ppo_policy_loss, rollout_is_weights, value_loss
 from .outputs import LogprobOutputs, PPOLossOutput
+from .topk_divergence import topk_divergence
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "rollout_is_weights",
     "set_backend",
     "token_logprobs",
+    "topk_divergence",
     "use_backend",
     "value_loss",
 ]

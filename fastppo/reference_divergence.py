@@ -39,3 +39,21 @@ def logits_divergence(student_logits, teacher_logits, *, beta, temperature=1.0, 
     if mask is not None:
         div = torch.where(mask != 0, div, 0.0)
     return div
+
+
+def topk_divergence(student_logits, teacher_ids, teacher_logprobs, *, beta, temperature=1.0, mask=None):
+    """The divergence over K + 1 bins, float64: the teacher's K tokens (log p_t = teacher_logprobs, log q =
+    the student's log-softmax there) and a tail bin (p_t,tail = 1 - sum_k p_t,k clamped at 0; q_tail = the
+    logsumexp of the student's log-probs over the other columns). 0 where mask is 0."""
+    z, ids, lp_t = student_logits.double(), teacher_ids.long(), teacher_logprobs.double().detach()
+    if mask is not None:   # masked rows: replaced before use (a NaN there must not reach values or gradients)
+        keep = (mask != 0).unsqueeze(-1)
+        z, ids, lp_t = torch.where(keep, z, 0.0), torch.where(keep, ids, 0), torch.where(keep, lp_t, float("-inf"))
+    lp = _log_softmax64(z, temperature)
+    lq = lp.gather(-1, ids)
+    lq_tail = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), -1, keepdim=True)
+    lp_t_tail = torch.log(torch.clamp(1.0 - lp_t.exp().sum(-1, keepdim=True), min=0.0))
+    div = divergence_from_logprobs(torch.cat((lq, lq_tail), -1), torch.cat((lp_t, lp_t_tail), -1), beta)
+    if mask is not None:
+        div = torch.where(mask != 0, div, 0.0)
+    return div

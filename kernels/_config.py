@@ -59,3 +59,7 @@ if INTERPRET:
 # teacher's rows together, BLOCK_V columns of each per step.
 DIV_BLOCK_V = 1024 if INTERPRET else 2048
 DIV_NUM_WARPS = 8
+# Top-K divergence (kernels/topk_divergence.py): one program per row, BLOCK_V columns per step, each compared
+# with the row's K teacher ids; the K bins are one [BLOCK_K] vector (K rounded up to a power of two, at least 16).
+TOPK_BLOCK_V = 1024 if INTERPRET else 2048
+TOPK_NUM_WARPS = 8

@@ -47,7 +47,7 @@ def _sig(fn, types: dict, constexprs: dict):
 
 
 def _specs():
-    from . import divergence, full_kl, gae, kl, linear, logprobs, loss_agg
+    from . import divergence, full_kl, gae, kl, linear, logprobs, loss_agg, topk_divergence
 
     row = dict(BLOCK_V=cfg.ROW_BLOCK_V)
     strides = ("stride_outer", "stride_inner", "V")
@@ -86,6 +86,15 @@ def _specs():
         for kernel, step in ((divergence._divergence_fwd_kernel, "fwd"), (divergence._divergence_bwd_kernel, "bwd")):
             specs.append(AOTSpec(f"divergence_{step}[bf16,{tag},valid]", kernel, _sig(kernel, div_types, ce), ce,
                                  div_div, True, cfg.DIV_NUM_WARPS))
+    topk_types = dict(s_ptr="*bf16", ids_ptr="*i64", tlp_ptr="*fp32", valid_ptr="*i1", div_ptr="*fp32",
+                      stats_ptr="*fp32", g_ptr="*fp32", ds_ptr="*bf16", tau_hi="fp32", tau_lo="fp32", beta_hi="fp32",
+                      beta_lo="fp32")
+    for mode, tag in ((0, "fwd_kl"), (1, "rev_kl"), (2, "jsd")):   # K = 32 teacher tokens
+        ce = dict(BLOCK_V=cfg.TOPK_BLOCK_V, BLOCK_K=32, MODE=mode, HAS_VALID=True, ACC=tl.float32)
+        for kernel, step in ((topk_divergence._topk_fwd_kernel, "fwd"), (topk_divergence._topk_bwd_kernel, "bwd")):
+            specs.append(AOTSpec(f"topk_divergence_{step}[bf16,{tag},k32,valid]", kernel,
+                                 _sig(kernel, topk_types, ce), ce, ("s_outer_s", "s_inner_s", "V"), True,
+                                 cfg.TOPK_NUM_WARPS))
     specs.extend(loss_agg.aot_specs(AOTSpec, _sig))
     ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK, ACC=tl.float32)
     specs.append(AOTSpec("kl_fwd", kl._kl_fwd_kernel,
