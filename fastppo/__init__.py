@@ -15,6 +15,7 @@ from .fused import fused_ppo_loss
 from .linear import fused_linear_ppo_loss, linear_logprobs
 from .logprobs import token_logprobs
 from .losses import kl_penalty, ppo_policy_loss, rollout_is_weights, value_loss
+from .mismatch import mismatch_stats
 from .outputs import LogprobOutputs, PPOLossOutput
 from .topk_divergence import topk_divergence
 
@@ -27,6 +28,7 @@ __all__ = [
     "group_advantages",
     "kl_shaped_rewards",
     "masked_whiten",
+    "mismatch_stats",
     "LogprobOutputs",
     "PPOLossOutput",
     "backend_for",

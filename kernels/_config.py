@@ -63,3 +63,8 @@ DIV_NUM_WARPS = 8
 # with the row's K teacher ids; the K bins are one [BLOCK_K] vector (K rounded up to a power of two, at least 16).
 TOPK_BLOCK_V = 1024 if INTERPRET else 2048
 TOPK_NUM_WARPS = 8
+# Mismatch diagnostics (kernels/mismatch.py): one program per sequence over BLOCK_T steps, then one finishing
+# program over the per-sequence partials, MISMATCH_FINISH_BLOCK sequences at a time.
+MISMATCH_BLOCK_T = 1024
+MISMATCH_FINISH_BLOCK = 256
+MISMATCH_NUM_WARPS = 4

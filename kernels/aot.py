@@ -47,7 +47,7 @@ def _sig(fn, types: dict, constexprs: dict):
 
 
 def _specs():
-    from . import divergence, full_kl, gae, kl, linear, logprobs, loss_agg, topk_divergence
+    from . import divergence, full_kl, gae, kl, linear, logprobs, loss_agg, mismatch, topk_divergence
 
     row = dict(BLOCK_V=cfg.ROW_BLOCK_V)
     strides = ("stride_outer", "stride_inner", "V")
@@ -95,6 +95,16 @@ def _specs():
             specs.append(AOTSpec(f"topk_divergence_{step}[bf16,{tag},k32,valid]", kernel,
                                  _sig(kernel, topk_types, ce), ce, ("s_outer_s", "s_inner_s", "V"), True,
                                  cfg.TOPK_NUM_WARPS))
+    band = dict(lo_hi="fp32", lo_lo="fp32", hi_hi="fp32", hi_lo="fp32")
+    ce = dict(BLOCK_T=cfg.MISMATCH_BLOCK_T, ACC=tl.float32)
+    specs.append(AOTSpec("mismatch_seq", mismatch._mismatch_seq_kernel,
+                         _sig(mismatch._mismatch_seq_kernel, dict(train_ptr="*fp32", roll_ptr="*fp32", mask_ptr="*i1",
+                                                                  part_ptr="*fp32", **band), ce), ce,
+                         ("tr_s0", "ro_s0", "m_s0"), False, cfg.MISMATCH_NUM_WARPS))
+    ce = dict(BLOCK_B=cfg.MISMATCH_FINISH_BLOCK, ACC=tl.float32)
+    specs.append(AOTSpec("mismatch_finish", mismatch._mismatch_finish_kernel,
+                         _sig(mismatch._mismatch_finish_kernel, dict(part_ptr="*fp32", stats_ptr="*fp32", **band), ce),
+                         ce, (), False, cfg.MISMATCH_NUM_WARPS))
     specs.extend(loss_agg.aot_specs(AOTSpec, _sig))
     ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK, ACC=tl.float32)
     specs.append(AOTSpec("kl_fwd", kl._kl_fwd_kernel,
