@@ -163,3 +163,20 @@ def test_bad_input_names_the_argument():
         call(s.long(), s, beta=0.5)
     with pytest.raises(ValueError, match="student_logits"):
         call(s[:, :0], s[:, :0], beta=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_registered_ops_pass_opcheck(backend, beta):
+    """torch.ops.fastppo.logits_divergence(_backward): schema, fake implementation, autograd registration."""
+    student = make_logits((2, 4, 40), torch.float32)[:, 1:].requires_grad_()
+    teacher = make_logits((2, 3, 40), torch.float32)
+    mask = make_mask((2, 3))
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.fastppo.logits_divergence, (student, teacher, mask, 1 / 0.7, beta, backend),
+                          test_utils=tests)
+    with torch.no_grad():
+        _, stats = torch.ops.fastppo.logits_divergence(student, teacher, mask, 1 / 0.7, beta, backend)
+    torch.library.opcheck(torch.ops.fastppo.logits_divergence_backward,
+                          (student.detach(), teacher, stats, torch.randn(2, 3), mask, 1 / 0.7, beta, backend),
+                          test_utils=("test_schema", "test_faketensor"))

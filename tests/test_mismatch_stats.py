@@ -139,3 +139,10 @@ def test_bad_input_names_the_argument():
         fastppo.mismatch_stats(x.long(), x, m)
     with pytest.raises(ValueError, match="train_logprobs"):
         fastppo.mismatch_stats(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.ones(2, 3, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_op_passes_opcheck(backend):
+    train, rollout = _inputs((3, 7), torch.float32)
+    torch.library.opcheck(torch.ops.fastppo.mismatch_stats, (train.t(), rollout.t(), make_mask((7, 3)), 0.1, backend),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -153,3 +153,20 @@ def test_bad_input_names_the_argument():
         call(s, ids, tlp, beta=0.5, mask=torch.ones(2, 1))
     # masked rows are not checked (never read)
     call(s, torch.tensor([[0, 0], [2, 3]]), tlp, beta=0.5, mask=torch.tensor([False, True]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_registered_ops_pass_opcheck(backend, beta):
+    """torch.ops.fastppo.topk_divergence(_backward): schema, fake implementation, autograd registration."""
+    student = make_logits((2, 4, 40), torch.float32)[:, 1:].requires_grad_()
+    tlp, ids = torch.log_softmax(make_logits((2, 3, 40), torch.float32), -1).topk(6, -1)
+    mask = make_mask((2, 3))
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.fastppo.topk_divergence, (student, ids, tlp, mask, 1 / 0.7, beta, backend),
+                          test_utils=tests)
+    with torch.no_grad():
+        _, stats = torch.ops.fastppo.topk_divergence(student, ids, tlp, mask, 1 / 0.7, beta, backend)
+    torch.library.opcheck(torch.ops.fastppo.topk_divergence_backward,
+                          (student.detach(), ids, tlp, stats, torch.randn(2, 3), mask, 1 / 0.7, beta, backend),
+                          test_utils=("test_schema", "test_faketensor"))
