@@ -33,14 +33,15 @@ from .launches import record_launch
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
 REVERSE_KL: tl.constexpr = tl.constexpr(1)
 JSD: tl.constexpr = tl.constexpr(2)
-# Per-row statistics saved for backward, [N, N_STATS]: both rows' max and log-sum-exp, and AUX
-# (REVERSE_KL: the KL itself; JSD: K = KL(p_s || m); FORWARD_KL: unused).
+# Per-row statistics saved for backward, [N, N_STATS]: the student row's max and log-sum-exp, the teacher's, and
+# AUX (REVERSE_KL: the KL itself; JSD: K = KL(p_s || m); FORWARD_KL: 0).
 N_STATS: tl.constexpr = tl.constexpr(5)
 
 
 def mode_of(beta: float) -> int:
     """The kernel's MODE for a mixture weight beta in [0, 1]."""
-    return 0 if beta == 0.0 else 1 if beta == 1.0 else 2
+    mode = FORWARD_KL if beta == 0.0 else REVERSE_KL if beta == 1.0 else JSD
+    return mode.value
 
 
 @triton.jit
