@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastppo
+from fastppo.bench.counters import KernelTraffic
 from fastppo.kernels.launches import count_launches
 from fastppo.reference_divergence import logits_divergence as ref_divergence
 from tests.helpers import DEVICE, assert_close_by_dtype, make_logits, make_mask
@@ -181,3 +182,25 @@ def test_registered_ops_pass_opcheck(backend, beta):
     torch.library.opcheck(torch.ops.fastppo.logits_divergence_backward,
                           (student.detach(), teacher, stats, torch.randn(2, 3), mask, 1 / 0.7, beta, backend),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("beta,sweeps", [(0.0, 1), (1.0, 1), (0.3, 2)])
+def test_bytes_read_and_written(beta, sweeps):
+    """Forward: the KLs read both rows once, the JSD twice; backward reads them once and writes the gradient;
+    masked rows are never read (their zero gradient is written). Counted in the interpreter, bf16 logits."""
+    rows = 6
+    student = make_logits((rows, V), torch.bfloat16).requires_grad_()
+    teacher = make_logits((rows, V), torch.bfloat16)
+    mask = torch.tensor([True, False, True, True, False, True], device=DEVICE)
+    row_pair = 2 * V * 2                        # a student row and a teacher row, bf16
+    live = int(mask.sum())
+    fwd, bwd = KernelTraffic(), KernelTraffic()
+    with fastppo.use_backend("triton"):
+        with fwd.count():
+            div = fastppo.logits_divergence(student, teacher, beta=beta, mask=mask)
+        with bwd.count():
+            (div * torch.randn(rows, device=DEVICE)).sum().backward()
+    per_row = 64                                 # validity, upstream gradient, saved statistics
+    assert sweeps * live * row_pair <= fwd.loaded <= sweeps * live * row_pair + rows * per_row
+    assert live * row_pair <= bwd.loaded <= live * row_pair + rows * per_row
+    assert bwd.stored == rows * V * 2

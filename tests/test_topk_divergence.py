@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import fastppo
+from fastppo.bench.counters import KernelTraffic
+from fastppo.kernels import _config as cfg
 from fastppo.kernels.launches import count_launches
 from fastppo.reference_divergence import topk_divergence as ref_topk
 from tests.helpers import DEVICE, assert_close_by_dtype, make_logits, make_mask
@@ -171,3 +173,27 @@ def test_registered_ops_pass_opcheck(backend, beta):
     torch.library.opcheck(torch.ops.fastppo.topk_divergence_backward,
                           (student.detach(), ids, tlp, stats, torch.randn(2, 3), mask, 1 / 0.7, beta, backend),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_bytes_read_and_written(beta):
+    """Forward and backward each read a live student row once (plus its K teacher columns again); masked rows are
+    never read. The backward writes every gradient row, then the K teacher columns of each live row again."""
+    rows, k = 6, 20
+    student = make_logits((rows, V), torch.bfloat16).requires_grad_()
+    ids, tlp = _teacher((rows,), k)
+    mask = torch.tensor([True, False, True, True, False, True], device=DEVICE)
+    live = int(mask.sum())
+    fwd, bwd = KernelTraffic(), KernelTraffic()
+    with fastppo.use_backend("triton"):
+        with fwd.count():
+            div = fastppo.topk_divergence(student, ids, tlp, beta=beta, mask=mask)
+        with bwd.count():
+            (div * torch.randn(rows, device=DEVICE)).sum().backward()
+    row = V * 2 + k * 2                          # the bf16 row, then its K teacher columns
+    blocks = -(-V // cfg.TOPK_BLOCK_V)
+    # validity, statistics, upstream; K ids and log-probs; the ids again per block (compares; cached on a GPU)
+    per_row = 64 + k * 12 + blocks * k * 8
+    assert live * row <= fwd.loaded <= live * (row + per_row) + rows
+    assert live * row <= bwd.loaded <= live * (row + per_row) + rows
+    assert bwd.stored == rows * V * 2 + live * k * 2
