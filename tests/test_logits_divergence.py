@@ -204,3 +204,12 @@ def test_bytes_read_and_written(beta, sweeps):
     assert sweeps * live * row_pair <= fwd.loaded <= sweeps * live * row_pair + rows * per_row
     assert live * row_pair <= bwd.loaded <= live * row_pair + rows * per_row
     assert bwd.stored == rows * V * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_gets_no_gradient(backend):
+    student = make_logits((3, V), torch.float32).requires_grad_()
+    teacher = make_logits((3, V), torch.float32).requires_grad_()
+    with fastppo.use_backend(backend):
+        fastppo.logits_divergence(student, teacher, beta=0.5).sum().backward()
+    assert teacher.grad is None and student.grad is not None
