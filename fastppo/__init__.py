@@ -9,6 +9,7 @@ from .advantages import (
     masked_whiten,
 )
 from .backend import backend_for, set_backend, use_backend
+from .divergence import logits_divergence
 from .full_kl import full_kl
 from .fused import fused_ppo_loss
 from .fused_linear import fused_linear_ppo_loss
@@ -17,7 +18,9 @@ from .kl import kl_penalty
 from .linear import linear_logprobs
 from .logprobs import token_logprobs
 from .losses import ppo_policy_loss, rollout_is_weights, value_loss
+from .mismatch import mismatch_stats
 from .outputs import LogprobOutputs, PPOLossOutput
+from .topk_divergence import topk_divergence
 
 __version__ = "0.1.0"
 
@@ -29,6 +32,7 @@ __all__ = [
     "group_advantages",
     "kl_shaped_rewards",
     "masked_whiten",
+    "mismatch_stats",
     "LogprobOutputs",
     "PPOLossOutput",
     "backend_for",
@@ -37,10 +41,12 @@ __all__ = [
     "fused_ppo_loss",
     "kl_penalty",
     "linear_logprobs",
+    "logits_divergence",
     "ppo_policy_loss",
     "rollout_is_weights",
     "set_backend",
     "token_logprobs",
+    "topk_divergence",
     "use_backend",
     "value_loss",
 ]

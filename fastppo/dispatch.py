@@ -22,6 +22,12 @@ TABLE = {
     ("loss_agg", "torch"): "fastppo.losses_torch",
     ("gae", "triton"): "fastppo.kernels.gae",
     ("gae", "torch"): "fastppo.advantages_torch",
+    ("divergence", "triton"): "fastppo.kernels.divergence",
+    ("divergence", "torch"): "fastppo.divergence_torch",
+    ("topk_divergence", "triton"): "fastppo.kernels.topk_divergence",
+    ("topk_divergence", "torch"): "fastppo.topk_divergence_torch",
+    ("mismatch", "triton"): "fastppo.kernels.mismatch",
+    ("mismatch", "torch"): "fastppo.mismatch_torch",
 }
 OPS = tuple(sorted({op for op, _ in TABLE}))
 

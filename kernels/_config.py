@@ -54,3 +54,17 @@ if INTERPRET:
     from . import _interpreter
 
     _interpreter.apply()
+
+# Distillation divergences (kernels/divergence.py): one program per row streaming the student's and the
+# teacher's rows together, BLOCK_V columns of each per step.
+DIV_BLOCK_V = 1024 if INTERPRET else 2048
+DIV_NUM_WARPS = 8
+# Top-K divergence (kernels/topk_divergence.py): one program per row, BLOCK_V columns per step, each compared
+# with the row's K teacher ids; the K bins are one [BLOCK_K] vector (K rounded up to a power of two, at least 16).
+TOPK_BLOCK_V = 1024 if INTERPRET else 2048
+TOPK_NUM_WARPS = 8
+# Mismatch diagnostics (kernels/mismatch.py): one program per sequence over BLOCK_T steps, then one finishing
+# program over the per-sequence partials, MISMATCH_FINISH_BLOCK sequences at a time.
+MISMATCH_BLOCK_T = 1024
+MISMATCH_FINISH_BLOCK = 256
+MISMATCH_NUM_WARPS = 4

@@ -47,7 +47,7 @@ def _sig(fn, types: dict, constexprs: dict):
 
 
 def _specs():
-    from . import full_kl, gae, kept, kl, linear, logprobs, loss_agg, loss_seq
+    from . import divergence, full_kl, gae, kept, kl, linear, logprobs, loss_agg, loss_seq, mismatch, topk_divergence
 
     row = dict(BLOCK_V=cfg.ROW_BLOCK_V)
     strides = ("stride_outer", "stride_inner", "V")
@@ -79,6 +79,9 @@ def _specs():
     specs.append(AOTSpec("full_kl_bwd[bf16]", full_kl._full_kl_bwd_kernel,
                          _sig(full_kl._full_kl_bwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))
     specs.extend(loss_seq.aot_specs(AOTSpec, _sig))
+    specs.extend(divergence.aot_specs(AOTSpec, _sig))
+    specs.extend(topk_divergence.aot_specs(AOTSpec, _sig))
+    specs.extend(mismatch.aot_specs(AOTSpec, _sig))
     specs.extend(loss_agg.aot_specs(AOTSpec, _sig))
     ce = dict(KIND=5, BLOCK=cfg.ELEM_BLOCK, ACC=tl.float32)
     specs.append(AOTSpec("kl_fwd", kl._kl_fwd_kernel,
