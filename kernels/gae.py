@@ -97,8 +97,13 @@ def gae_fwd(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gam
 
 
 def aot_specs(AOTSpec, sig):
-    ce = dict(BLOCK_T=cfg.GAE_BLOCK_T, sr_t=1, sv_t=1, sm_t=1, PACKED=True)  # the JIT specialises unit strides
-    types = dict(r_ptr="*fp32", v_ptr="*fp32", m_ptr="*i1", cu_ptr="*i64", adv_ptr="*fp32", ret_ptr="*fp32",
-                 gamma_hi="fp32", gamma_lo="fp32", lam_hi="fp32", lam_lo="fp32")
-    return [AOTSpec("gae", _gae_kernel, sig(_gae_kernel, types, ce), ce, ("T", "sr_b", "sv_b", "sm_b"), True,
-                    cfg.GAE_NUM_WARPS)]
+    """Padded (streaming: 128-bit loads) and packed (each sequence starts at a loaded offset, so its loads
+    cannot be proven 16-byte aligned: scalar loads, same bytes)."""
+    specs = []
+    for packed in (False, True):
+        ce = dict(BLOCK_T=cfg.GAE_BLOCK_T, sr_t=1, sv_t=1, sm_t=1, PACKED=packed)  # the JIT specialises unit strides
+        types = dict(r_ptr="*fp32", v_ptr="*fp32", m_ptr="*i1", cu_ptr="*i64", adv_ptr="*fp32", ret_ptr="*fp32",
+                     gamma_hi="fp32", gamma_lo="fp32", lam_hi="fp32", lam_lo="fp32")
+        specs.append(AOTSpec("gae[packed]" if packed else "gae", _gae_kernel, sig(_gae_kernel, types, ce), ce,
+                             ("T", "sr_b", "sv_b", "sm_b"), not packed, cfg.GAE_NUM_WARPS))
+    return specs
