@@ -12,6 +12,7 @@ from ._validation import check_choice, check_float, check_mask, check_number, ch
 from .backend import backend_for
 from .dispatch import ops
 from .library import acc_dtype, define
+from .packed import check_packed
 
 
 def _check_bt(name, x):
@@ -33,16 +34,16 @@ def _check_mask(mask, like_name, like):
 
 
 # ----------------------------------------------------------------------------- ops
-def _gae_fake(rewards, values, mask, gamma, lam, backend):
+def _gae_fake(rewards, values, mask, gamma, lam, backend, cu_seqlens=None):
     out = rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards, values))
     return out, torch.empty_like(out)
 
 
 @define("gae", _gae_fake, kernels=True)
 def gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
-        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) [B, T]; one Triton launch, or the PyTorch loop."""
-    return ops("gae", backend).gae_fwd(rewards, values, mask, gamma, lam)
+           backend: str, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [B, T] (packed [total] with cu_seqlens); one Triton launch, or the PyTorch loop."""
+    return ops("gae", backend).gae_fwd(rewards, values, mask, gamma, lam, cu_seqlens)
 
 
 def _masked_whiten_fake(x, mask, shift_mean):
@@ -64,19 +65,20 @@ def group_advantages_op(scores: torch.Tensor, group_size: int, kind: str, norm_b
     return advantages_torch.group_advantages_torch(scores, group_size, kind, norm_by_std, eps).contiguous()
 
 
-def _kl_shaped_rewards_fake(scores, kl, mask, kl_coef):
+def _kl_shaped_rewards_fake(scores, kl, mask, kl_coef, cu_seqlens=None):
     return kl.new_empty(kl.shape, dtype=acc_dtype(scores, kl))
 
 
 @define("kl_shaped_rewards", _kl_shaped_rewards_fake, kernels=False)
-def kl_shaped_rewards_op(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    return advantages_torch.kl_shaped_rewards_torch(scores, kl, mask, kl_coef).contiguous()
+def kl_shaped_rewards_op(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                         cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    return advantages_torch.kl_shaped_rewards_torch(scores, kl, mask, kl_coef, cu_seqlens).contiguous()
 
 
 # ----------------------------------------------------------------------------- public functions
 @torch.no_grad()
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
-        lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        lam: float = 1.0, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation, mask-aware. rewards, values, mask: [B, T] (any float dtype;
     mask bool/int/float). Masked positions (padding, or tool/observation tokens inside a response)
     are skipped: the recurrence runs over the mask-1 tokens only, so values there never matter.
@@ -87,14 +89,21 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     Returns (advantages, returns), float32 [B, T] (float64 for float64 inputs); rewards/values at masked
     positions (NaN, inf) never reach the result. Any strides. On CUDA / the interpreter it is one Triton launch
     for any T (a reverse associative scan over time chunks); gamma = lam = 1 is a masked reverse
-    cumulative sum of (r_t + V_next - V_t)."""
-    _check_bt("rewards", rewards)
-    _check_bt("values", values)
+    cumulative sum of (r_t + V_next - V_t). cu_seqlens (int32/int64 [S + 1] offsets): packed sequences,
+    rewards / values / mask 1-D [total], results [total] equal to those of the sequences padded."""
+    if cu_seqlens is None:
+        _check_bt("rewards", rewards)
+        _check_bt("values", values)
+    else:
+        check_float("rewards", rewards)
+        check_float("values", values)
+        check_packed("rewards", rewards, cu_seqlens)
     check_same_shape("values", values, "rewards", rewards.shape)
     _check_mask(mask, "rewards", rewards)
     _check_discount("gamma", gamma)
     _check_discount("lam", lam)
-    return torch.ops.fastppo.gae(rewards, values, mask, float(gamma), float(lam), backend_for(rewards, values, mask))
+    return torch.ops.fastppo.gae(rewards, values, mask, float(gamma), float(lam),
+                                 backend_for(rewards, values, mask, cu_seqlens), cu_seqlens)
 
 
 @torch.no_grad()
@@ -139,16 +148,24 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, kind: str = "grpo
 
 
 @torch.no_grad()
-def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float) -> torch.Tensor:
+def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float,
+cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token rewards of RLHF PPO: -kl_coef * kl on every mask-1 token, plus the sequence score
     [B] on its last mask-1 token. Returns float32 [B, T] (0 where mask is 0; a sequence with no
-    mask-1 token gets no score)."""
+    mask-1 token gets no score). cu_seqlens ([S + 1] offsets): kl / mask packed 1-D [total], scores [S],
+    the score on each sequence's last mask-1 token; result [total]."""
     check_float("scores", scores)
-    _check_bt("kl", kl)
+    if cu_seqlens is None:
+        _check_bt("kl", kl)
+        n_seq = kl.shape[0]
+    else:
+        check_float("kl", kl)
+        n_seq = check_packed("kl", kl, cu_seqlens)
     _check_mask(mask, "kl", kl)
-    if tuple(scores.shape) != (kl.shape[0],):
-        raise ValueError(f"scores must be [{kl.shape[0]}], got shape {tuple(scores.shape)}")
-    return torch.ops.fastppo.kl_shaped_rewards(scores, kl, mask, check_number("kl_coef", kl_coef))
+    if tuple(scores.shape) != (n_seq,):
+        raise ValueError(f"scores must be [{n_seq}], got shape {tuple(scores.shape)}")
+    backend_for(scores, kl, mask, cu_seqlens)   # one device
+    return torch.ops.fastppo.kl_shaped_rewards(scores, kl, mask, check_number("kl_coef", kl_coef), cu_seqlens)
 
 
 class FixedKLController:

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import torch
 
+from .packed import segment_ids
+
 
 def _out_dtype(*xs):
     """float32 results, float64 when an input is float64 (fp64 stays fp64 end to end)."""
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
-def gae_fwd(rewards, values, mask, gamma, lam):
+def gae_fwd(rewards, values, mask, gamma, lam, cu_seqlens=None):
     """Mask-aware GAE (docs/design.md §4), vectorised over sequences, a loop over time in fp64 (as the
-    kernel's scan). Returns (advantages, returns) [B, T], float32 (float64 when rewards or values are)."""
+    kernel's scan). Returns (advantages, returns) [B, T], float32 (float64 when rewards or values are).
+    Packed (cu_seqlens): `_gae_packed`."""
+    if cu_seqlens is not None:
+        return _gae_packed(rewards, values, mask, gamma, lam, cu_seqlens)
     r, v, m = rewards.double(), values.double(), mask != 0
     B, T = r.shape
     adv = torch.zeros(B, T, dtype=torch.float64, device=r.device)
@@ -26,6 +31,29 @@ def gae_fwd(rewards, values, mask, gamma, lam):
         g = torch.where(mt, g_t, g)
         v_next = torch.where(mt, v[:, t], v_next)
         adv[:, t] = torch.where(mt, g_t, torch.zeros_like(g_t))
+    out = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    return adv.to(out), torch.where(m, adv + v, torch.zeros_like(adv)).to(out)
+
+
+def _gae_packed(rewards, values, mask, gamma, lam, cu_seqlens):
+    """GAE on packed [total] inputs: step k of the loop visits the k-th token from each sequence's end
+    (index cu[s + 1] - 1 - k), vectorised over sequences. The loop runs to the longest sequence, read on the
+    host: free on CPU, one sync on CUDA (the Triton backend, CUDA's default, never syncs)."""
+    r, v, m = rewards.double(), values.double(), mask != 0
+    cu = cu_seqlens.to(torch.int64)
+    ends, lengths = cu[1:], cu[1:] - cu[:-1]
+    adv = torch.zeros_like(r)
+    g = torch.zeros(lengths.shape, dtype=torch.float64, device=r.device)
+    v_next = torch.zeros_like(g)
+    for k in range(int(lengths.max()) if lengths.numel() else 0):
+        live = lengths > k
+        idx = torch.where(live, ends - 1 - k, torch.zeros_like(ends))
+        mt = live & m[idx]
+        g_t = torch.where(mt, r[idx] - v[idx], 0.0) + gamma * v_next + gamma * lam * g
+        g = torch.where(mt, g_t, g)
+        v_next = torch.where(mt, v[idx], v_next)
+        adv = adv.index_put((idx[live],), g_t[live])
+    adv = torch.where(m, adv, torch.zeros_like(adv))
     out = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
     return adv.to(out), torch.where(m, adv + v, torch.zeros_like(adv)).to(out)
 
@@ -61,12 +89,19 @@ def group_advantages_torch(scores, group_size, kind, norm_by_std, eps):
     return out.reshape(-1).to(out_dtype)
 
 
-def kl_shaped_rewards_torch(scores, kl, mask, kl_coef):
-    """No value-dependent shapes: the score lands where the position equals the last mask-1 position."""
+def kl_shaped_rewards_torch(scores, kl, mask, kl_coef, cu_seqlens=None):
+    """No value-dependent shapes: the score lands where the position equals the last mask-1 position
+    (packed: of its sequence, the sequences' last positions by a scatter max, which is order independent)."""
     m = mask != 0
     dt = _out_dtype(scores, kl)
     zero = torch.zeros((), dtype=dt, device=kl.device)
     out = torch.where(m, -kl_coef * kl.to(dt), zero)
+    if cu_seqlens is not None:
+        seg = segment_ids(cu_seqlens, m.shape[0])
+        positions = torch.arange(m.shape[0], device=m.device)
+        last = torch.full((cu_seqlens.shape[0] - 1,), -1, dtype=torch.int64, device=m.device)
+        last = last.scatter_reduce(0, seg, torch.where(m, positions, -1), "amax")
+        return out + torch.where(positions == last[seg], scores.to(dt)[seg], zero)
     positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
     last = torch.where(m, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
     return out + torch.where(positions == last, scores.to(dt)[:, None], zero)

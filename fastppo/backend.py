@@ -71,8 +71,8 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cpu" and interpreter_enabled()
 
 
-def backend_for(*tensors: torch.Tensor) -> str:
-    """The backend that runs an op on these tensors ('triton' or 'torch')."""
+def backend_for(*tensors: torch.Tensor | None) -> str:
+    """The backend that runs an op on these tensors (None entries are skipped): 'triton' or 'torch'."""
     device = next(t.device for t in tensors if t is not None)
     for t in tensors:
         if t is not None and t.device != device:

@@ -48,9 +48,9 @@ def loss_options(*, policy_loss, clip_low, clip_high, dual_clip, ratio_max, sapo
 
 
 def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
-                        opts: LossOptions):
+                        opts: LossOptions, cu_seqlens=None):
     check_policy_tensors("labels", lead_shape, old_logprobs, advantages, mask, opts,
-                         rollout_is_weights=rollout_is_weights, entropy=True)
+                         rollout_is_weights=rollout_is_weights, entropy=True, cu_seqlens=cu_seqlens)
     if ref_logprobs is not None:
         check_float("ref_logprobs", ref_logprobs)
         if tuple(ref_logprobs.shape) != tuple(lead_shape):
@@ -60,7 +60,7 @@ def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs
     check_optional("rollout_is_weights", rollout_is_weights, "labels", lead_shape)
 
 
-def fused_outputs(logits, labels, old, adv, mask, ref, isw, lopts: LogprobOptions, opts: LossOptions):
+def fused_outputs(logits, labels, old, adv, mask, ref, isw, cu, lopts: LogprobOptions, opts: LossOptions):
     """Launches 1 and 2 (the body of torch.ops.fastppo.fused_ppo_loss): loss, logp, kl, entropy, stats and
     what the backward launch needs (lse, dloss/dlogp, dloss/dH); None where absent."""
     lp = ops("logprobs", lopts.backend)
@@ -71,7 +71,7 @@ def fused_outputs(logits, labels, old, adv, mask, ref, isw, lopts: LogprobOption
     logp = logp.view(shape)
     ent = None if ent is None else ent.view(shape)
     res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lopts.backend, ref=ref,
-                                   rollout_is_weights=isw)
+                                   rollout_is_weights=isw, cu_seqlens=cu)
     return res.loss, logp, res.kl, ent, res.stats, lse, res.coef, res.coef_ent
 
 
@@ -91,7 +91,7 @@ FusedOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tor
 
 
 def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
-                         logits_options, options, backend):
+                         cu_seqlens, logits_options, options, backend):
     lopts = _logprob_options(logits_options)
     loss, stats, coef = agg_outputs_fake(logits, mask)
     logp = logits.new_empty(labels.shape, dtype=loss.dtype)
@@ -104,20 +104,20 @@ def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_log
 @define("fused_ppo_loss", _fused_ppo_loss_fake, kernels=True)
 def fused_ppo_loss_op(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                    mask: torch.Tensor, ref_logprobs: torch.Tensor | None, rollout_is_weights: torch.Tensor | None,
-                   logits_options: str, options: str, backend: str) -> FusedOutputs:
+                   cu_seqlens: torch.Tensor | None, logits_options: str, options: str, backend: str) -> FusedOutputs:
     """(loss, logprobs, kl, entropy, stats, lse, coef_logp, coef_entropy) of fastppo.fused (`logits_options`: a
     LogprobOptions, `options`: a LossOptions; kl / entropy / coef_entropy empty when absent). Only loss is
     differentiable; its backward is one log-prob backward launch (token_logprobs_backward, or written over
     the logits when inplace)."""
     loss, logp, kl, ent, stats, lse, coef, coef_ent = fused_outputs(
-        logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+        logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, cu_seqlens,
         _logprob_options(logits_options), loss_options_of(options))
     return loss, logp, or_empty(kl, logp), or_empty(ent, logp), stats, lse, coef, or_empty(coef_ent, coef)
 
 
 def _fused_ppo_loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
-    logits, labels, old, adv, mask, ref, isw, logits_options, options, backend = inputs
+    logits, labels, old, adv, mask, ref, isw, cu, logits_options, options, backend = inputs
     loss, logp, kl, ent, stats, lse, coef, coef_ent = output
     ctx.mark_non_differentiable(logp, kl, ent, stats, lse, coef, coef_ent)
     use_ent = _logprob_options(logits_options).with_entropy and loss_options_of(options).entropy_coef != 0
@@ -127,7 +127,7 @@ def _fused_ppo_loss_setup(ctx, inputs, output):
 
 def _fused_ppo_loss_backward(ctx, g_loss, *_):
     if g_loss is None:
-        return (None,) * 10
+        return (None,) * 11
     logits, labels, mask, lse, ent, coef, coef_ent = ctx.saved_tensors
     lopts = _logprob_options(ctx.logits_options)
     scale = g_loss.to(lse.dtype)
@@ -140,7 +140,7 @@ def _fused_ppo_loss_backward(ctx, g_loss, *_):
     else:
         d = token_logprobs_backward_op(logits, labels, lse, ent, coef, coef_ent, scale, mask,
                                                       *transform, lopts.backend)
-    return (d, *([None] * 9))
+    return (d, *([None] * 10))
 
 
 fused_ppo_loss_op.register_autograd(_fused_ppo_loss_backward, setup_context=_fused_ppo_loss_setup)
@@ -156,7 +156,8 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                    horizon: float | None = None, policy_loss: str = "ppo", ratio_max: float | None = None,
                    sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
                    rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
-                   final_logit_softcapping: float | None = None, logit_scale: float = 1.0) -> PPOLossOutput:
+                   final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
+                   cu_seqlens: torch.Tensor | None = None) -> PPOLossOutput:
     """The whole policy objective from the logits in one pass:
 
         loss = agg(L_policy) + kl_coef * agg(KL(logp, ref_logprobs)) - entropy_coef * agg(H)
@@ -169,7 +170,9 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
     and storage that elements share is refused). Logits are transformed as in token_logprobs:
     z' = softcap(logit_scale * z) / temperature. Rows where mask is 0 (or the label is ignore_index) are
     never read, forward or backward: their logprobs / entropy are 0, their gradient rows exact zeros
-    (NaN there cannot leak). Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
+    (NaN there cannot leak). cu_seqlens ([S + 1] offsets): packed sequences, logits [total, V], the
+    per-token tensors [total] (advantages [total] or [S]), results as padded (ppo_policy_loss).
+    Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
@@ -178,16 +181,19 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
     if logits.dim() not in (2, 3) or logits.shape[-1] == 0:
         raise ValueError(f"logits must be [B, T, V] or [T, V], got shape {tuple(logits.shape)}")
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
-    check_fused_tensors(logits.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
+    if cu_seqlens is not None and logits.dim() != 2:
+        raise ValueError(f"with cu_seqlens, logits must be packed [total, V], got shape {tuple(logits.shape)}")
+    check_fused_tensors(logits.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts,
+                        cu_seqlens)
     if inplace:
         check_inplace("logits", logits)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
-    backend = backend_for(logits, labels, old_logprobs, advantages, mask)
+    backend = backend_for(logits, labels, old_logprobs, advantages, mask, cu_seqlens)
     lopts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
                                  final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
                                  with_entropy=want_ent, inplace=inplace, backend=backend)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_ppo_loss(
         logits, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
-        detach(rollout_is_weights), encode(lopts), encode(opts), backend)
+        detach(rollout_is_weights), cu_seqlens, encode(lopts), encode(opts), backend)
     return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)

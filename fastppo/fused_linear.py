@@ -25,6 +25,7 @@ from .linear import (
 from .losses import agg_outputs_fake, loss_options_of, loss_terms_from_logprobs
 from .options import LinearOptions, LossOptions
 from .outputs import PPOLossOutput
+from .packed import per_token
 
 
 def _token_local(opts: LossOptions) -> bool:
@@ -36,18 +37,19 @@ def _token_local(opts: LossOptions) -> bool:
     return not opts.sequence_level and opts.entropy_quantile is None
 
 
-def _agg_weights(mask, opts: LossOptions, acc, backend):
+def _agg_weights(mask, cu, opts: LossOptions, acc, backend):
     """Per-token aggregation weights m_t w_b of the loss's `agg` mode, read from the per-token loss function
     itself: with entropy_coef = 1 and zero entropy its entropy coefficient is exactly -m_t w_b."""
     zeros = torch.zeros(mask.shape, dtype=acc, device=mask.device)
     unit = opts.replace(policy_loss="ppo", dual_clip=None, ratio_max=None, entropy_quantile=None, kl_coef=0.0,
                         entropy_coef=1.0)
-    coef_ent = loss_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, opts=unit, backend=backend).coef_ent
+    coef_ent = loss_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, opts=unit, backend=backend,
+                                        cu_seqlens=cu).coef_ent
     assert coef_ent is not None   # entropy given: the entropy coefficient exists
     return -coef_ent.reshape(-1)
 
 
-def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw, opts: LossOptions,
+def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw, cu, opts: LossOptions,
                          lin: LinearOptions, needs):
     """Forward of fused_linear_ppo_loss (the body of torch.ops.fastppo.fused_linear_ppo_loss): loss, logp,
     kl, entropy, stats and the gradients (d_hidden, d_weight, d_bias) for a unit upstream gradient, formed
@@ -60,14 +62,14 @@ def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw,
     grads = (None, None, None)
     in_forward = any(needs) and lin.backend == "triton" and _token_local(opts)
     if in_forward:
-        grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin,
+        grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, cu, opts, lin,
                                             needs, use_ent, acc)
     else:
         rows, out = forward_rows(h2, weight, bias, y, valid, lin)
     logp = out["logp"].view(shape)
     ent = out["ent"].view(shape) if lin.with_entropy else None
     res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lin.backend, ref=ref,
-                                   rollout_is_weights=isw)
+                                   rollout_is_weights=isw, cu_seqlens=cu)
     if any(needs) and not in_forward:
         row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
         grads = gradient_rows(h2, weight, bias, y, valid, rows, row_stats, res.coef.reshape(-1),
@@ -76,16 +78,19 @@ def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw,
     return res.loss, logp, res.kl, ent, res.stats, (None if dh is None else dh.view(hidden.shape)), dw, db
 
 
-def _per_token(t, mask):
-    """A per-token ([B, T]) or per-sequence ([B]) tensor as one value per flattened token."""
+def _per_token(t, mask, cu):
+    """A per-token ([B, T]) or per-sequence ([B]) tensor as one value per flattened token (packed by cu:
+    [total] or [S])."""
     if t is None:
         return None
+    if cu is not None:
+        return per_token(t, cu, mask.shape[0])
     if t.dim() == 1 and mask.dim() == 2:
         t = t[:, None]
     return t.expand(mask.shape).reshape(-1)
 
 
-def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, opts, lin, needs, use_ent, acc):
+def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, cu, opts, lin, needs, use_ent, acc):
     """The 6 N H V path: each chunk's coefficients dloss/dlogp = m w dL/dlogp and dloss/dH = -m w c_ent come
     from the per-token loss function run on the chunk's rows with unit aggregation (token-mean over a
     count of 1), times the global aggregation weights m w, so chunk contributions add up exactly."""
@@ -93,8 +98,8 @@ def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw,
     N = h2.shape[0]
     rows = k.CompactRows(valid)
     out = k.new_outputs(N, h2.device, acc, lin.with_entropy, False)
-    weights = _agg_weights(mask, opts, acc, lin.backend)
-    flat = [_per_token(t, mask) for t in (old, adv, mask, ref, isw)]
+    weights = _agg_weights(mask, cu, opts, acc, lin.backend)
+    flat = [_per_token(t, mask, cu) for t in (old, adv, mask, ref, isw)]
     unit = opts.replace(agg="token-mean", num_tokens=1.0, num_seqs=None, horizon=None)
     c_logp = torch.zeros(N, dtype=acc, device=h2.device)
     c_ent = torch.zeros(N, dtype=acc, device=h2.device) if use_ent else None
@@ -117,8 +122,8 @@ def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw,
 
 # ----------------------------------------------------------------------------- op
 def _fused_linear_ppo_loss_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
-                                rollout_is_weights, options, linear_options, need_hidden, need_weight, need_bias,
-                                backend):
+                                rollout_is_weights, cu_seqlens, options, linear_options, need_hidden, need_weight,
+                                need_bias, backend):
     lin = linear_options_of(linear_options)
     loss, stats, coef = agg_outputs_fake(hidden, mask)
     logp = hidden.new_empty(labels.shape, dtype=acc_dtype(hidden, weight))
@@ -132,13 +137,14 @@ def _fused_linear_ppo_loss_fake(hidden, weight, bias, labels, old_logprobs, adva
 def fused_linear_ppo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                              mask: torch.Tensor, ref_logprobs: torch.Tensor | None,
-                             rollout_is_weights: torch.Tensor | None, options: str, linear_options: str,
+                             rollout_is_weights: torch.Tensor | None, cu_seqlens: torch.Tensor | None, options: str,
+                             linear_options: str,
                              need_hidden: bool, need_weight: bool, need_bias: bool, backend: str) -> FusedOutputs:
     """(loss, logprobs, kl, entropy, stats, d_hidden, d_weight, d_bias): fused_linear_ppo_loss's forward,
     which forms the gradients for a unit upstream gradient (fastppo.linear; empty where not needed).
     Only loss is differentiable; its backward scales the saved gradients."""
     loss, logp, kl, ent, stats, dh, dw, db = fused_linear_outputs(
-        hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+        hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, cu_seqlens,
         loss_options_of(options), linear_options_of(linear_options), (need_hidden, need_weight, need_bias))
     return (loss, logp, or_empty(kl, logp), or_empty(ent, logp), stats, empty(hidden) if dh is None else
             dh.contiguous(), or_empty(dw, weight), or_empty(db, weight))
@@ -154,7 +160,7 @@ def _fused_linear_ppo_loss_setup(ctx, inputs, output):
 
 def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
     if g_loss is None:
-        return (None,) * 15
+        return (None,) * 16
     grads = []
     dh, dw, db, *linked = ctx.saved_tensors
     for t, present in zip((dh, dw, db), ctx.present):
@@ -166,7 +172,7 @@ def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
         if torch.is_grad_enabled():   # the gradients were formed in the forward: a second derivative cannot be
             t = Once.apply("fused_linear_ppo_loss", t, g_loss, *(x for x in linked if x is not None))
         grads.append(t)
-    return (*grads, *([None] * 12))
+    return (*grads, *([None] * 13))
 
 
 fused_linear_ppo_loss_op.register_autograd(_fused_linear_ppo_loss_backward, setup_context=_fused_linear_ppo_loss_setup)
@@ -183,7 +189,7 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           ratio_max: float | None = None, sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
                           rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
                           final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
-                          chunk_bytes: int | None = None) -> PPOLossOutput:
+                          chunk_bytes: int | None = None, cu_seqlens: torch.Tensor | None = None) -> PPOLossOutput:
     """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     without materialising the logits.
 
@@ -194,7 +200,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the [rows, V] buffers; None:
     automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only scales
     them by the upstream gradient (those gradients are held from forward to backward). Sequence-level
-    variants (gspo, gspo_token, gmpo) and entropy_quantile recompute the logits in forward: 8 N_valid H V."""
+    variants (gspo, gspo_token, gmpo) and entropy_quantile recompute the logits in forward: 8 N_valid H V.
+    cu_seqlens ([S + 1] offsets): packed sequences, hidden [total, H] (fused_ppo_loss's packed form)."""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
@@ -202,9 +209,12 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     check_linear(hidden, weight, labels, bias, ignore_index)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
-    check_fused_tensors(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
+    if cu_seqlens is not None and hidden.dim() != 2:
+        raise ValueError(f"with cu_seqlens, hidden must be packed [total, H], got shape {tuple(hidden.shape)}")
+    check_fused_tensors(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts,
+                        cu_seqlens)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
-    backend = backend_for(hidden, weight, labels, old_logprobs, advantages, mask)
+    backend = backend_for(hidden, weight, labels, old_logprobs, advantages, mask, cu_seqlens)
     lin = build_linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
                           chunk_bytes, backend)
     grad_on = torch.is_grad_enabled()
@@ -212,5 +222,5 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_linear_ppo_loss(
         hidden, weight, bias, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
-        detach(rollout_is_weights), encode(opts), encode(lin), *needs, backend)
+        detach(rollout_is_weights), cu_seqlens, encode(opts), encode(lin), *needs, backend)
     return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)

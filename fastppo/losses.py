@@ -42,6 +42,7 @@ from .kernels.loss_layout import STATS, AggResult
 from .library import acc_dtype, decode, define, encode
 from .modes import IS_LEVELS, IS_MODES
 from .options import LossOptions
+from .packed import check_cu_seqlens
 
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
 
@@ -59,10 +60,24 @@ def policy_stat_names(opts: LossOptions):
 
 
 # ----------------------------------------------------------------------------- checks
-def check_token_args(name, shape, old, adv, mask, old_name="old_logprobs", adv_name="advantages"):
+def check_token_args(name, shape, old, adv, mask, old_name="old_logprobs", adv_name="advantages", cu_seqlens=None):
     """Shapes of the per-token arguments: `name` has `shape` [B, T] (or [T]); old, mask the same;
-    adv [B, T] or per sequence [B]; mask bool or 0/1."""
+    adv [B, T] or per sequence [B]; mask bool or 0/1. With cu_seqlens ([S + 1]): shape is packed [total]
+    and adv [total] or per sequence [S]."""
     shape = tuple(shape)
+    if cu_seqlens is not None:
+        if len(shape) != 1:
+            raise ValueError(f"with cu_seqlens, {name} must be packed 1-D [total], got shape {shape}")
+        S = check_cu_seqlens(cu_seqlens, shape[0], mask.device)
+        check_float(old_name, old)
+        check_float(adv_name, adv)
+        check_same_shape(old_name, old, name, shape)
+        check_same_shape("mask", mask, name, shape)
+        check_mask(mask)
+        if tuple(adv.shape) not in (shape, (S,)):
+            raise ValueError(f"with cu_seqlens, {adv_name} must be {shape} (per token) or ({S},) (per "
+                             f"sequence), got {tuple(adv.shape)}")
+        return
     if len(shape) not in (1, 2):
         raise ValueError(f"{name} must be [B, T] or [T], got shape {shape}")
     check_float(old_name, old)
@@ -82,8 +97,8 @@ def check_optional(name, x, like_name, shape):
 
 
 def check_policy_tensors(name, shape, old, adv, mask, opts, *, rollout_is_weights=None, entropy=None,
-                         entropy_name="entropy"):
-    check_token_args(name, shape, old, adv, mask)
+                         entropy_name="entropy", cu_seqlens=None):
+    check_token_args(name, shape, old, adv, mask, cu_seqlens=cu_seqlens)
     check_optional("rollout_is_weights", rollout_is_weights, name, shape)
     if opts.entropy_quantile is not None and entropy is None:
         raise ValueError(f"entropy_quantile={opts.entropy_quantile} needs the per-token {entropy_name}")
@@ -103,7 +118,7 @@ def entropy_threshold(entropy, mask, quantile):
 
 
 def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, backend: str, ref=None,
-                             rollout_is_weights=None, ent_threshold=None) -> AggResult:
+                             rollout_is_weights=None, ent_threshold=None, cu_seqlens=None) -> AggResult:
     """The per-token loss function of the fused losses: policy term of `opts.policy_loss` + kl_coef KL
     - entropy_coef H, aggregated by opts.agg (global counts opts.num_tokens / num_seqs / horizon), from
     per-token log-probs. No autograd: returns AggResult(loss, stats, coef, coef_ent, kl) where
@@ -113,12 +128,13 @@ def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, ba
     logp, ent (or None), old, mask, ref (or None), rollout_is_weights (or None): [B, T] or [T];
     adv [B, T] or [B]; all detached. A caller that splits the rows into chunks (the linear path)
     passes the whole batch's counts in opts and, with entropy_quantile, the whole batch's
-    `ent_threshold` (entropy_threshold(...)); otherwise it is computed from these rows."""
+    `ent_threshold` (entropy_threshold(...)); otherwise it is computed from these rows. cu_seqlens
+    ([S + 1] offsets): the per-token tensors are packed [total] (adv [total] or [S]), coef [1, total]."""
     if ent_threshold is None and opts.entropy_quantile is not None:
         ent_threshold = entropy_threshold(ent, mask, opts.entropy_quantile)
     return ops("loss_agg", backend).policy_loss_agg(logp, old, adv, mask, opts=opts, ref=ref, ent=ent,
                                                     rollout_is_weights=rollout_is_weights,
-                                                    ent_threshold=ent_threshold)
+                                                    ent_threshold=ent_threshold, cu_seqlens=cu_seqlens)
 
 
 # ----------------------------------------------------------------------------- ops
@@ -134,29 +150,35 @@ def agg_outputs_fake(x, mask):
     return x.new_empty((), dtype=acc), x.new_empty((len(STATS),), dtype=acc), x.new_empty(bt, dtype=acc)
 
 
-def _ppo_policy_loss_fake(logprobs, old_logprobs, advantages, mask, entropy, rollout_is_weights, options, backend):
+def _ppo_policy_loss_fake(logprobs, old_logprobs, advantages, mask, entropy, rollout_is_weights, cu_seqlens, options,
+                          backend):
     return agg_outputs_fake(logprobs, mask)
 
 
 @define("ppo_policy_loss", _ppo_policy_loss_fake, kernels=True)
 def ppo_policy_loss_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    entropy: torch.Tensor | None, rollout_is_weights: torch.Tensor | None, options: str,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, stats, dloss/dlogprobs) of the policy loss of `options` (a LossOptions)."""
+                       entropy: torch.Tensor | None, rollout_is_weights: torch.Tensor | None,
+                       cu_seqlens: torch.Tensor | None, options: str,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, dloss/dlogprobs) of the policy loss of `options` (a LossOptions); packed by cu_seqlens
+    when given."""
     res = loss_terms_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, opts=loss_options_of(options),
-                                   backend=backend, rollout_is_weights=rollout_is_weights)
+                                   backend=backend, rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens)
     return res.loss, res.stats, res.coef
 
 
-def _value_loss_fake(values, old_values, returns, mask, options, backend):
+def _value_loss_fake(values, old_values, returns, mask, cu_seqlens, options, backend):
     return agg_outputs_fake(values, mask)
 
 
 @define("value_loss", _value_loss_fake, kernels=True)
 def value_loss_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                  options: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, stats, dloss/dvalues) of the value loss of `options` (a LossOptions)."""
-    res = ops("loss_agg", backend).value_loss_agg(values, old_values, returns, mask, opts=loss_options_of(options))
+                  cu_seqlens: torch.Tensor | None, options: str,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, dloss/dvalues) of the value loss of `options` (a LossOptions); packed by cu_seqlens when
+    given."""
+    res = ops("loss_agg", backend).value_loss_agg(values, old_values, returns, mask, opts=loss_options_of(options),
+                                                  cu_seqlens=cu_seqlens)
     return res.loss, res.stats, res.coef
 
 
@@ -173,9 +195,11 @@ def _coef_graph(options: str, x, *rest):
     own derivative is the loss's second derivative)."""
     opts = loss_options_of(options)
     if opts.loss == "value":
-        return ops("loss_agg", "torch").value_loss_agg(x, *rest, opts=opts).coef
-    old, adv, mask, ent, isw = rest
-    return loss_terms_from_logprobs(x, ent, old, adv, mask, opts=opts, backend="torch", rollout_is_weights=isw).coef
+        old, ret, mask, cu = rest
+        return ops("loss_agg", "torch").value_loss_agg(x, old, ret, mask, opts=opts, cu_seqlens=cu).coef
+    old, adv, mask, ent, isw, cu = rest
+    return loss_terms_from_logprobs(x, ent, old, adv, mask, opts=opts, backend="torch", rollout_is_weights=isw,
+                                    cu_seqlens=cu).coef
 
 
 def _token_loss_backward(ctx, g_loss, _g_stats, _g_coef):
@@ -215,7 +239,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
                     horizon: float | None = None, policy_loss: str = "ppo", ratio_max: float | None = None,
                     sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
                     rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
-                    entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    entropy: torch.Tensor | None = None,
+                    cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss `policy_loss` (ppo, gspo, gspo_token, cispo, sapo, gmpo, gpg; formulas in
     this module's docstring), aggregated. For ppo, per token with ratio = exp(clamp(logp - old, -20, 20)):
         L = max(-A min(ratio, ratio_max), -A clamp(ratio, 1 - clip_low, 1 + clip_high))
@@ -224,7 +249,10 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     rollout_is_weights [B, T] (detached, multiplied into L; see `rollout_is_weights`); entropy [B, T]
     (needed by entropy_quantile only). agg: token-mean | seq-mean-token-mean | seq-mean-token-sum |
     seq-mean-token-sum-norm | token-sum; the global counts num_tokens / num_seqs / horizon make
-    micro-batch losses sum to the batch loss. Returns (loss, stats) with stats clipfrac,
+    micro-batch losses sum to the batch loss. cu_seqlens (int32/int64 [S + 1] offsets, flash-attention's
+    convention): packed sequences, the per-token tensors 1-D [total] (advantages [total] or [S]); every
+    result and gradient equals that of the same sequences padded to [S, max length] (horizon's default is
+    the longest sequence). Returns (loss, stats) with stats clipfrac,
     clipfrac_lower, approx_kl (mean d^2/2), ratio_mean, ratio_max over mask-1 tokens (the variant's
     importance ratio; + entropy_kept_frac with entropy_quantile), 0-d tensors, no host sync."""
     opts = LossOptions.policy(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
@@ -233,30 +261,34 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
                               num_seqs=num_seqs, horizon=horizon)
     check_float("logprobs", logprobs)
     check_policy_tensors("logprobs", logprobs.shape, old_logprobs, advantages, mask, opts,
-                         rollout_is_weights=rollout_is_weights, entropy=entropy)
+                         rollout_is_weights=rollout_is_weights, entropy=entropy, cu_seqlens=cu_seqlens)
     check_optional("entropy", entropy, "logprobs", logprobs.shape)
-    backend = backend_for(logprobs, old_logprobs, advantages, mask)
+    backend = backend_for(logprobs, old_logprobs, advantages, mask, cu_seqlens)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     loss, buf, _ = torch.ops.fastppo.ppo_policy_loss(logprobs, old_logprobs.detach(), advantages.detach(), mask,
-                                                     detach(entropy), detach(rollout_is_weights), encode(opts), backend)
+                                                     detach(entropy), detach(rollout_is_weights), cu_seqlens,
+                                                     encode(opts), backend)
     return loss, stats_dict(buf, policy_stat_names(opts))
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
                clip: float | None = None, agg: str = "token-mean", num_tokens: float | None = None,
                num_seqs: float | None = None,
-               horizon: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               horizon: float | None = None,
+               cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Critic loss 0.5 (v - R)^2, or with clip: 0.5 max((v - R)^2, (v_c - R)^2) where
     v_c = old + clamp(v - old, -clip, clip). Same shapes and aggregation as ppo_policy_loss
-    (returns [B, T]). The gradient is torch.maximum's (verl's compute_value_loss): a value inside
+    (returns [B, T]; packed [total] with cu_seqlens).
+    The gradient is torch.maximum's (verl's compute_value_loss): a value inside
     the clip range keeps its gradient v - R on rounding ties. Returns (loss, {"vf_clipfrac"})."""
     opts = LossOptions.value(clip=clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
     check_float("values", values)
-    check_token_args("values", values.shape, old_values, returns, mask, old_name="old_values", adv_name="returns")
+    check_token_args("values", values.shape, old_values, returns, mask, old_name="old_values", adv_name="returns",
+                     cu_seqlens=cu_seqlens)
     check_same_shape("returns", returns, "values", values.shape)
-    backend = backend_for(values, old_values, returns, mask)
-    loss, buf, _ = torch.ops.fastppo.value_loss(values, old_values.detach(), returns.detach(), mask, encode(opts),
-                                                backend)
+    backend = backend_for(values, old_values, returns, mask, cu_seqlens)
+    loss, buf, _ = torch.ops.fastppo.value_loss(values, old_values.detach(), returns.detach(), mask, cu_seqlens,
+                                                encode(opts), backend)
     return loss, stats_dict(buf, [("vf_clipfrac", "clipfrac")])
 
 

@@ -13,6 +13,7 @@ import torch
 from .kernels.loss_layout import RATIO_LOG_MAX as _RATIO_LOG_MAX
 from .kernels.loss_layout import STATS, AggResult
 from .kl_torch import clamp_grad, kl_terms
+from .packed import Segments
 
 RATIO_LOG_MAX = float(_RATIO_LOG_MAX.value)
 
@@ -21,32 +22,27 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _bt(x, B, T, acc):
-    """x as [B, T] in the accumulator dtype: [B, T], [T] (B == 1) or per-sequence [B]."""
-    x = x.to(acc)
-    if x.dim() == 2:
-        return x
-    if x.dim() == 1 and x.shape[0] == T and B == 1:
-        return x.view(1, T)
-    return x.view(B, 1).expand(B, T)
-
-
 def _max_grad(a, b, da, db):
     """Gradient of torch.maximum(a, b) (ties: half to each)."""
     return torch.where(a > b, da, torch.where(b > a, db, torch.where(a == b, 0.5 * (da + db), da + db)))
 
 
 # ----------------------------------------------------------------------------- aggregation
-def _weights(m, opts, acc):
+def _segments(mask, cu_seqlens):
+    """The Segments of a [B, T] / [T] mask, or of a packed [total] one with its cu_seqlens."""
+    B, T = (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (1, mask.shape[0])
+    return Segments(cu_seqlens, B, T, mask.device)
+
+
+def _weights(m, opts, acc, seg):
     """Per-sequence weights w_b of the aggregation (kernels/loss_agg.py docstring), and (N_tok, S)."""
-    B, T = m.shape
-    n = m.sum(-1).to(acc)
+    n = seg.sum(m.to(acc))
     tot = n.sum()
     nseq = (n > 0).sum().to(acc)
     den_tok = tot.clamp_min(1) if opts.num_tokens is None else torch.tensor(opts.num_tokens, dtype=acc)
     den_seq = nseq.clamp_min(1) if opts.num_seqs is None else torch.tensor(opts.num_seqs, dtype=acc)
     den_tok, den_seq = den_tok.to(m.device), den_seq.to(m.device)
-    hor = float(T if opts.horizon is None else opts.horizon)
+    hor = seg.horizon(acc).to(m.device) if opts.horizon is None else float(opts.horizon)
     ones = torch.ones_like(n)
     if opts.agg == "token-mean":
         w = ones / den_tok
@@ -61,7 +57,7 @@ def _weights(m, opts, acc):
     return w, n, tot, nseq
 
 
-def _policy(x, o, a, m, n, opts, isw):
+def _policy(x, o, a, m, n, opts, isw, seg):
     """Per-token (L, dL/dlogp, dL/ds, ratio, clipped, lower, sequence ratio s, ds) of opts.policy_loss."""
     cl, ch = opts.clip_low, opts.clip_high
     d = x - o
@@ -90,12 +86,12 @@ def _policy(x, o, a, m, n, opts, isw):
             loss = torch.where(a < 0, torch.minimum(loss, l3), loss)
         dloss = torch.where(inside, dloss, zero)
     elif kind in ("gspo", "gspo_token"):
-        lr = sel(d).sum(-1) / n.clamp_min(1)
+        lr = seg.sum(sel(d)) / n.clamp_min(1)
         s = torch.exp(lr.clamp(max=RATIO_LOG_MAX))
         ds = torch.where(lr <= RATIO_LOG_MAX, s, torch.zeros_like(s))
-        ratio = s[:, None].expand_as(x)
+        ratio = seg.spread(s)
         if kind == "gspo_token":   # log s_bt = logp - sg(logp) + sg(lr), clamped per token as verl (gradient 0 there)
-            lr_t = lr.detach()[:, None] + (x - x.detach())   # the value lr (NaN at a non-finite logp), d/dlogp 1
+            lr_t = seg.spread(lr.detach()) + (x - x.detach())   # the value lr (NaN at a non-finite logp), d/dlogp 1
             ratio = torch.exp(lr_t.clamp(max=RATIO_LOG_MAX))
             ds_t = torch.where(lr_t <= RATIO_LOG_MAX, ratio, zero)
         l1, l2 = -a * ratio, -a * ratio.clamp(1 - cl, 1 + ch)
@@ -119,13 +115,13 @@ def _policy(x, o, a, m, n, opts, isw):
         dead = (pos & (d > ch)) | (neg & (d < -cl))   # the clamp acts: autograd's gradient is an exact 0
         grad = torch.where(pos | neg, (~dead).to(x.dtype), zero)
         den = n + 1e-8
-        s = torch.exp(sel(val).sum(-1) / den)
-        adv_b = sel(a).sum(-1) / den
-        isw_b = torch.ones_like(s) if isw is None else torch.exp(sel(torch.log(isw + 1e-10)).sum(-1) / den)
+        s = torch.exp(seg.sum(sel(val)) / den)
+        adv_b = seg.sum(sel(a)) / den
+        isw_b = torch.ones_like(s) if isw is None else torch.exp(seg.sum(sel(torch.log(isw + 1e-10))) / den)
         lb = -adv_b * s * isw_b
-        ratio = s[:, None].expand_as(x)
-        loss = lb[:, None].expand_as(x)
-        dloss = torch.where(dead, zero, (n * lb / den)[:, None] * grad)
+        ratio = seg.spread(s)
+        loss = seg.spread(lb)
+        dloss = torch.where(dead, zero, seg.spread(n * lb / den) * grad)
         clip_d = (d < -cl) | (d > ch)
         clipped, lower = clip_d & pos, clip_d & neg
     else:   # gpg
@@ -138,36 +134,37 @@ def _policy(x, o, a, m, n, opts, isw):
 
 
 def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_is_weights=None,
-                    ent_threshold=None) -> AggResult:
+                    ent_threshold=None, cu_seqlens=None) -> AggResult:
     """PyTorch twin of fastppo.kernels.loss_agg.policy_loss_agg (same arguments, same results)."""
-    B, T = (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (1, mask.shape[0])
+    seg = _segments(mask, cu_seqlens)
     acc = _acc(logp.dtype)
-    m = _bt(mask, B, T, acc) != 0
-    zero = torch.zeros(B, T, dtype=acc, device=logp.device)
+    _bt = lambda t: seg.per_token(t, acc)  # noqa: E731
+    m = _bt(mask) != 0
+    zero = torch.zeros(m.shape, dtype=acc, device=logp.device)
     sel = lambda keep, v: torch.where(keep, v, zero)  # noqa: E731
-    x, o, a = _bt(logp, B, T, acc), _bt(old, B, T, acc), _bt(adv, B, T, acc)
-    isw = None if rollout_is_weights is None else _bt(rollout_is_weights, B, T, acc)
-    w, n, tot, nseq = _weights(m, opts, acc)
-    wt = w[:, None].expand(B, T)
-    loss, dloss, dl_ds, ratio, clipped, lower, s, ds = _policy(x, o, a, m, n, opts, isw)
+    x, o, a = _bt(logp), _bt(old), _bt(adv)
+    isw = None if rollout_is_weights is None else _bt(rollout_is_weights)
+    w, n, tot, nseq = _weights(m, opts, acc, seg)
+    wt = seg.spread(w)
+    loss, dloss, dl_ds, ratio, clipped, lower, s, ds = _policy(x, o, a, m, n, opts, isw, seg)
     keep = m
     if ent_threshold is not None:
-        keep = m & (_bt(ent, B, T, acc) >= ent_threshold.to(acc))
+        keep = m & (_bt(ent) >= ent_threshold.to(acc))
     pg = sel(keep, wt * loss).sum()
     coef = sel(keep, wt * dloss)
     if opts.policy_loss == "gspo":
-        g_b = sel(keep, wt * dl_ds).sum(-1)
-        coef = sel(m, (g_b * ds / n.clamp_min(1))[:, None].expand(B, T))
+        g_b = seg.sum(sel(keep, wt * dl_ds))
+        coef = sel(m, seg.spread(g_b * ds / n.clamp_min(1)))
     kl = None
     kl_loss = kl_mean = torch.zeros((), dtype=acc, device=x.device)
     if ref is not None:
-        kl, dkl = kl_terms(x, _bt(ref, B, T, acc), opts.kl_kind)
+        kl, dkl = kl_terms(x, _bt(ref), opts.kl_kind)
         kl_loss, kl_mean = sel(m, wt * kl).sum(), sel(m, kl).sum()
         coef = coef + sel(m, wt * opts.kl_coef * dkl)
     coef_ent = None
     ent_loss = ent_mean = torch.zeros((), dtype=acc, device=x.device)
     if ent is not None:
-        h = _bt(ent, B, T, acc)
+        h = _bt(ent)
         ent_loss, ent_mean = sel(m, wt * h).sum(), sel(m, h).sum()
         coef_ent = sel(m, -wt * opts.entropy_coef)
     kl_coef = opts.kl_coef if ref is not None else 0.0
@@ -185,15 +182,15 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
     return AggResult(total, stats, coef, coef_ent, kl)
 
 
-def value_loss_agg(values, old_values, returns, mask, *, opts) -> AggResult:
+def value_loss_agg(values, old_values, returns, mask, *, opts, cu_seqlens=None) -> AggResult:
     """PyTorch twin of fastppo.kernels.loss_agg.value_loss_agg."""
-    B, T = (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (1, mask.shape[0])
+    seg = _segments(mask, cu_seqlens)
     acc = _acc(values.dtype)
-    m = _bt(mask, B, T, acc) != 0
-    zero = torch.zeros(B, T, dtype=acc, device=values.device)
-    v, o, r = _bt(values, B, T, acc), _bt(old_values, B, T, acc), _bt(returns, B, T, acc)
-    w, n, tot, nseq = _weights(m, opts, acc)
-    wt = w[:, None].expand(B, T)
+    m = seg.per_token(mask, acc) != 0
+    zero = torch.zeros(m.shape, dtype=acc, device=values.device)
+    v, o, r = (seg.per_token(t, acc) for t in (values, old_values, returns))
+    w, n, tot, nseq = _weights(m, opts, acc, seg)
+    wt = seg.spread(w)
     e1 = v - r
     l1 = e1 * e1
     if opts.value_clip is None:

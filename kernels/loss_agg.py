@@ -15,8 +15,9 @@ The forward also writes the per-token gradient coefficients dloss/dx = m w (dL +
 dloss/dH = -m w ent_coef, so the backward pass needs no reduction at all.
 
 Launches (grid: one program per (sequence, BLOCK_T tile), i.e. B * cdiv(T, BLOCK_T) programs, except
-the two one-program finishing steps); 1, 2 and 5 are in kernels/loss_seq.py, the ids and buffer layouts
-in kernels/loss_layout.py:
+the two one-program finishing steps; packed sequences (cu_seqlens) keep the grid of an average sequence,
+each program reading its sequence's offsets and taking every n_tiles-th tile of it: loss_layout.Grid);
+1, 2 and 5 are in kernels/loss_seq.py, the ids and buffer layouts in kernels/loss_layout.py:
     1. _seq_partials_kernel   per-tile token counts (and the per-sequence sums gspo/gmpo need)
     2. _seq_finish_kernel     1 program: per-sequence table (n_b, w_b, sequence ratio terms) + totals
     3. _policy_terms_kernel / _value_terms_kernel: per-token terms, coefficients, per-tile partial sums
@@ -94,136 +95,164 @@ from .loss_layout import (
     TOT_SEQS,
     TOT_TOKENS,
     AggResult,
-    bt_shape,
-    bt_strides,
+    grid_of,
     seq_kind,
 )
-from .loss_seq import _tile, _tile_max, seq_grad, seq_tables
+from .loss_seq import _span, _tile, _tile_max, seq_grad, seq_tables
 
 
 @triton.jit(do_not_specialize=["T", "n_tiles"])
 def _policy_terms_kernel(
-    # [B, T] inputs
-    logp_ptr, old_ptr, adv_ptr, ref_ptr, ent_ptr, isw_ptr, mask_ptr,
+    # [B, T] (or packed [total]) inputs, the packed [B + 1] offsets
+    logp_ptr, old_ptr, adv_ptr, ref_ptr, ent_ptr, isw_ptr, mask_ptr, cu_ptr,
     # from launch 2 ([B, NCOL] SEQ_COLS) and the entropy threshold (0-d, entropy_quantile)
     seq_ptr, ent_thr_ptr,
-    # outputs: [B, T] coefficients and KL (contiguous), [B * n_tiles, NCOL] partials (PART_COLS)
+    # outputs: [B, T] coefficients and KL (contiguous; packed [total]), [B * n_tiles, NCOL] partials (PART_COLS)
     coef_ptr, coef_ent_ptr, kl_ptr, part_ptr,
     T, n_tiles,
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_ref_b, s_ref_t, s_ent_b, s_ent_t,
     s_isw_b, s_isw_t, s_m_b, s_m_t,
     clip_low, clip_high, dual_clip, ratio_max, tau_pos, tau_neg, kl_coef, entropy_coef,
     POLICY: tl.constexpr, KL_KIND: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr,
-    HAS_DUAL: tl.constexpr, HAS_RMAX: tl.constexpr, HAS_ENT_MASK: tl.constexpr,
+    HAS_DUAL: tl.constexpr, HAS_RMAX: tl.constexpr, HAS_ENT_MASK: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_T: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
 ):
-    b, j, t, inb, m = _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T)
+    b, start, length, out_row = _span(cu_ptr, T, PACKED)
+    j = tl.program_id(1).to(tl.int64)
     seq = seq_ptr + b * NC
     n_b = tl.load(seq + SQ_TOKENS)
     w = tl.load(seq + SQ_WEIGHT)
-    x = tl.load(logp_ptr + b * s_lp_b + t * s_lp_t, mask=inb, other=0.0).to(ACC)
-    o = tl.load(old_ptr + b * s_old_b + t * s_old_t, mask=inb, other=0.0).to(ACC)
-    a = tl.load(adv_ptr + b * s_adv_b + t * s_adv_t, mask=inb, other=0.0).to(ACC)
-    lower = tl.zeros((BLOCK_T,), tl.int1)
-    dl_ds = tl.zeros((BLOCK_T,), ACC)
-    if POLICY == POLICY_PPO:
-        loss, dloss, ratio, clipped, lower = ppo_terms(x, o, a, clip_low, clip_high, dual_clip, ratio_max,
-                                                       HAS_DUAL, HAS_RMAX)
-    elif POLICY == POLICY_GSPO or POLICY == POLICY_GSPO_TOKEN:  # noqa: SIM109  (constexpr ids, compared one by one)
-        # gspo (sequence ratio, gradient through its mean) / gspo_token (verl's stop-gradient token form)
-        lr = tl.load(seq + SQ_LOG_RATIO)
-        if POLICY == POLICY_GSPO_TOKEN:
-            lr = lr + (x - x)   # log s_bt = logp - sg(logp) + sg(lr): NaN at a non-finite logp, as autograd's
-        s = tl.exp(tl.where(lr > RATIO_LOG_MAX, RATIO_LOG_MAX, lr))   # min(lr, 10), NaN kept
-        ds = tl.where(lr <= RATIO_LOG_MAX, s, 0.0)   # per token, as verl: 0 where the clamp acts
-        ratio = tl.full((BLOCK_T,), 1.0, ACC) * s
-        loss, dloss, dl_ds, clipped = clipped_ratio_terms(ratio, ds, a, clip_low, clip_high)
+    pg_sum = tl.zeros((), ACC)
+    seq_grad_sum = tl.zeros((), ACC)
+    n_clipped = tl.zeros((), ACC)
+    n_lower = tl.zeros((), ACC)
+    approx_kl = tl.zeros((), ACC)
+    ratio_sum = tl.zeros((), ACC)
+    ratio_mx = tl.zeros((), ACC)
+    n_kept = tl.zeros((), ACC)
+    kl_loss = tl.zeros((), ACC)
+    kl_sum = tl.zeros((), ACC)
+    ent_loss = tl.zeros((), ACC)
+    ent_sum = tl.zeros((), ACC)
+    for jj in range(j, tl.cdiv(length, BLOCK_T), n_tiles):
+        t, pos, inb, m = _tile(mask_ptr, b, start, length, jj, s_m_b, s_m_t, BLOCK_T)
+        x = tl.load(logp_ptr + b * s_lp_b + pos * s_lp_t, mask=inb, other=0.0).to(ACC)
+        o = tl.load(old_ptr + b * s_old_b + pos * s_old_t, mask=inb, other=0.0).to(ACC)
+        a = tl.load(adv_ptr + b * s_adv_b + pos * s_adv_t, mask=inb, other=0.0).to(ACC)
+        lower = tl.zeros((BLOCK_T,), tl.int1)
+        dl_ds = tl.zeros((BLOCK_T,), ACC)
+        if POLICY == POLICY_PPO:
+            loss, dloss, ratio, clipped, lower = ppo_terms(x, o, a, clip_low, clip_high, dual_clip, ratio_max,
+                                                           HAS_DUAL, HAS_RMAX)
+        elif POLICY == POLICY_GSPO or POLICY == POLICY_GSPO_TOKEN:  # noqa: SIM109  (constexpr ids, one by one)
+            # gspo (sequence ratio, gradient through its mean) / gspo_token (verl's stop-gradient token form)
+            lr = tl.load(seq + SQ_LOG_RATIO)
+            if POLICY == POLICY_GSPO_TOKEN:
+                lr = lr + (x - x)   # log s_bt = logp - sg(logp) + sg(lr): NaN at a non-finite logp, as autograd's
+            s = tl.exp(tl.where(lr > RATIO_LOG_MAX, RATIO_LOG_MAX, lr))   # min(lr, 10), NaN kept
+            ds = tl.where(lr <= RATIO_LOG_MAX, s, 0.0)   # per token, as verl: 0 where the clamp acts
+            ratio = tl.full((BLOCK_T,), 1.0, ACC) * s
+            loss, dloss, dl_ds, clipped = clipped_ratio_terms(ratio, ds, a, clip_low, clip_high)
+            if POLICY == POLICY_GSPO:
+                dloss = tl.zeros((BLOCK_T,), ACC)      # launch 5 adds the sequence gradient
+        elif POLICY == POLICY_CISPO:
+            loss, dloss, ratio, clipped = cispo_terms(x, o, a, clip_low, clip_high)
+        elif POLICY == POLICY_SAPO:
+            loss, dloss, ratio = sapo_terms(x, o, a, tau_pos, tau_neg)
+            clipped = tl.zeros((BLOCK_T,), tl.int1)
+        elif POLICY == POLICY_GMPO:
+            # gmpo: L_b = -mean_b(A) exp(mean_b(clipped log-ratio)) isw_b, counted once per token with w_b
+            _v, g, clip_d, dead = gmpo_log_ratio(x, o, a, clip_low, clip_high)
+            s = tl.exp(tl.load(seq + SQ_LOG_RATIO))
+            lb = -tl.load(seq + SQ_ADV_MEAN) * s * tl.load(seq + SQ_IS_WEIGHT)
+            ratio = tl.full((BLOCK_T,), 1.0, ACC) * s
+            loss = tl.full((BLOCK_T,), 1.0, ACC) * lb
+            dloss = tl.where(dead, 0.0, n_b * lb * g / (n_b + 1e-8))   # a select: clamped tokens stay 0 (NaN lb)
+            clipped = clip_d & (a > 0)
+            lower = clip_d & (a < 0)
+        else:
+            # POLICY_GPG: L = -A logp
+            loss = -a * x
+            dloss = -a
+            ratio = tl.exp(clamp_nan(x - o, -20.0, 20.0))
+            clipped = tl.zeros((BLOCK_T,), tl.int1)
+        if HAS_ISW and POLICY != POLICY_GMPO:
+            isw = tl.load(isw_ptr + b * s_isw_b + pos * s_isw_t, mask=inb, other=0.0).to(ACC)
+            loss = loss * isw
+            dloss = dloss * isw
+            dl_ds = dl_ds * isw
+        keep = m
+        if HAS_ENT_MASK:
+            h_sel = tl.load(ent_ptr + b * s_ent_b + pos * s_ent_t, mask=inb, other=0.0).to(ACC)
+            keep = m & (h_sel >= tl.load(ent_thr_ptr).to(ACC))
+        pg_sum += tl.sum(tl.where(keep, w * loss, 0.0), 0)
         if POLICY == POLICY_GSPO:
-            dloss = tl.zeros((BLOCK_T,), ACC)      # launch 5 adds the sequence gradient
-    elif POLICY == POLICY_CISPO:
-        loss, dloss, ratio, clipped = cispo_terms(x, o, a, clip_low, clip_high)
-    elif POLICY == POLICY_SAPO:
-        loss, dloss, ratio = sapo_terms(x, o, a, tau_pos, tau_neg)
-        clipped = tl.zeros((BLOCK_T,), tl.int1)
-    elif POLICY == POLICY_GMPO:
-        # gmpo: L_b = -mean_b(A) exp(mean_b(clipped log-ratio)) isw_b, counted once per token with w_b
-        _v, g, clip_d, dead = gmpo_log_ratio(x, o, a, clip_low, clip_high)
-        s = tl.exp(tl.load(seq + SQ_LOG_RATIO))
-        lb = -tl.load(seq + SQ_ADV_MEAN) * s * tl.load(seq + SQ_IS_WEIGHT)
-        ratio = tl.full((BLOCK_T,), 1.0, ACC) * s
-        loss = tl.full((BLOCK_T,), 1.0, ACC) * lb
-        dloss = tl.where(dead, 0.0, n_b * lb * g / (n_b + 1e-8))   # a select: clamped tokens stay 0 (NaN lb)
-        clipped = clip_d & (a > 0)
-        lower = clip_d & (a < 0)
-    else:
-        # POLICY_GPG: L = -A logp
-        loss = -a * x
-        dloss = -a
-        ratio = tl.exp(clamp_nan(x - o, -20.0, 20.0))
-        clipped = tl.zeros((BLOCK_T,), tl.int1)
-    if HAS_ISW and POLICY != POLICY_GMPO:
-        isw = tl.load(isw_ptr + b * s_isw_b + t * s_isw_t, mask=inb, other=0.0).to(ACC)
-        loss = loss * isw
-        dloss = dloss * isw
-        dl_ds = dl_ds * isw
-    keep = m
-    if HAS_ENT_MASK:
-        h_sel = tl.load(ent_ptr + b * s_ent_b + t * s_ent_t, mask=inb, other=0.0).to(ACC)
-        keep = m & (h_sel >= tl.load(ent_thr_ptr).to(ACC))
+            seq_grad_sum += tl.sum(tl.where(keep, w * dl_ds, 0.0), 0)
+        coef = tl.where(keep, w * dloss, 0.0)
+        d = x - o
+        n_clipped += tl.sum(tl.where(m & clipped, 1.0, 0.0), 0)
+        n_lower += tl.sum(tl.where(m & lower, 1.0, 0.0), 0)
+        approx_kl += tl.sum(tl.where(m, 0.5 * d * d, 0.0), 0)
+        ratio_sum += tl.sum(tl.where(m, ratio, 0.0), 0)
+        ratio_mx = max_nan(ratio_mx, _tile_max(ratio, m))
+        n_kept += tl.sum(tl.where(keep, 1.0, 0.0), 0)
+        flat = out_row + t
+        if KL_KIND != KL_NONE:
+            r = tl.load(ref_ptr + b * s_ref_b + pos * s_ref_t, mask=inb, other=0.0).to(ACC)
+            kl, dkl = kl_terms(x, r, KL_KIND)
+            tl.store(kl_ptr + flat, kl, mask=inb)
+            kl_loss += tl.sum(tl.where(m, w * kl, 0.0), 0)
+            kl_sum += tl.sum(tl.where(m, kl, 0.0), 0)
+            coef += tl.where(m, w * kl_coef * dkl, 0.0)
+        tl.store(coef_ptr + flat, coef, mask=inb)
+        if HAS_ENT:
+            h = tl.load(ent_ptr + b * s_ent_b + pos * s_ent_t, mask=inb, other=0.0).to(ACC)
+            ent_loss += tl.sum(tl.where(m, w * h, 0.0), 0)
+            ent_sum += tl.sum(tl.where(m, h, 0.0), 0)
+            tl.store(coef_ent_ptr + flat, tl.where(m, -w * entropy_coef, 0.0), mask=inb)
     out = part_ptr + (b * n_tiles + j) * NC
-    tl.store(out + P_PG, tl.sum(tl.where(keep, w * loss, 0.0), 0))
+    tl.store(out + P_PG, pg_sum)
     if POLICY == POLICY_GSPO:
-        tl.store(out + P_SEQ_GRAD, tl.sum(tl.where(keep, w * dl_ds, 0.0), 0))
-    coef = tl.where(keep, w * dloss, 0.0)
-    d = x - o
-    tl.store(out + P_CLIPPED, tl.sum(tl.where(m & clipped, 1.0, 0.0), 0))
-    tl.store(out + P_CLIPPED_LOWER, tl.sum(tl.where(m & lower, 1.0, 0.0), 0))
-    tl.store(out + P_APPROX_KL, tl.sum(tl.where(m, 0.5 * d * d, 0.0), 0))
-    tl.store(out + P_RATIO, tl.sum(tl.where(m, ratio, 0.0), 0))
-    tl.store(out + P_RATIO_MAX, _tile_max(ratio, m))
-    tl.store(out + P_KEPT, tl.sum(tl.where(keep, 1.0, 0.0), 0))
-    flat = b * T + t
-    if KL_KIND != KL_NONE:
-        r = tl.load(ref_ptr + b * s_ref_b + t * s_ref_t, mask=inb, other=0.0).to(ACC)
-        kl, dkl = kl_terms(x, r, KL_KIND)
-        tl.store(kl_ptr + flat, kl, mask=inb)
-        tl.store(out + P_KL_LOSS, tl.sum(tl.where(m, w * kl, 0.0), 0))
-        tl.store(out + P_KL, tl.sum(tl.where(m, kl, 0.0), 0))
-        coef += tl.where(m, w * kl_coef * dkl, 0.0)
-    else:
-        tl.store(out + P_KL_LOSS, tl.zeros((), ACC))
-        tl.store(out + P_KL, tl.zeros((), ACC))
-    tl.store(coef_ptr + flat, coef, mask=inb)
-    if HAS_ENT:
-        h = tl.load(ent_ptr + b * s_ent_b + t * s_ent_t, mask=inb, other=0.0).to(ACC)
-        tl.store(out + P_ENT_LOSS, tl.sum(tl.where(m, w * h, 0.0), 0))
-        tl.store(out + P_ENTROPY, tl.sum(tl.where(m, h, 0.0), 0))
-        tl.store(coef_ent_ptr + flat, tl.where(m, -w * entropy_coef, 0.0), mask=inb)
-    else:
-        tl.store(out + P_ENT_LOSS, tl.zeros((), ACC))
-        tl.store(out + P_ENTROPY, tl.zeros((), ACC))
+        tl.store(out + P_SEQ_GRAD, seq_grad_sum)
+    tl.store(out + P_CLIPPED, n_clipped)
+    tl.store(out + P_CLIPPED_LOWER, n_lower)
+    tl.store(out + P_APPROX_KL, approx_kl)
+    tl.store(out + P_RATIO, ratio_sum)
+    tl.store(out + P_RATIO_MAX, ratio_mx)
+    tl.store(out + P_KEPT, n_kept)
+    tl.store(out + P_KL_LOSS, kl_loss)
+    tl.store(out + P_KL, kl_sum)
+    tl.store(out + P_ENT_LOSS, ent_loss)
+    tl.store(out + P_ENTROPY, ent_sum)
 
 
 @triton.jit(do_not_specialize=["T", "n_tiles"])
 def _value_terms_kernel(
-    v_ptr, old_ptr, ret_ptr, mask_ptr,      # [B, T] inputs
-    seq_ptr,                                # [B, NCOL] SEQ_COLS from launch 2
-    coef_ptr, part_ptr,                     # outputs: [B, T] dloss/dv, [B * n_tiles, NCOL] partials
+    v_ptr, old_ptr, ret_ptr, mask_ptr, cu_ptr,   # [B, T] (or packed [total]) inputs, packed [B + 1] offsets
+    seq_ptr,                                     # [B, NCOL] SEQ_COLS from launch 2
+    coef_ptr, part_ptr,                          # outputs: [B, T] dloss/dv, [B * n_tiles, NCOL] partials
     T, n_tiles,
     s_v_b, s_v_t, s_old_b, s_old_t, s_ret_b, s_ret_t, s_m_b, s_m_t,
     clip,
-    HAS_CLIP: tl.constexpr, BLOCK_T: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
+    HAS_CLIP: tl.constexpr, PACKED: tl.constexpr, BLOCK_T: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
 ):
-    b, j, t, inb, m = _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T)
+    b, start, length, out_row = _span(cu_ptr, T, PACKED)
+    j = tl.program_id(1).to(tl.int64)
     w = tl.load(seq_ptr + b * NC + SQ_WEIGHT)
-    v = tl.load(v_ptr + b * s_v_b + t * s_v_t, mask=inb, other=0.0).to(ACC)
-    o = tl.load(old_ptr + b * s_old_b + t * s_old_t, mask=inb, other=0.0).to(ACC)
-    r = tl.load(ret_ptr + b * s_ret_b + t * s_ret_t, mask=inb, other=0.0).to(ACC)
-    loss, dloss, clipped = value_terms(v, o, r, clip, HAS_CLIP)
+    loss_sum = tl.zeros((), ACC)
+    n_clipped = tl.zeros((), ACC)
+    for jj in range(j, tl.cdiv(length, BLOCK_T), n_tiles):
+        t, pos, inb, m = _tile(mask_ptr, b, start, length, jj, s_m_b, s_m_t, BLOCK_T)
+        v = tl.load(v_ptr + b * s_v_b + pos * s_v_t, mask=inb, other=0.0).to(ACC)
+        o = tl.load(old_ptr + b * s_old_b + pos * s_old_t, mask=inb, other=0.0).to(ACC)
+        r = tl.load(ret_ptr + b * s_ret_b + pos * s_ret_t, mask=inb, other=0.0).to(ACC)
+        loss, dloss, clipped = value_terms(v, o, r, clip, HAS_CLIP)
+        loss_sum += tl.sum(tl.where(m, w * loss, 0.0), 0)
+        n_clipped += tl.sum(tl.where(m & clipped, 1.0, 0.0), 0)
+        tl.store(coef_ptr + out_row + t, tl.where(m, w * dloss, 0.0), mask=inb)
     out = part_ptr + (b * n_tiles + j) * NC
-    tl.store(out + P_PG, tl.sum(tl.where(m, w * loss, 0.0), 0))
-    tl.store(out + P_CLIPPED, tl.sum(tl.where(m & clipped, 1.0, 0.0), 0))
-    tl.store(coef_ptr + b * T + t, tl.where(m, w * dloss, 0.0), mask=inb)
+    tl.store(out + P_PG, loss_sum)
+    tl.store(out + P_CLIPPED, n_clipped)
 
 
 @triton.jit(do_not_specialize=["n_parts"])
@@ -276,61 +305,64 @@ def _finish(part, total, n_parts, kl_coef, entropy_coef, acc, tl_acc, dev):
 
 
 def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_is_weights=None,
-                    ent_threshold=None) -> AggResult:
+                    ent_threshold=None, cu_seqlens=None) -> AggResult:
     """The policy objective of `opts` (a fastppo.options.LossOptions) on per-token log-probs.
     logp, old, mask: [B, T] (or [T]); adv [B, T] or [B]; ref, ent, rollout_is_weights [B, T] or None;
-    ent_threshold: 0-d tensor (entropy_quantile), tokens with ent >= it are kept in the policy term."""
-    B, T = bt_shape(mask)
+    ent_threshold: 0-d tensor (entropy_quantile), tokens with ent >= it are kept in the policy term.
+    With cu_seqlens ([S + 1] offsets) the per-token tensors are packed [total] (adv [total] or [S]) and
+    coef / coef_ent / kl come back [1, total]."""
+    grid = grid_of(mask, cu_seqlens, cfg.AGG_BLOCK_T)
+    B, T, n_tiles, cu = grid
     acc, tl_acc = acc_dtype(logp.dtype)
     dev = logp.device
-    n_tiles = triton.cdiv(max(T, 1), cfg.AGG_BLOCK_T)
     policy = POLICY_LOSS_IDS[opts.policy_loss]
     isw = rollout_is_weights
-    seq, total = seq_tables(B, T, n_tiles, logp, old, adv, isw, mask, opts, seq_kind(opts.policy_loss), acc, tl_acc)
-    coef = torch.empty((B, T), dtype=acc, device=dev)
+    seq, total = seq_tables(grid, logp, old, adv, isw, mask, opts, seq_kind(opts.policy_loss), acc, tl_acc)
+    coef = torch.empty(grid.out_shape, dtype=acc, device=dev)
     has_ent = ent is not None
-    coef_ent = torch.empty((B, T), dtype=acc, device=dev) if has_ent else None
-    kl = torch.empty((B, T), dtype=acc, device=dev) if ref is not None else None
+    coef_ent = torch.empty(grid.out_shape, dtype=acc, device=dev) if has_ent else None
+    kl = torch.empty(grid.out_shape, dtype=acc, device=dev) if ref is not None else None
     part = torch.empty(B * n_tiles, NCOL, dtype=acc, device=dev)
     ent_mask = ent_threshold is not None
-    record_launch("loss_agg", logp, old, adv, mask, ref, ent, isw, seq, coef, coef_ent, kl, part,
+    record_launch("loss_agg", logp, old, adv, mask, cu, ref, ent, isw, seq, coef, coef_ent, kl, part,
                   grid=(B, n_tiles))
     wrap_triton(_policy_terms_kernel)[(B, n_tiles)](
         logp, old, adv, ref if ref is not None else logp, ent if has_ent else logp, isw if isw is not None else logp,
-        mask, seq, ent_threshold if ent_mask else seq,
+        mask, cu if grid.packed else mask, seq, ent_threshold if ent_mask else seq,
         coef, coef_ent if has_ent else coef, kl if kl is not None else coef, part,
         T, n_tiles,
-        *bt_strides(logp, B, T), *bt_strides(old, B, T), *bt_strides(adv, B, T),
-        *(bt_strides(ref, B, T) if ref is not None else (0, 0)), *(bt_strides(ent, B, T) if has_ent else (0, 0)),
-        *(bt_strides(isw, B, T) if isw is not None else (0, 0)), *bt_strides(mask, B, T),
+        *grid.strides(logp), *grid.strides(old), *grid.strides(adv),
+        *(grid.strides(ref) if ref is not None else (0, 0)), *(grid.strides(ent) if has_ent else (0, 0)),
+        *(grid.strides(isw) if isw is not None else (0, 0)), *grid.strides(mask),
         float(opts.clip_low), float(opts.clip_high), float(opts.dual_clip or 0.0), float(opts.ratio_max or 0.0),
         float(opts.sapo_tau_pos), float(opts.sapo_tau_neg), float(opts.kl_coef), float(opts.entropy_coef),
         POLICY=policy, KL_KIND=KL_KIND_IDS[opts.kl_kind] if ref is not None else KL_NONE.value, HAS_ENT=has_ent,
         HAS_ISW=isw is not None, HAS_DUAL=opts.dual_clip is not None, HAS_RMAX=opts.ratio_max is not None,
-        HAS_ENT_MASK=ent_mask, BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl_acc, num_warps=cfg.AGG_NUM_WARPS)
+        HAS_ENT_MASK=ent_mask, PACKED=grid.packed, BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl_acc,
+        num_warps=cfg.AGG_NUM_WARPS)
     if policy == POLICY_GSPO.value:
-        seq_grad(mask, seq, part, coef, B, T, n_tiles, tl_acc)
+        seq_grad(grid, mask, seq, part, coef, tl_acc)
     loss, stats = _finish(part, total, B * n_tiles, opts.kl_coef if kl is not None else 0.0,
                           opts.entropy_coef if has_ent else 0.0, acc, tl_acc, dev)
     return AggResult(loss, stats, coef, coef_ent, kl)
 
 
-def value_loss_agg(values, old_values, returns, mask, *, opts) -> AggResult:
-    """The clipped value loss of `opts` (value_clip, agg, counts). Stats: loss and clipfrac."""
-    B, T = bt_shape(mask)
+def value_loss_agg(values, old_values, returns, mask, *, opts, cu_seqlens=None) -> AggResult:
+    """The clipped value loss of `opts` (value_clip, agg, counts). Stats: loss and clipfrac. Packed
+    inputs with cu_seqlens as in policy_loss_agg."""
+    grid = grid_of(mask, cu_seqlens, cfg.AGG_BLOCK_T)
+    B, T, n_tiles, cu = grid
     acc, tl_acc = acc_dtype(values.dtype)
     dev = values.device
-    n_tiles = triton.cdiv(max(T, 1), cfg.AGG_BLOCK_T)
-    seq, total = seq_tables(B, T, n_tiles, values, old_values, returns, None, mask, opts, SEQ_COUNTS.value, acc,
-                            tl_acc)
-    coef = torch.empty((B, T), dtype=acc, device=dev)
+    seq, total = seq_tables(grid, values, old_values, returns, None, mask, opts, SEQ_COUNTS.value, acc, tl_acc)
+    coef = torch.empty(grid.out_shape, dtype=acc, device=dev)
     part = torch.zeros(B * n_tiles, NCOL, dtype=acc, device=dev)
-    record_launch("loss_agg", values, old_values, returns, mask, seq, coef, part, grid=(B, n_tiles))
+    record_launch("loss_agg", values, old_values, returns, mask, cu, seq, coef, part, grid=(B, n_tiles))
     wrap_triton(_value_terms_kernel)[(B, n_tiles)](
-        values, old_values, returns, mask, seq, coef, part, T, n_tiles,
-        *bt_strides(values, B, T), *bt_strides(old_values, B, T), *bt_strides(returns, B, T),
-        *bt_strides(mask, B, T), float(opts.value_clip or 0.0),
-        HAS_CLIP=opts.value_clip is not None, BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl_acc,
+        values, old_values, returns, mask, cu if grid.packed else mask, seq, coef, part, T, n_tiles,
+        *grid.strides(values), *grid.strides(old_values), *grid.strides(returns),
+        *grid.strides(mask), float(opts.value_clip or 0.0),
+        HAS_CLIP=opts.value_clip is not None, PACKED=grid.packed, BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl_acc,
         num_warps=cfg.AGG_NUM_WARPS)
     loss, stats = _finish(part, total, B * n_tiles, 0.0, 0.0, acc, tl_acc, dev)
     return AggResult(loss, stats, coef, None, None)
@@ -345,16 +377,17 @@ def aot_specs(AOTSpec, sig):
     def ptrs(fn):
         out = {n: "*fp32" for n in fn.arg_names if n.endswith("_ptr")}
         out["mask_ptr"] = "*i1"
+        out["cu_ptr"] = "*i64"
         return out
 
     specs = []
     for name, policy in POLICY_LOSS_IDS.items():
         ce = dict(ce_common, POLICY=policy, KL_KIND=5, HAS_ENT=True, HAS_ISW=True, HAS_DUAL=name == "ppo",
-                  HAS_RMAX=name == "ppo", HAS_ENT_MASK=name != "gmpo")
+                  HAS_RMAX=name == "ppo", HAS_ENT_MASK=name != "gmpo", PACKED=name != "ppo")
         specs.append(AOTSpec(f"loss_agg[{name}]", _policy_terms_kernel,
                              sig(_policy_terms_kernel, {**ptrs(_policy_terms_kernel), **f32}, ce), ce, (), False,
                              cfg.AGG_NUM_WARPS))
-    ce = dict(ce_common, HAS_CLIP=True)
+    ce = dict(ce_common, HAS_CLIP=True, PACKED=True)
     specs.append(AOTSpec("loss_agg[value]", _value_terms_kernel,
                          sig(_value_terms_kernel, {**ptrs(_value_terms_kernel), **f32}, ce), ce, (), False,
                          cfg.AGG_NUM_WARPS))

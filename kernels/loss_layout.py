@@ -92,3 +92,45 @@ def bt_strides(x: torch.Tensor, B: int, T: int) -> tuple[int, int]:
 def bt_shape(mask: torch.Tensor) -> tuple[int, int]:
     """(B, T) of a [B, T] or [T] mask."""
     return (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (1, mask.shape[0])
+
+
+class Grid(NamedTuple):
+    """The [B, n_tiles] grid of the loss launches. Padded: B sequences of T tokens, n_tiles = cdiv(T,
+    block). Packed (cu, [B + 1] offsets): B sequences in one [T = total] dimension, n_tiles = the tiles of
+    an average sequence, cdiv(cdiv(total, B), block), each program (b, j) taking the tiles j, j + n_tiles,
+    ... of its sequence: as many programs and bytes per token as padded, no host sync for the longest
+    sequence. Per-token outputs are [B, T] (packed: [1, total])."""
+
+    B: int
+    T: int
+    n_tiles: int
+    cu: torch.Tensor | None
+
+    @property
+    def packed(self) -> bool:
+        return self.cu is not None
+
+    @property
+    def out_shape(self) -> tuple[int, int]:
+        return (1, self.T) if self.packed else (self.B, self.T)
+
+    def strides(self, x: torch.Tensor) -> tuple[int, int]:
+        """(per-sequence, per-position) strides of x: packed [total] -> (0, s), per-sequence [B] -> (s, 0)."""
+        if not self.packed:
+            return bt_strides(x, self.B, self.T)
+        if x.dim() == 1 and x.shape[0] == self.T:
+            return 0, x.stride(0)
+        if x.dim() == 1 and x.shape[0] == self.B:
+            return x.stride(0), 0
+        raise ValueError(f"cannot address a tensor of shape {tuple(x.shape)} as packed [total={self.T}] or "
+                         f"per sequence [S={self.B}]")
+
+
+def grid_of(mask: torch.Tensor, cu_seqlens: torch.Tensor | None, block_t: int) -> Grid:
+    """The Grid of a [B, T] / [T] mask, or of a packed [total] mask with its cu_seqlens."""
+    if cu_seqlens is None:
+        B, T = bt_shape(mask)
+        return Grid(B, T, -(-max(T, 1) // block_t), None)
+    B, T = cu_seqlens.shape[0] - 1, mask.shape[0]
+    avg = -(-T // max(B, 1))
+    return Grid(B, T, -(-max(avg, 1) // block_t), cu_seqlens)

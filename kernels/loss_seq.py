@@ -38,20 +38,36 @@ from .loss_layout import (
     SQ_WEIGHT,
     TOT_SEQS,
     TOT_TOKENS,
-    bt_strides,
 )
 
 
 @triton.jit
-def _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T: tl.constexpr):
-    """The (sequence b, time tile j) of this program on a [B, n_tiles] grid: 64-bit time indices t,
-    in-bounds flags and the mask as 0/1 (mask-0 and out-of-range positions False)."""
+def _span(cu_ptr, T, PACKED: tl.constexpr):
+    """The sequence b of this program (grid axis 0) and its tokens: (b, start, length, out_row). Padded
+    ([B, T]): start 0, length T, its per-token outputs at b * T; packed (PACKED, cu_ptr the [S + 1]
+    offsets): tokens [cu[b], cu[b + 1]) of the packed dimension, its outputs at cu[b]."""
     b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64)
-    t = j * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    inb = t < T
-    m = (tl.load(mask_ptr + b * s_m_b + t * s_m_t, mask=inb, other=0).to(tl.float32) != 0) & inb
-    return b, j, t, inb, m
+    if PACKED:
+        start = tl.load(cu_ptr + b).to(tl.int64)
+        length = tl.load(cu_ptr + b + 1).to(tl.int64) - start
+        out_row = start
+    else:
+        start = b * 0
+        length = start + T
+        out_row = b * T
+    return b, start, length, out_row
+
+
+@triton.jit
+def _tile(mask_ptr, b, start, length, jj, s_m_b, s_m_t, BLOCK_T: tl.constexpr):
+    """Time tile jj of sequence b: 64-bit time indices t, packed positions start + t, in-bounds flags and
+    the mask as 0/1 (mask-0 and out-of-range positions False). Programs (b, j) of a [B, n_tiles] grid take
+    the tiles j, j + n_tiles, ... of their sequence (one tile each when padded)."""
+    t = jj * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    inb = t < length
+    pos = start + t
+    m = (tl.load(mask_ptr + b * s_m_b + pos * s_m_t, mask=inb, other=0).to(tl.float32) != 0) & inb
+    return t, pos, inb, m
 
 
 @triton.jit
@@ -63,48 +79,68 @@ def _tile_max(x, m):
 
 @triton.jit(do_not_specialize=["T", "n_tiles"])
 def _seq_partials_kernel(
-    # [B, T] inputs (advantages may be per sequence: time stride 0)
-    logp_ptr, old_ptr, adv_ptr, isw_ptr, mask_ptr,
+    # [B, T] (or packed [total]) inputs (advantages may be per sequence: time stride 0)
+    logp_ptr, old_ptr, adv_ptr, isw_ptr, mask_ptr, cu_ptr,
     # output [B * n_tiles, NCOL] in SEQ_PART_COLS order
     part_ptr,
     T, n_tiles,
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_isw_b, s_isw_t, s_m_b, s_m_t,
     clip_low, clip_high,
     SEQ: tl.constexpr,        # SEQ_COUNTS, SEQ_GSPO or SEQ_GMPO (kernels/loss_layout.py)
-    HAS_ISW: tl.constexpr, BLOCK_T: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
+    HAS_ISW: tl.constexpr, PACKED: tl.constexpr, BLOCK_T: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
 ):
-    b, j, t, inb, m = _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T)
+    b, start, length, _o = _span(cu_ptr, T, PACKED)
+    j = tl.program_id(1).to(tl.int64)
+    n_tok = tl.zeros((), ACC)
+    q_lr = tl.zeros((), ACC)
+    q_adv = tl.zeros((), ACC)
+    q_is = tl.zeros((), ACC)
+    for jj in range(j, tl.cdiv(length, BLOCK_T), n_tiles):
+        t, pos, inb, m = _tile(mask_ptr, b, start, length, jj, s_m_b, s_m_t, BLOCK_T)
+        n_tok += tl.sum(m.to(ACC), 0)
+        if SEQ != SEQ_COUNTS:
+            x = tl.load(logp_ptr + b * s_lp_b + pos * s_lp_t, mask=inb, other=0.0).to(ACC)
+            o = tl.load(old_ptr + b * s_old_b + pos * s_old_t, mask=inb, other=0.0).to(ACC)
+            if SEQ == SEQ_GSPO:
+                q_lr += tl.sum(tl.where(m, x - o, 0.0), 0)
+            else:
+                a = tl.load(adv_ptr + b * s_adv_b + pos * s_adv_t, mask=inb, other=0.0).to(ACC)
+                val, _g, _c, _dead = gmpo_log_ratio(x, o, a, clip_low, clip_high)
+                q_lr += tl.sum(tl.where(m, val, 0.0), 0)
+                q_adv += tl.sum(tl.where(m, a, 0.0), 0)
+                if HAS_ISW:
+                    w = tl.load(isw_ptr + b * s_isw_b + pos * s_isw_t, mask=inb, other=1.0).to(ACC)
+                    q_is += tl.sum(tl.where(m, tl.log(w + 1e-10), 0.0), 0)
     out = part_ptr + (b * n_tiles + j) * NC
-    tl.store(out + SP_TOKENS, tl.sum(m.to(ACC), 0))
+    tl.store(out + SP_TOKENS, n_tok)
     if SEQ != SEQ_COUNTS:
-        x = tl.load(logp_ptr + b * s_lp_b + t * s_lp_t, mask=inb, other=0.0).to(ACC)
-        o = tl.load(old_ptr + b * s_old_b + t * s_old_t, mask=inb, other=0.0).to(ACC)
-        if SEQ == SEQ_GSPO:
-            tl.store(out + SP_LOG_RATIO, tl.sum(tl.where(m, x - o, 0.0), 0))
-        else:
-            a = tl.load(adv_ptr + b * s_adv_b + t * s_adv_t, mask=inb, other=0.0).to(ACC)
-            val, _g, _c, _dead = gmpo_log_ratio(x, o, a, clip_low, clip_high)
-            tl.store(out + SP_LOG_RATIO, tl.sum(tl.where(m, val, 0.0), 0))
-            tl.store(out + SP_ADV, tl.sum(tl.where(m, a, 0.0), 0))
-            if HAS_ISW:
-                w = tl.load(isw_ptr + b * s_isw_b + t * s_isw_t, mask=inb, other=1.0).to(ACC)
-                tl.store(out + SP_LOG_IS, tl.sum(tl.where(m, tl.log(w + 1e-10), 0.0), 0))
+        tl.store(out + SP_LOG_RATIO, q_lr)
+    if SEQ == SEQ_GMPO:
+        tl.store(out + SP_ADV, q_adv)
+        if HAS_ISW:
+            tl.store(out + SP_LOG_IS, q_is)
 
 
 @triton.jit(do_not_specialize=["B", "T", "n_tiles"])
 def _seq_finish_kernel(
     part_ptr,                 # [B * n_tiles, NCOL] from launch 1
+    cu_ptr,                   # packed: the [B + 1] sequence offsets (the default horizon is the longest)
     seq_ptr, total_ptr,       # out: [B, NCOL] in SEQ_COLS order, [NCOL] in TOTAL_COLS order
     B, T, n_tiles,
     num_tokens, num_seqs, horizon,   # global counts (<= 0: use this batch's)
-    AGG: tl.constexpr, SEQ: tl.constexpr, HAS_ISW: tl.constexpr,
+    AGG: tl.constexpr, SEQ: tl.constexpr, HAS_ISW: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
 ):
     tot = tl.zeros((), ACC)
     nseq = tl.zeros((), ACC)
+    longest = tl.zeros((), tl.int64)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         rmask = rows < B
+        if PACKED:
+            lens = (tl.load(cu_ptr + rows + 1, mask=rmask, other=0).to(tl.int64)
+                    - tl.load(cu_ptr + rows, mask=rmask, other=0).to(tl.int64))
+            longest = tl.maximum(longest, tl.max(lens, 0))
         cnt = tl.zeros((BLOCK_B,), ACC)
         q1 = tl.zeros((BLOCK_B,), ACC)
         q2 = tl.zeros((BLOCK_B,), ACC)
@@ -135,7 +171,10 @@ def _seq_finish_kernel(
                 tl.store(out + SQ_IS_WEIGHT, tl.full((BLOCK_B,), 1.0, ACC), mask=rmask)
     den_tok = tl.maximum(tl.where(num_tokens > 0, num_tokens, tot), 1.0)
     den_seq = tl.maximum(tl.where(num_seqs > 0, num_seqs, nseq), 1.0)
-    hor = tl.where(horizon > 0, horizon, tl.cast(T, ACC))
+    if PACKED:
+        hor = tl.where(horizon > 0, horizon, longest.to(ACC))
+    else:
+        hor = tl.where(horizon > 0, horizon, tl.cast(T, ACC))
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         rmask = rows < B
@@ -157,14 +196,15 @@ def _seq_finish_kernel(
 
 @triton.jit(do_not_specialize=["T", "n_tiles"])
 def _seq_grad_kernel(
-    mask_ptr, seq_ptr, part_ptr,      # [B, T] mask, [B, NCOL] SEQ_COLS, [B * n_tiles, NCOL] PART_COLS
-    coef_ptr,                         # in/out [B, T]: += the gspo sequence-ratio gradient
+    mask_ptr, cu_ptr, seq_ptr, part_ptr,  # [B, T] mask, [B + 1] offsets (packed), [B, NCOL], [B * n_tiles, NCOL]
+    coef_ptr,                             # in/out [B, T] (packed [total]): += the gspo sequence-ratio gradient
     T, n_tiles, s_m_b, s_m_t,
-    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
+    PACKED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
 ):
     """gspo: s_b = exp(min(mean_b(d), 10)); dloss/dlogp_t = m_t s_b [mean <= 10] / n_b * G_b with
     G_b = sum over the sequence's kept tokens of w_b isw_t dL_t/ds_b (the partials' seq_grad column)."""
-    b, j, t, inb, m = _tile(mask_ptr, T, s_m_b, s_m_t, BLOCK_T)
+    b, start, length, out_row = _span(cu_ptr, T, PACKED)
+    j = tl.program_id(1).to(tl.int64)
     g_b = tl.zeros((), ACC)
     for j0 in range(0, n_tiles, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
@@ -172,9 +212,11 @@ def _seq_grad_kernel(
     n_b = tl.load(seq_ptr + b * NC + SQ_TOKENS)
     lr = tl.load(seq_ptr + b * NC + SQ_LOG_RATIO)
     s = tl.where(lr <= RATIO_LOG_MAX, tl.exp(lr), 0.0)
-    flat = b * T + t
-    c = tl.load(coef_ptr + flat, mask=inb, other=0.0)
-    tl.store(coef_ptr + flat, c + tl.where(m, g_b * s / tl.maximum(n_b, 1.0), 0.0), mask=inb)
+    for jj in range(j, tl.cdiv(length, BLOCK_T), n_tiles):
+        t, _pos, inb, m = _tile(mask_ptr, b, start, length, jj, s_m_b, s_m_t, BLOCK_T)
+        flat = out_row + t
+        c = tl.load(coef_ptr + flat, mask=inb, other=0.0)
+        tl.store(coef_ptr + flat, c + tl.where(m, g_b * s / tl.maximum(n_b, 1.0), 0.0), mask=inb)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -183,34 +225,40 @@ def _count(v):
     return -1.0 if v is None else float(v)
 
 
-def seq_tables(B, T, n_tiles, x, old, adv, isw, mask, opts, seq_kind, acc, tl_acc):
-    """Launches 1 and 2: per-sequence table [B, NCOL] and batch totals [NCOL]."""
+def seq_tables(grid, x, old, adv, isw, mask, opts, seq_kind, acc, tl_acc):
+    """Launches 1 and 2 on `grid` (kernels.loss_layout.Grid): per-sequence table [B, NCOL] and batch
+    totals [NCOL]."""
+    B, T, n_tiles, cu = grid
     dev = x.device
     part = torch.empty(B * n_tiles, NCOL, dtype=acc, device=dev)
     seq = torch.empty(B, NCOL, dtype=acc, device=dev)
     total = torch.empty(NCOL, dtype=acc, device=dev)
     has_isw = isw is not None
     gmpo = seq_kind == SEQ_GMPO.value
-    record_launch("loss_agg_seq", mask, *((x, old) if seq_kind else ()), *((adv, isw) if gmpo else ()), part,
+    record_launch("loss_agg_seq", mask, cu, *((x, old) if seq_kind else ()), *((adv, isw) if gmpo else ()), part,
                   grid=(B, n_tiles))
     wrap_triton(_seq_partials_kernel)[(B, n_tiles)](
-        x, old, adv, isw if has_isw else x, mask, part, T, n_tiles,
-        *bt_strides(x, B, T), *bt_strides(old, B, T), *bt_strides(adv, B, T),
-        *(bt_strides(isw, B, T) if has_isw else (0, 0)), *bt_strides(mask, B, T),
+        x, old, adv, isw if has_isw else x, mask, cu if grid.packed else mask, part, T, n_tiles,
+        *grid.strides(x), *grid.strides(old), *grid.strides(adv),
+        *(grid.strides(isw) if has_isw else (0, 0)), *grid.strides(mask),
         float(opts.clip_low), float(opts.clip_high),
-        SEQ=seq_kind, HAS_ISW=has_isw, BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl_acc, num_warps=cfg.AGG_NUM_WARPS)
-    record_launch("loss_agg_seq_finish", part, seq, total, grid=(1,))
+        SEQ=seq_kind, HAS_ISW=has_isw, PACKED=grid.packed, BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl_acc,
+        num_warps=cfg.AGG_NUM_WARPS)
+    record_launch("loss_agg_seq_finish", part, cu, seq, total, grid=(1,))
     wrap_triton(_seq_finish_kernel)[(1,)](
-        part, seq, total, B, T, n_tiles, _count(opts.num_tokens), _count(opts.num_seqs), _count(opts.horizon),
-        AGG=AGG_IDS[opts.agg], SEQ=seq_kind, HAS_ISW=has_isw, BLOCK_B=cfg.AGG_FINISH_BLOCK,
+        part, cu if grid.packed else part, seq, total, B, T, n_tiles, _count(opts.num_tokens),
+        _count(opts.num_seqs), _count(opts.horizon),
+        AGG=AGG_IDS[opts.agg], SEQ=seq_kind, HAS_ISW=has_isw, PACKED=grid.packed, BLOCK_B=cfg.AGG_FINISH_BLOCK,
         BLOCK_J=cfg.AGG_FINISH_BLOCK_J, NC=NCOL, ACC=tl_acc, num_warps=cfg.AGG_NUM_WARPS)
     return seq, total
 
 
-def seq_grad(mask, seq, part, coef, B, T, n_tiles, tl_acc):
-    """Launch 5 (gspo): the sequence ratio's gradient added to coef [B, T] in place."""
-    record_launch("loss_agg_seq_grad", mask, seq, part, coef, grid=(B, n_tiles))
-    wrap_triton(_seq_grad_kernel)[(B, n_tiles)](mask, seq, part, coef, T, n_tiles, *bt_strides(mask, B, T),
+def seq_grad(grid, mask, seq, part, coef, tl_acc):
+    """Launch 5 (gspo): the sequence ratio's gradient added to coef (grid.out_shape) in place."""
+    B, T, n_tiles, cu = grid
+    record_launch("loss_agg_seq_grad", mask, cu, seq, part, coef, grid=(B, n_tiles))
+    wrap_triton(_seq_grad_kernel)[(B, n_tiles)](mask, cu if grid.packed else mask, seq, part, coef, T, n_tiles,
+                                                *grid.strides(mask), PACKED=grid.packed,
                                                 BLOCK_T=cfg.AGG_BLOCK_T, BLOCK_J=cfg.AGG_FINISH_BLOCK_J, NC=NCOL,
                                                 ACC=tl_acc, num_warps=cfg.AGG_NUM_WARPS)
 
@@ -222,20 +270,21 @@ def aot_specs(AOTSpec, sig):
     def ptrs(fn):
         out = {n: "*fp32" for n in fn.arg_names if n.endswith("_ptr")}
         out["mask_ptr"] = "*i1"
+        out["cu_ptr"] = "*i64"
         return out
 
     specs = []
     for kind in (SEQ_COUNTS.value, SEQ_GSPO.value, SEQ_GMPO.value):
-        ce = dict(BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl.float32, SEQ=kind, HAS_ISW=True)
+        ce = dict(BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl.float32, SEQ=kind, HAS_ISW=True, PACKED=kind == 1)
         specs.append(AOTSpec(f"loss_agg_seq[{kind}]", _seq_partials_kernel,
                              sig(_seq_partials_kernel, {**ptrs(_seq_partials_kernel), **f32}, ce), ce, (), False,
                              cfg.AGG_NUM_WARPS))
     ce = dict(NC=NCOL, ACC=tl.float32, AGG=AGG_SEQ_MEAN_TOKEN_MEAN.value, SEQ=SEQ_GMPO.value, HAS_ISW=True,
-              BLOCK_B=cfg.AGG_FINISH_BLOCK, BLOCK_J=cfg.AGG_FINISH_BLOCK_J)
+              PACKED=True, BLOCK_B=cfg.AGG_FINISH_BLOCK, BLOCK_J=cfg.AGG_FINISH_BLOCK_J)
     specs.append(AOTSpec("loss_agg_seq_finish", _seq_finish_kernel,
                          sig(_seq_finish_kernel, {**ptrs(_seq_finish_kernel), **f32}, ce), ce, (), False,
                          cfg.AGG_NUM_WARPS))
-    ce = dict(BLOCK_T=cfg.AGG_BLOCK_T, BLOCK_J=cfg.AGG_FINISH_BLOCK_J, NC=NCOL, ACC=tl.float32)
+    ce = dict(BLOCK_T=cfg.AGG_BLOCK_T, BLOCK_J=cfg.AGG_FINISH_BLOCK_J, NC=NCOL, ACC=tl.float32, PACKED=True)
     specs.append(AOTSpec("loss_agg_seq_grad", _seq_grad_kernel,
                          sig(_seq_grad_kernel, ptrs(_seq_grad_kernel), ce), ce, (), False, cfg.AGG_NUM_WARPS))
     return specs

@@ -279,7 +279,8 @@ NO_INTERPRETER = textwrap.dedent("""
         raise AssertionError("the partitioner stops first")
     def step(logits, labels, hidden, weight, old, adv, mask, r, v):
         gae_adv, ret = torch.ops.fastppo.gae(r, v, mask, 0.9, 0.8, "triton")
-        loss = torch.ops.fastppo.fused_ppo_loss(logits, labels, old, adv, mask, None, None, LOGITS, PPO, "triton")[0]
+        loss = torch.ops.fastppo.fused_ppo_loss(logits, labels, old, adv, mask, None, None, None, LOGITS, PPO,
+                                                "triton")[0]
         logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, 1.0, -100, True, 1.0, None, "triton")
         lin = torch.ops.fastppo.linear_logprobs(hidden, weight, None, labels, LINEAR, "triton")[0]
         kl = torch.ops.fastppo.kl_penalty(logp, old, "k3", "triton")[0]
