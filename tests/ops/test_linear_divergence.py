@@ -33,7 +33,7 @@ STUDENT = ("student_hidden", "student_weight", "student_bias")
 
 
 def _run(backend, heads, g, **kw):
-    x = {k: (v.detach().clone().requires_grad_() if k in STUDENT else v) for k, v in heads.items()}
+    x = {k: (v.detach().clone().requires_grad_() if k in STUDENT and v is not None else v) for k, v in heads.items()}
     with fastppo.use_backend(backend), count_launches() as launches:
         div = fastppo.linear_divergence(**x, **kw)
         out = div[0] if isinstance(div, tuple) else div
@@ -45,10 +45,10 @@ def _run(backend, heads, g, **kw):
 def _ref(heads, g, **kw):
     kw.pop("chunk_bytes", None)
     kw.pop("return_entropy", None)
-    x = {k: v.detach().double().requires_grad_(k in STUDENT) for k, v in heads.items()}
+    x = {k: None if v is None else v.detach().double().requires_grad_(k in STUDENT) for k, v in heads.items()}
     div, ent = ref_linear_divergence(**x, **kw)
     (div * g.double()).sum().backward()
-    return div.detach(), ent, [x[k].grad for k in STUDENT]
+    return div.detach(), ent, [None if x.get(k) is None else x[k].grad for k in STUDENT]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -183,3 +183,35 @@ def test_bad_input():
         ld(**heads, beta=0.5, chunk_bytes=0)
     with pytest.raises(TypeError, match="student_weight"):
         ld(**{**heads, "student_weight": heads["student_weight"].long()}, beta=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_views_and_fp16(backend):
+    """A shifted view of the student's hidden states (gradient through the view), a transposed teacher's, fp16
+    heads, no bias."""
+    heads = _heads((2, 6), torch.float16, v=61)
+    base = _heads((2, 7), torch.float16, v=61)["student_hidden"].requires_grad_()
+    teacher = heads["teacher_hidden"].transpose(0, 1).contiguous().transpose(0, 1)
+    w = heads["student_weight"].clone().requires_grad_()
+    g = torch.randn(2, 6, device=DEVICE)
+    with fastppo.use_backend(backend):
+        div = fastppo.linear_divergence(base[:, 1:], w, teacher, heads["teacher_weight"], beta=0.3, temperature=1.1)
+    (div * g).sum().backward()
+    ref = {"student_hidden": base[:, 1:], "student_weight": w, "teacher_hidden": teacher,
+           "teacher_weight": heads["teacher_weight"]}
+    ref_div, _, ref_grads = _ref(ref, g, beta=0.3, temperature=1.1)
+    assert_close_by_dtype(div, ref_div, torch.float32, scale=10)
+    assert (base.grad[:, 0] == 0).all()
+    assert_close_by_dtype(base.grad[:, 1:], ref_grads[0], torch.float16, scale=20)
+    assert_close_by_dtype(w.grad, ref_grads[1], torch.float16, scale=20)
+
+
+def test_opcheck():
+    """The registered op's fake implementation, schema and autograd registration (torch.library.opcheck)."""
+    h = _heads((4,), torch.float64, hs=3, ht=2, v=7)
+    valid = torch.tensor([True, False, True, True], device=DEVICE)
+    opts = "{'beta': 0.5, 'inv_tau': 1.0, 's_scale': 1.0, 's_softcap': None, 't_scale': 1.0, 't_softcap': None, " \
+           "'with_entropy': True, 'chunk_bytes': None}"
+    args = (h["student_hidden"].requires_grad_(), h["student_weight"], h["student_bias"], h["teacher_hidden"],
+            h["teacher_weight"], h["teacher_bias"], valid, opts, "torch")
+    torch.library.opcheck(torch.ops.fastppo.linear_divergence.default, args)
