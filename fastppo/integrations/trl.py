@@ -28,9 +28,10 @@ experimental.*, ...) is rebound too. Host semantics kept:
   student_final_logit_softcapping=None, teacher_logit_scale=1.0, teacher_final_logit_softcapping=None)` ->
   (per-token divergence, the student's entropy without gradient), both float32; each model projects in its
   autocast dtype, else its hidden's dtype (the head cast to it, the bias added in fp32, as TRL). Gradients to
-  the student's hidden, weight and bias. TRL rounds the gradient of the logits to the student's dtype before
-  its gradient GEMMs; fastppo keeps it fp32 (bf16 runs agree at bf16 tolerance). A beta outside [0, 1] or a
-  temperature <= 0 goes to TRL's original.
+  the student's hidden, weight and bias. Under autocast the operands are rounded to the autocast dtype and
+  held in fp32, so the gradients come back unrounded; TRL rounds the gradient of the logits to the student's
+  dtype before its gradient GEMMs, fastppo keeps it fp32 (bf16 runs agree at bf16 tolerance). A beta
+  outside [0, 1] or a temperature <= 0 goes to TRL's original.
 """
 
 from __future__ import annotations
@@ -131,6 +132,15 @@ def _compute_dtype(hidden):
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
 
 
+def _in_compute_dtype(x, dt):
+    """x's values rounded to the compute dtype dt: the same products as TRL's (its operands in dt, fp32
+    accumulation). Under autocast (dt narrower than x) the rounded values stay in x's dtype with an identity
+    gradient, so the gradient is not rounded to dt on its way back (autograd through x.to(dt) would)."""
+    if torch.promote_types(x.dtype, dt) == dt:
+        return x.to(dt)
+    return x + (x.detach().to(dt).to(x.dtype) - x.detach())
+
+
 def _serve_divergence(a):
     beta, tau = a["beta"], a["temperature"]
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
@@ -141,7 +151,8 @@ def _serve_divergence(a):
     s_dt, t_dt = _compute_dtype(hs), _compute_dtype(ht)
     with torch.autocast(hs.device.type, enabled=False):
         div, ent = fastppo.linear_divergence(
-            hs.to(s_dt), a["student_weight"].to(s_dt), ht.to(t_dt), a["teacher_weight"].to(t_dt), beta=float(beta),
+            _in_compute_dtype(hs, s_dt), _in_compute_dtype(a["student_weight"], s_dt), _in_compute_dtype(ht, t_dt),
+            _in_compute_dtype(a["teacher_weight"], t_dt), beta=float(beta),
             temperature=float(tau), student_bias=a["student_bias"], teacher_bias=a["teacher_bias"],
             return_entropy=True, student_logit_scale=a["student_logit_scale"],
             student_final_logit_softcapping=a["student_final_logit_softcapping"],

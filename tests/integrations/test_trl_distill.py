@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastppo.integrations as fi
+from fastppo.reference_divergence import linear_divergence as ref_linear_divergence
 
 cd = pytest.importorskip("trl.kernels.chunked_divergence")
 
@@ -95,7 +96,9 @@ def test_chunked_divergence_loss_with_completion_mask(beta):
 
 
 def test_bf16_autocast_and_no_bias():
-    """Under bf16 autocast each model projects in bf16 (fp32 products): TRL's numbers at bf16 tolerance."""
+    """Under bf16 autocast each model projects in bf16 (fp32 products): TRL's numbers at bf16 tolerance (TRL rounds
+    the logits' gradient to bf16); fastppo's gradients are those of float64 on the bf16-rounded operands at fp32
+    tolerance, returned in fp32 unrounded."""
     inputs = _inputs(bias=False)
     upstream = torch.ones(inputs[0].shape[0])
 
@@ -111,6 +114,12 @@ def test_bf16_autocast_and_no_bias():
         assert a.dtype == torch.float32
         _close(a, b, 3e-2, 1e-3)
     assert grads[2] is None and trl_grads[2] is None
+    ref = [x.to(torch.bfloat16).double().requires_grad_(i < 2) for i, x in enumerate(inputs) if x is not None]
+    div, _ = ref_linear_divergence(ref[0], ref[1], ref[2], ref[3], beta=0.5)
+    div.sum().backward()
+    _close(ours[0], div, 1e-5, 1e-6)
+    for a, b in zip(grads[:2], ref[:2]):
+        _close(a, b.grad, 1e-4, 1e-6)
 
 
 def test_beta_outside_unit_interval_goes_to_trl():
