@@ -40,7 +40,7 @@ def chunk_rows(n_rows: int, vocab: int, acc: torch.dtype, chunk_bytes: int | Non
     return max(1, min(max(n_rows, 1), budget // max(2 * vocab * size, 1)))
 
 
-def _rows(valid, hs, ht):
+def select_rows(valid, hs, ht):
     """(selected row ids or None, student rows, teacher rows, validity of those rows or None)."""
     if valid is None:
         return None, hs, ht, None
@@ -52,12 +52,34 @@ def _rows(valid, hs, ht):
     return None, zero(hs), zero(ht), valid
 
 
-def _by_row(sel, rows_value, n_rows):
+def by_row(sel, rows_value, n_rows):
     """Per-selected-row values by original row (zeros at the rows not selected)."""
     if sel is None:
         return rows_value
     full = rows_value.new_zeros((n_rows, *rows_value.shape[1:]))
     return full.index_copy_(0, sel, rows_value)
+
+
+def chunk_logits(hs_c, ws, bs, ht_c, wt, bt, opts: LinearDivergenceOptions, acc):
+    """(z_s, tanh of the student's softcap or None, z_t) of one chunk of rows, in acc, before the temperature."""
+    zs, th = linear_torch.logits(hs_c, ws, bs, opts.student(), acc)
+    zt, _ = linear_torch.logits(ht_c, wt, bt, opts.teacher(), acc)
+    return zs, th, zt
+
+
+def accumulate_grads(d, th, opts: LinearDivergenceOptions, ws, hs_c, dh_c, dw, db):
+    """d = d div / d z_s of a chunk (acc) through the student's softcap and scale, then dh_c += d W_s,
+    dw += d^T h_s, db += sum d (each None when not needed), in d's dtype."""
+    if th is not None:
+        d = d * (1 - th * th)
+    d = d * opts.s_scale
+    if dh_c is not None:
+        for v0, v1, w in linear_torch._weight_blocks(ws, d.dtype):
+            dh_c += d[:, v0:v1] @ w
+    if dw is not None:
+        dw += d.t() @ hs_c.to(d.dtype)
+    if db is not None:
+        db += d.sum(0)
 
 
 def _entropy(zs, stats, inv_tau):
@@ -70,7 +92,7 @@ def forward_rows(hs, ws, bs, ht, wt, bt, valid, opts: LinearDivergenceOptions, b
     """(div [N], entropy [N] or None, stats [N, 5]) by original row, zeros at masked rows."""
     N, V = hs.shape[0], ws.shape[0]
     acc = acc_dtype(hs, ws, ht, wt)
-    sel, hs_r, ht_r, v_r = _rows(valid, hs, ht)
+    sel, hs_r, ht_r, v_r = select_rows(valid, hs, ht)
     n = hs_r.shape[0]
     k = ops("divergence", backend)
     div = torch.zeros(n, dtype=acc, device=hs.device)
@@ -79,14 +101,13 @@ def forward_rows(hs, ws, bs, ht, wt, bt, valid, opts: LinearDivergenceOptions, b
     step = chunk_rows(n, V, acc, opts.chunk_bytes)
     for a in range(0, n, step):
         b = min(n, a + step)
-        zs, _ = linear_torch.logits(hs_r[a:b], ws, bs, opts.student(), acc)
-        zt, _ = linear_torch.logits(ht_r[a:b], wt, bt, opts.teacher(), acc)
+        zs, _, zt = chunk_logits(hs_r[a:b], ws, bs, ht_r[a:b], wt, bt, opts, acc)
         vc = None if v_r is None else v_r[a:b]
         div[a:b], stats[a:b] = k.divergence_fwd(zs, zt, inv_tau=opts.inv_tau, beta=opts.beta, valid=vc)
         if ent is not None:
             e = _entropy(zs, stats[a:b], opts.inv_tau)
             ent[a:b] = e if vc is None else torch.where(vc, e, torch.zeros((), dtype=acc, device=e.device))
-    return _by_row(sel, div, N), None if ent is None else _by_row(sel, ent, N), _by_row(sel, stats, N)
+    return by_row(sel, div, N), None if ent is None else by_row(sel, ent, N), by_row(sel, stats, N)
 
 
 def gradient_rows(hs, ws, bs, ht, wt, bt, valid, stats, g, opts: LinearDivergenceOptions, needs, backend):
@@ -94,7 +115,7 @@ def gradient_rows(hs, ws, bs, ht, wt, bt, valid, stats, g, opts: LinearDivergenc
     N, Hs = hs.shape
     V = ws.shape[0]
     acc = stats.dtype
-    sel, hs_r, ht_r, v_r = _rows(valid, hs, ht)
+    sel, hs_r, ht_r, v_r = select_rows(valid, hs, ht)
     pick = (lambda x: x) if sel is None else (lambda x: x.index_select(0, sel))  # noqa: E731
     st_r, g_r = pick(stats), pick(g.reshape(-1).to(acc))
     n = hs_r.shape[0]
@@ -105,21 +126,11 @@ def gradient_rows(hs, ws, bs, ht, wt, bt, valid, stats, g, opts: LinearDivergenc
     step = chunk_rows(n, V, acc, opts.chunk_bytes)
     for a in range(0, n, step):
         b = min(n, a + step)
-        zs, th = linear_torch.logits(hs_r[a:b], ws, bs, opts.student(), acc)
-        zt, _ = linear_torch.logits(ht_r[a:b], wt, bt, opts.teacher(), acc)
+        zs, th, zt = chunk_logits(hs_r[a:b], ws, bs, ht_r[a:b], wt, bt, opts, acc)
         d = k.divergence_bwd(zs, zt, st_r[a:b], g_r[a:b], inv_tau=opts.inv_tau, beta=opts.beta,
                              valid=None if v_r is None else v_r[a:b])
-        if th is not None:
-            d = d * (1 - th * th)
-        d = d * opts.s_scale
-        if dh is not None:
-            for v0, v1, w in linear_torch._weight_blocks(ws, acc):
-                dh[a:b] += d[:, v0:v1] @ w
-        if dw is not None:
-            dw += d.t() @ hs_r[a:b].to(acc)
-        if db is not None:
-            db += d.sum(0)
-    dh = None if dh is None else _by_row(sel, dh, N)
+        accumulate_grads(d, th, opts, ws, hs_r[a:b], None if dh is None else dh[a:b], dw, db)
+    dh = None if dh is None else by_row(sel, dh, N)
     return (None if dh is None else dh.to(hs.dtype), None if dw is None else dw.to(ws.dtype),
             None if db is None else db.to(bs.dtype))
 
