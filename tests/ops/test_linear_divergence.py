@@ -207,7 +207,7 @@ def test_strided_views_and_fp16(backend):
 
 
 def test_opcheck():
-    """The registered op's fake implementation, schema and autograd registration (torch.library.opcheck)."""
+    """The registered ops' fake implementations, schemas and autograd registrations (torch.library.opcheck)."""
     h = _heads((4,), torch.float64, hs=3, ht=2, v=7)
     valid = torch.tensor([True, False, True, True], device=DEVICE)
     opts = "{'beta': 0.5, 'inv_tau': 1.0, 's_scale': 1.0, 's_softcap': None, 't_scale': 1.0, 't_softcap': None, " \
@@ -215,3 +215,59 @@ def test_opcheck():
     args = (h["student_hidden"].requires_grad_(), h["student_weight"], h["student_bias"], h["teacher_hidden"],
             h["teacher_weight"], h["teacher_bias"], valid, opts, "torch")
     torch.library.opcheck(torch.ops.fastppo.linear_divergence.default, args)
+    weights = torch.rand(4, device=DEVICE, dtype=torch.float64)
+    loss_args = (*args[:7], weights, opts, True, False, True, "torch")
+    torch.library.opcheck(torch.ops.fastppo.linear_divergence_loss.default, loss_args)
+
+
+# ----------------------------------------------------------------------------- linear_divergence_loss
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_loss_matches_float64_and_forms_its_gradient_in_forward(backend, beta, dtype):
+    """sum_r w_r div_r against float64 (weights with NaN at masked rows, a non-unit upstream), the per-token
+    divergence as linear_divergence's, every gradient formed in forward (backward runs no matrix product)."""
+    heads = _heads((3, 4), dtype)
+    mask = make_mask((3, 4))
+    heads["student_hidden"][~mask] = float("nan")
+    w = torch.rand(3, 4, device=DEVICE)
+    w[~mask] = float("nan")
+    x = {k: (v.detach().clone().requires_grad_() if k in STUDENT else v) for k, v in heads.items()}
+    kw = dict(beta=beta, temperature=0.8, mask=mask, chunk_bytes=2 * V * 4 * 5)
+    with fastppo.use_backend(backend):
+        loss, div = fastppo.linear_divergence_loss(**x, weights=w, **kw)
+        bwd = EagerTraffic()
+        with bwd:
+            (0.7 * loss).backward()
+        plain = fastppo.linear_divergence(**heads, **kw)
+    assert bwd.flops == 0 and not div.requires_grad
+    assert torch.equal(div, plain)
+    ref_div, _, ref_grads = _ref(heads, torch.where(mask, 0.7 * w, 0.0), **kw)
+    assert_close_by_dtype(loss, (ref_div * torch.where(mask, w, 0.0).double()).sum(), torch.float32, scale=10)
+    for k, want in zip(STUDENT, ref_grads):
+        assert x[k].grad.dtype == dtype
+        assert_close_by_dtype(x[k].grad, want, dtype, scale=20)
+
+
+def test_loss_flops_and_default_token_mean():
+    """2 N Ht V + 6 N Hs V in the forward pass, none in backward; weights=None is the mean over valid tokens."""
+    N, hs, ht, v = 40, 16, 24, 64
+    heads = _heads((N,), torch.float32, hs=hs, ht=ht, v=v)
+    heads["student_hidden"].requires_grad_()
+    heads["student_weight"].requires_grad_()
+    mask = torch.arange(N, device=DEVICE) % 4 != 0
+    with fastppo.use_backend("torch"):
+        fwd = EagerTraffic()
+        with fwd:
+            loss, div = fastppo.linear_divergence_loss(**heads, beta=0.5, chunk_bytes=2 * v * 4 * 8)
+        assert fwd.flops == 2 * N * ht * v + 6 * N * hs * v
+        loss_m, div_m = fastppo.linear_divergence_loss(**heads, beta=0.5, mask=mask)
+    torch.testing.assert_close(loss, div.mean())
+    torch.testing.assert_close(loss_m, div_m[mask].mean())
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        g, = torch.autograd.grad(loss, heads["student_hidden"], create_graph=True)
+        g.sum().backward()
+    with pytest.raises(ValueError, match="weights must have"):
+        fastppo.linear_divergence_loss(**heads, beta=0.5, weights=torch.ones(3))
+    with pytest.raises(TypeError, match="weights must be a float"):
+        fastppo.linear_divergence_loss(**heads, beta=0.5, weights=torch.ones(N, dtype=torch.long))
