@@ -16,6 +16,8 @@ from .fused_linear import fused_linear_ppo_loss
 from .kept import KeptSet
 from .kl import kl_penalty
 from .linear import linear_logprobs
+from .linear_divergence import linear_divergence
+from .linear_divergence_loss import linear_divergence_loss
 from .logprobs import token_logprobs
 from .losses import ppo_policy_loss, rollout_is_weights, value_loss
 from .mismatch import mismatch_stats
@@ -40,6 +42,8 @@ __all__ = [
     "fused_linear_ppo_loss",
     "fused_ppo_loss",
     "kl_penalty",
+    "linear_divergence",
+    "linear_divergence_loss",
     "linear_logprobs",
     "logits_divergence",
     "ppo_policy_loss",

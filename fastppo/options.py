@@ -195,3 +195,51 @@ class LinearOptions(LogprobOptions):
         cb = self.chunk_bytes
         if cb is not None and (isinstance(cb, bool) or not isinstance(cb, int) or cb <= 0):
             raise ValueError(f"chunk_bytes must be None or a positive int, got {cb!r}")
+
+
+@dataclass(frozen=True)
+class LinearDivergenceOptions:
+    """linear_divergence's options: beta in [0, 1], the shared temperature (inv_tau), each model's logit
+    transform before it (z' = softcap(scale * z), TRL's `student_/teacher_logit_scale` and
+    `..._final_logit_softcapping`), whether the student's entropy is returned, chunk_bytes (None: automatic)."""
+
+    beta: float = 0.5
+    inv_tau: float = 1.0
+    s_scale: float = 1.0
+    s_softcap: float | None = None
+    t_scale: float = 1.0
+    t_softcap: float | None = None
+    with_entropy: bool = False
+    chunk_bytes: int | None = None
+
+    @classmethod
+    def build(cls, *, beta, temperature=1.0, student_logit_scale=1.0, student_final_logit_softcapping=None,
+              teacher_logit_scale=1.0, teacher_final_logit_softcapping=None, return_entropy=False,
+              chunk_bytes=None) -> LinearDivergenceOptions:
+        """From the public keywords, each validated with the errors every logits op gives."""
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise TypeError(f"beta must be a float in [0, 1], got {type(beta).__name__}")
+        if not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1] (0: KL(teacher || student), 1: KL(student || teacher)), "
+                             f"got {beta}")
+        if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                        or chunk_bytes <= 0):
+            raise ValueError(f"chunk_bytes must be None or a positive int, got {chunk_bytes!r}")
+        tau = check_temperature(temperature)
+        try:
+            s_scale, s_cap = check_logit_transform(student_logit_scale, student_final_logit_softcapping)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"student: {e}") from None
+        try:
+            t_scale, t_cap = check_logit_transform(teacher_logit_scale, teacher_final_logit_softcapping)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"teacher: {e}") from None
+        return cls(beta=float(beta), inv_tau=1.0 / tau, s_scale=s_scale, s_softcap=s_cap, t_scale=t_scale,
+                   t_softcap=t_cap, with_entropy=bool(return_entropy), chunk_bytes=chunk_bytes)
+
+    def student(self) -> LogitTransform:
+        """The student's transform without the temperature (the row math divides by it)."""
+        return LogitTransform(inv_tau=1.0, logit_scale=self.s_scale, softcap=self.s_softcap)
+
+    def teacher(self) -> LogitTransform:
+        return LogitTransform(inv_tau=1.0, logit_scale=self.t_scale, softcap=self.t_softcap)

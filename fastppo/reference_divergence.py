@@ -57,3 +57,34 @@ def topk_divergence(student_logits, teacher_ids, teacher_logprobs, *, beta, temp
     if mask is not None:
         div = torch.where(mask != 0, div, 0.0)
     return div
+
+
+def head_logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None):
+    """float64 z = softcap(logit_scale * (hidden @ weight.T + bias)), softcap(x) = c tanh(x / c)."""
+    z = hidden.double() @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    z = logit_scale * z
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, beta, temperature=1.0,
+                      student_bias=None, teacher_bias=None, mask=None, student_logit_scale=1.0,
+                      student_final_logit_softcapping=None, teacher_logit_scale=1.0,
+                      teacher_final_logit_softcapping=None):
+    """(divergence, the student's entropy) in float64 from full [N, V] logits of both heads; 0 where mask is 0
+    (those rows' hidden states are zeroed before use)."""
+    if mask is not None:
+        keep = (mask != 0).unsqueeze(-1)
+        student_hidden = torch.where(keep, student_hidden.double(), 0.0)
+        teacher_hidden = torch.where(keep, teacher_hidden.double(), 0.0)
+    zs = head_logits(student_hidden, student_weight, student_bias, logit_scale=student_logit_scale,
+                     softcap=student_final_logit_softcapping)
+    zt = head_logits(teacher_hidden, teacher_weight, teacher_bias, logit_scale=teacher_logit_scale,
+                     softcap=teacher_final_logit_softcapping).detach()
+    div = logits_divergence(zs, zt, beta=beta, temperature=temperature, mask=mask)
+    lp = _log_softmax64(zs, temperature).detach()
+    ent = -torch.where(lp.exp() == 0, 0.0, lp.exp() * lp).sum(-1)
+    if mask is not None:
+        ent = torch.where(mask != 0, ent, 0.0)
+    return div, ent

@@ -6,6 +6,7 @@
 | `trl.trainer.utils.selective_log_softmax`         | `token_logprobs`                    |
 | `trl.trainer.utils.entropy_from_logits`           | `token_logprobs(return_entropy)`    |
 | `trl.trainer.utils.selective_log_softmax_and_entropy` | `token_logprobs(return_entropy)` |
+| `trl.kernels.chunked_divergence.ChunkedDivergenceFunction.apply` (TRL 1.16) | `linear_divergence` |
 
 Every module that imported one of these by name (grpo_trainer, rloo_trainer, dpo_trainer,
 experimental.*, ...) is rebound too. Host semantics kept:
@@ -22,6 +23,15 @@ experimental.*, ...) is rebound too. Host semantics kept:
   logits' dtype, float32 where TRL would run its own Triton kernel (CUDA, fp16/bf16/fp32). A
   top-K `index` [..., K] goes to TRL's original.
 - entropy_from_logits / selective_log_softmax_and_entropy: same dtype rule; `chunk_size` unused.
+- distillation (DistillationTrainer's `_chunked_divergence_loss`): `apply(student_hidden, student_weight,
+  student_bias, teacher_hidden, teacher_weight, teacher_bias, beta, temperature=1.0, student_logit_scale=1.0,
+  student_final_logit_softcapping=None, teacher_logit_scale=1.0, teacher_final_logit_softcapping=None)` ->
+  (per-token divergence, the student's entropy without gradient), both float32; each model projects in its
+  autocast dtype, else its hidden's dtype (the head cast to it, the bias added in fp32, as TRL). Gradients to
+  the student's hidden, weight and bias. Under autocast the operands are rounded to the autocast dtype and
+  held in fp32, so the gradients come back unrounded; TRL rounds the gradient of the logits to the student's
+  dtype before its gradient GEMMs, fastppo keeps it fp32 (bf16 runs agree at bf16 tolerance). A beta
+  outside [0, 1] or a temperature <= 0 goes to TRL's original.
 """
 
 from __future__ import annotations
@@ -115,6 +125,61 @@ def _build_fused_head(original, stats):
                                         "__fastppo_original__": original, "__module__": __name__})
 
 
+# --- distillation ---------------------------------------------------------------------------------
+
+def _compute_dtype(hidden):
+    dev = hidden.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+
+
+def _in_compute_dtype(x, dt):
+    """x's values rounded to the compute dtype dt: the same products as TRL's (its operands in dt, fp32
+    accumulation). Under autocast (dt narrower than x) the rounded values stay in x's dtype with an identity
+    gradient, so the gradient is not rounded to dt on its way back (autograd through x.to(dt) would)."""
+    if torch.promote_types(x.dtype, dt) == dt:
+        return x.to(dt)
+    return x + (x.detach().to(dt).to(x.dtype) - x.detach())
+
+
+def _serve_divergence(a):
+    beta, tau = a["beta"], a["temperature"]
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+        return NotImplemented
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+        return NotImplemented
+    hs, ht = a["student_hidden"], a["teacher_hidden"]
+    s_dt, t_dt = _compute_dtype(hs), _compute_dtype(ht)
+    with torch.autocast(hs.device.type, enabled=False):
+        div, ent = fastppo.linear_divergence(
+            _in_compute_dtype(hs, s_dt), _in_compute_dtype(a["student_weight"], s_dt), _in_compute_dtype(ht, t_dt),
+            _in_compute_dtype(a["teacher_weight"], t_dt), beta=float(beta),
+            temperature=float(tau), student_bias=a["student_bias"], teacher_bias=a["teacher_bias"],
+            return_entropy=True, student_logit_scale=a["student_logit_scale"],
+            student_final_logit_softcapping=a["student_final_logit_softcapping"],
+            teacher_logit_scale=a["teacher_logit_scale"],
+            teacher_final_logit_softcapping=a["teacher_final_logit_softcapping"])
+    return div.float(), ent.float()
+
+
+def _build_divergence(original, stats):
+    params = list(inspect.signature(original.forward).parameters.values())[1:]   # drop ctx
+    apply = host_signature_wrapper(original.forward, "ChunkedDivergenceFunction", stats, _serve_divergence,
+                                   sig=inspect.Signature(params), call_original=original.apply)
+    apply.__name__ = "apply"
+    return type(original.__name__, (), {"__doc__": "fastppo.linear_divergence in TRL's distillation. "
+                                        + (original.__doc__ or ""), "apply": staticmethod(apply),
+                                        "__fastppo_original__": original, "__module__": __name__})
+
+
+def _divergence_module():
+    """trl.kernels.chunked_divergence (TRL >= 1.16), or None."""
+    try:
+        import trl.kernels.chunked_divergence as cd
+    except ImportError:
+        return None
+    return cd if hasattr(cd, "ChunkedDivergenceFunction") else None
+
+
 # --- logits entry points ---------------------------------------------------------------------------
 
 def _serve_selective(a):
@@ -158,4 +223,9 @@ def entry_points() -> list[EntryPoint]:
         ("selective_log_softmax_and_entropy", "selective_log_softmax_and_entropy",
          _function("selective_log_softmax_and_entropy", _serve_selective_and_entropy)),
     ]
-    return [EntryPoint(name, (lambda attr=attr: (u, attr)), build) for name, attr, build in table if hasattr(u, attr)]
+    points = [EntryPoint(name, (lambda attr=attr: (u, attr)), build) for name, attr, build in table if hasattr(u, attr)]
+    cd = _divergence_module()
+    if cd is not None:
+        points.append(EntryPoint("ChunkedDivergenceFunction", lambda: (cd, "ChunkedDivergenceFunction"),
+                                 _build_divergence))
+    return points

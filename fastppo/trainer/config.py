@@ -20,7 +20,9 @@ class TrainConfig:
     out: str = field(default="runs/demo", metadata={"help": "output folder: metrics.jsonl, curves.png, checkpoints"})
     seed: int = field(default=0, metadata={"help": "seed; a run is reproducible from it, resumed or not"})
     iterations: int = field(default=100, metadata={"help": "rollout + update iterations"})
-    mode: str = field(default="ppo", metadata={"help": "ppo (critic + GAE) or grpo (group advantages, no critic)"})
+    mode: str = field(default="ppo", metadata={
+        "help": "ppo (critic + GAE), grpo (group advantages, no critic) or distill (on-policy distillation from "
+                "--teacher: the policy samples, the loss is fastppo.linear_divergence to the teacher on its samples)"})
     resume: str | None = field(default=None, metadata={"help": "continue from the last checkpoint in this folder"})
     overwrite: bool = field(default=False, metadata={
         "help": "a fresh run into an --out that holds a run deletes that run's files first (without it: refused)"})
@@ -78,6 +80,11 @@ class TrainConfig:
     reward: str | None = field(default=None, metadata={"help": "local AutoModelForSequenceClassification folder"})
     critic: str | None = field(default=None, metadata={"help": "local AutoModelForTokenClassification folder"})
     ref: str | None = field(default=None, metadata={"help": "reference model folder (default: frozen policy copy)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "distill: local AutoModelForCausalLM folder of the teacher (the policy's vocabulary)"})
+    distill_beta: float = field(default=1.0, metadata={
+        "help": "distill: 0 forward KL(teacher || student), 1 reverse KL(student || teacher), between: the "
+                "generalised JSD (TRL's beta)"})
     prompts: str | None = field(default=None, metadata={
         "help": "prompts: a JSONL / JSON / Parquet / CSV file, a folder saved by datasets, or a datasets hub name "
                 "(hub:owner/name when it has a '/'; a missing local path is an error, never a hub request)"})
@@ -110,8 +117,10 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 bad(f.name, "must be finite")
-        if self.mode not in ("ppo", "grpo"):
-            bad("mode", "must be ppo or grpo")
+        if self.mode not in ("ppo", "grpo", "distill"):
+            bad("mode", "must be ppo, grpo or distill")
+        if not 0 <= self.distill_beta <= 1:
+            bad("distill_beta", "must be in [0, 1]")
         for name in ("iterations", "batch_size", "max_new_tokens", "ppo_epochs", "minibatches", "save_every",
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
@@ -187,7 +196,7 @@ class TrainConfig:
             bad("report_to", "needs the wandb package: pip install 'fastppo[wandb]'")
 
     def _validate_sources(self, bad):
-        for name in ("policy", "reward", "critic", "ref"):
+        for name in ("policy", "reward", "critic", "ref", "teacher"):
             path = getattr(self, name)
             if path is not None and not os.path.isdir(path):
                 bad(name, "no such folder (fastppo train loads local save_pretrained folders only, never a hub id: "
@@ -196,7 +205,13 @@ class TrainConfig:
             bad("policy" if self.policy is None else "prompts", "--policy and --prompts go together")
         if self.policy is None and (self.reward or self.critic or self.ref):
             bad("policy", "--reward / --critic / --ref need --policy (without them: the embedded demo)")
-        if self.policy is not None and self.reward is None and not self.reward_funcs:
+        if (self.mode == "distill") != (self.teacher is not None):
+            bad("teacher", "--mode distill and --teacher go together")
+        if self.mode == "distill" and self.policy is None:
+            bad("policy", "--mode distill needs --policy and --prompts (the embedded demo has no teacher)")
+        if self.mode == "distill" and self.lora_r:
+            bad("lora_r", "--mode distill trains the full policy (LoRA is not supported there)")
+        if self.policy is not None and self.reward is None and not self.reward_funcs and self.mode != "distill":
             bad("reward", "a real policy needs --reward (a reward model folder) or --reward_funcs")
         for spec in self.reward_funcs:
             module, _, func = spec.partition(":")

@@ -80,8 +80,9 @@ def build_trainer(cls, cfg: TrainConfig, log: Callable = print, explicit: set[st
         else:
             setup = build_real(cfg, prompts, resume_from, log)
     device = _device(cfg)
-    policy, ref, reward_model, critic = (None if m is None else m.to(device) for m in
-                                         (setup.policy, setup.ref, setup.reward_model, setup.critic))
+    policy, ref, reward_model, critic, teacher = (None if m is None else m.to(device) for m in
+                                                  (setup.policy, setup.ref, setup.reward_model, setup.critic,
+                                                   setup.teacher))
     reward_fn = None
     if reward_funcs:
         text_reward = combined_reward(reward_funcs, cfg.reward_weights)
@@ -96,7 +97,8 @@ def build_trainer(cls, cfg: TrainConfig, log: Callable = print, explicit: set[st
 
     trainer = cls(cfg, policy, prompt_fn=setup.prompt_fn, eos_id=setup.eos_id, pad_id=setup.pad_id, ref=ref,
                   reward_model=reward_model, reward_fn=reward_fn, critic=critic,
-                  task_score_fn=setup.task_score_fn, tokenizer=setup.tokenizer, log=log, parallel=parallel)
+                  task_score_fn=setup.task_score_fn, tokenizer=setup.tokenizer, log=log, parallel=parallel,
+                  teacher=teacher)
     trainer.info = setup.info
     if state is not None:
         trainer.load_state_dict(state)

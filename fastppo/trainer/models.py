@@ -28,6 +28,7 @@ class Setup:
     decode: object
     task_score_fn: object = None
     tokenizer: object = None
+    teacher: object = None
     info: dict = field(default_factory=dict)
 
 
@@ -149,11 +150,12 @@ def build_real(cfg, prompts: list[str], resume_from: Path | None = None, log=pri
             policy = _load(AutoModelForCausalLM, src / "policy" if src is not None else cfg.policy)
             ref = _load(AutoModelForCausalLM, cfg.ref or cfg.policy)
         reward = _load(AutoModelForSequenceClassification, cfg.reward, num_labels=1) if cfg.reward else None
+        teacher = _load(AutoModelForCausalLM, cfg.teacher) if cfg.teacher else None
         critic = None
         if cfg.mode == "ppo":
             critic_path = src / "critic" if src is not None else (cfg.critic or cfg.policy)
             critic = _load(AutoModelForTokenClassification, critic_path, num_labels=1)
-    for m in (policy, ref, reward, critic):
+    for m in (policy, ref, reward, critic, teacher):
         if m is not None:
             m.config.pad_token_id = tok.pad_token_id
 
@@ -166,4 +168,4 @@ def build_real(cfg, prompts: list[str], resume_from: Path | None = None, log=pri
         return tok.decode([int(t) for t in ids], skip_special_tokens=True)
 
     return Setup(policy=policy, ref=ref, reward_model=reward, critic=critic, prompt_fn=prompt_fn,
-                 eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, decode=decode, tokenizer=tok)
+                 eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, decode=decode, tokenizer=tok, teacher=teacher)

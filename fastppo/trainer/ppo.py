@@ -73,19 +73,23 @@ class PPOTrainer(UpdateSteps):
     prompt_len) -> [B] scores (both given: their sum); critic: AutoModelForTokenClassification(num_labels=1)
     (ppo mode). prompt_fn(n, generator, group_size) -> (prompt_ids, prompt_mask); task_score_fn(prompt_ids,
     response) -> [B] optional ground truth (logged as task_score_mean); tokenizer: saved with each checkpoint.
-    Dropout is switched off in every model (disable_dropout) unless config.keep_dropout."""
+    distill mode: teacher (AutoModelForCausalLM, frozen, the policy's vocabulary); the policy is trained on its own
+    samples to minimise fastppo.linear_divergence to the teacher (config.distill_beta); a reward is optional
+    (logged only). Dropout is switched off in every model (disable_dropout) unless config.keep_dropout."""
 
     def __init__(self, config: TrainConfig, policy, *, prompt_fn: Callable, eos_id: int, pad_id: int, ref=None,
                  reward_model=None, reward_fn: Callable | None = None, critic=None,
                  task_score_fn: Callable | None = None, tokenizer=None, log: Callable = print,
-                 parallel: Parallel | None = None):
-        if reward_model is None and reward_fn is None:
+                 parallel: Parallel | None = None, teacher=None):
+        if reward_model is None and reward_fn is None and config.mode != "distill":
             raise ValueError("give a reward_model, a reward_fn, or both")
+        if (config.mode == "distill") != (teacher is not None):
+            raise ValueError("distill mode needs a teacher (AutoModelForCausalLM), and only distill mode takes one")
         if config.mode == "ppo" and critic is None:
             raise ValueError("ppo mode needs a critic (AutoModelForTokenClassification with num_labels=1)")
         self.cfg = config
         if not config.keep_dropout:   # old / new log-probs and values must come from the same function
-            for model in (policy, ref, reward_model, critic):
+            for model in (policy, ref, reward_model, critic, teacher):
                 disable_dropout(model)
         self.policy, self.critic = policy, (critic if config.mode == "ppo" else None)
         self.lora = _is_peft(policy)
@@ -105,6 +109,7 @@ class PPOTrainer(UpdateSteps):
         device = next(policy.parameters()).device
         self.policy, self.critic = (self.par.wrap(m, device=device) for m in (self.policy, self.critic))
         self.ref = self.par.wrap(self.ref, device=device)
+        self.teacher = None if teacher is None else self.par.wrap(teacher.eval().requires_grad_(False), device=device)
         policy = self.policy
         self.reward_fn, self.prompt_fn, self.task_score_fn = reward_fn, prompt_fn, task_score_fn
         self.eos_id, self.pad_id = eos_id, pad_id
@@ -187,6 +192,8 @@ class PPOTrainer(UpdateSteps):
         """(advantages, returns or None, per-token kl used for the reward)."""
         cfg = self.cfg
         kl = kl_penalty(ro.old_logprobs, ro.ref_logprobs, cfg.kl_kind)
+        if cfg.mode == "distill":
+            return None, None, kl
         if cfg.mode == "grpo":
             return group_advantages(ro.scores, cfg.group_size), None, kl
         rewards = kl_shaped_rewards(ro.scores, kl, ro.mask, kl_coef=self.kl_ctl.value)
@@ -211,7 +218,8 @@ class PPOTrainer(UpdateSteps):
                 counts = token_counts(ro.mask[idx])        # of the whole minibatch: every rank holds it
                 idx = idx[self.par.local_rows(mb_size)]     # this rank's part
                 mb = ro.select(idx)
-                for key, v in self._policy_step(mb, adv[idx], counts).items():
+                step = self._distill_step(mb, counts) if adv is None else self._policy_step(mb, adv[idx], counts)
+                for key, v in step.items():
                     logs.setdefault(key, []).append(v)
                 if self.critic is not None:
                     for key, v in self._critic_step(mb, returns[idx], counts).items():

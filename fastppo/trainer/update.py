@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from .. import fused_linear_ppo_loss, value_loss
+from .. import fused_linear_ppo_loss, linear_divergence_loss, value_loss
 from .rollout import Rollout, response_hidden_and_head, response_values
 
 
@@ -44,6 +44,35 @@ class UpdateSteps:
         if not self._step(losses, self.policy_opt, model=self.policy):
             return {}
         return self._reduce_logs("policy_loss", ("clipfrac", "entropy", "approx_kl"), stats, counts)
+
+    def _distill_step(self, mb: Rollout, counts: dict | None = None) -> dict:
+        """One optimiser step of the policy towards the teacher on `mb` (distill mode): the token-mean (global
+        num_tokens) of the divergence between the policy and the teacher on the policy's own samples, from both
+        models' hidden states (linear_divergence_loss: neither model's logits materialised, the gradient formed
+        in the forward pass)."""
+        cfg = self.cfg
+        counts = counts or token_counts(mb.mask)
+        self.policy.train()
+        stats = []
+
+        def micro_loss(sl):
+            part = mb.select(sl)
+            with self._amp():
+                with torch.no_grad():
+                    h_t, w_t, b_t = response_hidden_and_head(self.teacher, part)
+                hidden, weight, bias = response_hidden_and_head(self.policy, part)
+            weights = part.mask.to(torch.float32) / counts["num_tokens"]
+            loss, div = linear_divergence_loss(hidden, weight.to(hidden.dtype), h_t, w_t.to(h_t.dtype),
+                                               beta=cfg.distill_beta, weights=weights, temperature=cfg.temperature,
+                                               student_bias=bias, teacher_bias=b_t, mask=part.mask)
+            n = part.mask.sum().clamp_min(1)
+            stats.append(_weighted(loss, part.mask, {"divergence": div.sum() / n}, ("divergence",)))
+            return loss
+
+        losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
+        if not self._step(losses, self.policy_params, self.policy_opt, model=self.policy):
+            return {}
+        return self._reduce_logs("distill_loss", ("divergence",), stats, counts)
 
     def _critic_step(self, mb: Rollout, returns, counts: dict | None = None) -> dict:
         counts = counts or token_counts(mb.mask)
