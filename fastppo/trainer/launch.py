@@ -5,12 +5,14 @@ the prompts, the reward functions, and the output folder (writable; a fresh run 
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .. import use_backend
 from . import checkpoint
 from .config import TrainConfig, merge_for_resume
 from .parallel import Parallel
@@ -50,11 +52,16 @@ def prepare_out(cfg: TrainConfig, log: Callable = print):
         log(f"--overwrite: deleted the earlier run in {out} ({', '.join(found)})")
 
 
+def backend_scope(name: str | None):
+    """`fastppo.use_backend(name)` around the trainer's own work (--backend), leaving the process-wide
+    choice as it was afterwards; None changes nothing."""
+    return contextlib.nullcontext() if name is None else use_backend(name)
+
+
 def build_trainer(cls, cfg: TrainConfig, log: Callable = print, explicit: set[str] | None = None):
     """The body of PPOTrainer.from_config (see its docstring)."""
     from .data import combined_reward, load_prompts, load_reward_funcs
     from .models import build_demo, build_real
-    from .ppo import backend_scope
 
     cfg.validate()
     if not checkpoint.main_process():

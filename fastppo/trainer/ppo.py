@@ -38,6 +38,7 @@ from .. import (
 )
 from . import checkpoint
 from .config import TrainConfig, report_targets
+from .launch import backend_scope, build_trainer
 from .models import disable_dropout
 from .parallel import Parallel
 from .reporting import Progress, Reporters, phase, write_metrics
@@ -47,14 +48,6 @@ from .update import UpdateSteps, token_counts
 
 def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def backend_scope(name: str | None):
-    """`fastppo.use_backend(name)` around the trainer's own work (--backend), leaving the process-wide
-    choice as it was afterwards; None changes nothing."""
-    import fastppo
-
-    return contextlib.nullcontext() if name is None else fastppo.use_backend(name)
 
 
 def _in_backend(method):
@@ -132,7 +125,6 @@ class PPOTrainer(UpdateSteps):
         built: the configuration, the checkpoint's state file (weights_only), the prompts, the reward
         functions, the output folder (writable, and holding no other run unless cfg.overwrite; see launch.py).
         explicit: the flags the user gave (default: the fields that differ from the defaults)."""
-        from .launch import build_trainer
 
         return build_trainer(cls, cfg, log, explicit)
 

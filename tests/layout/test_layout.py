@@ -6,10 +6,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_LINES = 500
-# Import edges left out of the cycle check, each with its owner. fastppo.trainer is another engineer's (issue
-# #22 leaves it alone): ppo.py's Trainer.from_config imports launch.build_trainer inside the function while
-# launch.py imports ppo.backend_scope inside another, a function-local cycle for its owner to untie.
-ALLOWED_EDGES = {("fastppo.trainer.ppo", "fastppo.trainer.launch")}
 
 
 def _modules():
@@ -56,9 +52,6 @@ def _imports(name, path, modules):
 def test_import_graph_is_acyclic():
     modules = _modules()
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
-    for src, dst in ALLOWED_EDGES:
-        assert dst in graph[src], f"allowed edge {src} -> {dst} is gone: drop it from ALLOWED_EDGES"
-        graph[src].discard(dst)
     state, stack = {}, []
 
     def visit(node):

@@ -12,7 +12,7 @@ import fastppo.backend
 from fastppo.trainer import PPOTrainer, checkpoint
 from fastppo.trainer.cli import main, run
 from fastppo.trainer.config import TrainConfig
-from fastppo.trainer.ppo import backend_scope
+from fastppo.trainer.launch import backend_scope
 from tests.trainer.test_trainer import (
     _one_thread_and_backend_untouched,  # noqa: F401  (autouse fixture)
     _save_tiny_hf_models,
