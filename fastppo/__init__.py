@@ -21,6 +21,7 @@ from .linear_divergence_loss import linear_divergence_loss
 from .logprobs import token_logprobs
 from .losses import ppo_policy_loss, rollout_is_weights, value_loss
 from .mismatch import mismatch_stats
+from .options import VocabParallel
 from .outputs import LogprobOutputs, PPOLossOutput
 from .topk_divergence import topk_divergence
 
@@ -37,6 +38,7 @@ __all__ = [
     "mismatch_stats",
     "LogprobOutputs",
     "PPOLossOutput",
+    "VocabParallel",
     "backend_for",
     "full_kl",
     "fused_linear_ppo_loss",

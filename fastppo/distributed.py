@@ -1,392 +1,83 @@
-"""Vocabulary-parallel log-probs, entropy and PPO losses: logits (or an lm_head) sharded over the
-vocabulary across the ranks of a process group, Megatron's layout (rank r holds the contiguous
-slice [start_r, start_r + V_r) in rank order; uneven V_r allowed). Nothing [N, V] is ever gathered.
+"""Vocabulary-parallel versions of the logits and linear ops under their own names: each is the one public
+op with `vocab_parallel=fastppo.VocabParallel(group)` (see fastppo.vocab_parallel for the layout, the math
+and the collectives), every other argument forwarded unchanged, documented once on that op.
 
-Each rank runs the unsharded launchers on its shard (kernels/logprobs.py or kernels/linear.py, or
-their PyTorch twins), with the labels shifted into the shard and labels owned by another rank
-replaced by an out-of-range sentinel (no one-hot there, NaN local log-prob, discarded). Per row it
-gets its row stats (m_r, log s_r), H_r (entropy of the shard's own softmax) and, where it owns the label,
-logp_r (lse_r = m_r + log s_r is never formed: the stats stay apart, exact at any magnitude). With
-M = max_r m_r and a_r = (m_r - M) + log s_r = lse_r - M:
+    fastppo.distributed.token_logprobs(logits_shard, labels, group=g, **kw)
+        == fastppo.token_logprobs(logits_shard, labels, vocab_parallel=fastppo.VocabParallel(g), **kw)
 
-    S = sum_r exp(a_r),                 lse = M + log S  (saved as (M, log S))
-    sum_i p_i z'_i - M = sum_r exp(a_r) (a_r - H_r) / S        (shard r's mean of z' is lse_r - H_r)
-    H = log S - sum_r exp(a_r) (a_r - H_r) / S
-    logp = (logp_r + a_r) - log S       from the owning rank r (z'_y - lse = z'_y - lse_r + lse_r - lse)
-
-so the forward does two all-reduces of O(N) floats: MAX of [N] and SUM of [N, 3 or 4] (exp(a_r),
-the entropy term when entropy is wanted, the label term, and an "owned" count that turns a label
-owned by no rank into NaN as the unsharded op does). Backward needs no collective for the logits:
-each rank calls the unsharded backward launcher on its shard with the GLOBAL lse and H, which is
-exactly the shard's slice of the full gradient. The linear ops all-reduce d(hidden) (N x H) once,
-so every rank gets the full gradient of the replicated hidden states, and its own slice of
-d(weight) / d(bias). The shard sizes are all-gathered once per call (P ints, no host sync).
-"""
+and likewise fused_ppo_loss, linear_logprobs and fused_linear_ppo_loss. The machinery (VocabShard,
+vocab_shard, shard_labels, combine_shards and the autograd functions) is re-exported from
+fastppo.vocab_parallel."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
-from ._validation import check_float, check_inplace, check_labels
-from .backend import backend_for
-from .dispatch import ops
-from .fused import check_fused_tensors, fused_stat_names, loss_options
-from .linear import build_linear_options, check_linear, linear_backward, linear_forward
-from .losses import loss_terms_from_logprobs, stats_dict
-from .options import LinearOptions, LogprobOptions, LossOptions
+from . import fused as _fused
+from . import fused_linear as _fused_linear
+from . import linear as _linear
+from . import logprobs as _logprobs
+from .options import VocabParallel
 from .outputs import PPOLossOutput
+from .vocab_parallel import (
+    NO_VOCAB_LIMIT,
+    ShardedLossTerms,
+    VocabParallelLinearLogprobs,
+    VocabParallelLogprobs,
+    VocabShard,
+    combine_shards,
+    sentinel_label,
+    shard_labels,
+    vocab_shard,
+)
 
-
-# ----------------------------------------------------------------------------- layout
-@dataclass(frozen=True)
-class VocabShard:
-    """This rank's slice of the vocabulary: `start` is a 0-d int64 device tensor (no host sync),
-    `total` the full vocabulary size when it is free to know (CPU tensors), else None."""
-
-    group: object
-    start: torch.Tensor
-    size: int
-    total: int | None
-
-
-def vocab_shard(local_size: int, device: torch.device, group=None) -> VocabShard:
-    """All-gather the P shard sizes (one collective of P int64) and locate this rank's slice."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("fastppo.distributed needs an initialised torch.distributed process group "
-                           "(torch.distributed.init_process_group, e.g. under torchrun)")
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    # gloo collectives run on CPU tensors, nccl on CUDA ones
-    comm_device = torch.device("cpu") if dist.get_backend(group) == "gloo" else device
-    mine = torch.tensor([local_size], dtype=torch.int64, device=comm_device)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
-    sizes = torch.cat(gathered)
-    start = sizes[:rank].sum().to(device)
-    total = int(sizes.sum()) if sizes.device.type == "cpu" else None
-    return VocabShard(group, start, int(local_size), total)
-
-
-def _all_reduce(x: torch.Tensor, op, group):
-    """In-place all-reduce through the module attribute (so tests can count the calls); gloo needs
-    CPU tensors, so a CUDA tensor under gloo makes a round trip."""
-    if dist.get_backend(group) == "gloo" and x.device.type != "cpu":
-        y = x.cpu()
-        dist.all_reduce(y, op=op, group=group)
-        x.copy_(y)
-    else:
-        dist.all_reduce(x, op=op, group=group)
-    return x
-
-
-def sentinel_label(ignore_index: int) -> int:
-    """A label outside every shard that is not ignore_index: the launchers give it NaN log-prob,
-    exact lse / entropy, and a gradient with no one-hot term."""
-    return -1 if ignore_index != -1 else -2
-
-
-def shard_labels(labels: torch.Tensor, shard: VocabShard, ignore_index: int):
-    """(local labels, owned, ignored): labels shifted into the shard; a label owned by another rank
-    becomes the sentinel; ignored labels stay ignore_index."""
-    y = labels.reshape(-1)
-    ignored = y == ignore_index
-    local = y - shard.start
-    owned = (~ignored) & (local >= 0) & (local < shard.size)
-    sentinel = torch.full_like(y, sentinel_label(ignore_index))
-    local = torch.where(owned, local, torch.where(ignored, y, sentinel))
-    return local, owned, ignored
-
-
-def combine_shards(logp_r, lse_r, ent_r, owned, ignored, group):
-    """Global (logp, lse, H) per row from every rank's (logp_r, lse_r, H_r), lse_r = the shard's row stats
-    (m_r, log s_r) [N, 2] and the returned lse the global (M, log S) [N, 2], never one absolute lse (exact
-    at any magnitude): 2 all-reduces (MAX of [N]; SUM of [N, 3], or [N, 4] with entropy). Ignored rows give
-    0 log-prob and entropy; a label no rank owns gives NaN (as an out-of-range label does unsharded)."""
-    m_r, log_s_r = lse_r[:, 0], lse_r[:, 1]
-    m = _all_reduce(torch.where(log_s_r == float("-inf"), log_s_r, m_r), dist.ReduceOp.MAX, group)
-    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)    # an all -inf row: S = 0, lse = -inf
-    a = (m_r - m) + log_s_r                                         # log of the shard's sum exp(z' - M)
-    e = torch.exp(a)
-    zero = torch.zeros_like(e)
-    cols = [e, torch.where(owned, logp_r + a, zero), owned.to(e.dtype)]
-    if ent_r is not None:
-        cols.append(torch.where(e == 0, zero, e * (a - ent_r)))
-    sums = _all_reduce(torch.stack(cols, 1), dist.ReduceOp.SUM, group)
-    log_s = torch.log(sums[:, 0])
-    lse = torch.stack((m, log_s), 1)
-    logp = torch.where(sums[:, 2] > 0, sums[:, 1] - log_s, float("nan"))
-    logp = torch.where(ignored, zero, logp)
-    ent = None
-    if ent_r is not None:
-        ent = torch.where(ignored, zero, log_s - sums[:, 3] / sums[:, 0])
-    return logp, lse, ent
-
-
-# ----------------------------------------------------------------------------- logits
-def _shard_forward(logits, labels, shard, opts: LogprobOptions):
-    local, owned, ignored = shard_labels(labels, shard, opts.ignore_index)
-    logp_r, lse_r, ent_r = ops("logprobs", opts.backend).logprobs_fwd(
-        logits, local, ignore_index=opts.ignore_index, with_entropy=opts.with_entropy, **opts.transform())
-    logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, owned, ignored, shard.group)
-    return local, logp, lse, ent
-
-
-class VocabParallelLogprobs(torch.autograd.Function):
-    """Forward: shard statistics + 2 all-reduces. Backward: the unsharded backward launcher on the
-    shard with the global lse and H (no collective)."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, shard: VocabShard, opts: LogprobOptions):
-        ctx.set_materialize_grads(False)
-        local, logp, lse, ent = _shard_forward(logits, labels, shard, opts)
-        ctx.save_for_backward(logits, local, lse, ent if ent is not None else lse)
-        ctx.opts = opts
-        shape = labels.shape
-        return logp.view(shape), (None if ent is None else ent.view(shape))
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        logits, local, lse, ent = ctx.saved_tensors
-        opts = ctx.opts
-        if g_logp is None and g_ent is None:
-            return None, None, None, None
-        if g_logp is None:
-            g_logp = torch.zeros(local.shape, dtype=lse.dtype, device=lse.device)
-        has_ent = opts.with_entropy and g_ent is not None
-        dlogits = ops("logprobs", opts.backend).logprobs_bwd(
-            logits, local, lse, ent if has_ent else None, g_logp.to(lse.dtype).reshape(-1),
-            g_ent.to(lse.dtype).reshape(-1) if has_ent else None, ignore_index=opts.ignore_index,
-            inplace=opts.inplace, **opts.transform())
-        return dlogits, None, None, None
-
-
-NO_VOCAB_LIMIT = 2**62
-
-
-def _locate(local_size, device, labels, lead_shape, ignore_index, group):
-    """Local checks first (a rank that raises must not leave the others waiting in a collective),
-    then the shard-size all-gather, then the label range against the full vocabulary where free."""
-    check_labels(labels, lead_shape, NO_VOCAB_LIMIT, ignore_index)
-    shard = vocab_shard(local_size, device, group)
-    if shard.total is not None:
-        check_labels(labels, lead_shape, shard.total, ignore_index)
-    return shard
-
-
-def _check_logits(logits_shard, labels, ignore_index, group):
-    check_float("logits_shard", logits_shard)
-    if logits_shard.dim() < 1 or logits_shard.shape[-1] == 0:
-        raise ValueError(f"logits_shard must have a non-empty vocabulary dim, got shape "
-                         f"{tuple(logits_shard.shape)}")
-    return _locate(logits_shard.shape[-1], logits_shard.device, labels, logits_shard.shape[:-1], ignore_index,
-                   group)
+__all__ = [
+    "NO_VOCAB_LIMIT",
+    "ShardedLossTerms",
+    "VocabParallel",
+    "VocabParallelLinearLogprobs",
+    "VocabParallelLogprobs",
+    "VocabShard",
+    "combine_shards",
+    "fused_linear_ppo_loss",
+    "fused_ppo_loss",
+    "linear_logprobs",
+    "sentinel_label",
+    "shard_labels",
+    "token_logprobs",
+    "vocab_shard",
+]
 
 
 def token_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor, *, group: dist.ProcessGroup | None = None,
-                   temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                   final_logit_softcapping: float | None = None,
-                   logit_scale: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """fastppo.token_logprobs of the full logits, given this rank's vocabulary shard.
-
-    logits_shard [..., V_r]: columns [start_r, start_r + V_r) of the logits, shards in rank order
-    of `group` (default: the world); labels [...] are GLOBAL token ids (replicated on every rank).
-    Returns the global float32 log-probs (and entropy), replicated; the gradient reaching
-    logits_shard is its slice of the full gradient. z' = softcap(logit_scale * z) / temperature as in
-    fastppo.token_logprobs. Cost: 2 all-reduces, of N and of 4 N floats (3 N without entropy)."""
-    opts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
-                                final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
-                                with_entropy=return_entropy, backend=backend_for(logits_shard, labels))
-    shard = _check_logits(logits_shard, labels, ignore_index, group)
-    logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
-    return (logp, ent) if return_entropy else logp
-
-
-def _loss_setup(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_kw):
-    """Validate the loss options and per-token tensors once (as the unsharded fused ops do)."""
-    opts = loss_options(**{k: v for k, v in loss_kw.items() if k != "rollout_is_weights"})
-    check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts)
-    return opts
-
-
-class ShardedLossTerms(torch.autograd.Function):
-    """The loss on the (replicated) global per-token log-probs and entropy: the library's per-token loss
-    function (fastppo.losses.loss_terms_from_logprobs, O(N), no collective), so every rank computes the
-    value, stats and per-token outputs of the unsharded fused ops. Backward hands dloss/dlogp = coef and
-    dloss/dH = coef_ent, times the upstream gradient, to the sharded log-prob op's backward (the entropy
-    gets no gradient when entropy_coef is 0, as unsharded)."""
-
-    @staticmethod
-    def forward(ctx, logp, ent, old, adv, mask, ref, isw, opts: LossOptions, backend: str):
-        ctx.set_materialize_grads(False)
-        res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=backend, ref=ref,
-                                       rollout_is_weights=isw)
-        use_ent_grad = ent is not None and opts.entropy_coef != 0
-        ctx.save_for_backward(res.coef, res.coef_ent if use_ent_grad else res.coef)
-        ctx.use_ent_grad, ctx.shape = use_ent_grad, logp.shape
-        ctx.mark_non_differentiable(*[t for t in (res.kl, res.stats) if t is not None])
-        return res.loss, res.kl, res.stats
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss, *_):
-        if g_loss is None:
-            return (None,) * 9
-        coef, coef_ent = ctx.saved_tensors
-        g = g_loss.to(coef.dtype)
-        g_logp = (g * coef).view(ctx.shape)
-        g_ent = (g * coef_ent).view(ctx.shape) if ctx.use_ent_grad else None
-        return g_logp, g_ent, None, None, None, None, None, None, None
-
-
-def _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts: LossOptions,
-                  backend: str) -> PPOLossOutput:
-    """PPOLossOutput of the unsharded fused ops from the global per-token log-probs (and entropy) of a
-    vocabulary-parallel log-prob op, chained through its autograd."""
-    detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    loss, kl, stats = ShardedLossTerms.apply(logp, ent, old_logprobs.detach(), advantages.detach(), mask,
-                                             detach(ref_logprobs), detach(rollout_is_weights), opts, backend)
-    return PPOLossOutput(loss=loss, logprobs=logp.detach(), kl=kl, entropy=detach(ent),
-                         stats=stats_dict(stats, fused_stat_names(opts, kl is not None, ent is not None)))
+                   **kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """fastppo.token_logprobs(logits_shard, labels, vocab_parallel=VocabParallel(group), **kwargs):
+    logits_shard [..., V_r] is this rank's contiguous vocabulary slice, in rank order over `group`."""
+    return _logprobs.token_logprobs(logits_shard, labels, vocab_parallel=VocabParallel(group), **kwargs)
 
 
 def fused_ppo_loss(logits_shard: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
                    advantages: torch.Tensor, mask: torch.Tensor, *, group: dist.ProcessGroup | None = None,
-                   ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
-                   entropy_coef: float = 0.0, clip_low: float = 0.2, clip_high: float | None = None,
-                   dual_clip: float | None = None, temperature: float = 1.0, agg: str = "token-mean",
-                   ignore_index: int = -100, return_entropy: bool = False, inplace: bool = False,
-                   num_tokens: float | None = None, num_seqs: float | None = None, horizon: float | None = None,
-                   policy_loss: str = "ppo", ratio_max: float | None = None, sapo_tau_pos: float = 1.0,
-                   sapo_tau_neg: float = 1.05, rollout_is_weights: torch.Tensor | None = None,
-                   entropy_quantile: float | None = None, final_logit_softcapping: float | None = None,
-                   logit_scale: float = 1.0) -> PPOLossOutput:
-    """fastppo.fused_ppo_loss of the full logits, given this rank's vocabulary shard (see
-    token_logprobs above for the layout). The per-token arguments are replicated; the loss and the
-    per-token outputs are the same on every rank; each rank's logits_shard gets its gradient slice.
-    As unsharded, rows where mask is 0 count as ignored labels (0 log-prob, no gradient), and
-    `inplace=True` writes the shard's gradient into its storage."""
-    loss_kw = dict(kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
-                   clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                   horizon=horizon, policy_loss=policy_loss, ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos,
-                   sapo_tau_neg=sapo_tau_neg, rollout_is_weights=rollout_is_weights,
-                   entropy_quantile=entropy_quantile)
-    check_float("logits_shard", logits_shard)
-    if logits_shard.dim() not in (2, 3):
-        raise ValueError(f"logits_shard must be [B, T, V_r] or [T, V_r], got shape {tuple(logits_shard.shape)}")
-    loss_opts = _loss_setup(logits_shard.shape[:-1], old_logprobs, advantages, mask, ref_logprobs,
-                            rollout_is_weights, loss_kw)
-    want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
-    opts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
-                                final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
-                                with_entropy=want_ent, inplace=inplace,
-                                backend=backend_for(logits_shard, labels, old_logprobs, advantages, mask))
-    if inplace:
-        check_inplace("logits_shard", logits_shard)
-    shard = _check_logits(logits_shard, labels, ignore_index, group)
-    labels = torch.where(mask != 0, labels, opts.ignore_index)      # mask-0 rows are dead, as unsharded
-    logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
-    return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
-                         opts.backend)
-
-
-# ----------------------------------------------------------------------------- linear
-class VocabParallelLinearLogprobs(torch.autograd.Function):
-    """Forward: the linear launcher on the weight shard + 2 all-reduces. Backward: the unsharded
-    chunked backward on the shard with the global lse and H, then one all-reduce of d(hidden)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight_shard, bias_shard, labels, shard: VocabShard, opts: LinearOptions):
-        ctx.set_materialize_grads(False)
-        h2 = hidden.reshape(-1, hidden.shape[-1])
-        local, owned, ignored = shard_labels(labels, shard, opts.ignore_index)
-        logp_r, lse_r, ent_r = linear_forward(h2, weight_shard, bias_shard, local, opts)
-        logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, owned, ignored, shard.group)
-        ctx.save_for_backward(hidden, weight_shard, bias_shard, local, lse, ent if ent is not None else lse)
-        ctx.opts, ctx.group = opts, shard.group
-        shape = labels.shape
-        return logp.view(shape), (None if ent is None else ent.view(shape))
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, local, lse, ent = ctx.saved_tensors
-        opts = ctx.opts
-        if g_logp is None and g_ent is None:
-            return (None,) * 6
-        if g_logp is None:
-            g_logp = torch.zeros(local.shape, dtype=lse.dtype, device=lse.device)
-        has_ent = opts.with_entropy and g_ent is not None
-        h2 = hidden.reshape(-1, hidden.shape[-1])
-        dh, dw, db = linear_backward(h2, weight, bias, local, lse, ent if has_ent else None,
-                                     g_logp.to(lse.dtype).reshape(-1),
-                                     g_ent.to(lse.dtype).reshape(-1) if has_ent else None, opts,
-                                     ctx.needs_input_grad[:3])
-        if dh is not None:   # (hidden requires grad on every rank or on none: the all-reduce is collective)
-            dh = _all_reduce(dh.to(lse.dtype), dist.ReduceOp.SUM, ctx.group).to(hidden.dtype).view(hidden.shape)
-        return dh, dw, db, None, None, None
-
-
-def _check_linear_shard(hidden, weight_shard, labels, bias_shard, ignore_index, group):
-    check_float("hidden", hidden)
-    check_float("weight_shard", weight_shard)
-    if weight_shard.dim() != 2 or weight_shard.shape[0] == 0:
-        raise ValueError(f"weight_shard must be [V_r, H] with V_r >= 1, got {tuple(weight_shard.shape)}")
-    # the unsharded checks with the labels' range left to _locate (they are global ids)
-    check_linear(hidden, weight_shard, torch.zeros(labels.shape, dtype=torch.int64) if isinstance(
-        labels, torch.Tensor) and not labels.dtype.is_floating_point else labels, bias_shard, ignore_index)
-    return _locate(weight_shard.shape[0], hidden.device, labels, hidden.shape[:-1], ignore_index, group)
+                   **kwargs) -> PPOLossOutput:
+    """fastppo.fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask,
+    vocab_parallel=VocabParallel(group), **kwargs)."""
+    return _fused.fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask,
+                                 vocab_parallel=VocabParallel(group), **kwargs)
 
 
 def linear_logprobs(hidden: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor, *,
-                    group: dist.ProcessGroup | None = None, bias: torch.Tensor | None = None, temperature: float = 1.0,
-                    ignore_index: int = -100, return_entropy: bool = False,
-                    final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
-                    chunk_bytes: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """fastppo.linear_logprobs with the lm_head sharded over the vocabulary: weight_shard [V_r, H]
-    (and bias [V_r]) are rows [start_r, start_r + V_r) of the full head, in rank order; hidden
-    [..., H] and labels [...] (global ids) are replicated. Returns the global log-probs (and
-    entropy); hidden gets the full gradient on every rank, weight_shard / bias their slices.
-    Cost: 2 all-reduces of O(N) floats forward, 1 of N x H floats backward. (extra_outputs is not
-    offered here.)"""
-    opts = build_linear_options(temperature, ignore_index, return_entropy, False, final_logit_softcapping,
-                                logit_scale, chunk_bytes, backend_for(hidden, weight_shard, labels))
-    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
-    logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
-    return (logp, ent) if return_entropy else logp
+                    group: dist.ProcessGroup | None = None, **kwargs) -> torch.Tensor | tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+    """fastppo.linear_logprobs(hidden, weight_shard, labels, vocab_parallel=VocabParallel(group), **kwargs):
+    weight_shard [V_r, H] (and bias [V_r]) are this rank's rows of the lm_head."""
+    return _linear.linear_logprobs(hidden, weight_shard, labels, vocab_parallel=VocabParallel(group), **kwargs)
 
 
 def fused_linear_ppo_loss(hidden: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor,
                           old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                          group: dist.ProcessGroup | None = None, bias: torch.Tensor | None = None,
-                          ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
-                          entropy_coef: float = 0.0, clip_low: float = 0.2, clip_high: float | None = None,
-                          dual_clip: float | None = None, temperature: float = 1.0, agg: str = "token-mean",
-                          ignore_index: int = -100, return_entropy: bool = False, num_tokens: float | None = None,
-                          num_seqs: float | None = None, horizon: float | None = None, policy_loss: str = "ppo",
-                          ratio_max: float | None = None, sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
-                          rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
-                          final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
-                          chunk_bytes: int | None = None) -> PPOLossOutput:
-    """fastppo.fused_linear_ppo_loss with the lm_head sharded over the vocabulary (layout as in
-    linear_logprobs above); the loss and per-token outputs are replicated on every rank."""
-    loss_kw = dict(kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
-                   clip_high=clip_high, dual_clip=dual_clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                   horizon=horizon, policy_loss=policy_loss, ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos,
-                   sapo_tau_neg=sapo_tau_neg, rollout_is_weights=rollout_is_weights,
-                   entropy_quantile=entropy_quantile)
-    check_float("hidden", hidden)
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
-    loss_opts = _loss_setup(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
-                            loss_kw)
-    want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
-    opts = build_linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
-                                chunk_bytes, backend_for(hidden, weight_shard, labels, old_logprobs, advantages, mask))
-    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
-    labels = torch.where(mask.reshape(labels.shape) != 0, labels, opts.ignore_index)   # mask-0 rows are dead
-    logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
-    return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
-                         opts.backend)
+                          group: dist.ProcessGroup | None = None, **kwargs) -> PPOLossOutput:
+    """fastppo.fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages, mask,
+    vocab_parallel=VocabParallel(group), **kwargs)."""
+    return _fused_linear.fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages, mask,
+                                               vocab_parallel=VocabParallel(group), **kwargs)

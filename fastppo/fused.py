@@ -17,47 +17,16 @@ from .library import decode, define, empty, encode, or_empty
 from .logprobs import token_logprobs_backward_inplace_op, token_logprobs_backward_op
 from .losses import (
     agg_outputs_fake,
-    check_optional,
-    check_policy_tensors,
+    check_fused_tensors,
+    fused_stat_names,
+    loss_options,
     loss_options_of,
     loss_terms_from_logprobs,
-    policy_stat_names,
     stats_dict,
 )
-from .options import LogprobOptions, LossOptions
+from .options import LogprobOptions, LossOptions, VocabParallel
 from .outputs import PPOLossOutput
-
-
-def fused_stat_names(opts: LossOptions, has_ref: bool, has_ent: bool):
-    names = policy_stat_names(opts) + [("pg_loss", "pg_loss")]
-    if has_ref:
-        names.append(("kl", "kl"))
-    if has_ent:
-        names.append(("entropy", "entropy"))
-    return names
-
-
-def loss_options(*, policy_loss, clip_low, clip_high, dual_clip, ratio_max, sapo_tau_pos, sapo_tau_neg,
-                 entropy_quantile, agg, kl_kind, kl_coef, entropy_coef, num_tokens, num_seqs, horizon):
-    """The LossOptions of a fused loss call (fused_ppo_loss and fused_linear_ppo_loss share it)."""
-    return LossOptions.policy(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                              ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
-                              entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
-                              entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs,
-                              horizon=horizon)
-
-
-def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
-                        opts: LossOptions, cu_seqlens=None):
-    check_policy_tensors("labels", lead_shape, old_logprobs, advantages, mask, opts,
-                         rollout_is_weights=rollout_is_weights, entropy=True, cu_seqlens=cu_seqlens)
-    if ref_logprobs is not None:
-        check_float("ref_logprobs", ref_logprobs)
-        if tuple(ref_logprobs.shape) != tuple(lead_shape):
-            raise ValueError(f"ref_logprobs shape {tuple(ref_logprobs.shape)} must equal {tuple(lead_shape)}")
-    elif opts.kl_coef != 0:
-        raise ValueError(f"kl_coef={opts.kl_coef} needs ref_logprobs")
-    check_optional("rollout_is_weights", rollout_is_weights, "labels", lead_shape)
+from .vocab_parallel import sharded_fused_ppo_loss
 
 
 def fused_outputs(logits, labels, old, adv, mask, ref, isw, cu, lopts: LogprobOptions, opts: LossOptions):
@@ -157,7 +126,8 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                    sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
                    rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
                    final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
-                   cu_seqlens: torch.Tensor | None = None) -> PPOLossOutput:
+                   cu_seqlens: torch.Tensor | None = None,
+                   vocab_parallel: VocabParallel | None = None) -> PPOLossOutput:
     """The whole policy objective from the logits in one pass:
 
         loss = agg(L_policy) + kl_coef * agg(KL(logp, ref_logprobs)) - entropy_coef * agg(H)
@@ -172,11 +142,20 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
     never read, forward or backward: their logprobs / entropy are 0, their gradient rows exact zeros
     (NaN there cannot leak). cu_seqlens ([S + 1] offsets): packed sequences, logits [total, V], the
     per-token tensors [total] (advantages [total] or [S]), results as padded (ppo_policy_loss).
+    `vocab_parallel=fastppo.VocabParallel(group)`: the logits passed are this rank's contiguous vocabulary
+    shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel
+    section); labels are global ids, the results those of the full vocabulary on every rank. (Not with cu_seqlens.)
     Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
                         entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    if vocab_parallel is not None:
+        return sharded_fused_ppo_loss(
+            logits, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, ref_logprobs=ref_logprobs,
+            rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens, temperature=temperature,
+            ignore_index=ignore_index, return_entropy=return_entropy, inplace=inplace,
+            final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale)
     check_float("logits", logits)
     if logits.dim() not in (2, 3) or logits.shape[-1] == 0:
         raise ValueError(f"logits must be [B, T, V] or [T, V], got shape {tuple(logits.shape)}")

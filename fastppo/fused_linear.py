@@ -9,23 +9,23 @@ from __future__ import annotations
 import torch
 
 from .backend import backend_for
-from .fused import FusedOutputs, check_fused_tensors, loss_options, ppo_output
+from .fused import FusedOutputs, ppo_output
 from .library import Once, acc_dtype, define, empty, encode, or_empty
-from .linear import (
+from .linear import linear_backward_fake, linear_options_of
+from .linear_pipeline import (
     build_linear_options,
     check_linear,
     flatten_rows,
     forward_rows,
     gradient_rows,
-    linear_backward_fake,
-    linear_options_of,
     triton_gradient_pass,
     triton_kernels,
 )
-from .losses import agg_outputs_fake, loss_options_of, loss_terms_from_logprobs
-from .options import LinearOptions, LossOptions
+from .losses import agg_outputs_fake, check_fused_tensors, loss_options, loss_options_of, loss_terms_from_logprobs
+from .options import LinearOptions, LossOptions, VocabParallel
 from .outputs import PPOLossOutput
 from .packed import per_token
+from .vocab_parallel import sharded_fused_linear_ppo_loss
 
 
 def _token_local(opts: LossOptions) -> bool:
@@ -189,7 +189,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           ratio_max: float | None = None, sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
                           rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
                           final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
-                          chunk_bytes: int | None = None, cu_seqlens: torch.Tensor | None = None) -> PPOLossOutput:
+                          chunk_bytes: int | None = None, cu_seqlens: torch.Tensor | None = None,
+                          vocab_parallel: VocabParallel | None = None) -> PPOLossOutput:
     """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     without materialising the logits.
 
@@ -201,11 +202,20 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only scales
     them by the upstream gradient (those gradients are held from forward to backward). Sequence-level
     variants (gspo, gspo_token, gmpo) and entropy_quantile recompute the logits in forward: 8 N_valid H V.
-    cu_seqlens ([S + 1] offsets): packed sequences, hidden [total, H] (fused_ppo_loss's packed form)."""
+    cu_seqlens ([S + 1] offsets): packed sequences, hidden [total, H] (fused_ppo_loss's packed form).
+    `vocab_parallel=fastppo.VocabParallel(group)`: the weight (and bias) passed are this rank's contiguous vocabulary
+    shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel
+    section); labels are global ids, the results those of the full vocabulary on every rank. (Not with cu_seqlens.)"""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
                         entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    if vocab_parallel is not None:
+        return sharded_fused_linear_ppo_loss(
+            hidden, weight, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, bias=bias,
+            ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens,
+            temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+            final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale, chunk_bytes=chunk_bytes)
     check_linear(hidden, weight, labels, bias, ignore_index)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")

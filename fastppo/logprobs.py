@@ -15,7 +15,8 @@ from .backend import backend_for
 from .dispatch import ops
 from .kernels.logprobs import logprobs_bwd as triton_logprobs_bwd
 from .library import acc_dtype, define, empty, refuse_double_backward
-from .options import LogitTransform
+from .options import LogitTransform, VocabParallel
+from .vocab_parallel import sharded_token_logprobs
 
 
 # ----------------------------------------------------------------------------- ops
@@ -107,7 +108,8 @@ refuse_double_backward(token_logprobs_backward_op, "token_logprobs_backward")
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
                    ignore_index: int = -100, return_entropy: bool = False,
                    final_logit_softcapping: float | None = None,
-                   logit_scale: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   logit_scale: float = 1.0,
+                   vocab_parallel: VocabParallel | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label under softmax(z'), and optionally the entropy of that
     distribution, in one pass over the vocabulary, with
 
@@ -123,7 +125,14 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     positions give 0 and no gradient (entropy 0 there too), and their logits row is never read (NaN there
     cannot leak). Differentiable w.r.t. logits:
     dlogp/dz = (onehot(y) - p) dz'/dz, dH/dz = -p (log p + H) dz'/dz, dz'/dz = scale (1 - tanh^2(scale z / c)) / tau.
+    `vocab_parallel=fastppo.VocabParallel(group)`: the logits passed are this rank's contiguous vocabulary
+    shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel
+    section); labels are global ids, the results those of the full vocabulary on every rank.
     """
+    if vocab_parallel is not None:
+        return sharded_token_logprobs(logits, labels, vocab_parallel, temperature=temperature,
+                                      ignore_index=ignore_index, return_entropy=return_entropy,
+                                      final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale)
     check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")

@@ -105,6 +105,39 @@ def check_policy_tensors(name, shape, old, adv, mask, opts, *, rollout_is_weight
 
 
 # ----------------------------------------------------------------------------- the per-token loss function
+# ----------------------------------------------------------------------------- the fused losses' options and tensors
+def fused_stat_names(opts: LossOptions, has_ref: bool, has_ent: bool):
+    names = policy_stat_names(opts) + [("pg_loss", "pg_loss")]
+    if has_ref:
+        names.append(("kl", "kl"))
+    if has_ent:
+        names.append(("entropy", "entropy"))
+    return names
+
+
+def loss_options(*, policy_loss, clip_low, clip_high, dual_clip, ratio_max, sapo_tau_pos, sapo_tau_neg,
+                 entropy_quantile, agg, kl_kind, kl_coef, entropy_coef, num_tokens, num_seqs, horizon):
+    """The LossOptions of a fused loss call (fused_ppo_loss and fused_linear_ppo_loss share it)."""
+    return LossOptions.policy(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                              ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+                              entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
+                              entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs,
+                              horizon=horizon)
+
+
+def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+                        opts: LossOptions, cu_seqlens=None):
+    check_policy_tensors("labels", lead_shape, old_logprobs, advantages, mask, opts,
+                         rollout_is_weights=rollout_is_weights, entropy=True, cu_seqlens=cu_seqlens)
+    if ref_logprobs is not None:
+        check_float("ref_logprobs", ref_logprobs)
+        if tuple(ref_logprobs.shape) != tuple(lead_shape):
+            raise ValueError(f"ref_logprobs shape {tuple(ref_logprobs.shape)} must equal {tuple(lead_shape)}")
+    elif opts.kl_coef != 0:
+        raise ValueError(f"kl_coef={opts.kl_coef} needs ref_logprobs")
+    check_optional("rollout_is_weights", rollout_is_weights, "labels", lead_shape)
+
+
 def entropy_threshold(entropy, mask, quantile):
     """The (1 - quantile) quantile of the valid tokens' entropies (linear interpolation, as
     torch.quantile), on the device; NaN when no token is valid (then no token is kept)."""

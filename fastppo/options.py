@@ -8,12 +8,16 @@ built, with one set of error messages:
   logits ops; LinearOptions adds what the linear ops need (extras, chunk_bytes).
 - LossOptions: every option of the loss layer (ppo_policy_loss, value_loss, the fused losses, the
   per-token loss function `loss_terms_from_logprobs` and the trainer's configuration).
+- VocabParallel: the logits / lm_head a logits or linear op gets are this rank's vocabulary shard of a
+  process group (the `vocab_parallel=` keyword of those four ops; fastppo.vocab_parallel runs it).
 Mode names live in fastppo.modes."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+
+import torch.distributed as dist
 
 from ._validation import check_number, check_temperature
 from .modes import AGG_MODES, KL_KINDS, POLICY_LOSSES
@@ -243,3 +247,27 @@ class LinearDivergenceOptions:
 
     def teacher(self) -> LogitTransform:
         return LogitTransform(inv_tau=1.0, logit_scale=self.t_scale, softcap=self.t_softcap)
+
+
+@dataclass(frozen=True)
+class VocabParallel:
+    """`vocab_parallel=VocabParallel(group)` on token_logprobs, fused_ppo_loss, linear_logprobs and
+    fused_linear_ppo_loss: the logits (or lm_head weight / bias) passed are this rank's contiguous slice
+    of the vocabulary, in rank order over the ranks of `group` (None: the default process group; uneven
+    slices allowed), and the labels (global ids) and every per-token tensor are replicated. The results
+    are those of the op on the full vocabulary, on every rank; each rank's shard gets its gradient slice."""
+
+    group: dist.ProcessGroup | None = None
+
+    def __post_init__(self):
+        if self.group is not None and not (dist.is_available() and isinstance(self.group, dist.ProcessGroup)):
+            raise TypeError(f"VocabParallel.group must be a torch.distributed.ProcessGroup or None, got "
+                            f"{type(self.group).__name__} {self.group!r}")
+
+    @staticmethod
+    def check(value) -> VocabParallel:
+        """`value` as the vocab_parallel keyword of an op: a VocabParallel (None is handled by the op)."""
+        if not isinstance(value, VocabParallel):
+            raise TypeError(f"vocab_parallel must be a fastppo.VocabParallel or None, got "
+                            f"{type(value).__name__} {value!r}")
+        return value
