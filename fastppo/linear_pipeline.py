@@ -105,7 +105,7 @@ def gradient_rows(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, 
 
 def linear_forward(hidden2d, weight, bias, labels1d, opts: LinearOptions):
     """(logp, lse, entropy or None) per row in the rows' order (0 at ignored rows): the forward launches for
-    callers that combine row statistics themselves (fastppo.distributed)."""
+    callers that combine row statistics themselves (fastppo.vocab_parallel)."""
     valid = labels1d != opts.ignore_index
     rows, out = forward_rows(hidden2d, weight, bias, labels1d, valid, opts)
     lse = out["lse"] if rows is None else torch.empty_like(out["lse"]).index_copy_(0, rows.idx, out["lse"])

@@ -190,7 +190,7 @@ class LogprobOptions(LogitTransform):
 @dataclass(frozen=True)
 class LinearOptions(LogprobOptions):
     """The linear ops' options: TRL's extra per-token outputs, and chunk_bytes (None: automatic, see
-    fastppo.linear.chunk_rows)."""
+    fastppo.linear_pipeline.chunk_rows)."""
 
     extras: bool = False
     chunk_bytes: int | None = None
