@@ -1,7 +1,8 @@
 """Float64 reference of the kept-set log-probs (the documented math, dense; the oracle for tests):
 
-    z' = z / tau,  logp = z'_y - logsumexp_{j in K} z'_j,  H = full-vocabulary entropy of softmax(z'),
-    d logp / dz_j = (onehot(y)_j - p_K,j) / tau for j in K, 0 elsewhere (autograd of the formula).
+    z' = softcap(logit_scale z) / tau (softcap(x) = c tanh(x / c), none when c is None),
+    logp = z'_y - logsumexp_{j in K} z'_j,  H = full-vocabulary entropy of softmax(z'),
+    d logp / dz_j = (onehot(y)_j - p_K,j) dz'_j/dz_j for j in K, 0 elsewhere (autograd of the formula).
 
 A label that is not in its row's kept set (an empty set included) gives NaN; ignore_index labels give 0 and
 zero gradient (their logits never enter the computation). Traffic: reads [N, V] once, holds several fp64
@@ -10,14 +11,18 @@ zero gradient (their logits never enter the computation). Traffic: reads [N, V] 
 import torch
 
 
-def kept_token_logprobs(logits, labels, kept, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+def kept_token_logprobs(logits, labels, kept, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                        logit_scale=1.0, final_logit_softcapping=None):
     """logits [..., V], labels [...], kept a fastppo.KeptSet with one row per label; temperature a float or
     a tensor of labels' shape. Returns float64 logp [...] (and entropy [...] with return_entropy)."""
     V = logits.shape[-1]
     z = logits.double().reshape(-1, V)
     y = labels.reshape(-1)
     live = y != ignore_index
-    z = torch.where(live[:, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
+    z = torch.where(live[:, None], z, torch.zeros((), dtype=z.dtype, device=z.device)) * float(logit_scale)
+    if final_logit_softcapping is not None:
+        c = float(final_logit_softcapping)
+        z = c * torch.tanh(z / c)
     if isinstance(temperature, torch.Tensor):
         z = z / temperature.double().reshape(-1, 1)
     else:
