@@ -2,8 +2,8 @@
 statistics (m_K, log s_K separately; full-vocabulary lse and entropy when asked), the same logit transform
 z' = softcap(logit_scale z) / tau (fastppo.logprobs_torch.transform, tau a float or one value per row). The
 kept logits are gathered (O(nnz), no host sync: the row of each kept id comes from repeat_interleave with a
-known output size) and reduced per row with segment_reduce; the full-vocabulary entropy and the dense gradient are computed over
-bounded slices of rows (CHUNK_ELEMENTS values of [N, V] at a time)."""
+known output size) and reduced per row with segment_reduce; the full-vocabulary entropy and the dense gradient
+are computed over bounded slices of rows (CHUNK_ELEMENTS values of [N, V] at a time)."""
 
 import torch
 
