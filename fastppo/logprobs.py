@@ -13,6 +13,7 @@ import torch
 from ._validation import check_float, check_labels
 from .backend import backend_for
 from .dispatch import ops
+from .kept_logprobs import check_kept, check_temperature_rows
 from .kernels.logprobs import logprobs_bwd as triton_logprobs_bwd
 from .library import acc_dtype, define, empty, refuse_double_backward
 from .options import LogitTransform
@@ -103,10 +104,10 @@ refuse_double_backward(token_logprobs_backward_op, "token_logprobs_backward")
 
 
 # ----------------------------------------------------------------------------- public function
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float | torch.Tensor = 1.0,
                    ignore_index: int = -100, return_entropy: bool = False,
                    final_logit_softcapping: float | None = None,
-                   logit_scale: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   logit_scale: float = 1.0, kept=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label under softmax(z'), and optionally the entropy of that
     distribution, in one pass over the vocabulary, with
 
@@ -122,12 +123,31 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     positions give 0 and no gradient (entropy 0 there too), and their logits row is never read (NaN there
     cannot leak). Differentiable w.r.t. logits:
     dlogp/dz = (onehot(y) - p) dz'/dz, dH/dz = -p (log p + H) dz'/dz, dz'/dz = scale (1 - tanh^2(scale z / c)) / tau.
+
+    `temperature`: a positive float, or a tensor of labels' shape (one temperature per token, e.g. per
+    sample; positive and finite at live positions, no gradient).
+    `kept`: a fastppo.KeptSet with one row per label (rows = labels flattened): the sampler's kept set
+    (top-k / top-p / min-p). Then logp_t = z'_y - logsumexp_{j in K_t} z'_j and its gradient reaches the
+    kept columns only; the entropy stays the full-vocabulary entropy of softmax(z') (what an entropy bonus or
+    entropy statistics mean). Without return_entropy the forward reads only each row's kept logits (bytes
+    grow with the kept ids, not with V). A live label outside its row's kept set (or an empty row) is a
+    ValueError where the check is free (CPU; FASTPPO_CHECK_LABELS=1 elsewhere), NaN on CUDA.
     """
     check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
-    tr = LogitTransform.of(temperature, logit_scale, final_logit_softcapping)
+    tau = check_temperature_rows(temperature, labels, ignore_index, "token_logprobs")
+    tr = LogitTransform.of(1.0 if tau is not None else temperature, logit_scale, final_logit_softcapping)
+    if kept is not None or tau is not None:
+        if kept is None:
+            raise TypeError("token_logprobs: a per-token temperature tensor needs kept= on this version")
+        check_kept(kept, labels, logits.shape[-1], ignore_index)
+        logp, ent, *_ = torch.ops.fastppo.token_logprobs_kept(
+            logits, labels, kept.ids, kept.offsets, tau, 1.0 if tau is not None else float(temperature),
+            int(ignore_index), bool(return_entropy),
+            tr.logit_scale, tr.softcap, backend_for(logits, labels))
+        return (logp, ent) if return_entropy else logp
     logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, tr.inv_tau, int(ignore_index), bool(return_entropy),
                                                     tr.logit_scale, tr.softcap, backend_for(logits, labels))
     return (logp, ent) if return_entropy else logp
