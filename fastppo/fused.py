@@ -13,6 +13,8 @@ import torch
 from ._validation import check_float, check_inplace, check_labels
 from .backend import backend_for
 from .dispatch import ops
+from .fused_kept import fused_ppo_loss_kept_op
+from .kept_logprobs import check_kept, check_temperature_rows
 from .library import decode, define, empty, encode, or_empty
 from .logprobs import token_logprobs_backward_inplace_op, token_logprobs_backward_op
 from .losses import (
@@ -152,7 +154,7 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
                    temperature=1.0, agg="token-mean", ignore_index=-100, return_entropy=False,
                    inplace=False, num_tokens=None, num_seqs=None, horizon=None, policy_loss="ppo",
                    ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_is_weights=None,
-                   entropy_quantile=None, final_logit_softcapping=None, logit_scale=1.0) -> PPOLossOutput:
+                   entropy_quantile=None, final_logit_softcapping=None, logit_scale=1.0, kept=None) -> PPOLossOutput:
     """The whole policy objective from the logits in one pass:
 
         loss = agg(L_policy) + kl_coef * agg(KL(logp, ref_logprobs)) - entropy_coef * agg(H)
@@ -165,7 +167,14 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
     and storage that elements share is refused). Logits are transformed as in token_logprobs:
     z' = softcap(logit_scale * z) / temperature. Rows where mask is 0 (or the label is ignore_index) are
     never read, forward or backward: their logprobs / entropy are 0, their gradient rows exact zeros
-    (NaN there cannot leak). Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
+    (NaN there cannot leak). Returns PPOLossOutput(loss, logprobs, kl, entropy, stats).
+
+    `temperature` a positive float or a tensor of labels' shape (per token). `kept`: a fastppo.KeptSet with one
+    row per label, as in token_logprobs: the log-probs are renormalised over each row's kept set (the gradient
+    reaches kept columns only, plus the entropy term's over the row), the entropy stays the full-vocabulary
+    one; a live label (mask != 0, not ignore_index) outside its kept set is a ValueError on CPU, NaN on CUDA.
+    A tensor temperature needs kept= on this version (TypeError otherwise); inplace has no effect with kept=
+    (its backward writes a new dense buffer)."""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
@@ -179,10 +188,20 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
         check_inplace("logits", logits)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(logits, labels, old_logprobs, advantages, mask)
-    lopts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
+    tau = check_temperature_rows(temperature, labels, ignore_index, "fused_ppo_loss")
+    if tau is not None and kept is None:
+        raise TypeError("fused_ppo_loss: a per-token temperature tensor needs kept= on this version")
+    lopts = LogprobOptions.build(temperature=1.0 if tau is not None else temperature, logit_scale=logit_scale,
                                  final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
                                  with_entropy=want_ent, inplace=inplace, backend=backend)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    if kept is not None:
+        check_kept(kept, labels, logits.shape[-1], ignore_index, live=mask)
+        loss, logp, kl, ent, stats, *_ = fused_ppo_loss_kept_op(
+            logits, labels, kept.ids, kept.offsets, tau, old_logprobs.detach(), advantages.detach(), mask,
+            detach(ref_logprobs), detach(rollout_is_weights), 1.0 if tau is not None else float(temperature),
+            encode(lopts), encode(opts), backend)
+        return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_ppo_loss(
         logits, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
         detach(rollout_is_weights), encode(lopts), encode(opts), backend)

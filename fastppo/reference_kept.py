@@ -10,6 +10,8 @@ zero gradient (their logits never enter the computation). Traffic: reads [N, V] 
 
 import torch
 
+from .reference import compose_ppo_loss
+
 
 def kept_token_logprobs(logits, labels, kept, *, temperature=1.0, ignore_index=-100, return_entropy=False,
                         logit_scale=1.0, final_logit_softcapping=None):
@@ -39,3 +41,20 @@ def kept_token_logprobs(logits, labels, kept, *, temperature=1.0, ignore_index=-
     logq = torch.log_softmax(z, -1)
     ent = -(logq.exp() * torch.where(logq == float("-inf"), torch.zeros_like(logq), logq)).sum(-1)
     return logp, torch.where(live, ent, torch.zeros_like(ent)).reshape(labels.shape)
+
+
+def kept_fused_ppo_loss(logits, labels, kept, old_logprobs, advantages, mask, *, temperature=1.0,
+                        ignore_index=-100, logit_scale=1.0, final_logit_softcapping=None, ref_logprobs=None,
+                        kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip_low=0.2, clip_high=None, dual_clip=None,
+                        agg="token-mean", num_tokens=None, num_seqs=None, horizon=None, return_entropy=False,
+                        **policy):
+    """fastppo.reference.fused_ppo_loss with the kept-set log-probs above (mask-0 rows as ignore_index)."""
+    want_ent = return_entropy or entropy_coef != 0 or policy.get("entropy_quantile") is not None
+    labels = torch.where(mask != 0, labels, ignore_index)
+    logp, ent = kept_token_logprobs(logits, labels, kept, temperature=temperature, ignore_index=ignore_index,
+                                    return_entropy=True, logit_scale=logit_scale,
+                                    final_logit_softcapping=final_logit_softcapping)
+    return compose_ppo_loss(logp, ent if want_ent else None, old_logprobs, advantages, mask,
+                            ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef,
+                            clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                            num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon, **policy)

@@ -9,7 +9,9 @@ import fastppo
 from fastppo import KeptSet
 from fastppo.bench.counters import KernelTraffic
 from fastppo.kept_filters import kept_mask_from_filters
-from fastppo.reference_kept import kept_token_logprobs
+from fastppo.library import encode
+from fastppo.options import LogprobOptions, LossOptions
+from fastppo.reference_kept import kept_fused_ppo_loss, kept_token_logprobs
 from tests.helpers import DEVICE, assert_close_by_dtype
 
 BACKENDS = ["triton", "torch"]
@@ -120,3 +122,71 @@ def test_forward_bytes_grow_with_nnz_not_vocab():
 
     assert traffic(1031, 40) == traffic(8209, 40) < traffic(1031, 80)
     assert traffic(8209, 40) * 20 < traffic(8209, 40, kept=False)
+
+
+# ----------------------------------------------------------------------------- fused_ppo_loss(kept=)
+def fused_batch(dtype, seed=0):
+    logits, labels, ks = kept_case(dtype, lead=(3, 5), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand(3, 5, generator=g).to(DEVICE) > 0.2
+    mask &= labels != -100
+    mask[1] = False                                                # an empty sequence
+    old = (-torch.rand(3, 5, generator=g) * 2).to(DEVICE)
+    adv = torch.randn(3, 5, generator=g).to(DEVICE)
+    refp = (-torch.rand(3, 5, generator=g) * 2).to(DEVICE)
+    return logits, labels, ks, old, adv, mask, refp
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_token_tau", [False, True])
+def test_fused_ppo_loss_kept_matches_float64(backend, dtype, per_token_tau):
+    logits, labels, ks, old, adv, mask, refp = fused_batch(dtype)
+    tau = (torch.rand(labels.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE) + 0.5
+           if per_token_tau else 0.8)
+    # a label outside its kept set at a mask-0 position is never read
+    labels.view(-1)[5] = int((~ks.to_mask(V)[5]).nonzero()[0])
+    mask.view(-1)[5] = False
+    kw = dict(ref_logprobs=refp, kl_coef=0.05, entropy_coef=0.01, clip_low=0.2, clip_high=0.28,
+              temperature=tau, agg="seq-mean-token-mean", logit_scale=1.1, final_logit_softcapping=6.0)
+    x = logits.detach().clone().double().requires_grad_()
+    rout = kept_fused_ppo_loss(
+        x, labels, ks, old.double(), adv.double(), mask, **{**kw, "ref_logprobs": refp.double()})
+    (rout.loss * 1.7).backward()
+    y = logits.detach().clone().requires_grad_()
+    with fastppo.use_backend(backend):
+        out = fastppo.fused_ppo_loss(y, labels, old, adv, mask, kept=ks, return_entropy=True, **kw)
+    (out.loss * 1.7).backward()
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.loss.double(), rout.loss, **tol)
+    assert_close_by_dtype(out.logprobs, rout.logprobs, dtype)
+    assert_close_by_dtype(out.entropy, torch.where(mask, rout.entropy, 0.0), dtype)
+    assert_close_by_dtype(y.grad, x.grad, dtype)
+    assert (y.grad.reshape(-1, V)[~mask.reshape(-1)] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_kept_gradient_only_on_kept_columns_and_validation(backend):
+    logits, labels, ks, old, adv, mask, refp = fused_batch(torch.float32)
+    y = logits.detach().clone().requires_grad_()
+    with fastppo.use_backend(backend):
+        fastppo.fused_ppo_loss(y, labels, old, adv, mask, kept=ks).loss.backward()
+    assert (y.grad.reshape(-1, V)[~ks.to_mask(V)] == 0).all()
+    bad = labels.clone()
+    r = int(mask.reshape(-1).nonzero()[0])
+    bad.view(-1)[r] = int((~ks.to_mask(V)[r]).nonzero()[0])
+    with pytest.raises(ValueError, match=f"at flat position {r} is not in its row's kept set"):
+        fastppo.fused_ppo_loss(logits, bad, old, adv, mask, kept=ks)
+    with pytest.raises(TypeError, match="needs kept="):
+        fastppo.fused_ppo_loss(logits, labels, old, adv, mask, temperature=torch.ones(labels.shape, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_kept_opcheck(backend):
+    logits, labels, ks, old, adv, mask, refp = fused_batch(torch.float32)
+    lopts = LogprobOptions.build(with_entropy=True, backend=backend)
+    opts = LossOptions.policy(entropy_coef=0.01, kl_coef=0.1)
+    args = (logits.requires_grad_(), labels, ks.ids, ks.offsets, None, old, adv, mask, refp, None, 1.0,
+            encode(lopts), encode(opts), backend)
+    torch.library.opcheck(torch.ops.fastppo.fused_ppo_loss_kept, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
