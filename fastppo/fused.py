@@ -62,13 +62,13 @@ def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs
     check_optional("rollout_is_weights", rollout_is_weights, "labels", lead_shape)
 
 
-def fused_outputs(logits, labels, old, adv, mask, ref, isw, lopts: LogprobOptions, opts: LossOptions):
+def fused_outputs(logits, labels, old, adv, mask, ref, isw, lopts: LogprobOptions, opts: LossOptions, tau=None):
     """Launches 1 and 2 (the body of torch.ops.fastppo.fused_ppo_loss): loss, logp, kl, entropy, stats and
     what the backward launch needs (lse, dloss/dlogp, dloss/dH); None where absent."""
     lp = ops("logprobs", lopts.backend)
     # mask-0 rows are dead: never read (forward or backward), logp = H = 0 there, zero gradient rows
     logp, lse, ent = lp.logprobs_fwd(logits, labels, ignore_index=lopts.ignore_index, with_entropy=lopts.with_entropy,
-                                     valid=mask, **lopts.transform())
+                                     valid=mask, tau=tau, **lopts.transform())
     shape = labels.shape
     logp = logp.view(shape)
     ent = None if ent is None else ent.view(shape)
@@ -93,7 +93,7 @@ FusedOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tor
 
 
 def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
-                         logits_options, options, backend):
+                         logits_options, options, backend, tau=None):
     lopts = _logprob_options(logits_options)
     loss, stats, coef = agg_outputs_fake(logits, mask)
     logp = logits.new_empty(labels.shape, dtype=loss.dtype)
@@ -106,43 +106,43 @@ def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_log
 @define("fused_ppo_loss", _fused_ppo_loss_fake, kernels=True)
 def fused_ppo_loss_op(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                    mask: torch.Tensor, ref_logprobs: torch.Tensor | None, rollout_is_weights: torch.Tensor | None,
-                   logits_options: str, options: str, backend: str) -> FusedOutputs:
+                   logits_options: str, options: str, backend: str, tau: torch.Tensor | None = None) -> FusedOutputs:
     """(loss, logprobs, kl, entropy, stats, lse, coef_logp, coef_entropy) of fastppo.fused (`logits_options`: a
     LogprobOptions, `options`: a LossOptions; kl / entropy / coef_entropy empty when absent). Only loss is
     differentiable; its backward is one log-prob backward launch (token_logprobs_backward, or written over
     the logits when inplace)."""
     loss, logp, kl, ent, stats, lse, coef, coef_ent = fused_outputs(
         logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
-        _logprob_options(logits_options), loss_options_of(options))
+        _logprob_options(logits_options), loss_options_of(options), tau)
     return loss, logp, or_empty(kl, logp), or_empty(ent, logp), stats, lse, coef, or_empty(coef_ent, coef)
 
 
 def _fused_ppo_loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
-    logits, labels, old, adv, mask, ref, isw, logits_options, options, backend = inputs
+    logits, labels, old, adv, mask, ref, isw, logits_options, options, backend, *rest = inputs
     loss, logp, kl, ent, stats, lse, coef, coef_ent = output
     ctx.mark_non_differentiable(logp, kl, ent, stats, lse, coef, coef_ent)
     use_ent = _logprob_options(logits_options).with_entropy and loss_options_of(options).entropy_coef != 0
-    ctx.save_for_backward(logits, labels, mask, lse, ent if use_ent else None, coef, coef_ent if use_ent else None)
+    ctx.save_for_backward(logits, labels, mask, lse, ent if use_ent else None, coef, coef_ent if use_ent else None,
+                          rest[0] if rest else None)
     ctx.logits_options = logits_options
 
 
 def _fused_ppo_loss_backward(ctx, g_loss, *_):
     if g_loss is None:
-        return (None,) * 10
-    logits, labels, mask, lse, ent, coef, coef_ent = ctx.saved_tensors
+        return (None,) * 11
+    logits, labels, mask, lse, ent, coef, coef_ent, tau = ctx.saved_tensors
     lopts = _logprob_options(ctx.logits_options)
     scale = g_loss.to(lse.dtype)
     transform = (lopts.inv_tau, lopts.ignore_index, lopts.logit_scale, lopts.softcap)
     if lopts.inplace and lopts.backend == "triton" and logits.stride(-1) == 1 and not torch.is_grad_enabled():
         # (else a new buffer: a contiguous copy, or create_graph, whose double backward then raises)
-        token_logprobs_backward_inplace_op(logits, labels, lse, ent, coef, coef_ent, scale, mask,
-                                                          *transform)
+        token_logprobs_backward_inplace_op(logits, labels, lse, ent, coef, coef_ent, scale, mask, *transform, tau)
         d = logits
     else:
-        d = token_logprobs_backward_op(logits, labels, lse, ent, coef, coef_ent, scale, mask,
-                                                      *transform, lopts.backend)
-    return (d, *([None] * 9))
+        d = token_logprobs_backward_op(logits, labels, lse, ent, coef, coef_ent, scale, mask, *transform,
+                                       lopts.backend, tau)
+    return (d, *([None] * 10))
 
 
 fused_ppo_loss_op.register_autograd(_fused_ppo_loss_backward, setup_context=_fused_ppo_loss_setup)
@@ -173,8 +173,7 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
     row per label, as in token_logprobs: the log-probs are renormalised over each row's kept set (the gradient
     reaches kept columns only, plus the entropy term's over the row), the entropy stays the full-vocabulary
     one; a live label (mask != 0, not ignore_index) outside its kept set is a ValueError on CPU, NaN on CUDA.
-    A tensor temperature needs kept= on this version (TypeError otherwise); inplace has no effect with kept=
-    (its backward writes a new dense buffer)."""
+    inplace has no effect with kept= (its backward writes a new dense buffer)."""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
@@ -188,9 +187,7 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
         check_inplace("logits", logits)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(logits, labels, old_logprobs, advantages, mask)
-    tau = check_temperature_rows(temperature, labels, ignore_index, "fused_ppo_loss")
-    if tau is not None and kept is None:
-        raise TypeError("fused_ppo_loss: a per-token temperature tensor needs kept= on this version")
+    tau = check_temperature_rows(temperature, labels, ignore_index, "fused_ppo_loss", live=mask)
     lopts = LogprobOptions.build(temperature=1.0 if tau is not None else temperature, logit_scale=logit_scale,
                                  final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
                                  with_entropy=want_ent, inplace=inplace, backend=backend)
@@ -204,5 +201,5 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
         return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_ppo_loss(
         logits, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
-        detach(rollout_is_weights), encode(lopts), encode(opts), backend)
+        detach(rollout_is_weights), encode(lopts), encode(opts), backend, tau)
     return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)

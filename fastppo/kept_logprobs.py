@@ -128,11 +128,12 @@ def check_kept(kept, labels: torch.Tensor, vocab: int, ignore_index: int, live: 
                          f"({int(bad.sum())} such labels); give it ignore_index or keep it")
 
 
-def check_temperature_rows(temperature, labels: torch.Tensor, ignore_index: int, op: str) -> torch.Tensor | None:
+def check_temperature_rows(temperature, labels: torch.Tensor, ignore_index: int, op: str,
+                           live: torch.Tensor | None = None) -> torch.Tensor | None:
     """A per-token temperature tensor: floating, labels' shape and device; positive and finite at every
-    position whose label is not ignore_index (those rows are never read), checked where the value check is
-    free (CPU, or FASTPPO_CHECK_LABELS=1). Returns it detached (no gradient flows to a temperature); None for
-    a float temperature, which LogitTransform validates."""
+    position whose label is not ignore_index (and `live` != 0 where given: dead rows are never read), checked
+    where the value check is free (CPU, or FASTPPO_CHECK_LABELS=1). Returns it detached (no gradient flows to a
+    temperature); None for a float temperature, which LogitTransform validates."""
     if not isinstance(temperature, torch.Tensor):
         return None
     if not temperature.dtype.is_floating_point:
@@ -144,7 +145,9 @@ def check_temperature_rows(temperature, labels: torch.Tensor, ignore_index: int,
         raise ValueError(f"{op}: temperature is on {temperature.device} but labels are on {labels.device}")
     if label_check_enabled(temperature.device):
         bad = ~(torch.isfinite(temperature) & (temperature > 0)) & (labels != ignore_index)
+        if live is not None:
+            bad &= live != 0
         if bool(bad.any()):
-            raise ValueError(f"{op}: temperature must be positive and finite everywhere, got "
+            raise ValueError(f"{op}: temperature must be positive and finite at every live position, got "
                              f"{temperature[bad].flatten()[0].item()} ({int(bad.sum())} bad values)")
     return temperature.detach()

@@ -20,7 +20,7 @@ from .options import LogitTransform
 
 
 # ----------------------------------------------------------------------------- ops
-def _token_logprobs_fake(logits, labels, inv_tau, ignore_index, with_entropy, logit_scale, softcap, backend):
+def _token_logprobs_fake(logits, labels, inv_tau, ignore_index, with_entropy, logit_scale, softcap, backend, tau=None):
     logp = logits.new_empty(labels.shape, dtype=acc_dtype(logits))
     ent = torch.empty_like(logp) if with_entropy else empty(logp)
     return logp, ent, logits.new_empty((labels.numel(), 2), dtype=acc_dtype(logits))
@@ -28,19 +28,20 @@ def _token_logprobs_fake(logits, labels, inv_tau, ignore_index, with_entropy, lo
 
 @define("token_logprobs", _token_logprobs_fake, kernels=True)
 def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, inv_tau: float, ignore_index: int, with_entropy: bool,
-                   logit_scale: float, softcap: float | None,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, entropy, lse) of z' = softcap(logit_scale z) inv_tau: logp and entropy shaped like labels
-    (entropy empty unless with_entropy); lse [N, 2] (each row's max m and log s, kept apart so that backward's
-    p = exp((z' - m) - log s) is exact at any magnitude) is saved for backward and gets no gradient."""
+                   logit_scale: float, softcap: float | None, backend: str,
+                   tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, lse) of z' = softcap(logit_scale z) inv_tau (1 / tau per token when `tau` is given):
+    logp and entropy shaped like labels (entropy empty unless with_entropy); lse [N, 2] (each row's max m and
+    log s, kept apart so that backward's p = exp((z' - m) - log s) is exact at any magnitude) is saved for
+    backward and gets no gradient."""
     logp, lse, ent = ops("logprobs", backend).logprobs_fwd(logits, labels, inv_tau=inv_tau, ignore_index=ignore_index,
                                                         with_entropy=with_entropy, logit_scale=logit_scale,
-                                                        softcap=softcap)
+                                                        softcap=softcap, tau=tau)
     return logp.view(labels.shape), empty(logp) if ent is None else ent.view(labels.shape), lse
 
 
 def _logprobs_backward_fake(logits, labels, lse, entropy, grad_logp, grad_entropy, scale, valid, inv_tau,
-                            ignore_index, logit_scale, softcap, backend):
+                            ignore_index, logit_scale, softcap, backend, tau=None):
     return logits.new_empty(logits.shape)
 
 
@@ -49,7 +50,7 @@ def token_logprobs_backward_op(logits: torch.Tensor, labels: torch.Tensor, lse: 
                             entropy: torch.Tensor | None, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
                             scale: torch.Tensor | None, valid: torch.Tensor | None, inv_tau: float,
                             ignore_index: int, logit_scale: float, softcap: float | None,
-                            backend: str) -> torch.Tensor:
+                            backend: str, tau: torch.Tensor | None = None) -> torch.Tensor:
     """dlogits = scale * (grad_logp dlogp/dz + grad_entropy dH/dz), recomputing p from the logits; rows
     with an ignore_index label or valid == 0 get exact zeros."""
     has_ent = entropy is not None and grad_entropy is not None
@@ -57,33 +58,34 @@ def token_logprobs_backward_op(logits: torch.Tensor, labels: torch.Tensor, lse: 
     return ops("logprobs", backend).logprobs_bwd(
         logits, labels, lse, entropy.reshape(-1) if has_ent else None, grad_logp.to(acc).reshape(-1),
         grad_entropy.to(acc).reshape(-1) if has_ent else None, inv_tau=inv_tau, ignore_index=ignore_index,
-        scale=scale, valid=valid, logit_scale=logit_scale, softcap=softcap).contiguous()
+        scale=scale, valid=valid, logit_scale=logit_scale, softcap=softcap, tau=tau).contiguous()
 
 
 def _token_logprobs_setup(ctx, inputs, output):
-    logits, labels, inv_tau, ignore_index, with_entropy, logit_scale, softcap, backend = inputs
+    logits, labels, inv_tau, ignore_index, with_entropy, logit_scale, softcap, backend, *rest = inputs
     logp, ent, lse = output
     ctx.set_materialize_grads(False)   # an unused output gets no zero-filled gradient pass
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(logits, labels, lse, ent if with_entropy else None)
+    ctx.save_for_backward(logits, labels, lse, ent if with_entropy else None, rest[0] if rest else None)
     ctx.args = (inv_tau, ignore_index, logit_scale, softcap, backend)
 
 
 def _token_logprobs_backward(ctx, g_logp, g_ent, _g_lse):
-    logits, labels, lse, ent = ctx.saved_tensors
+    logits, labels, lse, ent, tau = ctx.saved_tensors
     if g_logp is None and g_ent is None:
-        return (None,) * 8
+        return (None,) * 9
     if g_logp is None:
         g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=lse.device)
-    d = torch.ops.fastppo.token_logprobs_backward(logits, labels, lse, ent, g_logp, g_ent, None, None, *ctx.args)
-    return (d, *([None] * 7))
+    d = torch.ops.fastppo.token_logprobs_backward(logits, labels, lse, ent, g_logp, g_ent, None, None, *ctx.args,
+                                                  tau)
+    return (d, *([None] * 8))
 
 
 token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
 
 
 def _logprobs_backward_inplace_fake(logits, labels, lse, entropy, grad_logp, grad_entropy, scale, valid, inv_tau,
-                                    ignore_index, logit_scale, softcap):
+                                    ignore_index, logit_scale, softcap, tau=None):
     return None
 
 
@@ -92,12 +94,12 @@ def token_logprobs_backward_inplace_op(logits: torch.Tensor, labels: torch.Tenso
                                     entropy: torch.Tensor | None, grad_logp: torch.Tensor,
                                     grad_entropy: torch.Tensor | None, scale: torch.Tensor | None,
                                     valid: torch.Tensor | None, inv_tau: float, ignore_index: int, logit_scale: float,
-                                    softcap: float | None) -> None:
+                                    softcap: float | None, tau: torch.Tensor | None = None) -> None:
     """token_logprobs_backward written over the logits (fused_ppo_loss(inplace=True)); Triton only."""
     triton_logprobs_bwd(logits, labels, lse, None if entropy is None else entropy.reshape(-1), grad_logp.reshape(-1),
                  None if grad_entropy is None else grad_entropy.reshape(-1), inv_tau=inv_tau,
                  ignore_index=ignore_index, scale=scale, inplace=True, valid=valid, logit_scale=logit_scale,
-                 softcap=softcap)
+                 softcap=softcap, tau=tau)
 
 
 refuse_double_backward(token_logprobs_backward_op, "token_logprobs_backward")
@@ -125,7 +127,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     dlogp/dz = (onehot(y) - p) dz'/dz, dH/dz = -p (log p + H) dz'/dz, dz'/dz = scale (1 - tanh^2(scale z / c)) / tau.
 
     `temperature`: a positive float, or a tensor of labels' shape (one temperature per token, e.g. per
-    sample; positive and finite at live positions, no gradient).
+    sample; positive and finite at live positions, no gradient; the kernel reads one value per row, no extra
+    pass).
     `kept`: a fastppo.KeptSet with one row per label (rows = labels flattened): the sampler's kept set
     (top-k / top-p / min-p). Then logp_t = z'_y - logsumexp_{j in K_t} z'_j and its gradient reaches the
     kept columns only; the entropy stays the full-vocabulary entropy of softmax(z') (what an entropy bonus or
@@ -139,9 +142,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
     tau = check_temperature_rows(temperature, labels, ignore_index, "token_logprobs")
     tr = LogitTransform.of(1.0 if tau is not None else temperature, logit_scale, final_logit_softcapping)
-    if kept is not None or tau is not None:
-        if kept is None:
-            raise TypeError("token_logprobs: a per-token temperature tensor needs kept= on this version")
+    if kept is not None:
         check_kept(kept, labels, logits.shape[-1], ignore_index)
         logp, ent, *_ = torch.ops.fastppo.token_logprobs_kept(
             logits, labels, kept.ids, kept.offsets, tau, 1.0 if tau is not None else float(temperature),
@@ -149,5 +150,5 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
             tr.logit_scale, tr.softcap, backend_for(logits, labels))
         return (logp, ent) if return_entropy else logp
     logp, ent, _ = torch.ops.fastppo.token_logprobs(logits, labels, tr.inv_tau, int(ignore_index), bool(return_entropy),
-                                                    tr.logit_scale, tr.softcap, backend_for(logits, labels))
+                                                    tr.logit_scale, tr.softcap, backend_for(logits, labels), tau)
     return (logp, ent) if return_entropy else logp

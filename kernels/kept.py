@@ -28,28 +28,12 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _config as cfg
-from ._common import row_offset, scalar_hi_lo, stats_step, transform_logits
+from ._common import row_offset, row_transform, stats_step, transform_logits
 from ._rows import LogitTransform, Rows, acc_dtype, flat_labels, flat_rows
 from .launches import record_launch
 
 # Kept ids gathered per step (a kept set is typically tens to a few thousand ids).
 KEPT_BLOCK_K = 256
-
-
-@triton.jit
-def _row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS: tl.constexpr,
-                   HAS_CAP: tl.constexpr, ACC: tl.constexpr):
-    """(pre, post) of `transform_logits` for this row: the host's folded factors, times 1 / tau[row] with
-    per-row temperatures (on pre without a cap, on post with one: the host folded tau = 1 then)."""
-    pre = scalar_hi_lo(pre_hi, pre_lo, ACC)
-    post = scalar_hi_lo(post_hi, post_lo, ACC)
-    if HAS_TAU_ROWS:
-        inv_tau = 1.0 / tl.load(tau_ptr + row).to(ACC)
-        if HAS_CAP:
-            post = post * inv_tau
-        else:
-            pre = pre * inv_tau
-    return pre, post
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -74,7 +58,7 @@ def _kept_logprobs_fwd_kernel(
     lse = tl.zeros((), ACC)
     ent = tl.zeros((), ACC)
     if live:
-        pre, post = _row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS, HAS_CAP, ACC)
+        pre, post = row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS, HAS_CAP, ACC)
         row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
         start = tl.load(offsets_ptr + row).to(tl.int64)
         end = tl.load(offsets_ptr + row + 1).to(tl.int64)
@@ -133,7 +117,7 @@ def _kept_logprobs_bwd_kernel(
     cols = tl.arange(0, BLOCK_V)
     out_ty = dlogits_ptr.dtype.element_ty
     if live:
-        pre, post = _row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS, HAS_CAP, ACC)
+        pre, post = row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS, HAS_CAP, ACC)
         row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
         c_logp = tl.load(c_logp_ptr + row).to(ACC)
         lse = tl.zeros((), ACC)
