@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_float, check_inplace, check_labels
+from ._validation import check_float, check_inplace, check_labels, check_temperature_rows
 from .backend import backend_for
 from .dispatch import ops
 from .fused_kept import fused_ppo_loss_kept_op
-from .kept_logprobs import check_kept, check_temperature_rows
+from .kept_logprobs import check_kept
 from .library import decode, define, empty, encode, or_empty
 from .logprobs import token_logprobs_backward_inplace_op, token_logprobs_backward_op
 from .losses import (
@@ -187,7 +187,8 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
         check_inplace("logits", logits)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(logits, labels, old_logprobs, advantages, mask)
-    tau = check_temperature_rows(temperature, labels, ignore_index, "fused_ppo_loss", live=mask)
+    tau = check_temperature_rows(temperature, labels.shape, logits.device, "fused_ppo_loss", labels,
+                                 ignore_index, mask)
     lopts = LogprobOptions.build(temperature=1.0 if tau is not None else temperature, logit_scale=logit_scale,
                                  final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
                                  with_entropy=want_ent, inplace=inplace, backend=backend)

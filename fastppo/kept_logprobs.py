@@ -2,8 +2,8 @@
 
 The op family: token_logprobs_kept (forward: logp, entropy and the saved row statistics m_K, log s_K, lse)
 and token_logprobs_kept_backward (the dense dlogits, zero outside the kept set unless the entropy has a
-gradient), each with its fake beside it, autograd registered right below; then `check_kept` and
-`check_temperature_rows`, the validation the public functions (token_logprobs, fused_ppo_loss) share.
+gradient), each with its fake beside it, autograd registered right below; then `check_kept`, the validation
+the public functions (token_logprobs, fused_ppo_loss) share.
 A KeptSet travels as its two tensors (ids, offsets); a per-token temperature as a tensor `tau` (None: the
 float `temperature`). Backends: fastppo.kernels.kept (Triton) or fastppo.kept_torch (PyTorch), chosen by
 `fastppo.dispatch.ops("kept", backend)`."""
@@ -126,28 +126,3 @@ def check_kept(kept, labels: torch.Tensor, vocab: int, ignore_index: int, live: 
         r = int(bad.nonzero()[0])
         raise ValueError(f"label {int(y[r])} at flat position {r} is not in its row's kept set "
                          f"({int(bad.sum())} such labels); give it ignore_index or keep it")
-
-
-def check_temperature_rows(temperature, labels: torch.Tensor, ignore_index: int, op: str,
-                           live: torch.Tensor | None = None) -> torch.Tensor | None:
-    """A per-token temperature tensor: floating, labels' shape and device; positive and finite at every
-    position whose label is not ignore_index (and `live` != 0 where given: dead rows are never read), checked
-    where the value check is free (CPU, or FASTPPO_CHECK_LABELS=1). Returns it detached (no gradient flows to a
-    temperature); None for a float temperature, which LogitTransform validates."""
-    if not isinstance(temperature, torch.Tensor):
-        return None
-    if not temperature.dtype.is_floating_point:
-        raise TypeError(f"{op}: a temperature tensor must be floating point, got {temperature.dtype}")
-    if tuple(temperature.shape) != tuple(labels.shape):
-        raise ValueError(f"{op}: temperature shape {tuple(temperature.shape)} must equal labels shape "
-                         f"{tuple(labels.shape)} (one temperature per token)")
-    if temperature.device != labels.device:
-        raise ValueError(f"{op}: temperature is on {temperature.device} but labels are on {labels.device}")
-    if label_check_enabled(temperature.device):
-        bad = ~(torch.isfinite(temperature) & (temperature > 0)) & (labels != ignore_index)
-        if live is not None:
-            bad &= live != 0
-        if bool(bad.any()):
-            raise ValueError(f"{op}: temperature must be positive and finite at every live position, got "
-                             f"{temperature[bad].flatten()[0].item()} ({int(bad.sum())} bad values)")
-    return temperature.detach()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_float, check_labels
+from ._validation import check_float, check_labels, check_temperature_rows
 from .backend import backend_for
 from .dispatch import ops
-from .kept_logprobs import check_kept, check_temperature_rows
+from .kept_logprobs import check_kept
 from .kernels.logprobs import logprobs_bwd as triton_logprobs_bwd
 from .library import acc_dtype, define, empty, refuse_double_backward
 from .options import LogitTransform
@@ -140,7 +140,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
-    tau = check_temperature_rows(temperature, labels, ignore_index, "token_logprobs")
+    tau = check_temperature_rows(temperature, labels.shape, logits.device, "token_logprobs", labels, ignore_index)
     tr = LogitTransform.of(1.0 if tau is not None else temperature, logit_scale, final_logit_softcapping)
     if kept is not None:
         check_kept(kept, labels, logits.shape[-1], ignore_index)

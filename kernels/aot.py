@@ -71,9 +71,9 @@ def _specs():
                      tau_ptr="*fp32", stats_ptr="*fp32", ent_ptr="*fp32", c_logp_ptr="*fp32", c_ent_ptr="*fp32",
                      scale_ptr="*fp32", dlogits_ptr=f"*{dt}", **scalars), ce), ce,
                 strides + ("d_stride_outer", "d_stride_inner"), True, cfg.ROW_NUM_WARPS))
-    ce = dict(row, ACC=tl.float32)
-    kl_types = dict(p_ptr="*bf16", q_ptr="*bf16", kl_ptr="*fp32", stats_p_ptr="*fp32", stats_q_ptr="*fp32",
-                    g_ptr="*fp32", dp_ptr="*bf16", tau_hi="fp32", tau_lo="fp32")
+    ce = dict(row, HAS_TAU_ROWS=False, ACC=tl.float32)
+    kl_types = dict(p_ptr="*bf16", q_ptr="*bf16", tau_ptr="*fp32", kl_ptr="*fp32", stats_p_ptr="*fp32",
+                    stats_q_ptr="*fp32", g_ptr="*fp32", dp_ptr="*bf16", tau_hi="fp32", tau_lo="fp32")
     kl_div = ("p_outer_s", "p_inner_s", "q_outer_s", "q_inner_s", "V")
     specs.append(AOTSpec("full_kl_fwd[bf16]", full_kl._full_kl_fwd_kernel,
                          _sig(full_kl._full_kl_fwd_kernel, kl_types, ce), ce, kl_div, True, cfg.ROW_NUM_WARPS))

@@ -1,4 +1,4 @@
-"""temperature= a per-token tensor on token_logprobs and fused_ppo_loss (no kept set) against float64 on both
+"""temperature= a per-token tensor on token_logprobs, fused_ppo_loss and full_kl (no kept set) against float64 on both
 backends, values and gradients; the ops without one refuse a tensor with a TypeError; no extra pass (bytes)."""
 
 import pytest
@@ -66,11 +66,29 @@ def test_fused_ppo_loss_per_token_temperature(backend, inplace):
     assert_close_by_dtype(y.grad, x.grad, torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_kl_per_token_temperature(backend):
+    torch.manual_seed(2)
+    logits = make_logits((B, T + 1, V), torch.float32)[:, 1:]
+    ref_logits = make_logits((B, T, V), torch.float32)
+    tau = _tau((B, T), 4)
+    x = logits.detach().double().requires_grad_()
+    want = ref.full_kl(x, ref_logits.double(), temperature=tau.double().unsqueeze(-1))
+    g = torch.linspace(-1.0, 2.0, B * T, dtype=torch.float64, device=DEVICE).view(B, T)
+    (want * g).sum().backward()
+    y = logits.detach().clone().requires_grad_()
+    with fastppo.use_backend(backend):
+        got = fastppo.full_kl(y, ref_logits, temperature=tau)
+    (got * g.float()).sum().backward()
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)        # as tests/ops/test_fused.py
+    assert_close_by_dtype(y.grad, x.grad, torch.float32)
+    with pytest.raises(ValueError, match="temperature shape"):
+        fastppo.full_kl(y, ref_logits, temperature=tau[0])
+
+
 def test_ops_without_per_token_temperature_refuse_a_tensor():
     x = torch.randn(2, 3, 11, device=DEVICE)
     tau = torch.ones(2, 3, device=DEVICE)
-    with pytest.raises(TypeError, match="temperature must be a number for this op"):
-        fastppo.full_kl(x, x, temperature=tau)
     with pytest.raises(TypeError, match="temperature must be a number for this op"):
         fastppo.linear_logprobs(torch.randn(2, 3, 4, device=DEVICE), torch.randn(11, 4, device=DEVICE),
                                 torch.zeros(2, 3, dtype=torch.long, device=DEVICE), temperature=tau)
