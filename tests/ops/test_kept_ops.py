@@ -188,3 +188,24 @@ def test_fused_kept_opcheck(backend):
             encode(lopts), encode(opts), backend)
     torch.library.opcheck(torch.ops.fastppo.fused_ppo_loss_kept, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_without_graph_break(backend):
+    logits, labels, ks, old, adv, mask, refp = fused_batch(torch.float32)
+    tau = torch.full(labels.shape, 0.9, device=DEVICE)
+
+    def step(x):
+        lp, ent = fastppo.token_logprobs(x, labels, kept=ks, temperature=tau, return_entropy=True)
+        out = fastppo.fused_ppo_loss(x, labels, old, adv, mask, kept=ks, temperature=tau, entropy_coef=0.01)
+        return out.loss + torch.where(mask, lp + ent, 0.0).sum()
+
+    with fastppo.use_backend(backend):
+        x = logits.clone().requires_grad_()
+        want = step(x)
+        want.backward()
+        torch._dynamo.reset()
+        y = logits.clone().requires_grad_()
+        got = torch.compile(step, backend="aot_eager", fullgraph=True)(y)
+        got.backward()
+    assert torch.equal(got, want) and torch.equal(y.grad, x.grad)
