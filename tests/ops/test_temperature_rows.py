@@ -1,5 +1,6 @@
-"""temperature= a per-token tensor on token_logprobs, fused_ppo_loss and full_kl (no kept set) against float64 on both
-backends, values and gradients; the ops without one refuse a tensor with a TypeError; no extra pass (bytes)."""
+"""temperature= a per-token tensor on token_logprobs, fused_ppo_loss, full_kl and linear_logprobs (no kept set)
+against float64 on both backends, values and gradients; fused_linear_ppo_loss refuses a tensor with a
+TypeError; no extra pass (bytes)."""
 
 import pytest
 import torch
@@ -90,8 +91,9 @@ def test_ops_without_per_token_temperature_refuse_a_tensor():
     x = torch.randn(2, 3, 11, device=DEVICE)
     tau = torch.ones(2, 3, device=DEVICE)
     with pytest.raises(TypeError, match="temperature must be a number for this op"):
-        fastppo.linear_logprobs(torch.randn(2, 3, 4, device=DEVICE), torch.randn(11, 4, device=DEVICE),
-                                torch.zeros(2, 3, dtype=torch.long, device=DEVICE), temperature=tau)
+        fastppo.fused_linear_ppo_loss(torch.randn(2, 3, 4, device=DEVICE), torch.randn(11, 4, device=DEVICE),
+                                      torch.zeros(2, 3, dtype=torch.long, device=DEVICE), -torch.ones(2, 3),
+                                      torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), temperature=tau)
     with pytest.raises(ValueError, match="temperature shape"):
         fastppo.token_logprobs(x, torch.zeros(2, 3, dtype=torch.long, device=DEVICE), temperature=tau[0])
 
@@ -107,3 +109,31 @@ def test_per_token_temperature_costs_no_extra_pass():
         return t.total
 
     assert traffic(torch.full((8,), 0.7, device=DEVICE)) == traffic(0.7) + 8 * 4      # one fp32 per row
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_linear_logprobs_per_token_temperature(backend, cap):
+    torch.manual_seed(3)
+    Hd = 24
+    hidden = torch.randn(B, T, Hd, device=DEVICE)
+    weight = (torch.randn(V, Hd, device=DEVICE) * 0.4)
+    bias = torch.randn(V, device=DEVICE) * 0.1
+    labels = make_labels((B, T), V)
+    tau = _tau((B, T), 6)
+    tau[labels == -100] = 0.0                                            # ignored rows: never read
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    kw = dict(final_logit_softcapping=cap, logit_scale=1.1, return_entropy=True)
+    rlp, rent = ref.linear_logprobs(h64, w64, labels, bias=b64, temperature=torch.where(labels == -100, 1.0, tau)
+                                    .double().unsqueeze(-1), **kw)
+    gl = torch.linspace(-1.5, 2.0, B * T, dtype=torch.float64, device=DEVICE).view(B, T)
+    ge = torch.linspace(0.7, -0.4, B * T, dtype=torch.float64, device=DEVICE).view(B, T)
+    ((rlp * gl).sum() + (rent * ge).sum()).backward()
+    h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    with fastppo.use_backend(backend):
+        lp, ent = fastppo.linear_logprobs(h, w, labels, bias=b, temperature=tau, chunk_bytes=1 << 14, **kw)
+    ((lp * gl.float()).sum() + (ent * ge.float()).sum()).backward()
+    assert_close_by_dtype(lp, rlp, torch.float32)
+    assert_close_by_dtype(ent, rent, torch.float32)
+    for got, want in ((h.grad, h64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        assert_close_by_dtype(got, want, torch.float32)
