@@ -78,6 +78,11 @@ def check_number(name: str, value: Any, *, low: float | None = None, low_open: b
 
 
 def check_temperature(temperature) -> float:
+    """A positive finite number. A tensor (per-token temperatures) is a TypeError here: the ops that take one
+    (token_logprobs, fused_ppo_loss, full_kl, linear_logprobs) validate it before (check_temperature_rows)."""
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError(f"temperature must be a number for this op, got a tensor of shape {tuple(temperature.shape)} "
+                        f"(per-token temperatures: token_logprobs, fused_ppo_loss, full_kl, linear_logprobs)")
     return check_number("temperature", temperature, low=0.0, low_open=True)
 
 
@@ -116,3 +121,30 @@ def check_inplace(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"inplace=True needs {name} whose elements do not share memory; got shape "
                          f"{tuple(x.shape)} with strides {x.stride()} (an expanded or overlapping view). "
                          f"Pass inplace=False or a contiguous copy.")
+
+
+def check_temperature_rows(temperature, shape, device, op: str, labels: torch.Tensor | None = None,
+                           ignore_index: int = -100, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A per-token temperature tensor: floating, of `shape` (the labels' / rows' shape) on `device`; positive and
+    finite at every position that is read (label not ignore_index, mask != 0, where given: dead rows are never
+    read), checked where the value check is free (CPU, or FASTPPO_CHECK_LABELS=1). Returns it detached (no
+    gradient flows to a temperature); None for a float temperature, which LogitTransform validates."""
+    if not isinstance(temperature, torch.Tensor):
+        return None
+    if not temperature.dtype.is_floating_point:
+        raise TypeError(f"{op}: a temperature tensor must be floating point, got {temperature.dtype}")
+    if tuple(temperature.shape) != tuple(shape):
+        raise ValueError(f"{op}: temperature shape {tuple(temperature.shape)} must equal {tuple(shape)} "
+                         f"(one temperature per token)")
+    if temperature.device != torch.device(device):
+        raise ValueError(f"{op}: temperature is on {temperature.device} but the logits are on {device}")
+    if label_check_enabled(temperature.device):
+        bad = ~(torch.isfinite(temperature) & (temperature > 0))
+        if labels is not None:
+            bad &= labels != ignore_index
+        if mask is not None:
+            bad &= mask != 0
+        if bool(bad.any()):
+            raise ValueError(f"{op}: temperature must be positive and finite at every live position, got "
+                             f"{temperature[bad].flatten()[0].item()} ({int(bad.sum())} bad values)")
+    return temperature.detach()

@@ -26,6 +26,8 @@ TABLE = {
     ("divergence", "torch"): "fastppo.divergence_torch",
     ("topk_divergence", "triton"): "fastppo.kernels.topk_divergence",
     ("topk_divergence", "torch"): "fastppo.topk_divergence_torch",
+    ("kept", "triton"): "fastppo.kernels.kept",
+    ("kept", "torch"): "fastppo.kept_torch",
     ("mismatch", "triton"): "fastppo.kernels.mismatch",
     ("mismatch", "torch"): "fastppo.mismatch_torch",
 }

@@ -67,8 +67,7 @@ def fused_ppo_loss(logits_shard: torch.Tensor, labels: torch.Tensor, old_logprob
 
 
 def linear_logprobs(hidden: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor, *,
-                    group: dist.ProcessGroup | None = None, **kwargs) -> torch.Tensor | tuple[torch.Tensor,
-                                                                                           torch.Tensor]:
+                    group: dist.ProcessGroup | None = None, **kwargs) -> _linear.LinearLogprobs:
     """fastppo.linear_logprobs(hidden, weight_shard, labels, vocab_parallel=VocabParallel(group), **kwargs):
     weight_shard [V_r, H] (and bias [V_r]) are this rank's rows of the lm_head."""
     return _linear.linear_logprobs(hidden, weight_shard, labels, vocab_parallel=VocabParallel(group), **kwargs)

@@ -23,7 +23,12 @@ def _kl_terms(logp, logq, kl=None):
     return torch.where(p == 0, torch.zeros_like(p), p * d)
 
 
-def full_kl_fwd(logits, ref_logits, *, inv_tau):
+def _inv(inv_tau, tau, a, b, acc):
+    """The slice's 1 / temperature: the scalar, or 1 / tau per row ([b - a, 1]) when a per-row tau is given."""
+    return inv_tau if tau is None else 1.0 / tau.reshape(-1)[a:b].to(acc).unsqueeze(-1)
+
+
+def full_kl_fwd(logits, ref_logits, *, inv_tau, tau=None):
     """(kl [N], stats_p [N, 2], stats_q [N, 2]): each side's row (max, log-sum) kept apart for backward."""
     V = logits.shape[-1]
     zp_all, zq_all = logits.reshape(-1, V), ref_logits.reshape(-1, V)
@@ -32,22 +37,24 @@ def full_kl_fwd(logits, ref_logits, *, inv_tau):
     kl = torch.empty(n, dtype=acc, device=logits.device)
     stats_p, stats_q = (torch.empty(n, 2, dtype=acc, device=logits.device) for _ in range(2))
     for a, b in row_chunks(n, V):
-        logp, mp, lsp = _log_softmax_stats(zp_all[a:b].to(acc) * inv_tau)
-        logq, mq, lsq = _log_softmax_stats(zq_all[a:b].to(acc) * inv_tau)
+        it = _inv(inv_tau, tau, a, b, acc)
+        logp, mp, lsp = _log_softmax_stats(zp_all[a:b].to(acc) * it)
+        logq, mq, lsq = _log_softmax_stats(zq_all[a:b].to(acc) * it)
         kl[a:b] = _kl_terms(logp, logq).sum(-1)
         stats_p[a:b] = torch.cat((mp, lsp), -1)
         stats_q[a:b] = torch.cat((mq, lsq), -1)
     return kl, stats_p, stats_q
 
 
-def full_kl_bwd(logits, ref_logits, kl, stats_p, stats_q, g, *, inv_tau):
+def full_kl_bwd(logits, ref_logits, kl, stats_p, stats_q, g, *, inv_tau, tau=None):
     V = logits.shape[-1]
     zp_all, zq_all = logits.reshape(-1, V), ref_logits.reshape(-1, V)
     out = torch.empty(zp_all.shape, dtype=logits.dtype, device=logits.device)
     for a, b in row_chunks(zp_all.shape[0], V):
-        zp, zq = zp_all[a:b].to(kl.dtype) * inv_tau, zq_all[a:b].to(kl.dtype) * inv_tau
+        it = _inv(inv_tau, tau, a, b, kl.dtype)
+        zp, zq = zp_all[a:b].to(kl.dtype) * it, zq_all[a:b].to(kl.dtype) * it
         logp = (zp - stats_p[a:b, :1]) - stats_p[a:b, 1:]
         logq = (zq - stats_q[a:b, :1]) - stats_q[a:b, 1:]
         d = _kl_terms(logp, logq, kl[a:b].unsqueeze(-1))
-        out[a:b] = (g[a:b].unsqueeze(-1) * d * inv_tau).to(out.dtype)
+        out[a:b] = (g[a:b].unsqueeze(-1) * d * it).to(out.dtype)
     return out.view(logits.shape)

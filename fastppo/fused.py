@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_float, check_inplace, check_labels
+from ._validation import check_float, check_inplace, check_labels, check_temperature_rows
 from .backend import backend_for
 from .dispatch import ops
+from .fused_kept import fused_ppo_loss_kept_op
+from .kept import KeptSet
+from .kept_logprobs import check_kept
 from .library import decode, define, empty, encode, or_empty
 from .logprobs import token_logprobs_backward_inplace_op, token_logprobs_backward_op
 from .losses import (
@@ -29,13 +32,14 @@ from .outputs import PPOLossOutput
 from .vocab_parallel import sharded_fused_ppo_loss
 
 
-def fused_outputs(logits, labels, old, adv, mask, ref, isw, cu, lopts: LogprobOptions, opts: LossOptions):
+def fused_outputs(logits, labels, old, adv, mask, ref, isw, cu, lopts: LogprobOptions, opts: LossOptions,
+                  tau=None):
     """Launches 1 and 2 (the body of torch.ops.fastppo.fused_ppo_loss): loss, logp, kl, entropy, stats and
     what the backward launch needs (lse, dloss/dlogp, dloss/dH); None where absent."""
     lp = ops("logprobs", lopts.backend)
     # mask-0 rows are dead: never read (forward or backward), logp = H = 0 there, zero gradient rows
     logp, lse, ent = lp.logprobs_fwd(logits, labels, ignore_index=lopts.ignore_index, with_entropy=lopts.with_entropy,
-                                     valid=mask, **lopts.transform())
+                                     valid=mask, tau=tau, **lopts.transform())
     shape = labels.shape
     logp = logp.view(shape)
     ent = None if ent is None else ent.view(shape)
@@ -60,7 +64,7 @@ FusedOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tor
 
 
 def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
-                         cu_seqlens, logits_options, options, backend):
+                         cu_seqlens, logits_options, options, backend, tau=None):
     lopts = _logprob_options(logits_options)
     loss, stats, coef = agg_outputs_fake(logits, mask)
     logp = logits.new_empty(labels.shape, dtype=loss.dtype)
@@ -73,43 +77,44 @@ def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_log
 @define("fused_ppo_loss", _fused_ppo_loss_fake, kernels=True)
 def fused_ppo_loss_op(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                    mask: torch.Tensor, ref_logprobs: torch.Tensor | None, rollout_is_weights: torch.Tensor | None,
-                   cu_seqlens: torch.Tensor | None, logits_options: str, options: str, backend: str) -> FusedOutputs:
+                   cu_seqlens: torch.Tensor | None, logits_options: str, options: str, backend: str,
+                   tau: torch.Tensor | None = None) -> FusedOutputs:
     """(loss, logprobs, kl, entropy, stats, lse, coef_logp, coef_entropy) of fastppo.fused (`logits_options`: a
     LogprobOptions, `options`: a LossOptions; kl / entropy / coef_entropy empty when absent). Only loss is
     differentiable; its backward is one log-prob backward launch (token_logprobs_backward, or written over
     the logits when inplace)."""
     loss, logp, kl, ent, stats, lse, coef, coef_ent = fused_outputs(
         logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, cu_seqlens,
-        _logprob_options(logits_options), loss_options_of(options))
+        _logprob_options(logits_options), loss_options_of(options), tau)
     return loss, logp, or_empty(kl, logp), or_empty(ent, logp), stats, lse, coef, or_empty(coef_ent, coef)
 
 
 def _fused_ppo_loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
-    logits, labels, old, adv, mask, ref, isw, cu, logits_options, options, backend = inputs
+    logits, labels, old, adv, mask, ref, isw, cu, logits_options, options, backend, *rest = inputs
     loss, logp, kl, ent, stats, lse, coef, coef_ent = output
     ctx.mark_non_differentiable(logp, kl, ent, stats, lse, coef, coef_ent)
     use_ent = _logprob_options(logits_options).with_entropy and loss_options_of(options).entropy_coef != 0
-    ctx.save_for_backward(logits, labels, mask, lse, ent if use_ent else None, coef, coef_ent if use_ent else None)
+    ctx.save_for_backward(logits, labels, mask, lse, ent if use_ent else None, coef, coef_ent if use_ent else None,
+                          rest[0] if rest else None)
     ctx.logits_options = logits_options
 
 
 def _fused_ppo_loss_backward(ctx, g_loss, *_):
     if g_loss is None:
-        return (None,) * 11
-    logits, labels, mask, lse, ent, coef, coef_ent = ctx.saved_tensors
+        return (None,) * 12
+    logits, labels, mask, lse, ent, coef, coef_ent, tau = ctx.saved_tensors
     lopts = _logprob_options(ctx.logits_options)
     scale = g_loss.to(lse.dtype)
     transform = (lopts.inv_tau, lopts.ignore_index, lopts.logit_scale, lopts.softcap)
     if lopts.inplace and lopts.backend == "triton" and logits.stride(-1) == 1 and not torch.is_grad_enabled():
         # (else a new buffer: a contiguous copy, or create_graph, whose double backward then raises)
-        token_logprobs_backward_inplace_op(logits, labels, lse, ent, coef, coef_ent, scale, mask,
-                                                          *transform)
+        token_logprobs_backward_inplace_op(logits, labels, lse, ent, coef, coef_ent, scale, mask, *transform, tau)
         d = logits
     else:
-        d = token_logprobs_backward_op(logits, labels, lse, ent, coef, coef_ent, scale, mask,
-                                                      *transform, lopts.backend)
-    return (d, *([None] * 10))
+        d = token_logprobs_backward_op(logits, labels, lse, ent, coef, coef_ent, scale, mask, *transform,
+                                       lopts.backend, tau)
+    return (d, *([None] * 11))
 
 
 fused_ppo_loss_op.register_autograd(_fused_ppo_loss_backward, setup_context=_fused_ppo_loss_setup)
@@ -119,7 +124,8 @@ fused_ppo_loss_op.register_autograd(_fused_ppo_loss_backward, setup_context=_fus
 def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                    mask: torch.Tensor, *, ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
                    kl_kind: str = "k3", entropy_coef: float = 0.0, clip_low: float = 0.2,
-                   clip_high: float | None = None, dual_clip: float | None = None, temperature: float = 1.0,
+                   clip_high: float | None = None, dual_clip: float | None = None,
+                   temperature: float | torch.Tensor = 1.0,
                    agg: str = "token-mean", ignore_index: int = -100, return_entropy: bool = False,
                    inplace: bool = False, num_tokens: float | None = None, num_seqs: float | None = None,
                    horizon: float | None = None, policy_loss: str = "ppo", ratio_max: float | None = None,
@@ -127,7 +133,7 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                    rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
                    final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
                    cu_seqlens: torch.Tensor | None = None,
-                   vocab_parallel: VocabParallel | None = None) -> PPOLossOutput:
+                   vocab_parallel: VocabParallel | None = None, kept: KeptSet | None = None) -> PPOLossOutput:
     """The whole policy objective from the logits in one pass:
 
         loss = agg(L_policy) + kl_coef * agg(KL(logp, ref_logprobs)) - entropy_coef * agg(H)
@@ -144,13 +150,23 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
     per-token tensors [total] (advantages [total] or [S]), results as padded (ppo_policy_loss).
     `vocab_parallel=fastppo.VocabParallel(group)`: the logits passed are this rank's contiguous vocabulary
     shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel
-    section); labels are global ids, the results those of the full vocabulary on every rank. (Not with cu_seqlens.)
+    section); labels are global ids, the results those of the full vocabulary on every rank. (Not with cu_seqlens,
+    kept or a per-token temperature.)
+    `temperature` a positive float or a tensor of labels' shape (per token). `kept`: a fastppo.KeptSet with one
+    row per label, as in token_logprobs: the log-probs are renormalised over each row's kept set (the gradient
+    reaches kept columns only, plus the entropy term's over the row), the entropy stays the full-vocabulary
+    one; a live label (mask != 0, not ignore_index) outside its kept set is a ValueError on CPU, NaN on CUDA.
+    inplace has no effect with kept= (its backward writes a new dense buffer); kept= is not combined with
+    cu_seqlens yet (a ValueError).
     Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
                         entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
     if vocab_parallel is not None:
+        if kept is not None:
+            raise ValueError("kept= is not supported with vocab_parallel= yet (each rank would need the kept ids "
+                             "of its own shard)")
         return sharded_fused_ppo_loss(
             logits, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, ref_logprobs=ref_logprobs,
             rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens, temperature=temperature,
@@ -168,11 +184,22 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
         check_inplace("logits", logits)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(logits, labels, old_logprobs, advantages, mask, cu_seqlens)
-    lopts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
+    tau = check_temperature_rows(temperature, labels.shape, logits.device, "fused_ppo_loss", labels,
+                                 ignore_index, mask)
+    lopts = LogprobOptions.build(temperature=1.0 if tau is not None else temperature, logit_scale=logit_scale,
                                  final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
                                  with_entropy=want_ent, inplace=inplace, backend=backend)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    if kept is not None:
+        if cu_seqlens is not None:
+            raise ValueError("kept= is not supported with cu_seqlens= yet: pass the padded [B, T] layout")
+        check_kept(kept, labels, logits.shape[-1], ignore_index, live=mask)
+        loss, logp, kl, ent, stats, *_ = fused_ppo_loss_kept_op(
+            logits, labels, kept.ids, kept.offsets, tau, old_logprobs.detach(), advantages.detach(), mask,
+            detach(ref_logprobs), detach(rollout_is_weights), 1.0 if tau is not None else float(temperature),
+            encode(lopts), encode(opts), backend)
+        return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_ppo_loss(
         logits, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
-        detach(rollout_is_weights), cu_seqlens, encode(lopts), encode(opts), backend)
+        detach(rollout_is_weights), cu_seqlens, encode(lopts), encode(opts), backend, tau)
     return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)

@@ -1,12 +1,14 @@
 """The pure-PyTorch twin of the kept-set launchers (kernels/kept.py): the same signatures, the same saved
-statistics (m_K, log s_K separately; full-vocabulary lse and entropy when asked). The kept logits are gathered
-(O(nnz), no host sync: the row of each kept id comes from repeat_interleave with a known output size) and
-reduced per row with segment_reduce; the full-vocabulary entropy and the dense gradient are computed over
-bounded slices of rows (CHUNK_ELEMENTS values of [N, V] at a time)."""
+statistics (m_K, log s_K separately; full-vocabulary lse and entropy when asked), the same logit transform
+z' = softcap(logit_scale z) / tau (fastppo.logprobs_torch.transform, tau a float or one value per row). The
+kept logits are gathered (O(nnz), no host sync: the row of each kept id comes from repeat_interleave with a
+known output size) and reduced per row with segment_reduce; the full-vocabulary entropy and the dense gradient
+are computed over bounded slices of rows (CHUNK_ELEMENTS values of [N, V] at a time)."""
 
 import torch
 
 from .kernels.kept import KeptStats
+from .logprobs_torch import transform
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per slice
 
@@ -23,7 +25,7 @@ def _inv_tau(temperature, n, acc, device):
     return torch.full((n,), 1.0 / float(temperature), dtype=acc, device=device)
 
 
-def _setup(logits, labels, ids, offsets, temperature):
+def _setup(logits, labels, ids, offsets, temperature, logit_scale, softcap):
     V = logits.shape[-1]
     z_all = logits.reshape(-1, V)
     n = z_all.shape[0]
@@ -39,8 +41,9 @@ def _setup(logits, labels, ids, offsets, temperature):
     rows = torch.repeat_interleave(torch.arange(n, device=logits.device), offsets[1:] - offsets[:-1],
                                    output_size=ids.numel())
     inv = _inv_tau(temperature, n, acc, logits.device)
-    z_k = z_all[rows, ids].to(acc) * inv[rows]
-    return V, z_all, n, y, acc, ids, offsets, rows, inv, z_k
+    tf = lambda z, inv_tau: transform(z, inv_tau=inv_tau, logit_scale=logit_scale, softcap=softcap)  # noqa: E731
+    z_k, dz_k = tf(z_all[rows, ids].to(acc), inv[rows])
+    return V, z_all, n, y, acc, ids, offsets, rows, inv, z_k, dz_k, tf
 
 
 def _row_slices(n, V):
@@ -49,8 +52,10 @@ def _row_slices(n, V):
         yield a, min(n, a + step)
 
 
-def kept_logprobs_fwd(logits, labels, ids, offsets, *, temperature=1.0, ignore_index=-100, with_entropy=False):
-    V, z_all, n, y, acc, ids, offsets, rows, inv, z_k = _setup(logits, labels, ids, offsets, temperature)
+def kept_logprobs_fwd(logits, labels, ids, offsets, *, temperature=1.0, ignore_index=-100, with_entropy=False,
+                      logit_scale=1.0, softcap=None):
+    V, z_all, n, y, acc, ids, offsets, rows, inv, z_k, _, tf = _setup(logits, labels, ids, offsets, temperature,
+                                                                        logit_scale, softcap)
     live = y != ignore_index
     zero = torch.zeros((), dtype=acc, device=logits.device)
     m = torch.segment_reduce(z_k, "max", offsets=offsets, unsafe=True)
@@ -59,7 +64,7 @@ def kept_logprobs_fwd(logits, labels, ids, offsets, *, temperature=1.0, ignore_i
     hits = torch.segment_reduce((ids == y[rows]).to(acc), "sum", offsets=offsets, unsafe=True)
     found = hits > 0
     in_range = (y >= 0) & (y < V)
-    z_y = z_all.gather(1, torch.where(in_range, y, 0).unsqueeze(1)).squeeze(1).to(acc) * inv
+    z_y, _ = tf(z_all.gather(1, torch.where(in_range, y, 0).unsqueeze(1)).squeeze(1).to(acc), inv)
     m_k = torch.where(found, m, zero)
     log_s = torch.where(found, torch.log(s), torch.full_like(s, float("nan")))
     logp = (z_y - m_k) - log_s
@@ -69,7 +74,7 @@ def kept_logprobs_fwd(logits, labels, ids, offsets, *, temperature=1.0, ignore_i
         lse = torch.zeros(n, dtype=acc, device=logits.device)
         ent = torch.zeros_like(lse)
         for a, b in _row_slices(n, V):
-            z = z_all[a:b].to(acc) * inv[a:b, None]
+            z, _ = tf(z_all[a:b].to(acc), inv[a:b, None])
             mf = z.amax(-1, keepdim=True)
             mf = torch.where(mf == float("-inf"), zero, mf)
             zs = z - mf
@@ -83,8 +88,9 @@ def kept_logprobs_fwd(logits, labels, ids, offsets, *, temperature=1.0, ignore_i
 
 
 def kept_logprobs_bwd(logits, labels, ids, offsets, stats, c_logp, c_ent=None, *, temperature=1.0,
-                      ignore_index=-100):
-    V, z_all, n, y, acc, ids, offsets, rows, inv, z_k = _setup(logits, labels, ids, offsets, temperature)
+                      ignore_index=-100, logit_scale=1.0, softcap=None):
+    V, z_all, n, y, acc, ids, offsets, rows, inv, z_k, dz_k, tf = _setup(logits, labels, ids, offsets, temperature,
+                                                                           logit_scale, softcap)
     has_ent = c_ent is not None
     if has_ent and stats.entropy is None:
         raise ValueError("an entropy gradient (c_ent) needs the forward's entropy: run kept_logprobs_fwd "
@@ -96,10 +102,10 @@ def kept_logprobs_bwd(logits, labels, ids, offsets, stats, c_logp, c_ent=None, *
     out = torch.zeros(n, V, dtype=logits.dtype, device=logits.device)
     if has_ent:
         for a, b in _row_slices(n, V):
-            z = z_all[a:b].to(acc) * inv[a:b, None]
+            z, dz = tf(z_all[a:b].to(acc), inv[a:b, None])
             lse = stats.lse[a:b, None].to(acc)
             lp = torch.where(z == float("-inf"), zero, z - lse)
-            g = -c_ent[a:b, None] * torch.exp(z - lse) * (lp + stats.entropy[a:b, None].to(acc)) * inv[a:b, None]
+            g = -c_ent[a:b, None] * torch.exp(z - lse) * (lp + stats.entropy[a:b, None].to(acc)) * dz
             out[a:b] = torch.where(live[a:b, None], g, zero).to(logits.dtype)
     p_k = torch.exp((z_k - stats.m[rows].to(acc)) - stats.log_s[rows].to(acc))
     g_k = c_logp[rows] * ((ids == y[rows]).to(acc) - p_k)
@@ -107,6 +113,6 @@ def kept_logprobs_bwd(logits, labels, ids, offsets, stats, c_logp, c_ent=None, *
         lse = stats.lse[rows].to(acc)
         lp = torch.where(z_k == float("-inf"), zero, z_k - lse)
         g_k = g_k - c_ent[rows] * torch.exp(z_k - lse) * (lp + stats.entropy[rows].to(acc))
-    g_k = torch.where(live[rows], g_k * inv[rows], zero)
+    g_k = torch.where(live[rows], g_k * dz_k, zero)
     out[rows, ids] = g_k.to(logits.dtype)
     return out.view(logits.shape)

@@ -35,6 +35,7 @@ from collections.abc import Collection
 
 import torch
 
+from ._validation import check_temperature_rows
 from .backend import backend_for
 from .library import acc_dtype, decode, define, empty, encode, or_empty, refuse_double_backward
 from .linear_pipeline import (
@@ -55,12 +56,13 @@ LinearLogprobs = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LogprobOutpu
 
 
 # ----------------------------------------------------------------------------- linear_logprobs
-def linear_outputs(hidden, weight, bias, labels, opts: LinearOptions):
+def linear_outputs(hidden, weight, bias, labels, opts: LinearOptions, tau=None):
     """Forward of linear_logprobs (the body of torch.ops.fastppo.linear_logprobs): logp, entropy,
     log_sum_sq_probs, mean_logits, is_top1 shaped like labels (None where not computed), and backward's
     statistics lse and entropy (by compacted position on the Triton path, by row on the torch backend)."""
     h2, y = flatten_rows(hidden, labels)
-    rows, out = forward_rows(h2, weight, bias, y, y != opts.ignore_index, opts)
+    tau = None if tau is None else tau.reshape(-1).contiguous()
+    rows, out = forward_rows(h2, weight, bias, y, y != opts.ignore_index, opts, tau)
     shape = labels.shape
     ent = out["ent"].view(shape) if opts.with_entropy else None
     extras = (out["sq"].view(shape), out["mean"].view(shape), out["top1"].view(shape).bool()) \
@@ -69,7 +71,7 @@ def linear_outputs(hidden, weight, bias, labels, opts: LinearOptions):
     return out["logp"].view(shape), ent, *extras, out["lse"], out[ent_key] if opts.with_entropy else None
 
 
-def linear_grads(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, opts: LinearOptions, needs):
+def linear_grads(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, opts: LinearOptions, needs, tau=None):
     """Backward of linear_logprobs: (d_hidden, d_weight, d_bias) of sum g_logp logp + g_ent H (None where
     not needed) from linear_outputs' statistics; the valid rows are compacted again on device."""
     h2, y = flatten_rows(hidden, labels)
@@ -78,8 +80,9 @@ def linear_grads(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, opts: Li
     acc = lse.dtype
     c_logp = g_logp.reshape(-1).to(acc)
     c_ent = None if g_ent is None else g_ent.reshape(-1).to(acc)
+    tau = None if tau is None else tau.reshape(-1).contiguous()
     dh, dw, db = gradient_rows(h2, weight, bias, y, valid, rows, (lse, None if c_ent is None else ent), c_logp, c_ent,
-                            opts, needs)
+                            opts, needs, tau)
     return (None if dh is None else dh.view(hidden.shape)), dw, db
 
 
@@ -98,7 +101,7 @@ def linear_options_of(options: str) -> LinearOptions:
     return decode(LinearOptions, options)
 
 
-def _linear_logprobs_fake(hidden, weight, bias, labels, options, backend):
+def _linear_logprobs_fake(hidden, weight, bias, labels, options, backend, tau=None):
     opts = linear_options_of(options)
     logp = hidden.new_empty(labels.shape, dtype=acc_dtype(hidden, weight))
     per_token = [torch.empty_like(logp) if on else empty(logp)
@@ -110,13 +113,14 @@ def _linear_logprobs_fake(hidden, weight, bias, labels, options, backend):
 
 @define("linear_logprobs", _linear_logprobs_fake, kernels=True)
 def linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                    options: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                         torch.Tensor, torch.Tensor, torch.Tensor]:
+                    options: str, backend: str, tau: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
     """(logp, entropy, log_sum_sq_probs, mean_logits, is_top1, lse, entropy_rows) of hidden @ weight.T + bias
     without the [N, V] logits (fastppo.linear; `options` is a LinearOptions). lse [N, 2] (row max, log-sum) and
     entropy_rows [N] are backward's statistics. Only logp and entropy are differentiable."""
     opts = linear_options_of(options)
-    logp, ent, sq, mean, top1, lse, ent_rows = linear_outputs(hidden, weight, bias, labels, opts)
+    logp, ent, sq, mean, top1, lse, ent_rows = linear_outputs(hidden, weight, bias, labels, opts, tau)
     if ent_rows is not None and opts.backend == "torch":
         ent_rows = ent_rows.clone()   # by row there: the same values as entropy (op outputs may not alias)
     return logp, or_empty(ent, logp), or_empty(sq, logp), or_empty(mean, logp), \
@@ -124,7 +128,7 @@ def linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 def linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, options, need_hidden,
-                          need_weight, need_bias, backend):
+                          need_weight, need_bias, backend, tau=None):
     return (hidden.new_empty(hidden.shape) if need_hidden else empty(hidden),
             weight.new_empty(weight.shape) if need_weight else empty(weight),
             bias.new_empty(bias.shape) if (bias is not None and need_bias) else empty(weight))
@@ -134,37 +138,39 @@ def linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp, 
 def linear_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
                              grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, options: str,
-                             need_hidden: bool, need_weight: bool, need_bias: bool,
-                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
+                             tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_hidden, d_weight, d_bias) for per-token upstream gradients (empty where not needed)."""
     has_ent = entropy is not None and grad_entropy is not None
     dh, dw, db = linear_grads(hidden, weight, bias, labels, lse, entropy if has_ent else None, grad_logp,
                               grad_entropy if has_ent else None, linear_options_of(options),
-                              (need_hidden, need_weight, need_bias))
+                              (need_hidden, need_weight, need_bias), tau)
     return (empty(hidden) if dh is None else dh.contiguous(), or_empty(dw, weight), or_empty(db, weight))
 
 
 def _linear_logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, options, backend = inputs
+    hidden, weight, bias, labels, options, backend, *rest = inputs
     logp, ent, sq, mean, top1, lse, ent_rows = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(sq, mean, top1, lse, ent_rows)
     with_entropy = linear_options_of(options).with_entropy
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent_rows if with_entropy else None)
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent_rows if with_entropy else None,
+                          rest[0] if rest else None)
     ctx.options, ctx.backend = options, backend
 
 
 def _linear_logprobs_backward(ctx, g_logp, g_ent, *_):
-    hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+    hidden, weight, bias, labels, lse, ent, tau = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if g_logp is None and (g_ent is None or ent is None):
-        return (None,) * 6
+        return (None,) * 7
     if g_logp is None:
         g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=lse.device)
     need_bias = bias is not None and needs[2]
     dh, dw, db = linear_logprobs_backward_op(hidden, weight, bias, labels, lse, ent, g_logp, g_ent,
-                                                            ctx.options, needs[0], needs[1], need_bias, ctx.backend)
-    return (dh if needs[0] else None), (dw if needs[1] else None), (db if need_bias else None), None, None, None
+                                                            ctx.options, needs[0], needs[1], need_bias, ctx.backend,
+                                                            tau)
+    return (dh if needs[0] else None), (dw if needs[1] else None), (db if need_bias else None), None, None, None, None
 
 
 linear_logprobs_op.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup)
@@ -175,7 +181,7 @@ refuse_double_backward(linear_logprobs_backward_op, "linear_logprobs_backward")
 
 # ----------------------------------------------------------------------------- public function
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                    bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                    bias: torch.Tensor | None = None, temperature: float | torch.Tensor = 1.0, ignore_index: int = -100,
                     return_entropy: bool = False, final_logit_softcapping: float | None = None,
                     logit_scale: float = 1.0, extra_outputs: Collection[str] = (),
                     chunk_bytes: int | None = None, vocab_parallel: VocabParallel | None = None) -> LinearLogprobs:
@@ -193,11 +199,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     result is LogprobOutputs(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1) with None where
     not requested. Without it: logp, or (logp, entropy) with return_entropy.
     `chunk_bytes` bounds the backward's [rows, V] buffers (fp32 logits + dz; None: automatic, see
-    `chunk_rows`).
+    `chunk_rows`). `temperature`: a positive float or a tensor of labels' shape (per token; no gradient).
     `vocab_parallel=fastppo.VocabParallel(group)`: the weight (and bias) passed are this rank's contiguous vocabulary
     shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel
     section); labels are global ids, the results those of the full vocabulary on every rank.
-    hidden gets its full gradient on every rank (one all-reduce of N x H in backward). (Not with extra_outputs.)"""
+    hidden gets its full gradient on every rank (one all-reduce of N x H in backward). (Not with extra_outputs or a
+    per-token temperature.)"""
     if vocab_parallel is not None:
         return sharded_linear_logprobs(hidden, weight, labels, vocab_parallel, bias=bias, temperature=temperature,
                                        ignore_index=ignore_index, return_entropy=return_entropy,
@@ -205,10 +212,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                                        extra_outputs=extra_outputs, chunk_bytes=chunk_bytes)
     check_linear(hidden, weight, labels, bias, ignore_index)
     extras = _check_extras(extra_outputs)
-    opts = build_linear_options(temperature, ignore_index, return_entropy, bool(extras), final_logit_softcapping,
-                           logit_scale, chunk_bytes, backend_for(hidden, weight, labels))
+    tau = check_temperature_rows(temperature, labels.shape, hidden.device, "linear_logprobs", labels, ignore_index)
+    opts = build_linear_options(1.0 if tau is not None else temperature, ignore_index, return_entropy, bool(extras),
+                                final_logit_softcapping, logit_scale, chunk_bytes, backend_for(hidden, weight, labels))
     logp, ent, sq, mean, top1, _, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, encode(opts),
-                                                                       opts.backend)
+                                                                       opts.backend, tau)
     if extras:   # (the op returns empty tensors for outputs not asked for)
         pick = {"log_sum_sq_probs": sq, "mean_logits": mean, "is_top1": top1}
         return LogprobOutputs(logp, ent if opts.with_entropy else None,

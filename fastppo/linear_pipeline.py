@@ -37,17 +37,18 @@ def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
 
 
 # ----------------------------------------------------------------------------- the Triton pipeline
-def triton_forward(h2, weight, bias, y, valid, opts):
-    """Launches 1-2 over all rows (no buffer). Returns (rows, per-row outputs)."""
+def triton_forward(h2, weight, bias, y, valid, opts, tau=None):
+    """Launches 1-2 over all rows (no buffer). Returns (rows, per-row outputs). `tau`: per-row temperatures
+    [N] (or None) everywhere below."""
     k = triton_kernels()
     rows = k.CompactRows(valid)
     out = k.new_outputs(h2.shape[0], h2.device, acc_dtype(h2, weight), opts.with_entropy, opts.extras)
     if h2.shape[0]:
-        k.stats_chunk(h2, weight, bias, y, rows, 0, h2.shape[0], out, opts)
+        k.stats_chunk(h2, weight, bias, y, rows, 0, h2.shape[0], out, opts, tau=tau)
     return rows, out
 
 
-def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, stats=None):
+def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, stats=None, tau=None):
     """Launches 1-5 chunk by chunk. `coefs(r0, n)` returns the chunk's per-row coefficients (c_logp,
     c_ent or None; by compacted position) once its statistics are in `out`. With `stats` = (lse, ent or
     None) by compacted position (known from an earlier forward, or global ones for a vocabulary shard),
@@ -74,33 +75,33 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
     for i, r0 in enumerate(starts):
         n = min(step, N - r0)
         z = buf[:n]
-        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z, finish=stats is None)
+        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z, finish=stats is None, tau=tau)
         c_logp, c_ent = coefs(r0, n)
         last = i == len(starts) - 1
         lse, ent = stats if stats is not None else (out["lse"], out["ent_c"])
         k.grads_chunk(z, dz_buf[:n], h2, weight, y, rows, r0, n, lse, ent, c_logp, c_ent, opts,
                       d_hidden=dh, dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None,
-                      db_out=None if db is None else (db if last else db_acc), db_in=db_acc if i else None)
+                      db_out=None if db is None else (db if last else db_acc), db_in=db_acc if i else None, tau=tau)
     return dh, dw, db
 
 
-def forward_rows(h2, weight, bias, y, valid, opts):
+def forward_rows(h2, weight, bias, y, valid, opts, tau=None):
     if opts.backend == "triton":
-        return triton_forward(h2, weight, bias, y, valid, opts)
-    return None, ops("linear", "torch").forward(h2, weight, bias, y, valid, opts)
+        return triton_forward(h2, weight, bias, y, valid, opts, tau)
+    return None, ops("linear", "torch").forward(h2, weight, bias, y, valid, opts, tau=tau)
 
 
-def gradient_rows(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, needs):
+def gradient_rows(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, needs, tau=None):
     """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row). `stats`: the rows' lse and
     entropy (or None), by original row on the torch backend, by compacted position on the Triton path."""
     if opts.backend == "torch":
         return ops("linear", "torch").grads(h2, weight, bias, y, valid, stats[0], stats[1], c_logp, c_ent, opts,
-                                              needs)
+                                              needs, tau=tau)
     acc = acc_dtype(h2, weight)
     cl = c_logp.to(acc).index_select(0, rows.idx)
     ce = None if c_ent is None else c_ent.to(acc).index_select(0, rows.idx)
     return triton_gradient_pass(h2, weight, bias, y, rows, None, dataclasses.replace(opts, extras=False), needs,
-                                lambda r0, n: (cl, ce), stats=stats)
+                                lambda r0, n: (cl, ce), stats=stats, tau=tau)
 
 
 def linear_forward(hidden2d, weight, bias, labels1d, opts: LinearOptions):

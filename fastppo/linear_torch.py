@@ -7,13 +7,33 @@ apart (logp = (z'_y - m) - log s, exact at any magnitude, as fp32 log_softmax is
 
 Only valid rows are projected: on CPU they are gathered (`nonzero` costs nothing there); on other
 devices (a forced torch backend) every row is projected with invalid rows' hidden replaced by 0
-(selected, never multiplied, so a NaN there cannot leak)."""
+(selected, never multiplied, so a NaN there cannot leak).
+
+Batch invariance: a BLAS picks its kernel (and so the summation order of a dot product) by the shape of the
+product, e.g. a matrix-vector kernel for one row and a blocked one for several, so `h @ W.T` of one row is not
+bitwise the same alone and among others. Every product whose rows are output rows (the logits, d_hidden) is
+therefore taken over blocks of exactly ROW_BLOCK rows (the last one zero-padded; `_mm_rows`): a row's logits
+and d_hidden never depend on how many rows, or which, share the call (tested, tests/ops/test_batch_invariance.py;
+about 1.6x the time of one large product on a 1-thread CPU at H = 512, V = 8192)."""
 
 from __future__ import annotations
 
 import torch
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per slice
+ROW_BLOCK = 64            # rows per product (batch invariance, module doc)
+
+
+def _mm_rows(x, w_t, out):
+    """out = x @ w_t, taken over blocks of exactly ROW_BLOCK rows of x (the last one zero-padded)."""
+    n = x.shape[0]
+    for a in range(0, n, ROW_BLOCK):
+        b = min(n, a + ROW_BLOCK)
+        xb = x[a:b]
+        if b - a < ROW_BLOCK:
+            xb = torch.cat([xb, xb.new_zeros(ROW_BLOCK - (b - a), x.shape[1])])
+        out[a:b] = (xb @ w_t)[:b - a]
+    return out
 
 
 def _acc(hidden, weight):
@@ -43,14 +63,15 @@ def _weight_blocks(weight, acc):
         yield v0, v1, weight[v0:v1].to(acc)
 
 
-def logits(h, weight, bias, opts, acc):
+def logits(h, weight, bias, opts, acc, inv_tau=None):
     """z' = softcap(logit_scale (h W^T + b)) / tau in acc, plus tanh(.) for the softcap derivative (or None).
     The product is accumulated and kept in acc from upcast operands (bf16 / fp16 products are exact in fp32):
-    never rounded to the input dtype before the softmax."""
+    never rounded to the input dtype before the softmax. `inv_tau`: per-row 1 / temperature ([rows, 1]) in
+    place of opts.inv_tau."""
     hz = h.to(acc)
     z = torch.empty(h.shape[0], weight.shape[0], dtype=acc, device=h.device)
     for v0, v1, w in _weight_blocks(weight, acc):
-        torch.matmul(hz, w.t(), out=z[:, v0:v1])
+        _mm_rows(hz, w.t(), z[:, v0:v1])
     if bias is not None:
         z = z + bias.to(acc)
     z = z * opts.logit_scale
@@ -58,10 +79,18 @@ def logits(h, weight, bias, opts, acc):
     if opts.softcap is not None:
         th = torch.tanh(z / opts.softcap)
         z = opts.softcap * th
-    return z * opts.inv_tau, th
+    return z * (opts.inv_tau if inv_tau is None else inv_tau), th
 
 
-def forward(hidden2d, weight, bias, labels, valid, opts):
+def _row_inv_tau(tau, sel, acc):
+    """Per selected row 1 / temperature [n, 1] (None without per-row temperatures)."""
+    if tau is None:
+        return None
+    t = tau.reshape(-1) if sel is None else tau.reshape(-1).index_select(0, sel)
+    return 1.0 / t.to(acc).unsqueeze(-1)
+
+
+def forward(hidden2d, weight, bias, labels, valid, opts, tau=None):
     """Per original row: logp, ent, log_sum_sq_probs, mean_logits, is_top1 (zeros where not valid) and lse,
     the [N, 2] row statistics (max m, log s)."""
     N, V = hidden2d.shape[0], weight.shape[0]
@@ -70,11 +99,12 @@ def forward(hidden2d, weight, bias, labels, valid, opts):
     sel, h = _selected(hidden2d, valid)
     y_all = labels if sel is None else labels.index_select(0, sel)
     n = h.shape[0]
+    inv = _row_inv_tau(tau, sel, acc)
     res = {k: torch.zeros(n, dtype=acc, device=dev) for k in ("logp", "ent", "sq", "mean")}
     res["lse"] = torch.zeros(n, 2, dtype=acc, device=dev)
     res["top1"] = torch.zeros(n, dtype=torch.bool, device=dev)
     for a, b in _slices(n, V):
-        z, _ = logits(h[a:b], weight, bias, opts, acc)
+        z, _ = logits(h[a:b], weight, bias, opts, acc, None if inv is None else inv[a:b])
         y = y_all[a:b]
         in_range = (y >= 0) & (y < V)
         m = z.amax(-1, keepdim=True)
@@ -102,7 +132,7 @@ def forward(hidden2d, weight, bias, labels, valid, opts):
     return out
 
 
-def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, needs):
+def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, needs, tau=None):
     """(d_hidden, d_weight, d_bias) of sum_i c_logp_i logp_i + c_ent_i H_i over valid rows (per original row
     coefficients; fp32 sums, fp64 for fp64)."""
     N, H = hidden2d.shape
@@ -117,21 +147,23 @@ def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, 
     dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if needs[1] else None
     db = torch.zeros(V, dtype=acc, device=h.device) if (bias is not None and needs[2]) else None
     cols = torch.arange(V, device=h.device)
+    inv = _row_inv_tau(tau, sel, acc)
     for a, b in _slices(h.shape[0], V):
-        z, th = logits(h[a:b], weight, bias, opts, acc)
+        inv_rows = opts.inv_tau if inv is None else inv[a:b]
+        z, th = logits(h[a:b], weight, bias, opts, acc, None if inv is None else inv_rows)
         logp = (z - lse_s[a:b, :1]) - lse_s[a:b, 1:]
         p = torch.exp(logp)
         g = cl[a:b, None] * ((cols[None, :] == y_all[a:b, None]).to(acc) - p)
         if ce is not None:
             h_term = torch.where(p == 0, torch.zeros_like(p), p * (logp + ent_s[a:b, None]))
             g = g - ce[a:b, None] * h_term
-        g = g * opts.inv_tau
+        g = g * inv_rows
         if th is not None:
             g = g * (1 - th * th)
         g = torch.where(vrow[a:b, None], g * opts.logit_scale, torch.zeros((), dtype=acc, device=g.device))
         if dh is not None:
             for v0, v1, w in _weight_blocks(weight, acc):
-                dh[a:b] += g[:, v0:v1] @ w
+                dh[a:b] += _mm_rows(g[:, v0:v1], w, torch.empty(b - a, H, dtype=acc, device=h.device))
         if dw is not None:
             dw += g.t() @ h[a:b].to(acc)
         if db is not None:

@@ -29,8 +29,15 @@ def _live_rows(y, ignore_index, valid):
     return live
 
 
+def _inv_tau(inv_tau, tau, a, b, acc):
+    """The chunk's 1 / temperature: the scalar inv_tau, or 1 / tau[a:b] per row ([b - a, 1]) when given."""
+    if tau is None:
+        return inv_tau
+    return 1.0 / tau.reshape(-1)[a:b].to(acc).unsqueeze(-1)
+
+
 def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy, logit_scale=1.0, softcap=None,
-                 valid=None):
+                 valid=None, tau=None):
     """Entropy is kept relative to the row max, as the kernel does: with zs = z' - max, e = exp(zs),
     s = sum e, H = log s - sum(e zs) / s (no cancellation between lse and sum p z' for huge logits).
     The row max m and log s are saved apart (stats [N, 2], as the kernel does): logp = (z'_y - m) - log s
@@ -48,7 +55,8 @@ def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy, logit_s
     stats = torch.empty((n, 2), dtype=acc, device=logits.device)
     ent = torch.empty_like(logp) if with_entropy else None
     for a, b in row_chunks(n, V):
-        z, _ = transform(z_all[a:b].to(acc), inv_tau=inv_tau, logit_scale=logit_scale, softcap=softcap)
+        z, _ = transform(z_all[a:b].to(acc), inv_tau=_inv_tau(inv_tau, tau, a, b, acc), logit_scale=logit_scale,
+                         softcap=softcap)
         y = y_all[a:b]
         live = live_all[a:b]
         in_range = (y >= 0) & (y < V)          # as the kernels: an out-of-range label gives NaN, no OOB read
@@ -70,7 +78,7 @@ def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy, logit_s
 
 
 def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau, ignore_index, scale=None,
-                 inplace=False, logit_scale=1.0, softcap=None, valid=None):
+                 inplace=False, logit_scale=1.0, softcap=None, valid=None, tau=None):
     """p = exp((z' - m) - log s) from the saved row stats. Dead rows get an exact zero gradient row
     (selected with where: NaN there cannot leak)."""
     V = logits.shape[-1]
@@ -81,7 +89,8 @@ def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau, ignore_i
     c_ent = None if c_ent is None else c_ent.reshape(-1)
     out = z_all if inplace and z_all.data_ptr() == logits.data_ptr() else torch.empty_like(z_all)
     for a, b in row_chunks(z_all.shape[0], V):
-        z, dz = transform(z_all[a:b].to(stats.dtype), inv_tau=inv_tau, logit_scale=logit_scale, softcap=softcap)
+        z, dz = transform(z_all[a:b].to(stats.dtype), inv_tau=_inv_tau(inv_tau, tau, a, b, stats.dtype),
+                          logit_scale=logit_scale, softcap=softcap)
         y = y_all[a:b]
         live = live_all[a:b].unsqueeze(-1)
         logp = (z - stats[a:b, :1]) - stats[a:b, 1:]

@@ -129,3 +129,19 @@ def transform_logits(z, pre, post, HAS_CAP: tl.constexpr):
         zt = th * post
         dz = pre * post * (1.0 - th * th)
     return zt, dz
+
+
+@triton.jit
+def row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS: tl.constexpr,
+                  HAS_CAP: tl.constexpr, ACC: tl.constexpr):
+    """(pre, post) of `transform_logits` for this row: the host's folded factors, times 1 / tau[row] with
+    per-row temperatures (on pre without a cap, on post with one: the host folded tau = 1 then)."""
+    pre = scalar_hi_lo(pre_hi, pre_lo, ACC)
+    post = scalar_hi_lo(post_hi, post_lo, ACC)
+    if HAS_TAU_ROWS:
+        inv_tau = 1.0 / tl.load(tau_ptr + row).to(ACC)
+        if HAS_CAP:
+            post = post * inv_tau
+        else:
+            pre = pre * inv_tau
+    return pre, post

@@ -1,6 +1,7 @@
 """Exact per-token KL(pi || ref) over the vocabulary, reading both logits rows once.
 
-With z' = z / tau for policy and reference, p = softmax(z'_pi), q = softmax(z'_ref):
+With z' = z / tau for policy and reference (tau a scalar, or one value per row: HAS_TAU_ROWS),
+p = softmax(z'_pi), q = softmax(z'_ref):
     KL = sum_i p_i (log p_i - log q_i) = u / s_p - log s_p + log s_q,
     u = sum_i exp(z'_i - m_p) ((z'_i - m_p) - (r'_i - m_q))
     dKL/dz_j = p_j (log p_j - log q_j - KL) / tau    (policy logits only; the reference gets none)
@@ -17,18 +18,26 @@ from torch.library import wrap_triton
 
 from . import _config as cfg
 from ._common import keep_nonzero, online_softmax_step, row_offset, scalar_hi_lo
-from ._rows import Rows, acc_dtype, split_float
+from ._rows import Rows, acc_dtype, flat_rows, split_float
 from .launches import record_launch
 
 
 @triton.jit
+def _row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr):
+    """1 / tau of this row: the host's scalar (hi, lo), or 1 / tau[row]."""
+    if HAS_TAU_ROWS:
+        return 1.0 / tl.load(tau_ptr + row).to(ACC)
+    return scalar_hi_lo(tau_hi, tau_lo, ACC)
+
+
+@triton.jit
 def _full_kl_fwd_kernel(
-    p_ptr, q_ptr, kl_ptr, stats_p_ptr, stats_q_ptr,
+    p_ptr, q_ptr, tau_ptr, kl_ptr, stats_p_ptr, stats_q_ptr,
     p_inner, p_outer_s, p_inner_s, q_inner, q_outer_s, q_inner_s, V, tau_hi, tau_lo,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    inv_tau = scalar_hi_lo(tau_hi, tau_lo, ACC)
+    inv_tau = _row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS, ACC)
     p_row = p_ptr + row_offset(row, p_inner, p_outer_s, p_inner_s)
     q_row = q_ptr + row_offset(row, q_inner, q_outer_s, q_inner_s)
     cols = tl.arange(0, BLOCK_V)
@@ -62,12 +71,12 @@ def _full_kl_fwd_kernel(
 
 @triton.jit
 def _full_kl_bwd_kernel(
-    p_ptr, q_ptr, kl_ptr, stats_p_ptr, stats_q_ptr, g_ptr, dp_ptr,
+    p_ptr, q_ptr, tau_ptr, kl_ptr, stats_p_ptr, stats_q_ptr, g_ptr, dp_ptr,
     p_inner, p_outer_s, p_inner_s, q_inner, q_outer_s, q_inner_s, V, tau_hi, tau_lo,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    inv_tau = scalar_hi_lo(tau_hi, tau_lo, ACC)
+    inv_tau = _row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS, ACC)
     p_row = p_ptr + row_offset(row, p_inner, p_outer_s, p_inner_s)
     q_row = q_ptr + row_offset(row, q_inner, q_outer_s, q_inner_s)
     out_row = dp_ptr + row * V
@@ -93,30 +102,37 @@ def _rows_pair(logits, ref_logits):
     return p, q, (*p.args(), *q.args(), p.n_cols)
 
 
-def full_kl_fwd(logits, ref_logits, *, inv_tau: float):
+def _tau_arg(tau, n_rows, fallback):
+    """(pointer tensor, HAS_TAU_ROWS) for an optional per-row temperature (in place of inv_tau)."""
+    return (fallback, False) if tau is None else (flat_rows(tau, n_rows, "temperature"), True)
+
+
+def full_kl_fwd(logits, ref_logits, *, inv_tau: float, tau=None):
     """Returns (kl [N], stats_p [N, 2], stats_q [N, 2]): KL and each side's row (max, log-sum), fp32
-    (fp64 for fp64 logits)."""
+    (fp64 for fp64 logits). `tau`: an optional per-row temperature ([N] elements, in place of inv_tau)."""
     p, q, args = _rows_pair(logits, ref_logits)
     acc, tl_acc = acc_dtype(logits.dtype)
     kl = torch.empty(p.n_rows, dtype=acc, device=logits.device)
     lse_p, lse_q = (torch.empty(p.n_rows, 2, dtype=acc, device=logits.device) for _ in range(2))
+    tp, tau_rows = _tau_arg(tau, p.n_rows, kl)
     if p.n_rows:
-        record_launch("full_kl_fwd", logits, ref_logits, kl, lse_p, lse_q)
+        record_launch("full_kl_fwd", logits, ref_logits, tp if tau_rows else None, kl, lse_p, lse_q)
         wrap_triton(_full_kl_fwd_kernel)[(p.n_rows,)](
-            p.tensor, q.tensor, kl, lse_p, lse_q, *args, *split_float(inv_tau),
-            BLOCK_V=cfg.ROW_BLOCK_V, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS)
+            p.tensor, q.tensor, tp, kl, lse_p, lse_q, *args, *split_float(inv_tau),
+            BLOCK_V=cfg.ROW_BLOCK_V, HAS_TAU_ROWS=tau_rows, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS)
     return kl, lse_p, lse_q
 
 
-def full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, g, *, inv_tau: float):
+def full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, g, *, inv_tau: float, tau=None):
     """d(sum g * KL)/d logits, contiguous, in the logits' dtype. (full_kl has no mask argument: every row
     is valid and read; the per-row upstream gradient `g` is any-strided and copied to [N] here.)"""
     p, q, args = _rows_pair(logits, ref_logits)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     g = g.reshape(-1).contiguous()
+    tp, tau_rows = _tau_arg(tau, p.n_rows, kl)
     if p.n_rows:
-        record_launch("full_kl_bwd", logits, ref_logits, kl, lse_p, lse_q, g, out)
+        record_launch("full_kl_bwd", logits, ref_logits, tp if tau_rows else None, kl, lse_p, lse_q, g, out)
         wrap_triton(_full_kl_bwd_kernel)[(p.n_rows,)](
-            p.tensor, q.tensor, kl, lse_p, lse_q, g, out, *args, *split_float(inv_tau),
-            BLOCK_V=cfg.ROW_BLOCK_V, ACC=acc_dtype(logits.dtype)[1], num_warps=cfg.ROW_NUM_WARPS)
+            p.tensor, q.tensor, tp, kl, lse_p, lse_q, g, out, *args, *split_float(inv_tau),
+            BLOCK_V=cfg.ROW_BLOCK_V, HAS_TAU_ROWS=tau_rows, ACC=acc_dtype(logits.dtype)[1], num_warps=cfg.ROW_NUM_WARPS)
     return out

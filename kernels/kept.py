@@ -1,7 +1,8 @@
 """Log-probabilities renormalised over each row's kept set K (the sampler's support after top-k / top-p /
 min-p), CSR-addressed: row r keeps the vocabulary ids `ids[offsets[r]:offsets[r + 1]]`.
 
-Forward, per live row with z' = z / tau (tau a scalar or one value per row):
+Forward, per live row with z' = softcap(logit_scale z) / tau (softcap(x) = c tanh(x / c), none by default;
+tau a scalar or one value per row; kernels/_common.py `transform_logits`):
     m_K = max_{j in K} z'_j,  log s_K = log sum_{j in K} exp(z'_j - m_K),  logp = (z'_y - m_K) - log s_K
 reading only the row's kept logits and the label's logit (bytes grow with nnz, not with V). m_K and
 log s_K are saved separately, so logp is exact at any logit magnitude. With WITH_ENT the same program also
@@ -11,7 +12,7 @@ log s_K = NaN (so its gradient over K is NaN too). Ignored rows (label == ignore
 every output is 0 and their gradient row is zeros.
 
 Backward, for upstream c_logp = dL/dlogp and optional c_ent = dL/dH:
-    dL/dz_j = [c_logp (onehot(y)_j - p_K,j) 1{j in K} - c_ent p_j (log p_j + H)] / tau,
+    dL/dz_j = [c_logp (onehot(y)_j - p_K,j) 1{j in K} - c_ent p_j (log p_j + H)] dz'_j/dz_j,
     p_K,j = exp((z'_j - m_K) - log s_K),  p_j = exp(z'_j - lse).
 The gradient is dense [N, V] (zeros outside K without entropy): one program per row first writes the
 dense part (zeros, or the entropy term), then, after a block barrier, overwrites the kept columns with
@@ -27,20 +28,12 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _config as cfg
-from ._common import row_offset, scalar_hi_lo, stats_step
-from ._rows import Rows, acc_dtype, flat_labels, flat_rows, split_float
+from ._common import row_offset, row_transform, stats_step, transform_logits
+from ._rows import LogitTransform, Rows, acc_dtype, flat_labels, flat_rows
 from .launches import record_launch
 
 # Kept ids gathered per step (a kept set is typically tens to a few thousand ids).
 KEPT_BLOCK_K = 256
-
-
-@triton.jit
-def _row_inv_tau(tau_ptr, row, inv_hi, inv_lo, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr):
-    """1 / tau of this row: the host scalar (hi, lo pair) or 1 / tau[row]."""
-    if HAS_TAU_ROWS:
-        return 1.0 / tl.load(tau_ptr + row).to(ACC)
-    return scalar_hi_lo(inv_hi, inv_lo, ACC)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -51,10 +44,10 @@ def _kept_logprobs_fwd_kernel(
     logp_ptr, m_ptr, logs_ptr, lse_ptr, ent_ptr,
     # row addressing and shape
     n_inner, stride_outer, stride_inner, V,
-    # scalar 1 / tau as an fp32 (hi, lo) pair (ignored with HAS_TAU_ROWS), ignore_index
-    inv_hi, inv_lo, ignore_index,
+    # the folded transform (kernels/_rows.py LogitTransform, tau = 1 with HAS_TAU_ROWS), ignore_index
+    pre_hi, pre_lo, post_hi, post_lo, ignore_index,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, HAS_TAU_ROWS: tl.constexpr,
-    ACC: tl.constexpr,
+    HAS_CAP: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(labels_ptr + row).to(tl.int64)
@@ -65,7 +58,7 @@ def _kept_logprobs_fwd_kernel(
     lse = tl.zeros((), ACC)
     ent = tl.zeros((), ACC)
     if live:
-        inv_tau = _row_inv_tau(tau_ptr, row, inv_hi, inv_lo, HAS_TAU_ROWS, ACC)
+        pre, post = row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS, HAS_CAP, ACC)
         row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
         start = tl.load(offsets_ptr + row).to(tl.int64)
         end = tl.load(offsets_ptr + row + 1).to(tl.int64)
@@ -76,11 +69,11 @@ def _kept_logprobs_fwd_kernel(
         for k0 in range(start, end, BLOCK_K):
             inb = k0 + ks < end
             ids = tl.load(ids_ptr + k0 + ks, mask=inb, other=0).to(tl.int64)
-            z = tl.load(row_ptr + ids, mask=inb, other=0.0).to(ACC) * inv_tau
+            z = transform_logits(tl.load(row_ptr + ids, mask=inb, other=0.0).to(ACC), pre, post, HAS_CAP)[0]
             m, s, _ = stats_step(m, s, s, tl.where(inb, z, float("-inf")), False)
             hits += tl.sum(tl.where(inb & (ids == y), 1, 0))
         in_range = (y >= 0) & (y < V)
-        z_y = tl.load(row_ptr + y, mask=in_range, other=0.0).to(ACC) * inv_tau
+        z_y = transform_logits(tl.load(row_ptr + y, mask=in_range, other=0.0).to(ACC), pre, post, HAS_CAP)[0]
         found = hits > 0
         m_k = tl.where(found, m, 0.0)
         logs_k = tl.where(found, tl.log(s), float("nan"))
@@ -92,7 +85,7 @@ def _kept_logprobs_fwd_kernel(
             tf = tl.zeros((), ACC)
             for c0 in range(0, V, BLOCK_V):
                 c = c0 + cols
-                zc = tl.load(row_ptr + c, mask=c < V, other=0.0).to(ACC) * inv_tau
+                zc = transform_logits(tl.load(row_ptr + c, mask=c < V, other=0.0).to(ACC), pre, post, HAS_CAP)[0]
                 mf, sf, tf = stats_step(mf, sf, tf, tl.where(c < V, zc, float("-inf")), True)
             lse = mf + tl.log(sf)
             ent = tl.log(sf) - tf / sf
@@ -113,9 +106,9 @@ def _kept_logprobs_bwd_kernel(
     dlogits_ptr,
     # row addressing and shape
     n_inner, stride_outer, stride_inner, V,
-    inv_hi, inv_lo, ignore_index,
+    pre_hi, pre_lo, post_hi, post_lo, ignore_index,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, HAS_TAU_ROWS: tl.constexpr,
-    ACC: tl.constexpr,
+    HAS_CAP: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(labels_ptr + row).to(tl.int64)
@@ -124,7 +117,7 @@ def _kept_logprobs_bwd_kernel(
     cols = tl.arange(0, BLOCK_V)
     out_ty = dlogits_ptr.dtype.element_ty
     if live:
-        inv_tau = _row_inv_tau(tau_ptr, row, inv_hi, inv_lo, HAS_TAU_ROWS, ACC)
+        pre, post = row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS, HAS_CAP, ACC)
         row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
         c_logp = tl.load(c_logp_ptr + row).to(ACC)
         lse = tl.zeros((), ACC)
@@ -137,9 +130,9 @@ def _kept_logprobs_bwd_kernel(
             c_ent = tl.load(c_ent_ptr + row).to(ACC)
             for c0 in range(0, V, BLOCK_V):
                 c = c0 + cols
-                z = tl.load(row_ptr + c, mask=c < V, other=0.0).to(ACC) * inv_tau
+                z, dz = transform_logits(tl.load(row_ptr + c, mask=c < V, other=0.0).to(ACC), pre, post, HAS_CAP)
                 lp = tl.where(z == float("-inf"), 0.0, z - lse)
-                g = -c_ent * tl.exp(z - lse) * (lp + ent) * inv_tau
+                g = -c_ent * tl.exp(z - lse) * (lp + ent) * dz
                 tl.store(out_ptr + c, g.to(out_ty), mask=c < V)
         else:
             for c0 in range(0, V, BLOCK_V):
@@ -154,12 +147,12 @@ def _kept_logprobs_bwd_kernel(
         for k0 in range(start, end, BLOCK_K):
             inb = k0 + ks < end
             ids = tl.load(ids_ptr + k0 + ks, mask=inb, other=0).to(tl.int64)
-            z = tl.load(row_ptr + ids, mask=inb, other=0.0).to(ACC) * inv_tau
+            z, dz = transform_logits(tl.load(row_ptr + ids, mask=inb, other=0.0).to(ACC), pre, post, HAS_CAP)
             p_k = tl.exp((z - m_k) - logs_k)
             g = c_logp * (tl.where(ids == y, 1.0, 0.0) - p_k)
             if HAS_ENT:
                 g -= c_ent * tl.exp(z - lse) * (tl.where(z == float("-inf"), 0.0, z - lse) + ent)
-            tl.store(out_ptr + ids, (g * inv_tau).to(out_ty), mask=inb)
+            tl.store(out_ptr + ids, (g * dz).to(out_ty), mask=inb)
     else:
         for c0 in range(0, V, BLOCK_V):
             c = c0 + cols
@@ -176,11 +169,12 @@ class KeptStats(NamedTuple):
     entropy: torch.Tensor | None
 
 
-def _tau_args(temperature, n_rows: int, fallback: torch.Tensor):
-    """(tau tensor for the pointer, inv_hi, inv_lo, HAS_TAU_ROWS) for a float or a per-row tensor."""
+def _transform_args(temperature, logit_scale, softcap, n_rows: int, fallback: torch.Tensor):
+    """(tau tensor for the pointer, the folded LogitTransform, HAS_TAU_ROWS) for a float temperature or a
+    per-row tensor (then the host folds tau = 1 and the kernel applies 1 / tau[row])."""
     if isinstance(temperature, torch.Tensor):
-        return flat_rows(temperature, n_rows, "temperature"), 1.0, 0.0, True
-    return (fallback, *split_float(1.0 / float(temperature)), False)
+        return flat_rows(temperature, n_rows, "temperature"), LogitTransform(1.0, logit_scale, softcap), True
+    return fallback, LogitTransform(1.0 / float(temperature), logit_scale, softcap), False
 
 
 def _csr_args(ids: torch.Tensor, offsets: torch.Tensor, n_rows: int):
@@ -191,10 +185,11 @@ def _csr_args(ids: torch.Tensor, offsets: torch.Tensor, n_rows: int):
 
 
 def kept_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, *,
-                      temperature=1.0, ignore_index: int = -100, with_entropy: bool = False) -> KeptStats:
+                      temperature=1.0, ignore_index: int = -100, with_entropy: bool = False,
+                      logit_scale: float = 1.0, softcap=None) -> KeptStats:
     """Log-probs renormalised over each row's kept set (module doc). logits [..., V] (any strides),
     labels with N = logits.numel() // V elements, ids int32/int64 [nnz] in [0, V), offsets int64 [N + 1],
-    temperature a float or a tensor of N elements (labels' shape)."""
+    temperature a float or a tensor of N elements (labels' shape); z' = softcap(logit_scale z) / tau."""
     rows = Rows(logits)
     n = rows.n_rows
     y = flat_labels(labels, n)
@@ -204,22 +199,23 @@ def kept_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Ten
     logp, m, log_s = (torch.empty(n, dtype=acc, device=dev) for _ in range(3))
     lse = torch.empty(n, dtype=acc, device=dev) if with_entropy else None
     ent = torch.empty(n, dtype=acc, device=dev) if with_entropy else None
-    tau, inv_hi, inv_lo, tau_rows = _tau_args(temperature, n, logp)
+    tau, tf, tau_rows = _transform_args(temperature, logit_scale, softcap, n, logp)
     if n > 0:
         record_launch("kept_logprobs_fwd", logits if with_entropy else None, y, ids, offsets,
                       tau if tau_rows else None, logp, m, log_s, lse, ent)
         wrap_triton(_kept_logprobs_fwd_kernel)[(n,)](
             rows.tensor, y, ids, offsets, tau, logp, m, log_s, lse if with_entropy else logp,
-            ent if with_entropy else logp, *rows.args(), rows.n_cols, inv_hi, inv_lo, int(ignore_index),
+            ent if with_entropy else logp, *rows.args(), rows.n_cols, *tf.args(), int(ignore_index),
             BLOCK_K=KEPT_BLOCK_K, BLOCK_V=cfg.ROW_BLOCK_V, WITH_ENT=with_entropy, HAS_TAU_ROWS=tau_rows,
-            ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
+            HAS_CAP=tf.has_cap, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
         )
     return KeptStats(logp, m, log_s, lse, ent)
 
 
 def kept_logprobs_bwd(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
                       stats: KeptStats, c_logp: torch.Tensor, c_ent: torch.Tensor | None = None, *,
-                      temperature=1.0, ignore_index: int = -100) -> torch.Tensor:
+                      temperature=1.0, ignore_index: int = -100, logit_scale: float = 1.0,
+                      softcap=None) -> torch.Tensor:
     """Dense gradient (logits' shape and dtype) of sum(c_logp * logp + c_ent * H) from `stats` (the forward's
     KeptStats; with c_ent its lse and entropy are needed). Ignored rows get zeros and are not read."""
     rows = Rows(logits)
@@ -233,7 +229,7 @@ def kept_logprobs_bwd(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Ten
     c_logp = flat_rows(c_logp, n, "logp gradient")
     c_ent = flat_rows(c_ent, n, "entropy gradient") if has_ent else None
     out = torch.empty(rows.tensor.shape, dtype=logits.dtype, device=logits.device)
-    tau, inv_hi, inv_lo, tau_rows = _tau_args(temperature, n, stats.m)
+    tau, tf, tau_rows = _transform_args(temperature, logit_scale, softcap, n, stats.m)
     if n > 0:
         record_launch("kept_logprobs_bwd", logits if has_ent else None, y, ids, offsets,
                       tau if tau_rows else None, stats.m, stats.log_s, stats.lse if has_ent else None,
@@ -241,28 +237,29 @@ def kept_logprobs_bwd(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Ten
         wrap_triton(_kept_logprobs_bwd_kernel)[(n,)](
             rows.tensor, y, ids, offsets, tau, stats.m, stats.log_s,
             stats.lse if has_ent else stats.m, stats.entropy if has_ent else stats.m,
-            c_logp, c_ent if has_ent else c_logp, out, *rows.args(), rows.n_cols, inv_hi, inv_lo,
+            c_logp, c_ent if has_ent else c_logp, out, *rows.args(), rows.n_cols, *tf.args(),
             int(ignore_index), BLOCK_K=KEPT_BLOCK_K, BLOCK_V=cfg.ROW_BLOCK_V, HAS_ENT=has_ent,
-            HAS_TAU_ROWS=tau_rows, ACC=acc_dtype(logits.dtype)[1], num_warps=cfg.ROW_NUM_WARPS,
+            HAS_TAU_ROWS=tau_rows, HAS_CAP=tf.has_cap, ACC=acc_dtype(logits.dtype)[1], num_warps=cfg.ROW_NUM_WARPS,
         )
     return out.view(logits.shape) if out.shape != logits.shape else out
 
 
 def aot_specs(AOTSpec, _sig):
     """The kernels' ahead-of-time compile specs (kernels/aot.py): bf16 logits with int32 ids and a scalar
-    temperature, fp32 logits with int64 ids, per-row temperatures and the entropy."""
+    temperature, fp32 logits with int64 ids, per-row temperatures, a softcap and the entropy."""
     specs = []
     strides = ("stride_outer", "stride_inner", "V")
     for tag, dt, id_t, ent, tau_rows in (("bf16,i32", "bf16", "*i32", False, False),
-                                         ("fp32,i64,ent,tau", "fp32", "*i64", True, True)):
+                                         ("fp32,i64,ent,tau,cap", "fp32", "*i64", True, True)):
         ce = dict(BLOCK_K=KEPT_BLOCK_K, BLOCK_V=cfg.ROW_BLOCK_V, WITH_ENT=ent, HAS_TAU_ROWS=tau_rows,
-                  ACC=tl.float32)
+                  HAS_CAP=ent, ACC=tl.float32)
         types = dict(logits_ptr=f"*{dt}", labels_ptr="*i64", ids_ptr=id_t, offsets_ptr="*i64", tau_ptr="*fp32",
                      logp_ptr="*fp32", m_ptr="*fp32", logs_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32",
-                     inv_hi="fp32", inv_lo="fp32")
+                     pre_hi="fp32", pre_lo="fp32", post_hi="fp32", post_lo="fp32")
         specs.append(AOTSpec(f"kept_logprobs_fwd[{tag}]", _kept_logprobs_fwd_kernel,
                              _sig(_kept_logprobs_fwd_kernel, types, ce), ce, strides, ent, cfg.ROW_NUM_WARPS))
-        ce = dict(BLOCK_K=KEPT_BLOCK_K, BLOCK_V=cfg.ROW_BLOCK_V, HAS_ENT=ent, HAS_TAU_ROWS=tau_rows, ACC=tl.float32)
+        ce = dict(BLOCK_K=KEPT_BLOCK_K, BLOCK_V=cfg.ROW_BLOCK_V, HAS_ENT=ent, HAS_TAU_ROWS=tau_rows, HAS_CAP=ent,
+                  ACC=tl.float32)
         types.update(c_logp_ptr="*fp32", c_ent_ptr="*fp32", dlogits_ptr=f"*{dt}")
         specs.append(AOTSpec(f"kept_logprobs_bwd[{tag}]", _kept_logprobs_bwd_kernel,
                              _sig(_kept_logprobs_bwd_kernel, types, ce), ce, strides, ent, cfg.ROW_NUM_WARPS))

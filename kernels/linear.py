@@ -38,6 +38,16 @@ N_PARTIALS = 6   # max, sum-exp, entropy sum, sum-exp^2, sum z', max z' before t
 
 
 @triton.jit
+def _row_inv_tau(tau_ptr, orig, row_ok, inv_tau, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr):
+    """1 / temperature per row of the tile, [BLOCK_N, 1]: the scalar inv_tau, or 1 / tau[orig] (per-token)."""
+    if HAS_TAU_ROWS:
+        inv = 1.0 / tl.load(tau_ptr + orig, mask=row_ok, other=1.0).to(ACC)
+    else:
+        inv = tl.zeros(orig.shape, ACC) + inv_tau     # one type on both branches (the JIT requires it)
+    return inv[:, None]
+
+
+@triton.jit
 def _logit_tile(h_ptr, w_ptr, b_ptr, orig, row_ok, cols, V, H, s_hn, s_hk, s_wv, s_wk, s_b,
                 logit_scale, softcap, inv_tau,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -77,7 +87,7 @@ def _chunk_rows(idx_ptr, nvalid_ptr, r0, n_rows, tile, BLOCK_N: tl.constexpr):
 @triton.jit(do_not_specialize=["r0", "n_rows", "ignore_index"])
 def _linear_fwd_kernel(
     # data
-    h_ptr, w_ptr, b_ptr, labels_ptr, idx_ptr, nvalid_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, idx_ptr, nvalid_ptr, tau_ptr,
     z_ptr, part_ptr, zy_ptr,
     # shapes
     r0, n_rows, V, H, v_split,
@@ -87,7 +97,7 @@ def _linear_fwd_kernel(
     logit_scale, softcap, inv_tau,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, WITH_EXTRAS: tl.constexpr, STORE_Z: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Partial statistics of rows tile program_id(0) over columns [v_lo, v_hi) of split program_id(1):
     part[k, split, row] for k in (m, s = sum e^(z'-m), t = sum e^(z'-m) (z'-m), sq = sum e^(2(z'-m)),
@@ -99,6 +109,7 @@ def _linear_fwd_kernel(
     # a tile with no valid row runs no vocabulary step (no FLOPs), and stores nothing
     v_end = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, v_hi, v_lo)
     y = tl.load(labels_ptr + orig * s_y, mask=row_ok, other=-1).to(tl.int64)
+    inv_rows = _row_inv_tau(tau_ptr, orig, row_ok, inv_tau, HAS_TAU_ROWS, ACC)
     m = tl.full((BLOCK_N,), float("-inf"), ACC)
     s = tl.zeros((BLOCK_N,), ACC)
     t = tl.zeros((BLOCK_N,), ACC)
@@ -109,7 +120,7 @@ def _linear_fwd_kernel(
     for v0 in range(v_lo, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         z = _logit_tile(h_ptr, w_ptr, b_ptr, orig, row_ok, cols, v_hi, H, s_hn, s_hk, s_wv, s_wk, s_b,
-                        logit_scale, softcap, inv_tau, BLOCK_N, BLOCK_V, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, ACC,
+                        logit_scale, softcap, inv_rows, BLOCK_N, BLOCK_V, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, ACC,
                         DOT, PRECISION)
         if STORE_Z:
             out = z_ptr + rows_c.to(tl.int64)[:, None] * s_zn + cols[None, :]
@@ -200,7 +211,8 @@ def _linear_finish_kernel(
 @triton.jit(do_not_specialize=["r0", "n_rows"])
 def _linear_dz_kernel(
     # data
-    z_ptr, dz_ptr, labels_ptr, idx_ptr, nvalid_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, db_in_ptr, db_ptr,
+    z_ptr, dz_ptr, labels_ptr, idx_ptr, nvalid_ptr, tau_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, db_in_ptr,
+    db_ptr,
     # shapes
     r0, n_rows, V,
     # strides
@@ -208,7 +220,7 @@ def _linear_dz_kernel(
     # logit transform
     logit_scale, softcap, inv_tau,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_DB: tl.constexpr, ACC_IN: tl.constexpr, ACC: tl.constexpr,
+    HAS_DB: tl.constexpr, ACC_IN: tl.constexpr, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr,
 ):
     """dz = dloss/dz (w.r.t. the raw logits hidden . weight + bias) of the chunk's valid rows, for the
     vocabulary tile program_id(0), from the stored z':
@@ -236,9 +248,10 @@ def _linear_dz_kernel(
         ok = row_ok[:, None] & col_ok[None, :]
         r64 = rows_c.to(tl.int64)[:, None]
         z = tl.load(z_ptr + r64 * s_zn + cols[None, :], mask=ok, other=0.0)
-        g = dlogits_block(z, cols[None, :], y, m, log_s, ent, c_logp, c_ent, inv_tau, HAS_ENT)
+        inv_rows = _row_inv_tau(tau_ptr, orig, row_ok, inv_tau, HAS_TAU_ROWS, ACC)
+        g = dlogits_block(z, cols[None, :], y, m, log_s, ent, c_logp, c_ent, inv_rows, HAS_ENT)
         if HAS_SOFTCAP:
-            th = z / (softcap * inv_tau)
+            th = z / (softcap * inv_rows)
             g = g * (1.0 - th * th)
         dz = tl.where(ok, g * logit_scale, 0.0)     # selected: nothing from rows or columns outside
         tl.store(dz_ptr + r64 * s_dzn + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
@@ -348,10 +361,12 @@ def _transform_args(opts):
     return (float(opts.logit_scale), float(opts.softcap or 1.0), float(opts.inv_tau))
 
 
-def stats_chunk(hidden, weight, bias, labels, rows: CompactRows, r0, n_rows, out, opts, z=None, finish=True):
+def stats_chunk(hidden, weight, bias, labels, rows: CompactRows, r0, n_rows, out, opts, z=None, finish=True,
+                tau=None):
     """Row statistics of compacted rows [r0, r0 + n_rows) (launches 1 and 2); with `z` ([n_rows, V] fp32)
     also stores the chunk's z'. `out` holds the per-row buffers (see `new_outputs`); without `finish`
-    only z' is wanted (launch 2 is skipped, `out` may be None)."""
+    only z' is wanted (launch 2 is skipped, `out` may be None). `tau`: per-row temperatures [N] by original
+    row, in place of opts.inv_tau."""
     N, H = hidden.shape
     V = weight.shape[0]
     acc, tl_acc, tl_dot, precision = dtypes(hidden.dtype, weight.dtype)
@@ -360,16 +375,17 @@ def stats_chunk(hidden, weight, bias, labels, rows: CompactRows, r0, n_rows, out
     part = torch.empty(N_PARTIALS, n_splits, n_rows, dtype=acc, device=hidden.device)
     zy = torch.empty(n_rows, dtype=acc, device=hidden.device)
     with_ent, extras = (out["ent_c"] is not None, out["sq"] is not None) if finish else (False, False)
-    record_launch("linear_fwd", hidden[:n_rows], weight, bias, labels[:n_rows], part, zy, z)
+    record_launch("linear_fwd", hidden[:n_rows], weight, bias, labels[:n_rows], tau, part, zy, z)
     wrap_triton(_linear_fwd_kernel)[(triton.cdiv(n_rows, cfg.LIN_BLOCK_N), n_splits)](
         hidden, weight, bias if bias is not None else weight, labels, rows.idx, rows.n_valid,
-        z if z is not None else zy, part, zy,
+        tau if tau is not None else zy, z if z is not None else zy, part, zy,
         r0, n_rows, V, H, v_split,
         *hidden.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0, labels.stride(0),
         z.stride(0) if z is not None else 0, *_transform_args(opts),
         BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_K=cfg.LIN_BLOCK_K, HAS_BIAS=bias is not None,
         HAS_SOFTCAP=opts.softcap is not None, WITH_ENT=with_ent, WITH_EXTRAS=extras, STORE_Z=z is not None,
-        ACC=tl_acc, DOT=tl_dot, PRECISION=precision, num_warps=cfg.LIN_NUM_WARPS, num_stages=cfg.LIN_NUM_STAGES)
+        HAS_TAU_ROWS=tau is not None, ACC=tl_acc, DOT=tl_dot, PRECISION=precision, num_warps=cfg.LIN_NUM_WARPS,
+        num_stages=cfg.LIN_NUM_STAGES)
     if not finish:
         return
     record_launch("linear_finish", part, zy, labels[:n_rows], out["lse"][:n_rows], out["logp"][:n_rows],
@@ -397,24 +413,25 @@ def new_outputs(N, device, acc, with_entropy, extras):
 
 
 def grads_chunk(z, dz, hidden, weight, labels, rows: CompactRows, r0, n_rows, lse, ent, c_logp, c_ent, opts, *,
-                d_hidden=None, dw_out=None, dw_in=None, db_out=None, db_in=None):
+                d_hidden=None, dw_out=None, dw_in=None, db_out=None, db_in=None, tau=None):
     """Gradient launches 3-5 for compacted rows [r0, r0 + n_rows) whose z' is in `z` ([n_rows, V]): dz into
     `dz` (the GEMM dtype; may be `z` itself), d(bias); d_hidden's rows written once; d(weight) / d(bias)
     of the chunk written to dw_out / db_out, plus the earlier chunks' fp32 sums dw_in / db_in when given.
-    lse, ent, c_logp, c_ent: by compacted position."""
+    lse, ent, c_logp, c_ent: by compacted position; tau (per-row temperatures, or None) by original row."""
     N, H = hidden.shape
     V = weight.shape[0]
     _, tl_acc, tl_dot, precision = dtypes(hidden.dtype, weight.dtype)
     has_ent = c_ent is not None
     ent_arg, c_ent_arg = (ent, c_ent) if has_ent else (lse, c_logp)
-    record_launch("linear_dz", z, labels[:n_rows], lse[:n_rows], c_logp[:n_rows], c_ent if has_ent else None, dz,
-                  db_in, db_out)
+    record_launch("linear_dz", z, labels[:n_rows], tau, lse[:n_rows], c_logp[:n_rows], c_ent if has_ent else None,
+                  dz, db_in, db_out)
     wrap_triton(_linear_dz_kernel)[(triton.cdiv(V, cfg.LIN_BLOCK_V),)](
-        z, dz, labels, rows.idx, rows.n_valid, lse, ent_arg, c_logp, c_ent_arg,
+        z, dz, labels, rows.idx, rows.n_valid, tau if tau is not None else lse, lse, ent_arg, c_logp, c_ent_arg,
         db_in if db_in is not None else lse, db_out if db_out is not None else lse,
         r0, n_rows, V, z.stride(0), dz.stride(0), labels.stride(0), *_transform_args(opts),
         BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, HAS_ENT=has_ent, HAS_SOFTCAP=opts.softcap is not None,
-        HAS_DB=db_out is not None, ACC_IN=db_in is not None, ACC=tl_acc, num_warps=cfg.LIN_NUM_WARPS)
+        HAS_DB=db_out is not None, ACC_IN=db_in is not None, HAS_TAU_ROWS=tau is not None, ACC=tl_acc,
+        num_warps=cfg.LIN_NUM_WARPS)
     gemm = dict(BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_H=cfg.LIN_BLOCK_H, ACC=tl_acc, DOT=tl_dot,
                 PRECISION=precision, num_warps=cfg.LIN_NUM_WARPS, num_stages=cfg.LIN_NUM_STAGES)
     if d_hidden is not None:
@@ -435,10 +452,10 @@ def aot_specs(AOTSpec, sig):
     tiles = dict(BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, ACC=tl.float32, DOT=tl.bfloat16,
                  PRECISION="tf32", HAS_SOFTCAP=True)
     ptrs16 = dict(h_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", labels_ptr="*i64", idx_ptr="*i64",
-                  nvalid_ptr="*i64", logit_scale="fp32", softcap="fp32", inv_tau="fp32")
+                  nvalid_ptr="*i64", tau_ptr="*fp32", logit_scale="fp32", softcap="fp32", inv_tau="fp32")
     f32 = "*fp32"
     ce = dict(tiles, BLOCK_K=cfg.LIN_BLOCK_K, HAS_BIAS=True, WITH_ENT=True, WITH_EXTRAS=True, STORE_Z=True,
-              s_hk=1, s_wk=1)   # the JIT specialises unit strides
+              HAS_TAU_ROWS=True, s_hk=1, s_wk=1)   # the JIT specialises unit strides
     types = dict(ptrs16, z_ptr=f32, part_ptr=f32, zy_ptr=f32)
     specs.append(AOTSpec("linear_fwd[bf16]", _linear_fwd_kernel, sig(_linear_fwd_kernel, types, ce), ce,
                          ("H", "V", "s_hn", "s_wv", "s_zn", "v_split"), True, cfg.LIN_NUM_WARPS,
@@ -449,7 +466,7 @@ def aot_specs(AOTSpec, sig):
     specs.append(AOTSpec("linear_finish", _linear_finish_kernel, sig(_linear_finish_kernel, types, ce), ce, (),
                          False, cfg.ELEM_NUM_WARPS))
     ce = dict(BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, HAS_ENT=True, HAS_SOFTCAP=True, HAS_DB=True,
-              ACC_IN=True, ACC=tl.float32)
+              ACC_IN=True, HAS_TAU_ROWS=True, ACC=tl.float32)
     types = {n: f32 for n in _linear_dz_kernel.arg_names if n.endswith("_ptr")}
     types.update(dz_ptr="*bf16", labels_ptr="*i64", idx_ptr="*i64", nvalid_ptr="*i64", logit_scale="fp32",
                  softcap="fp32", inv_tau="fp32")

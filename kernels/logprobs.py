@@ -21,7 +21,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _config as cfg
-from ._common import dlogits_block, finish_stats, row_offset, scalar_hi_lo, stats_step, transform_logits
+from ._common import dlogits_block, finish_stats, row_offset, row_transform, stats_step, transform_logits
 from ._rows import LogitTransform, Rows, acc_dtype, check_inplace_target, flat_labels, flat_rows
 from .launches import record_launch
 
@@ -38,11 +38,11 @@ def _row_live(labels_ptr, valid_ptr, row, ignore_index, HAS_VALID: tl.constexpr)
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, valid_ptr, logp_ptr, stats_ptr, ent_ptr,
+    logits_ptr, labels_ptr, valid_ptr, tau_ptr, logp_ptr, stats_ptr, ent_ptr,
     n_inner, stride_outer, stride_inner, V,
     pre_hi, pre_lo, post_hi, post_lo, ignore_index,
     BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, HAS_VALID: tl.constexpr, HAS_CAP: tl.constexpr,
-    ACC: tl.constexpr,
+    HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     y, live = _row_live(labels_ptr, valid_ptr, row, ignore_index, HAS_VALID)
@@ -51,8 +51,7 @@ def _logprobs_fwd_kernel(
     log_s = tl.zeros((), ACC)
     ent = tl.zeros((), ACC)
     if live:
-        pre = scalar_hi_lo(pre_hi, pre_lo, ACC)
-        post = scalar_hi_lo(post_hi, post_lo, ACC)
+        pre, post = row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS, HAS_CAP, ACC)
         row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
         cols = tl.arange(0, BLOCK_V)
         m = tl.full((), float("-inf"), ACC)
@@ -75,19 +74,18 @@ def _logprobs_fwd_kernel(
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _logprobs_bwd_kernel(
-    logits_ptr, labels_ptr, valid_ptr, stats_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, scale_ptr, dlogits_ptr,
+    logits_ptr, labels_ptr, valid_ptr, tau_ptr, stats_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, scale_ptr, dlogits_ptr,
     n_inner, stride_outer, stride_inner, d_stride_outer, d_stride_inner, V,
     pre_hi, pre_lo, post_hi, post_lo, ignore_index,
     BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VALID: tl.constexpr,
-    HAS_CAP: tl.constexpr, ACC: tl.constexpr,
+    HAS_CAP: tl.constexpr, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     y, live = _row_live(labels_ptr, valid_ptr, row, ignore_index, HAS_VALID)
     out_ptr = dlogits_ptr + row_offset(row, n_inner, d_stride_outer, d_stride_inner)
     cols = tl.arange(0, BLOCK_V)
     if live:
-        pre = scalar_hi_lo(pre_hi, pre_lo, ACC)
-        post = scalar_hi_lo(post_hi, post_lo, ACC)
+        pre, post = row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS, HAS_CAP, ACC)
         row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
         m = tl.load(stats_ptr + 2 * row).to(ACC)
         log_s = tl.load(stats_ptr + 2 * row + 1).to(ACC)
@@ -121,11 +119,20 @@ def _valid_arg(valid, n_rows, fallback):
     return flat_rows(valid, n_rows, "row validity (mask)"), True
 
 
+def _tau_arg(tau, inv_tau, logit_scale, softcap, n_rows, fallback):
+    """(pointer tensor, LogitTransform, HAS_TAU_ROWS): with a per-row temperature `tau` the host folds
+    tau = 1 and the kernel applies 1 / tau[row] (kernels/_common.py row_transform); inv_tau is then unused."""
+    if tau is None:
+        return fallback, LogitTransform(inv_tau, logit_scale, softcap), False
+    return flat_rows(tau, n_rows, "temperature"), LogitTransform(1.0, logit_scale, softcap), True
+
+
 def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, *, inv_tau: float, ignore_index: int,
-                 with_entropy: bool, logit_scale: float = 1.0, softcap=None, valid=None):
+                 with_entropy: bool, logit_scale: float = 1.0, softcap=None, valid=None, tau=None):
     """Returns (logp [N], stats [N, 2], entropy [N] or None), N = logits.numel() // V, in fp32
     (fp64 for fp64 logits, so that float64 gradcheck is meaningful); stats holds each row's (max m, log s),
-    what the backward needs. Rows whose label is ignore_index or whose `valid` entry is 0 are not read:
+    what the backward needs. `tau`: an optional per-row temperature ([N] elements, in place of inv_tau).
+    Rows whose label is ignore_index or whose `valid` entry is 0 are not read:
     logp = H = m = log s = 0 there."""
     rows = Rows(logits)
     y = flat_labels(labels, rows.n_rows)
@@ -136,20 +143,20 @@ def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, *, inv_tau: float, 
     stats = torch.empty((n, 2), dtype=acc, device=dev)
     ent = torch.empty(n, dtype=acc, device=dev) if with_entropy else logp
     vp, has_valid = _valid_arg(valid, n, y)
-    tf = LogitTransform(inv_tau, logit_scale, softcap)
+    tp, tf, tau_rows = _tau_arg(tau, inv_tau, logit_scale, softcap, n, logp)
     if n > 0:
-        record_launch("logprobs_fwd", logits, y, vp if has_valid else None, logp, stats,
+        record_launch("logprobs_fwd", logits, y, vp if has_valid else None, tp if tau_rows else None, logp, stats,
                       ent if with_entropy else None)
         wrap_triton(_logprobs_fwd_kernel)[(n,)](
-            rows.tensor, y, vp, logp, stats, ent, *rows.args(), rows.n_cols, *tf.args(), int(ignore_index),
+            rows.tensor, y, vp, tp, logp, stats, ent, *rows.args(), rows.n_cols, *tf.args(), int(ignore_index),
             BLOCK_V=cfg.ROW_BLOCK_V, WITH_ENT=with_entropy, HAS_VALID=has_valid, HAS_CAP=tf.has_cap,
-            ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
+            HAS_TAU_ROWS=tau_rows, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
         )
     return logp, stats, (ent if with_entropy else None)
 
 
 def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau: float, ignore_index: int,
-                 scale=None, inplace: bool = False, logit_scale: float = 1.0, softcap=None, valid=None):
+                 scale=None, inplace: bool = False, logit_scale: float = 1.0, softcap=None, valid=None, tau=None):
     """dlogits from the forward's row `stats` [N, 2] and entropy, for upstream per-row gradients c_logp
     (of logp) and c_ent (of entropy, or None),
     times the optional 0-d tensor `scale` (read on the device: no host sync). With `inplace`
@@ -168,15 +175,16 @@ def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau: float, i
     c_logp = flat_rows(c_logp, rows.n_rows, "logp gradient")      # upstream grads of a .sum() have stride 0
     c_ent = flat_rows(c_ent, rows.n_rows, "entropy gradient") if has_ent else None
     vp, has_valid = _valid_arg(valid, rows.n_rows, y)
-    tf = LogitTransform(inv_tau, logit_scale, softcap)
+    tp, tf, tau_rows = _tau_arg(tau, inv_tau, logit_scale, softcap, rows.n_rows, stats)
     if rows.n_rows > 0:
-        record_launch("logprobs_bwd", logits, y, vp if has_valid else None, stats, ent if has_ent else None,
-                      c_logp, c_ent, scale, logits)
+        record_launch("logprobs_bwd", logits, y, vp if has_valid else None, tp if tau_rows else None, stats,
+                      ent if has_ent else None, c_logp, c_ent, scale, logits)
         wrap_triton(_logprobs_bwd_kernel)[(rows.n_rows,)](
-            rows.tensor, y, vp, stats, ent if has_ent else stats, c_logp, c_ent if has_ent else c_logp,
+            rows.tensor, y, vp, tp, stats, ent if has_ent else stats, c_logp, c_ent if has_ent else c_logp,
             scale if scale is not None else stats, out,
             *rows.args(), d_outer, d_inner, rows.n_cols, *tf.args(), int(ignore_index),
             BLOCK_V=cfg.ROW_BLOCK_V, HAS_ENT=has_ent, HAS_SCALE=scale is not None, HAS_VALID=has_valid,
-            HAS_CAP=tf.has_cap, ACC=acc_dtype(logits.dtype)[1], num_warps=cfg.ROW_NUM_WARPS,
+            HAS_CAP=tf.has_cap, HAS_TAU_ROWS=tau_rows, ACC=acc_dtype(logits.dtype)[1],
+            num_warps=cfg.ROW_NUM_WARPS,
         )
     return out.view(logits.shape) if out.shape != logits.shape else out

@@ -258,3 +258,27 @@ def test_forward_bytes_grow_with_nnz_not_vocab():
     # per row: label 8 + offsets 2 x 8 + 40 ids x 8 + 40 kept logits x 4 + the label's logit 4 + 3 outputs x 4
     assert small == 8 * (8 + 16 + 40 * 8 + 40 * 4 + 4 + 12)
     assert traffic(1031, 80) > small
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_logit_transform(backend, per_row):
+    logits, labels, ks = _case(torch.float32)
+    mod = BACKENDS[backend]
+    tau = torch.rand(labels.shape, device=DEVICE) + 0.5 if per_row else 0.8
+    for scale, cap in ((0.5, None), (1.3, 4.0)):
+        x = logits.detach().clone().double().requires_grad_()
+        ref_lp, ref_ent = kept_token_logprobs(x, labels, ks, temperature=tau, return_entropy=True,
+                                              logit_scale=scale, final_logit_softcapping=cap)
+        st = mod.kept_logprobs_fwd(logits, labels, ks.ids, ks.offsets, temperature=tau, with_entropy=True,
+                                   logit_scale=scale, softcap=cap)
+        ok = ~torch.isnan(ref_lp.reshape(-1))
+        assert_close_by_dtype(st.logp[ok], ref_lp.reshape(-1)[ok], torch.float32)
+        assert_close_by_dtype(st.entropy, ref_ent.reshape(-1), torch.float32)
+        g = torch.linspace(-1.5, 2.0, labels.numel(), dtype=torch.float64, device=DEVICE) * ok
+        ge = torch.linspace(0.7, -0.4, labels.numel(), dtype=torch.float64, device=DEVICE)
+        ((torch.where(ok, ref_lp.reshape(-1), 0.0) * g).sum() + (ref_ent.reshape(-1) * ge).sum()).backward()
+        grad = mod.kept_logprobs_bwd(logits, labels, ks.ids, ks.offsets, st, g.float(), ge.float(),
+                                     temperature=tau, logit_scale=scale, softcap=cap)
+        V = logits.shape[-1]
+        assert_close_by_dtype(grad.reshape(-1, V)[ok], x.grad.reshape(-1, V)[ok], torch.float32)
