@@ -105,6 +105,7 @@ def _loss_cases(backend):
     labels = _labels((2, 3), V)
     lp, old, adv, ref = _bt(2, 3, requires_grad=True), _bt(2, 3) - 1, _bt(2, 3), _bt(2, 3) - 1
     ent, isw = _bt(2, 3).abs(), _bt(2, 3).abs()
+    cu = torch.tensor([0, 2, 6], device=DEVICE)   # packed: two sequences of 2 and 4 tokens
     logits = torch.randn(2, 3, V, device=DEVICE, requires_grad=True)
     hidden = torch.randn(2, 3, H, device=DEVICE, requires_grad=True)
     weight = (torch.randn(V, H, device=DEVICE) / 4).requires_grad_()
@@ -114,13 +115,16 @@ def _loss_cases(backend):
     lopts = encode(LogprobOptions(inv_tau=1 / 0.7, ignore_index=-100, with_entropy=True, backend=backend,
                                   logit_scale=0.5, softcap=30.0))
     return [
-        ("ppo_policy_loss", (lp, old, adv, mask, None, None, ppo, backend)),
-        ("ppo_policy_loss", (lp, old, adv[:, 0], mask, ent, isw, gspo, backend)),
-        ("value_loss", (lp, old, adv, mask, encode(LossOptions.value(clip=0.5, agg="seq-mean-token-sum")), backend)),
-        ("fused_ppo_loss", (logits, labels, old, adv, mask, ref, isw, lopts, fused, backend)),
-        ("fused_ppo_loss", (logits, labels, old, adv[:, 0], mask, None, None,
+        ("ppo_policy_loss", (lp, old, adv, mask, None, None, None, ppo, backend)),
+        ("ppo_policy_loss", (lp, old, adv[:, 0], mask, ent, isw, None, gspo, backend)),
+        ("ppo_policy_loss", (lp.reshape(-1), old.reshape(-1), adv.reshape(-1), mask.reshape(-1), None, None, cu, ppo,
+                             backend)),
+        ("value_loss", (lp, old, adv, mask, None, encode(LossOptions.value(clip=0.5, agg="seq-mean-token-sum")),
+                        backend)),
+        ("fused_ppo_loss", (logits, labels, old, adv, mask, ref, isw, None, lopts, fused, backend)),
+        ("fused_ppo_loss", (logits, labels, old, adv[:, 0], mask, None, None, None,
                             encode(LogprobOptions(backend=backend)), ppo, backend)),
-        ("fused_linear_ppo_loss", (hidden, weight, None, labels, old, adv, mask, ref, None, fused,
+        ("fused_linear_ppo_loss", (hidden, weight, None, labels, old, adv, mask, ref, None, None, fused,
                                    _linear_options(backend), True, True, False, backend)),
     ]
 
