@@ -70,7 +70,7 @@ class UpdateSteps:
             return loss
 
         losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
-        if not self._step(losses, self.policy_params, self.policy_opt, model=self.policy):
+        if not self._step(losses, self.policy_opt, model=self.policy):
             return {}
         return self._reduce_logs("distill_loss", ("divergence",), stats, counts)
 
