@@ -75,6 +75,22 @@ def log_mixture(lp_s, lp_t, log_1mb, log_b):
 
 
 @triton.jit
+def row_live(valid_ptr, row, HAS_VALID: tl.constexpr):
+    """Whether this row counts: valid[row] != 0, or always without a validity tensor."""
+    live = tl.full((), 1, tl.int1)
+    if HAS_VALID:
+        live = tl.load(valid_ptr + row) != 0
+    return live
+
+
+@triton.jit
+def mixture_logs(beta_hi, beta_lo, ACC: tl.constexpr):
+    """(beta, log beta, log(1 - beta)) of the JSD mixture m = (1 - beta) p_s + beta p_t."""
+    beta = scalar_hi_lo(beta_hi, beta_lo, ACC)
+    return beta, tl.log(beta), tl.log(1.0 - beta)
+
+
+@triton.jit
 def _divergence_fwd_kernel(
     # data: student / teacher logits (any row strides, unit column stride), row validity, outputs
     s_ptr, t_ptr, valid_ptr, div_ptr, stats_ptr,
@@ -85,9 +101,7 @@ def _divergence_fwd_kernel(
     BLOCK_V: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    live = tl.full((), 1, tl.int1)
-    if HAS_VALID:
-        live = tl.load(valid_ptr + row) != 0
+    live = row_live(valid_ptr, row, HAS_VALID)
     div = tl.zeros((), ACC)
     m_s = tl.zeros((), ACC)
     ls_s = tl.zeros((), ACC)
@@ -124,9 +138,7 @@ def _divergence_fwd_kernel(
         if MODE == FORWARD_KL:
             div = u / sum_t - ls_t + ls_s
         if MODE == JSD:
-            beta = scalar_hi_lo(beta_hi, beta_lo, ACC)
-            log_b = tl.log(beta)
-            log_1mb = tl.log(1.0 - beta)
+            beta, log_b, log_1mb = mixture_logs(beta_hi, beta_lo, ACC)
             kl_s = tl.zeros((), ACC)
             kl_t = tl.zeros((), ACC)
             for start in range(0, V, BLOCK_V):
@@ -161,16 +173,12 @@ def _divergence_bwd_kernel(
     BLOCK_V: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    live = tl.full((), 1, tl.int1)
-    if HAS_VALID:
-        live = tl.load(valid_ptr + row) != 0
+    live = row_live(valid_ptr, row, HAS_VALID)
     out_row = ds_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
     if live:
         inv_tau = scalar_hi_lo(tau_hi, tau_lo, ACC)
-        beta = scalar_hi_lo(beta_hi, beta_lo, ACC)
-        log_b = tl.log(beta)
-        log_1mb = tl.log(1.0 - beta)
+        beta, log_b, log_1mb = mixture_logs(beta_hi, beta_lo, ACC)
         s_row = s_ptr + row_offset(row, s_inner, s_outer_s, s_inner_s)
         t_row = t_ptr + row_offset(row, t_inner, t_outer_s, t_inner_s)
         st = stats_ptr + row * N_STATS

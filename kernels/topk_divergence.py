@@ -25,18 +25,10 @@ from torch.library import wrap_triton
 from . import _config as cfg
 from ._common import online_softmax_step, row_offset, scalar_hi_lo
 from ._rows import Rows, acc_dtype, flat_rows, split_float
-from .divergence import FORWARD_KL, JSD, REVERSE_KL, log_mixture, mode_of, xlogy_diff
+from .divergence import FORWARD_KL, JSD, REVERSE_KL, log_mixture, mixture_logs, mode_of, row_live, xlogy_diff
 from .launches import record_launch
 
 N_STATS: tl.constexpr = tl.constexpr(5)   # per row: max, log-sum-exp, log q_tail, log p_t,tail, C
-
-
-@triton.jit
-def _row_live(valid_ptr, row, HAS_VALID: tl.constexpr):
-    live = tl.full((), 1, tl.int1)
-    if HAS_VALID:
-        live = tl.load(valid_ptr + row) != 0
-    return live
 
 
 @triton.jit
@@ -69,7 +61,7 @@ def _topk_fwd_kernel(
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    live = _row_live(valid_ptr, row, HAS_VALID)
+    live = row_live(valid_ptr, row, HAS_VALID)
     div = tl.zeros((), ACC)
     m = tl.zeros((), ACC)
     ls = tl.zeros((), ACC)
@@ -144,14 +136,12 @@ def _topk_bwd_kernel(
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    live = _row_live(valid_ptr, row, HAS_VALID)
+    live = row_live(valid_ptr, row, HAS_VALID)
     out_row = ds_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
     if live:
         inv_tau = scalar_hi_lo(tau_hi, tau_lo, ACC)
-        beta = scalar_hi_lo(beta_hi, beta_lo, ACC)
-        log_b = tl.log(beta)
-        log_1mb = tl.log(1.0 - beta)
+        beta, log_b, log_1mb = mixture_logs(beta_hi, beta_lo, ACC)
         s_row = s_ptr + row_offset(row, s_inner, s_outer_s, s_inner_s)
         st = stats_ptr + row * N_STATS
         m = tl.load(st + 0)
