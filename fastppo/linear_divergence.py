@@ -12,7 +12,9 @@ Per chunk of rows (`chunk_rows`: the two fp32 [rows, V] logit buffers fit in `ch
             (fp32 sums in a fixed chunk order, no atomics).                2 N (Hs + Ht) V + 4 N Hs V FLOPs
 In all 4 N Ht V + 8 N Hs V: backward recomputes both models' logits rather than holding gradients formed in the
 forward pass, which is exact for any upstream g (a per-token g cannot be folded into d W_s after the fact); the
-forward-formed variant (2 N Ht V + 6 N Hs V) needs the upstream reduction inside the op and is not built here.
+forward-formed variant (2 N Ht V + 6 N Hs V) needs the upstream reduction inside the op: linear_divergence_loss.
+The products are taken whole per chunk (not over linear_torch's ROW_BLOCK blocks, so no padded rows cost FLOPs):
+the bitwise batch invariance of the log-prob ops (docs/design.md §4.6) is not promised here.
 
 Rows where `mask` is 0: on CPU they are skipped (gathered out, never read); on other devices every row is
 projected with those rows' hidden states replaced by 0 (selected, never multiplied: a NaN there cannot leak)
@@ -62,8 +64,8 @@ def by_row(sel, rows_value, n_rows):
 
 def chunk_logits(hs_c, ws, bs, ht_c, wt, bt, opts: LinearDivergenceOptions, acc):
     """(z_s, tanh of the student's softcap or None, z_t) of one chunk of rows, in acc, before the temperature."""
-    zs, th = linear_torch.logits(hs_c, ws, bs, opts.student(), acc)
-    zt, _ = linear_torch.logits(ht_c, wt, bt, opts.teacher(), acc)
+    zs, th = linear_torch.logits(hs_c, ws, bs, opts.student(), acc, row_blocks=False)
+    zt, _ = linear_torch.logits(ht_c, wt, bt, opts.teacher(), acc, row_blocks=False)
     return zs, th, zt
 
 

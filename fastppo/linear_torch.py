@@ -63,15 +63,19 @@ def _weight_blocks(weight, acc):
         yield v0, v1, weight[v0:v1].to(acc)
 
 
-def logits(h, weight, bias, opts, acc, inv_tau=None):
+def logits(h, weight, bias, opts, acc, inv_tau=None, row_blocks=True):
     """z' = softcap(logit_scale (h W^T + b)) / tau in acc, plus tanh(.) for the softcap derivative (or None).
     The product is accumulated and kept in acc from upcast operands (bf16 / fp16 products are exact in fp32):
     never rounded to the input dtype before the softmax. `inv_tau`: per-row 1 / temperature ([rows, 1]) in
-    place of opts.inv_tau."""
+    place of opts.inv_tau. `row_blocks`: the product over blocks of ROW_BLOCK rows (batch invariance, module
+    doc); False takes it whole (no padded rows: for callers that promise no per-row invariance)."""
     hz = h.to(acc)
     z = torch.empty(h.shape[0], weight.shape[0], dtype=acc, device=h.device)
     for v0, v1, w in _weight_blocks(weight, acc):
-        _mm_rows(hz, w.t(), z[:, v0:v1])
+        if row_blocks:
+            _mm_rows(hz, w.t(), z[:, v0:v1])
+        else:
+            torch.matmul(hz, w.t(), out=z[:, v0:v1])
     if bias is not None:
         z = z + bias.to(acc)
     z = z * opts.logit_scale
