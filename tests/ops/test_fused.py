@@ -127,7 +127,7 @@ def test_gradcheck_float64():
         return fastppo.fused_ppo_loss(x, labels, old, adv, mask, ref_logprobs=old, kl_coef=0.1,
                                       entropy_coef=0.05).loss
 
-    assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 def test_bad_arguments():

@@ -135,7 +135,7 @@ def test_gradcheck_float64():
     x = logp.clone().requires_grad_()
     f = lambda y: fastppo.ppo_policy_loss(y, old, adv, mask, clip_high=0.3, dual_clip=2.0,
                                           agg="seq-mean-token-mean")[0]
-    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 def test_bad_arguments():
