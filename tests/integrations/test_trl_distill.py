@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import trl.kernels.chunked_divergence as cd  # TRL 1.16, installed by .ci/install
 
 import fastppo.integrations as fi
 from fastppo.reference_divergence import linear_divergence as ref_linear_divergence
-
-cd = pytest.importorskip("trl.kernels.chunked_divergence")
 
 
 def _inputs(N=23, Hs=16, Ht=24, V=131, dtype=torch.float32, bias=True):
