@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -41,19 +42,24 @@ def test_repo_root_does_not_shadow_huggingface_kernels():
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    for line in out.stdout.split():
-        assert not Path(line).resolve().is_relative_to(ROOT), f"'kernels' resolved inside the repo: {line}"
+    for line in out.stdout.split():   # (a virtual environment inside the clone is fine: not the repo's folder)
+        assert not Path(line).resolve().is_relative_to(ROOT / "kernels"), f"'kernels' is the repo's folder: {line}"
     cli = subprocess.run([sys.executable, "-m", "fastppo.cli", "--version"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert cli.returncode == 0 and cli.stdout.startswith("fastppo "), cli.stderr[-3000:]
 
 
 def test_wheel_ships_every_package(tmp_path):
-    """The wheel holds every package of the source tree (an editable install would hide a missing one)."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "-w", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True, timeout=300, cwd=tmp_path)
-    (wheel,) = tmp_path.glob("fastppo-*.whl")
+    """The wheel holds every package of the source tree (an editable install would hide a missing one). Built from
+    a copy of the tracked layout, so a build/ folder left in the clone cannot interfere."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(src)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("fastppo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {str(Path(n).parent).replace("/", ".") for n in names if n.endswith(".py")}
     missing = _source_packages() - shipped
