@@ -75,6 +75,15 @@ def log_mixture(lp_s, lp_t, log_1mb, log_b):
 
 
 @triton.jit
+def load_pair(s_row, t_row, c, V, inv_tau, ACC: tl.constexpr):
+    """Columns c of the student's and the teacher's row, in ACC and divided by tau (-inf past V)."""
+    inb = c < V
+    zs = tl.load(s_row + c, mask=inb, other=float("-inf")).to(ACC) * inv_tau
+    zt = tl.load(t_row + c, mask=inb, other=float("-inf")).to(ACC) * inv_tau
+    return zs, zt
+
+
+@triton.jit
 def row_live(valid_ptr, row, HAS_VALID: tl.constexpr):
     """Whether this row counts: valid[row] != 0, or always without a validity tensor."""
     live = tl.full((), 1, tl.int1)
@@ -120,9 +129,7 @@ def _divergence_fwd_kernel(
         u = tl.zeros((), ACC)
         for start in range(0, V, BLOCK_V):
             c = start + cols
-            inb = c < V
-            zs = tl.load(s_row + c, mask=inb, other=float("-inf")).to(ACC) * inv_tau
-            zt = tl.load(t_row + c, mask=inb, other=float("-inf")).to(ACC) * inv_tau
+            zs, zt = load_pair(s_row, t_row, c, V, inv_tau, ACC)
             m_s_new, sum_s_new, alpha_s, e_s, _ = online_softmax_step(m_s, sum_s, zs)
             m_t_new, sum_t_new, alpha_t, e_t, _ = online_softmax_step(m_t, sum_t, zt)
             if MODE == REVERSE_KL:
@@ -143,9 +150,7 @@ def _divergence_fwd_kernel(
             kl_t = tl.zeros((), ACC)
             for start in range(0, V, BLOCK_V):
                 c = start + cols
-                inb = c < V
-                zs = tl.load(s_row + c, mask=inb, other=float("-inf")).to(ACC) * inv_tau
-                zt = tl.load(t_row + c, mask=inb, other=float("-inf")).to(ACC) * inv_tau
+                zs, zt = load_pair(s_row, t_row, c, V, inv_tau, ACC)
                 lp_s = (zs - m_s) - ls_s
                 lp_t = (zt - m_t) - ls_t
                 lm = log_mixture(lp_s, lp_t, log_1mb, log_b)
@@ -190,9 +195,7 @@ def _divergence_bwd_kernel(
         g = tl.load(g_ptr + row).to(ACC) * inv_tau
         for start in range(0, V, BLOCK_V):
             c = start + cols
-            inb = c < V
-            zs = tl.load(s_row + c, mask=inb, other=float("-inf")).to(ACC) * inv_tau
-            zt = tl.load(t_row + c, mask=inb, other=float("-inf")).to(ACC) * inv_tau
+            zs, zt = load_pair(s_row, t_row, c, V, inv_tau, ACC)
             lp_s = (zs - m_s) - ls_s
             lp_t = (zt - m_t) - ls_t
             p_s = tl.exp(lp_s)
@@ -203,7 +206,7 @@ def _divergence_bwd_kernel(
             else:
                 lm = log_mixture(lp_s, lp_t, log_1mb, log_b)
                 d = tl.where(p_s == 0.0, 0.0, (1.0 - beta) * p_s * (lp_s - lm - aux))
-            tl.store(out_row + c, (g * d).to(ds_ptr.dtype.element_ty), mask=inb)
+            tl.store(out_row + c, (g * d).to(ds_ptr.dtype.element_ty), mask=c < V)
     else:
         for start in range(0, V, BLOCK_V):
             c = start + cols
