@@ -23,7 +23,6 @@ from .outputs import PPOLossOutput
 from .vocab_parallel import (
     NO_VOCAB_LIMIT,
     ShardedLossTerms,
-    VocabParallelLinearLogprobs,
     VocabParallelLogprobs,
     VocabShard,
     combine_shards,
@@ -31,6 +30,7 @@ from .vocab_parallel import (
     shard_labels,
     vocab_shard,
 )
+from .vocab_parallel_linear import VocabParallelLinearLogprobs
 
 __all__ = [
     "NO_VOCAB_LIMIT",

@@ -25,7 +25,7 @@ from .losses import agg_outputs_fake, check_fused_tensors, loss_options, loss_op
 from .options import LinearOptions, LossOptions, VocabParallel
 from .outputs import PPOLossOutput
 from .packed import per_token
-from .vocab_parallel import sharded_fused_linear_ppo_loss
+from .vocab_parallel_linear import sharded_fused_linear_ppo_loss
 
 
 def _token_local(opts: LossOptions) -> bool:

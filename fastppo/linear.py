@@ -48,7 +48,7 @@ from .linear_pipeline import (
 )
 from .options import LinearOptions, VocabParallel
 from .outputs import LogprobOutputs
-from .vocab_parallel import sharded_linear_logprobs
+from .vocab_parallel_linear import sharded_linear_logprobs
 
 EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 # what linear_logprobs returns: logp, (logp, entropy) or, with extra_outputs, LogprobOutputs

@@ -1,7 +1,8 @@
-"""The vocabulary-parallel implementation of token_logprobs, fused_ppo_loss, linear_logprobs and
-fused_linear_ppo_loss (their `vocab_parallel=fastppo.VocabParallel(group)` keyword): logits (or an
-lm_head) sharded over the vocabulary across the ranks of a process group, Megatron's layout (rank r holds the contiguous
-slice [start_r, start_r + V_r) in rank order; uneven V_r allowed). Nothing [N, V] is ever gathered.
+"""The vocabulary-parallel implementation of token_logprobs and fused_ppo_loss (their
+`vocab_parallel=fastppo.VocabParallel(group)` keyword), and the layout and row-statistic combination that the
+sharded linear ops share (fastppo.vocab_parallel_linear): logits (or an lm_head) sharded over the vocabulary
+across the ranks of a process group, Megatron's layout (rank r holds the contiguous slice [start_r, start_r + V_r)
+in rank order; uneven V_r allowed). Nothing [N, V] is ever gathered.
 
 Each rank runs the unsharded launchers on its shard (kernels/logprobs.py or kernels/linear.py, or
 their PyTorch twins), with the labels shifted into the shard and labels owned by another rank
@@ -35,9 +36,8 @@ from torch.autograd.function import once_differentiable
 from ._validation import check_float, check_inplace, check_labels
 from .backend import backend_for
 from .dispatch import ops
-from .linear_pipeline import build_linear_options, check_linear, linear_backward, linear_forward
 from .losses import check_fused_tensors, fused_stat_names, loss_terms_from_logprobs, stats_dict
-from .options import LinearOptions, LogprobOptions, LossOptions, VocabParallel
+from .options import LogprobOptions, LossOptions, VocabParallel
 from .outputs import PPOLossOutput
 
 
@@ -71,7 +71,7 @@ def vocab_shard(local_size: int, device: torch.device, group=None) -> VocabShard
     return VocabShard(group, start, int(local_size), total)
 
 
-def _all_reduce(x: torch.Tensor, op, group):
+def all_reduce(x: torch.Tensor, op, group):
     """In-place all-reduce through the module attribute (so tests can count the calls); gloo needs
     CPU tensors, so a CUDA tensor under gloo makes a round trip."""
     if dist.get_backend(group) == "gloo" and x.device.type != "cpu":
@@ -107,7 +107,7 @@ def combine_shards(logp_r, lse_r, ent_r, owned, ignored, group):
     at any magnitude): 2 all-reduces (MAX of [N]; SUM of [N, 3], or [N, 4] with entropy). Ignored rows give
     0 log-prob and entropy; a label no rank owns gives NaN (as an out-of-range label does unsharded)."""
     m_r, log_s_r = lse_r[:, 0], lse_r[:, 1]
-    m = _all_reduce(torch.where(log_s_r == float("-inf"), log_s_r, m_r), dist.ReduceOp.MAX, group)
+    m = all_reduce(torch.where(log_s_r == float("-inf"), log_s_r, m_r), dist.ReduceOp.MAX, group)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)    # an all -inf row: S = 0, lse = -inf
     a = (m_r - m) + log_s_r                                         # log of the shard's sum exp(z' - M)
     e = torch.exp(a)
@@ -115,7 +115,7 @@ def combine_shards(logp_r, lse_r, ent_r, owned, ignored, group):
     cols = [e, torch.where(owned, logp_r + a, zero), owned.to(e.dtype)]
     if ent_r is not None:
         cols.append(torch.where(e == 0, zero, e * (a - ent_r)))
-    sums = _all_reduce(torch.stack(cols, 1), dist.ReduceOp.SUM, group)
+    sums = all_reduce(torch.stack(cols, 1), dist.ReduceOp.SUM, group)
     log_s = torch.log(sums[:, 0])
     lse = torch.stack((m, log_s), 1)
     logp = torch.where(sums[:, 2] > 0, sums[:, 1] - log_s, float("nan"))
@@ -167,7 +167,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
 NO_VOCAB_LIMIT = 2**62
 
 
-def _locate(local_size, device, labels, lead_shape, ignore_index, group):
+def locate_shard(local_size, device, labels, lead_shape, ignore_index, group):
     """Local checks first (a rank that raises must not leave the others waiting in a collective),
     then the shard-size all-gather, then the label range against the full vocabulary where free."""
     check_labels(labels, lead_shape, NO_VOCAB_LIMIT, ignore_index)
@@ -182,7 +182,7 @@ def _check_logits(logits_shard, labels, ignore_index, group):
     if logits_shard.dim() < 1 or logits_shard.shape[-1] == 0:
         raise ValueError(f"logits_shard must have a non-empty vocabulary dim, got shape "
                          f"{tuple(logits_shard.shape)}")
-    return _locate(logits_shard.shape[-1], logits_shard.device, labels, logits_shard.shape[:-1], ignore_index,
+    return locate_shard(logits_shard.shape[-1], logits_shard.device, labels, logits_shard.shape[:-1], ignore_index,
                    group)
 
 
@@ -216,7 +216,7 @@ class ShardedLossTerms(torch.autograd.Function):
         return g_logp, g_ent, None, None, None, None, None, None, None
 
 
-def _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts: LossOptions,
+def sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts: LossOptions,
                   backend: str) -> PPOLossOutput:
     """PPOLossOutput of the unsharded fused ops from the global per-token log-probs (and entropy) of a
     vocabulary-parallel log-prob op, chained through its autograd."""
@@ -227,55 +227,8 @@ def _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollo
                          stats=stats_dict(stats, fused_stat_names(opts, kl is not None, ent is not None)))
 
 
-# ----------------------------------------------------------------------------- linear
-class VocabParallelLinearLogprobs(torch.autograd.Function):
-    """Forward: the linear launcher on the weight shard + 2 all-reduces. Backward: the unsharded
-    chunked backward on the shard with the global lse and H, then one all-reduce of d(hidden)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight_shard, bias_shard, labels, shard: VocabShard, opts: LinearOptions):
-        ctx.set_materialize_grads(False)
-        h2 = hidden.reshape(-1, hidden.shape[-1])
-        local, owned, ignored = shard_labels(labels, shard, opts.ignore_index)
-        logp_r, lse_r, ent_r = linear_forward(h2, weight_shard, bias_shard, local, opts)
-        logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, owned, ignored, shard.group)
-        ctx.save_for_backward(hidden, weight_shard, bias_shard, local, lse, ent if ent is not None else lse)
-        ctx.opts, ctx.group = opts, shard.group
-        shape = labels.shape
-        return logp.view(shape), (None if ent is None else ent.view(shape))
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, local, lse, ent = ctx.saved_tensors
-        opts = ctx.opts
-        if g_logp is None and g_ent is None:
-            return (None,) * 6
-        if g_logp is None:
-            g_logp = torch.zeros(local.shape, dtype=lse.dtype, device=lse.device)
-        has_ent = opts.with_entropy and g_ent is not None
-        h2 = hidden.reshape(-1, hidden.shape[-1])
-        dh, dw, db = linear_backward(h2, weight, bias, local, lse, ent if has_ent else None,
-                                     g_logp.to(lse.dtype).reshape(-1),
-                                     g_ent.to(lse.dtype).reshape(-1) if has_ent else None, opts,
-                                     ctx.needs_input_grad[:3])
-        if dh is not None:   # (hidden requires grad on every rank or on none: the all-reduce is collective)
-            dh = _all_reduce(dh.to(lse.dtype), dist.ReduceOp.SUM, ctx.group).to(hidden.dtype).view(hidden.shape)
-        return dh, dw, db, None, None, None
-
-
-def _check_linear_shard(hidden, weight_shard, labels, bias_shard, ignore_index, group):
-    check_float("hidden", hidden)
-    check_float("weight_shard", weight_shard)
-    if weight_shard.dim() != 2 or weight_shard.shape[0] == 0:
-        raise ValueError(f"weight_shard must be [V_r, H] with V_r >= 1, got {tuple(weight_shard.shape)}")
-    # the unsharded checks with the labels' range left to _locate (they are global ids)
-    check_linear(hidden, weight_shard, torch.zeros(labels.shape, dtype=torch.int64) if isinstance(
-        labels, torch.Tensor) and not labels.dtype.is_floating_point else labels, bias_shard, ignore_index)
-    return _locate(weight_shard.shape[0], hidden.device, labels, hidden.shape[:-1], ignore_index, group)
-
-
-# ----------------------------------------------------------------------------- the four ops, sharded
-def _want_entropy(return_entropy, opts: LossOptions):
+# ----------------------------------------------------------------------------- the two logits ops, sharded
+def want_entropy(return_entropy, opts: LossOptions):
     return bool(return_entropy or opts.entropy_coef != 0 or opts.entropy_quantile is not None)
 
 
@@ -299,7 +252,7 @@ def sharded_fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask,
     per-token outputs the same on every rank, each rank's logits_shard gets its gradient slice. As
     unsharded, rows where mask is 0 count as ignored labels (0 log-prob, no gradient)."""
     group = VocabParallel.check(vocab_parallel).group
-    _refuse_packed(cu_seqlens)
+    refuse_packed(cu_seqlens)
     check_float("logits_shard", logits_shard)
     if logits_shard.dim() not in (2, 3):
         raise ValueError(f"logits_shard must be [B, T, V_r] or [T, V_r], got shape {tuple(logits_shard.shape)}")
@@ -307,57 +260,18 @@ def sharded_fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask,
                         loss_opts)
     opts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
                                 final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
-                                with_entropy=_want_entropy(return_entropy, loss_opts), inplace=inplace,
+                                with_entropy=want_entropy(return_entropy, loss_opts), inplace=inplace,
                                 backend=backend_for(logits_shard, labels, old_logprobs, advantages, mask))
     if inplace:
         check_inplace("logits_shard", logits_shard)
     shard = _check_logits(logits_shard, labels, ignore_index, group)
     labels = torch.where(mask != 0, labels, opts.ignore_index)      # mask-0 rows are dead, as unsharded
     logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
-    return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
+    return sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
                          opts.backend)
 
 
-def sharded_linear_logprobs(hidden, weight_shard, labels, vocab_parallel, *, bias, temperature, ignore_index,
-                            return_entropy, final_logit_softcapping, logit_scale, extra_outputs, chunk_bytes):
-    """linear_logprobs(..., vocab_parallel=): weight_shard [V_r, H] (and bias [V_r]) are rows
-    [start_r, start_r + V_r) of the full head, hidden and labels (global ids) replicated; hidden gets the
-    full gradient on every rank, weight_shard / bias their slices. 2 all-reduces of O(N) floats forward,
-    1 of N x H floats backward. extra_outputs is not offered here."""
-    group = VocabParallel.check(vocab_parallel).group
-    if extra_outputs:
-        raise ValueError(f"extra_outputs is not offered with vocab_parallel, got {extra_outputs!r}")
-    opts = build_linear_options(temperature, ignore_index, return_entropy, False, final_logit_softcapping,
-                                logit_scale, chunk_bytes, backend_for(hidden, weight_shard, labels))
-    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
-    logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
-    return (logp, ent) if return_entropy else logp
-
-
-def sharded_fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages, mask, vocab_parallel, *,
-                                  loss_opts: LossOptions, bias, ref_logprobs, rollout_is_weights, cu_seqlens,
-                                  temperature, ignore_index, return_entropy, final_logit_softcapping, logit_scale,
-                                  chunk_bytes) -> PPOLossOutput:
-    """fused_linear_ppo_loss(..., vocab_parallel=): the head sharded as in sharded_linear_logprobs, the
-    loss and per-token outputs replicated on every rank."""
-    group = VocabParallel.check(vocab_parallel).group
-    _refuse_packed(cu_seqlens)
-    check_float("hidden", hidden)
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
-    check_fused_tensors(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
-                        loss_opts)
-    opts = build_linear_options(temperature, ignore_index, _want_entropy(return_entropy, loss_opts), False,
-                                final_logit_softcapping, logit_scale, chunk_bytes,
-                                backend_for(hidden, weight_shard, labels, old_logprobs, advantages, mask))
-    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
-    labels = torch.where(mask.reshape(labels.shape) != 0, labels, opts.ignore_index)   # mask-0 rows are dead
-    logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
-    return _sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
-                         opts.backend)
-
-
-def _refuse_packed(cu_seqlens):
+def refuse_packed(cu_seqlens):
     if cu_seqlens is not None:
         raise ValueError("cu_seqlens (packed sequences) is not offered with vocab_parallel; pass padded [B, T] "
                          "tensors")

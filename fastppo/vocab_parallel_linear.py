@@ -1,0 +1,114 @@
+"""The vocabulary-parallel linear_logprobs and fused_linear_ppo_loss (their `vocab_parallel=` keyword): the lm_head
+sharded over the vocabulary in rank order (fastppo.vocab_parallel's layout and its derivation of the combined row
+statistics). Each rank runs the unsharded linear row pipeline (fastppo.linear_pipeline) on its weight shard;
+forward: 2 all-reduces of O(N) floats; backward: the unsharded chunked backward on the shard with the global lse
+and H, then one all-reduce of d(hidden) (N x H), so every rank gets the full gradient of the replicated hidden
+states and its own slice of d(weight) / d(bias)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._validation import check_float
+from .backend import backend_for
+from .linear_pipeline import build_linear_options, check_linear, linear_backward, linear_forward
+from .losses import check_fused_tensors
+from .options import LinearOptions, LossOptions, VocabParallel
+from .outputs import PPOLossOutput
+from .vocab_parallel import (
+    VocabShard,
+    all_reduce,
+    combine_shards,
+    locate_shard,
+    refuse_packed,
+    shard_labels,
+    sharded_loss,
+    want_entropy,
+)
+
+
+class VocabParallelLinearLogprobs(torch.autograd.Function):
+    """Forward: the linear launcher on the weight shard + 2 all-reduces. Backward: the unsharded
+    chunked backward on the shard with the global lse and H, then one all-reduce of d(hidden)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight_shard, bias_shard, labels, shard: VocabShard, opts: LinearOptions):
+        ctx.set_materialize_grads(False)
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        local, owned, ignored = shard_labels(labels, shard, opts.ignore_index)
+        logp_r, lse_r, ent_r = linear_forward(h2, weight_shard, bias_shard, local, opts)
+        logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, owned, ignored, shard.group)
+        ctx.save_for_backward(hidden, weight_shard, bias_shard, local, lse, ent if ent is not None else lse)
+        ctx.opts, ctx.group = opts, shard.group
+        shape = labels.shape
+        return logp.view(shape), (None if ent is None else ent.view(shape))
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, local, lse, ent = ctx.saved_tensors
+        opts = ctx.opts
+        if g_logp is None and g_ent is None:
+            return (None,) * 6
+        if g_logp is None:
+            g_logp = torch.zeros(local.shape, dtype=lse.dtype, device=lse.device)
+        has_ent = opts.with_entropy and g_ent is not None
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        dh, dw, db = linear_backward(h2, weight, bias, local, lse, ent if has_ent else None,
+                                     g_logp.to(lse.dtype).reshape(-1),
+                                     g_ent.to(lse.dtype).reshape(-1) if has_ent else None, opts,
+                                     ctx.needs_input_grad[:3])
+        if dh is not None:   # (hidden requires grad on every rank or on none: the all-reduce is collective)
+            dh = all_reduce(dh.to(lse.dtype), dist.ReduceOp.SUM, ctx.group).to(hidden.dtype).view(hidden.shape)
+        return dh, dw, db, None, None, None
+
+
+def _check_linear_shard(hidden, weight_shard, labels, bias_shard, ignore_index, group):
+    check_float("hidden", hidden)
+    check_float("weight_shard", weight_shard)
+    if weight_shard.dim() != 2 or weight_shard.shape[0] == 0:
+        raise ValueError(f"weight_shard must be [V_r, H] with V_r >= 1, got {tuple(weight_shard.shape)}")
+    # the unsharded checks with the labels' range left to locate_shard (they are global ids)
+    check_linear(hidden, weight_shard, torch.zeros(labels.shape, dtype=torch.int64) if isinstance(
+        labels, torch.Tensor) and not labels.dtype.is_floating_point else labels, bias_shard, ignore_index)
+    return locate_shard(weight_shard.shape[0], hidden.device, labels, hidden.shape[:-1], ignore_index, group)
+
+
+
+def sharded_linear_logprobs(hidden, weight_shard, labels, vocab_parallel, *, bias, temperature, ignore_index,
+                            return_entropy, final_logit_softcapping, logit_scale, extra_outputs, chunk_bytes):
+    """linear_logprobs(..., vocab_parallel=): weight_shard [V_r, H] (and bias [V_r]) are rows
+    [start_r, start_r + V_r) of the full head, hidden and labels (global ids) replicated; hidden gets the
+    full gradient on every rank, weight_shard / bias their slices. 2 all-reduces of O(N) floats forward,
+    1 of N x H floats backward. extra_outputs is not offered here."""
+    group = VocabParallel.check(vocab_parallel).group
+    if extra_outputs:
+        raise ValueError(f"extra_outputs is not offered with vocab_parallel, got {extra_outputs!r}")
+    opts = build_linear_options(temperature, ignore_index, return_entropy, False, final_logit_softcapping,
+                                logit_scale, chunk_bytes, backend_for(hidden, weight_shard, labels))
+    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
+    logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
+    return (logp, ent) if return_entropy else logp
+
+
+def sharded_fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages, mask, vocab_parallel, *,
+                                  loss_opts: LossOptions, bias, ref_logprobs, rollout_is_weights, cu_seqlens,
+                                  temperature, ignore_index, return_entropy, final_logit_softcapping, logit_scale,
+                                  chunk_bytes) -> PPOLossOutput:
+    """fused_linear_ppo_loss(..., vocab_parallel=): the head sharded as in sharded_linear_logprobs, the
+    loss and per-token outputs replicated on every rank."""
+    group = VocabParallel.check(vocab_parallel).group
+    refuse_packed(cu_seqlens)
+    check_float("hidden", hidden)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
+    check_fused_tensors(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
+                        loss_opts)
+    opts = build_linear_options(temperature, ignore_index, want_entropy(return_entropy, loss_opts), False,
+                                final_logit_softcapping, logit_scale, chunk_bytes,
+                                backend_for(hidden, weight_shard, labels, old_logprobs, advantages, mask))
+    shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
+    labels = torch.where(mask.reshape(labels.shape) != 0, labels, opts.ignore_index)   # mask-0 rows are dead
+    logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts)
+    return sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
+                         opts.backend)
