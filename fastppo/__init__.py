@@ -18,6 +18,7 @@ from .kl import kl_penalty
 from .linear import linear_logprobs
 from .linear_divergence import linear_divergence
 from .linear_divergence_loss import linear_divergence_loss
+from .linear_topk_divergence import linear_topk_divergence
 from .logprobs import token_logprobs
 from .losses import ppo_policy_loss, rollout_is_weights, value_loss
 from .mismatch import mismatch_stats
@@ -46,6 +47,7 @@ __all__ = [
     "kl_penalty",
     "linear_divergence",
     "linear_divergence_loss",
+    "linear_topk_divergence",
     "linear_logprobs",
     "logits_divergence",
     "ppo_policy_loss",

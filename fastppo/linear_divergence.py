@@ -42,16 +42,18 @@ def chunk_rows(n_rows: int, vocab: int, acc: torch.dtype, chunk_bytes: int | Non
     return max(1, min(max(n_rows, 1), budget // max(2 * vocab * size, 1)))
 
 
-def select_rows(valid, hs, ht):
-    """(selected row ids or None, student rows, teacher rows, validity of those rows or None)."""
+def select_rows(valid, hs, *others):
+    """(selected row ids or None, hs's rows, each of `others`' rows, validity of those rows or None): on CPU the
+    valid rows gathered out; elsewhere every row, with masked rows' values replaced by 0 (selected, never
+    multiplied: a NaN there cannot leak) and their validity returned for the launchers."""
     if valid is None:
-        return None, hs, ht, None
+        return None, hs, *others, None
     if hs.device.type == "cpu":
         sel = valid.nonzero().squeeze(1)
-        return sel, hs.index_select(0, sel), ht.index_select(0, sel), None
+        return sel, hs.index_select(0, sel), *(t.index_select(0, sel) for t in others), None
     keep = valid[:, None]
     zero = lambda h: torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))  # noqa: E731
-    return None, zero(hs), zero(ht), valid
+    return None, zero(hs), *(zero(t) for t in others), valid
 
 
 def by_row(sel, rows_value, n_rows):
@@ -206,7 +208,7 @@ refuse_double_backward(linear_divergence_backward_op, "linear_divergence_backwar
 
 
 # ----------------------------------------------------------------------------- public function
-def _check_head(who, hidden, weight, bias):
+def check_head(who, hidden, weight, bias):
     check_float(f"{who}_hidden", hidden)
     check_float(f"{who}_weight", weight)
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -222,8 +224,8 @@ def _check_head(who, hidden, weight, bias):
 
 def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                             teacher_bias, mask):
-    _check_head("student", student_hidden, student_weight, student_bias)
-    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    check_head("student", student_hidden, student_weight, student_bias)
+    check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     if teacher_weight.shape[0] != student_weight.shape[0]:
         raise ValueError(f"student_weight and teacher_weight must share the vocabulary, got V = "
                          f"{student_weight.shape[0]} and {teacher_weight.shape[0]}")

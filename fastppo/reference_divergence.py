@@ -88,3 +88,15 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     if mask is not None:
         ent = torch.where(mask != 0, ent, 0.0)
     return div, ent
+
+
+def linear_topk_divergence(student_hidden, student_weight, teacher_ids, teacher_logprobs, *, beta, temperature=1.0,
+                           student_bias=None, mask=None, student_logit_scale=1.0,
+                           student_final_logit_softcapping=None):
+    """topk_divergence in float64 of the student's full [N, V] logits from its head; masked rows' hidden states
+    are zeroed before use."""
+    if mask is not None:
+        student_hidden = torch.where((mask != 0).unsqueeze(-1), student_hidden.double(), 0.0)
+    zs = head_logits(student_hidden, student_weight, student_bias, logit_scale=student_logit_scale,
+                     softcap=student_final_logit_softcapping)
+    return topk_divergence(zs, teacher_ids, teacher_logprobs, beta=beta, temperature=temperature, mask=mask)

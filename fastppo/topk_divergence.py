@@ -57,14 +57,25 @@ def _backward(ctx, g, _g_stats):
 _topk_divergence_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _check_ids(teacher_ids, lead, vocab, mask):
+def check_topk_inputs(teacher_ids, teacher_logprobs, lead, vocab, mask, lead_name):
+    """The teacher's top-K arguments (and the mask) of a student whose per-token shape is `lead` (named
+    `lead_name` in errors) over a vocabulary of `vocab` tokens."""
+    check_float("teacher_logprobs", teacher_logprobs)
+    if mask is not None:
+        check_mask(mask)
+        check_same_shape("mask", mask, lead_name, lead)
+    _check_ids(teacher_ids, lead, vocab, mask, lead_name)
+    check_same_shape("teacher_logprobs", teacher_logprobs, "teacher_ids", teacher_ids.shape)
+
+
+def _check_ids(teacher_ids, lead, vocab, mask, lead_name):
     if not isinstance(teacher_ids, torch.Tensor):
         raise TypeError(f"teacher_ids must be a torch.Tensor, got {type(teacher_ids).__name__}")
     if teacher_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"teacher_ids must be an int32/int64 tensor, got {teacher_ids.dtype}")
     if tuple(teacher_ids.shape[:-1]) != tuple(lead) or teacher_ids.dim() < 1 or teacher_ids.shape[-1] == 0:
-        raise ValueError(f"teacher_ids shape {tuple(teacher_ids.shape)} must be student_logits shape without the "
-                         f"vocabulary dim {tuple(lead)} plus a non-empty K dim")
+        raise ValueError(f"teacher_ids shape {tuple(teacher_ids.shape)} must be {lead_name} {tuple(lead)} plus a "
+                         f"non-empty K dim")
     if not label_check_enabled(teacher_ids.device):
         return
     live = teacher_ids if mask is None else teacher_ids[mask != 0]
@@ -86,16 +97,12 @@ def topk_divergence(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
     generalised JSD). Gradient to `student_logits` only; rows where `mask` is 0 are never read (0, zero gradient).
     Ids must be distinct in [0, V) (checked where free, on CPU). Formula and gradient: kernels/topk_divergence.py."""
     check_float("student_logits", student_logits)
-    check_float("teacher_logprobs", teacher_logprobs)
     if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
         raise ValueError(f"student_logits must have a non-empty vocabulary dim, got shape "
                          f"{tuple(student_logits.shape)}")
     lead = student_logits.shape[:-1]
-    if mask is not None:
-        check_mask(mask)
-        check_same_shape("mask", mask, "student_logits without the vocabulary dim", lead)
-    _check_ids(teacher_ids, lead, student_logits.shape[-1], mask)
-    check_same_shape("teacher_logprobs", teacher_logprobs, "teacher_ids", teacher_ids.shape)
+    check_topk_inputs(teacher_ids, teacher_logprobs, lead, student_logits.shape[-1], mask,
+                      "student_logits without the vocabulary dim")
     b = check_beta(beta)
     tau = check_temperature(temperature)
     backend = backend_for(student_logits, teacher_ids, teacher_logprobs, mask)
