@@ -319,6 +319,49 @@ OPS["fused_linear_ppo_loss"] = OpSpec(
     floor_bytes=linear_floor, features=_nhv, floor_kind="flops", floor_flops=linear_flops_floor,
     sweep=_linear_masked(LINEAR_SWEEP), measure=_linear_masked(LINEAR_MEASURE))
 
+# --- on-policy distillation from both models' hidden states: the scalar loss (mean over the valid tokens) ----------
+DISTILL_BETA = 0.5   # the generalised JSD (TRL's DistillationTrainer default; Liger's JSD)
+
+
+def _distill_inputs(shape, dtype, device):
+    """Student and teacher hidden [N, H] and heads [V, H] (same H), labels [N] (ignore_index on the prompt: Liger's
+    mask), the prompt masked by `mask`, and the valid row indices (TRL's trainer passes only those rows)."""
+    N, H, V = shape["N"], shape["H"], shape["V"]
+    inp = _linear_inputs(shape, dtype, device)
+    g = torch.Generator().manual_seed(5)
+    inp["teacher_hidden"] = torch.randn(N, H, generator=g).to(dtype).to(device)
+    inp["teacher_weight"] = (torch.randn(V, H, generator=g) / H**0.5).to(dtype).to(device)
+    inp["mask"] = inp["labels"] != -100
+    return inp
+
+
+def _distill_fastppo(inp):
+    import fastppo
+
+    loss, _ = fastppo.linear_divergence_loss(inp["hidden"], inp["weight"], inp["teacher_hidden"], inp["teacher_weight"],
+                                             beta=DISTILL_BETA, mask=inp["mask"])
+    return (loss,)
+
+
+def _distill_eager(inp):
+    """The PyTorch every trainer ran before the fused heads: both models' fp32 logits, log-softmax, the divergence."""
+    from ..reference_divergence import divergence_from_logprobs
+
+    lp_s = torch.log_softmax((inp["hidden"] @ inp["weight"].t()).float(), -1)
+    lp_t = torch.log_softmax((inp["teacher_hidden"] @ inp["teacher_weight"].t()).float(), -1)
+    div = divergence_from_logprobs(lp_s, lp_t, DISTILL_BETA)
+    m = inp["mask"].to(div.dtype)
+    return ((div * m).sum() / m.sum(),)
+
+
+OPS["linear_divergence"] = OpSpec(
+    "linear_divergence", ("N", "H", "V"), _distill_inputs,
+    {"fastppo": _distill_fastppo, "eager": _distill_eager,
+     "trl": lambda inp: peers.trl_linear_divergence(inp, DISTILL_BETA),
+     "liger": lambda inp: peers.liger_linear_jsd(inp, DISTILL_BETA)},
+    floor_bytes=linear_floor, features=_nhv, floor_kind="flops", floor_flops=lambda s: 8 * n_valid(s) * s["H"] * s["V"],
+    sweep=_linear_masked(LINEAR_SWEEP), measure=_linear_masked(LINEAR_MEASURE))
+
 PEER_OF_SIDE = {"trl": "trl", "liger": "liger"}
 
 

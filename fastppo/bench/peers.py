@@ -24,10 +24,14 @@ NOTES = {
            "masked rows skipped with `row_mask`) and `ChunkedLogProbFunction` (cuBLAS tiles of 4096 tokens x "
            "32768 vocabulary, Triton folds; valid rows gathered first, as TRL's fused forward does, here with "
            "`index_select` of precomputed row indices); its Triton folds run in the interpreter as on CUDA, the "
-           "fp32 gradient `addmm` is counted as CUDA's single `out_dtype=float32` op.",
+           "fp32 gradient `addmm` is counted as CUDA's single `out_dtype=float32` op; the distillation row runs "
+           "`ChunkedDivergenceFunction` (DistillationTrainer's, valid rows gathered the same way) with the same "
+           "folds and counting.",
     "liger": "Liger-Kernel {version}: `triton_grpo_loss` (Triton, logits [B, T+1, V], loss_type='bnpo' = "
              "token-mean, in-place gradient) and `LigerFusedLinearGRPOFunction` (chunks of one sequence, "
-             "vocabulary chunks of 4096, gradient formed in the forward pass by autograd, compiled=False).",
+             "vocabulary chunks of 4096, gradient formed in the forward pass by autograd, compiled=False); "
+             "`LigerFusedLinearJSDFunction` (the distillation row: soft loss only, chunks of 1024 rows, "
+             "compiled=False).",
 }
 
 
@@ -82,14 +86,16 @@ def as_on_gpu():
     if missing("trl") is not None:
         yield
         return
-    mod = importlib.import_module("trl.kernels.chunked_logprob")
-    saved = mod._use_triton, mod._addmm_fp32
-    mod._use_triton = lambda device: True
-    mod._addmm_fp32 = _addmm_fp32_counted_as_cuda
+    mods = [importlib.import_module(f"trl.kernels.{m}") for m in ("chunked_logprob", "chunked_divergence")]
+    saved = [(mod._use_triton, mod._addmm_fp32) for mod in mods]
+    for mod in mods:
+        mod._use_triton = lambda device: True
+        mod._addmm_fp32 = _addmm_fp32_counted_as_cuda
     try:
         yield
     finally:
-        mod._use_triton, mod._addmm_fp32 = saved
+        for mod, (use, addmm) in zip(mods, saved):
+            mod._use_triton, mod._addmm_fp32 = use, addmm
 
 
 def trl_linear_logprobs(inp):
@@ -103,6 +109,18 @@ def trl_linear_logprobs(inp):
         _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("entropy",))
     n = inp["hidden"].shape[0]
     return (logp.new_zeros(n).index_copy(0, idx, logp), ent.new_zeros(n).index_copy(0, idx, ent))
+
+
+def trl_linear_divergence(inp, beta):
+    """TRL 1.16's DistillationTrainer loss: ChunkedDivergenceFunction on the valid rows, summed over the tokens
+    and divided by their count."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    idx = inp["valid_rows"]
+    div, _ = ChunkedDivergenceFunction.apply(inp["hidden"].index_select(0, idx), inp["weight"], None,
+                                             inp["teacher_hidden"].index_select(0, idx), inp["teacher_weight"], None,
+                                             beta)
+    return (div.sum() / idx.numel(),)
 
 
 # --- Liger-Kernel ------------------------------------------------------------------------------
@@ -123,4 +141,14 @@ def liger_linear_ppo_loss(inp, kw):
         inp["hidden"], inp["weight"], inp["labels"], inp["mask_int"], inp["adv_seq"], None, inp["ref"], inp["old"],
         None, None, None, kw["kl_coef"], kw["clip_low"], kw["clip_high"], "bnpo", None, "token", 1.0, 1.05, 1.0,
         False, True, 1)
+    return (loss,)
+
+
+def liger_linear_jsd(inp, beta):
+    """Liger's fused linear generalised JSD (soft loss only: weight_hard_loss 0), its own chunks of 1024 rows,
+    compiled=False; masked rows by ignore_index labels."""
+    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+
+    loss = LigerFusedLinearJSDFunction.apply(inp["hidden"], inp["weight"], inp["teacher_hidden"], inp["teacher_weight"],
+                                             inp["labels"], None, None, 0.0, 1.0, beta, -100, 1.0, False)
     return (loss,)

@@ -175,6 +175,18 @@ def test_linear_peers_flops(op, side, factor):
     assert c["flops"] == factor * rows * shape["H"] * shape["V"]
 
 
+def test_distillation_flops_of_every_side():
+    """The distillation row (H = Hs = Ht): fastppo's linear_divergence_loss projects the valid rows' teacher
+    logits once and the student's with its gradient formed in the forward pass (2 + 6 N_valid H V); TRL's
+    ChunkedDivergenceFunction projects both models twice in forward (a statistics pass, then the divergence pass)
+    and both again in backward before the two products (8 + 8); Liger's JSD projects every row, the gradient formed
+    in forward by autograd (8 N H V); the eager reference every row, backward through the student (8 N H V)."""
+    shape = {"N": 64, "H": 64, "V": 2048, "prompt": 0.5}
+    unit = n_valid(shape) * shape["H"] * shape["V"]
+    flops = {side: count(OPS["linear_divergence"], shape, side)["flops"] for side in OPS["linear_divergence"].sides}
+    assert flops == {"fastppo": 8 * unit, "trl": 16 * unit, "liger": 16 * unit, "eager": 16 * unit}
+
+
 def test_projection_charges_each_launch_by_its_grid():
     assert projected_ms("H100", 3.35e9, 0, 0) == 1.0
     assert projected_ms("A100", 0, 312e9, 1) == pytest.approx(1.004)
@@ -234,7 +246,8 @@ def test_fastppo_on_a_half_masked_batch_is_at_the_masked_floor(op):
     assert 1.0 <= c["bytes"] / logits_floor(shape, torch.bfloat16) <= 1.02
 
 
-@pytest.mark.parametrize("op", ["token_logprobs", "fused_ppo_loss", "linear_logprobs", "fused_linear_ppo_loss"])
+@pytest.mark.parametrize("op", ["token_logprobs", "fused_ppo_loss", "linear_logprobs", "fused_linear_ppo_loss",
+                                "linear_divergence"])
 def test_every_side_computes_the_same_numbers(op):
     """The sides of a row compute the same thing (else the comparison means nothing): outputs and the
     gradients of the leaves agree with the eager reference on a half-masked fp32 batch."""
