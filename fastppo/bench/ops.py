@@ -360,7 +360,8 @@ OPS["linear_divergence"] = OpSpec(
      "trl": lambda inp: peers.trl_linear_divergence(inp, DISTILL_BETA),
      "liger": lambda inp: peers.liger_linear_jsd(inp, DISTILL_BETA)},
     floor_bytes=linear_floor, features=_nhv, floor_kind="flops", floor_flops=lambda s: 8 * n_valid(s) * s["H"] * s["V"],
-    sweep=_linear_masked(LINEAR_SWEEP), measure=_linear_masked(LINEAR_MEASURE))
+    # fitted: fastppo gathers the valid rows on CPU (a data-dependent `nonzero` that fake tensors cannot run)
+    derive="fit", sweep=_linear_masked(LINEAR_SWEEP), measure=_linear_masked(LINEAR_MEASURE))
 
 PEER_OF_SIDE = {"trl": "trl", "liger": "liger"}
 
