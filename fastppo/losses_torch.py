@@ -134,9 +134,10 @@ def _policy(x, o, a, m, n, opts, isw, seg):
 
 
 def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_is_weights=None,
-                    ent_threshold=None, cu_seqlens=None) -> AggResult:
-    """PyTorch twin of fastppo.kernels.loss_agg.policy_loss_agg (same arguments, same results)."""
-    seg = _segments(mask, cu_seqlens)
+                    ent_threshold=None, cu_seqlens=None, segments=None) -> AggResult:
+    """PyTorch twin of fastppo.kernels.loss_agg.policy_loss_agg (same arguments, same results). `segments`
+    replaces the layout's Segments (fastppo.context_parallel passes one whose sums span ranks)."""
+    seg = _segments(mask, cu_seqlens) if segments is None else segments
     acc = _acc(logp.dtype)
     _bt = lambda t: seg.per_token(t, acc)  # noqa: E731
     m = _bt(mask) != 0
@@ -182,9 +183,9 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
     return AggResult(total, stats, coef, coef_ent, kl)
 
 
-def value_loss_agg(values, old_values, returns, mask, *, opts, cu_seqlens=None) -> AggResult:
-    """PyTorch twin of fastppo.kernels.loss_agg.value_loss_agg."""
-    seg = _segments(mask, cu_seqlens)
+def value_loss_agg(values, old_values, returns, mask, *, opts, cu_seqlens=None, segments=None) -> AggResult:
+    """PyTorch twin of fastppo.kernels.loss_agg.value_loss_agg (`segments` as in policy_loss_agg)."""
+    seg = _segments(mask, cu_seqlens) if segments is None else segments
     acc = _acc(values.dtype)
     m = seg.per_token(mask, acc) != 0
     zero = torch.zeros(m.shape, dtype=acc, device=values.device)
