@@ -168,3 +168,13 @@ def test_packed_rollout_ops_refuse_bad_inputs():
         fastppo.mismatch_stats(x.view(1, -1), x.view(1, -1), case.mask.view(1, -1), cu_seqlens=case.cu)
     with pytest.raises(TypeError, match="cu_seqlens must be int32 or int64"):
         fastppo.mismatch_stats(x, x, case.mask, cu_seqlens=case.cu.float())
+
+
+@pytest.mark.parametrize("level", ("token", "sequence"))
+def test_packed_rollout_is_weights_op_passes_opcheck(level):
+    case = pack_case((3, 0, 1, 4), holes=True)
+    old, roll = _logprobs(case, torch.float32)
+    wide = torch.stack((roll, roll), -1).reshape(-1)[::2]     # a strided view
+    torch.library.opcheck(torch.ops.fastppo.rollout_is_weights,
+                          (old, wide, case.mask, level, "mask", 2.0, 0.5, case.cu.int()),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
