@@ -130,9 +130,12 @@ def _check_rank(rank, every_case):
                 with CountCollectives() as count:
                     share, stats = cp.ppo_policy_loss(x, sh(old), sh(adv), sh(mask), cu_seqlens=cu_l,
                                                       **{**kw, "rollout_is_weights": sh(isw)})
-                extra = {"gspo": 2, "gspo_token": 1, "gmpo": 3}.get(policy_loss, 0) + (agg == "seq-mean-token-sum-norm")
-                assert count.calls.count("all_reduce") == 1 + extra and count.calls.count("all_gather") == 1, \
+                seq_sums = 1 + {"gspo": 2, "gspo_token": 1, "gmpo": 3}.get(policy_loss, 0)   # counts, the variant's
+                norm = agg == "seq-mean-token-sum-norm"       # + the horizon: S lengths (packed), T_r (padded)
+                assert count.calls.count("all_reduce") == seq_sums + norm and count.calls.count("all_gather") == 1, \
                     (policy_loss, agg, count.calls)
+                horizon_floats = (lay["S"] if cu is not None else 1) if norm else 0
+                assert count.bytes == 4 * (seq_sums * lay["S"] + horizon_floats + 14), (policy_loss, agg, count.bytes)
                 (share * g_up).backward()
                 total = share.detach().clone()
                 dist.all_reduce(total)
