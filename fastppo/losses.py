@@ -42,7 +42,7 @@ from .kernels.loss_layout import STATS, AggResult
 from .library import acc_dtype, decode, define, encode
 from .modes import IS_LEVELS, IS_MODES
 from .options import LossOptions
-from .packed import check_cu_seqlens
+from .packed import check_cu_seqlens, check_packed
 
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
 
@@ -252,16 +252,18 @@ for _op in (ppo_policy_loss_op, value_loss_op):
     _op.register_autograd(_token_loss_backward, setup_context=_token_loss_setup)
 
 
-def _rollout_is_weights_fake(old_logprobs, rollout_logprobs, mask, level, mode, max, min):
+def _rollout_is_weights_fake(old_logprobs, rollout_logprobs, mask, level, mode, max, min, cu_seqlens=None):
     acc = acc_dtype(old_logprobs)
     return old_logprobs.new_empty(old_logprobs.shape, dtype=acc), old_logprobs.new_empty((4,), dtype=acc)
 
 
 @define("rollout_is_weights", _rollout_is_weights_fake, kernels=False)
 def rollout_is_weights_op(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, level: str,
-                       mode: str, max: float | None, min: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                          mode: str, max: float | None, min: float | None,
+                          cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, stats [is_mean, is_min, is_max, clipped / masked fraction]) of fastppo.rollout_is_weights."""
-    w, stats = losses_torch.rollout_is_weights_torch(old_logprobs, rollout_logprobs, mask, level, mode, max, min)
+    w, stats = losses_torch.rollout_is_weights_torch(old_logprobs, rollout_logprobs, mask, level, mode, max, min,
+                                                     cu_seqlens)
     return w.contiguous(), stats
 
 
@@ -328,7 +330,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 # ----------------------------------------------------------------------------- rollout correction
 def rollout_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, *,
                        level: str = "token", mode: str = "truncate", max: float | None = 2.0,
-                       min: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       min: float | None = None,
+                       cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Importance-sampling weights that correct for the rollout engine's sampling distribution
     (TRL's vllm_importance_sampling_mode = f"{level}_{mode}"), to pass as `rollout_is_weights=`:
 
@@ -336,15 +339,19 @@ def rollout_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
         sequence's sum of diff_t for every token;  ratio = exp(diff)
         mode="truncate": w = clamp(ratio, min, max)     mode="mask": w = ratio, 0 where outside [min, max]
 
-    old_logprobs, rollout_logprobs, mask: [B, T]. Returns (weights [B, T] float32 (fp64 for fp64), 0 at
-    mask-0 positions; stats {"is_mean", "is_min", "is_max", "is_clipped_frac" | "is_masked_frac"} over the
-    valid tokens (token level) or the non-empty sequences (sequence level), 0-d tensors, no host sync)."""
+    old_logprobs, rollout_logprobs, mask: [B, T]; or packed 1-D [total] with cu_seqlens (int32/int64 [S + 1]
+    offsets, sequence s is tokens [cu[s], cu[s + 1])), every result that of the same sequences padded.
+    Returns (weights [B, T] ([total]) float32 (fp64 for fp64), 0 at mask-0 positions; stats {"is_mean",
+    "is_min", "is_max", "is_clipped_frac" | "is_masked_frac"} over the valid tokens (token level) or the
+    non-empty sequences (sequence level), 0-d tensors, no host sync). No gradient (inputs read detached)."""
     check_float("old_logprobs", old_logprobs)
     check_float("rollout_logprobs", rollout_logprobs)
     check_same_shape("rollout_logprobs", rollout_logprobs, "old_logprobs", old_logprobs.shape)
     check_same_shape("mask", mask, "old_logprobs", old_logprobs.shape)
     check_mask(mask)
-    if old_logprobs.dim() != 2:
+    if cu_seqlens is not None:
+        check_packed("old_logprobs", old_logprobs, cu_seqlens)
+    elif old_logprobs.dim() != 2:
         raise ValueError(f"old_logprobs must be [B, T], got shape {tuple(old_logprobs.shape)}")
     check_choice("level", level, IS_LEVELS)
     check_choice("mode", mode, IS_MODES)
@@ -356,6 +363,6 @@ def rollout_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
         raise ValueError(f"min ({min}) must be <= max ({max})")
     weights, stats = torch.ops.fastppo.rollout_is_weights(old_logprobs.detach(), rollout_logprobs.detach(), mask,
                                                           level, mode, None if max is None else float(max),
-                                                          None if min is None else float(min))
+                                                          None if min is None else float(min), cu_seqlens)
     frac = "is_clipped_frac" if mode == "truncate" else "is_masked_frac"
     return weights, dict(zip(("is_mean", "is_min", "is_max", frac), stats.unbind()))

@@ -134,9 +134,10 @@ def _policy(x, o, a, m, n, opts, isw, seg):
 
 
 def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_is_weights=None,
-                    ent_threshold=None, cu_seqlens=None) -> AggResult:
-    """PyTorch twin of fastppo.kernels.loss_agg.policy_loss_agg (same arguments, same results)."""
-    seg = _segments(mask, cu_seqlens)
+                    ent_threshold=None, cu_seqlens=None, segments=None) -> AggResult:
+    """PyTorch twin of fastppo.kernels.loss_agg.policy_loss_agg (same arguments, same results). `segments`
+    replaces the layout's Segments (fastppo.context_parallel passes one whose sums span ranks)."""
+    seg = _segments(mask, cu_seqlens) if segments is None else segments
     acc = _acc(logp.dtype)
     _bt = lambda t: seg.per_token(t, acc)  # noqa: E731
     m = _bt(mask) != 0
@@ -182,9 +183,9 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
     return AggResult(total, stats, coef, coef_ent, kl)
 
 
-def value_loss_agg(values, old_values, returns, mask, *, opts, cu_seqlens=None) -> AggResult:
-    """PyTorch twin of fastppo.kernels.loss_agg.value_loss_agg."""
-    seg = _segments(mask, cu_seqlens)
+def value_loss_agg(values, old_values, returns, mask, *, opts, cu_seqlens=None, segments=None) -> AggResult:
+    """PyTorch twin of fastppo.kernels.loss_agg.value_loss_agg (`segments` as in policy_loss_agg)."""
+    seg = _segments(mask, cu_seqlens) if segments is None else segments
     acc = _acc(values.dtype)
     m = seg.per_token(mask, acc) != 0
     zero = torch.zeros(m.shape, dtype=acc, device=values.device)
@@ -212,24 +213,26 @@ def value_loss_agg(values, old_values, returns, mask, *, opts, cu_seqlens=None) 
 
 
 # ----------------------------------------------------------------------------- rollout correction
-def rollout_is_weights_torch(old_logprobs, rollout_logprobs, mask, level, mode, max, min):
+def rollout_is_weights_torch(old_logprobs, rollout_logprobs, mask, level, mode, max, min, cu_seqlens=None):
     """The body of torch.ops.fastppo.rollout_is_weights: (weights, stats [4]: mean, min, max, fraction
-    clipped / masked)."""
+    clipped / masked); [B, T] inputs, or packed 1-D [total] ones with cu_seqlens (sequence sums by
+    Segments: a segment reduction and a gather, no unpack copy)."""
     acc = torch.float64 if old_logprobs.dtype == torch.float64 else torch.float32
-    m = mask != 0
-    old, roll = old_logprobs.to(acc), rollout_logprobs.to(acc)
+    seg = _segments(mask, cu_seqlens)
+    shape = old_logprobs.shape
+    m = seg.per_token(mask, acc) != 0
+    old, roll = seg.per_token(old_logprobs, acc), seg.per_token(rollout_logprobs, acc)
     diff = torch.nan_to_num(torch.where(m, old - roll, torch.zeros_like(old)), nan=0.0)
     if level == "sequence":
-        diff = diff.sum(-1, keepdim=True)
+        diff = seg.sum(diff)                 # per sequence [B] / [S]
+        valid = seg.sum(m.to(acc)) > 0
+    else:
+        valid = m
     ratio = torch.exp(diff)
     lo = -math.inf if min is None else float(min)
     hi = math.inf if max is None else float(max)
     outside = (ratio < lo) | (ratio > hi)
     w = ratio.clamp(min=min, max=max) if mode == "truncate" else ratio.masked_fill(outside, 0.0)
-    if level == "sequence":
-        valid = m.any(-1, keepdim=True)
-    else:
-        valid = m
     n = valid.sum().clamp_min(1).to(acc)
     zero = torch.zeros_like(w)
     has = valid.any()
@@ -239,5 +242,7 @@ def rollout_is_weights_torch(old_logprobs, rollout_logprobs, mask, level, mode, 
         "is_max": torch.where(has, torch.where(valid, w, torch.full_like(w, -math.inf)).amax(), zero.sum()),
         ("is_clipped_frac" if mode == "truncate" else "is_masked_frac"): (valid & outside).sum().to(acc) / n,
     }
-    weights = torch.where(m, w.expand_as(old), torch.zeros_like(old))
+    if level == "sequence":
+        w = seg.spread(w)
+    weights = torch.where(m, w, torch.zeros_like(old)).view(shape)
     return weights, torch.stack(list(stats.values()))

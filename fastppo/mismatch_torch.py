@@ -1,10 +1,11 @@
 """The pure-PyTorch backend of mismatch_stats: kernels/mismatch.py's launcher `mismatch_stats` (same arguments,
 same STATS vector), in fp32 (fp64 for fp64 input). Masked positions are selected away with where (never summed,
-so a NaN there cannot leak)."""
+so a NaN there cannot leak). Packed inputs (cu_seqlens) take their sequence sums from fastppo.packed.Segments."""
 
 import torch
 
 from .kernels.mismatch import K3_SERIES_BELOW, K3_SERIES_TERMS, LOG_RATIO_BOUND
+from .packed import Segments
 
 
 def _terms(d, eps):
@@ -25,16 +26,19 @@ def _nan_max(x):
     return x.max() if not torch.isnan(x).any() else x.new_tensor(float("nan"))
 
 
-def mismatch_stats(train, rollout, mask, *, eps: float):
+def mismatch_stats(train, rollout, mask, *, eps: float, cu_seqlens=None):
     acc = torch.float64 if torch.float64 in (train.dtype, rollout.dtype) else torch.float32
+    if cu_seqlens is not None:
+        train, rollout, mask = train[None], rollout[None], mask[None]
+    seg = Segments(cu_seqlens, *mask.shape, mask.device)
     m = mask != 0
     zero = torch.zeros((), dtype=acc, device=train.device)
     d = torch.where(m, train.to(acc) - rollout.to(acc), zero)
     n_tok = m.to(acc).sum()
-    live = m.any(-1)
+    live = seg.sum(m.to(acc)) > 0
     n_seq = live.to(acc).sum()
     tok = [torch.where(m, t, zero).sum() / n_tok for t in _terms(d, eps)]
-    dsum = d.sum(-1)
+    dsum = seg.sum(d)
     seq = [torch.where(live, t, zero).sum() / n_seq for t in _terms(dsum, eps)]
     amax_t = torch.where(n_tok > 0, _nan_max(d.abs()[m]), float("nan"))
     amax_s = torch.where(n_seq > 0, _nan_max(dsum.abs()[live]), float("nan"))

@@ -46,7 +46,7 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """[total] int64: the sequence of each packed token (searchsorted on the device, no host sync)."""
     cu = cu_seqlens.to(torch.int64)
     tok = torch.arange(total, device=cu.device)
-    return (torch.searchsorted(cu, tok, right=True) - 1).clamp(0, max(cu.shape[0] - 2, 0))
+    return torch.searchsorted(cu[1:], tok, right=True).clamp_(max=max(cu.shape[0] - 2, 0))   # the ends <= t
 
 
 def per_token(x: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -62,15 +62,19 @@ class Segments:
     def __init__(self, cu_seqlens, B: int, T: int, device):
         self.cu = None if cu_seqlens is None else cu_seqlens.to(device=device, dtype=torch.int64)
         self.B, self.T = B, T
-        if self.cu is None:
-            self.seg = None
-            return
-        self.S = self.cu.shape[0] - 1
-        self.seg = segment_ids(self.cu, T)
+        self.S = B if self.cu is None else self.cu.shape[0] - 1
+        self._seg = None
 
     @property
     def packed(self) -> bool:
         return self.cu is not None
+
+    @property
+    def seg(self) -> torch.Tensor | None:
+        """[total] int64 sequence of each packed token (None padded), computed on first use."""
+        if self.packed and self._seg is None:
+            self._seg = segment_ids(self.cu, self.T)
+        return self._seg
 
     def sum(self, v: torch.Tensor) -> torch.Tensor:
         if not self.packed:

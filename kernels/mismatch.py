@@ -15,6 +15,8 @@ one valid token; with none, they are NaN.
 
 Launch 1, one program per sequence (streaming its row in BLOCK_T steps): the sequence's partial sums
 PART_COLS. Launch 2, one program: the partials summed in a fixed order -> STATS.
+Packed sequences (cu_seqlens, [S + 1] offsets of 1-D [total] inputs): program s reads its offsets and streams
+tokens [cu[s], cu[s + 1]) itself (no unpack copy); the launches and bytes per token are those of the padded layout.
 """
 
 import torch
@@ -75,15 +77,21 @@ def _nan_max(x):
 
 @triton.jit(do_not_specialize=["T"])
 def _mismatch_seq_kernel(
-    # data: [B, T] train / rollout log-probs and mask (any strides), partials [B, N_PART]
-    train_ptr, roll_ptr, mask_ptr, part_ptr,
+    # data: [B, T] train / rollout log-probs and mask (any strides; packed: 1-D [total], row strides 0),
+    # packed [B + 1] offsets (PACKED), partials [B, N_PART]
+    train_ptr, roll_ptr, mask_ptr, cu_ptr, part_ptr,
     # shapes and strides
     T, tr_s0, tr_s1, ro_s0, ro_s1, m_s0, m_s1,
     # scalars: band edges 1 - eps, 1 + eps as (hi, lo) fp32 pairs
     lo_hi, lo_lo, hi_hi, hi_lo,
-    BLOCK_T: tl.constexpr, ACC: tl.constexpr,
+    PACKED: tl.constexpr, BLOCK_T: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    if PACKED:   # sequence b is tokens [cu[b], cu[b + 1]) of the 1-D inputs
+        first = tl.load(cu_ptr + b).to(tl.int64)
+        T = tl.load(cu_ptr + b + 1).to(tl.int64) - first
+    else:
+        first = b * 0
     lo = scalar_hi_lo(lo_hi, lo_lo, ACC)
     hi = scalar_hi_lo(hi_hi, hi_lo, ACC)
     offs = tl.arange(0, BLOCK_T).to(tl.int64)
@@ -97,6 +105,7 @@ def _mismatch_seq_kernel(
     for start in range(0, T, BLOCK_T):
         t = start + offs
         inb = t < T
+        t = first + t
         m = tl.load(mask_ptr + b * m_s0 + t * m_s1, mask=inb, other=0) != 0
         x = tl.load(train_ptr + b * tr_s0 + t * tr_s1, mask=m, other=0.0).to(ACC)     # masked: never read
         y = tl.load(roll_ptr + b * ro_s0 + t * ro_s1, mask=m, other=0.0).to(ACC)
@@ -178,18 +187,25 @@ def _mismatch_finish_kernel(
     tl.store(stats_ptr + 11, ns)
 
 
-def mismatch_stats(train, rollout, mask, *, eps: float):
-    """The STATS vector [12] (fp32; fp64 when a log-prob input is fp64) of [B, T] inputs (any strides)."""
+def mismatch_stats(train, rollout, mask, *, eps: float, cu_seqlens=None):
+    """The STATS vector [12] (fp32; fp64 when a log-prob input is fp64) of [B, T] inputs (any strides), or of
+    packed 1-D [total] inputs with cu_seqlens ([B + 1] offsets)."""
     acc, tl_acc = acc_dtype(torch.float64 if torch.float64 in (train.dtype, rollout.dtype) else train.dtype)
-    B, T = train.shape
+    packed = cu_seqlens is not None
+    if packed:
+        B, T = cu_seqlens.shape[0] - 1, train.shape[0]
+        strides = [(0, x.stride(0)) for x in (train, rollout, mask)]
+    else:
+        B, T = train.shape
+        strides = [x.stride() for x in (train, rollout, mask)]
     band = (*split_float(1.0 - eps), *split_float(1.0 + eps))
     parts = torch.empty((B, N_PART.value), dtype=acc, device=train.device)
     stats = torch.empty(len(STATS), dtype=acc, device=train.device)
     if B:
-        record_launch("mismatch_seq", train, rollout, mask, parts, grid=(B,))
+        record_launch("mismatch_seq", train, rollout, mask, cu_seqlens, parts, grid=(B,))
         wrap_triton(_mismatch_seq_kernel)[(B,)](
-            train, rollout, mask, parts, T, *train.stride(), *rollout.stride(), *mask.stride(), *band,
-            BLOCK_T=cfg.MISMATCH_BLOCK_T, ACC=tl_acc, num_warps=cfg.MISMATCH_NUM_WARPS)
+            train, rollout, mask, cu_seqlens if packed else mask, parts, T, *strides[0], *strides[1], *strides[2],
+            *band, PACKED=packed, BLOCK_T=cfg.MISMATCH_BLOCK_T, ACC=tl_acc, num_warps=cfg.MISMATCH_NUM_WARPS)
     record_launch("mismatch_finish", parts, stats, grid=(1,))
     wrap_triton(_mismatch_finish_kernel)[(1,)](
         parts, stats, B, *band, BLOCK_B=cfg.MISMATCH_FINISH_BLOCK, ACC=tl_acc, num_warps=cfg.MISMATCH_NUM_WARPS)
@@ -199,13 +215,17 @@ def mismatch_stats(train, rollout, mask, *, eps: float):
 def aot_specs(AOTSpec, _sig):
     """Ahead-of-time compile specs (kernels/aot.py): the per-sequence partials and the finishing program."""
     band = dict(lo_hi="fp32", lo_lo="fp32", hi_hi="fp32", hi_lo="fp32")
-    ce = dict(BLOCK_T=cfg.MISMATCH_BLOCK_T, ACC=tl.float32)
-    seq = AOTSpec("mismatch_seq", _mismatch_seq_kernel,
-                  _sig(_mismatch_seq_kernel, dict(train_ptr="*fp32", roll_ptr="*fp32", mask_ptr="*i1",
-                                                  part_ptr="*fp32", **band), ce), ce,
-                  ("tr_s0", "ro_s0", "m_s0"), False, cfg.MISMATCH_NUM_WARPS)
+    seqs = []
+    for packed in (False, True):
+        ce = dict(BLOCK_T=cfg.MISMATCH_BLOCK_T, ACC=tl.float32, PACKED=packed)
+        seqs.append(AOTSpec("mismatch_seq_packed" if packed else "mismatch_seq", _mismatch_seq_kernel,
+                            _sig(_mismatch_seq_kernel, dict(train_ptr="*fp32", roll_ptr="*fp32", mask_ptr="*i1",
+                                                            cu_ptr="*i64" if packed else "*i1", part_ptr="*fp32",
+                                                            **band), ce), ce,
+                            ("tr_s0", "ro_s0", "m_s0"), False,
+                            cfg.MISMATCH_NUM_WARPS))
     ce = dict(BLOCK_B=cfg.MISMATCH_FINISH_BLOCK, ACC=tl.float32)
     finish = AOTSpec("mismatch_finish", _mismatch_finish_kernel,
                      _sig(_mismatch_finish_kernel, dict(part_ptr="*fp32", stats_ptr="*fp32", **band), ce),
                      ce, (), False, cfg.MISMATCH_NUM_WARPS)
-    return [seq, finish]
+    return [*seqs, finish]

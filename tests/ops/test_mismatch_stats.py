@@ -144,5 +144,9 @@ def test_bad_input_names_the_argument():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_registered_op_passes_opcheck(backend):
     train, rollout = _inputs((3, 7), torch.float32)
-    torch.library.opcheck(torch.ops.fastppo.mismatch_stats, (train.t(), rollout.t(), make_mask((7, 3)), 0.1, backend),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.fastppo.mismatch_stats, (train.t(), rollout.t(), make_mask((7, 3)), None, 0.1,
+                                                             backend), test_utils=checks)
+    cu = torch.tensor([0, 4, 4, 7], device=DEVICE)   # packed: three sequences, one empty
+    torch.library.opcheck(torch.ops.fastppo.mismatch_stats, (train[0], rollout[0], make_mask((7,)), cu, 0.1, backend),
+                          test_utils=checks)
