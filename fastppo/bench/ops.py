@@ -336,10 +336,14 @@ def _distill_inputs(shape, dtype, device):
 
 
 def _distill_fastppo(inp):
+    """linear_divergence_loss on the valid rows, gathered as TRL's trainer gathers them (on a GPU fastppo projects
+    every row it is given, masked ones zeroed: gathering first is what makes the prompt free there)."""
     import fastppo
 
-    loss, _ = fastppo.linear_divergence_loss(inp["hidden"], inp["weight"], inp["teacher_hidden"], inp["teacher_weight"],
-                                             beta=DISTILL_BETA, mask=inp["mask"])
+    idx = inp["valid_rows"]
+    loss, _ = fastppo.linear_divergence_loss(inp["hidden"].index_select(0, idx), inp["weight"],
+                                             inp["teacher_hidden"].index_select(0, idx), inp["teacher_weight"],
+                                             beta=DISTILL_BETA)
     return (loss,)
 
 
@@ -360,8 +364,7 @@ OPS["linear_divergence"] = OpSpec(
      "trl": lambda inp: peers.trl_linear_divergence(inp, DISTILL_BETA),
      "liger": lambda inp: peers.liger_linear_jsd(inp, DISTILL_BETA)},
     floor_bytes=linear_floor, features=_nhv, floor_kind="flops", floor_flops=lambda s: 8 * n_valid(s) * s["H"] * s["V"],
-    # fitted: fastppo gathers the valid rows on CPU (a data-dependent `nonzero` that fake tensors cannot run)
-    derive="fit", sweep=_linear_masked(LINEAR_SWEEP), measure=_linear_masked(LINEAR_MEASURE))
+    sweep=_linear_masked(LINEAR_SWEEP), measure=_linear_masked(LINEAR_MEASURE))
 
 PEER_OF_SIDE = {"trl": "trl", "liger": "liger"}
 
