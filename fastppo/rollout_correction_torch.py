@@ -130,10 +130,10 @@ def _importance(lr, M, opts, stats):
     else:
         low = 0.0 if opts.is_min is None else opts.is_min
         if opts.is_mode == "mask":
-            outside = (raw < low) | (raw > hi)
+            outside = ~((raw >= low) & (raw <= hi))      # NaN is outside, as in verl / OpenRLHF
         else:   # seq-mask: the sequence's geometric-mean ratio exp(mean_b lr) gates its tokens
             gate = torch.exp(M.row_mean(lr))
-            seq_out = (gate < low) | (gate > hi)
+            seq_out = ~((gate >= low) & (gate <= hi))
             outside = seq_out.unsqueeze(-1).expand_as(lr)
         w = M.sel(torch.where(outside, torch.zeros_like(raw), raw))
     k = "rollout_is_"
@@ -161,7 +161,9 @@ def _importance(lr, M, opts, stats):
     stats[k + "seq_fraction_high"] = (seq_raw > hi).to(M.acc).mean()
     stats[k + "seq_fraction_low"] = (seq_raw < lo).to(M.acc).mean()
     if outside is not None:
-        stats[k + "oob_ratio"] = M.frac(outside)
+        # verl's oob ratio counts (raw < low) | (raw > hi): a NaN ratio is dropped but not counted (mask);
+        # seq-mask counts what it dropped, as OpenRLHF's is_filter_ratio
+        stats[k + "oob_ratio"] = M.frac((raw < low) | (raw > hi)) if opts.is_mode == "mask" else M.frac(outside)
     if opts.is_mode == "seq-mask":
         stats[k + "seq_oob_ratio"] = M.seq_frac(seq_out)
     if opts.is_batch_normalize:
