@@ -10,6 +10,7 @@ entry points with its own).
 | `rollout_corr_helper.compute_offpolicy_metrics`                               | `rollout_correction`        |
 | `rollout_corr_helper.compute_rollout_corr_metrics_from_logprobs`              | `rollout_correction`        |
 | `verl.utils.torch_functional.entropy_from_logits_with_chunking`               | `token_logprobs(return_entropy)` |
+| `verl.utils.torch_functional.calculate_sum_pi_squared_from_logits`            | none: verl's, counted delegated |
 
 verl's option strings are parsed by verl's own parsers (`_parse_rollout_is_threshold`,
 `_parse_rollout_rs_thresholds`): a threshold "lower_upper" is IcePop (fastppo is_mode "mask"), a number is TIS
@@ -24,7 +25,9 @@ normalisation while torch.distributed is initialised (verl takes a distributed m
 computed in float32 (float64 for float64) and rounded to the log-ratio's dtype where verl computes in that dtype;
 masked positions are never read (verl multiplies its raw weights by the mask: NaN there gives NaN weights at
 masked positions, fastppo 0). entropy_from_logits_with_chunking: float32 [N] for 2-D logits, gradient through
-the logits; other ranks and a chunk_size < 1 are verl's.
+the logits; other ranks and a chunk_size < 1 are verl's. calculate_sum_pi_squared_from_logits (sum_v p_v^2, which
+the engine's padding-free path computes for the optimal-token baseline) has no fastppo op over logits: every
+call goes to verl and is counted in handle.stats.delegated, so a run shows what fastppo did not serve.
 """
 
 from __future__ import annotations
@@ -164,6 +167,10 @@ def _serve_chunked_entropy(a):
     return entropy_of_logits(logits).float()
 
 
+def _not_served(a):
+    return NotImplemented
+
+
 def _function(name, serve):
     def build(original, stats):
         return host_signature_wrapper(original, name, stats, serve)
@@ -184,4 +191,7 @@ def entry_points() -> list[EntryPoint]:
     eps = [EntryPoint(name, (lambda name=name: (rch, name)), _function(name, serve)) for name, serve in table]
     eps.append(EntryPoint("entropy_from_logits_with_chunking", lambda: (tf, "entropy_from_logits_with_chunking"),
                           _function("entropy_from_logits_with_chunking", _serve_chunked_entropy)))
+    eps.append(EntryPoint("calculate_sum_pi_squared_from_logits",
+                          lambda: (tf, "calculate_sum_pi_squared_from_logits"),
+                          _function("calculate_sum_pi_squared_from_logits", _not_served)))
     return eps

@@ -43,7 +43,7 @@ RS = [None, ("token_k1", "1.3"), ("token_k2", 0.02), ("token_k3", 0.02), ("seq_s
 
 OPS = ["compute_rollout_correction_and_rejection_mask", "compute_rollout_correction_weights",
        "compute_rollout_rejection_mask", "compute_offpolicy_metrics", "compute_rollout_corr_metrics_from_logprobs",
-       "entropy_from_logits_with_chunking"]
+       "entropy_from_logits_with_chunking", "calculate_sum_pi_squared_from_logits"]
 
 
 def _patch(*names):
@@ -196,5 +196,9 @@ def test_unserved_calls_show_in_stats():
         with pytest.raises(AssertionError):
             rch.compute_offpolicy_metrics(old, roll, torch.zeros_like(m))
         tf.entropy_from_logits_with_chunking(torch.randn(9, 5))
-    assert h.stats.delegated == {"entropy_from_logits_with_chunking": 1, "compute_offpolicy_metrics": 1}
+        logits = torch.randn(4, 7)
+        torch.testing.assert_close(tf.calculate_sum_pi_squared_from_logits(logits),
+                                   torch.softmax(logits, -1).square().sum(-1))   # verl's own, counted
+    assert h.stats.delegated == {"entropy_from_logits_with_chunking": 1, "compute_offpolicy_metrics": 1,
+                                 "calculate_sum_pi_squared_from_logits": 1}
     assert h.stats.served == {"entropy_from_logits_with_chunking": 1}
