@@ -147,3 +147,18 @@ def test_bad_tensors():
         fastppo.rollout_correction(old[0], roll[0], mask[0])
     with pytest.raises(ValueError, match="mask"):
         fastppo.rollout_correction(old, roll, mask.float() * 2)
+
+
+def test_no_graph_break():
+    """The public function traces as one graph around the one op (no host sync to break it)."""
+    old, roll, mask = _inputs((4, 7), torch.float32)
+
+    def step(o, r, m):
+        out = fastppo.rollout_correction(o, r, m, is_level="sequence", is_batch_normalize=True,
+                                         rejection={"token_k1": 1.5, "seq_max_k3": 0.1})
+        return out.weights.sum() + out.mask.sum() + out.stats["rollout_rs_masked_fraction"]
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(old, roll, mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
