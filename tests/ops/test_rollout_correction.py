@@ -162,3 +162,24 @@ def test_no_graph_break():
     explained = torch._dynamo.explain(step)(old, roll, mask)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+def test_counters_no_host_sync_launches_constant_bytes_linear():
+    """The op (the PyTorch composition, eager dispatch counters): no host sync, the same launches for any
+    [B, T] (no per-row loop), bytes proportional to the tokens (no [B, T, *] intermediate)."""
+    from fastppo.bench.counters import EagerTraffic
+    from fastppo.library import encode
+    from fastppo.options import RolloutCorrectionOptions
+
+    opts = encode(RolloutCorrectionOptions.build(is_level="token", rejection={"token_k1": 1.5, "seq_mean_k3": 0.02,
+                                                                              "seq_max_k2": 0.1}))
+    seen = []
+    for shape in ((4, 64), (16, 256)):
+        old, roll, mask = _inputs(shape, torch.float32)
+        with EagerTraffic() as c:
+            torch.ops.fastppo.rollout_correction(old, roll, mask, opts)
+        seen.append((c.launches, c.bytes / (shape[0] * shape[1]), c.host_syncs))
+    (l1, b1, s1), (l2, b2, s2) = seen
+    assert s1 == s2 == 0
+    assert l1 == l2
+    assert b2 == pytest.approx(b1, rel=0.02)
