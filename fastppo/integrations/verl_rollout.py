@@ -178,20 +178,18 @@ def _function(name, serve):
 
 
 def entry_points() -> list[EntryPoint]:
+    """The entry points above that the installed verl defines (all of them in 0.9.1)."""
     import verl.utils.torch_functional as tf
 
     rch = _rch()
     table = [
-        ("compute_rollout_correction_and_rejection_mask", _serve_correction_and_rejection),
-        ("compute_rollout_correction_weights", _serve_weights),
-        ("compute_rollout_rejection_mask", _serve_rejection),
-        ("compute_offpolicy_metrics", _serve_offpolicy),
-        ("compute_rollout_corr_metrics_from_logprobs", _serve_metrics_from_logprobs),
+        (rch, "compute_rollout_correction_and_rejection_mask", _serve_correction_and_rejection),
+        (rch, "compute_rollout_correction_weights", _serve_weights),
+        (rch, "compute_rollout_rejection_mask", _serve_rejection),
+        (rch, "compute_offpolicy_metrics", _serve_offpolicy),
+        (rch, "compute_rollout_corr_metrics_from_logprobs", _serve_metrics_from_logprobs),
+        (tf, "entropy_from_logits_with_chunking", _serve_chunked_entropy),
+        (tf, "calculate_sum_pi_squared_from_logits", _not_served),
     ]
-    eps = [EntryPoint(name, (lambda name=name: (rch, name)), _function(name, serve)) for name, serve in table]
-    eps.append(EntryPoint("entropy_from_logits_with_chunking", lambda: (tf, "entropy_from_logits_with_chunking"),
-                          _function("entropy_from_logits_with_chunking", _serve_chunked_entropy)))
-    eps.append(EntryPoint("calculate_sum_pi_squared_from_logits",
-                          lambda: (tf, "calculate_sum_pi_squared_from_logits"),
-                          _function("calculate_sum_pi_squared_from_logits", _not_served)))
-    return eps
+    return [EntryPoint(name, (lambda mod=mod, name=name: (mod, name)), _function(name, serve))
+            for mod, name, serve in table if hasattr(mod, name)]
