@@ -72,8 +72,8 @@ def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
                                           log_ratio_bound=log_ratio_bound)
     check_float("old_logprobs", old_logprobs)
     check_float("rollout_logprobs", rollout_logprobs)
-    if old_logprobs.dim() != 2:
-        raise ValueError(f"old_logprobs must be [B, T], got shape {tuple(old_logprobs.shape)}")
+    if old_logprobs.dim() != 2 or 0 in old_logprobs.shape:
+        raise ValueError(f"old_logprobs must be [B, T] with B, T >= 1, got shape {tuple(old_logprobs.shape)}")
     check_same_shape("rollout_logprobs", rollout_logprobs, "old_logprobs", old_logprobs.shape)
     check_same_shape("mask", mask, "old_logprobs", old_logprobs.shape)
     check_mask(mask)

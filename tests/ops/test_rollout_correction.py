@@ -147,6 +147,17 @@ def test_bad_tensors():
         fastppo.rollout_correction(old[0], roll[0], mask[0])
     with pytest.raises(ValueError, match="mask"):
         fastppo.rollout_correction(old, roll, mask.float() * 2)
+    with pytest.raises(ValueError, match="B, T >= 1"):
+        fastppo.rollout_correction(old[:0], roll[:0], mask[:0])
+
+
+def test_nothing_valid():
+    """An all-masked batch: no weight, nothing rejected, counts 0 (verl raises; fastppo's op has no host check)."""
+    old, roll, mask = _inputs((3, 5), torch.float32)
+    out = fastppo.rollout_correction(old, roll, torch.zeros_like(mask), is_level="sequence",
+                                     rejection={"seq_mean_k1": 1.1})
+    assert (out.weights == 0).all() and not out.mask.any()
+    assert out.stats["num_tokens"] == 0 and out.stats["num_seqs"] == 0 and out.stats["rollout_is_mean"] == 0
 
 
 def test_no_graph_break():
