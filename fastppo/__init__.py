@@ -23,7 +23,8 @@ from .logprobs import token_logprobs
 from .losses import ppo_policy_loss, rollout_is_weights, value_loss
 from .mismatch import mismatch_stats
 from .options import VocabParallel
-from .outputs import LogprobOutputs, PPOLossOutput
+from .outputs import LogprobOutputs, PPOLossOutput, RolloutCorrection
+from .rollout_correction import rollout_correction
 from .topk_divergence import topk_divergence
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "mismatch_stats",
     "LogprobOutputs",
     "PPOLossOutput",
+    "RolloutCorrection",
     "VocabParallel",
     "backend_for",
     "full_kl",
@@ -51,6 +53,7 @@ __all__ = [
     "linear_logprobs",
     "logits_divergence",
     "ppo_policy_loss",
+    "rollout_correction",
     "rollout_is_weights",
     "set_backend",
     "token_logprobs",

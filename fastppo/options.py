@@ -8,6 +8,7 @@ built, with one set of error messages:
   logits ops; LinearOptions adds what the linear ops need (extras, chunk_bytes).
 - LossOptions: every option of the loss layer (ppo_policy_loss, value_loss, the fused losses, the
   per-token loss function `loss_terms_from_logprobs` and the trainer's configuration).
+- RolloutCorrectionOptions: fastppo.rollout_correction's IS weights and rejection criteria.
 - VocabParallel: the logits / lm_head a logits or linear op gets are this rank's vocabulary shard of a
   process group (the `vocab_parallel=` keyword of those four ops; fastppo.vocab_parallel runs it).
 Mode names live in fastppo.modes."""
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch.distributed as dist
 
 from ._validation import check_number, check_temperature
-from .modes import AGG_MODES, KL_KINDS, POLICY_LOSSES
+from .modes import AGG_MODES, IS_LEVELS, KL_KINDS, POLICY_LOSSES, REJECTION_OPTIONS, ROLLOUT_IS_MODES
 
 
 def _finite(name, value):
@@ -271,3 +272,69 @@ class VocabParallel:
             raise TypeError(f"vocab_parallel must be a fastppo.VocabParallel or None, got "
                             f"{type(value).__name__} {value!r}")
         return value
+
+
+@dataclass(frozen=True)
+class RolloutCorrectionOptions:
+    """Options of fastppo.rollout_correction (the formulas are in its docstring).
+
+    is_level: None (no IS weights) | token | sequence; is_mode: truncate | mask | seq-mask (token level);
+    is_max > 0 (finite), is_min in (0, is_max] or None; is_batch_normalize; rejection: a tuple of
+    (option, lower, upper) with option in REJECTION_OPTIONS, in the caller's order, `lower` a ratio bound of
+    the k1 options (None for k2 / k3); log_ratio_bound: the clamp of the log-ratio before exp (verl's
+    SAFETY_BOUND 20; None: none, as OpenRLHF)."""
+
+    is_level: str | None = None
+    is_mode: str = "truncate"
+    is_max: float = 2.0
+    is_min: float | None = None
+    is_batch_normalize: bool = False
+    rejection: tuple = ()
+    log_ratio_bound: float | None = 20.0
+
+    @classmethod
+    def build(cls, *, is_level=None, is_mode="truncate", is_max=2.0, is_min=None, is_batch_normalize=False,
+              rejection=None, log_ratio_bound=20.0) -> RolloutCorrectionOptions:
+        """Validate the public keywords once. `rejection` maps option -> upper bound, or for the k1 options
+        (lower, upper) ratio bounds (a single number u means (1 / u, u), verl's convention)."""
+        if is_level is not None:
+            _choice("is_level", is_level, IS_LEVELS)
+        _choice("is_mode", is_mode, ROLLOUT_IS_MODES)
+        if is_mode == "seq-mask" and is_level not in (None, "token"):
+            raise ValueError(f"is_mode='seq-mask' gates token-level weights: is_level must be 'token', "
+                             f"got {is_level!r}")
+        hi = check_number("is_max", is_max, low=0.0, low_open=True)
+        lo = check_number("is_min", is_min, low=0.0, low_open=True, allow_none=True)
+        if lo is not None and lo > hi:
+            raise ValueError(f"is_min ({lo}) must be <= is_max ({hi})")
+        if not isinstance(is_batch_normalize, bool):
+            raise TypeError(f"is_batch_normalize must be a bool, got {is_batch_normalize!r}")
+        bound = check_number("log_ratio_bound", log_ratio_bound, low=0.0, low_open=True, allow_none=True)
+        return cls(is_level, is_mode, hi, lo, is_batch_normalize, _rejection(rejection), bound)
+
+
+def _rejection(rejection) -> tuple:
+    if rejection is None:
+        return ()
+    if not hasattr(rejection, "items"):
+        raise TypeError(f"rejection must be a mapping option -> threshold, got {type(rejection).__name__}")
+    out = []
+    for name, spec in rejection.items():
+        _choice("rejection option", name, REJECTION_OPTIONS)
+        if name.endswith("k1"):
+            if isinstance(spec, (tuple, list)):
+                if len(spec) != 2:
+                    raise ValueError(f"rejection[{name!r}] must be upper or (lower, upper), got {spec!r}")
+                lo, hi = (check_number(f"rejection[{name!r}]", v, low=0.0, low_open=True) for v in spec)
+            else:
+                hi = check_number(f"rejection[{name!r}]", spec, low=0.0, low_open=True)
+                lo = 1.0 / hi
+            if lo > hi:
+                raise ValueError(f"rejection[{name!r}]: lower ({lo}) must be <= upper ({hi})")
+        else:
+            if isinstance(spec, (tuple, list)):
+                raise ValueError(f"rejection[{name!r}] takes one upper bound (only the k1 options take two), "
+                                 f"got {spec!r}")
+            lo, hi = None, check_number(f"rejection[{name!r}]", spec, low=0.0, low_open=True)
+        out.append((name, lo, hi))
+    return tuple(out)

@@ -33,3 +33,13 @@ class LogprobOutputs(NamedTuple):
     log_sum_sq_probs: torch.Tensor | None = None
     mean_logits: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
+
+
+class RolloutCorrection(NamedTuple):
+    """Result of fastppo.rollout_correction: `weights` [B, T] (float32; float64 for float64 input; None without
+    is_level; 0 at mask-0 and rejected-by-IS positions, detached), `mask` [B, T] (the input mask, in its
+    dtype, with the rejected tokens set to 0), `stats` (name -> detached 0-d tensor, no host sync)."""
+
+    weights: torch.Tensor | None
+    mask: torch.Tensor
+    stats: dict[str, torch.Tensor]

@@ -6,7 +6,8 @@
 | `openrlhf.models.utils.compute_entropy`                                    | `token_logprobs(return_entropy)` |
 | `openrlhf.models.utils.compute_approx_kl` (k1, k2, k3)                     | `kl_penalty`       |
 | `openrlhf.models.loss.PolicyLoss` ("ppo", dual clip, token / sequence loss) | `ppo_policy_loss`  |
-|   + token-level ratio IS correction (clip / mask)                          | `+ rollout_is_weights` |
+|   + token-level ratio IS correction (clip = TIS / mask = ICEPOP)           | `+ rollout_is_weights` |
+|   + sequence-level ratio IS correction (mask = seq-mask-tis)               | `+ rollout_correction` |
 |   "gspo" (+ its IS correction: the ratio against the rollout log-probs)    | `ppo_policy_loss(policy_loss="gspo")` |
 | `openrlhf.models.loss.ValueLoss`                                           | `value_loss`       |
 | `RemoteExperienceMaker.get_advantages_and_returns` (when importable)       | `gae`              |
@@ -23,14 +24,17 @@ inputs).
 PolicyLoss's IS correction at token level with the ratio gate is fastppo.rollout_is_weights
 (level="token", mode "clip" -> "truncate", "mask" -> "mask", [min, max] = is_correction_threshold),
 multiplied into the (dual-clipped) loss; vllm_kl and is_filter_ratio are returned as OpenRLHF
-returns them. GSPO is fastppo's "gspo" (the sequence-mean ratio, gradient through the mean,
+returns them. At sequence level (seq-mask-tis, OpenRLHF's and NeMo-RL's name) it is
+fastppo.rollout_correction(is_level="token", is_mode="seq-mask", log_ratio_bound=None): the unclamped token
+ratios of the sequences whose geometric-mean ratio lies in [low, high] (low 0: no lower bound), 0 elsewhere;
+is_filter_ratio is OpenRLHF's fraction of rows gated out (an empty row counts as gated out: its mean is NaN
+there). GSPO is fastppo's "gspo" (the sequence-mean ratio, gradient through the mean,
 per-sample loss); with IS correction on, OpenRLHF's GSPO ratio is taken against the rollout
 log-probs and no weights are applied, and so does the adapter.
 
 PolicyLoss / ValueLoss are replaced by subclasses: modules built before the patch keep the
 original class. Delegated to OpenRLHF (counted): compute_approx_kl's `unbiased_gradient=True`;
-PolicyLoss with `action_mask=None`, the sequence-level IS correction (a geometric-mean gate on
-per-token weights, not fastppo's sequence weight), the binary_kl / tv gates, GSPO with dual_clip
+PolicyLoss with `action_mask=None`, the binary_kl / tv gates, GSPO with dual_clip
 (fastppo's gspo has none), and a GSPO call where some sequence's mean log-ratio exceeds 10: fastppo
 caps it there (verl's rule), OpenRLHF does not, so the adapter reads the 0-d ratio_max stat (one
 host sync per GSPO call; OpenRLHF's actor syncs every micro-step anyway) and recomputes such a call
@@ -97,17 +101,22 @@ _GSPO_CAP = math.exp(10.0) * (1 - 1e-6)   # fastppo's gspo caps the sequence log
 
 
 def _is_weights_kwargs(loss):
-    """fastppo.rollout_is_weights keywords for the PolicyLoss's IS correction, or None where
-    OpenRLHF's rule is not fastppo's: token level with the ratio gate ("clip" = truncate to
-    [low, high], "mask" = the ratio where low <= ratio <= high else 0) is; the sequence level (a
-    geometric-mean gate on per-token weights) and the binary_kl / tv gates are not."""
-    if loss.is_correction_level != "token" or loss.is_correction_gating != "ratio":
+    """("weights", fastppo.rollout_is_weights keywords) or ("correction", fastppo.rollout_correction keywords)
+    for the PolicyLoss's IS correction, or None where OpenRLHF's rule is not fastppo's. Token level with the
+    ratio gate ("clip" = truncate to [low, high], "mask" = ICEPOP: the ratio where low <= ratio <= high else 0)
+    is rollout_is_weights; sequence level with the ratio gate (seq-mask-tis: the token ratios exp(lr_t), unclamped,
+    where the sequence's geometric-mean ratio exp(mean lr) is in [low, high], else 0) is rollout_correction's
+    "seq-mask"; the binary_kl / tv gates are not."""
+    if loss.is_correction_gating != "ratio" or loss.is_correction_level not in ("token", "seq"):
         return None
     low, high = (float(x) for x in loss.is_correction_threshold)
-    if not 0 <= low <= high:
+    if not 0 <= low <= high or high <= 0 or math.isinf(high):
         return None
-    return {"level": "token", "mode": "truncate" if loss.is_correction_mode == "clip" else "mask",
-            "min": low, "max": high}
+    if loss.is_correction_level == "seq":
+        return "correction", {"is_level": "token", "is_mode": "seq-mask", "is_min": low if low > 0 else None,
+                              "is_max": high, "log_ratio_bound": None}
+    return "weights", {"level": "token", "mode": "truncate" if loss.is_correction_mode == "clip" else "mask",
+                       "min": low, "max": high}
 
 
 def _policy_loss_class(original, stats):
@@ -149,11 +158,19 @@ def _policy_loss_class(original, stats):
             gspo = self.policy_loss_type == "gspo"
             ratio_ref = rollout_log_probs if gspo and self.is_correction_level != "off" else old_log_probs
             vllm_kl = filt = isw = None
-            if is_kw is not None:
+            if is_kw is not None and is_kw[0] == "weights":
+                is_kw = is_kw[1]
                 isw, is_stats = fastppo.rollout_is_weights(old_log_probs, rollout_log_probs, action_mask, **is_kw)
                 filt = is_stats["is_clipped_frac" if is_kw["mode"] == "truncate" else "is_masked_frac"]
                 vllm_kl = masked_mean(fastppo.kl_penalty(rollout_log_probs.detach(), old_log_probs.detach(),
                                                          kind="k1"), action_mask, dim=None)
+            elif is_kw is not None:   # seq-mask-tis
+                rc = fastppo.rollout_correction(old_log_probs, rollout_log_probs, action_mask, **is_kw[1])
+                isw, vllm_kl = rc.weights, rc.stats["kl"]
+                # OpenRLHF's filter ratio is over every row, an empty row (a NaN geometric mean) counting as filtered
+                rows = action_mask.shape[0]
+                kept_rows = rc.stats["num_seqs"]
+                filt = (rc.stats["rollout_is_seq_oob_ratio"] * kept_rows + (rows - kept_rows)) / rows
             agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
             loss, st = fastppo.ppo_policy_loss(
                 log_probs, ratio_ref, advantages, action_mask, agg=agg, rollout_is_weights=isw,

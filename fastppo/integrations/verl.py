@@ -14,6 +14,7 @@
 |   "sapo" (tau_pos / tau_neg), "gpg", "cispo"                             | `ppo_policy_loss(same name)` |
 |   "geo_mean"                                                             | `ppo_policy_loss("gmpo")`  |
 | `verl.utils.experimental.torch_functional.FusedLinearForPPO` (subclass)  | `linear_logprobs`          |
+| rollout_corr_helper's compute functions, `entropy_from_logits_with_chunking` | see `verl_rollout.py`  |
 
 Host semantics kept: verl's `k3`/`low_var_kl` is its clamped estimator (fastppo "low_var_kl");
 "k3+" etc. keep verl's straight-through k2 gradient (a composition of two kl_penalty calls). Group
@@ -59,6 +60,7 @@ from packaging.version import Version
 import fastppo
 from fastppo.options import LossOptions
 
+from . import verl_rollout
 from ._patching import EntryPoint, entropy_of_logits, host_signature_wrapper
 
 SUPPORTED = ">=0.9, <0.10 (tested: 0.9.1)"
@@ -352,4 +354,4 @@ def entry_points() -> list[EntryPoint]:
 
     eps = [EntryPoint(name, (lambda h=h, attr=attr: (h, attr)), build, regs) for name, h, attr, build in table]
     eps.append(EntryPoint("FusedLinearForPPO", lambda: (xtf, "FusedLinearForPPO"), _fused_linear_class))
-    return eps
+    return eps + verl_rollout.entry_points()

@@ -177,6 +177,9 @@ def _policy_pair(kwargs, lp, old, roll, adv, m, counts, served=True):
     {"is_correction_level": "token", "is_correction_mode": "mask", "dual_clip": 3.0, "token_level_loss": False},
     {"is_correction_level": "token", "is_correction_mode": "clip", "is_correction_threshold": (0.0, 1.5),
      "dual_clip": 2.0},
+    # seq-mask-tis: the sequence's geometric-mean ratio gates its token weights (rows gated in and out)
+    {"is_correction_level": "seq", "is_correction_mode": "mask", "is_correction_threshold": (0.9, 1.1)},
+    {"is_correction_level": "seq", "is_correction_threshold": (0.0, 1.05), "dual_clip": 3.0, "token_level_loss": False},
 ])
 @pytest.mark.parametrize("counts", [{}, _COUNTS])
 def test_policy_loss_gspo_and_is_correction(kwargs, counts):
@@ -200,7 +203,6 @@ def test_policy_loss_gspo_and_is_correction(kwargs, counts):
 
 @pytest.mark.parametrize("kwargs", [
     {"policy_loss_type": "gspo", "dual_clip": 3.0},                         # fastppo's gspo has no dual clip
-    {"is_correction_level": "seq"},                                        # a geometric-mean gate on token weights
     {"is_correction_level": "token", "is_correction_gating": "tv", "is_correction_threshold": (0.0, 0.5)},
 ])
 def test_policy_loss_delegates_other_rules(kwargs):
