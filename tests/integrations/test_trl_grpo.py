@@ -151,11 +151,11 @@ def test_unsupported_configurations_are_delegated(step_rig, name, attrs, args, r
     tr, inputs = step_rig
     with _configured(tr, attrs, args):
         assert reason in trl_grpo.unsupported_reason(tr, inputs)
-        if name in ("luspo", "off_policy_mask"):   # TRL's own code runs, counted
+        if name in ("luspo", "off_policy_mask"):   # TRL's own loss runs (its head served by linear_logprobs)
             loss_a, grads_a, _, _ = _step(tr, inputs, False)
             loss_b, grads_b, _, stats = _step(tr, inputs, True)
-            assert stats[1] == {NAME: 1} and NAME not in stats[0]
-            assert torch.equal(loss_a, loss_b)
+            assert stats == ({"ChunkedLogProbFunction": 1}, {NAME: 1})
+            torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
 
 
 def test_undo_restores_trl():
@@ -175,7 +175,8 @@ def _same_training(a, b):
     torch.testing.assert_close(torch.tensor(a["loss"]), torch.tensor(b["loss"]), rtol=1e-5, atol=1e-6)
     for k in a["params"]:
         torch.testing.assert_close(a["params"][k], b["params"][k], rtol=1e-4, atol=1e-4, msg=k)
-    assert any(x != 0 for x in b["loss"])
+    torch.testing.assert_close(torch.tensor(a["grad_norm"]), torch.tensor(b["grad_norm"]), rtol=1e-4, atol=1e-6)
+    assert max(b["grad_norm"]) > 0   # the steps trained (an on-policy GRPO loss is 0 in value: mean advantage 0)
 
 
 @pytest.mark.parametrize("config", [
