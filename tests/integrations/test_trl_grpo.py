@@ -193,3 +193,48 @@ def test_training_runs_match_trl(tmp_path, config):
     _same_training(ours, base)
     assert ours["served"][NAME] == config.get("gradient_accumulation_steps", 1) * config["max_steps"]
     assert ours["delegated"] == {}
+
+
+def test_step_flops_below_trl(tmp_path):
+    """One GRPOTrainer step (_compute_loss + backward) on a head-dominated tiny Llama (H=128, V=4096, one
+    layer; 8 completions of 8 tokens after 3-token prompts), counted: tl.dot FLOPs of fastppo's kernels in the
+    interpreter (whole tiles) plus the eager matmul FLOPs (backbone; TRL's head on CPU). The backbone costs the
+    same on both sides, so the difference is TRL's head: 8 N H V over every position on CPU (it projects all
+    B (L - 1) rows there; compact rows on Triton devices), against fastppo's 6 N_valid H V."""
+    import math
+
+    from fastppo.bench.counters import DotFlops, EagerTraffic, hide_interpreter_copies
+
+    H, V = 128, 4096
+    tr = grpo_trainer(tmp_path, hidden=H, words=[f"w{i}" for i in range(V - 4)], per_device_train_batch_size=8,
+                      num_generations=4, steps_per_generation=2, max_completion_length=8)
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    inputs = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+
+    def count(patched):
+        tr.model.zero_grad(set_to_none=True)
+        handle = fi.patch("trl") if patched else None
+        dots, eager = DotFlops(), EagerTraffic()
+        try:
+            with dots.count(), hide_interpreter_copies(), eager:
+                loss = tr._compute_loss(tr.model, inputs)
+                loss.backward()
+        finally:
+            if handle is not None:
+                assert handle.stats.served == {NAME: 1}
+                handle.undo()
+        return dots.flops, eager.flops, loss.detach()
+
+    trl_dots, trl_eager, trl_loss = count(False)
+    dots, eager, loss = count(True)
+    torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-7)
+    B, P = inputs["prompt_ids"].shape
+    T = inputs["completion_ids"].shape[1]
+    n_all, n_valid = B * (P + T - 1), int(inputs["completion_mask"].sum())
+    backbone = eager   # patched: every head FLOP is a tl.dot
+    assert trl_dots == 0 and trl_eager - backbone == 8 * n_all * H * V   # the counters see TRL's whole head
+    assert 6 * n_valid * H * V <= dots <= 6 * math.ceil(n_valid / 64) * 64 * H * V
+    ratio = (dots + eager) / trl_eager
+    ratio_compact = (dots + eager) / (backbone + 8 * n_valid * H * V)   # against TRL's compact (GPU) head
+    assert ratio <= 0.85 and ratio_compact <= 0.85, (ratio, ratio_compact)
