@@ -159,9 +159,8 @@ def test_unsupported_configurations_are_delegated(step_rig, name, attrs, args, r
 
 
 def test_undo_restores_trl():
-    from trl.trainer.grpo_trainer import GRPOTrainer
-
     import trl.trainer.utils as u
+    from trl.trainer.grpo_trainer import GRPOTrainer
 
     original, head = GRPOTrainer._compute_loss, u._ChunkedLogProbFunction
     with fi.patch("trl") as h:
@@ -238,3 +237,60 @@ def test_step_flops_below_trl(tmp_path):
     ratio = (dots + eager) / trl_eager
     ratio_compact = (dots + eager) / (backbone + 8 * n_valid * H * V)   # against TRL's compact (GPU) head
     assert ratio <= 0.85 and ratio_compact <= 0.85, (ratio, ratio_compact)
+
+
+def _rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_bf16_autocast_gradients_as_trl(hidden_dtype):
+    """#25 bf16: under bf16 autocast with an fp32 head (mixed precision), TRL's head returns each gradient in
+    its input's dtype from fp32 accumulators; so does the patched head (no bf16 rounding of an fp32 weight's
+    gradient), and its error against the float64 gradient is no worse than TRL's."""
+    import trl.trainer.utils as u
+
+    N, H, V = 37, 24, 211
+    g = torch.Generator().manual_seed(5)
+    h0, w0, b0 = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.5, torch.randn(V, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    gl, ge = torch.randn(N, generator=g), torch.randn(N, generator=g)
+
+    def run(patched, dtype=None, autocast=True):
+        ins = [h0.to(hidden_dtype if dtype is None else dtype), w0.to(dtype or torch.float32),
+               b0.to(dtype or torch.float32)]
+        ins = [x.clone().requires_grad_() for x in ins]
+        with contextlib.ExitStack() as stack:
+            handle = stack.enter_context(fi.patch("trl", ops=["ChunkedLogProbFunction"])) if patched else None
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast))
+            lp, ent, *_ = u._ChunkedLogProbFunction.apply(*ins, t, 0.9, 64, None, 1.0, ("log_probs", "entropy"))
+            if handle is not None:
+                assert handle.stats.served["ChunkedLogProbFunction"] == 1
+        ((lp * gl).sum() + (ent * ge).sum()).backward()
+        return [x.grad for x in ins]
+
+    ref = run(False, torch.float64, autocast=False)
+    theirs, ours = run(False), run(True)
+    for name, a, b, r in zip(("hidden", "weight", "bias"), theirs, ours, ref):
+        assert b.dtype == a.dtype, name
+        if b.dtype == torch.float32:   # fp32 accumulators, not rounded to bf16 on the way back
+            assert not torch.equal(b, b.to(torch.bfloat16).float()), name
+        assert _rel_err(b, r) <= _rel_err(a, r), (name, _rel_err(b, r), _rel_err(a, r))
+
+
+def test_served_step_under_bf16_autocast(step_rig):
+    """The whole loss under bf16 autocast (TRL's mixed precision: fp32 parameters): every gradient in its
+    parameter's dtype, its error against the fp32 step no worse than TRL's own bf16 step's."""
+    tr, inputs = step_rig
+    with _configured(tr, dict(loss_type="dapo"), {}):
+        ref = _step(tr, inputs, False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs = _step(tr, inputs, False)
+            ours = _step(tr, inputs, True)
+    assert ours[3] == ({NAME: 1}, {})
+    assert _rel_err(theirs[1]["lm_head.weight"], ref[1]["lm_head.weight"]) > 1e-4   # autocast did act
+    assert abs(ours[0] - ref[0]) <= 1.05 * abs(theirs[0] - ref[0]) + 1e-6
+    for k, r in ref[1].items():
+        assert ours[1][k].dtype == theirs[1][k].dtype == r.dtype, k
+        err, trl_err = _rel_err(ours[1][k], r), _rel_err(theirs[1][k], r)
+        assert err <= trl_err + 1e-6, (k, err, trl_err)
