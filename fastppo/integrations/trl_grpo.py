@@ -39,7 +39,7 @@ use_bias_correction_kl, the entropy bonus (entropy_coef / adaptive entropy: TRL'
 own mask whatever the loss type), MoE aux loss, cispo with epsilon_high < 1, cispo / sapo / delta at sequence
 level, epsilon outside [0, 1], delta <= 1, top_entropy_quantile over several processes (TRL's threshold is
 global), an on-policy sequence-level step with IS weights or the entropy mask, a subclass overriding
-`_get_per_token_logps_and_entropies`.
+`_get_per_token_logps_and_entropies`, a PEFT prompt-learning model (its labels gain virtual tokens).
 
 Precision: hidden, weight and bias enter the op rounded to TRL's compute dtype (the autocast dtype when autocast
 is on, else hidden's), held in their own dtype (`in_compute_dtype`): the logits are the products TRL's head forms
@@ -134,6 +134,8 @@ def _plan(tr, inputs) -> _Plan | str:
         return "entropy bonus (entropy_coef / adaptive entropy)"
     if getattr(tr, "aux_loss_enabled", False):
         return "MoE aux loss"
+    if getattr(getattr(tr.model, "active_peft_config", None), "is_prompt_learning", False):
+        return "PEFT prompt learning (TRL's head also scores the virtual tokens' labels)"
     if tr.top_entropy_quantile < 1.0 and tr.accelerator.num_processes > 1:
         return "top_entropy_quantile over several processes"
     on_policy = inputs.get("old_per_token_logps") is None
@@ -235,6 +237,9 @@ class _CapturedHead:
         cm = plan.labels_mask
         compact = _utils()._use_triton(hidden.device)
         if compact:   # the rows of the completion tokens, in order
+            if hidden.device.type == "cpu" and hidden.shape[0] != int(cm.sum()):   # free on CPU only
+                raise RuntimeError(f"fastppo's GRPO loss: TRL's head got {hidden.shape[0]} rows for "
+                                   f"{int(cm.sum())} completion tokens")
             h = hidden.new_zeros(B, T, hidden.shape[-1]).masked_scatter(cm[..., None], hidden)
         else:         # every position of [B, L - 1]: the completion is the last T
             h = hidden.view(B, -1, hidden.shape[-1])[:, -T:]

@@ -294,3 +294,22 @@ def test_served_step_under_bf16_autocast(step_rig):
         assert ours[1][k].dtype == theirs[1][k].dtype == r.dtype, k
         err, trl_err = _rel_err(ours[1][k], r), _rel_err(theirs[1][k], r)
         assert err <= trl_err + 1e-6, (k, err, trl_err)
+
+
+def test_eval_step_matches_trl(step_rig):
+    """The loss prediction_step takes (eval mode, no_grad, on prepared inputs): TRL's normalisers without
+    gradient accumulation."""
+    tr, inputs = step_rig
+    losses = []
+    for patched in (False, True):
+        with _configured(tr, dict(loss_type="bnpo", current_gradient_accumulation_steps=3), {}):
+            tr.model.eval()
+            try:
+                with fi.patch("trl") if patched else contextlib.nullcontext() as handle:
+                    with torch.no_grad():
+                        losses.append(tr.compute_loss(tr.model, inputs))
+                    if handle is not None:
+                        assert handle.stats.served[NAME] == 1
+            finally:
+                tr.model.train()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
