@@ -254,6 +254,8 @@ class EagerTraffic(TorchDispatchMode):
         moved = sum(tensor_bytes(t) for t in _tensors((args, kwargs)))
         moved += sum(tensor_bytes(t) for t in _tensors(out))
         formula = self._flops.get(func.overloadpacket)
+        if formula is None and name.endswith("_"):   # an in-place product (addmm_, baddbmm_): its out-of-place formula
+            formula = self._flops.get(getattr(torch.ops.aten, name[:-1], None))
         flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
         if name == "matmul" and args[0].dim() == args[1].dim() == 2:   # matmul(out=) reaches dispatch undecomposed
             flops = 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[1]

@@ -108,6 +108,26 @@ def entropy_of_logits(logits):
     return fastppo.token_logprobs(logits, zeros, return_entropy=True)[1]
 
 
+def compute_dtype(hidden):
+    """The dtype a host's LM head projects in: the autocast dtype when autocast is on, else hidden's (TRL's
+    `compute_dtype`)."""
+    import torch
+
+    dev = hidden.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+
+
+def in_compute_dtype(x, dt):
+    """x's values rounded to the compute dtype dt: the same products as the host's (its operands in dt, fp32
+    accumulation). Under autocast (dt narrower than x) the rounded values stay in x's dtype with an identity
+    gradient, so the gradient is not rounded to dt on its way back (autograd through x.to(dt) would)."""
+    import torch
+
+    if torch.promote_types(x.dtype, dt) == dt:
+        return x.to(dt)
+    return x + (x.detach().to(dt).to(x.dtype) - x.detach())
+
+
 def accepts(fn: Callable, keyword: str) -> bool:
     """Whether fastppo's op `fn` takes `keyword` (features land op by op; until one does, the
     adapter hands the calls that need it to the host)."""

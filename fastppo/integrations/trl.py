@@ -7,6 +7,7 @@
 | `trl.trainer.utils.entropy_from_logits`           | `token_logprobs(return_entropy)`    |
 | `trl.trainer.utils.selective_log_softmax_and_entropy` | `token_logprobs(return_entropy)` |
 | `trl.kernels.chunked_divergence.ChunkedDivergenceFunction.apply` (TRL 1.16) | `linear_divergence` |
+| `trl.GRPOTrainer._compute_loss` (TRL 1.16)        | `fused_linear_ppo_loss` (the whole loss: trl_grpo.py) |
 
 Every module that imported one of these by name (grpo_trainer, rloo_trainer, dpo_trainer,
 experimental.*, ...) is rebound too. Host semantics kept:
@@ -16,9 +17,11 @@ experimental.*, ...) is rebound too. Host semantics kept:
   returns (log_probs, entropy). Log-probs and entropy are float32. The projection runs in the
   autocast dtype when autocast is on, else in hidden's dtype (TRL's `compute_dtype`; a bf16 head
   under fp32 hidden is upcast). `chunk_size` is TRL's tile width and is not used: fastppo picks its
-  own vocabulary chunks. Gradients to hidden, weight and bias. Under bf16 autocast fastppo's op runs
-  on the bf16 operands (fp32 accumulation inside) while TRL forms its gradient GEMMs from fp32
-  copies: the two agree at bf16 tolerance, not bit for bit.
+  own vocabulary chunks. Gradients to hidden, weight and bias, in each input's own dtype: under
+  autocast the operands are rounded to the autocast dtype and held in their own dtype
+  (`in_compute_dtype`), so an fp32 weight gets its fp32 gradient from fp32 accumulators, unrounded, as
+  TRL's head returns it (TRL rounds its logits' gradient tile to the compute dtype, fastppo keeps it fp32:
+  the two agree at bf16 tolerance, not bit for bit).
 - selective_log_softmax: rows where `row_mask == 0` give 0 and no gradient; the result has the
   logits' dtype, float32 where TRL would run its own Triton kernel (CUDA, fp16/bf16/fp32). A
   top-K `index` [..., K] goes to TRL's original.
@@ -44,7 +47,15 @@ from packaging.version import Version
 
 import fastppo
 
-from ._patching import EntryPoint, accepts, entropy_of_logits, host_signature_wrapper
+from . import trl_grpo
+from ._patching import (
+    EntryPoint,
+    accepts,
+    compute_dtype,
+    entropy_of_logits,
+    host_signature_wrapper,
+    in_compute_dtype,
+)
 
 SUPPORTED = ">=1.14, <1.17 (tested: 1.14.0, 1.16.0)"
 EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
@@ -96,11 +107,11 @@ def _serve_fused_head(a):
     hidden = a["hidden"] if "hidden" in a else a["last_hidden"]   # TRL 1.14 names it last_hidden
     weight, bias = a["weight"], a["bias"]
     dev = hidden.device.type
-    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    cdt = compute_dtype(hidden)
     want_ent = "entropy" in wanted
     with torch.autocast(dev, enabled=False):
-        out = fastppo.linear_logprobs(hidden.to(cdt), weight.to(cdt), a["targets"],
-                                      bias=None if bias is None else bias.to(cdt),
+        out = fastppo.linear_logprobs(in_compute_dtype(hidden, cdt), in_compute_dtype(weight, cdt), a["targets"],
+                                      bias=None if bias is None else in_compute_dtype(bias, cdt),
                                       temperature=a["temperature"], return_entropy=want_ent, **kw)
     if extras:
         logp, ent, lssp, mean_logits, top1 = tuple(out)
@@ -127,20 +138,6 @@ def _build_fused_head(original, stats):
 
 # --- distillation ---------------------------------------------------------------------------------
 
-def _compute_dtype(hidden):
-    dev = hidden.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
-
-
-def _in_compute_dtype(x, dt):
-    """x's values rounded to the compute dtype dt: the same products as TRL's (its operands in dt, fp32
-    accumulation). Under autocast (dt narrower than x) the rounded values stay in x's dtype with an identity
-    gradient, so the gradient is not rounded to dt on its way back (autograd through x.to(dt) would)."""
-    if torch.promote_types(x.dtype, dt) == dt:
-        return x.to(dt)
-    return x + (x.detach().to(dt).to(x.dtype) - x.detach())
-
-
 def _serve_divergence(a):
     beta, tau = a["beta"], a["temperature"]
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
@@ -148,11 +145,11 @@ def _serve_divergence(a):
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
         return NotImplemented
     hs, ht = a["student_hidden"], a["teacher_hidden"]
-    s_dt, t_dt = _compute_dtype(hs), _compute_dtype(ht)
+    s_dt, t_dt = compute_dtype(hs), compute_dtype(ht)
     with torch.autocast(hs.device.type, enabled=False):
         div, ent = fastppo.linear_divergence(
-            _in_compute_dtype(hs, s_dt), _in_compute_dtype(a["student_weight"], s_dt), _in_compute_dtype(ht, t_dt),
-            _in_compute_dtype(a["teacher_weight"], t_dt), beta=float(beta),
+            in_compute_dtype(hs, s_dt), in_compute_dtype(a["student_weight"], s_dt), in_compute_dtype(ht, t_dt),
+            in_compute_dtype(a["teacher_weight"], t_dt), beta=float(beta),
             temperature=float(tau), student_bias=a["student_bias"], teacher_bias=a["teacher_bias"],
             return_entropy=True, student_logit_scale=a["student_logit_scale"],
             student_final_logit_softcapping=a["student_final_logit_softcapping"],
@@ -224,6 +221,8 @@ def entry_points() -> list[EntryPoint]:
          _function("selective_log_softmax_and_entropy", _serve_selective_and_entropy)),
     ]
     points = [EntryPoint(name, (lambda attr=attr: (u, attr)), build) for name, attr, build in table if hasattr(u, attr)]
+    if trl_grpo.available():
+        points.append(trl_grpo.entry_point())
     cd = _divergence_module()
     if cd is not None:
         points.append(EntryPoint("ChunkedDivergenceFunction", lambda: (cd, "ChunkedDivergenceFunction"),

@@ -79,6 +79,10 @@ def test_eager_traffic_counts_ops_flops_and_skips_views_and_allocations():
         x @ y                           # reads 32 + 12 floats, writes 24; 2 M K N FLOPs
     assert t2.flops == 2 * 8 * 4 * 3 and t2.launches == 2
     assert t2.bytes == 6000 + (32 + 12 + 24) * 4
+    acc = torch.zeros(8, 3)
+    with EagerTraffic() as t3:
+        acc.addmm_(x, y)                # in place (TRL's gradient GEMMs): the same 2 M K N
+    assert t3.flops == 2 * 8 * 4 * 3
     del c
 
 

@@ -21,11 +21,11 @@ TRL114 = os.environ.get("FASTPPO_TRL114", str(Path(__file__).resolve().parents[2
 WORDS = [f"w{i}" for i in range(40)]
 
 
-def _tokenizer(tmp: Path):
+def _tokenizer(tmp: Path, words=WORDS):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
@@ -39,28 +39,39 @@ def _reward(completions, **kwargs):
     return [float(sum(int(w[1:]) % 2 == 0 for w in c.split() if w[1:].isdigit())) for c in completions]
 
 
-def grpo_run(patched: bool, tmp: Path) -> dict:
-    """3 optimizer steps of GRPOTrainer on a tiny Llama; returns per-step loss / grad norm, the
-    final parameters and the patch's call counts."""
+def grpo_trainer(tmp: Path, *, hidden=32, words=WORDS, model_path=False, **config):
+    """GRPOTrainer on a tiny Llama built from a config (seeded), vocabulary = the tokenizer's; `config`
+    overrides GRPOConfig's arguments below. model_path=True saves the model and passes its path (TRL then
+    builds the reference model for beta != 0 from it)."""
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    tok = _tokenizer(tmp)
+    tok = _tokenizer(tmp, words)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
+    if model_path:
+        model.save_pretrained(tmp / "model")
+        model = str(tmp / "model")
     data = Dataset.from_dict({"prompt": [" ".join(WORDS[i:i + 3]) for i in range(0, 36, 3)]})
-    args = GRPOConfig(output_dir=str(tmp / "out"), per_device_train_batch_size=4, num_generations=2,
-                      steps_per_generation=3, max_completion_length=5, max_steps=3, learning_rate=5e-2,
-                      logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="no", beta=0.0, bf16=False)
+    kw = dict(output_dir=str(tmp / "out"), per_device_train_batch_size=4, num_generations=2,
+              steps_per_generation=3, max_completion_length=5, max_steps=3, learning_rate=5e-2,
+              logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="no", beta=0.0, bf16=False)
+    kw.update(config)
+    return GRPOTrainer(model=model, reward_funcs=_reward, args=GRPOConfig(**kw), train_dataset=data,
+                       processing_class=tok)
+
+
+def grpo_run(patched: bool, tmp: Path, **config) -> dict:
+    """A few optimizer steps of GRPOTrainer on a tiny Llama (grpo_trainer); returns per-step loss / grad
+    norm, the final parameters and the patch's call counts."""
     handle = fi.patch("trl") if patched else None
     try:
-        trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=data,
-                              processing_class=tok)
+        trainer = grpo_trainer(tmp, **config)
         trainer.train()
     finally:
         stats = None if handle is None else handle.stats
@@ -68,7 +79,7 @@ def grpo_run(patched: bool, tmp: Path) -> dict:
             handle.undo()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return {"loss": [h["loss"] for h in logs], "grad_norm": [h["grad_norm"] for h in logs],
-            "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
             "served": dict(stats.served) if stats else {}, "delegated": dict(stats.delegated) if stats else {}}
 
 
@@ -84,7 +95,8 @@ def test_grpo_trainer_patched_matches_unpatched(tmp_path):
     base = grpo_run(False, tmp_path)
     ours = grpo_run(True, tmp_path)
     _assert_same_training(ours, base)
-    assert ours["served"].get("ChunkedLogProbFunction", 0) > 0   # fastppo's linear_logprobs ran
+    assert ours["served"].get("ChunkedLogProbFunction", 0) > 0   # fastppo's linear_logprobs ran (old log-probs)
+    assert ours["served"].get("GRPOTrainer._compute_loss", 0) == 3   # and fused_linear_ppo_loss, every step
     assert ours["delegated"] == {}
     assert max(base["grad_norm"]) > 0 and any(x != 0 for x in base["loss"])   # the steps did train
 

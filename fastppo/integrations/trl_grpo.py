@@ -1,0 +1,294 @@
+"""TRL 1.16 GRPOTrainer's whole loss from hidden states: `GRPOTrainer._compute_loss` served by
+`fastppo.fused_linear_ppo_loss`, so the gradient of head + loss is formed in the forward pass
+(6 N_valid H V FLOPs on the Triton path, against TRL's 8: its fused head recomputes the logits in backward).
+
+How: the replacement runs TRL's own `_compute_loss` (its input assembly, backbone forward through the model's
+fused LM head, metrics) with TRL's fused head (`trl.trainer.utils._ChunkedLogProbFunction`, looked up by the
+model's `_fused_forward` at call time) swapped, for that one call, for a capture. The capture receives what TRL's
+head would (hidden rows, the head's weight / bias, temperature, softcapping, logit scale), computes the whole
+loss with `fused_linear_ppo_loss` and hands TRL fastppo's detached per-token log-probs and entropies, from which
+TRL computes its metrics (entropy, KL, clip ratios) exactly as before; the differentiable loss returned is
+fastppo's. If TRL's code never calls the head (a host change), TRL's own loss is returned, counted as delegated.
+
+TRL -> fastppo (per_token_loss, mask = completion_mask [* tool_mask], GA = current_gradient_accumulation_steps
+in training, 1 in eval):
+| TRL option                                   | fastppo                                                      |
+|----------------------------------------------|--------------------------------------------------------------|
+| loss_type grpo, bnpo, dr_grpo, dapo          | policy_loss="ppo", clip_low=epsilon, clip_high=epsilon_high  |
+| loss_type cispo (epsilon_high >= 1)          | "cispo", clip_low=1, clip_high=epsilon_high - 1 (min(r, eh))   |
+| loss_type sapo                               | "sapo", sapo_tau_pos / neg = sapo_temperature_pos / neg      |
+| importance_sampling_level="sequence" (GSPO)  | "gspo" (grpo / bnpo / dr_grpo / dapo only)                   |
+| delta (two-sided clipping, > 1)              | ratio_max=delta (token level)                                |
+| beta, ref_per_token_logps                    | kl_coef=beta, kl_kind="k3", ref_logprobs                     |
+| top_entropy_quantile < 1 (one process)       | entropy_quantile=top_entropy_quantile                        |
+| vLLM IS correction (importance_sampling_ratio) | rollout_is_weights ([B, T] or [B, 1], broadcast)           |
+| temperature, softcapping, logit_scale        | the head's own arguments                                     |
+| grpo, sapo: mean_b(sum_t m L / n_b) / GA     | agg="seq-mean-token-mean", num_seqs=B, / GA                  |
+| bnpo: sum(m L) / sum(m) / GA                 | agg="token-sum" / (sum(m).clamp(1) GA)                       |
+| dr_grpo: sum(m L) / (B max_completion_length) / GA | agg="token-sum" / (B max_completion_length GA)         |
+| dapo, cispo: sum(m L) / normalizer (num_items_in_batch ...) | agg="token-sum" / TRL's normalizer tensor     |
+
+On-policy steps (no old_per_token_logps: TRL uses per_token_logps.detach(), ratio exactly 1): the loss runs
+as policy_loss="gpg" (-A logp, whose gradient is every mapped loss's gradient at ratio 1: -A per token, times
+the IS weight and the entropy mask) and its value is corrected by a detached constant, the mapped loss minus gpg
+at ratio 1 (fastppo.ppo_policy_loss on the returned log-probs), so value and gradient are TRL's.
+
+Delegated to TRL's original (counted in `handle.stats.delegated["GRPOTrainer._compute_loss"]`; the reason:
+`unsupported_reason(trainer, inputs)`): loss_type luspo / vespo, off_policy_mask_threshold,
+use_bias_correction_kl, the entropy bonus (entropy_coef / adaptive entropy: TRL's bonus is a token mean over its
+own mask whatever the loss type), MoE aux loss, cispo with epsilon_high < 1, cispo / sapo / delta at sequence
+level, epsilon outside [0, 1], delta <= 1, top_entropy_quantile over several processes (TRL's threshold is
+global), an on-policy sequence-level step with IS weights or the entropy mask, a subclass overriding
+`_get_per_token_logps_and_entropies`, a PEFT prompt-learning model (its labels gain virtual tokens).
+
+Precision: hidden, weight and bias enter the op rounded to TRL's compute dtype (the autocast dtype when autocast
+is on, else hidden's), held in their own dtype (`in_compute_dtype`): the logits are the products TRL's head forms
+(its operands in that dtype, fp32 accumulation) and the gradients come back in each input's own dtype from fp32
+accumulators, unrounded to the compute dtype, as TRL's head returns them. (The op then multiplies fp32 tensors
+that hold bf16 values: exact products; on a GPU a tf32 / fp32 GEMM rather than a bf16 one.)
+
+Sampling parameters (#23 item 7): TRL's `temperature` reaches the op (TRL passes it to its head). TRL's `top_k`,
+`top_p`, `min_p` (vLLM / generate sampling) are not: TRL scores with the full vocabulary (its head has no kept
+set and vLLM returns only the sampled token's log-prob), so a kept set would change TRL's numbers, and
+`fastppo.KeptSet.from_filters` needs the logits, which this path never forms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+import fastppo
+from fastppo.options import LossOptions
+
+from ._patching import CallStats, EntryPoint, compute_dtype, in_compute_dtype
+
+NAME = "GRPOTrainer._compute_loss"
+_TOKEN_PPO = ("grpo", "bnpo", "dr_grpo", "dapo")
+_MAPPED = (*_TOKEN_PPO, "cispo", "sapo")
+_IGNORE = -100
+
+
+def _utils():
+    import trl.trainer.utils as u
+
+    return u
+
+
+def _grpo_class():
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    return GRPOTrainer
+
+
+def available() -> bool:
+    """Whether the installed TRL has the GRPOTrainer this adapter serves (TRL 1.16: the fused LM head)."""
+    u = _utils()
+    return hasattr(u, "add_fused_lm_head") and hasattr(_grpo_class(), "_compute_loss")
+
+
+def _policy_kwargs(tr) -> dict | str:
+    """fused_linear_ppo_loss's policy keywords for the trainer's configuration, or why it is not served."""
+    lt, level = tr.loss_type, tr.importance_sampling_level
+    el, eh, delta = tr.epsilon_low, tr.epsilon_high, tr.args.delta
+    if lt not in _MAPPED:
+        return f"loss_type={lt!r}"
+    if level not in ("token", "sequence"):
+        return f"importance_sampling_level={level!r}"
+    if not 0 <= el <= 1 or not eh >= 0:
+        return f"epsilon={el}, epsilon_high={eh}"
+    if delta is not None and (not delta > 1 or level == "sequence" or lt not in _TOKEN_PPO):
+        return f"delta={delta} with loss_type={lt!r}, importance_sampling_level={level!r}"
+    if level == "sequence" and lt not in _TOKEN_PPO:
+        return f"loss_type={lt!r} at importance_sampling_level='sequence'"
+    if lt == "cispo":
+        if eh < 1:
+            return f"cispo with epsilon_high={eh} < 1"
+        return {"policy_loss": "cispo", "clip_low": 1.0, "clip_high": eh - 1.0}
+    if lt == "sapo":
+        return {"policy_loss": "sapo", "sapo_tau_pos": tr.args.sapo_temperature_pos,
+                "sapo_tau_neg": tr.args.sapo_temperature_neg}
+    kw = {"policy_loss": "gspo" if level == "sequence" else "ppo", "clip_low": el, "clip_high": eh}
+    if delta is not None:
+        kw["ratio_max"] = delta
+    return kw
+
+
+def unsupported_reason(trainer, inputs) -> str | None:
+    """Why this GRPOTrainer configuration goes to TRL's own `_compute_loss` (None: fastppo serves it)."""
+    plan = _plan(trainer, inputs)
+    return plan if isinstance(plan, str) else None
+
+
+def _plan(tr, inputs) -> _Plan | str:
+    """The loss call for this step, or why it is delegated."""
+    if type(tr)._get_per_token_logps_and_entropies is not _grpo_class()._get_per_token_logps_and_entropies:
+        return "a subclass overrides _get_per_token_logps_and_entropies"
+    if tr.off_policy_mask_threshold is not None:
+        return "off_policy_mask_threshold"
+    if tr.beta != 0.0 and tr.args.use_bias_correction_kl:
+        return "use_bias_correction_kl"
+    if getattr(tr, "_entropy_bonus_enabled", False):
+        return "entropy bonus (entropy_coef / adaptive entropy)"
+    if getattr(tr, "aux_loss_enabled", False):
+        return "MoE aux loss"
+    if getattr(getattr(tr.model, "active_peft_config", None), "is_prompt_learning", False):
+        return "PEFT prompt learning (TRL's head also scores the virtual tokens' labels)"
+    if tr.top_entropy_quantile < 1.0 and tr.accelerator.num_processes > 1:
+        return "top_entropy_quantile over several processes"
+    on_policy = inputs.get("old_per_token_logps") is None
+    kw = _policy_kwargs(tr)
+    if isinstance(kw, str):
+        return kw
+    if on_policy and kw["policy_loss"] == "gspo" and (tr.top_entropy_quantile < 1.0 or _is_weights(tr, inputs)
+                                                      is not None):
+        return "on-policy sequence-level step with IS weights or the entropy mask"
+    try:
+        return _Plan(tr, inputs, kw)
+    except ValueError as e:   # a value fastppo's options refuse
+        return str(e)
+
+
+def _is_weights(tr, inputs):
+    if tr.use_vllm and tr.vllm_importance_sampling_correction and tr.loss_type != "vespo":
+        return inputs["importance_sampling_ratio"]
+    return None
+
+
+class _Plan:
+    """The loss call for one `_compute_loss`: fused_linear_ppo_loss's tensors and keywords, the divisor that
+    turns its aggregation into TRL's, and (on-policy) the mapped policy keywords of the value correction."""
+
+    def __init__(self, tr, inputs, policy: dict):
+        self.labels_mask = inputs["completion_mask"].bool()
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        self.mask, self.labels = mask, inputs["completion_ids"]
+        B = mask.shape[0]
+        adv = inputs["advantages"]
+        self.adv = adv if adv.dim() == 2 else adv[:, None].expand(mask.shape)
+        old = inputs.get("old_per_token_logps")
+        self.on_policy = old is None
+        self.old = old
+        isw = _is_weights(tr, inputs)
+        self.isw = None if isw is None else isw.expand(mask.shape)
+        self.ref = inputs["ref_per_token_logps"] if tr.beta != 0.0 else None
+        self.policy = policy
+        train = tr.model.training
+        ga = tr.current_gradient_accumulation_steps if train else 1.0
+        kw = {"kl_coef": float(tr.beta), "kl_kind": "k3",
+              "entropy_quantile": tr.top_entropy_quantile if tr.top_entropy_quantile < 1.0 else None}
+        lt = tr.loss_type
+        if lt in ("grpo", "sapo"):
+            kw.update(agg="seq-mean-token-mean", num_seqs=float(B))
+            self.divisor = ga
+        elif lt == "bnpo":
+            kw["agg"] = "token-sum"
+            self.divisor = mask.sum().clamp(min=1.0) * ga
+        elif lt == "dr_grpo":
+            kw["agg"] = "token-sum"
+            self.divisor = float(B * tr.max_completion_length * ga)
+        else:   # dapo, cispo: num_items_in_batch spans the generation batch
+            kw["agg"] = "token-sum"
+            div = inputs["num_items_in_batch"].clamp(min=1.0) / tr.accelerator.num_processes
+            self.divisor = div * tr.current_gradient_accumulation_steps / tr.args.steps_per_generation if train \
+                else div
+        self.agg_kwargs = kw
+        LossOptions.policy(**policy, **kw)   # validated here, before TRL's forward runs
+
+    def loss(self, hidden, weight, bias, temperature, softcap, scale):
+        """fused_linear_ppo_loss on hidden [B, T, H]; (TRL's loss, per-token log-probs, entropies)."""
+        policy = {"policy_loss": "gpg"} if self.on_policy else self.policy
+        old = torch.zeros_like(self.mask, dtype=torch.float32) if self.on_policy else self.old
+        out = fastppo.fused_linear_ppo_loss(
+            hidden, weight, self.labels, old, self.adv, self.mask, bias=bias, ref_logprobs=self.ref,
+            temperature=temperature, rollout_is_weights=self.isw, final_logit_softcapping=softcap,
+            logit_scale=scale, return_entropy=True, **policy, **self.agg_kwargs)
+        loss = out.loss
+        if self.on_policy:   # the value at ratio 1 (gradient unchanged: a detached constant)
+            lp, ent = out.logprobs, out.entropy
+            common = {k: v for k, v in self.agg_kwargs.items() if k not in ("kl_coef", "kl_kind")}
+            mapped = fastppo.ppo_policy_loss(lp, lp, self.adv, self.mask, rollout_is_weights=self.isw, entropy=ent,
+                                             **self.policy, **common)[0]
+            gpg = fastppo.ppo_policy_loss(lp, lp, self.adv, self.mask, rollout_is_weights=self.isw, entropy=ent,
+                                          policy_loss="gpg", **common)[0]
+            loss = loss + (mapped - gpg)
+        return loss / self.divisor, out.logprobs, out.entropy
+
+
+class _CapturedHead:
+    """Stands in for TRL's `_ChunkedLogProbFunction` during one served `_compute_loss`: its one call computes
+    the whole loss from the hidden rows it is given and returns fastppo's detached per-token log-probs and
+    entropies in TRL's layout (compact rows on Triton devices, every position elsewhere)."""
+
+    def __init__(self, plan: _Plan):
+        self.plan, self.loss = plan, None
+
+    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+               logit_scale=1.0, outputs=("log_probs",)):
+        if self.loss is not None:
+            raise RuntimeError("fastppo's GRPO loss: TRL called its fused LM head twice in one _compute_loss; "
+                               "undo fastppo.integrations.patch('trl') for this trainer")
+        plan = self.plan
+        B, T = plan.mask.shape
+        cm = plan.labels_mask
+        compact = _utils()._use_triton(hidden.device)
+        if compact:   # the rows of the completion tokens, in order
+            if hidden.device.type == "cpu" and hidden.shape[0] != int(cm.sum()):   # free on CPU only
+                raise RuntimeError(f"fastppo's GRPO loss: TRL's head got {hidden.shape[0]} rows for "
+                                   f"{int(cm.sum())} completion tokens")
+            h = hidden.new_zeros(B, T, hidden.shape[-1]).masked_scatter(cm[..., None], hidden)
+        else:         # every position of [B, L - 1]: the completion is the last T
+            h = hidden.view(B, -1, hidden.shape[-1])[:, -T:]
+        dt = compute_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            self.loss, logp, ent = plan.loss(in_compute_dtype(h, dt), in_compute_dtype(weight, dt),
+                                             None if bias is None else in_compute_dtype(bias, dt), temperature,
+                                             final_logit_softcapping, logit_scale)
+        logp, ent = logp.float(), ent.float()
+        if compact:
+            per_token = [x[cm] for x in (logp, ent)]
+        else:
+            L1 = hidden.shape[0] // B
+            per_token = [x.new_zeros(B, L1).index_copy_(1, torch.arange(L1 - T, L1, device=x.device), x).reshape(-1)
+                         for x in (logp, ent)]
+        wanted = set(outputs)
+        return (per_token[0], per_token[1] if "entropy" in wanted else None, None, None, None)
+
+
+@contextlib.contextmanager
+def _head_swapped(head):
+    u = _utils()
+    saved = u._ChunkedLogProbFunction
+    u._ChunkedLogProbFunction = head
+    try:
+        yield
+    finally:
+        u._ChunkedLogProbFunction = saved
+
+
+def _build(original, stats: CallStats):
+    @functools.wraps(original)
+    def _compute_loss(self, model, inputs):
+        plan = _plan(self, inputs)
+        if isinstance(plan, str):
+            stats.delegated[NAME] += 1
+            return original(self, model, inputs)
+        head = _CapturedHead(plan)
+        with _head_swapped(head):
+            host_loss = original(self, model, inputs)
+        if head.loss is None:   # TRL's code did not reach its head: its own loss stands
+            stats.delegated[NAME] += 1
+            return host_loss
+        stats.served[NAME] += 1
+        return head.loss
+
+    _compute_loss.__fastppo_original__ = original
+    return _compute_loss
+
+
+def entry_point() -> EntryPoint:
+    return EntryPoint(NAME, lambda: (_grpo_class(), "_compute_loss"), _build)

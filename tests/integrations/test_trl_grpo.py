@@ -1,0 +1,315 @@
+"""patch("trl") serving GRPOTrainer's whole loss (fastppo/integrations/trl_grpo.py) inside TRL 1.16's real
+GRPOTrainer: one training step's loss, gradients and logged metrics patched vs unpatched for every served
+configuration (TRL's own `_compute_loss` on one batch from its own `_prepare_inputs`), whole training runs, the
+FLOPs of a step, the delegated configurations and the bf16 gradients of the fused head."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fastppo.integrations as fi
+from fastppo.integrations import trl_grpo
+from tests.integrations.test_trl import grpo_run, grpo_trainer
+
+NAME = trl_grpo.NAME
+
+
+@pytest.fixture(scope="module")
+def step_rig(tmp_path_factory):
+    """A GRPOTrainer with a reference model (beta != 0 at build), temperature 0.8, and one batch of its
+    `_prepare_inputs`, old / reference log-probs moved off the policy so that clipping, delta and the KL act."""
+    tmp = tmp_path_factory.mktemp("grpo")
+    tr = grpo_trainer(tmp, beta=0.04, model_path=True, steps_per_generation=2, use_bias_correction_kl=False,
+                      temperature=0.8, max_completion_length=6)
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    inputs = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+    g = torch.Generator().manual_seed(1)
+    shape = inputs["completion_mask"].shape
+    inputs["old_per_token_logps"] = inputs["old_per_token_logps"] + 0.4 * torch.randn(shape, generator=g)
+    inputs["ref_per_token_logps"] = inputs["ref_per_token_logps"] + 0.3 * torch.randn(shape, generator=g)
+    inputs["completion_mask"][1, 3:] = 0   # a shorter completion
+    assert inputs["completion_mask"].sum() > 0 and inputs["advantages"].abs().sum() > 0
+    return tr, inputs
+
+
+# (name, trainer attributes, args attributes, input changes)
+CASES = [
+    ("grpo_kl_asym", dict(loss_type="grpo", epsilon_high=0.28), {}, {}),
+    ("bnpo_delta", dict(loss_type="bnpo", beta=0.0), dict(delta=1.2), {}),
+    ("dr_grpo_gspo", dict(loss_type="dr_grpo", importance_sampling_level="sequence"), {}, {}),
+    ("dapo_accumulation", dict(loss_type="dapo", current_gradient_accumulation_steps=2), {}, {}),
+    ("cispo", dict(loss_type="cispo", epsilon_high=1.3), {}, {}),
+    ("sapo", dict(loss_type="sapo"), dict(sapo_temperature_pos=1.2, sapo_temperature_neg=0.9), {}),
+    ("grpo_entropy_quantile", dict(loss_type="grpo", top_entropy_quantile=0.5), {}, {}),
+    ("bnpo_is_token", dict(loss_type="bnpo", use_vllm=True, vllm_importance_sampling_correction=True), {},
+     {"importance_sampling_ratio": "token"}),
+    ("grpo_is_sequence_gspo", dict(loss_type="grpo", importance_sampling_level="sequence", use_vllm=True,
+                                   vllm_importance_sampling_correction=True), {},
+     {"importance_sampling_ratio": "sequence"}),
+    ("on_policy_grpo_kl", dict(loss_type="grpo"), {}, {"old_per_token_logps": None}),
+    ("on_policy_sapo_quantile", dict(loss_type="sapo", top_entropy_quantile=0.6), {}, {"old_per_token_logps": None}),
+    ("on_policy_dr_grpo_gspo", dict(loss_type="dr_grpo", importance_sampling_level="sequence"), {},
+     {"old_per_token_logps": None}),
+    ("on_policy_cispo_is", dict(loss_type="cispo", epsilon_high=4.0, use_vllm=True,
+                                vllm_importance_sampling_correction=True), {},
+     {"old_per_token_logps": None, "importance_sampling_ratio": "token"}),
+    ("dapo_tool_mask_compact", dict(loss_type="dapo"), {}, {"tool_mask": True, "compact": True}),
+]
+
+
+@contextlib.contextmanager
+def _configured(tr, attrs, args):
+    saved = [(o, k, getattr(o, k)) for o, kv in ((tr, attrs), (tr.args, args)) for k in kv]
+    for o, kv in ((tr, attrs), (tr.args, args)):
+        for k, v in kv.items():
+            setattr(o, k, v)
+    try:
+        yield
+    finally:
+        for o, k, v in saved:
+            setattr(o, k, v)
+
+
+def _inputs(base, changes):
+    x = dict(base)
+    g = torch.Generator().manual_seed(2)
+    B, T = base["completion_mask"].shape
+    for k, v in changes.items():
+        if k == "importance_sampling_ratio":
+            x[k] = 0.5 + torch.rand((B, T) if v == "token" else (B, 1), generator=g)
+        elif k == "tool_mask":
+            x[k] = (torch.rand(B, T, generator=g) > 0.3).long()
+        elif k != "compact":
+            x[k] = v
+    return {k: v for k, v in x.items() if v is not None}
+
+
+def _step(tr, inputs, patched, monkeypatch=None, compact=False):
+    """TRL's _compute_loss + backward: (loss, gradients by parameter, last logged metrics, stats)."""
+    tr.model.zero_grad(set_to_none=True)
+    tr._metrics["train"].clear()
+    handle = fi.patch("trl") if patched else None
+    try:
+        with contextlib.ExitStack() as stack:
+            if compact:   # the layout TRL uses on Triton devices: only the completion rows reach the head
+                import trl.trainer.utils as u
+
+                mp = stack.enter_context(pytest.MonkeyPatch.context())
+                mp.setattr(u, "_use_triton", lambda device: True)
+                # TRL's own head would then launch its Triton kernels: keep it on its PyTorch tiles
+                mp.setattr("trl.kernels.chunked_logprob._use_triton", lambda device: False)
+            loss = tr._compute_loss(tr.model, inputs)
+            loss.backward()
+        stats = None if handle is None else (dict(handle.stats.served), dict(handle.stats.delegated))
+    finally:
+        if handle is not None:
+            handle.undo()
+    grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+    metrics = {k: v[-1] for k, v in tr._metrics["train"].items()}
+    return loss.detach(), grads, metrics, stats
+
+
+@pytest.mark.parametrize("name,attrs,args,changes", CASES, ids=[c[0] for c in CASES])
+def test_served_step_matches_trl(step_rig, name, attrs, args, changes):
+    tr, base = step_rig
+    inputs = _inputs(base, changes)
+    with _configured(tr, attrs, args):
+        assert trl_grpo.unsupported_reason(tr, inputs) is None
+        loss_a, grads_a, met_a, _ = _step(tr, inputs, False)
+        loss_b, grads_b, met_b, stats = _step(tr, inputs, True, compact=changes.get("compact", False))
+    assert stats == ({NAME: 1}, {})
+    assert loss_a.abs() > 0 and loss_a.requires_grad is False
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+    assert sorted(grads_a) == sorted(grads_b) and len(grads_a) > 0
+    for k in grads_a:
+        assert grads_b[k].dtype == grads_a[k].dtype
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert sorted(met_a) == sorted(met_b)
+    for k in met_a:   # TRL's metrics, computed by TRL from fastppo's log-probs and entropies
+        torch.testing.assert_close(torch.tensor(met_b[k]), torch.tensor(met_a[k]), rtol=1e-5, atol=1e-6, msg=k)
+
+
+DELEGATED = [
+    ("luspo", dict(loss_type="luspo"), {}, "loss_type='luspo'"),
+    ("vespo", dict(loss_type="vespo"), {}, "loss_type='vespo'"),
+    ("off_policy_mask", dict(off_policy_mask_threshold=0.5), {}, "off_policy_mask_threshold"),
+    ("bias_correction_kl", {}, dict(use_bias_correction_kl=True), "use_bias_correction_kl"),
+    ("entropy_bonus", dict(_entropy_bonus_enabled=True, entropy_coef=0.01), {}, "entropy bonus"),
+    ("cispo_cap_below_1", dict(loss_type="cispo", epsilon_high=0.8), {}, "cispo with epsilon_high=0.8"),
+    ("sapo_sequence", dict(loss_type="sapo", importance_sampling_level="sequence"), {}, "at importance_sampling"),
+    ("delta_sequence", dict(loss_type="grpo", importance_sampling_level="sequence"), dict(delta=2.0), "delta=2.0"),
+    ("epsilon_above_1", dict(loss_type="grpo", epsilon_low=1.5), {}, "epsilon=1.5"),
+]
+
+
+@pytest.mark.parametrize("name,attrs,args,reason", DELEGATED, ids=[c[0] for c in DELEGATED])
+def test_unsupported_configurations_are_delegated(step_rig, name, attrs, args, reason):
+    tr, inputs = step_rig
+    with _configured(tr, attrs, args):
+        assert reason in trl_grpo.unsupported_reason(tr, inputs)
+        if name in ("luspo", "off_policy_mask"):   # TRL's own loss runs (its head served by linear_logprobs)
+            loss_a, grads_a, _, _ = _step(tr, inputs, False)
+            loss_b, grads_b, _, stats = _step(tr, inputs, True)
+            assert stats == ({"ChunkedLogProbFunction": 1}, {NAME: 1})
+            torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+
+
+def test_undo_restores_trl():
+    import trl.trainer.utils as u
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    original, head = GRPOTrainer._compute_loss, u._ChunkedLogProbFunction
+    with fi.patch("trl") as h:
+        assert GRPOTrainer._compute_loss is not original and h.replaced[NAME] == ["GRPOTrainer._compute_loss"]
+        assert GRPOTrainer._compute_loss.__fastppo_original__ is original
+    assert GRPOTrainer._compute_loss is original and u._ChunkedLogProbFunction is head
+
+
+def _same_training(a, b):
+    assert len(a["loss"]) == len(b["loss"]) >= 2
+    torch.testing.assert_close(torch.tensor(a["loss"]), torch.tensor(b["loss"]), rtol=1e-5, atol=1e-6)
+    for k in a["params"]:
+        torch.testing.assert_close(a["params"][k], b["params"][k], rtol=1e-4, atol=1e-4, msg=k)
+    torch.testing.assert_close(torch.tensor(a["grad_norm"]), torch.tensor(b["grad_norm"]), rtol=1e-4, atol=1e-6)
+    assert max(b["grad_norm"]) > 0   # the steps trained (an on-policy GRPO loss is 0 in value: mean advantage 0)
+
+
+@pytest.mark.parametrize("config", [
+    dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=False, model_path=True, gradient_accumulation_steps=2,
+         steps_per_generation=2, epsilon_high=0.28, max_steps=2),
+    dict(loss_type="grpo", importance_sampling_level="sequence", steps_per_generation=1, max_steps=2),
+    dict(loss_type="bnpo", top_entropy_quantile=0.5, max_steps=2, delta=1.5, temperature=0.7),
+], ids=["dapo_kl_accumulation", "on_policy_gspo", "bnpo_entropy_quantile_delta_temperature"])
+def test_training_runs_match_trl(tmp_path, config):
+    """Whole GRPOTrainer.train() runs (generation, scoring, optimizer steps): per-step losses and final
+    parameters patched vs unpatched."""
+    base = grpo_run(False, tmp_path / "a", **config)
+    ours = grpo_run(True, tmp_path / "b", **config)
+    _same_training(ours, base)
+    assert ours["served"][NAME] == config.get("gradient_accumulation_steps", 1) * config["max_steps"]
+    assert ours["delegated"] == {}
+
+
+def test_step_flops_below_trl(tmp_path):
+    """One GRPOTrainer step (_compute_loss + backward) on a head-dominated tiny Llama (H=128, V=4096, one
+    layer; 8 completions of 8 tokens after 3-token prompts), counted: tl.dot FLOPs of fastppo's kernels in the
+    interpreter (whole tiles) plus the eager matmul FLOPs (backbone; TRL's head on CPU). The backbone costs the
+    same on both sides, so the difference is TRL's head: 8 N H V over every position on CPU (it projects all
+    B (L - 1) rows there; compact rows on Triton devices), against fastppo's 6 N_valid H V."""
+    import math
+
+    from fastppo.bench.counters import DotFlops, EagerTraffic, hide_interpreter_copies
+
+    H, V = 128, 4096
+    tr = grpo_trainer(tmp_path, hidden=H, words=[f"w{i}" for i in range(V - 4)], per_device_train_batch_size=8,
+                      num_generations=4, steps_per_generation=2, max_completion_length=8)
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    inputs = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+
+    def count(patched):
+        tr.model.zero_grad(set_to_none=True)
+        handle = fi.patch("trl") if patched else None
+        dots, eager = DotFlops(), EagerTraffic()
+        try:
+            with dots.count(), hide_interpreter_copies(), eager:
+                loss = tr._compute_loss(tr.model, inputs)
+                loss.backward()
+        finally:
+            if handle is not None:
+                assert handle.stats.served == {NAME: 1}
+                handle.undo()
+        return dots.flops, eager.flops, loss.detach()
+
+    trl_dots, trl_eager, trl_loss = count(False)
+    dots, eager, loss = count(True)
+    torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-7)
+    B, P = inputs["prompt_ids"].shape
+    T = inputs["completion_ids"].shape[1]
+    n_all, n_valid = B * (P + T - 1), int(inputs["completion_mask"].sum())
+    backbone = eager   # patched: every head FLOP is a tl.dot
+    assert trl_dots == 0 and trl_eager - backbone == 8 * n_all * H * V   # the counters see TRL's whole head
+    assert 6 * n_valid * H * V <= dots <= 6 * math.ceil(n_valid / 64) * 64 * H * V
+    ratio = (dots + eager) / trl_eager
+    ratio_compact = (dots + eager) / (backbone + 8 * n_valid * H * V)   # against TRL's compact (GPU) head
+    assert ratio <= 0.85 and ratio_compact <= 0.85, (ratio, ratio_compact)
+
+
+def _rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_bf16_autocast_gradients_as_trl(hidden_dtype):
+    """#25 bf16: under bf16 autocast with an fp32 head (mixed precision), TRL's head returns each gradient in
+    its input's dtype from fp32 accumulators; so does the patched head (no bf16 rounding of an fp32 weight's
+    gradient), and its error against the float64 gradient is no worse than TRL's."""
+    import trl.trainer.utils as u
+
+    N, H, V = 37, 24, 211
+    g = torch.Generator().manual_seed(5)
+    h0, w0, b0 = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.5, torch.randn(V, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    gl, ge = torch.randn(N, generator=g), torch.randn(N, generator=g)
+
+    def run(patched, dtype=None, autocast=True):
+        ins = [h0.to(hidden_dtype if dtype is None else dtype), w0.to(dtype or torch.float32),
+               b0.to(dtype or torch.float32)]
+        ins = [x.clone().requires_grad_() for x in ins]
+        with contextlib.ExitStack() as stack:
+            handle = stack.enter_context(fi.patch("trl", ops=["ChunkedLogProbFunction"])) if patched else None
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast))
+            lp, ent, *_ = u._ChunkedLogProbFunction.apply(*ins, t, 0.9, 64, None, 1.0, ("log_probs", "entropy"))
+            if handle is not None:
+                assert handle.stats.served["ChunkedLogProbFunction"] == 1
+        ((lp * gl).sum() + (ent * ge).sum()).backward()
+        return [x.grad for x in ins]
+
+    ref = run(False, torch.float64, autocast=False)
+    theirs, ours = run(False), run(True)
+    for name, a, b, r in zip(("hidden", "weight", "bias"), theirs, ours, ref):
+        assert b.dtype == a.dtype, name
+        if b.dtype == torch.float32:   # fp32 accumulators, not rounded to bf16 on the way back
+            assert not torch.equal(b, b.to(torch.bfloat16).float()), name
+        assert _rel_err(b, r) <= _rel_err(a, r), (name, _rel_err(b, r), _rel_err(a, r))
+
+
+def test_served_step_under_bf16_autocast(step_rig):
+    """The whole loss under bf16 autocast (TRL's mixed precision: fp32 parameters): every gradient in its
+    parameter's dtype, its error against the fp32 step no worse than TRL's own bf16 step's."""
+    tr, inputs = step_rig
+    with _configured(tr, dict(loss_type="dapo"), {}):
+        ref = _step(tr, inputs, False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs = _step(tr, inputs, False)
+            ours = _step(tr, inputs, True)
+    assert ours[3] == ({NAME: 1}, {})
+    assert _rel_err(theirs[1]["lm_head.weight"], ref[1]["lm_head.weight"]) > 1e-4   # autocast did act
+    assert abs(ours[0] - ref[0]) <= 1.05 * abs(theirs[0] - ref[0]) + 1e-6
+    for k, r in ref[1].items():
+        assert ours[1][k].dtype == theirs[1][k].dtype == r.dtype, k
+        err, trl_err = _rel_err(ours[1][k], r), _rel_err(theirs[1][k], r)
+        assert err <= trl_err + 1e-6, (k, err, trl_err)
+
+
+def test_eval_step_matches_trl(step_rig):
+    """The loss prediction_step takes (eval mode, no_grad, on prepared inputs): TRL's normalisers without
+    gradient accumulation."""
+    tr, inputs = step_rig
+    losses = []
+    for patched in (False, True):
+        with _configured(tr, dict(loss_type="bnpo", current_gradient_accumulation_steps=3), {}):
+            tr.model.eval()
+            try:
+                with fi.patch("trl") if patched else contextlib.nullcontext() as handle:
+                    with torch.no_grad():
+                        losses.append(tr.compute_loss(tr.model, inputs))
+                    if handle is not None:
+                        assert handle.stats.served[NAME] == 1
+            finally:
+                tr.model.train()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
