@@ -3,6 +3,7 @@ fastppo.linear_divergence to the teacher on those samples) from local folders: t
 the flags are validated before any model is built."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -116,28 +117,42 @@ def test_distill_rollout_terms_and_the_advantage_against_float64(tmp_path):
     assert adv[ro.mask].abs().max() > 0.1
 
 
-@pytest.mark.parametrize("loss,kw", [
-    ("divergence", dict(iterations=12)),
-    ("advantage", dict(iterations=12)),
-])
-def test_distillation_demo_learns_the_task(tmp_path, loss, kw):
+def test_distillation_demo_learns_the_task(tmp_path):
     """`fastppo train --mode distill` (no --policy): a teacher trained on the right answers, a student warmed up
     on the answer format only; on-policy distillation raises the student's task score and brings it to the
     teacher (seed 0; no timing asserted)."""
-    from fastppo.trainer.cli import main
-
-    args = ["--mode", "distill", "--distill_loss", loss, "--out", str(tmp_path / "run"), "--teacher_steps", "100",
-            "--batch_size", "32", "--progress", "false", "--backend", "torch"]
-    for k, v in kw.items():
-        args += [f"--{k}", str(v)]
+    args = ["--mode", "distill", "--out", str(tmp_path / "run"), "--iterations", "16", "--batch_size", "32",
+            "--lr", "3e-3", "--progress", "false", "--backend", "torch"]
     assert main(args) == 0
     m = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     n = len(m) // 4
     score = [r["task_score_mean"] for r in m]
     kl = [r["teacher_kl"] for r in m]
-    assert sum(score[-n:]) / n > sum(score[:n]) / n + 0.25, score
-    assert sum(kl[-n:]) < 0.6 * sum(kl[:n]), kl
+    assert sum(score[-n:]) / n > sum(score[:n]) / n + 0.4, score
+    assert sum(kl[-n:]) < 0.3 * sum(kl[:n]), kl
     assert (tmp_path / "run" / "frozen" / "teacher" / "tokenizer_config.json").exists()
+
+
+def test_an_advantage_step_moves_the_policy_along_the_advantage(tmp_path):
+    """--distill_loss advantage: the policy step on a rollout raises the log-probs of the tokens the teacher
+    prefers (A > 0) and lowers the others: sum_t A_t (log p_new - log p_old) > 0, where the padded and packed
+    layouts agree."""
+    from fastppo.trainer.launch import backend_scope
+    from fastppo.trainer.rollout import response_logprobs
+
+    moved = {}
+    for pack in (True, False):
+        tr = _demo_trainer(tmp_path / str(pack), distill_loss="advantage", pack=pack)
+        with backend_scope("torch"):
+            ro = tr.rollout(torch.Generator().manual_seed(5))
+            adv, _, _ = tr.advantages(ro)
+            logs = tr._policy_step(ro, adv)
+            with torch.no_grad():
+                new = response_logprobs(tr.policy, ro, tr.cfg.temperature)
+        assert logs and math.isfinite(logs["policy_loss"])
+        moved[pack] = ((new - ro.old_logprobs) * adv)[ro.mask].sum().item()
+    assert moved[True] > 0
+    assert moved[True] == pytest.approx(moved[False], rel=1e-3)
 
 
 def test_distillation_demo_resumes_with_its_teacher(tmp_path):
