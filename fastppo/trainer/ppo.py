@@ -255,6 +255,9 @@ class PPOTrainer(UpdateSteps):
         }
         metrics.update({f"mismatch_{k}": v for k, v in zip(MISMATCH_KEYS, torch.stack(
             [mismatch[k].float().cpu() for k in MISMATCH_KEYS]).tolist())})
+        if self.reward_model is None and self.reward_fn is None:   # distill without a reward: nothing to log
+            for key in ("reward_mean", "non_score_reward", "rlhf_reward"):
+                del metrics[key]
         if ro.task_scores is not None:
             metrics["task_score_mean"] = ro.task_scores.mean().item()
         if ro.teacher_kl is not None:
