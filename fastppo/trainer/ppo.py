@@ -216,7 +216,9 @@ class PPOTrainer(UpdateSteps):
         ro = self.rollout(generator)
         # the engine / trainer gap: the sampler's log-probs against the trainer's recomputation with the same
         # (rollout) policy, i.e. the first epoch's old policy, on every token (verl's rollout_corr metrics)
-        mismatch = mismatch_stats(ro.old_logprobs, ro.rollout_logprobs, ro.mask)
+        lay = Layout.of(ro.mask, cfg.pack)
+        mismatch = mismatch_stats(lay.pack(ro.old_logprobs), lay.pack(ro.rollout_logprobs), lay.mask,
+                                  cu_seqlens=lay.cu_seqlens)
         adv, returns, kl = self.advantages(ro)
         logs: dict[str, list] = {}
         mb_size = cfg.batch_size // cfg.minibatches

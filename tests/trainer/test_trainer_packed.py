@@ -58,8 +58,8 @@ def test_one_update_packed_equals_padded(tmp_path, mode, agg, backend):
                       [] if tr.critic is None else [p.detach().clone() for p in tr.critic.parameters()])
     (mp, pp, cp), (mu, pu, cu) = runs[True], runs[False]
     assert mp["loss_tokens"] < mu["loss_tokens"] == mu["loss_tokens_padded"] == mp["loss_tokens_padded"]
-    keys = ["policy_loss", "entropy", "clipfrac", "approx_kl"] + (["value_loss", "vf_clipfrac"] if mode == "ppo"
-                                                                  else [])
+    keys = ["policy_loss", "entropy", "clipfrac", "approx_kl", "mismatch_k3_kl_token", "mismatch_ratio_mean_seq",
+            "mismatch_max_abs_diff_seq"] + (["value_loss", "vf_clipfrac"] if mode == "ppo" else [])
     for k in keys:
         assert mp[k] == pytest.approx(mu[k], rel=1e-5, abs=1e-6), k
     for a, b in zip(pp + cp, pu + cu):
