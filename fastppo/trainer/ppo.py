@@ -1,10 +1,16 @@
-"""PPOTrainer: PPO (critic + GAE) and GRPO (group advantages, KL in the loss, no critic) on Hugging
-Face models, with every loss computed by fastppo:
-  rollout  -> generate, score (reward model or function), old / ref log-probs, values
-  rewards  -> kl_shaped_rewards (ppo) | group_advantages (grpo)
+"""PPOTrainer: PPO (critic + GAE), GRPO (group advantages, KL in the loss, no critic) and on-policy
+distillation on Hugging Face models, with every loss computed by fastppo:
+  rollout  -> generate (keeping the sampler's log-probs), score (reward model or function), old / ref
+              log-probs, values; distill: the teacher's log-probs and KL(policy || teacher)
+  mismatch -> mismatch_stats(old, sampler log-probs): the engine / trainer gap, logged
+  rewards  -> kl_shaped_rewards (ppo) | group_advantages (grpo) | log p_teacher - log p_student (distill
+              advantage)
   advantage-> gae + masked_whiten (ppo)
   update   -> ppo_epochs x minibatches of fused_linear_ppo_loss (policy, from hidden states: the
-              logits are never materialised) and value_loss (critic), gradient clipping, AdamW.
+              logits are never materialised), linear_divergence_loss (distill divergence) and value_loss
+              (critic), gradient clipping, AdamW.
+Every loss and sequence-level op reads the valid response tokens packed ([total] with cu_seqlens; packing.py)
+unless --pack false.
 
 Library entry point:
     trainer = PPOTrainer.from_config(TrainConfig(...))   # demo or local folders, fresh or --resume
