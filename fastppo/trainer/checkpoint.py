@@ -101,7 +101,7 @@ def _write_models(folder: Path, models: dict, tokenizer=None):
         if model is not None:
             model.save_pretrained(folder / name, safe_serialization=True)
     if tokenizer is not None:
-        for name in ("policy", "ref"):   # a policy folder is a loadable model with its tokenizer
+        for name in ("policy", "ref", "teacher"):   # a policy folder is a loadable model with its tokenizer
             if models.get(name) is not None:
                 tokenizer.save_pretrained(folder / name)
 
@@ -170,7 +170,7 @@ def copy_frozen(src: Path, out_dir: Path):
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for name in ("ref", "reward"):
+    for name in ("ref", "reward", "teacher"):
         if (src / name).is_dir():
             shutil.copytree(src / name, tmp / name)
     os.replace(tmp, final)

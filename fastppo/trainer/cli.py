@@ -1,7 +1,9 @@
-"""`fastppo train`: PPO / GRPO with Hugging Face models; with no model paths, the embedded demo.
+"""`fastppo train`: PPO / GRPO / on-policy distillation with Hugging Face models; with no model paths, the
+embedded demo.
 
     fastppo train                                   # demo: tiny Llama models, toy QA task, CPU
     fastppo train --mode grpo --iterations 40
+    fastppo train --mode distill                    # distillation demo: a trained teacher, a student learns it
     fastppo train config.yaml                       # every flag from a JSON / YAML file
     fastppo train --resume runs/demo --iterations 200   # continue the run (its saved configuration)
     fastppo train --overwrite                       # start afresh in a folder holding a run (deletes that run)
@@ -85,11 +87,15 @@ def run(cfg: TrainConfig, log=print, explicit: set[str] | None = None) -> list[d
 def summarize(metrics: list[dict]) -> str:
     n = max(1, len(metrics) // 5)
     lines = []
-    for key in ("task_score_mean", "reward_mean", "kl_mean", "entropy"):
+    for key in ("task_score_mean", "reward_mean", "kl_mean", "teacher_kl", "entropy"):
         if metrics and key in metrics[0]:
             first = sum(m[key] for m in metrics[:n]) / n
             last = sum(m[key] for m in metrics[-n:]) / n
             lines.append(f"{key}: first fifth {first:.3f} -> last fifth {last:.3f} ({last - first:+.3f})")
+    if metrics and "loss_tokens" in metrics[0]:
+        used = sum(m["loss_tokens"] for m in metrics)
+        padded = sum(m["loss_tokens_padded"] for m in metrics)
+        lines.append(f"tokens reaching the losses: {used} (padded layout: {padded}; {1 - used / padded:.1%} saved)")
     return "\n".join(lines)
 
 

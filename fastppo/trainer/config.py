@@ -48,12 +48,20 @@ class TrainConfig:
     group_size: int = field(default=8, metadata={"help": "grpo: samples per prompt"})
     max_new_tokens: int = field(default=4, metadata={"help": "response length limit"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the loss uses the same)"})
+    top_k: int = field(default=0, metadata={
+        "help": "sample from the top-k tokens only (0: off; vLLM's V1 sampler order: temperature, top-k, top-p). "
+                "The losses still normalise over the whole vocabulary: the mismatch_* metrics show the gap"})
+    top_p: float = field(default=1.0, metadata={
+        "help": "sample from the smallest set of tokens holding probability top_p (1: off; after top-k)"})
     # optimisation
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch"})
     minibatches: int = field(default=2, metadata={"help": "minibatches per pass"})
     lr: float = field(default=1e-3, metadata={"help": "policy learning rate (AdamW)"})
     critic_lr: float = field(default=1e-3, metadata={"help": "critic learning rate (AdamW)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    pack: bool = field(default=True, metadata={
+        "help": "feed the losses packed tokens (the valid response tokens end to end, cu_seqlens; no padding); "
+                "false: the padded [batch, max_new_tokens] layout (the same numbers)"})
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip (lower)"})
     clip_high: float | None = field(default=None, metadata={"help": "PPO clip (upper); default clip_low"})
     dual_clip: float | None = field(default=None, metadata={"help": "dual-clip constant c > 1"})
@@ -85,6 +93,11 @@ class TrainConfig:
     distill_beta: float = field(default=1.0, metadata={
         "help": "distill: 0 forward KL(teacher || student), 1 reverse KL(student || teacher), between: the "
                 "generalised JSD (TRL's beta)"})
+    distill_loss: str = field(default="divergence", metadata={
+        "help": "distill: divergence (the token mean of --distill_beta's divergence to the teacher, from both "
+                "models' hidden states) or advantage (A_t = -(log p_student - log p_teacher) at the sampled token, "
+                "the per-token reverse KL to the teacher, fed to the PPO policy loss: prime-rl / Thinking "
+                "Machines' on-policy distillation)"})
     prompts: str | None = field(default=None, metadata={
         "help": "prompts: a JSONL / JSON / Parquet / CSV file, a folder saved by datasets, or a datasets hub name "
                 "(hub:owner/name when it has a '/'; a missing local path is an error, never a hub request)"})
@@ -105,6 +118,9 @@ class TrainConfig:
     # demo
     sft_steps: int = field(default=150, metadata={"help": "demo: supervised warm-up steps of the policy"})
     reward_steps: int = field(default=400, metadata={"help": "demo: Bradley-Terry steps of the reward model"})
+    teacher_steps: int = field(default=300, metadata={
+        "help": "distillation demo (--mode distill, no --policy): supervised steps of its teacher on the right "
+                "answers"})
 
     def validate(self):
         """Check every value (types, ranges, finiteness, files and folders, optional packages) and fill the
@@ -121,11 +137,17 @@ class TrainConfig:
             bad("mode", "must be ppo, grpo or distill")
         if not 0 <= self.distill_beta <= 1:
             bad("distill_beta", "must be in [0, 1]")
+        if self.distill_loss not in ("divergence", "advantage"):
+            bad("distill_loss", "must be divergence or advantage")
+        if self.top_k < 0:
+            bad("top_k", "must be >= 0 (0: off)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1] (1: off)")
         for name in ("iterations", "batch_size", "max_new_tokens", "ppo_epochs", "minibatches", "save_every",
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("sft_steps", "reward_steps", "seed", "lora_r"):
+        for name in ("sft_steps", "reward_steps", "teacher_steps", "seed", "lora_r"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.batch_size % self.minibatches:
@@ -205,10 +227,14 @@ class TrainConfig:
             bad("policy" if self.policy is None else "prompts", "--policy and --prompts go together")
         if self.policy is None and (self.reward or self.critic or self.ref):
             bad("policy", "--reward / --critic / --ref need --policy (without them: the embedded demo)")
-        if (self.mode == "distill") != (self.teacher is not None):
+        if self.teacher is not None and self.mode != "distill":
             bad("teacher", "--mode distill and --teacher go together")
-        if self.mode == "distill" and self.policy is None:
-            bad("policy", "--mode distill needs --policy and --prompts (the embedded demo has no teacher)")
+        if self.mode == "distill" and self.policy is not None and self.teacher is None:
+            bad("teacher", "--mode distill and --teacher go together (without --policy: the distillation demo, "
+                           "which trains its own teacher)")
+        if self.teacher is not None and self.policy is None:
+            bad("teacher", "--teacher needs --policy and --prompts (without them --mode distill runs the "
+                           "distillation demo, which trains its own teacher)")
         if self.mode == "distill" and self.lora_r:
             bad("lora_r", "--mode distill trains the full policy (LoRA is not supported there)")
         if self.policy is not None and self.reward is None and not self.reward_funcs and self.mode != "distill":

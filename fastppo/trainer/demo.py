@@ -97,6 +97,12 @@ class ToyTask:
         return torch.tensor(seqs)
 
 
+    def answer_examples(self, n: int, rng: random.Random):
+        """The distillation demo's teacher data: prompts with their right, concise answer [n, PROMPT_LEN + 2]."""
+        items = [rng.randrange(N_ITEMS) for _ in range(n)]
+        return torch.tensor([[BOS, Q, ITEM0 + i, SEP, int(self.answer[i]), EOS] for i in items])
+
+
 def tokenizer():
     """The demo's word-level tokenizer (WORDS, whitespace-separated, no special tokens added): saved beside every
     demo policy, so a demo checkpoint loads like any Hugging Face model (`--policy checkpoint-N/policy`)."""
@@ -152,16 +158,32 @@ def train_reward_model(task: ToyTask, reward, steps: int, seed: int, lr: float =
 
 def warm_up_policy(task: ToyTask, policy, steps: int, seed: int, lr: float = 3e-3, batch: int = 64):
     """Supervised warm-up on the answer format (random answers): cross-entropy on response tokens."""
-    rng = random.Random(seed + 3)
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr)
-    policy.train()
+    _supervised(policy, lambda rng: task.format_examples(batch, rng), steps, random.Random(seed + 3), lr)
+
+
+def train_teacher(task: ToyTask, teacher, steps: int, seed: int, lr: float = 3e-3, batch: int = 64) -> float:
+    """The distillation demo's teacher: supervised on the right, concise answers (cross-entropy on the response
+    tokens). Returns its greedy accuracy on the 8 items (the right answer token first)."""
+    _supervised(teacher, lambda rng: task.answer_examples(batch, rng), steps, random.Random(seed + 4), lr)
+    with torch.no_grad():
+        items = torch.arange(N_ITEMS)
+        prompts = torch.stack([torch.full_like(items, BOS), torch.full_like(items, Q), ITEM0 + items,
+                               torch.full_like(items, SEP)], 1)
+        first = teacher(input_ids=prompts).logits[:, -1].argmax(-1)
+    return (first == task.answer).float().mean().item()
+
+
+def _supervised(model, batches, steps: int, rng: random.Random, lr: float):
+    """AdamW steps of cross-entropy on the response tokens of batches(rng) (PAD and the prompt ignored)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
     for _ in range(steps):
-        seqs = task.format_examples(batch, rng)
+        seqs = batches(rng)
         labels = seqs.clone()
         labels[:, :PROMPT_LEN] = -100
         labels[seqs == PAD] = -100
-        loss = policy(input_ids=seqs, attention_mask=(seqs != PAD).long(), labels=labels).loss
+        loss = model(input_ids=seqs, attention_mask=(seqs != PAD).long(), labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    policy.eval()
+    model.eval()

@@ -84,8 +84,9 @@ def apply_lora(cfg, base, adapter_dir: Path | None = None):
 
 
 def build_demo(cfg, out: Path, resume_from: Path | None = None, run_dir: Path | None = None, log=print) -> Setup:
-    """The embedded demo. Fresh: train the reward model and warm up the policy (both timed phases); the
-    reference is the warmed-up policy; both are written once to out/frozen (before a LoRA adapter is added).
+    """The embedded demo. Fresh: train the reward model (--mode distill: the teacher instead) and warm up the
+    policy (timed phases); the reference is the warmed-up policy; the frozen models are written once to
+    out/frozen (before a LoRA adapter is added).
     Resumed: the frozen models from the resumed run folder, the policy / critic from the checkpoint."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -93,20 +94,31 @@ def build_demo(cfg, out: Path, resume_from: Path | None = None, run_dir: Path | 
 
     task = demo.ToyTask(cfg.seed)
     info = {}
+    distill = cfg.mode == "distill"
+    teacher = None
     if resume_from is None:
         policy, reward, critic = demo.build_models(cfg.seed)
-        with phase(f"reward model: {cfg.reward_steps} Bradley-Terry steps", log) as ph:
-            info["reward_model_accuracy"] = demo.train_reward_model(task, reward, cfg.reward_steps, cfg.seed)
-            ph["detail"] = f"held-out pair accuracy {info['reward_model_accuracy']:.3f}"
+        if distill:   # the distillation demo: a teacher instead of a reward model (the task score is logged)
+            reward = None
+            teacher = demo.build_models(cfg.seed + 1)[0]
+            with phase(f"teacher: {cfg.teacher_steps} supervised steps on the right answers", log) as ph:
+                info["teacher_accuracy"] = demo.train_teacher(task, teacher, cfg.teacher_steps, cfg.seed)
+                ph["detail"] = f"greedy accuracy on the {demo.N_ITEMS} items {info['teacher_accuracy']:.3f}"
+        else:
+            with phase(f"reward model: {cfg.reward_steps} Bradley-Terry steps", log) as ph:
+                info["reward_model_accuracy"] = demo.train_reward_model(task, reward, cfg.reward_steps, cfg.seed)
+                ph["detail"] = f"held-out pair accuracy {info['reward_model_accuracy']:.3f}"
         with phase(f"warm-up: {cfg.sft_steps} supervised steps of the policy on the answer format", log):
             demo.warm_up_policy(task, policy, cfg.sft_steps, cfg.seed)
-        checkpoint.save_frozen(out, {"ref": policy, "reward": reward}, tokenizer=demo.tokenizer())
+        checkpoint.save_frozen(out, {"ref": policy, "reward": reward, "teacher": teacher},
+                               tokenizer=demo.tokenizer())
         ref = None if cfg.lora_r else copy.deepcopy(policy)
         if cfg.lora_r:
             policy = apply_lora(cfg, policy)
     else:
         fdir = checkpoint.frozen_dir(run_dir, resume_from)
-        reward = _load(AutoModelForSequenceClassification, fdir / "reward")
+        reward = None if distill else _load(AutoModelForSequenceClassification, fdir / "reward")
+        teacher = _load(AutoModelForCausalLM, fdir / "teacher") if distill else None
         ref = _load(AutoModelForCausalLM, fdir / "ref")
         if cfg.lora_r:
             policy, ref = apply_lora(cfg, ref, resume_from / "policy"), None
@@ -121,7 +133,7 @@ def build_demo(cfg, out: Path, resume_from: Path | None = None, run_dir: Path | 
 
     return Setup(policy=policy, ref=ref, reward_model=reward, critic=critic if cfg.mode == "ppo" else None,
                  prompt_fn=prompt_fn, eos_id=demo.EOS, pad_id=demo.PAD, decode=demo.decode,
-                 task_score_fn=task.score, tokenizer=demo.tokenizer(), info=info)
+                 task_score_fn=task.score, tokenizer=demo.tokenizer(), teacher=teacher, info=info)
 
 
 def build_real(cfg, prompts: list[str], resume_from: Path | None = None, log=print) -> Setup:

@@ -247,15 +247,30 @@ def counter_uniform(seed: int, rows: torch.Tensor, step: int, vocab: int) -> tor
 
 
 class CounterSampler(LogitsProcessor):
-    """A LogitsProcessor for greedy decoding that turns it into exact sampling from softmax(z / T): the
-    Gumbel-max trick, argmax(z / T + g) with g = -log(-log u), u from counter_uniform keyed by the GLOBAL row
-    index, the decoding step and the token id. A row's response therefore does not depend on the batch it is
-    decoded in, the world size, or any global RNG state."""
+    """A LogitsProcessor for greedy decoding that turns it into exact sampling from softmax(z / T) restricted to
+    the kept set of top-k / top-p (vLLM V1's order and ties, fastppo.kept_filters; off by default): the
+    Gumbel-max trick, argmax(processed + g) with processed = z / T (-inf outside the kept set) and
+    g = -log(-log u), u from counter_uniform keyed by the GLOBAL row index, the decoding step and the token id.
+    A row's response therefore does not depend on the batch it is decoded in, the world size, or any global
+    RNG state. `log_softmax(processed(z))` at the chosen token is the sampler's log-prob of it."""
 
-    def __init__(self, seed: int, rows: torch.Tensor, prompt_len: int, temperature: float):
+    def __init__(self, seed: int, rows: torch.Tensor, prompt_len: int, temperature: float, top_k: int = 0,
+                 top_p: float = 1.0):
         self.seed, self.rows, self.prompt_len, self.inv_tau = seed, rows, prompt_len, 1.0 / temperature
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def processed(self, scores: torch.Tensor) -> torch.Tensor:
+        """float64 z / T, -inf outside the kept set."""
+        z = scores.to(torch.float64) * self.inv_tau
+        if self.top_k or self.top_p < 1.0:
+            from ..kept_filters import kept_mask_from_filters
+
+            kept = kept_mask_from_filters(scores.float(), temperature=self.temperature,
+                                          top_k=self.top_k or None, top_p=self.top_p if self.top_p < 1 else None)
+            z = z.masked_fill(~kept, float("-inf"))
+        return z
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_len
         u = counter_uniform(self.seed, self.rows.to(scores.device), step, scores.shape[1])
-        return scores.to(torch.float64) * self.inv_tau - torch.log(-torch.log(u))
+        return self.processed(scores) - torch.log(-torch.log(u))

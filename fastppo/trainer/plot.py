@@ -13,6 +13,7 @@ PANELS = [
     ("reward_mean", "reward (reward model / functions)", "mean score per sequence"),
     ("task_score_mean", "task score (ground truth)", "mean score per sequence"),
     ("kl_mean", "KL to the reference", "nats per sequence"),
+    ("teacher_kl", "KL(policy || teacher) (distill)", "nats per token"),
     ("entropy", "policy entropy", "nats per token"),
     ("clipfrac", "clip fraction", "fraction of tokens"),
     ("policy_loss", "policy loss", "loss"),

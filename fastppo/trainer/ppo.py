@@ -1,10 +1,16 @@
-"""PPOTrainer: PPO (critic + GAE) and GRPO (group advantages, KL in the loss, no critic) on Hugging
-Face models, with every loss computed by fastppo:
-  rollout  -> generate, score (reward model or function), old / ref log-probs, values
-  rewards  -> kl_shaped_rewards (ppo) | group_advantages (grpo)
+"""PPOTrainer: PPO (critic + GAE), GRPO (group advantages, KL in the loss, no critic) and on-policy
+distillation on Hugging Face models, with every loss computed by fastppo:
+  rollout  -> generate (keeping the sampler's log-probs), score (reward model or function), old / ref
+              log-probs, values; distill: the teacher's log-probs and KL(policy || teacher)
+  mismatch -> mismatch_stats(old, sampler log-probs): the engine / trainer gap, logged
+  rewards  -> kl_shaped_rewards (ppo) | group_advantages (grpo) | log p_teacher - log p_student (distill
+              advantage)
   advantage-> gae + masked_whiten (ppo)
   update   -> ppo_epochs x minibatches of fused_linear_ppo_loss (policy, from hidden states: the
-              logits are never materialised) and value_loss (critic), gradient clipping, AdamW.
+              logits are never materialised), linear_divergence_loss (distill divergence) and value_loss
+              (critic), gradient clipping, AdamW.
+Every loss and sequence-level op reads the valid response tokens packed ([total] with cu_seqlens; packing.py)
+unless --pack false.
 
 Library entry point:
     trainer = PPOTrainer.from_config(TrainConfig(...))   # demo or local folders, fresh or --resume
@@ -35,15 +41,21 @@ from .. import (
     kl_penalty,
     kl_shaped_rewards,
     masked_whiten,
+    mismatch_stats,
 )
 from . import checkpoint
 from .config import TrainConfig, report_targets
 from .launch import backend_scope, build_trainer
 from .models import disable_dropout
+from .packing import Layout
 from .parallel import Parallel
 from .reporting import Progress, Reporters, phase, write_metrics
-from .rollout import Rollout, generate, response_logprobs, response_values
+from .rollout import Rollout, generate, response_logprobs, response_values, teacher_terms
 from .update import UpdateSteps, token_counts
+
+# mismatch_stats entries logged as mismatch_<name> (the engine / trainer log-prob gap, see train_iteration)
+MISMATCH_KEYS = ("k3_kl_token", "chi2_token", "max_abs_diff_token", "ratio_mean_token", "frac_outside_token",
+                 "k3_kl_seq", "chi2_seq", "max_abs_diff_seq", "ratio_mean_seq", "frac_outside_seq")
 
 
 def _is_peft(model) -> bool:
@@ -157,11 +169,10 @@ class PPOTrainer(UpdateSteps):
         prompt_ids, prompt_mask = prompt_ids[rows].to(device), prompt_mask[rows].to(device)
         self.policy.eval()
         with self._amp():
-            seqs, attn, response, mask, labels = generate(self.par.unwrap(self.policy), prompt_ids, prompt_mask,
-                                                          max_new_tokens=cfg.max_new_tokens,
-                                                          temperature=cfg.temperature, eos_id=self.eos_id,
-                                                          pad_id=self.pad_id, seed=seed, rows=rows,
-                                                          **self.par.generation_kwargs())
+            seqs, attn, response, mask, labels, sampled = generate(
+                self.par.unwrap(self.policy), prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=self.eos_id,
+                pad_id=self.pad_id, seed=seed, rows=rows, **self.par.generation_kwargs())
             scores = torch.zeros(seqs.shape[0], dtype=torch.float32, device=device)
             if self.reward_model is not None:
                 scores = scores + self.reward_model(input_ids=seqs, attention_mask=attn).logits[:, 0].float()
@@ -169,9 +180,11 @@ class PPOTrainer(UpdateSteps):
                 scores = scores + torch.as_tensor(self.reward_fn(seqs, attn, prompt_ids.shape[1]),
                                                   dtype=torch.float32, device=device)
             ro = Rollout(seqs, attn, prompt_ids.shape[1], response, labels, mask, scores,
-                         old_logprobs=None, ref_logprobs=None, values=None)
+                         old_logprobs=None, ref_logprobs=None, values=None, rollout_logprobs=sampled)
             ro.old_logprobs = response_logprobs(self.policy, ro, cfg.temperature)
             ro.ref_logprobs = self._ref_logprobs(ro)
+            if self.teacher is not None:
+                ro.teacher_logprobs, ro.teacher_kl = teacher_terms(self.policy, self.teacher, ro, cfg.temperature)
             if self.critic is not None:
                 self.critic.eval()
                 ro.values = response_values(self.critic, ro)
@@ -185,12 +198,19 @@ class PPOTrainer(UpdateSteps):
         cfg = self.cfg
         kl = kl_penalty(ro.old_logprobs, ro.ref_logprobs, cfg.kl_kind)
         if cfg.mode == "distill":
-            return None, None, kl
+            if cfg.distill_loss == "divergence":
+                return None, None, kl
+            # the per-token reverse KL to the teacher at the sampled token, as the advantage (prime-rl,
+            # Thinking Machines' on-policy distillation): A_t = -(log p_student(y_t) - log p_teacher(y_t))
+            return torch.where(ro.mask, ro.teacher_logprobs - ro.old_logprobs, 0.0), None, kl
         if cfg.mode == "grpo":
             return group_advantages(ro.scores, cfg.group_size), None, kl
-        rewards = kl_shaped_rewards(ro.scores, kl, ro.mask, kl_coef=self.kl_ctl.value)
-        adv, returns = gae(rewards, ro.values, ro.mask, gamma=cfg.gamma, lam=cfg.lam)
-        return masked_whiten(adv, ro.mask), returns, kl
+        lay = Layout.of(ro.mask, cfg.pack)   # packed: the sequence-level ops read cu_seqlens, no padding
+        rewards = kl_shaped_rewards(ro.scores, lay.pack(kl), lay.mask, kl_coef=self.kl_ctl.value,
+                                    cu_seqlens=lay.cu_seqlens)
+        adv, returns = gae(rewards, lay.pack(ro.values), lay.mask, gamma=cfg.gamma, lam=cfg.lam,
+                           cu_seqlens=lay.cu_seqlens)
+        return lay.unpack(masked_whiten(adv, lay.mask)), lay.unpack(returns), kl
 
     @_in_backend
     def train_iteration(self) -> dict:
@@ -200,6 +220,11 @@ class PPOTrainer(UpdateSteps):
         torch.manual_seed(cfg.seed * 1_000_003 + self.iteration)
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
         ro = self.rollout(generator)
+        # the engine / trainer gap: the sampler's log-probs against the trainer's recomputation with the same
+        # (rollout) policy, i.e. the first epoch's old policy, on every token (verl's rollout_corr metrics)
+        lay = Layout.of(ro.mask, cfg.pack)
+        mismatch = mismatch_stats(lay.pack(ro.old_logprobs), lay.pack(ro.rollout_logprobs), lay.mask,
+                                  cu_seqlens=lay.cu_seqlens)
         adv, returns, kl = self.advantages(ro)
         logs: dict[str, list] = {}
         mb_size = cfg.batch_size // cfg.minibatches
@@ -218,6 +243,7 @@ class PPOTrainer(UpdateSteps):
                         logs.setdefault(key, []).append(v)
         seq_kl = (kl * ro.mask).sum(1).mean().item()
         n_tokens = int(ro.mask.sum())
+        passes = cfg.ppo_epochs * (2 if self.critic is not None else 1)   # loss passes over the batch
         elapsed = time.perf_counter() - start
         metrics = {
             "iteration": self.iteration,
@@ -230,9 +256,20 @@ class PPOTrainer(UpdateSteps):
             "tokens_per_s": n_tokens / elapsed,
             "time_s": elapsed,
             "skipped_steps": self.skipped_steps,
+            # tokens reaching the losses this iteration (policy and critic, every epoch): the layout in use,
+            # and the padded [B, R] layout's count (equal with --pack false)
+            "loss_tokens": passes * (n_tokens if cfg.pack else ro.mask.numel()),
+            "loss_tokens_padded": passes * ro.mask.numel(),
         }
+        metrics.update({f"mismatch_{k}": v for k, v in zip(MISMATCH_KEYS, torch.stack(
+            [mismatch[k].float().cpu() for k in MISMATCH_KEYS]).tolist())})
+        if self.reward_model is None and self.reward_fn is None:   # distill without a reward: nothing to log
+            for key in ("reward_mean", "non_score_reward", "rlhf_reward"):
+                del metrics[key]
         if ro.task_scores is not None:
             metrics["task_score_mean"] = ro.task_scores.mean().item()
+        if ro.teacher_kl is not None:
+            metrics["teacher_kl"] = ((ro.teacher_kl * ro.mask).sum() / ro.mask.sum().clamp_min(1)).item()
         for key, vals in logs.items():
             metrics[key] = sum(vals) / len(vals)
         self.kl_ctl.update(seq_kl, cfg.batch_size)

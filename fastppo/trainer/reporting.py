@@ -111,7 +111,7 @@ def is_terminal(stream=None) -> bool:
 class Progress:
     """A tqdm bar when stderr is a terminal; otherwise a plain line every `every` iterations (and the last)."""
 
-    SHOWN = ("reward_mean", "task_score_mean", "kl_mean", "entropy", "clipfrac")
+    SHOWN = ("reward_mean", "task_score_mean", "kl_mean", "teacher_kl", "entropy", "clipfrac")
 
     def __init__(self, total: int, initial: int, desc: str, enabled: bool, every: int, log=print):
         self.total, self.every, self.log, self.enabled = total, every, log, enabled

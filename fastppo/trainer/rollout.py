@@ -9,6 +9,7 @@ import torch
 
 from ..hf import causal_lm_hidden_and_head
 from ..linear import linear_logprobs
+from ..linear_divergence import linear_divergence
 
 
 @dataclass
@@ -24,6 +25,9 @@ class Rollout:
     ref_logprobs: torch.Tensor     # [B, R]
     values: torch.Tensor | None    # [B, R]
     task_scores: torch.Tensor | None = None
+    rollout_logprobs: torch.Tensor | None = None   # [B, R] the sampler's log-probs of the sampled tokens
+    teacher_logprobs: torch.Tensor | None = None   # [B, R] distill: the teacher's log-probs of them
+    teacher_kl: torch.Tensor | None = None         # [B, R] distill: KL(policy || teacher) per token (exact)
 
     def select(self, idx: torch.Tensor) -> Rollout:
         fields = {}
@@ -51,6 +55,19 @@ def response_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tens
     return linear_logprobs(hidden, weight.to(hidden.dtype), rollout.labels, bias=bias, temperature=temperature)
 
 
+def teacher_terms(policy, teacher, rollout: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the teacher's log-probs of the response tokens [B, R], KL(policy || teacher) per response token [B, R],
+    exact over the vocabulary: fastppo.linear_divergence with beta = 1; 0 where masked)."""
+    h_s, w_s, b_s = response_hidden_and_head(policy, rollout)
+    h_t, w_t, b_t = response_hidden_and_head(teacher, rollout)
+    logp_t = linear_logprobs(h_t, w_t.to(h_t.dtype), rollout.labels, bias=b_t, temperature=temperature)
+    B, R = rollout.mask.shape
+    kl = linear_divergence(h_s.reshape(B * R, -1), w_s.to(h_s.dtype), h_t.reshape(B * R, -1), w_t.to(h_t.dtype),
+                           beta=1.0, temperature=temperature, student_bias=b_s, teacher_bias=b_t,
+                           mask=rollout.mask.reshape(-1))
+    return logp_t.float(), kl.reshape(B, R).float()
+
+
 def response_values(critic, rollout: Rollout) -> torch.Tensor:
     P, R = rollout.prompt_len, rollout.response.shape[1]
     out = critic(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
@@ -60,27 +77,36 @@ def response_values(critic, rollout: Rollout) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(policy, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_id, pad_id, seed: int,
-             rows: torch.Tensor | None = None, **generate_kwargs):
-    """Sample from the full distribution (no top-k / top-p, so the log-probs used by the loss are
-    those of the sampler), row i keyed by (seed, rows[i]) (default rows 0..B-1; see parallel.CounterSampler:
-    the responses do not depend on how the batch is split). Returns (sequences, attention_mask, response,
-    mask, labels)."""
+             rows: torch.Tensor | None = None, top_k: int = 0, top_p: float = 1.0, **generate_kwargs):
+    """Sample from softmax(z / temperature), restricted to the top-k / top-p kept set when those are set (see
+    parallel.CounterSampler), row i keyed by (seed, rows[i]) (default rows 0..B-1: the responses do not depend
+    on how the batch is split). Returns (sequences, attention_mask, response, mask, labels, sampler_logprobs):
+    sampler_logprobs [B, R] are the sampler's log-probs of the sampled tokens (generate's output_logits, the
+    raw logits of each step, through the sampler's own processing, log_softmax at the chosen token; 0 where
+    masked), what an inference engine reports as the rollout log-probs."""
     from transformers import LogitsProcessorList
 
     from .parallel import CounterSampler
 
     if rows is None:
         rows = torch.arange(prompt_ids.shape[0])
-    sampler = CounterSampler(seed, rows, prompt_ids.shape[1], temperature)
+    sampler = CounterSampler(seed, rows, prompt_ids.shape[1], temperature, top_k, top_p)
     out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
                           logits_processor=LogitsProcessorList([sampler]), max_new_tokens=max_new_tokens,
-                          eos_token_id=eos_id, pad_token_id=pad_id, **generate_kwargs)
+                          eos_token_id=eos_id, pad_token_id=pad_id, return_dict_in_generate=True,
+                          output_logits=True, **generate_kwargs)
     P = prompt_ids.shape[1]
-    response = out[:, P:]
-    if response.shape[1] < max_new_tokens:
-        pad = torch.full((out.shape[0], max_new_tokens - response.shape[1]), pad_id, dtype=out.dtype,
-                         device=out.device)
+    response = out.sequences[:, P:]
+    steps = response.shape[1]
+    sampled = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
+    for t, logits in enumerate(out.logits[:steps]):
+        logp = torch.log_softmax(sampler.processed(logits), -1)
+        sampled[:, t] = logp.gather(1, response[:, t:t + 1].to(logp.device)).squeeze(1).float()
+    if steps < max_new_tokens:
+        pad = torch.full((response.shape[0], max_new_tokens - steps), pad_id, dtype=response.dtype,
+                         device=response.device)
         response = torch.cat([response, pad], 1)
+        sampled = torch.cat([sampled, torch.zeros(pad.shape, dtype=sampled.dtype, device=sampled.device)], 1)
     is_eos = response == eos_id
     # response tokens up to and including the first EOS
     before_eos = (is_eos.long().cumsum(1) - is_eos.long()) == 0
@@ -88,4 +114,4 @@ def generate(policy, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eo
     sequences = torch.cat([prompt_ids, torch.where(mask, response, torch.full_like(response, pad_id))], 1)
     attention_mask = torch.cat([prompt_mask, mask.long()], 1)
     labels = torch.where(mask, response, torch.full_like(response, -100))
-    return sequences, attention_mask, response, mask, labels
+    return sequences, attention_mask, response, mask, labels, torch.where(mask, sampled, torch.zeros_like(sampled))

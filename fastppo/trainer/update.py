@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from .. import fused_linear_ppo_loss, linear_divergence_loss, value_loss
+from .packing import Layout
 from .rollout import Rollout, response_hidden_and_head, response_values
 
 
@@ -27,17 +28,20 @@ class UpdateSteps:
         stats = []
 
         def micro_loss(sl):
+            part = mb.select(sl)
             with self._amp():
-                hidden, weight, bias = response_hidden_and_head(self.policy, mb.select(sl))
+                hidden, weight, bias = response_hidden_and_head(self.policy, part)
+            lay = self._layout(part.mask)
             out = fused_linear_ppo_loss(
-                hidden, weight.to(hidden.dtype), mb.labels[sl], mb.old_logprobs[sl], adv[sl], mb.mask[sl],
-                bias=bias, ref_logprobs=mb.ref_logprobs[sl] if grpo else None,
+                lay.pack(hidden), weight.to(hidden.dtype), lay.pack(part.labels), lay.pack(part.old_logprobs),
+                lay.pack(adv[sl]), lay.mask, bias=bias, ref_logprobs=lay.pack(part.ref_logprobs) if grpo else None,
                 kl_coef=self.kl_ctl.value if grpo else 0.0, kl_kind=cfg.kl_kind, entropy_coef=cfg.entropy_coef,
                 clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
                 policy_loss=cfg.policy_loss, ratio_max=cfg.ratio_max, sapo_tau_pos=cfg.sapo_tau_pos,
                 sapo_tau_neg=cfg.sapo_tau_neg, entropy_quantile=cfg.entropy_quantile,
-                temperature=cfg.temperature, agg=cfg.agg, return_entropy=True, **counts)
-            stats.append(_weighted(out.loss, mb.mask[sl], out.stats, ("clipfrac", "entropy", "approx_kl")))
+                temperature=cfg.temperature, agg=cfg.agg, return_entropy=True, cu_seqlens=lay.cu_seqlens,
+                **counts)
+            stats.append(_weighted(out.loss, lay.mask, out.stats, ("clipfrac", "entropy", "approx_kl")))
             return out.loss
 
         losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
@@ -61,12 +65,14 @@ class UpdateSteps:
                 with torch.no_grad():
                     h_t, w_t, b_t = response_hidden_and_head(self.teacher, part)
                 hidden, weight, bias = response_hidden_and_head(self.policy, part)
-            weights = part.mask.to(torch.float32) / counts["num_tokens"]
-            loss, div = linear_divergence_loss(hidden, weight.to(hidden.dtype), h_t, w_t.to(h_t.dtype),
-                                               beta=cfg.distill_beta, weights=weights, temperature=cfg.temperature,
-                                               student_bias=bias, teacher_bias=b_t, mask=part.mask)
-            n = part.mask.sum().clamp_min(1)
-            stats.append(_weighted(loss, part.mask, {"divergence": div.sum() / n}, ("divergence",)))
+            lay = self._layout(part.mask)
+            weights = lay.mask.to(torch.float32) / counts["num_tokens"]
+            loss, div = linear_divergence_loss(lay.pack(hidden), weight.to(hidden.dtype), lay.pack(h_t),
+                                               w_t.to(h_t.dtype), beta=cfg.distill_beta, weights=weights,
+                                               temperature=cfg.temperature, student_bias=bias, teacher_bias=b_t,
+                                               mask=lay.mask)
+            n = lay.mask.sum().clamp_min(1)
+            stats.append(_weighted(loss, lay.mask, {"divergence": div.sum() / n}, ("divergence",)))
             return loss
 
         losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
@@ -80,17 +86,24 @@ class UpdateSteps:
         stats = []
 
         def micro_loss(sl):
+            part = mb.select(sl)
             with self._amp():
-                values = response_values(self.critic, mb.select(sl))
-            loss, st = value_loss(values, mb.values[sl], returns[sl], mb.mask[sl], clip=self.cfg.vf_clip,
-                                  agg=self.cfg.agg, **counts)
-            stats.append(_weighted(loss, mb.mask[sl], st, ("vf_clipfrac",)))
+                values = response_values(self.critic, part)
+            lay = self._layout(part.mask)
+            loss, st = value_loss(lay.pack(values), lay.pack(part.values), lay.pack(returns[sl]), lay.mask,
+                                  clip=self.cfg.vf_clip, agg=self.cfg.agg, cu_seqlens=lay.cu_seqlens, **counts)
+            stats.append(_weighted(loss, lay.mask, st, ("vf_clipfrac",)))
             return loss
 
         losses = [functools.partial(micro_loss, sl) for sl in self._micro_slices(mb)]
         if not self._step(losses, self.critic_opt, model=self.critic):
             return {}
         return self._reduce_logs("value_loss", ("vf_clipfrac",), stats, counts)
+
+    def _layout(self, mask: torch.Tensor) -> Layout:
+        """How a micro-batch reaches the losses: packed (cfg.pack: its valid tokens [total] with cu_seqlens) or
+        padded ([B, R] with the mask)."""
+        return Layout.of(mask, self.cfg.pack)
 
     def _micro_slices(self, mb: Rollout) -> list[slice]:
         n = mb.mask.shape[0]
