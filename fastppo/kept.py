@@ -1,6 +1,7 @@
 """`KeptSet`: the sampler's kept tokens per row (the support it sampled from after top-k / top-p / min-p),
-in compressed sparse rows: row r keeps `ids[offsets[r]:offsets[r + 1]]`. Rows are the labels' positions
-flattened (row r belongs to `labels.reshape(-1)[r]`).
+in compressed sparse rows: row r keeps `ids[offsets[r]:offsets[r + 1]]`, ascending (a set given in another
+order is sorted within its rows at construction). Rows are the labels' positions flattened (row r belongs to
+`labels.reshape(-1)[r]`).
 
 Which checks run where:
 - always (no data read, free on any device): dtypes (ids int32/int64, offsets int64), 1-D shapes,
@@ -72,11 +73,28 @@ def _check_data(ids, offsets, vocab_size):
         raise ValueError(f"KeptSet has a duplicate id {int(dup % (hi + 1))} in row {int(dup // (hi + 1))}")
 
 
+def _sorted_within_rows(ids, offsets):
+    """ids ascending within each row: the same tensor where they already are (checked on CPU), else sorted by
+    (row, id) with two stable sorts (no host sync: the row of each id comes from repeat_interleave with the
+    known output size nnz)."""
+    nnz = ids.numel()
+    if nnz < 2:
+        return ids
+    counts = offsets[1:] - offsets[:-1]
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=ids.device), counts, output_size=nnz)
+    if ids.device.type == "cpu" and bool(((rows[1:] != rows[:-1]) | (ids[1:] > ids[:-1])).all()):
+        return ids
+    order = torch.sort(ids, stable=True).indices
+    order = order.gather(0, torch.sort(rows.gather(0, order), stable=True).indices)
+    return ids.gather(0, order)
+
+
 @dataclass(frozen=True, eq=False)
 class KeptSet:
     """The sampler's kept tokens per row, CSR (module doc): `ids` int32/int64 [nnz] (vocabulary ids, unique
     within a row), `offsets` int64 [rows + 1]. Frozen; data checks run at construction on CPU only (module
-    doc), `vocab_size` (optional) also bounds the ids."""
+    doc), `vocab_size` (optional) also bounds the ids. The ids are held ascending within each row (sorted at
+    construction where they are not, on any device: the kernels' one-sweep entropy path relies on it)."""
 
     ids: torch.Tensor
     offsets: torch.Tensor
@@ -88,6 +106,7 @@ class KeptSet:
             raise ValueError(f"KeptSet vocab_size must be a positive int or None, got {self.vocab_size!r}")
         if self.ids.device.type == "cpu":
             _check_data(self.ids, self.offsets, self.vocab_size)
+        object.__setattr__(self, "ids", _sorted_within_rows(self.ids, self.offsets))
 
     # ------------------------------------------------------------------ views
     @property

@@ -3,7 +3,8 @@ statistics (m_K, log s_K separately; full-vocabulary lse and entropy when asked)
 z' = softcap(logit_scale z) / tau (fastppo.logprobs_torch.transform, tau a float or one value per row). The
 kept logits are gathered (O(nnz), no host sync: the row of each kept id comes from repeat_interleave with a
 known output size) and reduced per row with segment_reduce; the full-vocabulary entropy and the dense gradient
-are computed over bounded slices of rows (CHUNK_ELEMENTS values of [N, V] at a time)."""
+are computed over bounded slices of rows (CHUNK_ELEMENTS values of [N, V] at a time). Ids outside [0, V) (another
+vocabulary shard's) are skipped, forward and backward, as the kernels do."""
 
 import torch
 
@@ -40,9 +41,12 @@ def _setup(logits, labels, ids, offsets, temperature, logit_scale, softcap):
     offsets = offsets.reshape(-1)
     rows = torch.repeat_interleave(torch.arange(n, device=logits.device), offsets[1:] - offsets[:-1],
                                    output_size=ids.numel())
+    ok = (ids >= 0) & (ids < V)                  # ids outside [0, V) (another shard's) are skipped
+    ids = torch.where(ok, ids, -1)
     inv = _inv_tau(temperature, n, acc, logits.device)
     tf = lambda z, inv_tau: transform(z, inv_tau=inv_tau, logit_scale=logit_scale, softcap=softcap)  # noqa: E731
-    z_k, dz_k = tf(z_all[rows, ids].to(acc), inv[rows])
+    z_k, dz_k = tf(z_all[rows, ids.clamp(min=0)].to(acc), inv[rows])
+    z_k = torch.where(ok, z_k, float("-inf"))
     return V, z_all, n, y, acc, ids, offsets, rows, inv, z_k, dz_k, tf
 
 
@@ -53,7 +57,9 @@ def _row_slices(n, V):
 
 
 def kept_logprobs_fwd(logits, labels, ids, offsets, *, temperature=1.0, ignore_index=-100, with_entropy=False,
-                      logit_scale=1.0, softcap=None):
+                      logit_scale=1.0, softcap=None, raw_stats=False):
+    """fastppo.kernels.kept.kept_logprobs_fwd (same arguments and results; ids outside [0, V) skipped,
+    raw_stats as there)."""
     V, z_all, n, y, acc, ids, offsets, rows, inv, z_k, _, tf = _setup(logits, labels, ids, offsets, temperature,
                                                                         logit_scale, softcap)
     live = y != ignore_index
@@ -61,13 +67,14 @@ def kept_logprobs_fwd(logits, labels, ids, offsets, *, temperature=1.0, ignore_i
     m = torch.segment_reduce(z_k, "max", offsets=offsets, unsafe=True)
     m_ref = torch.where(m == float("-inf"), zero, m)
     s = torch.segment_reduce(torch.exp(z_k - m_ref[rows]), "sum", offsets=offsets, unsafe=True)
-    hits = torch.segment_reduce((ids == y[rows]).to(acc), "sum", offsets=offsets, unsafe=True)
+    hits = torch.segment_reduce(((ids == y[rows]) & (ids >= 0)).to(acc), "sum", offsets=offsets, unsafe=True)
     found = hits > 0
     in_range = (y >= 0) & (y < V)
     z_y, _ = tf(z_all.gather(1, torch.where(in_range, y, 0).unsqueeze(1)).squeeze(1).to(acc), inv)
-    m_k = torch.where(found, m, zero)
-    log_s = torch.where(found, torch.log(s), torch.full_like(s, float("nan")))
-    logp = (z_y - m_k) - log_s
+    keep = found | raw_stats
+    m_k = torch.where(keep, m, zero)
+    log_s = torch.where(keep, torch.log(s), torch.full_like(s, float("nan")))
+    logp = torch.where(found, (z_y - m) - torch.log(s), torch.full_like(s, float("nan")))
     logp, m_k, log_s = (torch.where(live, t, zero) for t in (logp, m_k, log_s))
     lse = ent = None
     if with_entropy:
@@ -99,7 +106,8 @@ def kept_logprobs_bwd(logits, labels, ids, offsets, stats, c_logp, c_ent=None, *
     zero = torch.zeros((), dtype=acc, device=logits.device)
     c_logp = c_logp.reshape(-1).to(acc)
     c_ent = c_ent.reshape(-1).to(acc) if has_ent else None
-    out = torch.zeros(n, V, dtype=logits.dtype, device=logits.device)
+    buf = torch.zeros(n * V + 1, dtype=logits.dtype, device=logits.device)
+    out = buf[: n * V].view(n, V)
     if has_ent:
         for a, b in _row_slices(n, V):
             z, dz = tf(z_all[a:b].to(acc), inv[a:b, None])
@@ -114,5 +122,6 @@ def kept_logprobs_bwd(logits, labels, ids, offsets, stats, c_logp, c_ent=None, *
         lp = torch.where(z_k == float("-inf"), zero, z_k - lse)
         g_k = g_k - c_ent[rows] * torch.exp(z_k - lse) * (lp + stats.entropy[rows].to(acc))
     g_k = torch.where(live[rows], g_k * dz_k, zero)
-    out[rows, ids] = g_k.to(logits.dtype)
+    # skipped ids write to one spare element past the [N, V] block (no host sync to drop them)
+    buf[torch.where(ids >= 0, rows * V + ids, n * V)] = g_k.to(logits.dtype)
     return out.view(logits.shape)

@@ -48,10 +48,20 @@ def test_keptset_mask_round_trip_and_views():
         ks.ids = ks.ids                                  # frozen
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_keptset_sorts_ids_within_rows(dtype):
+    lists = [[9, 3, 7], [], [4, 1], [6], [8, 0, 5, 2]]
+    ks = KeptSet(torch.tensor([t for r in lists for t in r], dtype=dtype), _i64(0, 3, 3, 5, 6, 10))
+    assert ks.ids.dtype == dtype and ks.ids.tolist() == [t for r in lists for t in sorted(r)]
+    ordered = KeptSet.from_mask(ks.to_mask(10))
+    assert torch.equal(ordered.ids, ks.ids.long())
+    assert KeptSet(ordered.ids, ordered.offsets).ids is ordered.ids          # already ascending: kept as is
+
+
 def test_keptset_converters():
     lists = [[5, 2], [], [0, 1, 9]]
     ks = KeptSet.from_lists(lists, vocab_size=10)
-    assert ks.offsets.tolist() == [0, 2, 2, 5] and ks.ids.tolist() == [5, 2, 0, 1, 9]
+    assert ks.offsets.tolist() == [0, 2, 2, 5] and ks.ids.tolist() == [2, 5, 0, 1, 9]     # ascending per row
     assert torch.equal(KeptSet.from_lengths(ks.ids.int(), torch.tensor([2, 0, 3], dtype=torch.int32)).offsets,
                        ks.offsets)
     # two requests of 2 and 1 generated tokens into labels [2, 4] with responses at positions 1 and 2
