@@ -150,8 +150,8 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
     per-token tensors [total] (advantages [total] or [S]), results as padded (ppo_policy_loss).
     `vocab_parallel=fastppo.VocabParallel(group)`: the logits passed are this rank's contiguous vocabulary
     shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel
-    section); labels are global ids, the results those of the full vocabulary on every rank. (Not with cu_seqlens,
-    kept or a per-token temperature.)
+    section); labels are global ids, the results those of the full vocabulary on every rank; kept (global ids) and
+    a per-token temperature are replicated like the labels. (Not with cu_seqlens.)
     `temperature` a positive float or a tensor of labels' shape (per token). `kept`: a fastppo.KeptSet with one
     row per label, as in token_logprobs: the log-probs are renormalised over each row's kept set (the gradient
     reaches kept columns only, plus the entropy term's over the row), the entropy stays the full-vocabulary
@@ -164,14 +164,11 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
                         entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
     if vocab_parallel is not None:
-        if kept is not None:
-            raise ValueError("kept= is not supported with vocab_parallel= yet (each rank would need the kept ids "
-                             "of its own shard)")
         return sharded_fused_ppo_loss(
             logits, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, ref_logprobs=ref_logprobs,
             rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens, temperature=temperature,
             ignore_index=ignore_index, return_entropy=return_entropy, inplace=inplace,
-            final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale)
+            final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale, kept=kept)
     check_float("logits", logits)
     if logits.dim() not in (2, 3) or logits.shape[-1] == 0:
         raise ValueError(f"logits must be [B, T, V] or [T, V], got shape {tuple(logits.shape)}")

@@ -98,10 +98,22 @@ refuse_double_backward(token_logprobs_kept_backward_op, "token_logprobs_kept_bac
 
 
 # ----------------------------------------------------------------------------- validation
-def check_kept(kept, labels: torch.Tensor, vocab: int, ignore_index: int, live: torch.Tensor | None = None) -> None:
-    """`kept` is a KeptSet with one row per label (rows = labels.numel()), on the labels' device, ids below V.
-    Where the data checks are free (CPU, or FASTPPO_CHECK_LABELS=1): ids < V, and every live label (not
-    ignore_index, and `live` where given) lies in its row's kept set. On CUDA such a label gives NaN."""
+def check_kept_vocab(kept: KeptSet, vocab: int) -> None:
+    """kept fits a vocabulary of `vocab` ids: its vocab_size (where set) is V, and (where the data check is free:
+    CPU, or FASTPPO_CHECK_LABELS=1) its ids lie below V."""
+    if kept.vocab_size is not None and kept.vocab_size != vocab:
+        raise ValueError(f"kept was built for vocab_size {kept.vocab_size} but logits have V = {vocab}")
+    if label_check_enabled(kept.device) and kept.nnz and int(kept.ids.max()) >= vocab:
+        raise ValueError(f"kept ids must lie in [0, {vocab}), got {int(kept.ids.max())}")
+
+
+def check_kept(kept, labels: torch.Tensor, vocab: int | None, ignore_index: int,
+               live: torch.Tensor | None = None) -> None:
+    """`kept` is a KeptSet with one row per label (rows = labels.numel()), on the labels' device, fitting a
+    vocabulary of `vocab` ids (check_kept_vocab; None: not known yet, as for a vocabulary shard before the
+    shard sizes are gathered). Where the data checks are free (CPU, or FASTPPO_CHECK_LABELS=1) every live
+    label (not ignore_index, and `live` where given) lies in its row's kept set. On CUDA such a label gives
+    NaN."""
     if not isinstance(kept, KeptSet):
         raise TypeError(f"kept must be a fastppo.KeptSet or None, got {type(kept).__name__}")
     n = labels.numel()
@@ -110,12 +122,10 @@ def check_kept(kept, labels: torch.Tensor, vocab: int, ignore_index: int, live: 
                          f"a KeptSet has one row per label")
     if kept.device != labels.device:
         raise ValueError(f"kept is on {kept.device} but labels are on {labels.device}")
-    if kept.vocab_size is not None and kept.vocab_size != vocab:
-        raise ValueError(f"kept was built for vocab_size {kept.vocab_size} but logits have V = {vocab}")
+    if vocab is not None:
+        check_kept_vocab(kept, vocab)
     if not label_check_enabled(labels.device):
         return
-    if kept.nnz and int(kept.ids.max()) >= vocab:
-        raise ValueError(f"kept ids must lie in [0, {vocab}), got {int(kept.ids.max())}")
     y = labels.reshape(-1)
     rows = torch.repeat_interleave(torch.arange(n, device=y.device), kept.counts(), output_size=kept.nnz)
     hits = torch.zeros(n, dtype=torch.int64, device=y.device).index_add_(0, rows, (kept.ids == y[rows]).long())

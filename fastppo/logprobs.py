@@ -132,8 +132,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     dlogp/dz = (onehot(y) - p) dz'/dz, dH/dz = -p (log p + H) dz'/dz, dz'/dz = scale (1 - tanh^2(scale z / c)) / tau.
     `vocab_parallel=fastppo.VocabParallel(group)`: the logits passed are this rank's contiguous vocabulary
     shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel
-    section); labels are global ids, the results those of the full vocabulary on every rank.
-    (Not with kept or a per-token temperature.)
+    section); labels are global ids, the results those of the full vocabulary on every rank; kept (global ids)
+    and a per-token temperature are replicated like the labels.
 
     `temperature`: a positive float, or a tensor of labels' shape (one temperature per token, e.g. per
     sample; positive and finite at live positions, no gradient; the kernel reads one value per row, no extra
@@ -146,12 +146,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     ValueError where the check is free (CPU; FASTPPO_CHECK_LABELS=1 elsewhere), NaN on CUDA.
     """
     if vocab_parallel is not None:
-        if kept is not None:
-            raise ValueError("kept= is not supported with vocab_parallel= yet (each rank would need the kept ids "
-                             "of its own shard)")
         return sharded_token_logprobs(logits, labels, vocab_parallel, temperature=temperature,
                                       ignore_index=ignore_index, return_entropy=return_entropy,
-                                      final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale)
+                                      final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale,
+                                      kept=kept)
     check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")

@@ -33,9 +33,11 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from ._validation import check_float, check_inplace, check_labels
+from ._validation import check_float, check_inplace, check_labels, check_temperature_rows
 from .backend import backend_for
 from .dispatch import ops
+from .kept import KeptSet
+from .kept_logprobs import check_kept, check_kept_vocab
 from .losses import check_fused_tensors, fused_stat_names, loss_terms_from_logprobs, stats_dict
 from .options import LogprobOptions, LossOptions, VocabParallel
 from .outputs import PPOLossOutput
@@ -127,41 +129,118 @@ def combine_shards(logp_r, lse_r, ent_r, owned, ignored, group):
 
 
 # ----------------------------------------------------------------------------- logits
-def _shard_forward(logits, labels, shard, opts: LogprobOptions):
+def _shard_forward(logits, labels, shard, opts: LogprobOptions, tau=None):
     local, owned, ignored = shard_labels(labels, shard, opts.ignore_index)
     logp_r, lse_r, ent_r = ops("logprobs", opts.backend).logprobs_fwd(
-        logits, local, ignore_index=opts.ignore_index, with_entropy=opts.with_entropy, **opts.transform())
+        logits, local, ignore_index=opts.ignore_index, with_entropy=opts.with_entropy, tau=tau, **opts.transform())
     logp, lse, ent = combine_shards(logp_r, lse_r, ent_r, owned, ignored, shard.group)
     return local, logp, lse, ent
 
 
 class VocabParallelLogprobs(torch.autograd.Function):
     """Forward: shard statistics + 2 all-reduces. Backward: the unsharded backward launcher on the
-    shard with the global lse and H (no collective)."""
+    shard with the global lse and H (no collective). `tau`: per-token temperatures (labels' shape, replicated;
+    None: opts' scalar one)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, shard: VocabShard, opts: LogprobOptions):
+    def forward(ctx, logits, labels, shard: VocabShard, opts: LogprobOptions, tau=None):
         ctx.set_materialize_grads(False)
-        local, logp, lse, ent = _shard_forward(logits, labels, shard, opts)
-        ctx.save_for_backward(logits, local, lse, ent if ent is not None else lse)
+        local, logp, lse, ent = _shard_forward(logits, labels, shard, opts, tau)
+        ctx.save_for_backward(logits, local, lse, ent if ent is not None else lse, tau)
         ctx.opts = opts
         shape = labels.shape
         return logp.view(shape), (None if ent is None else ent.view(shape))
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        logits, local, lse, ent = ctx.saved_tensors
+        logits, local, lse, ent, tau = ctx.saved_tensors
         opts = ctx.opts
         if g_logp is None and g_ent is None:
-            return None, None, None, None
+            return None, None, None, None, None
         if g_logp is None:
             g_logp = torch.zeros(local.shape, dtype=lse.dtype, device=lse.device)
         has_ent = opts.with_entropy and g_ent is not None
         dlogits = ops("logprobs", opts.backend).logprobs_bwd(
             logits, local, lse, ent if has_ent else None, g_logp.to(lse.dtype).reshape(-1),
             g_ent.to(lse.dtype).reshape(-1) if has_ent else None, ignore_index=opts.ignore_index,
-            inplace=opts.inplace, **opts.transform())
-        return dlogits, None, None, None
+            inplace=opts.inplace, tau=tau, **opts.transform())
+        return dlogits, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- kept sets, sharded
+def shard_kept_ids(ids: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """A KeptSet's global ids (`kept.ids`) as this rank's local ids: int64 [nnz] = ids - shard.start, with the
+    set's offsets unchanged (no host sync). Ids in other ranks' shards land outside [0, shard.size), which the
+    kept kernels and their PyTorch twin skip (forward and backward); the CSR is not compacted (that would need
+    the shard's nnz on the host). Ascending order within a row is kept."""
+    return ids.long() - shard.start
+
+
+def _float_tau(temperature, tau):
+    return tau if tau is not None else float(temperature)
+
+
+class VocabParallelKeptLogprobs(torch.autograd.Function):
+    """token_logprobs(kept=, vocab_parallel=): each rank runs the kept launcher on its shard with the kept
+    ids shifted into it (shard_kept_ids) and raw_stats (its kept (m_K,r, log s_K,r): -inf, -inf where the row
+    keeps nothing here); combine_shards turns them into the global (M_K, log S_K) and the kept log-prob from
+    the rank that owns the label and keeps it (a label kept by no rank: NaN, as unsharded). With entropy a
+    second combine_shards of the shards' full-row (lse_r, H_r) gives the full-vocabulary entropy and lse.
+    2 all-reduces of O(N) (4 with entropy). Backward: the unsharded kept backward launcher on the shard with
+    the global statistics, exactly the shard's slice of the full gradient (no collective)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ids, offsets, tau, shard: VocabShard, opts: LogprobOptions, temperature):
+        ctx.set_materialize_grads(False)
+        local, owned, ignored = shard_labels(labels, shard, opts.ignore_index)
+        lids = shard_kept_ids(ids, shard)
+        mod = ops("kept", opts.backend)
+        st = mod.kept_logprobs_fwd(logits, local, lids, offsets, temperature=_float_tau(temperature, tau),
+                                   ignore_index=opts.ignore_index, with_entropy=opts.with_entropy,
+                                   logit_scale=opts.logit_scale, softcap=opts.softcap, raw_stats=True)
+        kept_here = owned & ~torch.isnan(st.logp)
+        logp, stats_k, _ = combine_shards(st.logp, torch.stack((st.m, st.log_s), 1), None, kept_here, ignored,
+                                          shard.group)
+        missing = torch.isnan(logp)                    # as unsharded: log s_K = NaN, so the gradient is NaN too
+        m_k = torch.where(missing, 0.0, stats_k[:, 0])
+        log_s_k = torch.where(missing, float("nan"), stats_k[:, 1])
+        lse = ent = None
+        if opts.with_entropy:
+            zero = torch.zeros_like(st.lse)
+            _, full, ent = combine_shards(zero, torch.stack((st.lse, zero), 1), st.entropy,
+                                          torch.zeros_like(owned), ignored, shard.group)
+            lse = full[:, 0] + full[:, 1]
+        ctx.save_for_backward(logits, local, lids, offsets, tau, m_k, log_s_k, lse, ent)
+        ctx.opts, ctx.temperature = opts, temperature
+        shape = labels.shape
+        return logp.view(shape), (None if ent is None else ent.view(shape))
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, local, lids, offsets, tau, m_k, log_s_k, lse, ent = ctx.saved_tensors
+        opts = ctx.opts
+        if g_logp is None and g_ent is None:
+            return (None,) * 8
+        if g_logp is None:
+            g_logp = torch.zeros(local.shape, dtype=m_k.dtype, device=m_k.device)
+        has_ent = opts.with_entropy and g_ent is not None
+        mod = ops("kept", opts.backend)
+        stats = mod.KeptStats(m_k, m_k, log_s_k, lse if has_ent else None, ent if has_ent else None)
+        dlogits = mod.kept_logprobs_bwd(
+            logits, local, lids, offsets, stats, g_logp.to(m_k.dtype).reshape(-1),
+            g_ent.to(m_k.dtype).reshape(-1) if has_ent else None, temperature=_float_tau(ctx.temperature, tau),
+            ignore_index=opts.ignore_index, logit_scale=opts.logit_scale, softcap=opts.softcap)
+        return dlogits, None, None, None, None, None, None, None
+
+
+def _sharded_logprobs(logits_shard, labels, shard, opts, tau, kept: KeptSet | None, temperature):
+    """(logp, entropy or None) of the sharded logits op, kept or not."""
+    if kept is None:
+        return VocabParallelLogprobs.apply(logits_shard, labels, shard, opts, tau)
+    if shard.total is not None:
+        check_kept_vocab(kept, shard.total)
+    return VocabParallelKeptLogprobs.apply(logits_shard, labels, kept.ids, kept.offsets, tau, shard, opts,
+                                           temperature)
 
 
 NO_VOCAB_LIMIT = 2**62
@@ -233,24 +312,31 @@ def want_entropy(return_entropy, opts: LossOptions):
 
 
 def sharded_token_logprobs(logits_shard, labels, vocab_parallel, *, temperature, ignore_index, return_entropy,
-                           final_logit_softcapping, logit_scale):
-    """token_logprobs(..., vocab_parallel=): logits_shard [..., V_r] is this rank's vocabulary slice."""
+                           final_logit_softcapping, logit_scale, kept: KeptSet | None = None):
+    """token_logprobs(..., vocab_parallel=): logits_shard [..., V_r] is this rank's vocabulary slice; kept (global
+    ids, replicated) and a per-token temperature tensor (replicated) as unsharded."""
     group = VocabParallel.check(vocab_parallel).group
-    opts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
+    check_float("logits_shard", logits_shard)
+    tau = check_temperature_rows(temperature, labels.shape, logits_shard.device, "token_logprobs", labels,
+                                 ignore_index)
+    opts = LogprobOptions.build(temperature=1.0 if tau is not None else temperature, logit_scale=logit_scale,
                                 final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
                                 with_entropy=return_entropy, backend=backend_for(logits_shard, labels))
+    if kept is not None:
+        check_kept(kept, labels, None, ignore_index)
     shard = _check_logits(logits_shard, labels, ignore_index, group)
-    logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
+    logp, ent = _sharded_logprobs(logits_shard, labels, shard, opts, tau, kept, temperature)
     return (logp, ent) if return_entropy else logp
 
 
 def sharded_fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask, vocab_parallel, *,
                            loss_opts: LossOptions, ref_logprobs, rollout_is_weights, cu_seqlens, temperature,
                            ignore_index, return_entropy, inplace, final_logit_softcapping,
-                           logit_scale) -> PPOLossOutput:
-    """fused_ppo_loss(..., vocab_parallel=): the per-token arguments are replicated, the loss and the
-    per-token outputs the same on every rank, each rank's logits_shard gets its gradient slice. As
-    unsharded, rows where mask is 0 count as ignored labels (0 log-prob, no gradient)."""
+                           logit_scale, kept: KeptSet | None = None) -> PPOLossOutput:
+    """fused_ppo_loss(..., vocab_parallel=): the per-token arguments (kept and a per-token temperature
+    included) are replicated, the loss and the per-token outputs the same on every rank, each rank's
+    logits_shard gets its gradient slice. As unsharded, rows where mask is 0 count as ignored labels (0
+    log-prob, no gradient, never read)."""
     group = VocabParallel.check(vocab_parallel).group
     refuse_packed(cu_seqlens)
     check_float("logits_shard", logits_shard)
@@ -258,7 +344,11 @@ def sharded_fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask,
         raise ValueError(f"logits_shard must be [B, T, V_r] or [T, V_r], got shape {tuple(logits_shard.shape)}")
     check_fused_tensors(logits_shard.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
                         loss_opts)
-    opts = LogprobOptions.build(temperature=temperature, logit_scale=logit_scale,
+    tau = check_temperature_rows(temperature, labels.shape, logits_shard.device, "fused_ppo_loss", labels,
+                                 ignore_index, mask)
+    if kept is not None:
+        check_kept(kept, labels, None, ignore_index, live=mask)
+    opts = LogprobOptions.build(temperature=1.0 if tau is not None else temperature, logit_scale=logit_scale,
                                 final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
                                 with_entropy=want_entropy(return_entropy, loss_opts), inplace=inplace,
                                 backend=backend_for(logits_shard, labels, old_logprobs, advantages, mask))
@@ -266,7 +356,7 @@ def sharded_fused_ppo_loss(logits_shard, labels, old_logprobs, advantages, mask,
         check_inplace("logits_shard", logits_shard)
     shard = _check_logits(logits_shard, labels, ignore_index, group)
     labels = torch.where(mask != 0, labels, opts.ignore_index)      # mask-0 rows are dead, as unsharded
-    logp, ent = VocabParallelLogprobs.apply(logits_shard, labels, shard, opts)
+    logp, ent = _sharded_logprobs(logits_shard, labels, shard, opts, tau, kept, temperature)
     return sharded_loss(logp, ent, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, loss_opts,
                          opts.backend)
 

@@ -244,8 +244,8 @@ def kept_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Ten
         wrap_triton(_kept_logprobs_fwd_kernel)[(n,)](
             rows.tensor, y, ids, offsets, tau, logp, m, log_s, lse if with_entropy else logp,
             ent if with_entropy else logp, *rows.args(), rows.n_cols, *tf.args(), int(ignore_index),
-            int(bool(raw_stats)), BLOCK_K=KEPT_BLOCK_K, BLOCK_V=cfg.ROW_BLOCK_V, WITH_ENT=with_entropy, HAS_TAU_ROWS=tau_rows,
-            HAS_CAP=tf.has_cap, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
+            int(bool(raw_stats)), BLOCK_K=KEPT_BLOCK_K, BLOCK_V=cfg.ROW_BLOCK_V, WITH_ENT=with_entropy,
+            HAS_TAU_ROWS=tau_rows, HAS_CAP=tf.has_cap, ACC=tl_acc, num_warps=cfg.ROW_NUM_WARPS,
         )
     return KeptStats(logp, m, log_s, lse, ent)
 
