@@ -156,8 +156,8 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
     row per label, as in token_logprobs: the log-probs are renormalised over each row's kept set (the gradient
     reaches kept columns only, plus the entropy term's over the row), the entropy stays the full-vocabulary
     one; a live label (mask != 0, not ignore_index) outside its kept set is a ValueError on CPU, NaN on CUDA.
-    inplace has no effect with kept= (its backward writes a new dense buffer); kept= is not combined with
-    cu_seqlens yet (a ValueError).
+    inplace has no effect with kept= (its backward writes a new dense buffer); with cu_seqlens the kept set has
+    one row per packed token.
     Returns PPOLossOutput(loss, logprobs, kl, entropy, stats)."""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
@@ -188,13 +188,11 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                                  with_entropy=want_ent, inplace=inplace, backend=backend)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     if kept is not None:
-        if cu_seqlens is not None:
-            raise ValueError("kept= is not supported with cu_seqlens= yet: pass the padded [B, T] layout")
         check_kept(kept, labels, logits.shape[-1], ignore_index, live=mask)
         loss, logp, kl, ent, stats, *_ = fused_ppo_loss_kept_op(
             logits, labels, kept.ids, kept.offsets, tau, old_logprobs.detach(), advantages.detach(), mask,
-            detach(ref_logprobs), detach(rollout_is_weights), 1.0 if tau is not None else float(temperature),
-            encode(lopts), encode(opts), backend)
+            detach(ref_logprobs), detach(rollout_is_weights), cu_seqlens,
+            1.0 if tau is not None else float(temperature), encode(lopts), encode(opts), backend)
         return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_ppo_loss(
         logits, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),

@@ -1,6 +1,6 @@
 """fused_ppo_loss(kept=) as a torch.library op: fastppo.fused's loss with the log-probs renormalised over each
 row's kept set (fastppo.kept_logprobs), a scalar or per-token temperature. Launches, forward + backward:
-  1. kept_logprobs_fwd  (each live row's kept logits; with entropy also the whole row once)
+  1. kept_logprobs_fwd  (each live row's kept logits; with entropy the whole row once, kept ones included)
   2-5. the loss aggregation (as fastppo.fused)
   6. kept_logprobs_bwd  (the dense dlogits: zeros outside the kept set unless the entropy has a gradient)
 Mask-0 rows are dead: their label is replaced by ignore_index (an [N] select, no host sync), so they are
@@ -26,7 +26,7 @@ def live_labels(labels: torch.Tensor, mask: torch.Tensor, ignore_index: int) -> 
 
 
 def _fake(logits, labels, ids, offsets, tau, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
-          temperature, logits_options, options, backend):
+          cu_seqlens, temperature, logits_options, options, backend):
     lopts = decode(LogprobOptions, logits_options)
     loss, stats, coef = agg_outputs_fake(logits, mask)
     logp = logits.new_empty(labels.shape, dtype=loss.dtype)
@@ -42,12 +42,13 @@ def _fake(logits, labels, ids, offsets, tau, old_logprobs, advantages, mask, ref
 def fused_ppo_loss_kept_op(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
                            tau: torch.Tensor | None, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                            mask: torch.Tensor, ref_logprobs: torch.Tensor | None,
-                           rollout_is_weights: torch.Tensor | None, temperature: float, logits_options: str,
-                           options: str, backend: str) -> KeptOutputs:
+                           rollout_is_weights: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                           temperature: float, logits_options: str, options: str, backend: str) -> KeptOutputs:
     """(loss, logprobs, kl, entropy, stats, m_K, log s_K, lse, coef_logp, coef_entropy): fastppo.fused's outputs
     with the kept-set statistics in place of the [N, 2] row stats (lse empty without entropy). The temperature
     is `tau` (per token) or the float `temperature` (logits_options' inv_tau is not used). Only loss is
-    differentiable."""
+    differentiable. cu_seqlens: packed sequences ([total] per-token tensors, as fastppo.fused): packed rows are
+    rows like any other for the kept log-probs, only the aggregation sees the sequences."""
     lopts = decode(LogprobOptions, logits_options)
     opts = loss_options_of(options)
     y = live_labels(labels, mask, lopts.ignore_index)
@@ -57,14 +58,14 @@ def fused_ppo_loss_kept_op(logits: torch.Tensor, labels: torch.Tensor, ids: torc
     logp = st.logp.view(labels.shape)
     ent = None if st.entropy is None else st.entropy.view(labels.shape)
     res = loss_terms_from_logprobs(logp, ent, old_logprobs, advantages, mask, opts=opts, backend=backend,
-                                   ref=ref_logprobs, rollout_is_weights=rollout_is_weights)
+                                   ref=ref_logprobs, rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens)
     return (res.loss, logp, or_empty(res.kl, logp), or_empty(ent, logp), res.stats, st.m, st.log_s,
             or_empty(st.lse, st.m), res.coef, or_empty(res.coef_ent, res.coef))
 
 
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
-    (logits, labels, ids, offsets, tau, _old, _adv, mask, _ref, _isw, temperature, logits_options, options,
+    (logits, labels, ids, offsets, tau, _old, _adv, mask, _ref, _isw, _cu, temperature, logits_options, options,
      backend) = inputs
     loss, logp, kl, ent, stats, m, log_s, lse, coef, coef_ent = output
     ctx.mark_non_differentiable(logp, kl, ent, stats, m, log_s, lse, coef, coef_ent)
@@ -77,7 +78,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g_loss, *_):
     if g_loss is None:
-        return (None,) * 14
+        return (None,) * 15
     logits, labels, mask, ids, offsets, tau, m, log_s, lse, ent, coef, coef_ent = ctx.saved_tensors
     temperature, lopts, backend = ctx.args
     scale = g_loss.to(m.dtype)
@@ -85,7 +86,7 @@ def _backward(ctx, g_loss, *_):
     d = token_logprobs_kept_backward_op(
         logits, live_labels(labels, mask, lopts.ignore_index), ids, offsets, tau, m, log_s, lse, ent, coef * scale,
         c_ent, temperature, lopts.ignore_index, lopts.logit_scale, lopts.softcap, backend)
-    return (d, *([None] * 13))
+    return (d, *([None] * 14))
 
 
 fused_ppo_loss_kept_op.register_autograd(_backward, setup_context=_setup)

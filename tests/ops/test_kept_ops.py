@@ -184,7 +184,7 @@ def test_fused_kept_opcheck(backend):
     logits, labels, ks, old, adv, mask, refp = fused_batch(torch.float32)
     lopts = LogprobOptions.build(with_entropy=True, backend=backend)
     opts = LossOptions.policy(entropy_coef=0.01, kl_coef=0.1)
-    args = (logits.requires_grad_(), labels, ks.ids, ks.offsets, None, old, adv, mask, refp, None, 1.0,
+    args = (logits.requires_grad_(), labels, ks.ids, ks.offsets, None, old, adv, mask, refp, None, None, 1.0,
             encode(lopts), encode(opts), backend)
     torch.library.opcheck(torch.ops.fastppo.fused_ppo_loss_kept, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
