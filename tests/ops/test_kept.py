@@ -202,6 +202,73 @@ def test_launchers_match_float64(backend, dtype, with_entropy):
     _check(backend, logits, labels, ks, dtype, 0.7, with_entropy)
 
 
+def _sweep_case():
+    """V = 2100 (three 1024-column tiles under the interpreter) and kept sets that exercise the entropy path's
+    single sweep: more ids than one 256-id chunk, the whole vocabulary, ids in the last tile only, a chunk that
+    ends exactly at a tile edge, the last column alone, an empty row, a label outside its set."""
+    V = 2100
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(8, V, generator=g) * 2
+    mask = torch.zeros(8, V, dtype=torch.bool)
+    mask[0] = torch.rand(V, generator=g) < 0.3
+    mask[1] = True
+    mask[2, 2048:] = True
+    mask[3, 768:1025] = True
+    mask[4, V - 1] = True
+    mask[6] = torch.rand(V, generator=g) < 0.15
+    mask[7, :256] = True
+    mask[7, 2000:2010] = True
+    labels = torch.multinomial(mask.float() + (~mask.any(-1, keepdim=True)).float(), 1, generator=g)[:, 0]
+    labels[5] = -100
+    labels[6] = int((~mask[6]).nonzero()[0])
+    return logits.to(DEVICE), labels.to(DEVICE), KeptSet.from_mask(mask).to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_kept_sets_across_tiles_and_chunks(backend, with_entropy):
+    logits, labels, ks = _sweep_case()
+    assert int(ks.counts().max()) > 2 * 256
+    _check(backend, logits, labels, ks, torch.float32, 0.9, with_entropy)
+
+
+def test_entropy_sweep_agrees_with_the_kept_gather():
+    logits, labels, ks = _sweep_case()
+    a = kern.kept_logprobs_fwd(logits, labels, ks.ids.int(), ks.offsets)
+    b = kern.kept_logprobs_fwd(logits, labels, ks.ids, ks.offsets, with_entropy=True)
+    for x, y in ((a.logp, b.logp), (a.m, b.m), (a.log_s, b.log_s)):
+        torch.testing.assert_close(x, y, rtol=2e-6, atol=2e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_ids_outside_the_vocabulary_are_skipped(backend, with_entropy):
+    """A shard's launch: ids shifted by the shard start fall outside [0, V) on both sides and are skipped,
+    forward and backward; raw_stats gives the shard's kept statistics (-inf, -inf for a row keeping nothing)."""
+    logits, labels, ks = _sweep_case()
+    mod = BACKENDS[backend]
+    V = logits.shape[-1]
+    lo, hi = 700, 1500
+    shard = logits[:, lo:hi]
+    local = torch.where((labels >= lo) & (labels < hi), labels - lo, -1)
+    local[5] = -100
+    st = mod.kept_logprobs_fwd(shard, local, ks.ids - lo, ks.offsets, with_entropy=with_entropy, raw_stats=True)
+    sub = ks.to_mask(V)[:, lo:hi]
+    z = torch.where(sub, shard.double(), float("-inf"))
+    m = z.amax(-1)
+    want_log_s = torch.logsumexp(z - torch.where(m == float("-inf"), 0.0, m)[:, None], -1)
+    live = local != -100
+    torch.testing.assert_close(st.m[live].double(), m[live], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(st.log_s[live].double(), want_log_s[live], rtol=1e-6, atol=1e-6)
+    assert st.m[2] == float("-inf") and st.log_s[2] == float("-inf")       # row 2 keeps only columns >= 2048
+    found = sub.gather(1, local.clamp(min=0)[:, None])[:, 0] & (local >= 0)
+    assert torch.equal(torch.isnan(st.logp), live & ~found)
+    c = torch.linspace(-1.0, 1.0, 8, device=DEVICE)
+    grad = mod.kept_logprobs_bwd(shard, local, ks.ids - lo, ks.offsets, st._replace(log_s=torch.where(
+        st.log_s == float("-inf"), 0.0, st.log_s)), c, temperature=1.0)
+    assert (grad[~sub] == 0).all() and torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_row_temperature(backend):
     logits, labels, ks = _case(torch.float32)

@@ -124,6 +124,37 @@ def test_forward_bytes_grow_with_nnz_not_vocab():
     assert traffic(8209, 40) * 20 < traffic(8209, 40, kept=False)
 
 
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_kept_reads_no_more_than_plain_plus_ids(with_entropy, id_dtype):
+    """Bytes counted in the interpreter (every access): the kept op loads at most the plain op's bytes plus its
+    ids and offsets (two int64 per row), with entropy exactly that (one sweep over the row: the kept logits come
+    from the tiles in registers), and stores one value more per row (m_K and log s_K beside the full lse).
+    Kept sets of 300 to 2100 ids per row, V = 2100 (three tiles, several 256-id chunks per row)."""
+    N, V = 6, 2100
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(N, V, generator=g).to(DEVICE)
+    mask = torch.rand(N, V, generator=g) < torch.linspace(0.15, 1.0, N)[:, None]
+    labels = torch.multinomial(mask.float(), 1, generator=g)[:, 0].to(DEVICE)
+    ks = KeptSet.from_mask(mask)
+    ks = KeptSet(ks.ids.to(id_dtype), ks.offsets).to(DEVICE)
+
+    def traffic(kept):
+        t = KernelTraffic()
+        with fastppo.use_backend("triton"), t.count():
+            fastppo.token_logprobs(logits, labels, kept=kept, return_entropy=with_entropy)
+        return t
+
+    plain, kept = traffic(None), traffic(ks)
+    csr = ks.nnz * ks.ids.element_size() + 2 * 8 * N
+    if with_entropy:
+        assert kept.loaded == plain.loaded + csr
+        assert kept.stored == plain.stored + 4 * N
+    else:
+        assert kept.loaded <= plain.loaded + csr
+        assert kept.total <= plain.total + csr
+
+
 # ----------------------------------------------------------------------------- fused_ppo_loss(kept=)
 def fused_batch(dtype, seed=0):
     logits, labels, ks = kept_case(dtype, lead=(3, 5), seed=seed)
