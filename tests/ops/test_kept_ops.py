@@ -240,3 +240,34 @@ def test_compiles_without_graph_break(backend):
         got = torch.compile(step, backend="aot_eager", fullgraph=True)(y)
         got.backward()
     assert torch.equal(got, want) and torch.equal(y.grad, x.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_gradcheck(backend):
+    """token_logprobs(kept=, return_entropy=True) and fused_ppo_loss(kept=, entropy_coef) in float64 through
+    autograd (fast mode: a random projection of the Jacobian), V = 1100 (two tiles under the interpreter) with
+    a 300-id row (two chunks of the entropy sweep), a per-token temperature and an ignored label."""
+    g = torch.Generator().manual_seed(9)
+    Vg = 1100
+    logits = torch.randn(2, 3, Vg, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 3, Vg, generator=g) < 0.05
+    mask[0, 0, :300] = True
+    labels = torch.multinomial(mask.reshape(-1, Vg).double(), 1, generator=g).view(2, 3)
+    labels[1, 2] = -100
+    ks = KeptSet.from_mask(mask).to(DEVICE)
+    logits, labels = logits.to(DEVICE), labels.to(DEVICE)
+    tau = (torch.rand(2, 3, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)
+    old = torch.full((2, 3), -3.0, dtype=torch.float64, device=DEVICE)
+    adv = torch.randn(2, 3, generator=g, dtype=torch.float64).to(DEVICE)
+    live = labels != -100
+
+    def logprobs(x):
+        return fastppo.token_logprobs(x, labels, kept=ks, temperature=tau, return_entropy=True)
+
+    def loss(x):
+        return fastppo.fused_ppo_loss(x, labels, old, adv, live, kept=ks, temperature=tau, entropy_coef=0.1,
+                                      kl_coef=0.2, ref_logprobs=old + 0.5).loss
+
+    with fastppo.use_backend(backend):
+        for fn in (logprobs, loss):
+            assert torch.autograd.gradcheck(fn, (logits.clone().requires_grad_(),), fast_mode=True)
