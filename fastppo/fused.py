@@ -133,6 +133,8 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                    rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
                    final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
                    cu_seqlens: torch.Tensor | None = None,
+                   dro_beta: float | None = None, cov_ratio: float = 0.0002, cov_lb: float = 1.0,
+                   cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
                    vocab_parallel: VocabParallel | None = None, kept: KeptSet | None = None) -> PPOLossOutput:
     """The whole policy objective from the logits in one pass:
 
@@ -140,7 +142,7 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
 
     logits [B, T, V] (or [T, V]), labels/old_logprobs/mask [B, T], advantages [B, T] or [B];
     policy_loss and its options as in ppo_policy_loss (variants, ratio_max, sapo temperatures,
-    rollout_is_weights, entropy_quantile), KL kinds as in kl_penalty. Entropy is computed only when
+    rollout_is_weights, entropy_quantile, dro_beta, the cov_ options), KL kinds as in kl_penalty. Entropy is computed only when
     entropy_coef != 0, return_entropy or entropy_quantile. `inplace=True` writes dlogits into the
     logits' storage during backward (saves one [B, T, V] buffer; the logits are garbage afterwards,
     and storage that elements share is refused). Logits are transformed as in token_logprobs:
@@ -162,7 +164,8 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
-                        entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+                        entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon,
+                        dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef)
     if vocab_parallel is not None:
         return sharded_fused_ppo_loss(
             logits, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, ref_logprobs=ref_logprobs,

@@ -33,8 +33,8 @@ def _token_local(opts: LossOptions) -> bool:
     weights (then the gradient is formed chunk by chunk in forward, 6 N H V FLOPs): every token-level
     policy loss and every aggregation. A sequence-level term (gspo, gspo_token, gmpo: sequence ratios) or a
     batch-global one (entropy_quantile: a threshold over all tokens) answers False and takes the
-    recompute path (8 N H V)."""
-    return not opts.sequence_level and opts.entropy_quantile is None
+    recompute path (8 N H V); so do clip_cov / kl_cov (a covariance rank over the batch)."""
+    return opts.token_local
 
 
 def _agg_weights(mask, cu, opts: LossOptions, acc, backend):
@@ -190,6 +190,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
                           final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
                           chunk_bytes: int | None = None, cu_seqlens: torch.Tensor | None = None,
+                          dro_beta: float | None = None, cov_ratio: float = 0.0002, cov_lb: float = 1.0,
+                          cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
                           vocab_parallel: VocabParallel | None = None) -> PPOLossOutput:
     """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     without materialising the logits.
@@ -201,7 +203,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the [rows, V] buffers; None:
     automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only scales
     them by the upstream gradient (those gradients are held from forward to backward). Sequence-level
-    variants (gspo, gspo_token, gmpo) and entropy_quantile recompute the logits in forward: 8 N_valid H V.
+    variants (gspo, gspo_token, gmpo), the batch-global selections (entropy_quantile, clip_cov, kl_cov)
+    recompute the logits in forward: 8 N_valid H V.
     cu_seqlens ([S + 1] offsets): packed sequences, hidden [total, H] (fused_ppo_loss's packed form).
     `vocab_parallel=fastppo.VocabParallel(group)`: the weight (and bias) passed are this rank's contiguous vocabulary
     shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel
@@ -209,7 +212,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
-                        entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+                        entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon,
+                        dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef)
     if vocab_parallel is not None:
         return sharded_fused_linear_ppo_loss(
             hidden, weight, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, bias=bias,

@@ -21,11 +21,21 @@ aggregated by `agg`):
                 means over n_b + 1e-8, counted for each valid token (verl `geo_mean`, arXiv 2507.20673);
                 rollout IS weights enter as their geometric mean over the sequence
     gpg         L = -A logp                                    (GPG, arXiv 2504.02546)
+    dppo_tv     L = -A sg(min(r, ratio_max)) logp valid, valid = [p - q <= ch] if A > 0 else [p - q >= -cl],
+                p = exp(logp), q = exp(old)            (DPPO-Binary-TV, arXiv 2602.04879; verl `dppo_tv`)
+    dppo_kl     the same with valid = [bkl <= ch or p <= q] if A > 0 else [bkl <= cl or p >= q],
+                bkl = q (old - logp) + (1 - q) log((1 - q + 1e-8) / (1 - p + 1e-8))   (verl `dppo_kl`)
+    dro         L = -(A logp - dro_beta / 2 (logp - old)^2)   (Direct Reward Optimization; verl `dro`)
+    clip_cov    L = max(-A e^d, -A clamp(e^d, 1 - cl, 1 + ch)) (1 - sel), sel: cov_selection
+                                                               (Clip-Cov, arXiv 2505.22617; verl `clip_cov`)
+    kl_cov      L = -A e^d + sel kl_cov_coef |d|, sel: cov_selection   (KL-Cov, same paper; verl `kl_cov`)
 entropy_quantile = rho keeps in the policy term only the valid tokens whose entropy is >= the
 (1 - rho) quantile of the valid tokens' entropies (TRL's top_entropy_quantile); the aggregation's
 counts stay those of the mask.
 Launches per call (Triton): 4 for every variant, 5 for gspo (kernels/loss_agg.py), whatever B and T;
-entropy_quantile adds torch's nanquantile (a sort) on the device, no host sync.
+entropy_quantile adds torch's nanquantile (a sort) on the device, no host sync; clip_cov / kl_cov add
+cov_selection's torch ops (kl_cov: a sort on the device, no host sync; clip_cov: verl's random draw, which
+reads two counts on the host).
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from .kernels.loss_layout import STATS, AggResult
 from .library import acc_dtype, decode, define, encode
 from .modes import IS_LEVELS, IS_MODES
 from .options import LossOptions
-from .packed import check_cu_seqlens, check_packed
+from .packed import check_cu_seqlens, check_packed, per_token
 
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
 
@@ -116,13 +126,18 @@ def fused_stat_names(opts: LossOptions, has_ref: bool, has_ent: bool):
 
 
 def loss_options(*, policy_loss, clip_low, clip_high, dual_clip, ratio_max, sapo_tau_pos, sapo_tau_neg,
-                 entropy_quantile, agg, kl_kind, kl_coef, entropy_coef, num_tokens, num_seqs, horizon):
-    """The LossOptions of a fused loss call (fused_ppo_loss and fused_linear_ppo_loss share it)."""
+                 entropy_quantile, agg, kl_kind, kl_coef, entropy_coef, num_tokens, num_seqs, horizon, **variant):
+    """The LossOptions of a fused loss call (fused_ppo_loss and fused_linear_ppo_loss share it); `variant`:
+    the VARIANT_OPTIONS the caller was given."""
     return LossOptions.policy(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                               ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                               entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
                               entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs,
-                              horizon=horizon)
+                              horizon=horizon, **variant)
+
+
+# the options of verl's further policy losses, keywords of ppo_policy_loss and the fused losses (LossOptions)
+VARIANT_OPTIONS = ("dro_beta", "cov_ratio", "cov_lb", "cov_ub", "kl_cov_coef")
 
 
 def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
@@ -150,6 +165,48 @@ def entropy_threshold(entropy, mask, quantile):
     return torch.nanquantile(h.reshape(-1), 1.0 - quantile)
 
 
+def cov_selection(logp, old, adv, mask, opts: LossOptions, cu_seqlens=None) -> torch.Tensor:
+    """clip_cov / kl_cov's batch-global token selection (bool, the mask's shape), verl 0.9.1's rule, from
+    cov_t = (A_t - mean(A)) (logp_t - mean(logp)) over the valid tokens (N of them):
+      kl_cov:   the k = max(1, floor(N cov_ratio)) valid tokens of largest cov (none when N = 0); verl's
+                torch.topk, here a stable sort on the device (no host sync; ties, which topk leaves
+                unspecified, go to the earlier token);
+      clip_cov: the candidates are the valid tokens with cov_lb < cov < cov_ub that PPO's clip leaves alone
+                (-A clamp(r) <= -A r, r = exp(logp - old)), means over N + 1e-8 as verl's masked_mean;
+                when more than k = max(1, int(cov_ratio N)) of them, verl draws k at random with
+                torch.randperm on the default CPU generator, and so does this, the same draw on the same
+                candidates in the same (row-major) order: the generator state after the call is verl's. That
+                draw needs N and the candidate count on the host (2 syncs, as verl's .item() / nonzero).
+    Computed in float32 (float64 for float64 inputs) from detached values."""
+    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    m = (mask != 0).reshape(-1)
+    x, o = logp.detach().to(acc).reshape(-1), old.detach().to(acc).reshape(-1)
+    if cu_seqlens is not None:
+        a = per_token(adv.detach(), cu_seqlens.long(), m.shape[0])
+    else:
+        a = adv.detach()[:, None].expand(mask.shape) if adv.dim() == 1 and mask.dim() == 2 else adv.detach()
+    a = a.to(acc).reshape(-1)
+    zero = torch.zeros_like(x)
+    n = m.to(acc).sum()
+    sel = torch.zeros_like(m)
+    if opts.policy_loss == "kl_cov":
+        den = n.clamp_min(1)
+        cov = (a - torch.where(m, a, zero).sum() / den) * (x - torch.where(m, x, zero).sum() / den)
+        order = torch.sort(torch.where(m, cov, torch.full_like(cov, -math.inf)), descending=True, stable=True).indices
+        k = torch.floor(n.double() * opts.cov_ratio).clamp_min(1)
+        top = torch.arange(m.shape[0], device=m.device, dtype=torch.float64) < k
+        return (sel.scatter(0, order, top) & m).reshape(mask.shape)
+    cov = (a - torch.where(m, a, zero).sum() / (n + 1e-8)) * (x - torch.where(m, x, zero).sum() / (n + 1e-8))
+    ratio = torch.exp(x - o)
+    by_clip = -a * ratio.clamp(1 - opts.clip_low, 1 + opts.clip_high) > -a * ratio
+    cand = torch.nonzero(m & ~by_clip & (cov < opts.cov_ub) & (cov > opts.cov_lb)).reshape(-1)
+    if cand.numel():
+        k = max(int(opts.cov_ratio * float(n)), 1)
+        pick = cand[torch.randperm(cand.numel())[:min(k, cand.numel())].to(cand.device)]
+        sel[pick] = True
+    return sel.reshape(mask.shape)
+
+
 def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, backend: str, ref=None,
                              rollout_is_weights=None, ent_threshold=None, cu_seqlens=None) -> AggResult:
     """The per-token loss function of the fused losses: policy term of `opts.policy_loss` + kl_coef KL
@@ -165,9 +222,11 @@ def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, ba
     ([S + 1] offsets): the per-token tensors are packed [total] (adv [total] or [S]), coef [1, total]."""
     if ent_threshold is None and opts.entropy_quantile is not None:
         ent_threshold = entropy_threshold(ent, mask, opts.entropy_quantile)
+    select = cov_selection(logp, old, adv, mask, opts, cu_seqlens) if opts.cov_select else None
     return ops("loss_agg", backend).policy_loss_agg(logp, old, adv, mask, opts=opts, ref=ref, ent=ent,
                                                     rollout_is_weights=rollout_is_weights,
-                                                    ent_threshold=ent_threshold, cu_seqlens=cu_seqlens)
+                                                    ent_threshold=ent_threshold, select=select,
+                                                    cu_seqlens=cu_seqlens)
 
 
 # ----------------------------------------------------------------------------- ops
@@ -274,10 +333,13 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
                     horizon: float | None = None, policy_loss: str = "ppo", ratio_max: float | None = None,
                     sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
                     rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
-                    entropy: torch.Tensor | None = None,
+                    entropy: torch.Tensor | None = None, dro_beta: float | None = None, cov_ratio: float = 0.0002,
+                    cov_lb: float = 1.0, cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
                     cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Policy-gradient loss `policy_loss` (ppo, gspo, gspo_token, cispo, sapo, gmpo, gpg; formulas in
-    this module's docstring), aggregated. For ppo, per token with ratio = exp(clamp(logp - old, -20, 20)):
+    """Policy-gradient loss `policy_loss` (ppo, gspo, gspo_token, cispo, sapo, gmpo, gpg, dppo_tv, dppo_kl,
+    dro, clip_cov, kl_cov; formulas in this module's docstring), aggregated. dro_beta: dro's penalty
+    (required there); cov_ratio, cov_lb, cov_ub, kl_cov_coef: clip_cov / kl_cov's selection (cov_selection)
+    and penalty, verl's defaults; ratio_max also truncates dppo's IS weight. For ppo, per token with ratio = exp(clamp(logp - old, -20, 20)):
         L = max(-A min(ratio, ratio_max), -A clamp(ratio, 1 - clip_low, 1 + clip_high))
     and with dual_clip c > 1, where A < 0: L = min(L, -c A).
     logprobs, old_logprobs, mask: [B, T] (or [T]); advantages [B, T] or per sequence [B];
@@ -289,11 +351,14 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     result and gradient equals that of the same sequences padded to [S, max length] (horizon's default is
     the longest sequence). Returns (loss, stats) with stats clipfrac,
     clipfrac_lower, approx_kl (mean d^2/2), ratio_mean, ratio_max over mask-1 tokens (the variant's
-    importance ratio; + entropy_kept_frac with entropy_quantile), 0-d tensors, no host sync."""
+    importance ratio; + entropy_kept_frac with entropy_quantile), 0-d tensors, no host sync (except
+    clip_cov's random draw). clipfrac is dppo's invalid-token fraction (clipfrac_lower: truncated and valid)
+    and clip_cov / kl_cov's selected fraction."""
     opts = LossOptions.policy(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                               ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                               entropy_quantile=entropy_quantile, agg=agg, num_tokens=num_tokens,
-                              num_seqs=num_seqs, horizon=horizon)
+                              num_seqs=num_seqs, horizon=horizon, dro_beta=dro_beta, cov_ratio=cov_ratio,
+                              cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef)
     check_float("logprobs", logprobs)
     check_policy_tensors("logprobs", logprobs.shape, old_logprobs, advantages, mask, opts,
                          rollout_is_weights=rollout_is_weights, entropy=entropy, cu_seqlens=cu_seqlens)

@@ -57,7 +57,42 @@ def _weights(m, opts, acc, seg):
     return w, n, tot, nseq
 
 
-def _policy(x, o, a, m, n, opts, isw, seg):
+def _verl_more(kind, x, o, a, opts, sel):
+    """Per-token (L, dL/dlogp, ratio, clipped, lower) of dppo_tv, dppo_kl, dro, clip_cov, kl_cov
+    (kernels/_terms.py: dppo_terms, dro_terms, cov_terms)."""
+    cl, ch = opts.clip_low, opts.clip_high
+    d = x - o
+    zero = torch.zeros_like(x)
+    lower = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    if kind in ("dppo_tv", "dppo_kl"):
+        ratio = torch.exp(d.clamp(-20, 20))
+        w = ratio if opts.ratio_max is None else ratio.clamp(max=opts.ratio_max)
+        p, q = torch.exp(x), torch.exp(o)
+        if kind == "dppo_kl":
+            bkl = q * (o - x) + (1 - q) * torch.log((1 - q + 1e-8) / (1 - p + 1e-8))
+            v_pos, v_neg = (bkl <= ch) | (p <= q), (bkl <= cl) | (p >= q)
+        else:
+            v_pos, v_neg = (p - q) <= ch, (p - q) >= -cl
+        valid = torch.where(a > 0, v_pos, v_neg)
+        vf = valid.to(x.dtype)
+        if opts.ratio_max is not None:
+            lower = (ratio > opts.ratio_max) & valid
+        return -a * w * x * vf, -a * w * vf, ratio, ~valid, lower
+    if kind == "dro":
+        beta = opts.dro_beta
+        return -(x * a - 0.5 * beta * d * d), -(a - beta * d), torch.exp(d.clamp(-20, 20)), lower, lower
+    ratio = torch.exp(d)   # clip_cov / kl_cov: unclamped, as verl
+    if kind == "kl_cov":
+        c = opts.kl_cov_coef
+        return (-a * ratio + torch.where(sel, c * d.abs(), zero), -a * ratio + torch.where(sel, c * torch.sign(d), zero),
+                ratio, sel, lower)
+    corr = torch.where(sel, zero, torch.ones_like(x))
+    l1, l2 = -a * ratio, -a * ratio.clamp(1 - cl, 1 + ch)
+    dloss = _max_grad(l1, l2, -a * ratio, -a * ratio * clamp_grad(ratio, 1 - cl, 1 + ch))
+    return torch.maximum(l1, l2) * corr, dloss * corr, ratio, sel, lower
+
+
+def _policy(x, o, a, m, n, opts, isw, seg, chosen=None):
     """Per-token (L, dL/dlogp, dL/ds, ratio, clipped, lower, sequence ratio s, ds) of opts.policy_loss."""
     cl, ch = opts.clip_low, opts.clip_high
     d = x - o
@@ -124,9 +159,11 @@ def _policy(x, o, a, m, n, opts, isw, seg):
         dloss = torch.where(dead, zero, seg.spread(n * lb / den) * grad)
         clip_d = (d < -cl) | (d > ch)
         clipped, lower = clip_d & pos, clip_d & neg
-    else:   # gpg
+    elif kind == "gpg":
         loss, dloss = -a * x, -a
         clipped = torch.zeros_like(m)
+    else:
+        loss, dloss, ratio, clipped, lower = _verl_more(kind, x, o, a, opts, chosen)
     if isw is not None and kind != "gmpo":
         loss, dloss = loss * isw, dloss * isw
         dl_ds = None if dl_ds is None else dl_ds * isw
@@ -134,7 +171,7 @@ def _policy(x, o, a, m, n, opts, isw, seg):
 
 
 def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_is_weights=None,
-                    ent_threshold=None, cu_seqlens=None, segments=None) -> AggResult:
+                    ent_threshold=None, select=None, cu_seqlens=None, segments=None) -> AggResult:
     """PyTorch twin of fastppo.kernels.loss_agg.policy_loss_agg (same arguments, same results). `segments`
     replaces the layout's Segments (fastppo.context_parallel passes one whose sums span ranks)."""
     seg = _segments(mask, cu_seqlens) if segments is None else segments
@@ -147,7 +184,8 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
     isw = None if rollout_is_weights is None else _bt(rollout_is_weights)
     w, n, tot, nseq = _weights(m, opts, acc, seg)
     wt = seg.spread(w)
-    loss, dloss, dl_ds, ratio, clipped, lower, s, ds = _policy(x, o, a, m, n, opts, isw, seg)
+    chosen = None if select is None else seg.per_token(select, acc) != 0
+    loss, dloss, dl_ds, ratio, clipped, lower, s, ds = _policy(x, o, a, m, n, opts, isw, seg, chosen)
     keep = m
     if ent_threshold is not None:
         keep = m & (_bt(ent) >= ent_threshold.to(acc))

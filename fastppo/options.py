@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch.distributed as dist
 
 from ._validation import check_number, check_temperature
-from .modes import AGG_MODES, IS_LEVELS, KL_KINDS, POLICY_LOSSES, REJECTION_OPTIONS, ROLLOUT_IS_MODES
+from .modes import AGG_MODES, COV_LOSSES, IS_LEVELS, KL_KINDS, POLICY_LOSSES, REJECTION_OPTIONS, ROLLOUT_IS_MODES
 
 
 def _finite(name, value):
@@ -43,9 +43,13 @@ def _choice(name, value, choices):
 class LossOptions:
     """Options of one loss call. `loss="policy"` (ppo_policy_loss / fused losses) or `"value"`.
 
-    policy_loss: ppo | gspo | gspo_token | cispo | sapo | gmpo | gpg (formulas: fastppo.losses).
+    policy_loss: ppo | gspo | gspo_token | cispo | sapo | gmpo | gpg | dppo_tv | dppo_kl | dro | clip_cov |
+    kl_cov (formulas: fastppo.losses).
     clip_low in [0, 1], clip_high >= 0 (defaults to clip_low), dual_clip > 1 (ppo only), ratio_max > 1
-    (ppo only: the unclipped ratio capped at ratio_max), sapo_tau_pos / sapo_tau_neg > 0,
+    (ppo: the unclipped ratio capped at ratio_max; dppo_tv / dppo_kl: the truncated IS weight
+    sg(min(r, ratio_max)), verl's clip_ratio_c), sapo_tau_pos / sapo_tau_neg > 0, dro_beta > 0 (dro only,
+    required there), cov_ratio in (0, 1] (clip_cov / kl_cov: the fraction of valid tokens selected),
+    cov_lb < cov_ub (clip_cov's covariance window), kl_cov_coef finite (kl_cov's |log-ratio| coefficient),
     entropy_quantile in (0, 1] (keep the top fraction of valid tokens by entropy in the policy term),
     agg one of AGG_MODES, kl_kind one of KL_KINDS, kl_coef / entropy_coef finite, value_clip > 0 (inf: no
     clip, stored as None), num_tokens / num_seqs / horizon > 0 and finite (global counts for micro-batches).
@@ -60,6 +64,11 @@ class LossOptions:
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
     entropy_quantile: float | None = None
+    dro_beta: float | None = None
+    cov_ratio: float = 0.0002
+    cov_lb: float = 1.0
+    cov_ub: float = 5.0
+    kl_cov_coef: float = 0.1
     agg: str = "token-mean"
     kl_kind: str = "k3"
     kl_coef: float = 0.0
@@ -92,9 +101,28 @@ class LossOptions:
         if self.ratio_max is not None:
             if not _finite("ratio_max", self.ratio_max) > 1:
                 raise ValueError(f"ratio_max must be > 1 (a cap on the unclipped ratio), got {self.ratio_max}")
-            if self.policy_loss != "ppo":
-                raise ValueError(f"ratio_max applies to policy_loss='ppo' only, got policy_loss={self.policy_loss!r}")
+            if self.policy_loss not in ("ppo", "dppo_tv", "dppo_kl"):
+                raise ValueError(f"ratio_max applies to policy_loss 'ppo', 'dppo_tv' or 'dppo_kl' only, got "
+                                 f"policy_loss={self.policy_loss!r}")
             set_("ratio_max", float(self.ratio_max))
+        if self.dro_beta is not None:
+            if self.policy_loss != "dro":
+                raise ValueError(f"dro_beta applies to policy_loss='dro' only, got policy_loss={self.policy_loss!r}")
+            if not _finite("dro_beta", self.dro_beta) > 0:
+                raise ValueError(f"dro_beta must be > 0 (DRO's quadratic log-ratio penalty), got {self.dro_beta}")
+            set_("dro_beta", float(self.dro_beta))
+        elif self.policy_loss == "dro":
+            raise ValueError("policy_loss='dro' needs dro_beta > 0 (its quadratic log-ratio penalty)")
+        r = _finite("cov_ratio", self.cov_ratio)
+        if not 0 < r <= 1:
+            raise ValueError(f"cov_ratio must be in (0, 1] (the fraction of valid tokens selected), got {r}")
+        set_("cov_ratio", r)
+        lb, ub = _finite("cov_lb", self.cov_lb), _finite("cov_ub", self.cov_ub)
+        if not lb < ub:
+            raise ValueError(f"cov_lb must be < cov_ub (clip_cov's covariance window), got {lb} and {ub}")
+        set_("cov_lb", lb)
+        set_("cov_ub", ub)
+        set_("kl_cov_coef", _finite("kl_cov_coef", self.kl_cov_coef))
         for name in ("sapo_tau_pos", "sapo_tau_neg"):
             v = _finite(name, getattr(self, name))
             if not v > 0:
@@ -106,6 +134,9 @@ class LossOptions:
                 raise ValueError(f"entropy_quantile must be in (0, 1] (the fraction of tokens kept), got {q}")
             if self.policy_loss == "gmpo":
                 raise ValueError("entropy_quantile is not defined for policy_loss='gmpo' (a per-sequence ratio)")
+            if self.policy_loss in COV_LOSSES:
+                raise ValueError(f"entropy_quantile is not defined for policy_loss={self.policy_loss!r} (it selects "
+                                 f"its own tokens)")
             set_("entropy_quantile", q)
         set_("kl_coef", _finite("kl_coef", self.kl_coef))
         set_("entropy_coef", _finite("entropy_coef", self.entropy_coef))
@@ -131,6 +162,18 @@ class LossOptions:
     def sequence_level(self) -> bool:
         """True when the per-token term needs a per-sequence reduction first (gspo, gspo_token, gmpo)."""
         return self.loss == "policy" and self.policy_loss in ("gspo", "gspo_token", "gmpo")
+
+    @property
+    def cov_select(self) -> bool:
+        """True for clip_cov / kl_cov: the policy term needs a batch-global token selection first
+        (fastppo.losses.cov_selection)."""
+        return self.loss == "policy" and self.policy_loss in COV_LOSSES
+
+    @property
+    def token_local(self) -> bool:
+        """True when each token's loss coefficients depend only on that token and the aggregation weights
+        (no sequence-level ratio, no batch-global selection: entropy_quantile, clip_cov, kl_cov)."""
+        return not self.sequence_level and not self.cov_select and self.entropy_quantile is None
 
 
 

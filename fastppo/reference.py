@@ -8,6 +8,8 @@ dtype of b bytes (fp32 = 4). They are what the fused kernels avoid.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .modes import AGG_MODES, KL_KINDS, POLICY_LOSSES  # noqa: F401  (AGG_MODES, KL_KINDS re-exported)
@@ -140,9 +142,35 @@ def _seq_mean(x, m, den):
     return _keep(x, m).sum(-1) / den
 
 
+def _cov_selection(logp, old, adv, m, policy_loss, clip_low, clip_high, cov_ratio, cov_lb, cov_ub):
+    """verl 0.9.1's clip_cov / kl_cov token selection, as its code writes it (nonzero + torch.randperm on the
+    default CPU generator; torch.topk), on [B, T] float64 values (mask-0 positions already zeroed)."""
+    sel = torch.zeros_like(m, dtype=torch.bool)
+    valid = m > 0
+    if policy_loss == "kl_cov":
+        a, x = adv[valid], logp[valid]
+        if a.numel():
+            cov = (a - a.mean()) * (x - x.mean())
+            top = torch.topk(cov, max(1, int(cov.numel() * cov_ratio)), largest=True).indices
+            sel.view(-1)[torch.nonzero(valid.reshape(-1), as_tuple=True)[0][top]] = True
+        return sel
+    n = m.sum()
+    cov = (adv - (adv * m).sum() / (n + 1e-8)) * (logp - (logp * m).sum() / (n + 1e-8))
+    ratio = torch.exp(logp - old)
+    by_clip = (-adv * ratio.clamp(1 - clip_low, 1 + clip_high) > -adv * ratio) & valid
+    cov[~valid] = -math.inf
+    cov[by_clip] = -math.inf
+    idx = torch.nonzero((cov < cov_ub) & (cov > cov_lb) & valid)
+    if len(idx):
+        idx = idx[torch.randperm(len(idx))[: min(max(int(cov_ratio * n.item()), 1), len(idx))]]
+        sel[idx[:, 0], idx[:, 1]] = True
+    return sel
+
+
 def policy_loss_matrix(logprobs, old_logprobs, advantages, mask, *, policy_loss="ppo", clip_low=0.2,
                        clip_high=None, dual_clip=None, ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
-                       rollout_is_weights=None):
+                       rollout_is_weights=None, dro_beta=None, cov_ratio=0.0002, cov_lb=1.0, cov_ub=5.0,
+                       kl_cov_coef=0.1):
     """Per-token policy loss L [B, T] of each variant (fastppo.losses docstring) and its per-token
     (clipped, lower, ratio) for the stats. Follows verl 0.9's compute_policy_loss_<name>: vanilla
     (ppo; ratio_max is TRL's two-sided `delta`), gspo (our gspo_token), cispo, sapo, geo_mean (gmpo),
@@ -206,6 +234,32 @@ def policy_loss_matrix(logprobs, old_logprobs, advantages, mask, *, policy_loss=
     elif policy_loss == "gpg":
         loss = -logp * adv
         clipped = zeros.bool()
+    elif policy_loss in ("dppo_tv", "dppo_kl"):   # verl compute_policy_loss_dppo_tv / _kl, arXiv 2602.04879
+        w = (ratio if ratio_max is None else ratio.clamp(max=ratio_max)).detach()
+        p, q = torch.exp(logp), torch.exp(_keep(_f(old_logprobs), m))
+        if policy_loss == "dppo_tv":
+            v_pos, v_neg = (p - q) <= clip_high, (p - q) >= -clip_low
+        else:
+            o = _keep(_f(old_logprobs), m)
+            bkl = q * (o - logp) + (1 - q) * torch.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+            v_pos, v_neg = (bkl <= clip_high) | (p <= q), (bkl <= clip_low) | (p >= q)
+        valid = torch.where(adv > 0, v_pos, v_neg).detach()
+        loss = -adv * w * logp * valid.double()
+        clipped = ~valid
+        if ratio_max is not None:
+            lower = (ratio > ratio_max) & valid
+    elif policy_loss == "dro":   # verl compute_policy_loss_dro
+        loss = -(logp * adv - 0.5 * dro_beta * d.square())
+        clipped = zeros.bool()
+    elif policy_loss in ("clip_cov", "kl_cov"):   # verl compute_policy_loss_clip_cov / _kl_cov, arXiv 2505.22617
+        ratio = torch.exp(d)
+        sel = _cov_selection(logp.detach(), (logp - d).detach(), adv, m, policy_loss, clip_low, clip_high, cov_ratio,
+                             cov_lb, cov_ub)
+        if policy_loss == "kl_cov":
+            loss = torch.where(sel, -adv * ratio + kl_cov_coef * d.abs(), -adv * ratio)
+        else:
+            loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)) * (~sel).double()
+        clipped = sel
     else:
         raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
     if isw is not None and policy_loss != "gmpo":
@@ -216,14 +270,14 @@ def policy_loss_matrix(logprobs, old_logprobs, advantages, mask, *, policy_loss=
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None,
                     dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None, horizon=None,
                     policy_loss="ppo", ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
-                    rollout_is_weights=None, entropy_quantile=None, entropy=None):
+                    rollout_is_weights=None, entropy_quantile=None, entropy=None, **variant):
     """agg(L) of the policy-loss variant (policy_loss_matrix); entropy_quantile rho keeps the valid
     tokens with entropy >= the (1 - rho) quantile of the valid entropies (torch.quantile, TRL's
     get_high_entropy_mask). Returns (agg(L), stats)."""
     loss, clipped, lower, ratio, d = policy_loss_matrix(
         logprobs, old_logprobs, advantages, mask, policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
-        rollout_is_weights=rollout_is_weights)
+        rollout_is_weights=rollout_is_weights, **variant)
     m = _f(mask).reshape(loss.shape)
     keep = m
     if entropy_quantile is not None:
@@ -287,7 +341,7 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
 
 
 POLICY_KWARGS = ("policy_loss", "ratio_max", "sapo_tau_pos", "sapo_tau_neg", "rollout_is_weights",
-                 "entropy_quantile")
+                 "entropy_quantile", "dro_beta", "cov_ratio", "cov_lb", "cov_ub", "kl_cov_coef")
 
 
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,

@@ -204,3 +204,62 @@ def gmpo_log_ratio(logp, old, adv, clip_low, clip_high):
     grad = tl.where(pos | neg, tl.where(dead, 0.0, 1.0), 0.0)
     clipped = (d < -clip_low) | (d > clip_high)
     return val, grad, clipped, dead
+
+
+# ----------------------------------------------------------------------------- verl 0.9.1's further losses
+# POLICY ids 7 dppo_tv, 8 dppo_kl, 9 dro, 10 clip_cov, 11 kl_cov (fastppo.modes.POLICY_LOSSES).
+@triton.jit
+def dppo_terms(logp, old, adv, clip_low, clip_high, ratio_max, HAS_RMAX: tl.constexpr, BINARY_KL: tl.constexpr):
+    """DPPO-Binary-TV / -KL (arXiv 2602.04879; verl compute_policy_loss_dppo_tv / _kl): r = exp(clamp(d, -20,
+    20)), w = sg(min(r, ratio_max)), p = exp(logp), q = exp(old); valid for A > 0: p - q <= ch (TV) /
+    bkl <= ch or p <= q (KL); else p - q >= -cl (TV) / bkl <= cl or p >= q (KL), with bkl = q (old - logp)
+    + (1 - q) log((1 - q + 1e-8) / (1 - p + 1e-8)); L = -A w logp valid, dL/dlogp = -A w valid (a
+    multiply, as verl: NaN / inf stay). Returns (L, dL, ratio, clipped = not valid, lower = r > ratio_max
+    and valid)."""
+    ratio = tl.exp(clamp_nan(logp - old, -20.0, 20.0))
+    w = ratio
+    if HAS_RMAX:
+        w = min_nan(ratio, ratio_max)
+    p = tl.exp(logp)
+    q = tl.exp(old)
+    if BINARY_KL:
+        bkl = q * (old - logp) + (1.0 - q) * tl.log((1.0 - q + 1e-8) / (1.0 - p + 1e-8))
+        v_pos = (bkl <= clip_high) | (p <= q)
+        v_neg = (bkl <= clip_low) | (p >= q)
+    else:
+        v_pos = (p - q) <= clip_high
+        v_neg = (p - q) >= -clip_low
+    valid = tl.where(adv > 0, v_pos, v_neg)
+    vf = tl.where(valid, 1.0, 0.0)
+    lower = tl.zeros(valid.shape, tl.int1)
+    if HAS_RMAX:
+        lower = (ratio > ratio_max) & valid
+    return -adv * w * logp * vf, -adv * w * vf, ratio, ~valid, lower
+
+
+@triton.jit
+def dro_terms(logp, old, adv, beta):
+    """DRO (verl compute_policy_loss_dro): L = -(logp A - beta / 2 (logp - old)^2), dL/dlogp = -(A - beta d).
+    Returns (L, dL, ratio = exp(clamp(d, -20, 20)) for the stats)."""
+    d = logp - old
+    return -(logp * adv - 0.5 * beta * d * d), -(adv - beta * d), tl.exp(clamp_nan(d, -20.0, 20.0))
+
+
+@triton.jit
+def cov_terms(logp, old, adv, sel, clip_low, clip_high, kl_cov_coef, KL_COV: tl.constexpr):
+    """Clip-Cov / KL-Cov (arXiv 2505.22617; verl compute_policy_loss_clip_cov / _kl_cov), r = exp(d)
+    unclamped as verl, `sel` the batch-global selection (fastppo.losses.cov_selection).
+    clip_cov: L = max(-A r, -A clamp(r, 1 - cl, 1 + ch)) (1 - sel) (a multiply, as verl's `* corr`);
+    kl_cov:   L = -A r, + kl_cov_coef |d| where sel. Returns (L, dL/dlogp, ratio, clipped = sel)."""
+    d = logp - old
+    ratio = tl.exp(d)
+    if KL_COV:
+        loss = -adv * ratio + tl.where(sel, kl_cov_coef * tl.abs(d), 0.0)
+        dloss = -adv * ratio + tl.where(sel, kl_cov_coef * tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)), 0.0)
+    else:
+        corr = tl.where(sel, 0.0, 1.0)
+        l1 = -adv * ratio
+        l2 = -adv * clamp_nan(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        loss = max_nan(l1, l2) * corr
+        dloss = max_grad(l1, l2, -adv * ratio, -adv * ratio * clip_grad(ratio, 1.0 - clip_low, 1.0 + clip_high)) * corr
+    return loss, dloss, ratio, sel

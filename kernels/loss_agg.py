@@ -40,6 +40,9 @@ from ._terms import (
     cispo_terms,
     clamp_nan,
     clipped_ratio_terms,
+    cov_terms,
+    dppo_terms,
+    dro_terms,
     gmpo_log_ratio,
     kl_terms,
     max_nan,
@@ -65,9 +68,14 @@ from .loss_layout import (
     P_SEQ_GRAD,
     P_SUMMED,
     POLICY_CISPO,
+    POLICY_CLIP_COV,
+    POLICY_DPPO_KL,
+    POLICY_DPPO_TV,
+    POLICY_DRO,
     POLICY_GMPO,
     POLICY_GSPO,
     POLICY_GSPO_TOKEN,
+    POLICY_KL_COV,
     POLICY_PPO,
     POLICY_SAPO,
     RATIO_LOG_MAX,
@@ -105,14 +113,16 @@ from .loss_seq import _span, _tile, _tile_max, seq_grad, seq_tables
 def _policy_terms_kernel(
     # [B, T] (or packed [total]) inputs, the packed [B + 1] offsets
     logp_ptr, old_ptr, adv_ptr, ref_ptr, ent_ptr, isw_ptr, mask_ptr, cu_ptr,
+    # clip_cov / kl_cov: the batch-global token selection (bool, the mask's layout; fastppo.losses.cov_selection)
+    sel_ptr,
     # from launch 2 ([B, NCOL] SEQ_COLS) and the entropy threshold (0-d, entropy_quantile)
     seq_ptr, ent_thr_ptr,
     # outputs: [B, T] coefficients and KL (contiguous; packed [total]), [B * n_tiles, NCOL] partials (PART_COLS)
     coef_ptr, coef_ent_ptr, kl_ptr, part_ptr,
     T, n_tiles,
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_ref_b, s_ref_t, s_ent_b, s_ent_t,
-    s_isw_b, s_isw_t, s_m_b, s_m_t,
-    clip_low, clip_high, dual_clip, ratio_max, tau_pos, tau_neg, kl_coef, entropy_coef,
+    s_isw_b, s_isw_t, s_m_b, s_m_t, s_sel_b, s_sel_t,
+    clip_low, clip_high, dual_clip, ratio_max, tau_pos, tau_neg, kl_coef, entropy_coef, penalty,
     POLICY: tl.constexpr, KL_KIND: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr,
     HAS_DUAL: tl.constexpr, HAS_RMAX: tl.constexpr, HAS_ENT_MASK: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_T: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
@@ -170,6 +180,15 @@ def _policy_terms_kernel(
             dloss = tl.where(dead, 0.0, n_b * lb * g / (n_b + 1e-8))   # a select: clamped tokens stay 0 (NaN lb)
             clipped = clip_d & (a > 0)
             lower = clip_d & (a < 0)
+        elif POLICY == POLICY_DPPO_TV or POLICY == POLICY_DPPO_KL:  # noqa: SIM109  (constexpr ids)
+            loss, dloss, ratio, clipped, lower = dppo_terms(x, o, a, clip_low, clip_high, ratio_max, HAS_RMAX,
+                                                            POLICY == POLICY_DPPO_KL)
+        elif POLICY == POLICY_DRO:
+            loss, dloss, ratio = dro_terms(x, o, a, penalty)   # penalty: dro_beta
+            clipped = tl.zeros((BLOCK_T,), tl.int1)
+        elif POLICY == POLICY_CLIP_COV or POLICY == POLICY_KL_COV:  # noqa: SIM109  (constexpr ids)
+            sel = tl.load(sel_ptr + b * s_sel_b + pos * s_sel_t, mask=inb, other=0).to(tl.int1)
+            loss, dloss, ratio, clipped = cov_terms(x, o, a, sel, clip_low, clip_high, penalty, POLICY == POLICY_KL_COV)
         else:
             # POLICY_GPG: L = -A logp
             loss = -a * x
@@ -305,12 +324,13 @@ def _finish(part, total, n_parts, kl_coef, entropy_coef, acc, tl_acc, dev):
 
 
 def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_is_weights=None,
-                    ent_threshold=None, cu_seqlens=None) -> AggResult:
+                    ent_threshold=None, select=None, cu_seqlens=None) -> AggResult:
     """The policy objective of `opts` (a fastppo.options.LossOptions) on per-token log-probs.
     logp, old, mask: [B, T] (or [T]); adv [B, T] or [B]; ref, ent, rollout_is_weights [B, T] or None;
     ent_threshold: 0-d tensor (entropy_quantile), tokens with ent >= it are kept in the policy term.
     With cu_seqlens ([S + 1] offsets) the per-token tensors are packed [total] (adv [total] or [S]) and
-    coef / coef_ent / kl come back [1, total]."""
+    coef / coef_ent / kl come back [1, total]. select: clip_cov / kl_cov's bool token selection (the
+    mask's layout)."""
     grid = grid_of(mask, cu_seqlens, cfg.AGG_BLOCK_T)
     B, T, n_tiles, cu = grid
     acc, tl_acc = acc_dtype(logp.dtype)
@@ -328,14 +348,17 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
                   grid=(B, n_tiles))
     wrap_triton(_policy_terms_kernel)[(B, n_tiles)](
         logp, old, adv, ref if ref is not None else logp, ent if has_ent else logp, isw if isw is not None else logp,
-        mask, cu if grid.packed else mask, seq, ent_threshold if ent_mask else seq,
+        mask, cu if grid.packed else mask, select if select is not None else mask, seq,
+        ent_threshold if ent_mask else seq,
         coef, coef_ent if has_ent else coef, kl if kl is not None else coef, part,
         T, n_tiles,
         *grid.strides(logp), *grid.strides(old), *grid.strides(adv),
         *(grid.strides(ref) if ref is not None else (0, 0)), *(grid.strides(ent) if has_ent else (0, 0)),
         *(grid.strides(isw) if isw is not None else (0, 0)), *grid.strides(mask),
+        *(grid.strides(select) if select is not None else (0, 0)),
         float(opts.clip_low), float(opts.clip_high), float(opts.dual_clip or 0.0), float(opts.ratio_max or 0.0),
         float(opts.sapo_tau_pos), float(opts.sapo_tau_neg), float(opts.kl_coef), float(opts.entropy_coef),
+        float(opts.dro_beta if opts.policy_loss == "dro" else opts.kl_cov_coef),
         POLICY=policy, KL_KIND=KL_KIND_IDS[opts.kl_kind] if ref is not None else KL_NONE.value, HAS_ENT=has_ent,
         HAS_ISW=isw is not None, HAS_DUAL=opts.dual_clip is not None, HAS_RMAX=opts.ratio_max is not None,
         HAS_ENT_MASK=ent_mask, PACKED=grid.packed, BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl_acc,
@@ -372,18 +395,21 @@ def aot_specs(AOTSpec, sig):
     """The aggregation kernels as launched on a GPU (fp32 per-token inputs, bool mask)."""
     ce_common = dict(BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl.float32)
     f32 = {n: "fp32" for n in ("clip_low", "clip_high", "dual_clip", "ratio_max", "tau_pos", "tau_neg", "kl_coef",
-                               "entropy_coef", "clip")}
+                               "entropy_coef", "penalty", "clip")}
 
     def ptrs(fn):
         out = {n: "*fp32" for n in fn.arg_names if n.endswith("_ptr")}
         out["mask_ptr"] = "*i1"
+        if "sel_ptr" in out:
+            out["sel_ptr"] = "*i1"
         out["cu_ptr"] = "*i64"
         return out
 
     specs = []
     for name, policy in POLICY_LOSS_IDS.items():
         ce = dict(ce_common, POLICY=policy, KL_KIND=5, HAS_ENT=True, HAS_ISW=True, HAS_DUAL=name == "ppo",
-                  HAS_RMAX=name == "ppo", HAS_ENT_MASK=name != "gmpo", PACKED=name != "ppo")
+                  HAS_RMAX=name in ("ppo", "dppo_tv", "dppo_kl"),
+                  HAS_ENT_MASK=name not in ("gmpo", "clip_cov", "kl_cov"), PACKED=name != "ppo")
         specs.append(AOTSpec(f"loss_agg[{name}]", _policy_terms_kernel,
                              sig(_policy_terms_kernel, {**ptrs(_policy_terms_kernel), **f32}, ce), ce, (), False,
                              cfg.AGG_NUM_WARPS))
