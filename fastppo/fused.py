@@ -142,8 +142,9 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
 
     logits [B, T, V] (or [T, V]), labels/old_logprobs/mask [B, T], advantages [B, T] or [B];
     policy_loss and its options as in ppo_policy_loss (variants, ratio_max, sapo temperatures,
-    rollout_is_weights, entropy_quantile, dro_beta, the cov_ options), KL kinds as in kl_penalty. Entropy is computed only when
-    entropy_coef != 0, return_entropy or entropy_quantile. `inplace=True` writes dlogits into the
+    rollout_is_weights, entropy_quantile, dro_beta, the cov_ options), KL kinds as in kl_penalty.
+    Entropy is computed only when entropy_coef != 0, return_entropy or entropy_quantile. `inplace=True` writes
+    dlogits into the
     logits' storage during backward (saves one [B, T, V] buffer; the logits are garbage afterwards,
     and storage that elements share is refused). Logits are transformed as in token_logprobs:
     z' = softcap(logit_scale * z) / temperature. Rows where mask is 0 (or the label is ignore_index) are

@@ -339,7 +339,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     """Policy-gradient loss `policy_loss` (ppo, gspo, gspo_token, cispo, sapo, gmpo, gpg, dppo_tv, dppo_kl,
     dro, clip_cov, kl_cov; formulas in this module's docstring), aggregated. dro_beta: dro's penalty
     (required there); cov_ratio, cov_lb, cov_ub, kl_cov_coef: clip_cov / kl_cov's selection (cov_selection)
-    and penalty, verl's defaults; ratio_max also truncates dppo's IS weight. For ppo, per token with ratio = exp(clamp(logp - old, -20, 20)):
+    and penalty, verl's defaults; ratio_max also truncates dppo's IS weight.
+    For ppo, per token with ratio = exp(clamp(logp - old, -20, 20)):
         L = max(-A min(ratio, ratio_max), -A clamp(ratio, 1 - clip_low, 1 + clip_high))
     and with dual_clip c > 1, where A < 0: L = min(L, -c A).
     logprobs, old_logprobs, mask: [B, T] (or [T]); advantages [B, T] or per sequence [B];

@@ -84,8 +84,8 @@ def _verl_more(kind, x, o, a, opts, sel):
     ratio = torch.exp(d)   # clip_cov / kl_cov: unclamped, as verl
     if kind == "kl_cov":
         c = opts.kl_cov_coef
-        return (-a * ratio + torch.where(sel, c * d.abs(), zero), -a * ratio + torch.where(sel, c * torch.sign(d), zero),
-                ratio, sel, lower)
+        loss = -a * ratio + torch.where(sel, c * d.abs(), zero)
+        return loss, -a * ratio + torch.where(sel, c * torch.sign(d), zero), ratio, sel, lower
     corr = torch.where(sel, zero, torch.ones_like(x))
     l1, l2 = -a * ratio, -a * ratio.clamp(1 - cl, 1 + ch)
     dloss = _max_grad(l1, l2, -a * ratio, -a * ratio * clamp_grad(ratio, 1 - cl, 1 + ch))
