@@ -41,8 +41,8 @@ def _agg_weights(mask, cu, opts: LossOptions, acc, backend):
     """Per-token aggregation weights m_t w_b of the loss's `agg` mode, read from the per-token loss function
     itself: with entropy_coef = 1 and zero entropy its entropy coefficient is exactly -m_t w_b."""
     zeros = torch.zeros(mask.shape, dtype=acc, device=mask.device)
-    unit = opts.replace(policy_loss="ppo", dual_clip=None, ratio_max=None, entropy_quantile=None, kl_coef=0.0,
-                        entropy_coef=1.0)
+    unit = opts.replace(policy_loss="ppo", dual_clip=None, ratio_max=None, entropy_quantile=None, dro_beta=None,
+                        kl_coef=0.0, entropy_coef=1.0)
     coef_ent = loss_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, opts=unit, backend=backend,
                                         cu_seqlens=cu).coef_ent
     assert coef_ent is not None   # entropy given: the entropy coefficient exists

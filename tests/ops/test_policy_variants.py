@@ -22,7 +22,15 @@ VARIANT_KW = {
     "sapo": dict(sapo_tau_pos=1.0, sapo_tau_neg=1.05),
     "gmpo": dict(clip_low=0.1, clip_high=0.15),
     "gpg": {},
+    "dppo_tv": dict(clip_low=0.1, clip_high=0.02, ratio_max=1.2),
+    "dppo_kl": dict(clip_low=0.01, clip_high=0.005, ratio_max=1.2),
+    "dro": dict(dro_beta=0.7),
+    # cov_ratio 1: every candidate is selected (verl's random draw only picks among more than k of them;
+    # test_clip_cov_random_draw_is_verls covers that)
+    "clip_cov": dict(clip_low=0.1, clip_high=0.2, cov_ratio=1.0, cov_lb=-0.3, cov_ub=0.3),
+    "kl_cov": dict(cov_ratio=0.3, kl_cov_coef=0.4),
 }
+COV = ("clip_cov", "kl_cov")   # a batch-global selection: micro-batches do not add up
 
 
 def _inputs(dtype=torch.float32, seed=0, per_seq_adv=False, b=B, t=T):
@@ -75,7 +83,7 @@ def test_variants_differ_from_each_other_and_clip():
     for v in POLICY_LOSSES:
         others = [o for o in POLICY_LOSSES if o != v and {o, v} != {"gspo", "gspo_token"}]
         assert all(abs(out[v][0].item() - out[o][0].item()) > 1e-6 for o in others), v
-        if v in ("ppo", "gspo", "gspo_token", "cispo", "gmpo"):
+        if v in ("ppo", "gspo", "gspo_token", "cispo", "gmpo", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov"):
             assert 0 < out[v][1]["clipfrac"] < 1, (v, out[v][1])
 
 
@@ -143,7 +151,8 @@ def test_bf16_inputs(variant):
     torch.testing.assert_close(x.grad.double(), xr.grad.to(torch.bfloat16).double(), rtol=1e-2, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant,agg", list(itertools.product(POLICY_LOSSES, AGG_MODES)))
+@pytest.mark.parametrize("variant,agg", list(itertools.product([v for v in POLICY_LOSSES if v not in COV],
+                                                               AGG_MODES)))
 def test_microbatches_add_up_exactly(variant, agg):
     logp, old, adv, isw, _, mask = _inputs(b=5)
     counts = dict(num_tokens=int(mask.sum()), num_seqs=int((mask.sum(-1) > 0).sum()), horizon=T)
@@ -159,7 +168,7 @@ def test_microbatches_add_up_exactly(variant, agg):
     torch.testing.assert_close(xm.grad, x.grad, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("variant", [v for v in POLICY_LOSSES if v != "gmpo"])
+@pytest.mark.parametrize("variant", [v for v in POLICY_LOSSES if v not in ("gmpo",) + COV])
 @pytest.mark.parametrize("quantile", [0.2, 0.6, 1.0])
 def test_entropy_quantile(variant, quantile):
     logp, old, adv, _, ent, mask = _inputs()
