@@ -193,15 +193,24 @@ def _serve_value_loss(a):
     return (loss * scale if scale != 1 else loss), stats["vf_clipfrac"]
 
 
-# verl registry name -> (fastppo policy_loss, verl's config assertion, ppo_kl metric clamped to [-20, 20],
-# clipfrac_lower reported by fastppo (else verl's 0.0), metrics returned)
+# verl registry name -> (fastppo policy_loss, verl's config assertion, verl's ppo_kl metric: masked mean of
+# -(logp - old) clamped to [-20, 20] ("clamp"), unclamped ("raw") or of |logp - old| ("abs"), clipfrac_lower
+# reported by fastppo (else verl's 0.0), the metric keys verl returns)
+_KEYS3 = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower")
 _POLICY_LOSSES = {
-    "vanilla": ("ppo", "not_algo", True, True, True),
-    "gspo": ("gspo_token", "actor", False, False, True),
-    "sapo": ("sapo", "actor", True, False, True),
-    "gpg": ("gpg", None, True, False, False),
-    "geo_mean": ("gmpo", "not_algo", False, True, True),
-    "cispo": ("cispo", "actor", True, False, True),
+    "vanilla": ("ppo", "not_algo", "clamp", True, _KEYS3),
+    "gspo": ("gspo_token", "actor", "raw", False, _KEYS3),
+    "sapo": ("sapo", "actor", "clamp", False, _KEYS3),
+    "gpg": ("gpg", None, "clamp", False, ()),
+    "geo_mean": ("gmpo", "not_algo", "raw", True, _KEYS3),
+    "cispo": ("cispo", "actor", "clamp", False, _KEYS3),
+    "dppo_tv": ("dppo_tv", "not_algo", "clamp", True, _KEYS3),
+    "dppo_kl": ("dppo_kl", "not_algo", "clamp", True, _KEYS3),
+    "dro": ("dro", "policy_cfg", "raw", False, ("actor/ppo_kl",)),
+    "clip_cov": ("clip_cov", "policy_cfg", "raw", False, ("actor/pg_clipfrac", "actor/ppo_kl")),
+    "kl_cov": ("kl_cov", "policy_cfg", "abs", False, ("actor/ppo_kl",)),
+    # not registered: REINFORCE, which verl's bypass_mode calls (log-prob args: rollout_log_prob, log_prob)
+    "reinforce": ("gpg", None, "raw", False, ("actor/ppo_kl",)),
 }
 
 
@@ -213,11 +222,12 @@ def _config_ok(cfg, rule):
         from verl.workers.config import ActorConfig
 
         return isinstance(cfg, ActorConfig)
-    if rule == "not_algo":
+    if rule in ("not_algo", "policy_cfg"):
         from verl.trainer.config import AlgoConfig
 
-        return not isinstance(cfg, AlgoConfig)
-    return True
+        if isinstance(cfg, AlgoConfig):
+            return False
+    return rule != "policy_cfg" or getattr(cfg, "policy_loss", None) is not None
 
 
 def _clip_range(cfg):
@@ -231,7 +241,7 @@ def _loss_dtype(name, a, agg):
     """The dtype verl's arithmetic gives the loss: its loss matrix's promoted dtype, then agg_loss's
     promotions (the seq-mean modes and geo_mean's means divide by float32 counts; token-mean /
     token-sum multiply by the mask, which promotes with a floating mask)."""
-    ts = [a["log_prob"], a["advantages"]] + ([] if name == "gpg" else [a["old_log_prob"]])
+    ts = [a["log_prob"], a["advantages"]] + ([] if name in ("gpg", "reinforce") else [a["old_log_prob"]])
     if a["rollout_is_weights"] is not None:
         ts.append(a["rollout_is_weights"])
     dtype = ts[0].dtype
@@ -243,6 +253,10 @@ def _loss_dtype(name, a, agg):
     return torch.promote_types(dtype, m.dtype) if m.is_floating_point() else dtype
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def _policy_kwargs(name, a):
     """ppo_policy_loss keywords reproducing verl's compute_policy_loss_<name>, or None where verl's
     semantics cannot be reproduced (the call is then delegated to verl)."""
@@ -250,6 +264,7 @@ def _policy_kwargs(name, a):
     cfg, logp, adv, isw = a["config"], a["log_prob"], a["advantages"], a["rollout_is_weights"]
     if not _config_ok(cfg, rule) or logp.dim() != 2:
         return None
+    pl = cfg.policy_loss if rule == "policy_cfg" else None
     if isw is not None and isw.requires_grad:
         return None   # verl back-propagates into the weights; fastppo treats them as constants
     kw = {"policy_loss": kind}
@@ -265,8 +280,17 @@ def _policy_kwargs(name, a):
         if counts is None:
             return None
         kw.update(agg=mode, **counts)
-    if name != "gpg":
+    if name not in ("gpg", "reinforce", "dro", "kl_cov"):
         kw["clip_low"], kw["clip_high"] = _clip_range(cfg)
+    if name in ("dppo_tv", "dppo_kl"):   # verl's TIS cap of the stop-gradient ratio
+        kw["ratio_max"] = cfg.get("clip_ratio_c", 20.0)
+    if name == "dro":
+        kw["dro_beta"] = pl.dro_beta   # None or <= 0: verl raises its ValueError
+    if name == "clip_cov":   # verl's fallbacks for None
+        kw.update(cov_ratio=_or(pl.clip_cov_ratio, 0.0002), cov_lb=_or(pl.clip_cov_lb, 1.0),
+                  cov_ub=_or(pl.clip_cov_ub, 5.0))
+    if name == "kl_cov":
+        kw.update(cov_ratio=_or(pl.kl_cov_ratio, 0.0002), kl_cov_coef=_or(pl.ppo_kl_coef, 1.0))
     if name == "vanilla":
         kw["dual_clip"] = cfg.get("clip_ratio_c", 3.0)
         if not kw["dual_clip"] > 1.0:
@@ -281,31 +305,74 @@ def _policy_kwargs(name, a):
     return kw
 
 
+def _ppo_kl(kind, logp, old, m):
+    """verl's actor/ppo_kl metric: the masked mean (verl's masked_mean) of -(logp - old), clamped to
+    [-20, 20] ("clamp") or not ("raw"), or of |logp - old| ("abs")."""
+    neg_kl = fastppo.kl_penalty(old.detach(), logp.detach(), kind="k1")
+    if kind == "clamp":
+        neg_kl = neg_kl.clamp(-20, 20)
+    elif kind == "abs":
+        neg_kl = neg_kl.abs()
+    return float(_tf().masked_mean(neg_kl, m))
+
+
+def _serve_policy(name, a):
+    """fastppo's computation of verl's compute_policy_loss_<name> on the bound arguments `a`, or
+    NotImplemented (then verl computes it)."""
+    _, _, kl_mode, has_lower, keys = _POLICY_LOSSES[name]
+    kw = _policy_kwargs(name, a)
+    if kw is None:
+        return NotImplemented
+    scale = kw.pop("dp_scale", 1)
+    old = a["rollout_log_prob"] if name == "reinforce" else a["old_log_prob"]
+    logp, adv, m = a["log_prob"], a["advantages"], a["response_mask"]
+    loss, stats = fastppo.ppo_policy_loss(logp, old, adv, m, rollout_is_weights=a["rollout_is_weights"], **kw)
+    loss = loss.to(_loss_dtype(name, a, kw["agg"]))
+    if scale != 1:   # verl's token-sum: the local masked sum times dp_size
+        loss = loss * scale
+    values = {"actor/pg_clipfrac": 0.0 if name == "sapo" else float(stats["clipfrac"]),
+              "actor/pg_clipfrac_lower": float(stats["clipfrac_lower"]) if has_lower else 0.0}
+    if keys:
+        values["actor/ppo_kl"] = _ppo_kl(kl_mode, logp, old, m)
+    return loss, {k: values[k] for k in keys}
+
+
 def _policy_loss(name):
     """The replacement of verl's registry entry `name` (compute_policy_loss_<name>)."""
-    _, _, kl_clamped, has_lower, has_metrics = _POLICY_LOSSES[name]
+    return lambda a: _serve_policy(name, a)
 
-    def serve(a):
-        kw = _policy_kwargs(name, a)
-        if kw is None:
-            return NotImplemented
-        scale = kw.pop("dp_scale", 1)
-        logp, old, adv, m = a["log_prob"], a["old_log_prob"], a["advantages"], a["response_mask"]
-        loss, stats = fastppo.ppo_policy_loss(logp, old, adv, m, rollout_is_weights=a["rollout_is_weights"], **kw)
-        loss = loss.to(_loss_dtype(name, a, kw["agg"]))
-        if scale != 1:   # verl's token-sum: the local masked sum times dp_size
-            loss = loss * scale
-        if not has_metrics:
-            return loss, {}
-        # verl's ppo_kl metric: masked mean of -(logp - old) (clamped to [-20, 20] where verl clamps it)
-        neg_kl = fastppo.kl_penalty(old.detach(), logp.detach(), kind="k1")
-        if kl_clamped:
-            neg_kl = neg_kl.clamp(-20, 20)
-        ppo_kl = _tf().masked_mean(neg_kl, m)
-        clipfrac = 0.0 if name == "sapo" else float(stats["clipfrac"])
-        lower = float(stats["clipfrac_lower"]) if has_lower else 0.0
-        return loss, {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": float(ppo_kl), "actor/pg_clipfrac_lower": lower}
-    return serve
+
+def _serve_bypass(a):
+    """verl's compute_policy_loss_bypass_mode: the rollout-correction IS weights and rejection mask from
+    verl's rollout_corr_helper (as verl calls it, under no_grad: current policy vs old = rollout), then
+    REINFORCE with those weights on the rejection mask, or PPO-clip (vanilla) on it without them, both
+    fastppo's; verl's metrics merged. A config verl rejects, or a dispatched loss fastppo does not serve,
+    is verl's."""
+    cfg = a["config"]
+    rc = cfg.policy_loss.get("rollout_correction", None) if cfg is not None and hasattr(cfg, "policy_loss") else None
+    loss_type = None if rc is None else rc.get("loss_type", "ppo_clip")
+    if loss_type not in ("reinforce", "ppo_clip"):
+        return NotImplemented
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    logp, rollout = a["log_prob"], a["old_log_prob"]
+    with torch.no_grad():
+        isw_proto, mask, metrics = compute_rollout_correction_and_rejection_mask(
+            old_log_prob=logp, rollout_log_prob=rollout, response_mask=a["response_mask"],
+            rollout_is=rc.get("rollout_is", None), rollout_is_threshold=rc.get("rollout_is_threshold", 2.0),
+            rollout_is_batch_normalize=rc.get("rollout_is_batch_normalize", False),
+            rollout_rs=rc.get("rollout_rs", None), rollout_rs_threshold=rc.get("rollout_rs_threshold", None))
+    isw = isw_proto.batch["rollout_is_weights"] if isw_proto else None
+    inner = dict(a, response_mask=mask)
+    if loss_type == "reinforce":
+        out = _serve_policy("reinforce", dict(inner, rollout_log_prob=rollout, rollout_is_weights=isw))
+    else:
+        out = _serve_policy("vanilla", dict(inner, rollout_is_weights=None))
+    if out is NotImplemented:
+        return NotImplemented
+    loss, pg_metrics = out
+    pg_metrics.update(metrics)
+    return loss, pg_metrics
 
 
 def _fused_linear_class(original, stats):
@@ -350,6 +417,8 @@ def entry_points() -> list[EntryPoint]:
     for name in _POLICY_LOSSES:
         table.append((f"policy_loss_{name}", ca, f"compute_policy_loss_{name}",
                       _function(f"policy_loss_{name}", _policy_loss(name))))
+    table.append(("policy_loss_bypass_mode", ca, "compute_policy_loss_bypass_mode",
+                  _function("policy_loss_bypass_mode", _serve_bypass)))
     import verl.utils.experimental.torch_functional as xtf  # models import the class from here at call time
 
     eps = [EntryPoint(name, (lambda h=h, attr=attr: (h, attr)), build, regs) for name, h, attr, build in table]
