@@ -78,9 +78,11 @@ def _cases(device, dtype):
 
     def policy(variant):
         def run():
-            loss, grad = _grad(lambda x: fastppo.ppo_policy_loss(x, old, adv, mask, policy_loss=variant)[0], logp)
-            rloss, rgrad = _grad(lambda x: ref.ppo_policy_loss(x, d(old), d(adv), mask, policy_loss=variant)[0],
-                                 d(logp))
+            kw = {"dro_beta": 0.5} if variant == "dro" else {}   # dro's penalty has no default (verl's neither)
+            loss, grad = _grad(lambda x: fastppo.ppo_policy_loss(x, old, adv, mask, policy_loss=variant, **kw)[0],
+                               logp)
+            rloss, rgrad = _grad(lambda x: ref.ppo_policy_loss(x, d(old), d(adv), mask, policy_loss=variant,
+                                                               **kw)[0], d(logp))
             return max(_max_err(loss, rloss), _max_err(grad, rgrad))
         return run
 
