@@ -13,6 +13,10 @@
 |   "gspo"                                                                 | `ppo_policy_loss("gspo_token")` |
 |   "sapo" (tau_pos / tau_neg), "gpg", "cispo"                             | `ppo_policy_loss(same name)` |
 |   "geo_mean"                                                             | `ppo_policy_loss("gmpo")`  |
+|   "dppo_tv", "dppo_kl" (ratio_max = clip_ratio_c), "dro", "clip_cov",    | `ppo_policy_loss(same name)` |
+|   "kl_cov"                                                               |                            |
+|   "bypass_mode": verl's rollout-correction weights and rejection mask,   | `ppo_policy_loss("gpg")`   |
+|   then "reinforce" (with the weights) or "ppo_clip"                      | / `ppo_policy_loss("ppo")` |
 | `verl.utils.experimental.torch_functional.FusedLinearForPPO` (subclass)  | `linear_logprobs`          |
 | rollout_corr_helper's compute functions, `entropy_from_logits_with_chunking` | see `verl_rollout.py`  |
 
@@ -42,8 +46,16 @@ Delegated to verl (counted in `handle.stats.delegated`): kl "full"; dp_size > 1 
 counts (verl raises); a config verl's own assertion rejects (it raises); rollout_is_weights that
 require grad (verl back-propagates into them, fastppo treats them as constants); options fastppo
 rejects (clip_ratio_low outside [0, 1], clip_ratio_c <= 1, taus <= 0); geo_mean on non-2-D inputs.
-Registry losses fastppo has no variant for stay verl's and are not patched: dppo_tv, dppo_kl,
-clip_cov, kl_cov, dro, bypass_mode. The entropy function is bound into the engine when it is
+Every registry loss of verl 0.9.1 is served. dppo_tv / dppo_kl truncate at clip_ratio_c (verl's
+config.get("clip_ratio_c", 20.0)); clip_cov / kl_cov / dro read config.policy_loss (clip_cov_ratio / lb /
+ub, kl_cov_ratio, ppo_kl_coef, dro_beta, with verl's fallbacks for None); clip_cov makes verl's random
+draw (torch.randperm on the default generator, the same candidates in the same order: same tokens, same
+generator state after); kl_cov's top-k breaks ties by position (verl's topk leaves them unspecified);
+ppo_kl is unclamped for dro / clip_cov and the mean |d| for kl_cov, as verl; a dro config without
+dro_beta > 0 is delegated (verl raises). bypass_mode calls verl's compute_rollout_correction_and_rejection_mask
+(whatever serves it) under no_grad as verl does, then fastppo's REINFORCE (verl's
+compute_policy_loss_reinforce, also served: gpg with the IS weights, ppo_kl unclamped vs the rollout) or
+vanilla on the rejection mask, verl's metrics merged. The entropy function is bound into the engine when it is
 built: patch before building it. FusedLinearForPPO serves its "torch" and "liger" backends alike
 (log-probs float32, entropy in the logits' dtype, as verl's torch backend returns).
 """

@@ -78,11 +78,13 @@ def test_registry_losses_patched_vs_verl(name):
     isw = torch.rand_like(logp) * 2
     cases = _cases(m, isw)
     original = ca.get_policy_loss_fn(name)
-    want = [_run(original, old, logp, adv, mm, mode, _config(name, info, **_PL[name]), w) for mode, mm, w, info in cases]
+    want = [_run(original, old, logp, adv, mm, mode, _config(name, info, **_PL[name]), w)
+            for mode, mm, w, info in cases]
     with fi.patch("verl", ops=[f"policy_loss_{name}"]) as h:
         fn = ca.get_policy_loss_fn(name)
         assert fn.__fastppo_original__ is original
-        got = [_run(fn, old, logp, adv, mm, mode, _config(name, info, **_PL[name]), w) for mode, mm, w, info in cases]
+        got = [_run(fn, old, logp, adv, mm, mode, _config(name, info, **_PL[name]), w)
+               for mode, mm, w, info in cases]
         assert h.stats.served[f"policy_loss_{name}"] == len(cases) and not h.stats.delegated
     for a, b in zip(want, got):
         _same(a, b)
