@@ -135,6 +135,7 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                    cu_seqlens: torch.Tensor | None = None,
                    dro_beta: float | None = None, cov_ratio: float = 0.0002, cov_lb: float = 1.0,
                    cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
+                   kl_bias_correction: bool = False, off_policy_mask_threshold: float | None = None,
                    vocab_parallel: VocabParallel | None = None, kept: KeptSet | None = None) -> PPOLossOutput:
     """The whole policy objective from the logits in one pass:
 
@@ -142,7 +143,8 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
 
     logits [B, T, V] (or [T, V]), labels/old_logprobs/mask [B, T], advantages [B, T] or [B];
     policy_loss and its options as in ppo_policy_loss (variants, ratio_max, sapo temperatures,
-    rollout_is_weights, entropy_quantile, dro_beta, the cov_ options), KL kinds as in kl_penalty.
+    rollout_is_weights, entropy_quantile, dro_beta, the cov_ options), KL kinds as in kl_penalty;
+    kl_bias_correction: the KL term is KL_t exp(logp_t - old_t) (TRL's use_bias_correction_kl, token level).
     Entropy is computed only when entropy_coef != 0, return_entropy or entropy_quantile. `inplace=True` writes
     dlogits into the
     logits' storage during backward (saves one [B, T, V] buffer; the logits are garbage afterwards,
@@ -166,7 +168,8 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
                         entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon,
-                        dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef)
+                        dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef,
+                        kl_bias_correction=kl_bias_correction, off_policy_mask_threshold=off_policy_mask_threshold)
     if vocab_parallel is not None:
         return sharded_fused_ppo_loss(
             logits, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, ref_logprobs=ref_logprobs,

@@ -192,6 +192,7 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           chunk_bytes: int | None = None, cu_seqlens: torch.Tensor | None = None,
                           dro_beta: float | None = None, cov_ratio: float = 0.0002, cov_lb: float = 1.0,
                           cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
+                          kl_bias_correction: bool = False, off_policy_mask_threshold: float | None = None,
                           vocab_parallel: VocabParallel | None = None) -> PPOLossOutput:
     """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     without materialising the logits.
@@ -213,7 +214,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
                         entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon,
-                        dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef)
+                        dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef,
+                        kl_bias_correction=kl_bias_correction, off_policy_mask_threshold=off_policy_mask_threshold)
     if vocab_parallel is not None:
         return sharded_fused_linear_ppo_loss(
             hidden, weight, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, bias=bias,

@@ -30,8 +30,9 @@ aggregated by `agg`):
                                                                (Clip-Cov, arXiv 2505.22617; verl `clip_cov`)
     kl_cov      L = -A e^d + sel kl_cov_coef |d|, sel: cov_selection   (KL-Cov, same paper; verl `kl_cov`)
 entropy_quantile = rho keeps in the policy term only the valid tokens whose entropy is >= the
-(1 - rho) quantile of the valid tokens' entropies (TRL's top_entropy_quantile); the aggregation's
-counts stay those of the mask.
+(1 - rho) quantile of the valid tokens' entropies (TRL's top_entropy_quantile); off_policy_mask_threshold
+keeps only tokens with A >= 0 or a sequence mean (old - logp) <= it (off_policy_keep, TRL's off-policy
+sequence mask); the aggregation's counts stay those of the mask.
 Launches per call (Triton): 4 for every variant, 5 for gspo (kernels/loss_agg.py), whatever B and T;
 entropy_quantile adds torch's nanquantile (a sort) on the device, no host sync; clip_cov / kl_cov add
 cov_selection's torch ops (kl_cov: a sort on the device, no host sync; clip_cov: verl's random draw, which
@@ -52,7 +53,7 @@ from .kernels.loss_layout import STATS, AggResult
 from .library import acc_dtype, decode, define, encode
 from .modes import IS_LEVELS, IS_MODES
 from .options import LossOptions
-from .packed import check_cu_seqlens, check_packed, per_token
+from .packed import Segments, check_cu_seqlens, check_packed, per_token
 
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
 
@@ -137,7 +138,8 @@ def loss_options(*, policy_loss, clip_low, clip_high, dual_clip, ratio_max, sapo
 
 
 # the options of verl's further policy losses, keywords of ppo_policy_loss and the fused losses (LossOptions)
-VARIANT_OPTIONS = ("dro_beta", "cov_ratio", "cov_lb", "cov_ub", "kl_cov_coef")
+VARIANT_OPTIONS = ("dro_beta", "cov_ratio", "cov_lb", "cov_ub", "kl_cov_coef", "kl_bias_correction",
+                   "off_policy_mask_threshold")
 
 
 def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
@@ -207,6 +209,22 @@ def cov_selection(logp, old, adv, mask, opts: LossOptions, cu_seqlens=None) -> t
     return sel.reshape(mask.shape)
 
 
+def off_policy_keep(logp, old, adv, mask, threshold, cu_seqlens=None) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL 1.16 GRPOTrainer.get_off_policy_mask, its sampling
+    log-probs being old_logprobs): keep_t = [A_t >= 0] or [sum_b(m nan_to_num(old - logp)) / max(n_b, 1) <=
+    threshold], from detached values, on the device (bool, the mask's shape)."""
+    B, T = (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (1, mask.shape[0])
+    if cu_seqlens is not None:
+        B, T = cu_seqlens.shape[0] - 1, mask.shape[0]
+    seg = Segments(cu_seqlens, B, T, mask.device)
+    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    m = seg.per_token(mask, acc) != 0
+    kl = torch.nan_to_num(seg.per_token(old.detach(), acc) - seg.per_token(logp.detach(), acc), nan=0.0)
+    mean = seg.sum(torch.where(m, kl, torch.zeros_like(kl))) / seg.sum(m.to(acc)).clamp_min(1)
+    keep = (seg.per_token(adv.detach(), acc) >= 0) | (seg.spread(mean) <= threshold)
+    return keep.reshape(mask.shape)
+
+
 def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, backend: str, ref=None,
                              rollout_is_weights=None, ent_threshold=None, cu_seqlens=None) -> AggResult:
     """The per-token loss function of the fused losses: policy term of `opts.policy_loss` + kl_coef KL
@@ -223,9 +241,11 @@ def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, ba
     if ent_threshold is None and opts.entropy_quantile is not None:
         ent_threshold = entropy_threshold(ent, mask, opts.entropy_quantile)
     select = cov_selection(logp, old, adv, mask, opts, cu_seqlens) if opts.cov_select else None
+    thr = opts.off_policy_mask_threshold
+    keep = None if thr is None else off_policy_keep(logp, old, adv, mask, thr, cu_seqlens)
     return ops("loss_agg", backend).policy_loss_agg(logp, old, adv, mask, opts=opts, ref=ref, ent=ent,
                                                     rollout_is_weights=rollout_is_weights,
-                                                    ent_threshold=ent_threshold, select=select,
+                                                    ent_threshold=ent_threshold, select=select, keep=keep,
                                                     cu_seqlens=cu_seqlens)
 
 
@@ -335,11 +355,14 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
                     rollout_is_weights: torch.Tensor | None = None, entropy_quantile: float | None = None,
                     entropy: torch.Tensor | None = None, dro_beta: float | None = None, cov_ratio: float = 0.0002,
                     cov_lb: float = 1.0, cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
+                    off_policy_mask_threshold: float | None = None,
                     cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss `policy_loss` (ppo, gspo, gspo_token, cispo, sapo, gmpo, gpg, dppo_tv, dppo_kl,
     dro, clip_cov, kl_cov; formulas in this module's docstring), aggregated. dro_beta: dro's penalty
     (required there); cov_ratio, cov_lb, cov_ub, kl_cov_coef: clip_cov / kl_cov's selection (cov_selection)
-    and penalty, verl's defaults; ratio_max also truncates dppo's IS weight.
+    and penalty, verl's defaults; ratio_max also truncates dppo's IS weight. off_policy_mask_threshold:
+    the policy term keeps a token only where A >= 0 or its sequence's mean (old - logp) <= it (off_policy_keep;
+    TRL's off-policy sequence mask).
     For ppo, per token with ratio = exp(clamp(logp - old, -20, 20)):
         L = max(-A min(ratio, ratio_max), -A clamp(ratio, 1 - clip_low, 1 + clip_high))
     and with dual_clip c > 1, where A < 0: L = min(L, -c A).
@@ -359,7 +382,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
                               ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                               entropy_quantile=entropy_quantile, agg=agg, num_tokens=num_tokens,
                               num_seqs=num_seqs, horizon=horizon, dro_beta=dro_beta, cov_ratio=cov_ratio,
-                              cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef)
+                              cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef,
+                              off_policy_mask_threshold=off_policy_mask_threshold)
     check_float("logprobs", logprobs)
     check_policy_tensors("logprobs", logprobs.shape, old_logprobs, advantages, mask, opts,
                          rollout_is_weights=rollout_is_weights, entropy=entropy, cu_seqlens=cu_seqlens)

@@ -171,7 +171,7 @@ def _policy(x, o, a, m, n, opts, isw, seg, chosen=None):
 
 
 def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_is_weights=None,
-                    ent_threshold=None, select=None, cu_seqlens=None, segments=None) -> AggResult:
+                    ent_threshold=None, select=None, keep=None, cu_seqlens=None, segments=None) -> AggResult:
     """PyTorch twin of fastppo.kernels.loss_agg.policy_loss_agg (same arguments, same results). `segments`
     replaces the layout's Segments (fastppo.context_parallel passes one whose sums span ranks)."""
     seg = _segments(mask, cu_seqlens) if segments is None else segments
@@ -186,9 +186,12 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
     wt = seg.spread(w)
     chosen = None if select is None else seg.per_token(select, acc) != 0
     loss, dloss, dl_ds, ratio, clipped, lower, s, ds = _policy(x, o, a, m, n, opts, isw, seg, chosen)
-    keep = m
+    kept = m
     if ent_threshold is not None:
-        keep = m & (_bt(ent) >= ent_threshold.to(acc))
+        kept = m & (_bt(ent) >= ent_threshold.to(acc))
+    if keep is not None:   # off_policy_mask_threshold's kept tokens
+        kept = kept & (_bt(keep) != 0)
+    keep = kept
     pg = sel(keep, wt * loss).sum()
     coef = sel(keep, wt * dloss)
     if opts.policy_loss == "gspo":
@@ -198,8 +201,13 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
     kl_loss = kl_mean = torch.zeros((), dtype=acc, device=x.device)
     if ref is not None:
         kl, dkl = kl_terms(x, _bt(ref), opts.kl_kind)
-        kl_loss, kl_mean = sel(m, wt * kl).sum(), sel(m, kl).sum()
-        coef = coef + sel(m, wt * opts.kl_coef * dkl)
+        kl_mean = sel(m, kl).sum()
+        kl_term, dkl_term = kl, dkl
+        if opts.kl_bias_correction:   # the term KL r, r = exp(logp - old): d/dlogp = (dKL + KL) r
+            r_is = torch.exp(x - o)
+            kl_term, dkl_term = kl * r_is, (dkl + kl) * r_is
+        kl_loss = sel(m, wt * kl_term).sum()
+        coef = coef + sel(m, wt * opts.kl_coef * dkl_term)
     coef_ent = None
     ent_loss = ent_mean = torch.zeros((), dtype=acc, device=x.device)
     if ent is not None:

@@ -51,6 +51,11 @@ class LossOptions:
     required there), cov_ratio in (0, 1] (clip_cov / kl_cov: the fraction of valid tokens selected),
     cov_lb < cov_ub (clip_cov's covariance window), kl_cov_coef finite (kl_cov's |log-ratio| coefficient),
     entropy_quantile in (0, 1] (keep the top fraction of valid tokens by entropy in the policy term),
+    off_policy_mask_threshold: finite; the policy term keeps a token only where A >= 0 or its sequence's mean
+    of (old - logp) is <= it (DeepSeek-V3.2's off-policy sequence masking, TRL's get_off_policy_mask with
+    the sampling log-probs = old_logprobs). Not with gmpo (a per-sequence ratio).
+    kl_bias_correction: the fused losses' KL term is KL_t r_t, r_t = exp(logp_t - old_t), with its gradient
+    (TRL's use_bias_correction_kl at importance_sampling_level="token"); the reported `kl` stays KL_t.
     agg one of AGG_MODES, kl_kind one of KL_KINDS, kl_coef / entropy_coef finite, value_clip > 0 (inf: no
     clip, stored as None), num_tokens / num_seqs / horizon > 0 and finite (global counts for micro-batches).
     Every number goes through fastppo._validation.check_number: errors name the argument."""
@@ -72,6 +77,8 @@ class LossOptions:
     agg: str = "token-mean"
     kl_kind: str = "k3"
     kl_coef: float = 0.0
+    kl_bias_correction: bool = False
+    off_policy_mask_threshold: float | None = None
     entropy_coef: float = 0.0
     value_clip: float | None = None
     num_tokens: float | None = None
@@ -139,6 +146,13 @@ class LossOptions:
                                  f"its own tokens)")
             set_("entropy_quantile", q)
         set_("kl_coef", _finite("kl_coef", self.kl_coef))
+        if self.off_policy_mask_threshold is not None:
+            set_("off_policy_mask_threshold", _finite("off_policy_mask_threshold", self.off_policy_mask_threshold))
+            if self.policy_loss == "gmpo":
+                raise ValueError("off_policy_mask_threshold is not defined for policy_loss='gmpo' (a per-sequence "
+                                 "ratio)")
+        if not isinstance(self.kl_bias_correction, bool):
+            raise TypeError(f"kl_bias_correction must be a bool, got {type(self.kl_bias_correction).__name__}")
         set_("entropy_coef", _finite("entropy_coef", self.entropy_coef))
         clip = check_number("clip", self.value_clip, low=0.0, low_open=True, allow_none=True, allow_inf=True)
         set_("value_clip", None if clip == math.inf else clip)   # clip=inf: no clip (the same loss, exactly)
@@ -172,8 +186,10 @@ class LossOptions:
     @property
     def token_local(self) -> bool:
         """True when each token's loss coefficients depend only on that token and the aggregation weights
-        (no sequence-level ratio, no batch-global selection: entropy_quantile, clip_cov, kl_cov)."""
-        return not self.sequence_level and not self.cov_select and self.entropy_quantile is None
+        (no sequence-level ratio or mask, no batch-global selection: entropy_quantile, clip_cov, kl_cov,
+        off_policy_mask_threshold)."""
+        return (not self.sequence_level and not self.cov_select and self.entropy_quantile is None
+                and self.off_policy_mask_threshold is None)
 
 
 

@@ -270,7 +270,8 @@ def policy_loss_matrix(logprobs, old_logprobs, advantages, mask, *, policy_loss=
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None,
                     dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None, horizon=None,
                     policy_loss="ppo", ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
-                    rollout_is_weights=None, entropy_quantile=None, entropy=None, **variant):
+                    rollout_is_weights=None, entropy_quantile=None, entropy=None, off_policy_mask_threshold=None,
+                    **variant):
     """agg(L) of the policy-loss variant (policy_loss_matrix); entropy_quantile rho keeps the valid
     tokens with entropy >= the (1 - rho) quantile of the valid entropies (torch.quantile, TRL's
     get_high_entropy_mask). Returns (agg(L), stats)."""
@@ -288,6 +289,13 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
             keep = m * (h >= thr).to(m.dtype)
         else:
             keep = torch.zeros_like(m)
+    if off_policy_mask_threshold is not None:   # TRL 1.16 get_off_policy_mask (sampling log-probs = old)
+        lp2, old2, m2 = (z.reshape(loss.shape) for z in (_f(logprobs), _f(old_logprobs), m))
+        adv2 = _expand_advantages(advantages.reshape(loss.shape[0], -1) if advantages.dim() == 2 or
+                                  loss.shape[0] == 1 else advantages, lp2)
+        kl_div = torch.nan_to_num(old2 - lp2.detach(), nan=0.0)
+        avg = _keep(kl_div, m2).sum(1, keepdim=True) / m2.sum(1, keepdim=True).clamp(min=1.0)
+        keep = keep * ((adv2 >= 0) | (avg <= off_policy_mask_threshold)).to(m.dtype)
     total = aggregate(_keep(loss, keep), m, agg, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
     stats = {
         "clipfrac": _masked_mean(clipped.to(m.dtype), m).detach(),
@@ -341,7 +349,8 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
 
 
 POLICY_KWARGS = ("policy_loss", "ratio_max", "sapo_tau_pos", "sapo_tau_neg", "rollout_is_weights",
-                 "entropy_quantile", "dro_beta", "cov_ratio", "cov_lb", "cov_ub", "kl_cov_coef")
+                 "entropy_quantile", "dro_beta", "cov_ratio", "cov_lb", "cov_ub", "kl_cov_coef",
+                 "off_policy_mask_threshold")
 
 
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,
@@ -366,7 +375,10 @@ def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logpro
 
 def compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs, kl_coef, kl_kind,
                      entropy_coef, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon, **policy):
-    """The fused loss from per-token log-probs (and entropy): the unfused composition."""
+    """The fused loss from per-token log-probs (and entropy): the unfused composition. kl_bias_correction
+    (TRL's use_bias_correction_kl, token level): the KL term is KL exp(logp - old), differentiated through
+    both factors; the reported kl stays the plain estimator."""
+    bias_corrected = policy.pop("kl_bias_correction", False)
     unknown = set(policy) - set(POLICY_KWARGS)
     if unknown:
         raise TypeError(f"unknown policy options {sorted(unknown)}")
@@ -379,6 +391,8 @@ def compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs,
     if ref_logprobs is not None:
         kl = kl_penalty(logp.detach(), ref_logprobs, kl_kind)
         kl_kept = kl_penalty(_keep(_f(logp), m), _keep(_f(ref_logprobs), m), kl_kind)
+        if bias_corrected:
+            kl_kept = kl_kept * torch.exp(_keep(_f(logp), m) - _keep(_f(old_logprobs), m))
         loss = loss + kl_coef * aggregate(kl_kept, mask, agg, **counts)
         stats["kl"] = _masked_mean(kl, m).detach()
     if ent is not None:

@@ -113,19 +113,20 @@ from .loss_seq import _span, _tile, _tile_max, seq_grad, seq_tables
 def _policy_terms_kernel(
     # [B, T] (or packed [total]) inputs, the packed [B + 1] offsets
     logp_ptr, old_ptr, adv_ptr, ref_ptr, ent_ptr, isw_ptr, mask_ptr, cu_ptr,
-    # clip_cov / kl_cov: the batch-global token selection (bool, the mask's layout; fastppo.losses.cov_selection)
-    sel_ptr,
+    # clip_cov / kl_cov: the batch-global token selection; off_policy_mask_threshold: the tokens kept (bool, the
+    # mask's layout; fastppo.losses.cov_selection / off_policy_keep)
+    sel_ptr, keep_ptr,
     # from launch 2 ([B, NCOL] SEQ_COLS) and the entropy threshold (0-d, entropy_quantile)
     seq_ptr, ent_thr_ptr,
     # outputs: [B, T] coefficients and KL (contiguous; packed [total]), [B * n_tiles, NCOL] partials (PART_COLS)
     coef_ptr, coef_ent_ptr, kl_ptr, part_ptr,
     T, n_tiles,
     s_lp_b, s_lp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_ref_b, s_ref_t, s_ent_b, s_ent_t,
-    s_isw_b, s_isw_t, s_m_b, s_m_t, s_sel_b, s_sel_t,
+    s_isw_b, s_isw_t, s_m_b, s_m_t, s_sel_b, s_sel_t, s_keep_b, s_keep_t,
     clip_low, clip_high, dual_clip, ratio_max, tau_pos, tau_neg, kl_coef, entropy_coef, penalty,
     POLICY: tl.constexpr, KL_KIND: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr,
     HAS_DUAL: tl.constexpr, HAS_RMAX: tl.constexpr, HAS_ENT_MASK: tl.constexpr, PACKED: tl.constexpr,
-    BLOCK_T: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
+    KL_IS: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_T: tl.constexpr, NC: tl.constexpr, ACC: tl.constexpr,
 ):
     b, start, length, out_row = _span(cu_ptr, T, PACKED)
     j = tl.program_id(1).to(tl.int64)
@@ -204,6 +205,8 @@ def _policy_terms_kernel(
         if HAS_ENT_MASK:
             h_sel = tl.load(ent_ptr + b * s_ent_b + pos * s_ent_t, mask=inb, other=0.0).to(ACC)
             keep = m & (h_sel >= tl.load(ent_thr_ptr).to(ACC))
+        if HAS_KEEP:
+            keep = keep & (tl.load(keep_ptr + b * s_keep_b + pos * s_keep_t, mask=inb, other=0).to(tl.int1))
         pg_sum += tl.sum(tl.where(keep, w * loss, 0.0), 0)
         if POLICY == POLICY_GSPO:
             seq_grad_sum += tl.sum(tl.where(keep, w * dl_ds, 0.0), 0)
@@ -220,8 +223,12 @@ def _policy_terms_kernel(
             r = tl.load(ref_ptr + b * s_ref_b + pos * s_ref_t, mask=inb, other=0.0).to(ACC)
             kl, dkl = kl_terms(x, r, KL_KIND)
             tl.store(kl_ptr + flat, kl, mask=inb)
-            kl_loss += tl.sum(tl.where(m, w * kl, 0.0), 0)
             kl_sum += tl.sum(tl.where(m, kl, 0.0), 0)
+            if KL_IS:   # kl_bias_correction: the term KL r, r = exp(logp - old) (TRL's use_bias_correction_kl)
+                r_is = tl.exp(x - o)
+                dkl = (dkl + kl) * r_is
+                kl = kl * r_is
+            kl_loss += tl.sum(tl.where(m, w * kl, 0.0), 0)
             coef += tl.where(m, w * kl_coef * dkl, 0.0)
         tl.store(coef_ptr + flat, coef, mask=inb)
         if HAS_ENT:
@@ -324,13 +331,13 @@ def _finish(part, total, n_parts, kl_coef, entropy_coef, acc, tl_acc, dev):
 
 
 def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_is_weights=None,
-                    ent_threshold=None, select=None, cu_seqlens=None) -> AggResult:
+                    ent_threshold=None, select=None, keep=None, cu_seqlens=None) -> AggResult:
     """The policy objective of `opts` (a fastppo.options.LossOptions) on per-token log-probs.
     logp, old, mask: [B, T] (or [T]); adv [B, T] or [B]; ref, ent, rollout_is_weights [B, T] or None;
     ent_threshold: 0-d tensor (entropy_quantile), tokens with ent >= it are kept in the policy term.
     With cu_seqlens ([S + 1] offsets) the per-token tensors are packed [total] (adv [total] or [S]) and
     coef / coef_ent / kl come back [1, total]. select: clip_cov / kl_cov's bool token selection (the
-    mask's layout)."""
+    mask's layout); keep: off_policy_mask_threshold's kept tokens (bool, the mask's layout) or None."""
     grid = grid_of(mask, cu_seqlens, cfg.AGG_BLOCK_T)
     B, T, n_tiles, cu = grid
     acc, tl_acc = acc_dtype(logp.dtype)
@@ -348,7 +355,8 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
                   grid=(B, n_tiles))
     wrap_triton(_policy_terms_kernel)[(B, n_tiles)](
         logp, old, adv, ref if ref is not None else logp, ent if has_ent else logp, isw if isw is not None else logp,
-        mask, cu if grid.packed else mask, select if select is not None else mask, seq,
+        mask, cu if grid.packed else mask, select if select is not None else mask, keep if keep is not None else mask,
+        seq,
         ent_threshold if ent_mask else seq,
         coef, coef_ent if has_ent else coef, kl if kl is not None else coef, part,
         T, n_tiles,
@@ -356,13 +364,14 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
         *(grid.strides(ref) if ref is not None else (0, 0)), *(grid.strides(ent) if has_ent else (0, 0)),
         *(grid.strides(isw) if isw is not None else (0, 0)), *grid.strides(mask),
         *(grid.strides(select) if select is not None else (0, 0)),
+        *(grid.strides(keep) if keep is not None else (0, 0)),
         float(opts.clip_low), float(opts.clip_high), float(opts.dual_clip or 0.0), float(opts.ratio_max or 0.0),
         float(opts.sapo_tau_pos), float(opts.sapo_tau_neg), float(opts.kl_coef), float(opts.entropy_coef),
         float(opts.dro_beta if opts.policy_loss == "dro" else opts.kl_cov_coef),
         POLICY=policy, KL_KIND=KL_KIND_IDS[opts.kl_kind] if ref is not None else KL_NONE.value, HAS_ENT=has_ent,
         HAS_ISW=isw is not None, HAS_DUAL=opts.dual_clip is not None, HAS_RMAX=opts.ratio_max is not None,
-        HAS_ENT_MASK=ent_mask, PACKED=grid.packed, BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl_acc,
-        num_warps=cfg.AGG_NUM_WARPS)
+        HAS_ENT_MASK=ent_mask, PACKED=grid.packed, KL_IS=opts.kl_bias_correction, HAS_KEEP=keep is not None,
+        BLOCK_T=cfg.AGG_BLOCK_T, NC=NCOL, ACC=tl_acc, num_warps=cfg.AGG_NUM_WARPS)
     if policy == POLICY_GSPO.value:
         seq_grad(grid, mask, seq, part, coef, tl_acc)
     loss, stats = _finish(part, total, B * n_tiles, opts.kl_coef if kl is not None else 0.0,
@@ -400,8 +409,9 @@ def aot_specs(AOTSpec, sig):
     def ptrs(fn):
         out = {n: "*fp32" for n in fn.arg_names if n.endswith("_ptr")}
         out["mask_ptr"] = "*i1"
-        if "sel_ptr" in out:
-            out["sel_ptr"] = "*i1"
+        for name in ("sel_ptr", "keep_ptr"):
+            if name in out:
+                out[name] = "*i1"
         out["cu_ptr"] = "*i64"
         return out
 
@@ -409,7 +419,8 @@ def aot_specs(AOTSpec, sig):
     for name, policy in POLICY_LOSS_IDS.items():
         ce = dict(ce_common, POLICY=policy, KL_KIND=5, HAS_ENT=True, HAS_ISW=True, HAS_DUAL=name == "ppo",
                   HAS_RMAX=name in ("ppo", "dppo_tv", "dppo_kl"),
-                  HAS_ENT_MASK=name not in ("gmpo", "clip_cov", "kl_cov"), PACKED=name != "ppo")
+                  HAS_ENT_MASK=name not in ("gmpo", "clip_cov", "kl_cov"), PACKED=name != "ppo", KL_IS=name == "ppo",
+                  HAS_KEEP=name != "gmpo")
         specs.append(AOTSpec(f"loss_agg[{name}]", _policy_terms_kernel,
                              sig(_policy_terms_kernel, {**ptrs(_policy_terms_kernel), **f32}, ce), ce, (), False,
                              cfg.AGG_NUM_WARPS))
