@@ -29,6 +29,9 @@ aggregated by `agg`):
     clip_cov    L = max(-A e^d, -A clamp(e^d, 1 - cl, 1 + ch)) (1 - sel), sel: cov_selection
                                                                (Clip-Cov, arXiv 2505.22617; verl `clip_cov`)
     kl_cov      L = -A e^d + sel kl_cov_coef |d|, sel: cov_selection   (KL-Cov, same paper; verl `kl_cov`)
+    vespo       L = -sg(phi) A logp, phi = e^lam w^k e^(-lam w), w = exp(clamp(sum_b clamp(d, -20, 20) + sum_b
+                clamp(log isw, log 1e-8, 20), log 1e-8, 20)), (k, lam) = (vespo_k_pos, vespo_lambda_pos) for
+                A >= 0 else the _neg pair; the IS weights enter phi only (VESPO; TRL 1.16 `vespo`, vespo_weights)
 entropy_quantile = rho keeps in the policy term only the valid tokens whose entropy is >= the
 (1 - rho) quantile of the valid tokens' entropies (TRL's top_entropy_quantile); off_policy_mask_threshold
 keeps only tokens with A >= 0 or a sequence mean (old - logp) <= it (off_policy_keep, TRL's off-policy
@@ -139,7 +142,7 @@ def loss_options(*, policy_loss, clip_low, clip_high, dual_clip, ratio_max, sapo
 
 # the options of verl's further policy losses, keywords of ppo_policy_loss and the fused losses (LossOptions)
 VARIANT_OPTIONS = ("dro_beta", "cov_ratio", "cov_lb", "cov_ub", "kl_cov_coef", "kl_bias_correction",
-                   "off_policy_mask_threshold")
+                   "off_policy_mask_threshold", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
 
 
 def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
@@ -209,6 +212,34 @@ def cov_selection(logp, old, adv, mask, opts: LossOptions, cu_seqlens=None) -> t
     return sel.reshape(mask.shape)
 
 
+def vespo_weights(logp, old, adv, mask, isw, opts: LossOptions, cu_seqlens=None) -> torch.Tensor:
+    """VESPO's gamma weight phi per token (TRL 1.16 GRPOTrainer.get_gamma_weights): with d = logp - old and the
+    sequence sums over its valid tokens, log w = clamp(sum_b clamp(d, -20, 20) + sum_b clamp(log isw, log
+    1e-8, 20), log 1e-8, 20) (no isw term without weights), (k, lam) = (k_pos, lam_pos) where A >= 0 else
+    (k_neg, lam_neg), lam clamped at 1e-4, phi = exp(lam + k log w - lam w) with NaN / inf -> 0. Detached, on
+    the device, in float32 (float64 for float64 inputs), the mask's layout as [B, T] / [1, total]. TRL sums
+    log isw over every position, its weights being 1 at masked ones; fastppo's are 0 there, so the sum runs
+    over the valid tokens."""
+    B, T = (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (1, mask.shape[0])
+    if cu_seqlens is not None:
+        B, T = cu_seqlens.shape[0] - 1, mask.shape[0]
+    seg = Segments(cu_seqlens, B, T, mask.device)
+    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    m = seg.per_token(mask, acc) != 0
+    zero = torch.zeros(m.shape, dtype=acc, device=mask.device)
+    d = (seg.per_token(logp.detach(), acc) - seg.per_token(old.detach(), acc)).clamp(-20.0, 20.0)
+    lo = math.log(1e-8)
+    seq = seg.sum(torch.where(m, d, zero))
+    if isw is not None:
+        seq = seq + seg.sum(torch.where(m, torch.log(seg.per_token(isw.detach(), acc)).clamp(lo, 20.0), zero))
+    log_w = seg.spread(seq.clamp(lo, 20.0))
+    nonneg = seg.per_token(adv.detach(), acc) >= 0
+    k = torch.where(nonneg, opts.vespo_k_pos, opts.vespo_k_neg)
+    lam = torch.where(nonneg, opts.vespo_lambda_pos, opts.vespo_lambda_neg).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.where(m, phi, zero)
+
+
 def off_policy_keep(logp, old, adv, mask, threshold, cu_seqlens=None) -> torch.Tensor:
     """DeepSeek-V3.2's off-policy sequence mask (TRL 1.16 GRPOTrainer.get_off_policy_mask, its sampling
     log-probs being old_logprobs): keep_t = [A_t >= 0] or [sum_b(m nan_to_num(old - logp)) / max(n_b, 1) <=
@@ -241,6 +272,10 @@ def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, ba
     if ent_threshold is None and opts.entropy_quantile is not None:
         ent_threshold = entropy_threshold(ent, mask, opts.entropy_quantile)
     select = cov_selection(logp, old, adv, mask, opts, cu_seqlens) if opts.cov_select else None
+    if opts.policy_loss == "vespo":   # its weight phi multiplies gpg's terms as the IS weight would
+        rollout_is_weights = vespo_weights(logp, old, adv, mask, rollout_is_weights, opts, cu_seqlens)
+        if cu_seqlens is not None:
+            rollout_is_weights = rollout_is_weights.reshape(-1)
     thr = opts.off_policy_mask_threshold
     keep = None if thr is None else off_policy_keep(logp, old, adv, mask, thr, cu_seqlens)
     return ops("loss_agg", backend).policy_loss_agg(logp, old, adv, mask, opts=opts, ref=ref, ent=ent,

@@ -101,7 +101,7 @@ def _policy(x, o, a, m, n, opts, isw, seg, chosen=None):
     dl_ds = s = ds = None
     kind = opts.policy_loss
     sel = lambda v: torch.where(m, v, zero)  # noqa: E731
-    if kind in ("ppo", "cispo", "sapo", "gpg"):
+    if kind in ("ppo", "cispo", "sapo", "gpg", "vespo"):
         inside = (d >= -20) & (d <= 20)
         ratio = torch.exp(d.clamp(-20, 20))
         dratio = torch.where(inside, ratio, zero)
@@ -159,7 +159,7 @@ def _policy(x, o, a, m, n, opts, isw, seg, chosen=None):
         dloss = torch.where(dead, zero, seg.spread(n * lb / den) * grad)
         clip_d = (d < -cl) | (d > ch)
         clipped, lower = clip_d & pos, clip_d & neg
-    elif kind == "gpg":
+    elif kind in ("gpg", "vespo"):   # vespo: its weight phi arrives as isw (fastppo.losses.vespo_weights)
         loss, dloss = -a * x, -a
         clipped = torch.zeros_like(m)
     else:

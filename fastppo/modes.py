@@ -8,7 +8,7 @@ KL_KINDS = ("k1", "abs", "k2", "mse", "k3", "low_var_kl")
 KL_KIND_IDS = {"k1": 1, "abs": 2, "k2": 3, "mse": 3, "k3": 4, "low_var_kl": 5}   # 0: no KL term
 
 POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "cispo", "sapo", "gmpo", "gpg", "dppo_tv", "dppo_kl", "dro", "clip_cov",
-                 "kl_cov")
+                 "kl_cov", "vespo")
 COV_LOSSES = ("clip_cov", "kl_cov")   # a batch-global token selection by covariance rank (verl)
 POLICY_LOSS_IDS = {name: i for i, name in enumerate(POLICY_LOSSES)}
 

@@ -44,7 +44,7 @@ class LossOptions:
     """Options of one loss call. `loss="policy"` (ppo_policy_loss / fused losses) or `"value"`.
 
     policy_loss: ppo | gspo | gspo_token | cispo | sapo | gmpo | gpg | dppo_tv | dppo_kl | dro | clip_cov |
-    kl_cov (formulas: fastppo.losses).
+    kl_cov | vespo (formulas: fastppo.losses).
     clip_low in [0, 1], clip_high >= 0 (defaults to clip_low), dual_clip > 1 (ppo only), ratio_max > 1
     (ppo: the unclipped ratio capped at ratio_max; dppo_tv / dppo_kl: the truncated IS weight
     sg(min(r, ratio_max)), verl's clip_ratio_c), sapo_tau_pos / sapo_tau_neg > 0, dro_beta > 0 (dro only,
@@ -54,6 +54,8 @@ class LossOptions:
     off_policy_mask_threshold: finite; the policy term keeps a token only where A >= 0 or its sequence's mean
     of (old - logp) is <= it (DeepSeek-V3.2's off-policy sequence masking, TRL's get_off_policy_mask with
     the sampling log-probs = old_logprobs). Not with gmpo (a per-sequence ratio).
+    vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg: finite, VESPO's gamma weight (TRL's
+    defaults; lambda clamped at 1e-4 as TRL).
     kl_bias_correction: the fused losses' KL term is KL_t r_t, r_t = exp(logp_t - old_t), with its gradient
     (TRL's use_bias_correction_kl at importance_sampling_level="token"); the reported `kl` stays KL_t.
     agg one of AGG_MODES, kl_kind one of KL_KINDS, kl_coef / entropy_coef finite, value_clip > 0 (inf: no
@@ -79,6 +81,10 @@ class LossOptions:
     kl_coef: float = 0.0
     kl_bias_correction: bool = False
     off_policy_mask_threshold: float | None = None
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     entropy_coef: float = 0.0
     value_clip: float | None = None
     num_tokens: float | None = None
@@ -151,6 +157,8 @@ class LossOptions:
             if self.policy_loss == "gmpo":
                 raise ValueError("off_policy_mask_threshold is not defined for policy_loss='gmpo' (a per-sequence "
                                  "ratio)")
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            set_(name, _finite(name, getattr(self, name)))
         if not isinstance(self.kl_bias_correction, bool):
             raise TypeError(f"kl_bias_correction must be a bool, got {type(self.kl_bias_correction).__name__}")
         set_("entropy_coef", _finite("entropy_coef", self.entropy_coef))
@@ -174,8 +182,8 @@ class LossOptions:
 
     @property
     def sequence_level(self) -> bool:
-        """True when the per-token term needs a per-sequence reduction first (gspo, gspo_token, gmpo)."""
-        return self.loss == "policy" and self.policy_loss in ("gspo", "gspo_token", "gmpo")
+        """True when the per-token term needs a per-sequence reduction first (gspo, gspo_token, gmpo, vespo)."""
+        return self.loss == "policy" and self.policy_loss in ("gspo", "gspo_token", "gmpo", "vespo")
 
     @property
     def cov_select(self) -> bool:

@@ -170,7 +170,7 @@ def _cov_selection(logp, old, adv, m, policy_loss, clip_low, clip_high, cov_rati
 def policy_loss_matrix(logprobs, old_logprobs, advantages, mask, *, policy_loss="ppo", clip_low=0.2,
                        clip_high=None, dual_clip=None, ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
                        rollout_is_weights=None, dro_beta=None, cov_ratio=0.0002, cov_lb=1.0, cov_ub=5.0,
-                       kl_cov_coef=0.1):
+                       kl_cov_coef=0.1, **variant):
     """Per-token policy loss L [B, T] of each variant (fastppo.losses docstring) and its per-token
     (clipped, lower, ratio) for the stats. Follows verl 0.9's compute_policy_loss_<name>: vanilla
     (ppo; ratio_max is TRL's two-sided `delta`), gspo (our gspo_token), cispo, sapo, geo_mean (gmpo),
@@ -248,6 +248,19 @@ def policy_loss_matrix(logprobs, old_logprobs, advantages, mask, *, policy_loss=
         clipped = ~valid
         if ratio_max is not None:
             lower = (ratio > ratio_max) & valid
+    elif policy_loss == "vespo":   # TRL 1.16 GRPOTrainer.get_gamma_weights and its vespo loss
+        lower_clamp = math.log(1e-8)
+        seq_log_ratio = torch.sum(torch.clamp(d, -20.0, 20.0) * m, dim=-1, keepdim=True)
+        if isw is not None:
+            seq_log_ratio = seq_log_ratio + torch.sum(torch.clamp(torch.log(isw), lower_clamp, 20.0) * m, -1, True)
+        log_w = torch.clamp(seq_log_ratio, lower_clamp, 20.0)
+        nonneg = adv >= 0
+        k = torch.where(nonneg, variant.get("vespo_k_pos", 2.0), variant.get("vespo_k_neg", 3.0))
+        lam = torch.where(nonneg, variant.get("vespo_lambda_pos", 3.0), variant.get("vespo_lambda_neg", 2.0))
+        lam = lam.clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        loss = -phi.detach() * adv * logp
+        clipped = zeros.bool()
     elif policy_loss == "dro":   # verl compute_policy_loss_dro
         loss = -(logp * adv - 0.5 * dro_beta * d.square())
         clipped = zeros.bool()
@@ -262,7 +275,7 @@ def policy_loss_matrix(logprobs, old_logprobs, advantages, mask, *, policy_loss=
         clipped = sel
     else:
         raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
-    if isw is not None and policy_loss != "gmpo":
+    if isw is not None and policy_loss not in ("gmpo", "vespo"):   # vespo: the weights enter phi only
         loss = loss * isw
     return loss, clipped, lower, ratio, d
 
@@ -350,7 +363,7 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
 
 POLICY_KWARGS = ("policy_loss", "ratio_max", "sapo_tau_pos", "sapo_tau_neg", "rollout_is_weights",
                  "entropy_quantile", "dro_beta", "cov_ratio", "cov_lb", "cov_ub", "kl_cov_coef",
-                 "off_policy_mask_threshold")
+                 "off_policy_mask_threshold", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
 
 
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,

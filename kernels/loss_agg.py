@@ -191,7 +191,7 @@ def _policy_terms_kernel(
             sel = tl.load(sel_ptr + b * s_sel_b + pos * s_sel_t, mask=inb, other=0).to(tl.int1)
             loss, dloss, ratio, clipped = cov_terms(x, o, a, sel, clip_low, clip_high, penalty, POLICY == POLICY_KL_COV)
         else:
-            # POLICY_GPG: L = -A logp
+            # POLICY_GPG: L = -A logp; POLICY_VESPO: the same times its weight phi (as isw: losses.vespo_weights)
             loss = -a * x
             dloss = -a
             ratio = tl.exp(clamp_nan(x - o, -20.0, 20.0))

@@ -27,6 +27,7 @@ POLICY_DPPO_KL = tl.constexpr(POLICY_LOSS_IDS["dppo_kl"])
 POLICY_DRO = tl.constexpr(POLICY_LOSS_IDS["dro"])
 POLICY_CLIP_COV = tl.constexpr(POLICY_LOSS_IDS["clip_cov"])
 POLICY_KL_COV = tl.constexpr(POLICY_LOSS_IDS["kl_cov"])
+POLICY_VESPO = tl.constexpr(POLICY_LOSS_IDS["vespo"])   # gpg's terms; its weight phi travels as the IS weight
 
 # aggregation modes (AGG constexpr of _seq_finish_kernel)
 AGG_TOKEN_MEAN = tl.constexpr(AGG_IDS["token-mean"])

@@ -29,6 +29,7 @@ VARIANT_KW = {
     # test_clip_cov_random_draw_is_verls covers that)
     "clip_cov": dict(clip_low=0.1, clip_high=0.2, cov_ratio=1.0, cov_lb=-0.3, cov_ub=0.3),
     "kl_cov": dict(cov_ratio=0.3, kl_cov_coef=0.4),
+    "vespo": dict(vespo_k_pos=2.5, vespo_lambda_neg=1.5),
 }
 COV = ("clip_cov", "kl_cov")   # a batch-global selection: micro-batches do not add up
 
