@@ -136,6 +136,8 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                    dro_beta: float | None = None, cov_ratio: float = 0.0002, cov_lb: float = 1.0,
                    cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
                    kl_bias_correction: bool = False, off_policy_mask_threshold: float | None = None,
+                   vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+                   vespo_lambda_neg: float = 2.0,
                    vocab_parallel: VocabParallel | None = None, kept: KeptSet | None = None) -> PPOLossOutput:
     """The whole policy objective from the logits in one pass:
 
@@ -169,7 +171,9 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
                         entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon,
                         dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef,
-                        kl_bias_correction=kl_bias_correction, off_policy_mask_threshold=off_policy_mask_threshold)
+                        kl_bias_correction=kl_bias_correction, off_policy_mask_threshold=off_policy_mask_threshold,
+                        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                        vespo_lambda_neg=vespo_lambda_neg)
     if vocab_parallel is not None:
         return sharded_fused_ppo_loss(
             logits, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, ref_logprobs=ref_logprobs,

@@ -193,6 +193,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           dro_beta: float | None = None, cov_ratio: float = 0.0002, cov_lb: float = 1.0,
                           cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
                           kl_bias_correction: bool = False, off_policy_mask_threshold: float | None = None,
+                          vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+                          vespo_lambda_neg: float = 2.0,
                           vocab_parallel: VocabParallel | None = None) -> PPOLossOutput:
     """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     without materialising the logits.
@@ -215,7 +217,9 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
                         entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon,
                         dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef,
-                        kl_bias_correction=kl_bias_correction, off_policy_mask_threshold=off_policy_mask_threshold)
+                        kl_bias_correction=kl_bias_correction, off_policy_mask_threshold=off_policy_mask_threshold,
+                        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                        vespo_lambda_neg=vespo_lambda_neg)
     if vocab_parallel is not None:
         return sharded_fused_linear_ppo_loss(
             hidden, weight, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, bias=bias,
