@@ -69,7 +69,8 @@ class TrainConfig:
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus"})
     policy_loss: str = field(default="ppo", metadata={
         "help": "policy-loss variant: ppo, gspo, gspo_token, cispo, sapo, gmpo, gpg, dppo_tv, dppo_kl, clip_cov, "
-                "kl_cov or vespo with their defaults (see fastppo.ppo_policy_loss; dro needs dro_beta, not a trainer option)"})
+                "kl_cov or vespo with their defaults (see fastppo.ppo_policy_loss; dro needs dro_beta, not a "
+                "trainer option)"})
     ratio_max: float | None = field(default=None, metadata={"help": "ppo: cap on the unclipped ratio (> 1)"})
     sapo_tau_pos: float = field(default=1.0, metadata={"help": "sapo: temperature for positive advantages"})
     sapo_tau_neg: float = field(default=1.05, metadata={"help": "sapo: temperature for negative advantages"})
