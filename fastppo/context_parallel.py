@@ -145,6 +145,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     opts = LossOptions.policy(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                               ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, agg=agg,
                               num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon)
+    if opts.cov_select or policy_loss == "vespo":   # a batch-global selection / a weight the twin is not given here
+        raise ValueError(f"policy_loss={policy_loss!r} is not supported with context parallel yet (its "
+                         f"{'covariance selection' if opts.cov_select else 'gamma weight'} needs the unsplit tokens)")
     check_float("logprobs", logprobs)
     check_policy_tensors("logprobs", logprobs.shape, old_logprobs, advantages, mask, opts,
                          rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens)
