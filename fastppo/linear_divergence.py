@@ -3,8 +3,8 @@ and a teacher computed from both models' final hidden states and LM heads, never
 logits (on-policy distillation with TRL's DistillationTrainer semantics).
 
 Per chunk of rows (`chunk_rows`: the two fp32 [rows, V] logit buffers fit in `chunk_bytes`):
-  forward   z_s = T_s(h_s W_s^T + b_s), z_t = T_t(h_t W_t^T + b_t) (fp32 products of upcast operands,
-            linear_torch.logits; T = softcap(scale * .)), then divergence_fwd of the divergence launchers
+  forward   z_s = T_s(h_s W_s^T + b_s), z_t = T_t(h_t W_t^T + b_t) (fp32 products never rounded to the operands'
+            dtype, fastppo.head_gemm; T = softcap(scale * .)), then divergence_fwd of the divergence launchers
             (kernels/divergence.py on the Triton backend, divergence_torch on the PyTorch one) on the chunk:
             the divergence, and the [rows, 5] row statistics kept for backward.     2 N (Hs + Ht) V FLOPs
   backward  (the upstream per-token gradient g known) both chunks' logits again, dz = divergence_bwd(...) with
@@ -13,7 +13,7 @@ Per chunk of rows (`chunk_rows`: the two fp32 [rows, V] logit buffers fit in `ch
 In all 4 N Ht V + 8 N Hs V: backward recomputes both models' logits rather than holding gradients formed in the
 forward pass, which is exact for any upstream g (a per-token g cannot be folded into d W_s after the fact); the
 forward-formed variant (2 N Ht V + 6 N Hs V) needs the upstream reduction inside the op: linear_divergence_loss.
-The products are taken whole per chunk (not over linear_torch's ROW_BLOCK blocks, so no padded rows cost FLOPs):
+The products are taken whole per chunk (not over ROW_BLOCK blocks as in linear_torch, so no padded rows cost FLOPs):
 the bitwise batch invariance of the log-prob ops (docs/design.md §4.6) is not promised here.
 
 Rows where `mask` is 0: on CPU they are skipped (gathered out, never read); on other devices every row is
@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from . import linear_torch
+from . import head_gemm
 from ._validation import check_float, check_mask, check_same_shape
 from .backend import backend_for
 from .dispatch import ops
 from .library import acc_dtype, decode, define, empty, encode, or_empty, refuse_double_backward
 from .options import LinearDivergenceOptions
 
-DEFAULT_CHUNK_BYTES = 1 << 28   # 256 MiB of fp32 logits (both models) per chunk
+DEFAULT_CHUNK_BYTES = 1 << 31   # 2 GiB of fp32 logits (both models) per chunk: few chunks, few weight reads
 
 
 def chunk_rows(n_rows: int, vocab: int, acc: torch.dtype, chunk_bytes: int | None) -> int:
@@ -66,24 +66,17 @@ def by_row(sel, rows_value, n_rows):
 
 def chunk_logits(hs_c, ws, bs, ht_c, wt, bt, opts: LinearDivergenceOptions, acc):
     """(z_s, tanh of the student's softcap or None, z_t) of one chunk of rows, in acc, before the temperature."""
-    zs, th = linear_torch.logits(hs_c, ws, bs, opts.student(), acc, row_blocks=False)
-    zt, _ = linear_torch.logits(ht_c, wt, bt, opts.teacher(), acc, row_blocks=False)
+    zs, th = head_gemm.head_logits(hs_c, ws, bs, opts.student(), acc)
+    zt, _ = head_gemm.head_logits(ht_c, wt, bt, opts.teacher(), acc)
     return zs, th, zt
 
 
 def accumulate_grads(d, th, opts: LinearDivergenceOptions, ws, hs_c, dh_c, dw, db):
     """d = d div / d z_s of a chunk (acc) through the student's softcap and scale, then dh_c += d W_s,
-    dw += d^T h_s, db += sum d (each None when not needed), in d's dtype."""
+    dw += d^T h_s, db += sum d (each None when not needed; fastppo.head_gemm), in d's dtype."""
     if th is not None:
         d = d * (1 - th * th)
-    d = d * opts.s_scale
-    if dh_c is not None:
-        for v0, v1, w in linear_torch._weight_blocks(ws, d.dtype):
-            dh_c += d[:, v0:v1] @ w
-    if dw is not None:
-        dw += d.t() @ hs_c.to(d.dtype)
-    if db is not None:
-        db += d.sum(0)
+    head_gemm.head_grads(d * opts.s_scale, ws, hs_c, dh_c, dw, db)
 
 
 def _entropy(zs, stats, inv_tau):
@@ -246,14 +239,14 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     """logits_divergence(z_s, z_t, beta=beta, temperature=temperature, mask=mask) for
     z = softcap(logit_scale * (hidden @ weight.T + bias)) of each model (its own scale / softcap), without
     either [N, V] logits: student_hidden [..., Hs], student_weight [V, Hs], teacher_hidden [..., Ht],
-    teacher_weight [V, Ht] (any float dtypes; the products run in fp32 from upcast operands, fp64 for fp64)
+    teacher_weight [V, Ht] (any float dtypes; the products are kept in fp32, fp64 for fp64: fastppo.head_gemm)
     -> per-token divergence [...] float32 (float64 when an input is float64). beta 0: KL(p_t || p_s),
     1: KL(p_s || p_t), between: TRL's generalised JSD with m = (1 - beta) p_s + beta p_t.
 
     Gradient to the student's hidden, weight and bias only (the teacher is detached). Rows where `mask`
     ([...], bool or 0/1) is 0 give 0 and a zero gradient, even with NaN there. `return_entropy=True` returns
     (divergence, the student's entropy of softmax(z_s / tau), no gradient). `chunk_bytes` bounds the two
-    [rows, V] logit buffers (None: 256 MiB). Costs: see the module docstring (4 N Ht V + 8 N Hs V FLOPs)."""
+    [rows, V] logit buffers (None: 2 GiB). Costs: see the module docstring (4 N Ht V + 8 N Hs V FLOPs)."""
     check_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                             teacher_bias, mask)
     opts = LinearDivergenceOptions.build(

@@ -4,7 +4,7 @@ log-probs, as NeMo-RL and verl's top-k distillation store it; the tail bin as in
 
 Per chunk of rows (`linear_divergence.chunk_rows`: the fp32 [rows, V] logits and their gradient fit in
 `chunk_bytes`):
-  forward   z_s = T_s(h_s W_s^T + b_s) (fp32 products of upcast operands, linear_torch.logits; T = softcap(scale .)),
+  forward   z_s = T_s(h_s W_s^T + b_s) (fp32 products, fastppo.head_gemm; T = softcap(scale .)),
             then topk_divergence_fwd (kernels/topk_divergence.py on the Triton backend, topk_divergence_torch on the
             PyTorch one) on the chunk: the divergence and the [rows, 5] row statistics kept for backward.
                                                                                         2 N Hs V FLOPs
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import linear_torch
+from . import head_gemm
 from .backend import backend_for
 from .dispatch import ops
 from .library import acc_dtype, decode, define, empty, encode, or_empty, refuse_double_backward
@@ -29,7 +29,7 @@ from .topk_divergence import check_topk_inputs
 
 
 def _chunk_logits(hs_c, ws, bs, opts: LinearDivergenceOptions, acc):
-    return linear_torch.logits(hs_c, ws, bs, opts.student(), acc, row_blocks=False)
+    return head_gemm.head_logits(hs_c, ws, bs, opts.student(), acc)
 
 
 def forward_rows(hs, ws, bs, ids, tlp, valid, opts: LinearDivergenceOptions, backend):
@@ -151,7 +151,7 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     when an input is float64) over the K + 1 bins (the K tokens and a tail bin; see topk_divergence).
 
     Gradient to the student's hidden, weight and bias only. Rows where `mask` is 0 give 0 and a zero gradient, even
-    with NaN there. `chunk_bytes` bounds the two fp32 [rows, V] buffers (None: 256 MiB). Costs: see the module
+    with NaN there. `chunk_bytes` bounds the two fp32 [rows, V] buffers (None: 2 GiB). Costs: see the module
     docstring (8 N Hs V FLOPs for forward + backward)."""
     check_head("student", student_hidden, student_weight, student_bias)
     lead = student_hidden.shape[:-1]

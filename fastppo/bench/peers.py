@@ -80,22 +80,44 @@ def _addmm_fp32_counted_as_cuda(acc, a, b):
                  2 * a.shape[0] * a.shape[1] * b.shape[1])
 
 
+def _mm_fp32_counted_as_cuda(a, b, acc):
+    """a @ b in fp32 from 16-bit operands, computed on CPU from upcast operands; counted as the one CUDA GEMM with
+    an fp32 output that fastppo.head_gemm runs there (reads a, b; writes the result)."""
+    import torch
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from .counters import charge_eager
+
+    out = torch.empty(a.shape[0], b.shape[1], dtype=acc, device=a.device)
+    with _disable_current_modes():
+        if not is_fake(out):
+            torch.mm(a.to(acc), b.to(acc), out=out)
+    charge_eager("mm", a.numel() * a.element_size() + b.numel() * b.element_size() + out.numel() * out.element_size(),
+                 2 * a.shape[0] * a.shape[1] * b.shape[1])
+    return out
+
+
 @contextlib.contextmanager
 def as_on_gpu():
-    """While counting on CPU: make the peers take the code path they take on a CUDA device."""
-    if missing("trl") is not None:
-        yield
-        return
-    mods = [importlib.import_module(f"trl.kernels.{m}") for m in ("chunked_logprob", "chunked_divergence")]
-    saved = [(mod._use_triton, mod._addmm_fp32) for mod in mods]
-    for mod in mods:
-        mod._use_triton = lambda device: True
-        mod._addmm_fp32 = _addmm_fp32_counted_as_cuda
+    """While counting on CPU: make the peers and fastppo's head products (fastppo.head_gemm) take the code path
+    they take on a CUDA device."""
+    from .. import head_gemm
+
+    patches = [(head_gemm, "native", head_gemm.half_pair), (head_gemm, "product", _mm_fp32_counted_as_cuda),
+               (head_gemm, "add_product", _addmm_fp32_counted_as_cuda)]
+    if missing("trl") is None:
+        for m in ("chunked_logprob", "chunked_divergence"):
+            mod = importlib.import_module(f"trl.kernels.{m}")
+            patches += [(mod, "_use_triton", lambda device: True), (mod, "_addmm_fp32", _addmm_fp32_counted_as_cuda)]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    for mod, name, value in patches:
+        setattr(mod, name, value)
     try:
         yield
     finally:
-        for mod, (use, addmm) in zip(mods, saved):
-            mod._use_triton, mod._addmm_fp32 = use, addmm
+        for mod, name, value in saved:
+            setattr(mod, name, value)
 
 
 def trl_linear_logprobs(inp):
