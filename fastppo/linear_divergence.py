@@ -107,29 +107,41 @@ def forward_rows(hs, ws, bs, ht, wt, bt, valid, opts: LinearDivergenceOptions, b
     return by_row(sel, div, N), None if ent is None else by_row(sel, ent, N), by_row(sel, stats, N)
 
 
-def gradient_rows(hs, ws, bs, ht, wt, bt, valid, stats, g, opts: LinearDivergenceOptions, needs, backend):
-    """(d h_s, d W_s, d b_s) of sum_r g_r div_r (None where not needed), in the student's dtypes."""
+def student_gradient_rows(hs, ws, bs, valid, extra, stats, g, opts: LinearDivergenceOptions, needs, tile_grad):
+    """(d h_s, d W_s, d b_s) of sum_r g_r div_r (None where not needed), in the student's dtypes, for a divergence
+    whose gradient tile d div / d z_s of a chunk of rows is `tile_grad(hs_c, extra_c, stats_c, g_c, valid_c)` ->
+    (d in acc, tanh of the student's softcap or None); `extra`: per-row tensors of the teacher, selected with the
+    student's rows."""
     N, Hs = hs.shape
     V = ws.shape[0]
     acc = stats.dtype
-    sel, hs_r, ht_r, v_r = select_rows(valid, hs, ht)
+    sel, hs_r, *extra_r, v_r = select_rows(valid, hs, *extra)
     pick = (lambda x: x) if sel is None else (lambda x: x.index_select(0, sel))  # noqa: E731
     st_r, g_r = pick(stats), pick(g.reshape(-1).to(acc))
     n = hs_r.shape[0]
-    k = ops("divergence", backend)
     dh = torch.zeros(n, Hs, dtype=acc, device=hs.device) if needs[0] else None
     dw = torch.zeros(V, Hs, dtype=acc, device=hs.device) if needs[1] else None
     db = torch.zeros(V, dtype=acc, device=hs.device) if (bs is not None and needs[2]) else None
     step = chunk_rows(n, V, acc, opts.chunk_bytes)
     for a in range(0, n, step):
         b = min(n, a + step)
-        zs, th, zt = chunk_logits(hs_r[a:b], ws, bs, ht_r[a:b], wt, bt, opts, acc)
-        d = k.divergence_bwd(zs, zt, st_r[a:b], g_r[a:b], inv_tau=opts.inv_tau, beta=opts.beta,
-                             valid=None if v_r is None else v_r[a:b])
-        accumulate_grads(d, th, opts, ws, hs_r[a:b], None if dh is None else dh[a:b], dw, db)
+        d, th = tile_grad(hs_r[a:b], [t[a:b] for t in extra_r], st_r[a:b], g_r[a:b],
+                          None if v_r is None else v_r[a:b])
+        accumulate_grads(d.to(acc), th, opts, ws, hs_r[a:b], None if dh is None else dh[a:b], dw, db)
     dh = None if dh is None else by_row(sel, dh, N)
     return (None if dh is None else dh.to(hs.dtype), None if dw is None else dw.to(ws.dtype),
             None if db is None else db.to(bs.dtype))
+
+
+def gradient_rows(hs, ws, bs, ht, wt, bt, valid, stats, g, opts: LinearDivergenceOptions, needs, backend):
+    """(d h_s, d W_s, d b_s) of sum_r g_r div_r (None where not needed), in the student's dtypes."""
+    k = ops("divergence", backend)
+
+    def tile_grad(hs_c, extra_c, st, g_c, vc):
+        zs, th, zt = chunk_logits(hs_c, ws, bs, extra_c[0], wt, bt, opts, st.dtype)
+        return k.divergence_bwd(zs, zt, st, g_c, inv_tau=opts.inv_tau, beta=opts.beta, valid=vc), th
+
+    return student_gradient_rows(hs, ws, bs, valid, (ht,), stats, g, opts, needs, tile_grad)
 
 
 # ----------------------------------------------------------------------------- ops

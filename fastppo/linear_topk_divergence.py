@@ -23,7 +23,7 @@ from . import head_gemm
 from .backend import backend_for
 from .dispatch import ops
 from .library import acc_dtype, decode, define, empty, encode, or_empty, refuse_double_backward
-from .linear_divergence import accumulate_grads, by_row, check_head, chunk_rows, select_rows
+from .linear_divergence import by_row, check_head, chunk_rows, select_rows, student_gradient_rows
 from .options import LinearDivergenceOptions
 from .topk_divergence import check_topk_inputs
 
@@ -52,27 +52,14 @@ def forward_rows(hs, ws, bs, ids, tlp, valid, opts: LinearDivergenceOptions, bac
 
 def gradient_rows(hs, ws, bs, ids, tlp, valid, stats, g, opts: LinearDivergenceOptions, needs, backend):
     """(d h_s, d W_s, d b_s) of sum_r g_r div_r (None where not needed), in the student's dtypes."""
-    N, Hs = hs.shape
-    V = ws.shape[0]
-    acc = stats.dtype
-    sel, hs_r, ids_r, tlp_r, v_r = select_rows(valid, hs, ids, tlp)
-    pick = (lambda x: x) if sel is None else (lambda x: x.index_select(0, sel))  # noqa: E731
-    st_r, g_r = pick(stats), pick(g.reshape(-1).to(acc))
-    n = hs_r.shape[0]
     k = ops("topk_divergence", backend)
-    dh = torch.zeros(n, Hs, dtype=acc, device=hs.device) if needs[0] else None
-    dw = torch.zeros(V, Hs, dtype=acc, device=hs.device) if needs[1] else None
-    db = torch.zeros(V, dtype=acc, device=hs.device) if (bs is not None and needs[2]) else None
-    step = chunk_rows(n, V, acc, opts.chunk_bytes)
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        zs, th = _chunk_logits(hs_r[a:b], ws, bs, opts, acc)
-        d = k.topk_divergence_bwd(zs, ids_r[a:b], tlp_r[a:b], st_r[a:b], g_r[a:b], inv_tau=opts.inv_tau,
-                                  beta=opts.beta, valid=None if v_r is None else v_r[a:b])
-        accumulate_grads(d.to(acc), th, opts, ws, hs_r[a:b], None if dh is None else dh[a:b], dw, db)
-    dh = None if dh is None else by_row(sel, dh, N)
-    return (None if dh is None else dh.to(hs.dtype), None if dw is None else dw.to(ws.dtype),
-            None if db is None else db.to(bs.dtype))
+
+    def tile_grad(hs_c, extra_c, st, g_c, vc):
+        zs, th = _chunk_logits(hs_c, ws, bs, opts, st.dtype)
+        ids_c, tlp_c = extra_c
+        return k.topk_divergence_bwd(zs, ids_c, tlp_c, st, g_c, inv_tau=opts.inv_tau, beta=opts.beta, valid=vc), th
+
+    return student_gradient_rows(hs, ws, bs, valid, (ids, tlp), stats, g, opts, needs, tile_grad)
 
 
 # ----------------------------------------------------------------------------- ops
