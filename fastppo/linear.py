@@ -37,8 +37,11 @@ import torch
 
 from ._validation import check_temperature_rows
 from .backend import backend_for
+from .kept import KeptSet
+from .kept_logprobs import check_kept
 from .library import acc_dtype, decode, define, empty, encode, or_empty, refuse_double_backward
 from .linear_pipeline import (
+    KeptArg,
     build_linear_options,
     check_linear,
     flatten_rows,
@@ -56,22 +59,25 @@ LinearLogprobs = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LogprobOutpu
 
 
 # ----------------------------------------------------------------------------- linear_logprobs
-def linear_outputs(hidden, weight, bias, labels, opts: LinearOptions, tau=None):
+def linear_outputs(hidden, weight, bias, labels, opts: LinearOptions, tau=None, kept=None):
     """Forward of linear_logprobs (the body of torch.ops.fastppo.linear_logprobs): logp, entropy,
     log_sum_sq_probs, mean_logits, is_top1 shaped like labels (None where not computed), and backward's
-    statistics lse and entropy (by compacted position on the Triton path, by row on the torch backend)."""
+    statistics lse, entropy and, with `kept` (a KeptArg), the kept statistics (m_K, log s_K) (by compacted
+    position on the Triton path, by row on the torch backend; None without kept)."""
     h2, y = flatten_rows(hidden, labels)
     tau = None if tau is None else tau.reshape(-1).contiguous()
-    rows, out = forward_rows(h2, weight, bias, y, y != opts.ignore_index, opts, tau)
+    rows, out = forward_rows(h2, weight, bias, y, y != opts.ignore_index, opts, tau, kept)
     shape = labels.shape
     ent = out["ent"].view(shape) if opts.with_entropy else None
     extras = (out["sq"].view(shape), out["mean"].view(shape), out["top1"].view(shape).bool()) \
         if opts.extras else (None, None, None)
     ent_key = "ent" if rows is None else "ent_c"
-    return out["logp"].view(shape), ent, *extras, out["lse"], out[ent_key] if opts.with_entropy else None
+    return (out["logp"].view(shape), ent, *extras, out["lse"], out[ent_key] if opts.with_entropy else None,
+            out.get("klse"))
 
 
-def linear_grads(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, opts: LinearOptions, needs, tau=None):
+def linear_grads(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, opts: LinearOptions, needs, tau=None,
+                 kept=None, klse=None):
     """Backward of linear_logprobs: (d_hidden, d_weight, d_bias) of sum g_logp logp + g_ent H (None where
     not needed) from linear_outputs' statistics; the valid rows are compacted again on device."""
     h2, y = flatten_rows(hidden, labels)
@@ -82,7 +88,7 @@ def linear_grads(hidden, weight, bias, labels, lse, ent, g_logp, g_ent, opts: Li
     c_ent = None if g_ent is None else g_ent.reshape(-1).to(acc)
     tau = None if tau is None else tau.reshape(-1).contiguous()
     dh, dw, db = gradient_rows(h2, weight, bias, y, valid, rows, (lse, None if c_ent is None else ent), c_logp, c_ent,
-                            opts, needs, tau)
+                               opts, needs, tau, kept, klse)
     return (None if dh is None else dh.view(hidden.shape)), dw, db
 
 
@@ -101,34 +107,42 @@ def linear_options_of(options: str) -> LinearOptions:
     return decode(LinearOptions, options)
 
 
-def _linear_logprobs_fake(hidden, weight, bias, labels, options, backend, tau=None):
+def _kept_arg(ids, offsets):
+    return None if ids is None else KeptArg(ids, offsets)
+
+
+def _linear_logprobs_fake(hidden, weight, bias, labels, options, backend, tau=None, ids=None, offsets=None):
     opts = linear_options_of(options)
     logp = hidden.new_empty(labels.shape, dtype=acc_dtype(hidden, weight))
     per_token = [torch.empty_like(logp) if on else empty(logp)
                  for on in (opts.with_entropy, opts.extras, opts.extras)]
     top1 = logp.new_empty(labels.shape, dtype=torch.bool) if opts.extras else empty(logp, torch.bool)
     lse = logp.new_empty((labels.numel(), 2))
-    return logp, *per_token, top1, lse, logp.new_empty((labels.numel(),)) if opts.with_entropy else empty(lse)
+    return (logp, *per_token, top1, lse, logp.new_empty((labels.numel(),)) if opts.with_entropy else empty(lse),
+            torch.empty_like(lse) if ids is not None else empty(lse))
 
 
 @define("linear_logprobs", _linear_logprobs_fake, kernels=True)
 def linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                    options: str, backend: str, tau: torch.Tensor | None = None
+                    options: str, backend: str, tau: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                    offsets: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                               torch.Tensor]:
-    """(logp, entropy, log_sum_sq_probs, mean_logits, is_top1, lse, entropy_rows) of hidden @ weight.T + bias
-    without the [N, V] logits (fastppo.linear; `options` is a LinearOptions). lse [N, 2] (row max, log-sum) and
-    entropy_rows [N] are backward's statistics. Only logp and entropy are differentiable."""
+                               torch.Tensor, torch.Tensor]:
+    """(logp, entropy, log_sum_sq_probs, mean_logits, is_top1, lse, entropy_rows, kept_rows) of hidden @ weight.T
+    + bias without the [N, V] logits (fastppo.linear; `options` is a LinearOptions; ids / offsets: a KeptSet's
+    CSR). lse [N, 2] (row max, log-sum), entropy_rows [N] and kept_rows [N, 2] (m_K, log s_K; empty without a
+    kept set) are backward's statistics. Only logp and entropy are differentiable."""
     opts = linear_options_of(options)
-    logp, ent, sq, mean, top1, lse, ent_rows = linear_outputs(hidden, weight, bias, labels, opts, tau)
+    logp, ent, sq, mean, top1, lse, ent_rows, klse = linear_outputs(hidden, weight, bias, labels, opts, tau,
+                                                                    _kept_arg(ids, offsets))
     if ent_rows is not None and opts.backend == "torch":
         ent_rows = ent_rows.clone()   # by row there: the same values as entropy (op outputs may not alias)
     return logp, or_empty(ent, logp), or_empty(sq, logp), or_empty(mean, logp), \
-        or_empty(top1, empty(logp, torch.bool)), lse, or_empty(ent_rows, logp)
+        or_empty(top1, empty(logp, torch.bool)), lse, or_empty(ent_rows, logp), or_empty(klse, lse)
 
 
 def linear_backward_fake(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, options, need_hidden,
-                          need_weight, need_bias, backend, tau=None):
+                          need_weight, need_bias, backend, tau=None, ids=None, offsets=None, kept_rows=None):
     return (hidden.new_empty(hidden.shape) if need_hidden else empty(hidden),
             weight.new_empty(weight.shape) if need_weight else empty(weight),
             bias.new_empty(bias.shape) if (bias is not None and need_bias) else empty(weight))
@@ -139,38 +153,41 @@ def linear_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias
                              labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
                              grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, options: str,
                              need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
-                             tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             tau: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                             offsets: torch.Tensor | None = None, kept_rows: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_hidden, d_weight, d_bias) for per-token upstream gradients (empty where not needed)."""
     has_ent = entropy is not None and grad_entropy is not None
     dh, dw, db = linear_grads(hidden, weight, bias, labels, lse, entropy if has_ent else None, grad_logp,
                               grad_entropy if has_ent else None, linear_options_of(options),
-                              (need_hidden, need_weight, need_bias), tau)
+                              (need_hidden, need_weight, need_bias), tau, _kept_arg(ids, offsets), kept_rows)
     return (empty(hidden) if dh is None else dh.contiguous(), or_empty(dw, weight), or_empty(db, weight))
 
 
 def _linear_logprobs_setup(ctx, inputs, output):
     hidden, weight, bias, labels, options, backend, *rest = inputs
-    logp, ent, sq, mean, top1, lse, ent_rows = output
+    tau, ids, offsets = (list(rest) + [None] * 3)[:3]
+    logp, ent, sq, mean, top1, lse, ent_rows, klse = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(sq, mean, top1, lse, ent_rows)
+    ctx.mark_non_differentiable(sq, mean, top1, lse, ent_rows, klse)
     with_entropy = linear_options_of(options).with_entropy
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent_rows if with_entropy else None,
-                          rest[0] if rest else None)
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent_rows if with_entropy else None, tau, ids, offsets,
+                          klse if ids is not None else None)
     ctx.options, ctx.backend = options, backend
 
 
 def _linear_logprobs_backward(ctx, g_logp, g_ent, *_):
-    hidden, weight, bias, labels, lse, ent, tau = ctx.saved_tensors
+    hidden, weight, bias, labels, lse, ent, tau, ids, offsets, klse = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if g_logp is None and (g_ent is None or ent is None):
-        return (None,) * 7
+        return (None,) * 9
     if g_logp is None:
         g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=lse.device)
     need_bias = bias is not None and needs[2]
     dh, dw, db = linear_logprobs_backward_op(hidden, weight, bias, labels, lse, ent, g_logp, g_ent,
-                                                            ctx.options, needs[0], needs[1], need_bias, ctx.backend,
-                                                            tau)
-    return (dh if needs[0] else None), (dw if needs[1] else None), (db if need_bias else None), None, None, None, None
+                                             ctx.options, needs[0], needs[1], need_bias, ctx.backend, tau, ids,
+                                             offsets, klse)
+    return (dh if needs[0] else None), (dw if needs[1] else None), (db if need_bias else None), *([None] * 6)
 
 
 linear_logprobs_op.register_autograd(_linear_logprobs_backward, setup_context=_linear_logprobs_setup)
@@ -184,7 +201,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     bias: torch.Tensor | None = None, temperature: float | torch.Tensor = 1.0, ignore_index: int = -100,
                     return_entropy: bool = False, final_logit_softcapping: float | None = None,
                     logit_scale: float = 1.0, extra_outputs: Collection[str] = (),
-                    chunk_bytes: int | None = None, vocab_parallel: VocabParallel | None = None) -> LinearLogprobs:
+                    chunk_bytes: int | None = None, vocab_parallel: VocabParallel | None = None,
+                    kept: KeptSet | None = None, logits_dtype: torch.dtype | None = None,
+                    fp32_head: bool = False) -> LinearLogprobs:
     """token_logprobs(z', labels) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     softcap(x) = c tanh(x / c) with c = final_logit_softcapping (none when None), without materialising
     the logits.
@@ -203,20 +222,36 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     `vocab_parallel=fastppo.VocabParallel(group)`: the weight (and bias) passed are this rank's contiguous vocabulary
     shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel
     section); labels are global ids, the results those of the full vocabulary on every rank.
-    hidden gets its full gradient on every rank (one all-reduce of N x H in backward). (Not with extra_outputs or a
-    per-token temperature.)"""
+    hidden gets its full gradient on every rank (one all-reduce of N x H in backward). (Not with extra_outputs.)
+    `kept=fastppo.KeptSet` (one row per label): log-probs renormalised over each row's kept set (the sampler's
+    support after top-k / top-p / min-p), logp = z'_y - logsumexp_{j in K} z'_j; the log-prob's gradient reaches
+    hidden / weight / bias through the kept columns only; entropy and extra_outputs stay full-vocabulary
+    (docs/design.md §4.1b). A live label outside its row's kept set is a ValueError where the check is free
+    (CPU), NaN on CUDA. Same FLOPs as without (the chunk's logits, then the kept columns read from them).
+    `logits_dtype` (None, torch.bfloat16, torch.float16): each logit h . w + b is rounded to that dtype before
+    the transform and softmax, as an engine that materialises such logits does (matching its log-probs);
+    gradients pass straight through the rounding (d round(z) / dz taken as 1). `fp32_head=True`: hidden and
+    weight upcast to fp32 in the GEMMs, the gradient dz kept in fp32 too (TRL's cast_lm_head_to_fp32,
+    ScaleRL's fp32 LM head; the PyTorch backend always projects in fp32), gradients returned in the inputs'
+    dtypes: more exact log-probs and gradients for 16-bit heads, at fp32 GEMM speed (no 16-bit tensor cores)
+    and an fp32 [rows, V] dz buffer."""
     if vocab_parallel is not None:
         return sharded_linear_logprobs(hidden, weight, labels, vocab_parallel, bias=bias, temperature=temperature,
                                        ignore_index=ignore_index, return_entropy=return_entropy,
                                        final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale,
-                                       extra_outputs=extra_outputs, chunk_bytes=chunk_bytes)
+                                       extra_outputs=extra_outputs, chunk_bytes=chunk_bytes, kept=kept,
+                                       logits_dtype=logits_dtype, fp32_head=fp32_head)
     check_linear(hidden, weight, labels, bias, ignore_index)
     extras = _check_extras(extra_outputs)
     tau = check_temperature_rows(temperature, labels.shape, hidden.device, "linear_logprobs", labels, ignore_index)
     opts = build_linear_options(1.0 if tau is not None else temperature, ignore_index, return_entropy, bool(extras),
-                                final_logit_softcapping, logit_scale, chunk_bytes, backend_for(hidden, weight, labels))
-    logp, ent, sq, mean, top1, _, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, encode(opts),
-                                                                       opts.backend, tau)
+                                final_logit_softcapping, logit_scale, chunk_bytes, backend_for(hidden, weight, labels),
+                                logits_dtype, fp32_head)
+    if kept is not None:
+        check_kept(kept, labels, weight.shape[0], ignore_index)
+    logp, ent, sq, mean, top1, *_ = torch.ops.fastppo.linear_logprobs(
+        hidden, weight, bias, labels, encode(opts), opts.backend, tau, *((kept.ids, kept.offsets) if kept is not None
+                                                                           else (None, None)))
     if extras:   # (the op returns empty tensors for outputs not asked for)
         pick = {"log_sum_sq_probs": sq, "mean_logits": mean, "is_top1": top1}
         return LogprobOutputs(logp, ent if opts.with_entropy else None,

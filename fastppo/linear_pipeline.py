@@ -6,12 +6,21 @@ forward / backward over the valid rows of a flat [N, H] hidden."""
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
 from ._validation import check_float, check_labels
 from .dispatch import ops
 from .kernels import _config as cfg
+from .kernels.linear_kept import (
+    colsum_chunk,
+    compact_kept,
+    kept_grads_chunk,
+    kept_scatter_chunk,
+    kept_stats_chunk,
+    new_kept_outputs,
+)
 from .library import acc_dtype
 from .options import LinearOptions
 
@@ -37,22 +46,56 @@ def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
 
 
 # ----------------------------------------------------------------------------- the Triton pipeline
-def triton_forward(h2, weight, bias, y, valid, opts, tau=None):
-    """Launches 1-2 over all rows (no buffer). Returns (rows, per-row outputs). `tau`: per-row temperatures
-    [N] (or None) everywhere below."""
+class KeptArg(NamedTuple):
+    """A kept set as the pipeline takes it: the KeptSet's CSR (ids, offsets) by original row, restricted to the
+    vocabulary range [start, start + size) of this weight (a shard; size None: all of it), ids made local."""
+
+    ids: torch.Tensor
+    offsets: torch.Tensor
+    start: int | torch.Tensor = 0
+    size: int | None = None
+
+
+def _compact(kept: KeptArg | None, rows):
+    """The kept CSR in the compacted rows' order (kernels/linear_kept.py compact_kept), or None."""
+    if kept is None:
+        return None
+    return KeptArg(*compact_kept(kept.ids, kept.offsets, rows.idx, kept.start, kept.size))
+
+
+def triton_forward(h2, weight, bias, y, valid, opts, tau=None, kept=None):
+    """Launches 1-2 over all rows (no buffer); with a kept set, chunk by chunk with the z' buffer and the kept
+    statistics launch (out["klse"]: (m_K, log s_K) by compacted position; logp renormalised over K). Returns
+    (rows, per-row outputs). `tau`: per-row temperatures [N] (or None) everywhere below."""
     k = triton_kernels()
     rows = k.CompactRows(valid)
-    out = k.new_outputs(h2.shape[0], h2.device, acc_dtype(h2, weight), opts.with_entropy, opts.extras)
-    if h2.shape[0]:
-        k.stats_chunk(h2, weight, bias, y, rows, 0, h2.shape[0], out, opts, tau=tau)
+    N, V = h2.shape[0], weight.shape[0]
+    acc = acc_dtype(h2, weight)
+    out = k.new_outputs(N, h2.device, acc, opts.with_entropy, opts.extras)
+    if kept is None:
+        if N:
+            k.stats_chunk(h2, weight, bias, y, rows, 0, N, out, opts, tau=tau)
+        return rows, out
+    kc = _compact(kept, rows)
+    out["klse"] = new_kept_outputs(N, h2.device, acc)
+    step = chunk_rows(N, V, acc, opts.chunk_bytes, acc)
+    buf = torch.empty(step, V, dtype=acc, device=h2.device)
+    for r0 in range(0, N, step):
+        n = min(step, N - r0)
+        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=buf[:n], tau=tau)
+        kept_stats_chunk(buf[:n], y, rows, r0, n, kc.ids, kc.offsets, out["klse"], out["logp_c"], out["logp"])
     return rows, out
 
 
-def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, stats=None, tau=None):
+def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, stats=None, tau=None, kept=None,
+                         kstats=None):
     """Launches 1-5 chunk by chunk. `coefs(r0, n)` returns the chunk's per-row coefficients (c_logp,
     c_ent or None; by compacted position) once its statistics are in `out`. With `stats` = (lse, ent or
     None) by compacted position (known from an earlier forward, or global ones for a vocabulary shard),
-    those are used and launch 2 is skipped. Returns (dh, dw, db)."""
+    those are used and launch 2 is skipped. `kept` (KeptArg): the log-prob term over the kept sets, with
+    their statistics `kstats` (by compacted position) or, without, the kept statistics launch per chunk
+    (into out["klse"], out["logp_c"], out["logp"]); then the kept gradient launch, the dense dz launch
+    without the log-prob term, the scatter of the kept columns and d(bias) summed from dz. Returns (dh, dw, db)."""
     k = triton_kernels()
     N, H = h2.shape
     V = weight.shape[0]
@@ -63,7 +106,7 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
     db = torch.empty(V, dtype=bias.dtype, device=dev) if (bias is not None and needs[2]) else None
     if N == 0:
         return dh, (None if dw is None else dw.zero_()), (None if db is None else db.zero_())
-    dot = torch.promote_types(h2.dtype, weight.dtype)
+    dot = acc if opts.fp32_head else torch.promote_types(h2.dtype, weight.dtype)
     dz_dtype = acc if dot in (torch.float32, torch.float64) else dot
     step = chunk_rows(N, V, acc, opts.chunk_bytes, dz_dtype)
     starts = list(range(0, N, step))
@@ -72,57 +115,82 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
     multi = len(starts) > 1 and (dw is not None or db is not None)
     dw_acc = torch.empty(V, H, dtype=acc, device=dev) if multi and dw is not None else None
     db_acc = torch.empty(V, dtype=acc, device=dev) if multi and db is not None else None
+    kc = _compact(kept, rows)
+    if kc is not None:
+        gk = torch.empty(kc.ids.numel(), dtype=acc, device=dev)
+        no_logp = torch.zeros(N, dtype=acc, device=dev)
+        if kstats is None:
+            out["klse"] = new_kept_outputs(N, dev, acc)
     for i, r0 in enumerate(starts):
         n = min(step, N - r0)
-        z = buf[:n]
+        z, dz = buf[:n], dz_buf[:n]
         k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z, finish=stats is None, tau=tau)
+        if kc is not None and kstats is None:
+            kept_stats_chunk(z, y, rows, r0, n, kc.ids, kc.offsets, out["klse"], out["logp_c"], out["logp"])
         c_logp, c_ent = coefs(r0, n)
         last = i == len(starts) - 1
         lse, ent = stats if stats is not None else (out["lse"], out["ent_c"])
-        k.grads_chunk(z, dz_buf[:n], h2, weight, y, rows, r0, n, lse, ent, c_logp, c_ent, opts,
-                      d_hidden=dh, dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None,
-                      db_out=None if db is None else (db if last else db_acc), db_in=db_acc if i else None, tau=tau)
+        db_out, db_in = (None if db is None else (db if last else db_acc)), (db_acc if i else None)
+        if kc is None:
+            k.dz_chunk(z, dz, y, rows, r0, n, lse, ent, c_logp, c_ent, opts, db_out=db_out, db_in=db_in, tau=tau)
+        else:
+            kept_grads_chunk(z, y, rows, r0, n, kc.ids, kc.offsets, out["klse"] if kstats is None else kstats, lse,
+                             ent, c_logp, c_ent, gk, opts, tau)
+            k.dz_chunk(z, dz, y, rows, r0, n, lse, ent, no_logp, c_ent, opts, tau=tau)
+            kept_scatter_chunk(gk, dz, y, rows, r0, n, kc.ids, kc.offsets)
+            if db_out is not None:
+                colsum_chunk(dz, rows, r0, n, acc, db_out, db_in)
+        k.gemm_chunk(dz, h2, weight, rows, r0, n, opts, d_hidden=dh,
+                     dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None)
     return dh, dw, db
 
 
-def forward_rows(h2, weight, bias, y, valid, opts, tau=None):
+def forward_rows(h2, weight, bias, y, valid, opts, tau=None, kept=None):
+    """(rows or None, per-row outputs) of the valid rows: the Triton pipeline or the PyTorch twin."""
     if opts.backend == "triton":
-        return triton_forward(h2, weight, bias, y, valid, opts, tau)
-    return None, ops("linear", "torch").forward(h2, weight, bias, y, valid, opts, tau=tau)
+        return triton_forward(h2, weight, bias, y, valid, opts, tau, kept)
+    return None, ops("linear", "torch").forward(h2, weight, bias, y, valid, opts, tau=tau, kept=kept)
 
 
-def gradient_rows(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, needs, tau=None):
+def gradient_rows(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, needs, tau=None, kept=None,
+                  kstats=None):
     """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row). `stats`: the rows' lse and
-    entropy (or None), by original row on the torch backend, by compacted position on the Triton path."""
+    entropy (or None), `kstats` the kept statistics (with `kept`), by original row on the torch backend, by
+    compacted position on the Triton path."""
     if opts.backend == "torch":
         return ops("linear", "torch").grads(h2, weight, bias, y, valid, stats[0], stats[1], c_logp, c_ent, opts,
-                                              needs, tau=tau)
+                                              needs, tau=tau, kept=kept, klse=kstats)
     acc = acc_dtype(h2, weight)
     cl = c_logp.to(acc).index_select(0, rows.idx)
     ce = None if c_ent is None else c_ent.to(acc).index_select(0, rows.idx)
     return triton_gradient_pass(h2, weight, bias, y, rows, None, dataclasses.replace(opts, extras=False), needs,
-                                lambda r0, n: (cl, ce), stats=stats, tau=tau)
+                                lambda r0, n: (cl, ce), stats=stats, tau=tau, kept=kept, kstats=kstats)
 
 
-def linear_forward(hidden2d, weight, bias, labels1d, opts: LinearOptions):
-    """(logp, lse, entropy or None) per row in the rows' order (0 at ignored rows): the forward launches for
-    callers that combine row statistics themselves (fastppo.vocab_parallel)."""
+def linear_forward(hidden2d, weight, bias, labels1d, opts: LinearOptions, tau=None, kept=None):
+    """(logp, lse, entropy or None, kept statistics or None) per row in the rows' order (0 at ignored rows): the
+    forward launches for callers that combine row statistics themselves (fastppo.vocab_parallel_linear). With
+    `kept`, logp is renormalised over the kept set and the kept statistics (m_K, log s_K) are [N, 2]."""
     valid = labels1d != opts.ignore_index
-    rows, out = forward_rows(hidden2d, weight, bias, labels1d, valid, opts)
-    lse = out["lse"] if rows is None else torch.empty_like(out["lse"]).index_copy_(0, rows.idx, out["lse"])
-    return out["logp"], lse, out["ent"] if opts.with_entropy else None
+    rows, out = forward_rows(hidden2d, weight, bias, labels1d, valid, opts, tau, kept)
+    by_row = lambda t: t if rows is None else torch.zeros_like(t).index_copy_(0, rows.idx, t)  # noqa: E731
+    klse = by_row(out["klse"]) if kept is not None else None
+    return out["logp"], by_row(out["lse"]), out["ent"] if opts.with_entropy else None, klse
 
 
 def linear_backward(hidden2d, weight, bias, labels1d, lse, ent, c_logp, c_ent, opts: LinearOptions,
-                    needs=(True, True, True)):
-    """(d_hidden, d_weight, d_bias) of sum_i c_logp_i logp_i + c_ent_i H_i for the given per-row lse and
-    entropy (in the rows' order; e.g. global ones for a vocabulary shard), valid rows only."""
+                    needs=(True, True, True), tau=None, kept=None, klse=None):
+    """(d_hidden, d_weight, d_bias) of sum_i c_logp_i logp_i + c_ent_i H_i for the given per-row lse, entropy
+    and kept statistics (in the rows' order; e.g. global ones for a vocabulary shard), valid rows only."""
     valid = labels1d != opts.ignore_index
     if opts.backend == "torch":
-        return gradient_rows(hidden2d, weight, bias, labels1d, valid, None, (lse, ent), c_logp, c_ent, opts, needs)
+        return gradient_rows(hidden2d, weight, bias, labels1d, valid, None, (lse, ent), c_logp, c_ent, opts, needs,
+                             tau, kept, klse)
     rows = triton_kernels().CompactRows(valid)
-    stats = (lse.index_select(0, rows.idx), None if c_ent is None else ent.index_select(0, rows.idx))
-    return gradient_rows(hidden2d, weight, bias, labels1d, valid, rows, stats, c_logp, c_ent, opts, needs)
+    pick = lambda t: None if t is None else t.index_select(0, rows.idx)  # noqa: E731
+    stats = (pick(lse), None if c_ent is None else pick(ent))
+    return gradient_rows(hidden2d, weight, bias, labels1d, valid, rows, stats, c_logp, c_ent, opts, needs, tau,
+                         kept, pick(klse))
 
 
 def flatten_rows(hidden, labels):
@@ -146,8 +214,9 @@ def check_linear(hidden, weight, labels, bias, ignore_index):
 
 
 def build_linear_options(temperature, ignore_index, with_entropy, extras, final_logit_softcapping, logit_scale,
-                         chunk_bytes, backend) -> LinearOptions:
+                         chunk_bytes, backend, logits_dtype=None, fp32_head=False) -> LinearOptions:
     """LinearOptions from the public keywords (the logit transform validated as for every logits op)."""
     return LinearOptions.build(temperature=temperature, logit_scale=logit_scale,
                                final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
-                               with_entropy=with_entropy, backend=backend, extras=bool(extras), chunk_bytes=chunk_bytes)
+                               with_entropy=with_entropy, backend=backend, extras=bool(extras), chunk_bytes=chunk_bytes,
+                               logits_dtype=LinearOptions.logits_dtype_name(logits_dtype), fp32_head=fp32_head)

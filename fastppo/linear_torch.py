@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.linear_kept import compact_kept
+
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per slice
 ROW_BLOCK = 64            # rows per product (batch invariance, module doc)
 
@@ -78,6 +80,8 @@ def logits(h, weight, bias, opts, acc, inv_tau=None, row_blocks=True):
             torch.matmul(hz, w.t(), out=z[:, v0:v1])
     if bias is not None:
         z = z + bias.to(acc)
+    if opts.logits_dtype is not None:     # the engine's rounded logits (gradients pass straight through)
+        z = z.to(getattr(torch, opts.logits_dtype)).to(acc)
     z = z * opts.logit_scale
     th = None
     if opts.softcap is not None:
@@ -94,9 +98,43 @@ def _row_inv_tau(tau, sel, acc):
     return 1.0 / t.to(acc).unsqueeze(-1)
 
 
-def forward(hidden2d, weight, bias, labels, valid, opts, tau=None):
+def _kept_entries(kept, valid, sel):
+    """(ids, row) of every kept entry: row = its position among the projected rows (the selected ones, in
+    order), or a number past them for entries of other rows or outside this weight's vocabulary range."""
+    n = valid.numel()
+    idx = torch.arange(n, device=valid.device) if sel is None else torch.argsort((~valid).to(torch.int8), stable=True)
+    ids, offsets = compact_kept(kept.ids, kept.offsets, idx, kept.start, kept.size)
+    counts = torch.cat([offsets[1:] - offsets[:-1], (ids.numel() - offsets[-1:])])
+    return ids, torch.repeat_interleave(torch.arange(n + 1, device=ids.device), counts, output_size=ids.numel())
+
+
+def _kept_mask(entries, a, b, V):
+    """Bool [b - a, V]: the kept columns of projected rows [a, b) (no host sync: O(nnz) scatter of ones)."""
+    ids, row = entries
+    rel = row - a
+    inside = (rel >= 0) & (rel < b - a)
+    hits = torch.zeros(b - a + 1, V, dtype=torch.int32, device=ids.device)
+    hits.index_put_((torch.where(inside, rel, b - a), torch.where(inside, ids, 0)),
+                    torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+    return hits[:b - a] > 0
+
+
+def _kept_forward(z, y, in_range, km):
+    """(logp over the kept set, (m_K, log s_K)) of a slice of z' with kept mask km."""
+    zk = torch.where(km, z, float("-inf"))
+    m = zk.amax(-1)
+    e = torch.exp(zk - torch.where(m == float("-inf"), torch.zeros_like(m), m)[:, None])
+    log_s = torch.log(e.sum(-1))
+    safe = y.clamp(0, z.shape[1] - 1).long()[:, None]
+    found = km.gather(1, safe)[:, 0] & in_range
+    logp = torch.where(found, (z.gather(1, safe)[:, 0] - m) - log_s, torch.full_like(m, float("nan")))
+    return logp, torch.stack((m, log_s), 1)
+
+
+def forward(hidden2d, weight, bias, labels, valid, opts, tau=None, kept=None):
     """Per original row: logp, ent, log_sum_sq_probs, mean_logits, is_top1 (zeros where not valid) and lse,
-    the [N, 2] row statistics (max m, log s)."""
+    the [N, 2] row statistics (max m, log s); with `kept` (fastppo.linear_pipeline.KeptArg) logp over the kept
+    set and klse, its statistics (m_K, log s_K)."""
     N, V = hidden2d.shape[0], weight.shape[0]
     acc = _acc(hidden2d, weight)
     dev = hidden2d.device
@@ -107,6 +145,9 @@ def forward(hidden2d, weight, bias, labels, valid, opts, tau=None):
     res = {k: torch.zeros(n, dtype=acc, device=dev) for k in ("logp", "ent", "sq", "mean")}
     res["lse"] = torch.zeros(n, 2, dtype=acc, device=dev)
     res["top1"] = torch.zeros(n, dtype=torch.bool, device=dev)
+    entries = None if kept is None else _kept_entries(kept, valid, sel)
+    if kept is not None:
+        res["klse"] = torch.zeros(n, 2, dtype=acc, device=dev)
     for a, b in _slices(n, V):
         z, _ = logits(h[a:b], weight, bias, opts, acc, None if inv is None else inv[a:b])
         y = y_all[a:b]
@@ -120,6 +161,8 @@ def forward(hidden2d, weight, bias, labels, valid, opts, tau=None):
         z_y = zs.gather(1, y.clamp(0, V - 1).long()[:, None])[:, 0]
         res["lse"][a:b, 0], res["lse"][a:b, 1] = m[:, 0], log_s
         res["logp"][a:b] = torch.where(in_range, z_y - log_s, torch.full_like(log_s, float("nan")))
+        if kept is not None:
+            res["logp"][a:b], res["klse"][a:b] = _kept_forward(z, y, in_range, _kept_mask(entries, a, b, V))
         if opts.with_entropy:
             res["ent"][a:b] = log_s - torch.where(e == 0, torch.zeros_like(e), e * zs).sum(-1) / s_row
         if opts.extras:
@@ -136,9 +179,11 @@ def forward(hidden2d, weight, bias, labels, valid, opts, tau=None):
     return out
 
 
-def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, needs, tau=None):
+def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, needs, tau=None, kept=None,
+          klse=None):
     """(d_hidden, d_weight, d_bias) of sum_i c_logp_i logp_i + c_ent_i H_i over valid rows (per original row
-    coefficients; fp32 sums, fp64 for fp64)."""
+    coefficients; fp32 sums, fp64 for fp64); with `kept`, logp over the kept set, whose statistics are klse
+    (d logp / dz'_j = onehot(y)_j - p_K,j on the kept columns, 0 elsewhere)."""
     N, H = hidden2d.shape
     V = weight.shape[0]
     acc = _acc(hidden2d, weight)
@@ -152,12 +197,21 @@ def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, 
     db = torch.zeros(V, dtype=acc, device=h.device) if (bias is not None and needs[2]) else None
     cols = torch.arange(V, device=h.device)
     inv = _row_inv_tau(tau, sel, acc)
+    entries = None if kept is None else _kept_entries(kept, valid, sel)
+    klse_s = None if kept is None else pick(klse).to(acc)
     for a, b in _slices(h.shape[0], V):
         inv_rows = opts.inv_tau if inv is None else inv[a:b]
         z, th = logits(h[a:b], weight, bias, opts, acc, None if inv is None else inv_rows)
         logp = (z - lse_s[a:b, :1]) - lse_s[a:b, 1:]
         p = torch.exp(logp)
-        g = cl[a:b, None] * ((cols[None, :] == y_all[a:b, None]).to(acc) - p)
+        onehot = cols[None, :] == y_all[a:b, None]
+        if kept is None:
+            g = cl[a:b, None] * (onehot.to(acc) - p)
+        else:
+            km = _kept_mask(entries, a, b, V)
+            p_k = torch.exp((z - klse_s[a:b, :1]) - klse_s[a:b, 1:])
+            p_k = torch.where(km, p_k, torch.zeros((), dtype=acc, device=z.device))
+            g = cl[a:b, None] * ((onehot & km).to(acc) - p_k)
         if ce is not None:
             h_term = torch.where(p == 0, torch.zeros_like(p), p * (logp + ent_s[a:b, None]))
             g = g - ce[a:b, None] * h_term

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import torch
 import torch.distributed as dist
 
 from ._validation import check_number, check_temperature
@@ -257,16 +258,37 @@ class LogprobOptions(LogitTransform):
 
 @dataclass(frozen=True)
 class LinearOptions(LogprobOptions):
-    """The linear ops' options: TRL's extra per-token outputs, and chunk_bytes (None: automatic, see
-    fastppo.linear_pipeline.chunk_rows)."""
+    """The linear ops' options: TRL's extra per-token outputs, chunk_bytes (None: automatic, see
+    fastppo.linear_pipeline.chunk_rows), logits_dtype (None, "bfloat16" or "float16": each logit h . w + b
+    rounded to it before the transform) and fp32_head (the GEMMs in fp32 whatever the inputs' dtype)."""
 
     extras: bool = False
     chunk_bytes: int | None = None
+    logits_dtype: str | None = None
+    fp32_head: bool = False
 
     def __post_init__(self):
         cb = self.chunk_bytes
         if cb is not None and (isinstance(cb, bool) or not isinstance(cb, int) or cb <= 0):
             raise ValueError(f"chunk_bytes must be None or a positive int, got {cb!r}")
+        if self.logits_dtype not in LOGITS_DTYPES:
+            raise ValueError(f"logits_dtype must be None, torch.bfloat16 or torch.float16, got {self.logits_dtype!r}")
+        if not isinstance(self.fp32_head, bool):
+            raise TypeError(f"fp32_head must be a bool, got {type(self.fp32_head).__name__}")
+
+    @staticmethod
+    def logits_dtype_name(logits_dtype) -> str | None:
+        """The option's value for the public keyword logits_dtype (None, torch.bfloat16 or torch.float16)."""
+        names = {None: None, torch.bfloat16: "bfloat16", torch.float16: "float16"}
+        if not isinstance(logits_dtype, torch.dtype) and logits_dtype is not None:
+            raise TypeError(f"logits_dtype must be None, torch.bfloat16 or torch.float16, got "
+                            f"{type(logits_dtype).__name__}")
+        if logits_dtype not in names:
+            raise ValueError(f"logits_dtype must be None, torch.bfloat16 or torch.float16, got {logits_dtype}")
+        return names[logits_dtype]
+
+
+LOGITS_DTYPES = (None, "bfloat16", "float16")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,20 @@ def _sig(fn, types: dict, constexprs: dict):
 
 
 def _specs():
-    from . import divergence, full_kl, gae, kept, kl, linear, logprobs, loss_agg, loss_seq, mismatch, topk_divergence
+    from . import (
+        divergence,
+        full_kl,
+        gae,
+        kept,
+        kl,
+        linear,
+        linear_kept,
+        logprobs,
+        loss_agg,
+        loss_seq,
+        mismatch,
+        topk_divergence,
+    )
 
     row = dict(BLOCK_V=cfg.ROW_BLOCK_V)
     strides = ("stride_outer", "stride_inner", "V")
@@ -92,6 +105,7 @@ def _specs():
     specs.extend(gae.aot_specs(AOTSpec, _sig))
     specs.extend(linear.aot_specs(AOTSpec, _sig))
     specs.extend(kept.aot_specs(AOTSpec, _sig))
+    specs.extend(linear_kept.aot_specs(AOTSpec, _sig))
     return specs
 
 

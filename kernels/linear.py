@@ -51,9 +51,11 @@ def _row_inv_tau(tau_ptr, orig, row_ok, inv_tau, HAS_TAU_ROWS: tl.constexpr, ACC
 def _logit_tile(h_ptr, w_ptr, b_ptr, orig, row_ok, cols, V, H, s_hn, s_hk, s_wv, s_wk, s_b,
                 logit_scale, softcap, inv_tau,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                ROUND: tl.constexpr):
     """z' tile [BLOCK_N, BLOCK_V] for hidden rows `orig` (int64) and vocabulary columns `cols`; -inf past V.
-    Every offset is 64-bit (a stride times an index can pass 2^31)."""
+    z = h . w + b is rounded to ROUND (logits_dtype; ACC: no rounding) before the transform. Every offset is
+    64-bit (a stride times an index can pass 2^31)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), ACC)
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     c64 = cols.to(tl.int64)
@@ -67,7 +69,7 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, orig, row_ok, cols, V, H, s_hn, s_hk, s_wv,
         acc = tl.dot(h.to(DOT), tl.trans(w.to(DOT)), acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c64 * s_b, mask=col_ok, other=0.0).to(ACC)[None, :]
-    z = acc * logit_scale
+    z = acc.to(ROUND).to(ACC) * logit_scale
     if HAS_SOFTCAP:
         z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)   # c tanh(z / c)
     return tl.where(col_ok[None, :], z * inv_tau, float("-inf"))
@@ -97,7 +99,7 @@ def _linear_fwd_kernel(
     logit_scale, softcap, inv_tau,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr, WITH_EXTRAS: tl.constexpr, STORE_Z: tl.constexpr,
-    HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, ROUND: tl.constexpr,
 ):
     """Partial statistics of rows tile program_id(0) over columns [v_lo, v_hi) of split program_id(1):
     part[k, split, row] for k in (m, s = sum e^(z'-m), t = sum e^(z'-m) (z'-m), sq = sum e^(2(z'-m)),
@@ -121,7 +123,7 @@ def _linear_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         z = _logit_tile(h_ptr, w_ptr, b_ptr, orig, row_ok, cols, v_hi, H, s_hn, s_hk, s_wv, s_wk, s_b,
                         logit_scale, softcap, inv_rows, BLOCK_N, BLOCK_V, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, ACC,
-                        DOT, PRECISION)
+                        DOT, PRECISION, ROUND)
         if STORE_Z:
             out = z_ptr + rows_c.to(tl.int64)[:, None] * s_zn + cols[None, :]
             tl.store(out, z, mask=row_ok[:, None] & (cols[None, :] < v_hi))
@@ -332,12 +334,13 @@ def _linear_dw_kernel(
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def dtypes(hidden_dtype, weight_dtype):
+def dtypes(hidden_dtype, weight_dtype, fp32_head=False):
     """(accumulator torch dtype, accumulator tl dtype, dot tl dtype, input precision) for a hidden / weight
     pair. The dot runs in their promoted dtype (fp32 hidden with a bf16 head: fp32, the bf16 weight tile
-    upcast exactly; bf16 with fp16: fp32); fp32 dots are IEEE fp32, fp64 stays fp64, 16-bit dots use
-    the tensor cores with fp32 accumulation."""
+    upcast exactly; bf16 with fp16: fp32), in fp32 at least with fp32_head; fp32 dots are IEEE fp32, fp64
+    stays fp64, 16-bit dots use the tensor cores with fp32 accumulation."""
     dot = torch.promote_types(hidden_dtype, weight_dtype)
+    dot = torch.float32 if fp32_head and dot != torch.float64 else dot
     acc = torch.float64 if dot == torch.float64 else torch.float32
     precision = "ieee" if dot in (torch.float32, torch.float64) else "tf32"
     return acc, _TL[acc], _TL[dot], precision
@@ -369,7 +372,7 @@ def stats_chunk(hidden, weight, bias, labels, rows: CompactRows, r0, n_rows, out
     row, in place of opts.inv_tau."""
     N, H = hidden.shape
     V = weight.shape[0]
-    acc, tl_acc, tl_dot, precision = dtypes(hidden.dtype, weight.dtype)
+    acc, tl_acc, tl_dot, precision = dtypes(hidden.dtype, weight.dtype, opts.fp32_head)
     v_split = _split_cols(V)
     n_splits = triton.cdiv(V, v_split)
     part = torch.empty(N_PARTIALS, n_splits, n_rows, dtype=acc, device=hidden.device)
@@ -384,8 +387,9 @@ def stats_chunk(hidden, weight, bias, labels, rows: CompactRows, r0, n_rows, out
         z.stride(0) if z is not None else 0, *_transform_args(opts),
         BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_K=cfg.LIN_BLOCK_K, HAS_BIAS=bias is not None,
         HAS_SOFTCAP=opts.softcap is not None, WITH_ENT=with_ent, WITH_EXTRAS=extras, STORE_Z=z is not None,
-        HAS_TAU_ROWS=tau is not None, ACC=tl_acc, DOT=tl_dot, PRECISION=precision, num_warps=cfg.LIN_NUM_WARPS,
-        num_stages=cfg.LIN_NUM_STAGES)
+        HAS_TAU_ROWS=tau is not None, ACC=tl_acc, DOT=tl_dot, PRECISION=precision,
+        ROUND=_TL[getattr(torch, opts.logits_dtype)] if opts.logits_dtype is not None else tl_acc,
+        num_warps=cfg.LIN_NUM_WARPS, num_stages=cfg.LIN_NUM_STAGES)
     if not finish:
         return
     record_launch("linear_finish", part, zy, labels[:n_rows], out["lse"][:n_rows], out["logp"][:n_rows],
@@ -412,15 +416,14 @@ def new_outputs(N, device, acc, with_entropy, extras):
     }
 
 
-def grads_chunk(z, dz, hidden, weight, labels, rows: CompactRows, r0, n_rows, lse, ent, c_logp, c_ent, opts, *,
-                d_hidden=None, dw_out=None, dw_in=None, db_out=None, db_in=None, tau=None):
-    """Gradient launches 3-5 for compacted rows [r0, r0 + n_rows) whose z' is in `z` ([n_rows, V]): dz into
-    `dz` (the GEMM dtype; may be `z` itself), d(bias); d_hidden's rows written once; d(weight) / d(bias)
-    of the chunk written to dw_out / db_out, plus the earlier chunks' fp32 sums dw_in / db_in when given.
-    lse, ent, c_logp, c_ent: by compacted position; tau (per-row temperatures, or None) by original row."""
-    N, H = hidden.shape
-    V = weight.shape[0]
-    _, tl_acc, tl_dot, precision = dtypes(hidden.dtype, weight.dtype)
+def dz_chunk(z, dz, labels, rows: CompactRows, r0, n_rows, lse, ent, c_logp, c_ent, opts, *, db_out=None,
+             db_in=None, tau=None):
+    """Gradient launch 3 for compacted rows [r0, r0 + n_rows) whose z' is in `z` ([n_rows, V]): dz into `dz`
+    (the GEMM dtype; may be `z` itself) and the chunk's d(bias) into db_out, plus the earlier chunks' fp32 sums
+    db_in when given. lse, ent, c_logp, c_ent: by compacted position; tau (per-row temperatures, or None) by
+    original row."""
+    V = z.shape[1]
+    tl_acc = _TL[lse.dtype]
     has_ent = c_ent is not None
     ent_arg, c_ent_arg = (ent, c_ent) if has_ent else (lse, c_logp)
     record_launch("linear_dz", z, labels[:n_rows], tau, lse[:n_rows], c_logp[:n_rows], c_ent if has_ent else None,
@@ -432,6 +435,14 @@ def grads_chunk(z, dz, hidden, weight, labels, rows: CompactRows, r0, n_rows, ls
         BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, HAS_ENT=has_ent, HAS_SOFTCAP=opts.softcap is not None,
         HAS_DB=db_out is not None, ACC_IN=db_in is not None, HAS_TAU_ROWS=tau is not None, ACC=tl_acc,
         num_warps=cfg.LIN_NUM_WARPS)
+
+
+def gemm_chunk(dz, hidden, weight, rows: CompactRows, r0, n_rows, opts, *, d_hidden=None, dw_out=None, dw_in=None):
+    """Gradient launches 4-5 for the chunk's dz: d_hidden's rows written once; d(weight) of the chunk written to
+    dw_out, plus the earlier chunks' fp32 sums dw_in when given."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    _, tl_acc, tl_dot, precision = dtypes(hidden.dtype, weight.dtype, opts.fp32_head)
     gemm = dict(BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_H=cfg.LIN_BLOCK_H, ACC=tl_acc, DOT=tl_dot,
                 PRECISION=precision, num_warps=cfg.LIN_NUM_WARPS, num_stages=cfg.LIN_NUM_STAGES)
     if d_hidden is not None:
@@ -455,7 +466,7 @@ def aot_specs(AOTSpec, sig):
                   nvalid_ptr="*i64", tau_ptr="*fp32", logit_scale="fp32", softcap="fp32", inv_tau="fp32")
     f32 = "*fp32"
     ce = dict(tiles, BLOCK_K=cfg.LIN_BLOCK_K, HAS_BIAS=True, WITH_ENT=True, WITH_EXTRAS=True, STORE_Z=True,
-              HAS_TAU_ROWS=True, s_hk=1, s_wk=1)   # the JIT specialises unit strides
+              HAS_TAU_ROWS=True, ROUND=tl.bfloat16, s_hk=1, s_wk=1)   # the JIT specialises unit strides
     types = dict(ptrs16, z_ptr=f32, part_ptr=f32, zy_ptr=f32)
     specs.append(AOTSpec("linear_fwd[bf16]", _linear_fwd_kernel, sig(_linear_fwd_kernel, types, ce), ce,
                          ("H", "V", "s_hn", "s_wv", "s_zn", "v_split"), True, cfg.LIN_NUM_WARPS,
