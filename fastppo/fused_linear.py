@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import torch
 
+from ._validation import check_temperature_rows
 from .backend import backend_for
 from .fused import FusedOutputs, ppo_output
+from .kept import KeptSet
+from .kept_logprobs import check_kept
 from .library import Once, acc_dtype, define, empty, encode, or_empty
 from .linear import linear_backward_fake, linear_options_of
 from .linear_pipeline import (
+    KeptArg,
     build_linear_options,
     check_linear,
     flatten_rows,
@@ -50,11 +54,13 @@ def _agg_weights(mask, cu, opts: LossOptions, acc, backend):
 
 
 def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw, cu, opts: LossOptions,
-                         lin: LinearOptions, needs):
+                         lin: LinearOptions, needs, tau=None, kept=None):
     """Forward of fused_linear_ppo_loss (the body of torch.ops.fastppo.fused_linear_ppo_loss): loss, logp,
     kl, entropy, stats and the gradients (d_hidden, d_weight, d_bias) for a unit upstream gradient, formed
-    in this pass where `needs` asks for them (None elsewhere)."""
+    in this pass where `needs` asks for them (None elsewhere). `tau`: per-token temperatures (or None);
+    `kept`: a KeptArg (log-probs over the kept sets) or None."""
     h2, y = flatten_rows(hidden, labels)
+    tau = None if tau is None else tau.reshape(-1).contiguous()
     shape = labels.shape
     valid = (y != lin.ignore_index) & (mask.reshape(-1) != 0)
     use_ent = lin.with_entropy and opts.entropy_coef != 0
@@ -63,9 +69,9 @@ def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw,
     in_forward = any(needs) and lin.backend == "triton" and _token_local(opts)
     if in_forward:
         grads, out = _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, cu, opts, lin,
-                                            needs, use_ent, acc)
+                                            needs, use_ent, acc, tau, kept)
     else:
-        rows, out = forward_rows(h2, weight, bias, y, valid, lin)
+        rows, out = forward_rows(h2, weight, bias, y, valid, lin, tau, kept)
     logp = out["logp"].view(shape)
     ent = out["ent"].view(shape) if lin.with_entropy else None
     res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lin.backend, ref=ref,
@@ -73,7 +79,8 @@ def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw,
     if any(needs) and not in_forward:
         row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
         grads = gradient_rows(h2, weight, bias, y, valid, rows, row_stats, res.coef.reshape(-1),
-                              res.coef_ent.reshape(-1) if use_ent and res.coef_ent is not None else None, lin, needs)
+                              res.coef_ent.reshape(-1) if use_ent and res.coef_ent is not None else None, lin, needs,
+                              tau, kept, out.get("klse"))
     dh, dw, db = grads
     return res.loss, logp, res.kl, ent, res.stats, (None if dh is None else dh.view(hidden.shape)), dw, db
 
@@ -90,7 +97,8 @@ def _per_token(t, mask, cu):
     return t.expand(mask.shape).reshape(-1)
 
 
-def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, cu, opts, lin, needs, use_ent, acc):
+def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw, cu, opts, lin, needs, use_ent, acc,
+                           tau=None, kept=None):
     """The 6 N H V path: each chunk's coefficients dloss/dlogp = m w dL/dlogp and dloss/dH = -m w c_ent come
     from the per-token loss function run on the chunk's rows with unit aggregation (token-mean over a
     count of 1), times the global aggregation weights m w, so chunk contributions add up exactly."""
@@ -116,14 +124,14 @@ def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw,
             c_ent[r0:r0 + n] = res.coef_ent[0] * w
         return c_logp, c_ent
 
-    grads = triton_gradient_pass(h2, weight, bias, y, rows, out, lin, needs, coefs)
+    grads = triton_gradient_pass(h2, weight, bias, y, rows, out, lin, needs, coefs, tau=tau, kept=kept)
     return grads, out
 
 
 # ----------------------------------------------------------------------------- op
 def _fused_linear_ppo_loss_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
                                 rollout_is_weights, cu_seqlens, options, linear_options, need_hidden, need_weight,
-                                need_bias, backend):
+                                need_bias, backend, tau=None, ids=None, offsets=None):
     lin = linear_options_of(linear_options)
     loss, stats, coef = agg_outputs_fake(hidden, mask)
     logp = hidden.new_empty(labels.shape, dtype=acc_dtype(hidden, weight))
@@ -139,13 +147,17 @@ def fused_linear_ppo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: t
                              mask: torch.Tensor, ref_logprobs: torch.Tensor | None,
                              rollout_is_weights: torch.Tensor | None, cu_seqlens: torch.Tensor | None, options: str,
                              linear_options: str,
-                             need_hidden: bool, need_weight: bool, need_bias: bool, backend: str) -> FusedOutputs:
+                             need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
+                             tau: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                             offsets: torch.Tensor | None = None) -> FusedOutputs:
     """(loss, logprobs, kl, entropy, stats, d_hidden, d_weight, d_bias): fused_linear_ppo_loss's forward,
     which forms the gradients for a unit upstream gradient (fastppo.linear; empty where not needed).
-    Only loss is differentiable; its backward scales the saved gradients."""
+    tau: per-token temperatures (linear_options' inv_tau then 1); ids / offsets: a KeptSet's CSR. Only loss
+    is differentiable; its backward scales the saved gradients."""
     loss, logp, kl, ent, stats, dh, dw, db = fused_linear_outputs(
         hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, cu_seqlens,
-        loss_options_of(options), linear_options_of(linear_options), (need_hidden, need_weight, need_bias))
+        loss_options_of(options), linear_options_of(linear_options), (need_hidden, need_weight, need_bias), tau,
+        None if ids is None else KeptArg(ids, offsets))
     return (loss, logp, or_empty(kl, logp), or_empty(ent, logp), stats, empty(hidden) if dh is None else
             dh.contiguous(), or_empty(dw, weight), or_empty(db, weight))
 
@@ -155,12 +167,12 @@ def _fused_linear_ppo_loss_setup(ctx, inputs, output):
     loss, logp, kl, ent, stats, dh, dw, db = output
     ctx.mark_non_differentiable(logp, kl, ent, stats, dh, dw, db)
     ctx.save_for_backward(dh, dw, db, *inputs[:3])
-    ctx.present = inputs[-4:-1]
+    ctx.present = inputs[12:15]     # need_hidden, need_weight, need_bias
 
 
 def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
     if g_loss is None:
-        return (None,) * 16
+        return (None,) * 19
     grads = []
     dh, dw, db, *linked = ctx.saved_tensors
     for t, present in zip((dh, dw, db), ctx.present):
@@ -172,7 +184,7 @@ def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
         if torch.is_grad_enabled():   # the gradients were formed in the forward: a second derivative cannot be
             t = Once.apply("fused_linear_ppo_loss", t, g_loss, *(x for x in linked if x is not None))
         grads.append(t)
-    return (*grads, *([None] * 13))
+    return (*grads, *([None] * 16))
 
 
 fused_linear_ppo_loss_op.register_autograd(_fused_linear_ppo_loss_backward, setup_context=_fused_linear_ppo_loss_setup)
@@ -183,7 +195,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           advantages: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
                           ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
                           entropy_coef: float = 0.0, clip_low: float = 0.2, clip_high: float | None = None,
-                          dual_clip: float | None = None, temperature: float = 1.0, agg: str = "token-mean",
+                          dual_clip: float | None = None, temperature: float | torch.Tensor = 1.0,
+                          agg: str = "token-mean",
                           ignore_index: int = -100, return_entropy: bool = False, num_tokens: float | None = None,
                           num_seqs: float | None = None, horizon: float | None = None, policy_loss: str = "ppo",
                           ratio_max: float | None = None, sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
@@ -195,7 +208,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           kl_bias_correction: bool = False, off_policy_mask_threshold: float | None = None,
                           vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
                           vespo_lambda_neg: float = 2.0,
-                          vocab_parallel: VocabParallel | None = None) -> PPOLossOutput:
+                          vocab_parallel: VocabParallel | None = None, kept: KeptSet | None = None,
+                          logits_dtype: torch.dtype | None = None, fp32_head: bool = False) -> PPOLossOutput:
     """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     without materialising the logits.
 
@@ -211,7 +225,11 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     cu_seqlens ([S + 1] offsets): packed sequences, hidden [total, H] (fused_ppo_loss's packed form).
     `vocab_parallel=fastppo.VocabParallel(group)`: the weight (and bias) passed are this rank's contiguous vocabulary
     shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel
-    section); labels are global ids, the results those of the full vocabulary on every rank. (Not with cu_seqlens.)"""
+    section); labels are global ids, the results those of the full vocabulary on every rank. (Not with cu_seqlens.)
+    `temperature`: a positive float or a tensor of labels' shape (per token; no gradient). `kept`,
+    `logits_dtype`, `fp32_head`: as in linear_logprobs (log-probs renormalised over each row's kept set, the
+    entropy term full-vocabulary, the gradient still formed in forward; rounded logits; fp32 GEMMs); mask-0
+    rows need no kept entry check (never read)."""
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
@@ -225,7 +243,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             hidden, weight, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, bias=bias,
             ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens,
             temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
-            final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale, chunk_bytes=chunk_bytes)
+            final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale, chunk_bytes=chunk_bytes,
+            kept=kept, logits_dtype=logits_dtype, fp32_head=fp32_head)
     check_linear(hidden, weight, labels, bias, ignore_index)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")
@@ -235,12 +254,17 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                         cu_seqlens)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(hidden, weight, labels, old_logprobs, advantages, mask, cu_seqlens)
-    lin = build_linear_options(temperature, ignore_index, want_ent, False, final_logit_softcapping, logit_scale,
-                          chunk_bytes, backend)
+    tau = check_temperature_rows(temperature, labels.shape, hidden.device, "fused_linear_ppo_loss", labels,
+                                 ignore_index, mask=mask)
+    lin = build_linear_options(1.0 if tau is not None else temperature, ignore_index, want_ent, False,
+                               final_logit_softcapping, logit_scale, chunk_bytes, backend, logits_dtype, fp32_head)
+    if kept is not None:
+        check_kept(kept, labels, weight.shape[0], ignore_index, live=mask)
     grad_on = torch.is_grad_enabled()
     needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_linear_ppo_loss(
         hidden, weight, bias, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
-        detach(rollout_is_weights), cu_seqlens, encode(opts), encode(lin), *needs, backend)
+        detach(rollout_is_weights), cu_seqlens, encode(opts), encode(lin), *needs, backend, tau,
+        *((kept.ids, kept.offsets) if kept is not None else (None, None)))
     return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)
