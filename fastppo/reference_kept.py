@@ -58,3 +58,27 @@ def kept_fused_ppo_loss(logits, labels, kept, old_logprobs, advantages, mask, *,
                             ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef,
                             clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
                             num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon, **policy)
+
+
+def linear_logits(hidden, weight, bias=None, logits_dtype=None):
+    """The linear ops' logits in float64: z = hidden @ weight.T + bias; with logits_dtype (bf16 / fp16) each z is
+    rounded to it, the gradient passing straight through the rounding (z + sg(round(z) - z))."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    if logits_dtype is not None:
+        z = z + (z.to(logits_dtype).double() - z).detach()
+    return z
+
+
+def kept_linear_logprobs(hidden, weight, labels, kept, *, bias=None, logits_dtype=None, **kw):
+    """linear_logprobs(kept=) in float64: kept_token_logprobs of linear_logits (the keywords of
+    kept_token_logprobs: temperature, ignore_index, return_entropy, logit_scale, final_logit_softcapping)."""
+    return kept_token_logprobs(linear_logits(hidden, weight, bias, logits_dtype), labels, kept, **kw)
+
+
+def kept_fused_linear_ppo_loss(hidden, weight, labels, kept, old_logprobs, advantages, mask, *, bias=None,
+                               logits_dtype=None, **kw):
+    """fused_linear_ppo_loss(kept=) in float64: kept_fused_ppo_loss of linear_logits."""
+    return kept_fused_ppo_loss(linear_logits(hidden, weight, bias, logits_dtype), labels, kept, old_logprobs,
+                               advantages, mask, **kw)
