@@ -21,6 +21,10 @@ Triton path, per chunk of compacted rows (`chunk_bytes` of fp32 z' and dz; see `
   recompute path (1-2 over all rows, the loss, then 1, 3-5: 8 N_valid H V); see `_token_local`.
 - linear_logprobs runs 1-2 over all rows in forward (2 N_valid H V, no buffer) and 1, 3-5 in backward,
   where the upstream gradient is known (6 N_valid H V): 8 N_valid H V in all.
+- With kept= (kernels/linear_kept.py, docs/design.md §4.1b): after 1-2 each chunk's kept columns are read from
+  the z' buffer (kept statistics); the gradient's kept columns are formed before 3 (which then writes only the
+  dense entropy term or zeros) and scattered over dz after it; d(bias) is summed from dz. No FLOPs added;
+  linear_logprobs' forward then also writes each chunk's z' (4 N_valid V bytes).
 Bytes (each launch's tensors, tiles shared by programs reused on chip), b-byte inputs, C chunks: z'
 written once and read once, dz written once and read twice (14 N_valid V); d(hidden) written once
 (N_valid H b, no fp32 re-read); the weight read twice per chunk (4 V H C for bf16); d(weight) written
