@@ -74,6 +74,18 @@ def _linear_options(backend, with_entropy=True, extras=False, softcap=None):
     return encode(build(1 / 0.7, -100, with_entropy, extras, softcap, 1.0, None, backend))
 
 
+def _linear_kept(labels, V):
+    """A per-token temperature and a kept set (CSR ids, offsets) holding every label, for the linear ops."""
+    from fastppo import KeptSet
+
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(labels.numel(), V, generator=g) < 0.4
+    live = labels.reshape(-1).cpu() != -100
+    mask[live.nonzero()[:, 0], labels.reshape(-1).cpu()[live]] = True
+    ks = KeptSet.from_mask(mask).to(DEVICE)
+    return torch.rand(labels.shape, generator=g).to(DEVICE) + 0.5, ks.ids, ks.offsets
+
+
 def _linear_cases(backend):
     V, H = 40, 16
     hidden = torch.randn(2, 3, H, device=DEVICE, requires_grad=True)
@@ -82,10 +94,17 @@ def _linear_cases(backend):
     labels = _labels((2, 3), V)
     opts = _linear_options(backend)
     with torch.no_grad():
-        logp, ent, _, _, _, lse, ent_rows = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, opts,
-                                                                              backend)
+        logp, ent, _, _, _, lse, ent_rows, _ = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, opts,
+                                                                                 backend)
     h, w, b = hidden.detach(), weight.detach(), bias.detach()
+    tau, ids, offsets = _linear_kept(labels, V)
+    with torch.no_grad():
+        *_, lse_k, ent_k, klse = torch.ops.fastppo.linear_logprobs(hidden, weight, bias, labels, opts, backend, tau,
+                                                                   ids, offsets)
     return [
+        ("linear_logprobs", (hidden, weight, bias, labels, opts, backend, tau, ids, offsets)),
+        ("linear_logprobs_backward", (h, w, b, labels, lse_k, ent_k, torch.randn_like(logp), torch.randn_like(ent),
+                                      opts, True, True, True, backend, tau, ids, offsets, klse)),
         ("linear_logprobs", (hidden, weight, bias, labels, opts, backend)),
         ("linear_logprobs", (hidden, weight, None, labels, _linear_options(backend, False, True, 20.0), backend)),
         ("linear_logprobs_backward", (h, w, b, labels, lse, ent_rows, torch.randn_like(logp), torch.randn_like(ent),
@@ -126,6 +145,8 @@ def _loss_cases(backend):
                             encode(LogprobOptions(backend=backend)), ppo, backend)),
         ("fused_linear_ppo_loss", (hidden, weight, None, labels, old, adv, mask, ref, None, None, fused,
                                    _linear_options(backend), True, True, False, backend)),
+        ("fused_linear_ppo_loss", (hidden, weight, None, labels, old, adv, mask, ref, None, None, fused,
+                                   _linear_options(backend), True, True, False, backend, *_linear_kept(labels, V))),
     ]
 
 
