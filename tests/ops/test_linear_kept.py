@@ -176,6 +176,33 @@ def test_logits_dtype_rounds_each_logit(backend, logits_dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_ppo_loss_logits_dtype_with_kept(backend):
+    """Rounded logits and a kept set together in the fused loss (gradient formed in forward), entropy on."""
+    N = 10
+    hidden, weight, bias, labels = _exact_inputs(N)
+    g = torch.Generator().manual_seed(6)
+    kmask = torch.rand(N, V, generator=g) < 0.4
+    kmask[torch.arange(N), labels.clamp(min=0).cpu()] = True
+    ks = KeptSet.from_mask(kmask).to(DEVICE)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    mask[0, 1] = False
+    old, adv = torch.full((2, 5), -4.0, device=DEVICE), upstream(N, -1.0, 1.0).float().view(2, 5)
+    kw = dict(kept=ks, logits_dtype=torch.bfloat16, entropy_coef=0.1, temperature=0.9)
+    h, w = _leaves(hidden.view(2, 5, H), weight)
+    with fastppo.use_backend(backend):
+        out = fastppo.fused_linear_ppo_loss(h, w, labels.view(2, 5), old, adv, mask, **kw)
+    out.loss.backward()
+    h6, w6 = _leaves(hidden.view(2, 5, H).double(), weight.double())
+    ref = kept_fused_linear_ppo_loss(h6, w6, labels.view(2, 5), ks, old.double(), adv.double(), mask,
+                                     **{k: v for k, v in kw.items() if k != "kept"})
+    ref.loss.backward()
+    assert_close_by_dtype(out.loss, ref.loss, torch.float32, scale=10)
+    assert_close_by_dtype(out.logprobs, torch.where(mask, ref.logprobs, 0), torch.float32, scale=10)
+    for got, want in zip((h.grad, w.grad), (h6.grad, w6.grad)):
+        close_grad(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_head_with_bf16_inputs(backend):
     """fp32_head: bf16 hidden / weight multiplied in fp32, the gradient dz kept in fp32: the gradients' only
     error is their final rounding to bf16 (assert_close_by_dtype's bound), log-probs at fp32 accuracy."""
