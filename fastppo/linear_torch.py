@@ -65,12 +65,14 @@ def _weight_blocks(weight, acc):
         yield v0, v1, weight[v0:v1].to(acc)
 
 
-def logits(h, weight, bias, opts, acc, inv_tau=None, row_blocks=True):
+def logits(h, weight, bias, opts, acc, inv_tau=None, row_blocks=True, logits_dtype=None):
     """z' = softcap(logit_scale (h W^T + b)) / tau in acc, plus tanh(.) for the softcap derivative (or None).
     The product is accumulated and kept in acc from upcast operands (bf16 / fp16 products are exact in fp32):
-    never rounded to the input dtype before the softmax. `inv_tau`: per-row 1 / temperature ([rows, 1]) in
-    place of opts.inv_tau. `row_blocks`: the product over blocks of ROW_BLOCK rows (batch invariance, module
-    doc); False takes it whole (no padded rows: for callers that promise no per-row invariance)."""
+    never rounded to the input dtype before the softmax, unless `logits_dtype` ("bfloat16" / "float16", the
+    linear ops' option) asks for the engine's rounding of h W^T + b. `inv_tau`: per-row 1 / temperature
+    ([rows, 1]) in place of opts.inv_tau. `row_blocks`: the product over blocks of ROW_BLOCK rows (batch
+    invariance, module doc); False takes it whole (no padded rows: for callers that promise no per-row
+    invariance)."""
     hz = h.to(acc)
     z = torch.empty(h.shape[0], weight.shape[0], dtype=acc, device=h.device)
     for v0, v1, w in _weight_blocks(weight, acc):
@@ -80,8 +82,8 @@ def logits(h, weight, bias, opts, acc, inv_tau=None, row_blocks=True):
             torch.matmul(hz, w.t(), out=z[:, v0:v1])
     if bias is not None:
         z = z + bias.to(acc)
-    if opts.logits_dtype is not None:     # the engine's rounded logits (gradients pass straight through)
-        z = z.to(getattr(torch, opts.logits_dtype)).to(acc)
+    if logits_dtype is not None:     # the engine's rounded logits (gradients pass straight through)
+        z = z.to(getattr(torch, logits_dtype)).to(acc)
     z = z * opts.logit_scale
     th = None
     if opts.softcap is not None:
@@ -149,7 +151,8 @@ def forward(hidden2d, weight, bias, labels, valid, opts, tau=None, kept=None):
     if kept is not None:
         res["klse"] = torch.zeros(n, 2, dtype=acc, device=dev)
     for a, b in _slices(n, V):
-        z, _ = logits(h[a:b], weight, bias, opts, acc, None if inv is None else inv[a:b])
+        z, _ = logits(h[a:b], weight, bias, opts, acc, None if inv is None else inv[a:b],
+                      logits_dtype=opts.logits_dtype)
         y = y_all[a:b]
         in_range = (y >= 0) & (y < V)
         m = z.amax(-1, keepdim=True)
@@ -201,7 +204,8 @@ def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, 
     klse_s = None if kept is None else pick(klse).to(acc)
     for a, b in _slices(h.shape[0], V):
         inv_rows = opts.inv_tau if inv is None else inv[a:b]
-        z, th = logits(h[a:b], weight, bias, opts, acc, None if inv is None else inv_rows)
+        z, th = logits(h[a:b], weight, bias, opts, acc, None if inv is None else inv_rows,
+                       logits_dtype=opts.logits_dtype)
         logp = (z - lse_s[a:b, :1]) - lse_s[a:b, 1:]
         p = torch.exp(logp)
         onehot = cols[None, :] == y_all[a:b, None]
