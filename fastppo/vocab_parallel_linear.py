@@ -96,7 +96,9 @@ def _check_kept_shard(kept, labels, shard, ignore_index, live=None):
 
 
 def _tau_and_options(hidden, weight_shard, labels, temperature, ignore_index, with_entropy, final_logit_softcapping,
-                     logit_scale, chunk_bytes, logits_dtype, fp32_head, op, mask=None, *more):
+                     logit_scale, chunk_bytes, logits_dtype, fp32_head, op, *, mask=None, more=()):
+    """(per-token temperatures or None, LinearOptions) of a sharded linear call; `more`: the other tensors the
+    backend is chosen from."""
     tau = check_temperature_rows(temperature, labels.shape, hidden.device, op, labels, ignore_index, mask)
     opts = build_linear_options(1.0 if tau is not None else temperature, ignore_index, with_entropy, False,
                                 final_logit_softcapping, logit_scale, chunk_bytes,
@@ -140,8 +142,8 @@ def sharded_fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, ad
                         loss_opts)
     tau, opts = _tau_and_options(hidden, weight_shard, labels, temperature, ignore_index,
                                  want_entropy(return_entropy, loss_opts), final_logit_softcapping, logit_scale,
-                                 chunk_bytes, logits_dtype, fp32_head, "fused_linear_ppo_loss", mask, old_logprobs,
-                                 advantages, mask)
+                                 chunk_bytes, logits_dtype, fp32_head, "fused_linear_ppo_loss", mask=mask,
+                                 more=(old_logprobs, advantages, mask))
     shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
     _check_kept_shard(kept, labels, shard, ignore_index, mask)
     labels = torch.where(mask.reshape(labels.shape) != 0, labels, opts.ignore_index)   # mask-0 rows are dead
