@@ -3,7 +3,7 @@
 documented formula (fastppo.reference_kept: hidden @ weight.T, then the kept-set log-probs): values and
 gradients to hidden / weight / bias with upstream gradients that are not all ones; kept sets with an empty row,
 a single-token row and a full-vocabulary row; ignored labels, masks with holes, strided hidden, several chunks;
-batch invariance; validation."""
+batch invariance; validation; the FLOPs / bytes a kept set adds (counters); float64 gradcheck."""
 
 import pytest
 import torch
@@ -316,3 +316,35 @@ def test_kept_adds_no_gemm_pass(op):
     assert flops == flops_k > 0
     bound = 48 * ks.nnz + 64 * N + (4 * N * Vd if op == "linear_logprobs" else 0)
     assert plain < with_kept <= plain + bound, (plain, with_kept, bound)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    """float64 gradcheck of linear_logprobs(kept=, per-token temperature, softcap) with entropy and of
+    fused_linear_ppo_loss(kept=) (fast mode: a random projection of the Jacobian)."""
+    g = torch.Generator().manual_seed(8)
+    N, Hs, Vs = 4, 5, 13
+    hidden = torch.randn(N, Hs, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    weight = (torch.randn(Vs, Hs, generator=g, dtype=torch.float64) * 0.5).to(DEVICE).requires_grad_()
+    bias = (torch.randn(Vs, generator=g, dtype=torch.float64) * 0.3).to(DEVICE).requires_grad_()
+    kmask = torch.rand(N, Vs, generator=g) < 0.5
+    labels = torch.tensor([2, -100, 7, 11])
+    kmask[torch.tensor([0, 2, 3]), labels[torch.tensor([0, 2, 3])]] = True
+    ks, labels = KeptSet.from_mask(kmask).to(DEVICE), labels.to(DEVICE)
+    tau = (torch.rand(N, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)
+    with fastppo.use_backend(backend):
+        def lin(h, w, b):
+            lp, ent = fastppo.linear_logprobs(h, w, labels, bias=b, kept=ks, temperature=tau, return_entropy=True,
+                                              final_logit_softcapping=3.0)
+            return lp, ent
+
+        def fused(h, w, b):
+            return fastppo.fused_linear_ppo_loss(h.view(2, 2, Hs), w, labels.view(2, 2), torch.full((2, 2), -2.0,
+                                                 dtype=torch.float64, device=DEVICE),
+                                                 torch.tensor([[1.0, -0.5], [0.3, 2.0]], dtype=torch.float64,
+                                                              device=DEVICE),
+                                                 torch.ones(2, 2, dtype=torch.bool, device=DEVICE), bias=b, kept=ks,
+                                                 temperature=tau.view(2, 2), entropy_coef=0.1).loss
+
+        assert torch.autograd.gradcheck(lin, (hidden, weight, bias), fast_mode=True)
+        assert torch.autograd.gradcheck(fused, (hidden, weight, bias), fast_mode=True)
