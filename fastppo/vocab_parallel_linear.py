@@ -19,7 +19,6 @@ from .losses import check_fused_tensors
 from .options import LinearOptions, LossOptions, VocabParallel
 from .outputs import PPOLossOutput
 from .vocab_parallel import (
-    NO_VOCAB_LIMIT,
     VocabShard,
     all_reduce,
     combine_shards,
@@ -91,8 +90,7 @@ def _check_linear_shard(hidden, weight_shard, labels, bias_shard, ignore_index, 
 def _check_kept_shard(kept, labels, shard, ignore_index, live=None):
     """check_kept against the full vocabulary (its size is known where the check is free, on CPU)."""
     if kept is not None:
-        vocab = shard.total if shard.total is not None else (kept.vocab_size or NO_VOCAB_LIMIT)
-        check_kept(kept, labels, vocab, ignore_index, live)
+        check_kept(kept, labels, shard.total, ignore_index, live)
 
 
 def _tau_and_options(hidden, weight_shard, labels, temperature, ignore_index, with_entropy, final_logit_softcapping,
