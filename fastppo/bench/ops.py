@@ -263,6 +263,8 @@ def _linear_ppo_inputs(shape, dtype, device):
     inp["hidden"] = inp["hidden"].detach().view(B_SEQ, N // B_SEQ, H).requires_grad_()
     inp["labels"] = inp["labels"].view(B_SEQ, N // B_SEQ)
     inp.update(_seq_inputs(shape, device, torch.Generator().manual_seed(4)))
+    # the completion rows TRL's GRPOTrainer scores with its fused head (mask != 0), known without a data-dependent op
+    inp["loss_rows"] = torch.arange(N, device=device).view(B_SEQ, -1)[:, n_prompt(shape):].reshape(-1)
     return inp
 
 
@@ -315,7 +317,8 @@ OPS["linear_logprobs"] = OpSpec(
 OPS["fused_linear_ppo_loss"] = OpSpec(
     "fused_linear_ppo_loss", ("N", "H", "V"), _linear_ppo_inputs,
     {"fastppo": _linear_ppo_fastppo, "eager": _linear_ppo_eager,
-     "liger": lambda inp: peers.liger_linear_ppo_loss(inp, PPO_KW)},
+     "liger": lambda inp: peers.liger_linear_ppo_loss(inp, PPO_KW),
+     "trl": lambda inp: peers.trl_linear_ppo_loss(inp, PPO_KW)},
     floor_bytes=linear_floor, features=_nhv, floor_kind="flops", floor_flops=linear_flops_floor,
     sweep=_linear_masked(LINEAR_SWEEP), measure=_linear_masked(LINEAR_MEASURE))
 

@@ -145,6 +145,26 @@ def trl_linear_divergence(inp, beta):
     return (div.sum() / idx.numel(),)
 
 
+def trl_linear_ppo_loss(inp, kw):
+    """TRL 1.16 GRPOTrainer's loss as it runs with its fused head (loss_type="bnpo": the token mean over the
+    completion; beta = kl_coef with the k3 KL, use_bias_correction_kl=False): ChunkedLogProbFunction on the
+    completion rows (gathered), then TRL's per-token clipped surrogate and KL in eager PyTorch."""
+    import torch
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    idx = inp["loss_rows"]
+    h = inp["hidden"].reshape(-1, inp["hidden"].shape[-1]).index_select(0, idx)
+    logp, *_ = ChunkedLogProbFunction.apply(h, inp["weight"], None, inp["labels"].reshape(-1).index_select(0, idx),
+                                            1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())
+    old, adv, ref = (inp[k].reshape(-1).index_select(0, idx) for k in ("old", "adv", "ref"))
+    ratio = torch.exp(logp - old)
+    loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - kw["clip_low"], 1 + kw["clip_high"]) * adv)
+    d = ref - logp
+    loss = loss + kw["kl_coef"] * (torch.exp(d) - d - 1)
+    return (loss.sum() / idx.numel(),)
+
+
 # --- Liger-Kernel ------------------------------------------------------------------------------
 
 def liger_ppo_loss(inp, kw):

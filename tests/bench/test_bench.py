@@ -169,13 +169,16 @@ def test_liger_grpo_loss_on_a_half_masked_batch():
                                                                   "_grpo_loss_bwd_kernel": 32}
 
 
-@pytest.mark.parametrize("op,side,factor", [("linear_logprobs", "trl", 8), ("fused_linear_ppo_loss", "liger", 8)])
+@pytest.mark.parametrize("op,side,factor", [("linear_logprobs", "trl", 8), ("fused_linear_ppo_loss", "liger", 8),
+                                            ("fused_linear_ppo_loss", "trl", 8), ("fused_linear_ppo_loss", "fastppo", 6)])
 def test_linear_peers_flops(op, side, factor):
-    """TRL projects only the valid rows (forward 2, recomputed logits 2, two products 4: 8 N_valid H V);
-    Liger projects every row, with the same 8."""
-    shape = {"N": 64, "H": 64, "V": 2048, "prompt": 0.5}
+    """TRL projects only the valid rows (forward 2, recomputed logits 2, two products 4: 8 N_valid H V), for its
+    log-probs and inside GRPOTrainer's loss alike; Liger projects every row, with the same 8; fastppo's fused
+    linear loss forms its gradient in the forward pass on the valid rows (6 N_valid H V; H a whole number of its
+    kernels' row and H tiles, which tl.dot counts whole)."""
+    shape = {"N": 128, "H": 128, "V": 2048, "prompt": 0.5}
     c = count(OPS[op], shape, side)
-    rows = n_valid(shape) if side == "trl" else shape["N"]
+    rows = shape["N"] if side == "liger" else n_valid(shape)
     assert c["flops"] == factor * rows * shape["H"] * shape["V"]
 
 
