@@ -58,6 +58,43 @@ CASES = [
                                 vllm_importance_sampling_correction=True), {},
      {"old_per_token_logps": None, "importance_sampling_ratio": "token"}),
     ("dapo_tool_mask_compact", dict(loss_type="dapo"), {}, {"tool_mask": True, "compact": True}),
+    # use_bias_correction_kl (token level): KL exp(logp - old); on-policy its gradient is k2's, its value k3's
+    ("grpo_kl_bias_correction", dict(loss_type="grpo"), dict(use_bias_correction_kl=True), {}),
+    ("dapo_kl_bias_correction_is", dict(loss_type="dapo", use_vllm=True, vllm_importance_sampling_correction=True),
+     dict(use_bias_correction_kl=True), {"importance_sampling_ratio": "token"}),
+    ("on_policy_bnpo_kl_bias_correction", dict(loss_type="bnpo"), dict(use_bias_correction_kl=True),
+     {"old_per_token_logps": None}),
+    ("on_policy_sapo_kl_bias_correction_quantile", dict(loss_type="sapo", top_entropy_quantile=0.6),
+     dict(use_bias_correction_kl=True), {"old_per_token_logps": None}),
+    # off_policy_mask_threshold against old_per_token_logps (no vLLM sampling log-probs)
+    ("dapo_off_policy_mask", dict(loss_type="dapo", off_policy_mask_threshold=0.0), {}, {}),
+    ("grpo_gspo_off_policy_mask", dict(loss_type="grpo", importance_sampling_level="sequence",
+                                       off_policy_mask_threshold=0.0), {}, {}),
+    ("cispo_off_policy_mask_is", dict(loss_type="cispo", epsilon_high=1.3, off_policy_mask_threshold=0.05,
+                                      use_vllm=True, vllm_importance_sampling_correction=True), {},
+     {"importance_sampling_ratio": "token"}),
+    ("on_policy_grpo_off_policy_mask_negative", dict(loss_type="grpo", off_policy_mask_threshold=-0.1), {},
+     {"old_per_token_logps": None}),
+    ("on_policy_bnpo_off_policy_mask", dict(loss_type="bnpo", off_policy_mask_threshold=0.1), {},
+     {"old_per_token_logps": None}),
+    # vespo: its weights, its IS weights inside phi (token modes: 1 at masked positions, as TRL builds them)
+    ("vespo_weights", dict(loss_type="vespo"),
+     dict(vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5, vespo_lambda_neg=1.5), {}),
+    ("vespo_is_quantile_tool_mask", dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True,
+                                         vllm_importance_sampling_mode="token_truncate", top_entropy_quantile=0.6),
+     {}, {"importance_sampling_ratio": "token", "tool_mask": True}),
+    ("vespo_sequence_level_off_policy_mask", dict(loss_type="vespo", importance_sampling_level="sequence",
+                                                  off_policy_mask_threshold=0.0), {}, {}),
+    ("on_policy_vespo_is", dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True,
+                                vllm_importance_sampling_mode="token_mask"), {},
+     {"old_per_token_logps": None, "importance_sampling_ratio": "token"}),
+    # luspo: gspo (or ppo at token level) aggregated seq-mean-token-sum over the B sequences
+    ("luspo_sequence", dict(loss_type="luspo", importance_sampling_level="sequence"), {}, {}),
+    ("luspo_token_delta_is", dict(loss_type="luspo", use_vllm=True, vllm_importance_sampling_correction=True),
+     dict(delta=1.3), {"importance_sampling_ratio": "token"}),
+    ("on_policy_luspo_sequence", dict(loss_type="luspo", importance_sampling_level="sequence"), {},
+     {"old_per_token_logps": None}),
+    ("cispo_delta_unused", dict(loss_type="cispo", epsilon_high=1.3), dict(delta=1.1), {}),
 ]
 
 
@@ -85,6 +122,9 @@ def _inputs(base, changes):
             x[k] = (torch.rand(B, T, generator=g) > 0.3).long()
         elif k != "compact":
             x[k] = v
+    if changes.get("importance_sampling_ratio") == "token":   # 1 at masked positions, as TRL builds it
+        m = x["completion_mask"] * x.get("tool_mask", 1)
+        x["importance_sampling_ratio"] = torch.where(m != 0, x["importance_sampling_ratio"], 1.0)
     return {k: v for k, v in x.items() if v is not None}
 
 
