@@ -262,7 +262,12 @@ def _same_training(a, b):
          steps_per_generation=2, epsilon_high=0.28, max_steps=2),
     dict(loss_type="grpo", importance_sampling_level="sequence", steps_per_generation=1, max_steps=2),
     dict(loss_type="bnpo", top_entropy_quantile=0.5, max_steps=2, delta=1.5, temperature=0.7),
-], ids=["dapo_kl_accumulation", "on_policy_gspo", "bnpo_entropy_quantile_delta_temperature"])
+    # TRL's defaults with a KL term (use_bias_correction_kl=True, loss_type dapo) and the off-policy mask
+    dict(beta=0.04, model_path=True, off_policy_mask_threshold=0.0, max_steps=2),
+    dict(loss_type="vespo", beta=0.04, model_path=True, steps_per_generation=1, max_steps=2),
+    dict(loss_type="luspo", importance_sampling_level="sequence", max_steps=2),
+], ids=["dapo_kl_accumulation", "on_policy_gspo", "bnpo_entropy_quantile_delta_temperature",
+        "default_bias_corrected_kl_off_policy_mask", "on_policy_vespo_bias_corrected_kl", "luspo_sequence"])
 def test_training_runs_match_trl(tmp_path, config):
     """Whole GRPOTrainer.train() runs (generation, scoring, optimizer steps): per-step losses and final
     parameters patched vs unpatched."""
