@@ -14,32 +14,57 @@ TRL -> fastppo (per_token_loss, mask = completion_mask [* tool_mask], GA = curre
 in training, 1 in eval):
 | TRL option                                   | fastppo                                                      |
 |----------------------------------------------|--------------------------------------------------------------|
-| loss_type grpo, bnpo, dr_grpo, dapo          | policy_loss="ppo", clip_low=epsilon, clip_high=epsilon_high  |
+| loss_type grpo, bnpo, dr_grpo, dapo, luspo   | policy_loss="ppo", clip_low=epsilon, clip_high=epsilon_high  |
 | loss_type cispo (epsilon_high >= 1)          | "cispo", clip_low=1, clip_high=epsilon_high - 1 (min(r, eh))   |
 | loss_type sapo                               | "sapo", sapo_tau_pos / neg = sapo_temperature_pos / neg      |
-| importance_sampling_level="sequence" (GSPO)  | "gspo" (grpo / bnpo / dr_grpo / dapo only)                   |
-| delta (two-sided clipping, > 1)              | ratio_max=delta (token level)                                |
+| loss_type vespo, vespo_k_pos / lambda_pos / k_neg / lambda_neg | "vespo", vespo_k_pos / ... (same names);   |
+|                                              | importance_sampling_ratio -> rollout_is_weights (inside phi) |
+| importance_sampling_level="sequence" (GSPO)  | "gspo" (grpo / bnpo / dr_grpo / dapo / luspo only; vespo     |
+|                                              | ignores the level, as TRL's loss does)                       |
+| delta (two-sided clipping, > 1)              | ratio_max=delta (token level, the PPO types; TRL ignores it  |
+|                                              | for cispo / sapo / vespo, so does this)                      |
 | beta, ref_per_token_logps                    | kl_coef=beta, kl_kind="k3", ref_logprobs                     |
+| use_bias_correction_kl (beta != 0, token)    | kl_bias_correction=True (KL exp(logp - old), unclamped as TRL) |
+| off_policy_mask_threshold (no vLLM sampling  | off_policy_mask_threshold (fastppo's mask measures against   |
+| log-probs in the inputs)                     | old_logprobs = TRL's old_per_token_logps there)              |
 | top_entropy_quantile < 1 (one process)       | entropy_quantile=top_entropy_quantile                        |
 | vLLM IS correction (importance_sampling_ratio) | rollout_is_weights ([B, T] or [B, 1], broadcast)           |
 | temperature, softcapping, logit_scale        | the head's own arguments                                     |
 | grpo, sapo: mean_b(sum_t m L / n_b) / GA     | agg="seq-mean-token-mean", num_seqs=B, / GA                  |
+| luspo: mean_b(sum_t m L) / GA                | agg="seq-mean-token-sum", num_seqs=B, / GA                   |
 | bnpo: sum(m L) / sum(m) / GA                 | agg="token-sum" / (sum(m).clamp(1) GA)                       |
 | dr_grpo: sum(m L) / (B max_completion_length) / GA | agg="token-sum" / (B max_completion_length GA)         |
-| dapo, cispo: sum(m L) / normalizer (num_items_in_batch ...) | agg="token-sum" / TRL's normalizer tensor     |
+| dapo, cispo, vespo: sum(m L) / normalizer (num_items_in_batch ...) | agg="token-sum" / TRL's normalizer     |
 
 On-policy steps (no old_per_token_logps: TRL uses per_token_logps.detach(), ratio exactly 1): the loss runs
 as policy_loss="gpg" (-A logp, whose gradient is every mapped loss's gradient at ratio 1: -A per token, times
-the IS weight and the entropy mask) and its value is corrected by a detached constant, the mapped loss minus gpg
-at ratio 1 (fastppo.ppo_policy_loss on the returned log-probs), so value and gradient are TRL's.
+the IS weight and the entropy mask; vespo: times its weight phi at ratio 1, computed from the IS weights alone
+and passed as the IS weight) and its value is corrected by a detached constant, the mapped loss minus gpg at
+ratio 1 (fastppo.ppo_policy_loss on the returned log-probs), so value and gradient are TRL's. The bias-corrected
+KL at ratio 1 is k3 in value and d = logp - ref in gradient (dKL + KL r with r = 1): the call uses kl_kind="k2"
+(gradient d) and the value gains beta agg(k3 - k2), detached. The off-policy mask at ratio 1 keeps every token
+when the threshold is >= 0 (TRL's sequence KL is exactly 0), else the tokens with A >= 0: the advantages of the
+others enter as 0.
+
+GSPO's cap: fastppo caps each sequence's mean log-ratio at 10 (verl's clamp; gspo's ratio e^10), TRL does not, so
+grpo / bnpo / dr_grpo / dapo / luspo at sequence level differ from TRL only where a valid sequence's mean
+log-ratio exceeds 10 (a ratio above 22026). On CPU the capture checks that on the returned log-probs (a free host
+read) and then hands the call to TRL's head, so TRL's own loss stands (counted delegated); on an accelerator the
+check would be a host sync, so the step is served with the cap.
 
 Delegated to TRL's original (counted in `handle.stats.delegated["GRPOTrainer._compute_loss"]`; the reason:
-`unsupported_reason(trainer, inputs)`): loss_type luspo / vespo, off_policy_mask_threshold,
-use_bias_correction_kl, the entropy bonus (entropy_coef / adaptive entropy: TRL's bonus is a token mean over its
-own mask whatever the loss type), MoE aux loss, cispo with epsilon_high < 1, cispo / sapo / delta at sequence
-level, epsilon outside [0, 1], delta <= 1, top_entropy_quantile over several processes (TRL's threshold is
-global), an on-policy sequence-level step with IS weights or the entropy mask, a subclass overriding
-`_get_per_token_logps_and_entropies`, a PEFT prompt-learning model (its labels gain virtual tokens).
+`unsupported_reason(trainer, inputs)`): off_policy_mask_threshold when the inputs hold vLLM's
+sampling_per_token_logps (TRL measures against those, fastppo's mask against old_logprobs),
+use_bias_correction_kl at sequence level (TRL's weight is the sequence ratio, its gradient spread over the
+sequence), vespo with [B, 1] IS weights or a vLLM IS clip range that excludes 1 (TRL sums log w over every
+position, 1 at masked ones by its construction; fastppo sums over the valid tokens), the entropy bonus
+(entropy_coef / adaptive entropy: TRL's bonus is a token mean over its own mask whatever the loss type's
+aggregation, which one call cannot express), MoE aux loss, cispo with epsilon_high < 1 (fastppo's cispo cap is
+>= 1), cispo / sapo at sequence level and delta at sequence level (no sequence-level form in the ops), epsilon
+outside [0, 1], delta <= 1, top_entropy_quantile over several processes (TRL's threshold is global), an
+on-policy sequence-level step with IS weights or the entropy mask, a subclass overriding
+`_get_per_token_logps_and_entropies`, a PEFT prompt-learning model (its labels gain virtual tokens); on CPU, a
+sequence-level step over the GSPO cap (above).
 
 Precision: hidden, weight and bias enter the op rounded to TRL's compute dtype (the autocast dtype when autocast
 is on, else hidden's), held in their own dtype (`in_compute_dtype`): the logits are the products TRL's head forms
