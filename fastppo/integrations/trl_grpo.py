@@ -14,32 +14,57 @@ TRL -> fastppo (per_token_loss, mask = completion_mask [* tool_mask], GA = curre
 in training, 1 in eval):
 | TRL option                                   | fastppo                                                      |
 |----------------------------------------------|--------------------------------------------------------------|
-| loss_type grpo, bnpo, dr_grpo, dapo          | policy_loss="ppo", clip_low=epsilon, clip_high=epsilon_high  |
+| loss_type grpo, bnpo, dr_grpo, dapo, luspo   | policy_loss="ppo", clip_low=epsilon, clip_high=epsilon_high  |
 | loss_type cispo (epsilon_high >= 1)          | "cispo", clip_low=1, clip_high=epsilon_high - 1 (min(r, eh))   |
 | loss_type sapo                               | "sapo", sapo_tau_pos / neg = sapo_temperature_pos / neg      |
-| importance_sampling_level="sequence" (GSPO)  | "gspo" (grpo / bnpo / dr_grpo / dapo only)                   |
-| delta (two-sided clipping, > 1)              | ratio_max=delta (token level)                                |
+| loss_type vespo, vespo_k_pos / lambda_pos / k_neg / lambda_neg | "vespo", vespo_k_pos / ... (same names);   |
+|                                              | importance_sampling_ratio -> rollout_is_weights (inside phi) |
+| importance_sampling_level="sequence" (GSPO)  | "gspo" (grpo / bnpo / dr_grpo / dapo / luspo only; vespo     |
+|                                              | ignores the level, as TRL's loss does)                       |
+| delta (two-sided clipping, > 1)              | ratio_max=delta (token level, the PPO types; TRL ignores it  |
+|                                              | for cispo / sapo / vespo, so does this)                      |
 | beta, ref_per_token_logps                    | kl_coef=beta, kl_kind="k3", ref_logprobs                     |
+| use_bias_correction_kl (beta != 0, token)    | kl_bias_correction=True (KL exp(logp - old), unclamped as TRL) |
+| off_policy_mask_threshold (no vLLM sampling  | off_policy_mask_threshold (fastppo's mask measures against   |
+| log-probs in the inputs)                     | old_logprobs = TRL's old_per_token_logps there)              |
 | top_entropy_quantile < 1 (one process)       | entropy_quantile=top_entropy_quantile                        |
 | vLLM IS correction (importance_sampling_ratio) | rollout_is_weights ([B, T] or [B, 1], broadcast)           |
 | temperature, softcapping, logit_scale        | the head's own arguments                                     |
 | grpo, sapo: mean_b(sum_t m L / n_b) / GA     | agg="seq-mean-token-mean", num_seqs=B, / GA                  |
+| luspo: mean_b(sum_t m L) / GA                | agg="seq-mean-token-sum", num_seqs=B, / GA                   |
 | bnpo: sum(m L) / sum(m) / GA                 | agg="token-sum" / (sum(m).clamp(1) GA)                       |
 | dr_grpo: sum(m L) / (B max_completion_length) / GA | agg="token-sum" / (B max_completion_length GA)         |
-| dapo, cispo: sum(m L) / normalizer (num_items_in_batch ...) | agg="token-sum" / TRL's normalizer tensor     |
+| dapo, cispo, vespo: sum(m L) / normalizer (num_items_in_batch ...) | agg="token-sum" / TRL's normalizer     |
 
 On-policy steps (no old_per_token_logps: TRL uses per_token_logps.detach(), ratio exactly 1): the loss runs
 as policy_loss="gpg" (-A logp, whose gradient is every mapped loss's gradient at ratio 1: -A per token, times
-the IS weight and the entropy mask) and its value is corrected by a detached constant, the mapped loss minus gpg
-at ratio 1 (fastppo.ppo_policy_loss on the returned log-probs), so value and gradient are TRL's.
+the IS weight and the entropy mask; vespo: times its weight phi at ratio 1, computed from the IS weights alone
+and passed as the IS weight) and its value is corrected by a detached constant, the mapped loss minus gpg at
+ratio 1 (fastppo.ppo_policy_loss on the returned log-probs), so value and gradient are TRL's. The bias-corrected
+KL at ratio 1 is k3 in value and d = logp - ref in gradient (dKL + KL r with r = 1): the call uses kl_kind="k2"
+(gradient d) and the value gains beta agg(k3 - k2), detached. The off-policy mask at ratio 1 keeps every token
+when the threshold is >= 0 (TRL's sequence KL is exactly 0), else the tokens with A >= 0: the advantages of the
+others enter as 0.
+
+GSPO's cap: fastppo caps each sequence's mean log-ratio at 10 (verl's clamp; gspo's ratio e^10), TRL does not, so
+grpo / bnpo / dr_grpo / dapo / luspo at sequence level differ from TRL only where a valid sequence's mean
+log-ratio exceeds 10 (a ratio above 22026). On CPU the capture checks that on the returned log-probs (a free host
+read) and then hands the call to TRL's head, so TRL's own loss stands (counted delegated); on an accelerator the
+check would be a host sync, so the step is served with the cap.
 
 Delegated to TRL's original (counted in `handle.stats.delegated["GRPOTrainer._compute_loss"]`; the reason:
-`unsupported_reason(trainer, inputs)`): loss_type luspo / vespo, off_policy_mask_threshold,
-use_bias_correction_kl, the entropy bonus (entropy_coef / adaptive entropy: TRL's bonus is a token mean over its
-own mask whatever the loss type), MoE aux loss, cispo with epsilon_high < 1, cispo / sapo / delta at sequence
-level, epsilon outside [0, 1], delta <= 1, top_entropy_quantile over several processes (TRL's threshold is
-global), an on-policy sequence-level step with IS weights or the entropy mask, a subclass overriding
-`_get_per_token_logps_and_entropies`, a PEFT prompt-learning model (its labels gain virtual tokens).
+`unsupported_reason(trainer, inputs)`): off_policy_mask_threshold when the inputs hold vLLM's
+sampling_per_token_logps (TRL measures against those, fastppo's mask against old_logprobs),
+use_bias_correction_kl at sequence level (TRL's weight is the sequence ratio, its gradient spread over the
+sequence), vespo with [B, 1] IS weights or a vLLM IS clip range that excludes 1 (TRL sums log w over every
+position, 1 at masked ones by its construction; fastppo sums over the valid tokens), the entropy bonus
+(entropy_coef / adaptive entropy: TRL's bonus is a token mean over its own mask whatever the loss type's
+aggregation, which one call cannot express), MoE aux loss, cispo with epsilon_high < 1 (fastppo's cispo cap is
+>= 1), cispo / sapo at sequence level and delta at sequence level (no sequence-level form in the ops), epsilon
+outside [0, 1], delta <= 1, top_entropy_quantile over several processes (TRL's threshold is global), an
+on-policy sequence-level step with IS weights or the entropy mask, a subclass overriding
+`_get_per_token_logps_and_entropies`, a PEFT prompt-learning model (its labels gain virtual tokens); on CPU, a
+sequence-level step over the GSPO cap (above).
 
 Precision: hidden, weight and bias enter the op rounded to TRL's compute dtype (the autocast dtype when autocast
 is on, else hidden's), held in their own dtype (`in_compute_dtype`): the logits are the products TRL's head forms
@@ -62,12 +87,14 @@ import torch
 
 import fastppo
 from fastppo.options import LossOptions
+from fastppo.policy_weights import vespo_weights
 
 from ._patching import CallStats, EntryPoint, compute_dtype, in_compute_dtype
 
 NAME = "GRPOTrainer._compute_loss"
-_TOKEN_PPO = ("grpo", "bnpo", "dr_grpo", "dapo")
-_MAPPED = (*_TOKEN_PPO, "cispo", "sapo")
+_PPO = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+_MAPPED = (*_PPO, "cispo", "sapo", "vespo")
+_GSPO_CAP = 10.0   # fastppo's gspo caps each sequence's mean log-ratio here (verl's clamp); TRL does not
 _IGNORE = -100
 
 
@@ -99,9 +126,10 @@ def _policy_kwargs(tr) -> dict | str:
         return f"importance_sampling_level={level!r}"
     if not 0 <= el <= 1 or not eh >= 0:
         return f"epsilon={el}, epsilon_high={eh}"
-    if delta is not None and (not delta > 1 or level == "sequence" or lt not in _TOKEN_PPO):
+    ppo = lt in _PPO
+    if delta is not None and ppo and (not delta > 1 or level == "sequence"):   # TRL's delta acts on these only
         return f"delta={delta} with loss_type={lt!r}, importance_sampling_level={level!r}"
-    if level == "sequence" and lt not in _TOKEN_PPO:
+    if level == "sequence" and lt in ("cispo", "sapo"):
         return f"loss_type={lt!r} at importance_sampling_level='sequence'"
     if lt == "cispo":
         if eh < 1:
@@ -110,6 +138,10 @@ def _policy_kwargs(tr) -> dict | str:
     if lt == "sapo":
         return {"policy_loss": "sapo", "sapo_tau_pos": tr.args.sapo_temperature_pos,
                 "sapo_tau_neg": tr.args.sapo_temperature_neg}
+    if lt == "vespo":   # its loss ignores the level (the sequence weight is its own)
+        a = tr.args
+        return {"policy_loss": "vespo", "vespo_k_pos": a.vespo_k_pos, "vespo_lambda_pos": a.vespo_lambda_pos,
+                "vespo_k_neg": a.vespo_k_neg, "vespo_lambda_neg": a.vespo_lambda_neg}
     kw = {"policy_loss": "gspo" if level == "sequence" else "ppo", "clip_low": el, "clip_high": eh}
     if delta is not None:
         kw["ratio_max"] = delta
@@ -126,10 +158,10 @@ def _plan(tr, inputs) -> _Plan | str:
     """The loss call for this step, or why it is delegated."""
     if type(tr)._get_per_token_logps_and_entropies is not _grpo_class()._get_per_token_logps_and_entropies:
         return "a subclass overrides _get_per_token_logps_and_entropies"
-    if tr.off_policy_mask_threshold is not None:
-        return "off_policy_mask_threshold"
-    if tr.beta != 0.0 and tr.args.use_bias_correction_kl:
-        return "use_bias_correction_kl"
+    if tr.off_policy_mask_threshold is not None and "sampling_per_token_logps" in inputs:
+        return "off_policy_mask_threshold against vLLM's sampling log-probs (fastppo's mask uses old_logprobs)"
+    if tr.beta != 0.0 and tr.args.use_bias_correction_kl and tr.importance_sampling_level != "token":
+        return "use_bias_correction_kl at importance_sampling_level='sequence'"
     if getattr(tr, "_entropy_bonus_enabled", False):
         return "entropy bonus (entropy_coef / adaptive entropy)"
     if getattr(tr, "aux_loss_enabled", False):
@@ -142,6 +174,14 @@ def _plan(tr, inputs) -> _Plan | str:
     kw = _policy_kwargs(tr)
     if isinstance(kw, str):
         return kw
+    if kw["policy_loss"] == "vespo" and inputs.get("importance_sampling_ratio") is not None:
+        isw = inputs["importance_sampling_ratio"]
+        lo, hi = tr.vllm_importance_sampling_clip_min, tr.vllm_importance_sampling_clip_max
+        if tuple(isw.shape) != tuple(inputs["completion_mask"].shape) or not (lo is None or lo <= 1) \
+                or not (hi is None or hi >= 1):
+            # TRL sums log w over every position (1 at masked ones when 1 is inside its clip range), fastppo
+            # over the valid tokens
+            return "vespo with sequence-level IS weights or an IS clip range that excludes 1"
     if on_policy and kw["policy_loss"] == "gspo" and (tr.top_entropy_quantile < 1.0 or _is_weights(tr, inputs)
                                                       is not None):
         return "on-policy sequence-level step with IS weights or the entropy mask"
@@ -169,21 +209,39 @@ class _Plan:
         self.mask, self.labels = mask, inputs["completion_ids"]
         B = mask.shape[0]
         adv = inputs["advantages"]
-        self.adv = adv if adv.dim() == 2 else adv[:, None].expand(mask.shape)
+        adv = adv if adv.dim() == 2 else adv[:, None].expand(mask.shape)
         old = inputs.get("old_per_token_logps")
         self.on_policy = old is None
         self.old = old
-        isw = _is_weights(tr, inputs)
+        policy = dict(policy)
+        thr = tr.off_policy_mask_threshold
+        if thr is not None and self.on_policy:   # TRL's KL is exactly 0: keep A >= 0, or every token if 0 <= thr
+            adv = adv if thr >= 0 else torch.where(adv >= 0, adv, torch.zeros_like(adv))
+        elif thr is not None:
+            policy["off_policy_mask_threshold"] = float(thr)
+        self.adv = adv
+        isw = inputs.get("importance_sampling_ratio") if policy["policy_loss"] == "vespo" else _is_weights(tr, inputs)
         self.isw = None if isw is None else isw.expand(mask.shape)
+        self.run_isw = self.isw   # on-policy: the IS weights of the gpg run (vespo: its weight phi at ratio 1)
+        if self.on_policy and policy["policy_loss"] == "vespo" and self.isw is not None:
+            zero = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            self.run_isw = vespo_weights(zero, zero, adv, mask, self.isw, LossOptions.policy(**policy))
         self.ref = inputs["ref_per_token_logps"] if tr.beta != 0.0 else None
         self.policy = policy
         train = tr.model.training
         ga = tr.current_gradient_accumulation_steps if train else 1.0
-        kw = {"kl_coef": float(tr.beta), "kl_kind": "k3",
+        # use_bias_correction_kl (token level): KL exp(logp - old); at ratio 1 (on-policy) its gradient dKL + KL
+        # is k2's, d = logp - ref, and its value k3's (a detached correction in loss())
+        self.kl_on_policy_k2 = bool(tr.beta != 0.0 and tr.args.use_bias_correction_kl and self.on_policy)
+        kw = {"kl_coef": float(tr.beta), "kl_kind": "k2" if self.kl_on_policy_k2 else "k3",
+              "kl_bias_correction": bool(tr.beta != 0.0 and tr.args.use_bias_correction_kl and not self.on_policy),
               "entropy_quantile": tr.top_entropy_quantile if tr.top_entropy_quantile < 1.0 else None}
         lt = tr.loss_type
         if lt in ("grpo", "sapo"):
             kw.update(agg="seq-mean-token-mean", num_seqs=float(B))
+            self.divisor = ga
+        elif lt == "luspo":   # sum_t m L per sequence, mean over the B sequences
+            kw.update(agg="seq-mean-token-sum", num_seqs=float(B))
             self.divisor = ga
         elif lt == "bnpo":
             kw["agg"] = "token-sum"
@@ -191,7 +249,7 @@ class _Plan:
         elif lt == "dr_grpo":
             kw["agg"] = "token-sum"
             self.divisor = float(B * tr.max_completion_length * ga)
-        else:   # dapo, cispo: num_items_in_batch spans the generation batch
+        else:   # dapo, cispo, vespo: num_items_in_batch spans the generation batch
             kw["agg"] = "token-sum"
             div = inputs["num_items_in_batch"].clamp(min=1.0) / tr.accelerator.num_processes
             self.divisor = div * tr.current_gradient_accumulation_steps / tr.args.steps_per_generation if train \
@@ -199,37 +257,62 @@ class _Plan:
         self.agg_kwargs = kw
         LossOptions.policy(**policy, **kw)   # validated here, before TRL's forward runs
 
+    def over_cap(self, logp) -> bool:
+        """gspo off-policy: whether a valid sequence's mean log-ratio exceeds fastppo's cap (TRL has none).
+        Reads the answer on the host: called on CPU only, where that is free."""
+        if self.on_policy or self.policy["policy_loss"] != "gspo":
+            return False
+        m = self.mask != 0
+        d = torch.where(m, logp.float() - self.old.float(), torch.zeros_like(logp, dtype=torch.float32))
+        return bool((d.sum(-1) / m.sum(-1).clamp(min=1) > _GSPO_CAP).any())
+
+    def _aggregate(self, x):
+        """x [B, T] aggregated as the loss call aggregates its terms (the mask's valid tokens)."""
+        m = self.mask != 0
+        x = torch.where(m, x, torch.zeros_like(x))
+        agg, kw = self.agg_kwargs["agg"], self.agg_kwargs
+        if agg == "seq-mean-token-mean":
+            return (x.sum(-1) / m.sum(-1).clamp(min=1)).sum() / kw["num_seqs"]
+        return x.sum() / (kw["num_seqs"] if agg == "seq-mean-token-sum" else 1.0)
+
     def loss(self, hidden, weight, bias, temperature, softcap, scale):
         """fused_linear_ppo_loss on hidden [B, T, H]; (TRL's loss, per-token log-probs, entropies)."""
         policy = {"policy_loss": "gpg"} if self.on_policy else self.policy
         old = torch.zeros_like(self.mask, dtype=torch.float32) if self.on_policy else self.old
         out = fastppo.fused_linear_ppo_loss(
             hidden, weight, self.labels, old, self.adv, self.mask, bias=bias, ref_logprobs=self.ref,
-            temperature=temperature, rollout_is_weights=self.isw, final_logit_softcapping=softcap,
+            temperature=temperature, rollout_is_weights=self.run_isw, final_logit_softcapping=softcap,
             logit_scale=scale, return_entropy=True, **policy, **self.agg_kwargs)
         loss = out.loss
         if self.on_policy:   # the value at ratio 1 (gradient unchanged: a detached constant)
             lp, ent = out.logprobs, out.entropy
-            common = {k: v for k, v in self.agg_kwargs.items() if k not in ("kl_coef", "kl_kind")}
+            common = {k: v for k, v in self.agg_kwargs.items() if k not in ("kl_coef", "kl_kind", "kl_bias_correction")}
             mapped = fastppo.ppo_policy_loss(lp, lp, self.adv, self.mask, rollout_is_weights=self.isw, entropy=ent,
                                              **self.policy, **common)[0]
-            gpg = fastppo.ppo_policy_loss(lp, lp, self.adv, self.mask, rollout_is_weights=self.isw, entropy=ent,
+            gpg = fastppo.ppo_policy_loss(lp, lp, self.adv, self.mask, rollout_is_weights=self.run_isw, entropy=ent,
                                           policy_loss="gpg", **common)[0]
             loss = loss + (mapped - gpg)
+            if self.kl_on_policy_k2:   # value: k3 (ratio 1), where the call summed k2 = d^2 / 2
+                d = lp.double() - self.ref.double()
+                k3_minus_k2 = torch.exp(-d) - 1 + d - 0.5 * d * d
+                loss = loss + self.agg_kwargs["kl_coef"] * self._aggregate(k3_minus_k2).to(loss.dtype)
         return loss / self.divisor, out.logprobs, out.entropy
 
 
 class _CapturedHead:
     """Stands in for TRL's `_ChunkedLogProbFunction` during one served `_compute_loss`: its one call computes
     the whole loss from the hidden rows it is given and returns fastppo's detached per-token log-probs and
-    entropies in TRL's layout (compact rows on Triton devices, every position elsewhere)."""
+    entropies in TRL's layout (compact rows on Triton devices, every position elsewhere). On CPU, a gspo step
+    where a sequence's mean log-ratio exceeds fastppo's cap hands the call to TRL's head (`host_head`) instead:
+    TRL's own loss then stands (delegated)."""
 
-    def __init__(self, plan: _Plan):
-        self.plan, self.loss = plan, None
+    def __init__(self, plan: _Plan, host_head):
+        self.plan, self.host_head, self.loss, self.calls = plan, host_head, None, 0
 
     def apply(self, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
                logit_scale=1.0, outputs=("log_probs",)):
-        if self.loss is not None:
+        self.calls += 1
+        if self.calls > 1:
             raise RuntimeError("fastppo's GRPO loss: TRL called its fused LM head twice in one _compute_loss; "
                                "undo fastppo.integrations.patch('trl') for this trainer")
         plan = self.plan
@@ -248,6 +331,10 @@ class _CapturedHead:
             self.loss, logp, ent = plan.loss(in_compute_dtype(h, dt), in_compute_dtype(weight, dt),
                                              None if bias is None else in_compute_dtype(bias, dt), temperature,
                                              final_logit_softcapping, logit_scale)
+        if hidden.device.type == "cpu" and plan.over_cap(logp):   # host read: free on CPU only
+            self.loss = None
+            return self.host_head.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                        final_logit_softcapping, logit_scale, outputs)
         logp, ent = logp.float(), ent.float()
         if compact:
             per_token = [x[cm] for x in (logp, ent)]
@@ -277,10 +364,10 @@ def _build(original, stats: CallStats):
         if isinstance(plan, str):
             stats.delegated[NAME] += 1
             return original(self, model, inputs)
-        head = _CapturedHead(plan)
+        head = _CapturedHead(plan, _utils()._ChunkedLogProbFunction)
         with _head_swapped(head):
             host_loss = original(self, model, inputs)
-        if head.loss is None:   # TRL's code did not reach its head: its own loss stands
+        if head.loss is None:   # TRL's code did not reach its head, or (CPU) gspo over the cap: TRL's loss stands
             stats.delegated[NAME] += 1
             return host_loss
         stats.served[NAME] += 1

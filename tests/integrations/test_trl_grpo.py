@@ -58,6 +58,43 @@ CASES = [
                                 vllm_importance_sampling_correction=True), {},
      {"old_per_token_logps": None, "importance_sampling_ratio": "token"}),
     ("dapo_tool_mask_compact", dict(loss_type="dapo"), {}, {"tool_mask": True, "compact": True}),
+    # use_bias_correction_kl (token level): KL exp(logp - old); on-policy its gradient is k2's, its value k3's
+    ("grpo_kl_bias_correction", dict(loss_type="grpo"), dict(use_bias_correction_kl=True), {}),
+    ("dapo_kl_bias_correction_is", dict(loss_type="dapo", use_vllm=True, vllm_importance_sampling_correction=True),
+     dict(use_bias_correction_kl=True), {"importance_sampling_ratio": "token"}),
+    ("on_policy_bnpo_kl_bias_correction", dict(loss_type="bnpo"), dict(use_bias_correction_kl=True),
+     {"old_per_token_logps": None}),
+    ("on_policy_sapo_kl_bias_correction_quantile", dict(loss_type="sapo", top_entropy_quantile=0.6),
+     dict(use_bias_correction_kl=True), {"old_per_token_logps": None}),
+    # off_policy_mask_threshold against old_per_token_logps (no vLLM sampling log-probs)
+    ("dapo_off_policy_mask", dict(loss_type="dapo", off_policy_mask_threshold=0.0), {}, {}),
+    ("grpo_gspo_off_policy_mask", dict(loss_type="grpo", importance_sampling_level="sequence",
+                                       off_policy_mask_threshold=0.0), {}, {}),
+    ("cispo_off_policy_mask_is", dict(loss_type="cispo", epsilon_high=1.3, off_policy_mask_threshold=0.05,
+                                      use_vllm=True, vllm_importance_sampling_correction=True), {},
+     {"importance_sampling_ratio": "token"}),
+    ("on_policy_grpo_off_policy_mask_negative", dict(loss_type="grpo", off_policy_mask_threshold=-0.1), {},
+     {"old_per_token_logps": None}),
+    ("on_policy_bnpo_off_policy_mask", dict(loss_type="bnpo", off_policy_mask_threshold=0.1), {},
+     {"old_per_token_logps": None}),
+    # vespo: its weights, its IS weights inside phi (token modes: 1 at masked positions, as TRL builds them)
+    ("vespo_weights", dict(loss_type="vespo"),
+     dict(vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5, vespo_lambda_neg=1.5), {}),
+    ("vespo_is_quantile_tool_mask", dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True,
+                                         vllm_importance_sampling_mode="token_truncate", top_entropy_quantile=0.6),
+     {}, {"importance_sampling_ratio": "token", "tool_mask": True}),
+    ("vespo_sequence_level_off_policy_mask", dict(loss_type="vespo", importance_sampling_level="sequence",
+                                                  off_policy_mask_threshold=0.0), {}, {}),
+    ("on_policy_vespo_is", dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True,
+                                vllm_importance_sampling_mode="token_mask"), {},
+     {"old_per_token_logps": None, "importance_sampling_ratio": "token"}),
+    # luspo: gspo (or ppo at token level) aggregated seq-mean-token-sum over the B sequences
+    ("luspo_sequence", dict(loss_type="luspo", importance_sampling_level="sequence"), {}, {}),
+    ("luspo_token_delta_is", dict(loss_type="luspo", use_vllm=True, vllm_importance_sampling_correction=True),
+     dict(delta=1.3), {"importance_sampling_ratio": "token"}),
+    ("on_policy_luspo_sequence", dict(loss_type="luspo", importance_sampling_level="sequence"), {},
+     {"old_per_token_logps": None}),
+    ("cispo_delta_unused", dict(loss_type="cispo", epsilon_high=1.3), dict(delta=1.1), {}),
 ]
 
 
@@ -85,14 +122,17 @@ def _inputs(base, changes):
             x[k] = (torch.rand(B, T, generator=g) > 0.3).long()
         elif k != "compact":
             x[k] = v
+    if changes.get("importance_sampling_ratio") == "token":   # 1 at masked positions, as TRL builds it
+        m = x["completion_mask"] * x.get("tool_mask", 1)
+        x["importance_sampling_ratio"] = torch.where(m != 0, x["importance_sampling_ratio"], 1.0)
     return {k: v for k, v in x.items() if v is not None}
 
 
-def _step(tr, inputs, patched, monkeypatch=None, compact=False):
+def _step(tr, inputs, patched, monkeypatch=None, compact=False, ops=None):
     """TRL's _compute_loss + backward: (loss, gradients by parameter, last logged metrics, stats)."""
     tr.model.zero_grad(set_to_none=True)
     tr._metrics["train"].clear()
-    handle = fi.patch("trl") if patched else None
+    handle = (fi.patch("trl") if ops is None else fi.patch("trl", ops=ops)) if patched else None
     try:
         with contextlib.ExitStack() as stack:
             if compact:   # the layout TRL uses on Triton devices: only the completion rows reach the head
@@ -133,29 +173,68 @@ def test_served_step_matches_trl(step_rig, name, attrs, args, changes):
         torch.testing.assert_close(torch.tensor(met_b[k]), torch.tensor(met_a[k]), rtol=1e-5, atol=1e-6, msg=k)
 
 
-DELEGATED = [
-    ("luspo", dict(loss_type="luspo"), {}, "loss_type='luspo'"),
-    ("vespo", dict(loss_type="vespo"), {}, "loss_type='vespo'"),
-    ("off_policy_mask", dict(off_policy_mask_threshold=0.5), {}, "off_policy_mask_threshold"),
-    ("bias_correction_kl", {}, dict(use_bias_correction_kl=True), "use_bias_correction_kl"),
-    ("entropy_bonus", dict(_entropy_bonus_enabled=True, entropy_coef=0.01), {}, "entropy bonus"),
-    ("cispo_cap_below_1", dict(loss_type="cispo", epsilon_high=0.8), {}, "cispo with epsilon_high=0.8"),
-    ("sapo_sequence", dict(loss_type="sapo", importance_sampling_level="sequence"), {}, "at importance_sampling"),
-    ("delta_sequence", dict(loss_type="grpo", importance_sampling_level="sequence"), dict(delta=2.0), "delta=2.0"),
-    ("epsilon_above_1", dict(loss_type="grpo", epsilon_low=1.5), {}, "epsilon=1.5"),
+DELEGATED = [   # (name, trainer attributes, args attributes, input changes, reason)
+    ("off_policy_mask_sampling_logps", dict(off_policy_mask_threshold=0.0), {}, {"sampling_per_token_logps": 0.3},
+     "against vLLM's sampling log-probs"),
+    ("bias_correction_kl_sequence", dict(importance_sampling_level="sequence"), dict(use_bias_correction_kl=True), {},
+     "use_bias_correction_kl at importance_sampling_level='sequence'"),
+    ("vespo_is_clip_excludes_1", dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True,
+                                      vllm_importance_sampling_mode="token_mask",
+                                      vllm_importance_sampling_clip_min=1.2), {},
+     {"importance_sampling_ratio": "token"}, "an IS clip range that excludes 1"),
+    ("vespo_is_sequence", dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True), {},
+     {"importance_sampling_ratio": "sequence"}, "vespo with sequence-level IS weights"),
+    ("entropy_bonus", dict(_entropy_bonus_enabled=True, entropy_coef=0.01), {}, {}, "entropy bonus"),
+    ("cispo_cap_below_1", dict(loss_type="cispo", epsilon_high=0.8), {}, {}, "cispo with epsilon_high=0.8"),
+    ("sapo_sequence", dict(loss_type="sapo", importance_sampling_level="sequence"), {}, {}, "at importance_sampling"),
+    ("delta_sequence", dict(loss_type="grpo", importance_sampling_level="sequence"), dict(delta=2.0), {},
+     "delta=2.0"),
+    ("luspo_delta_sequence", dict(loss_type="luspo", importance_sampling_level="sequence"), dict(delta=2.0), {},
+     "delta=2.0"),
+    ("epsilon_above_1", dict(loss_type="grpo", epsilon_low=1.5), {}, {}, "epsilon=1.5"),
 ]
 
 
-@pytest.mark.parametrize("name,attrs,args,reason", DELEGATED, ids=[c[0] for c in DELEGATED])
-def test_unsupported_configurations_are_delegated(step_rig, name, attrs, args, reason):
-    tr, inputs = step_rig
+@pytest.mark.parametrize("name,attrs,args,changes,reason", DELEGATED, ids=[c[0] for c in DELEGATED])
+def test_unsupported_configurations_are_delegated(step_rig, name, attrs, args, changes, reason):
+    tr, base = step_rig
+    inputs = _inputs(base, {k: v for k, v in changes.items() if k != "sampling_per_token_logps"})
+    if "sampling_per_token_logps" in changes:   # vLLM's log-probs, off the old ones
+        inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"] + changes["sampling_per_token_logps"]
     with _configured(tr, attrs, args):
         assert reason in trl_grpo.unsupported_reason(tr, inputs)
-        if name in ("luspo", "off_policy_mask"):   # TRL's own loss runs (its head served by linear_logprobs)
+        if name in ("off_policy_mask_sampling_logps", "bias_correction_kl_sequence"):
+            # TRL's own loss runs (its head served by linear_logprobs)
             loss_a, grads_a, _, _ = _step(tr, inputs, False)
             loss_b, grads_b, _, stats = _step(tr, inputs, True)
             assert stats == ({"ChunkedLogProbFunction": 1}, {NAME: 1})
             torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type", ["luspo", "dapo"])
+def test_gspo_over_the_cap_runs_trl_on_cpu(step_rig, loss_type):
+    """fastppo's gspo caps a sequence's mean log-ratio at 10 (verl's clamp), TRL does not: on CPU (a free host
+    read) a step where a valid sequence exceeds it computes TRL's own loss from TRL's head, counted delegated
+    (here only _compute_loss is patched, so TRL's own head runs: its exact numbers); just under the cap it is
+    served with TRL's numbers."""
+    tr, base = step_rig
+    m = base["completion_mask"].bool()
+    for shift, served in ((10.5, False), (9.5, True)):
+        inputs = dict(base)
+        old = base["old_per_token_logps"].clone()
+        logp = tr._get_per_token_logps_and_entropies(   # the policy's log-probs: old = logp - shift on row 1
+            tr.model, torch.cat([base["prompt_ids"], base["completion_ids"]], 1),
+            torch.cat([base["prompt_mask"], base["completion_mask"]], 1), m.shape[1])[0].detach()
+        old[1] = logp[1] - shift
+        inputs["old_per_token_logps"] = old
+        with _configured(tr, dict(loss_type=loss_type, importance_sampling_level="sequence"), {}):
+            loss_a, grads_a, _, _ = _step(tr, inputs, False)
+            loss_b, grads_b, _, stats = _step(tr, inputs, True, ops=[NAME])
+        assert stats == (({NAME: 1}, {}) if served else ({}, {NAME: 1})), shift
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+        for k in grads_a:   # the ratio e^9.5 scales row 1's gradient: absolute tolerance by the gradient's scale
+            scale = grads_a[k].abs().max().item()
+            torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-4, atol=1e-6 * max(scale, 1.0), msg=k)
 
 
 def test_undo_restores_trl():
@@ -183,7 +262,12 @@ def _same_training(a, b):
          steps_per_generation=2, epsilon_high=0.28, max_steps=2),
     dict(loss_type="grpo", importance_sampling_level="sequence", steps_per_generation=1, max_steps=2),
     dict(loss_type="bnpo", top_entropy_quantile=0.5, max_steps=2, delta=1.5, temperature=0.7),
-], ids=["dapo_kl_accumulation", "on_policy_gspo", "bnpo_entropy_quantile_delta_temperature"])
+    # TRL's defaults with a KL term (use_bias_correction_kl=True, loss_type dapo) and the off-policy mask
+    dict(beta=0.04, model_path=True, off_policy_mask_threshold=0.0, max_steps=2),
+    dict(loss_type="vespo", beta=0.04, model_path=True, steps_per_generation=1, max_steps=2),
+    dict(loss_type="luspo", importance_sampling_level="sequence", max_steps=2),
+], ids=["dapo_kl_accumulation", "on_policy_gspo", "bnpo_entropy_quantile_delta_temperature",
+        "default_bias_corrected_kl_off_policy_mask", "on_policy_vespo_bias_corrected_kl", "luspo_sequence"])
 def test_training_runs_match_trl(tmp_path, config):
     """Whole GRPOTrainer.train() runs (generation, scoring, optimizer steps): per-step losses and final
     parameters patched vs unpatched."""
