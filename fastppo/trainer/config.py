@@ -49,10 +49,17 @@ class TrainConfig:
     max_new_tokens: int = field(default=4, metadata={"help": "response length limit"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the loss uses the same)"})
     top_k: int = field(default=0, metadata={
-        "help": "sample from the top-k tokens only (0: off; vLLM's V1 sampler order: temperature, top-k, top-p). "
-                "The losses still normalise over the whole vocabulary: the mismatch_* metrics show the gap"})
+        "help": "sample from the top-k tokens only (0: off; vLLM's V1 sampler order: temperature, min-p, top-k, "
+                "top-p)"})
     top_p: float = field(default=1.0, metadata={
         "help": "sample from the smallest set of tokens holding probability top_p (1: off; after top-k)"})
+    min_p: float = field(default=0.0, metadata={
+        "help": "sample only from tokens with probability >= min_p x the row's largest (0: off; before top-k)"})
+    kept_logprobs: bool | None = field(default=None, metadata={
+        "help": "renormalise the policy's log-probs (old, new, mismatch metrics) over the sampler's kept set of "
+                "each token, so they are the sampler's (default: true when --top_k / --top_p / --min_p filter; "
+                "false: over the whole vocabulary, the mismatch_* metrics then show the gap). The reference's "
+                "(and teacher's) log-probs always use the whole vocabulary"})
     # optimisation
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch"})
     minibatches: int = field(default=2, metadata={"help": "minibatches per pass"})
@@ -145,6 +152,11 @@ class TrainConfig:
             bad("top_k", "must be >= 0 (0: off)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1] (1: off)")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1] (0: off)")
+        if self.kept_logprobs and not self.sampler_filters:
+            bad("kept_logprobs", "needs --top_k, --top_p or --min_p (without a filter the sampler keeps the whole "
+                                 "vocabulary)")
         for name in ("iterations", "batch_size", "max_new_tokens", "ppo_epochs", "minibatches", "save_every",
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
@@ -194,6 +206,17 @@ class TrainConfig:
         self._validate_reporting(bad)
         self._validate_sources(bad)
         return self
+
+    @property
+    def sampler_filters(self) -> bool:
+        """Whether the sampler drops tokens (--top_k, --top_p or --min_p)."""
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+
+    @property
+    def use_kept(self) -> bool:
+        """Whether the policy's log-probs are renormalised over the sampler's kept sets (--kept_logprobs,
+        default: when the sampler filters)."""
+        return self.sampler_filters if self.kept_logprobs is None else bool(self.kept_logprobs)
 
     def _validate_parallel(self, bad):
         from .parallel import KINDS

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from transformers import LogitsProcessor
 
+from .kept_rows import KeptRows
+
 KINDS = ("none", "ddp", "fsdp2")
 
 
@@ -154,11 +156,26 @@ class Parallel:
         dist.all_gather(parts, src.contiguous())
         return torch.cat(parts).to(x.device)
 
+    def all_gather_varlen(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's 1-D x in rank order, lengths free (padded to the longest for the
+        collective, then trimmed)."""
+        if self.world == 1:
+            return x
+        n = self.all_gather_rows(torch.tensor([x.numel()], dtype=torch.int64, device=x.device)).tolist()
+        padded = torch.zeros(max(n), dtype=x.dtype, device=x.device)
+        padded[:x.numel()] = x
+        parts = self.all_gather_rows(padded).view(self.world, max(n))
+        return torch.cat([parts[r, :n[r]] for r in range(self.world)])
+
     def gather_rollout(self, ro):
-        """Every tensor field of a Rollout with a batch dimension, gathered over ranks."""
+        """Every tensor field of a Rollout with a batch dimension, gathered over ranks; the kept sets
+        (kept_rows.KeptRows: [B, R] counts, ids of any length) too."""
         for name, value in list(ro.__dict__.items()):
             if isinstance(value, torch.Tensor) and value.dim() >= 1:
                 setattr(ro, name, self.all_gather_rows(value))
+            elif isinstance(value, KeptRows) and self.world > 1:
+                setattr(ro, name, KeptRows(self.all_gather_varlen(value.ids), self.all_gather_rows(value.counts),
+                                           value.vocab_size))
         return ro
 
     # ------------------------------------------------------------------ checkpoints
@@ -248,27 +265,38 @@ def counter_uniform(seed: int, rows: torch.Tensor, step: int, vocab: int) -> tor
 
 class CounterSampler(LogitsProcessor):
     """A LogitsProcessor for greedy decoding that turns it into exact sampling from softmax(z / T) restricted to
-    the kept set of top-k / top-p (vLLM V1's order and ties, fastppo.kept_filters; off by default): the
+    the kept set of min-p / top-k / top-p (vLLM V1's order and ties, fastppo.kept_filters; off by default): the
     Gumbel-max trick, argmax(processed + g) with processed = z / T (-inf outside the kept set) and
     g = -log(-log u), u from counter_uniform keyed by the GLOBAL row index, the decoding step and the token id.
     A row's response therefore does not depend on the batch it is decoded in, the world size, or any global
-    RNG state. `log_softmax(processed(z))` at the chosen token is the sampler's log-prob of it."""
+    RNG state. `log_softmax(processed(z))` at the chosen token is the sampler's log-prob of it, `kept(z)` the
+    kept set it drew from."""
 
     def __init__(self, seed: int, rows: torch.Tensor, prompt_len: int, temperature: float, top_k: int = 0,
-                 top_p: float = 1.0):
+                 top_p: float = 1.0, min_p: float = 0.0):
         self.seed, self.rows, self.prompt_len, self.inv_tau = seed, rows, prompt_len, 1.0 / temperature
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
 
-    def processed(self, scores: torch.Tensor) -> torch.Tensor:
-        """float64 z / T, -inf outside the kept set."""
+    @property
+    def filters(self) -> bool:
+        """Whether a filter is on (else the kept set is the whole vocabulary)."""
+        return bool(self.top_k) or self.top_p < 1.0 or self.min_p > 0.0
+
+    def kept(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """bool [B, V]: the ids the sampler keeps for these raw logits (None: no filter, every id)."""
+        if not self.filters:
+            return None
+        from ..kept_filters import kept_mask_from_filters
+
+        return kept_mask_from_filters(scores.float(), temperature=self.temperature, top_k=self.top_k or None,
+                                      top_p=self.top_p if self.top_p < 1 else None,
+                                      min_p=self.min_p if self.min_p > 0 else None)
+
+    def processed(self, scores: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """float64 z / T, -inf outside the kept set (`kept`: the mask of `kept(scores)` if already formed)."""
         z = scores.to(torch.float64) * self.inv_tau
-        if self.top_k or self.top_p < 1.0:
-            from ..kept_filters import kept_mask_from_filters
-
-            kept = kept_mask_from_filters(scores.float(), temperature=self.temperature,
-                                          top_k=self.top_k or None, top_p=self.top_p if self.top_p < 1 else None)
-            z = z.masked_fill(~kept, float("-inf"))
-        return z
+        kept = self.kept(scores) if kept is None else kept
+        return z if kept is None else z.masked_fill(~kept, float("-inf"))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_len

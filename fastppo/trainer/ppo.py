@@ -169,10 +169,11 @@ class PPOTrainer(UpdateSteps):
         prompt_ids, prompt_mask = prompt_ids[rows].to(device), prompt_mask[rows].to(device)
         self.policy.eval()
         with self._amp():
-            seqs, attn, response, mask, labels, sampled = generate(
+            seqs, attn, response, mask, labels, sampled, kept = generate(
                 self.par.unwrap(self.policy), prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=self.eos_id,
-                pad_id=self.pad_id, seed=seed, rows=rows, **self.par.generation_kwargs())
+                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+                record_kept=cfg.use_kept, eos_id=self.eos_id, pad_id=self.pad_id, seed=seed, rows=rows,
+                **self.par.generation_kwargs())
             scores = torch.zeros(seqs.shape[0], dtype=torch.float32, device=device)
             if self.reward_model is not None:
                 scores = scores + self.reward_model(input_ids=seqs, attention_mask=attn).logits[:, 0].float()
@@ -180,8 +181,11 @@ class PPOTrainer(UpdateSteps):
                 scores = scores + torch.as_tensor(self.reward_fn(seqs, attn, prompt_ids.shape[1]),
                                                   dtype=torch.float32, device=device)
             ro = Rollout(seqs, attn, prompt_ids.shape[1], response, labels, mask, scores,
-                         old_logprobs=None, ref_logprobs=None, values=None, rollout_logprobs=sampled)
-            ro.old_logprobs = response_logprobs(self.policy, ro, cfg.temperature)
+                         old_logprobs=None, ref_logprobs=None, values=None, rollout_logprobs=sampled, kept=kept)
+            # the policy's log-probs over the sampler's kept sets (--kept_logprobs): the sampler's own; the
+            # reference's over the whole vocabulary (it is not the sampler), so kl_penalty(old, ref) estimates
+            # KL(sampling distribution || reference)
+            ro.old_logprobs = response_logprobs(self.policy, ro, cfg.temperature, kept=kept is not None)
             ro.ref_logprobs = self._ref_logprobs(ro)
             if self.teacher is not None:
                 ro.teacher_logprobs, ro.teacher_kl = teacher_terms(self.policy, self.teacher, ro, cfg.temperature)

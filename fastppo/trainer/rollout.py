@@ -10,6 +10,8 @@ import torch
 from ..hf import causal_lm_hidden_and_head
 from ..linear import linear_logprobs
 from ..linear_divergence import linear_divergence
+from .kept_rows import KeptRows
+from .packing import Layout
 
 
 @dataclass
@@ -28,12 +30,20 @@ class Rollout:
     rollout_logprobs: torch.Tensor | None = None   # [B, R] the sampler's log-probs of the sampled tokens
     teacher_logprobs: torch.Tensor | None = None   # [B, R] distill: the teacher's log-probs of them
     teacher_kl: torch.Tensor | None = None         # [B, R] distill: KL(policy || teacher) per token (exact)
+    kept: KeptRows | None = None                   # the sampler's kept set per response token (--kept_logprobs)
 
     def select(self, idx: torch.Tensor) -> Rollout:
         fields = {}
         for name, value in self.__dict__.items():
-            fields[name] = value[idx] if isinstance(value, torch.Tensor) and value.dim() >= 1 else value
+            if isinstance(value, KeptRows):
+                fields[name] = value.select(idx)
+            else:
+                fields[name] = value[idx] if isinstance(value, torch.Tensor) and value.dim() >= 1 else value
         return Rollout(**fields)
+
+    def kept_set(self, layout: Layout):
+        """The policy's kept sets in `layout` (a fastppo.KeptSet for kept=), or None (full vocabulary)."""
+        return None if self.kept is None else self.kept.kept_set(layout)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -50,9 +60,13 @@ def response_hidden_and_head(model, rollout: Rollout):
     return hidden[:, P - 1:P + R - 1], weight, bias
 
 
-def response_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+def response_logprobs(model, rollout: Rollout, temperature: float, kept: bool = False) -> torch.Tensor:
+    """log p(response token) [B, R] (0 where masked); `kept`: renormalised over the sampler's kept set of each
+    token (rollout.kept, padded rows), the sampler's own log-probs; else over the whole vocabulary."""
     hidden, weight, bias = response_hidden_and_head(model, rollout)
-    return linear_logprobs(hidden, weight.to(hidden.dtype), rollout.labels, bias=bias, temperature=temperature)
+    kept_set = rollout.kept_set(Layout.of(rollout.mask, packed=False)) if kept else None
+    return linear_logprobs(hidden, weight.to(hidden.dtype), rollout.labels, bias=bias, temperature=temperature,
+                           kept=kept_set)
 
 
 def teacher_terms(policy, teacher, rollout: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,20 +91,23 @@ def response_values(critic, rollout: Rollout) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(policy, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eos_id, pad_id, seed: int,
-             rows: torch.Tensor | None = None, top_k: int = 0, top_p: float = 1.0, **generate_kwargs):
-    """Sample from softmax(z / temperature), restricted to the top-k / top-p kept set when those are set (see
-    parallel.CounterSampler), row i keyed by (seed, rows[i]) (default rows 0..B-1: the responses do not depend
-    on how the batch is split). Returns (sequences, attention_mask, response, mask, labels, sampler_logprobs):
-    sampler_logprobs [B, R] are the sampler's log-probs of the sampled tokens (generate's output_logits, the
-    raw logits of each step, through the sampler's own processing, log_softmax at the chosen token; 0 where
-    masked), what an inference engine reports as the rollout log-probs."""
+             rows: torch.Tensor | None = None, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             record_kept: bool = False, **generate_kwargs):
+    """Sample from softmax(z / temperature), restricted to the min-p / top-k / top-p kept set when those are set
+    (see parallel.CounterSampler), row i keyed by (seed, rows[i]) (default rows 0..B-1: the responses do not
+    depend on how the batch is split). Returns (sequences, attention_mask, response, mask, labels,
+    sampler_logprobs, kept): sampler_logprobs [B, R] are the sampler's log-probs of the sampled tokens
+    (generate's output_logits, the raw logits of each step, through the sampler's own processing, log_softmax
+    at the chosen token; 0 where masked), what an inference engine reports as the rollout log-probs; kept
+    (with `record_kept` and a filter on, else None) the sampler's kept set of every response token
+    (kept_rows.KeptRows; each step's [B, V] mask is compressed as soon as it is formed)."""
     from transformers import LogitsProcessorList
 
     from .parallel import CounterSampler
 
     if rows is None:
         rows = torch.arange(prompt_ids.shape[0])
-    sampler = CounterSampler(seed, rows, prompt_ids.shape[1], temperature, top_k, top_p)
+    sampler = CounterSampler(seed, rows, prompt_ids.shape[1], temperature, top_k, top_p, min_p)
     out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
                           logits_processor=LogitsProcessorList([sampler]), max_new_tokens=max_new_tokens,
                           eos_token_id=eos_id, pad_token_id=pad_id, return_dict_in_generate=True,
@@ -99,9 +116,13 @@ def generate(policy, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eo
     response = out.sequences[:, P:]
     steps = response.shape[1]
     sampled = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
+    step_kept = []
     for t, logits in enumerate(out.logits[:steps]):
-        logp = torch.log_softmax(sampler.processed(logits), -1)
+        kept = sampler.kept(logits)
+        logp = torch.log_softmax(sampler.processed(logits, kept), -1)
         sampled[:, t] = logp.gather(1, response[:, t:t + 1].to(logp.device)).squeeze(1).float()
+        if record_kept and kept is not None:
+            step_kept.append(KeptRows.step(kept))
     if steps < max_new_tokens:
         pad = torch.full((response.shape[0], max_new_tokens - steps), pad_id, dtype=response.dtype,
                          device=response.device)
@@ -114,4 +135,7 @@ def generate(policy, prompt_ids, prompt_mask, *, max_new_tokens, temperature, eo
     sequences = torch.cat([prompt_ids, torch.where(mask, response, torch.full_like(response, pad_id))], 1)
     attention_mask = torch.cat([prompt_mask, mask.long()], 1)
     labels = torch.where(mask, response, torch.full_like(response, -100))
-    return sequences, attention_mask, response, mask, labels, torch.where(mask, sampled, torch.zeros_like(sampled))
+    kept_rows = KeptRows.of_steps(step_kept, mask, out.logits[0].shape[-1]) if record_kept and sampler.filters \
+        else None
+    return (sequences, attention_mask, response, mask, labels, torch.where(mask, sampled, torch.zeros_like(sampled)),
+            kept_rows)

@@ -40,7 +40,7 @@ class UpdateSteps:
                 policy_loss=cfg.policy_loss, ratio_max=cfg.ratio_max, sapo_tau_pos=cfg.sapo_tau_pos,
                 sapo_tau_neg=cfg.sapo_tau_neg, entropy_quantile=cfg.entropy_quantile,
                 temperature=cfg.temperature, agg=cfg.agg, return_entropy=True, cu_seqlens=lay.cu_seqlens,
-                **counts)
+                kept=part.kept_set(lay), **counts)
             stats.append(_weighted(out.loss, lay.mask, out.stats, ("clipfrac", "entropy", "approx_kl")))
             return out.loss
 
