@@ -88,6 +88,35 @@ def test_kept_rows_compress_select_and_both_layouts():
     assert par.all_gather_varlen(rows.ids) is rows.ids
 
 
+def _rank_rows(rank):
+    B, R, V = 3, 4, 29
+    mask = torch.rand(B, R, generator=torch.Generator().manual_seed(10 + rank)) < 0.5 + 0.3 * rank
+    return mask, KeptRows.of_steps([KeptRows.step(m) for m in _dense_steps(B, R, V, 4, seed=rank)], mask, V)
+
+
+def _gather_ranks(rank, world, out):
+    from types import SimpleNamespace
+
+    mask, rows = _rank_rows(rank)
+    ro = Parallel("ddp", rank, world).gather_rollout(SimpleNamespace(mask=mask, kept=rows))
+    if rank == 0:
+        torch.save({"mask": ro.mask, "ids": ro.kept.ids, "counts": ro.kept.counts}, out)
+
+
+def test_kept_rows_gathered_over_two_ranks(tmp_path):
+    """gather_rollout on 2 gloo processes: the ranks' kept sets (different nnz) concatenated in rank order, the
+    [B, R] counts with the other per-token fields."""
+    from tests.ops.test_distributed import run_ranks
+
+    run_ranks(_gather_ranks, str(tmp_path / "g.pt"))
+    got = torch.load(tmp_path / "g.pt", weights_only=True)
+    parts = [_rank_rows(r) for r in range(2)]
+    assert parts[0][1].ids.numel() != parts[1][1].ids.numel()
+    assert torch.equal(got["mask"], torch.cat([m for m, _ in parts]))
+    assert torch.equal(got["counts"], torch.cat([k.counts for _, k in parts]))
+    assert torch.equal(got["ids"], torch.cat([k.ids for _, k in parts]))
+
+
 # ---------------------------------------------------------------------- the rollout's log-probs
 
 
@@ -141,7 +170,7 @@ def test_kept_logprobs_flag_is_validated():
 # ---------------------------------------------------------------------- the update
 
 
-@pytest.mark.parametrize("mode,backend", [("ppo", "torch"), ("grpo", "torch"), ("ppo", "triton")])
+@pytest.mark.parametrize("mode,backend", [("ppo", "torch"), ("grpo", "torch"), ("grpo", "triton")])
 def test_one_update_with_kept_sets_packed_equals_padded(tmp_path, mode, backend):
     kw = dict(mode=mode, backend=backend, group_size=4, top_p=0.8)
     runs = {}
