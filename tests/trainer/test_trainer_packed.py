@@ -104,10 +104,11 @@ def test_mismatch_is_zero_when_the_trainer_recomputes_the_sampler(tmp_path):
 def test_mismatch_shows_the_kept_set_a_top_k_top_p_sampler_drops(tmp_path, kw):
     """A top-k / top-p sampler: every sampled token is in vLLM's kept set, its captured log-prob is the one
     renormalised over that set (float64 from the model's logits), so the trainer's full-vocabulary
-    recomputation differs by log(kept mass) and the metrics show a non-zero gap."""
+    recomputation (--kept_logprobs false; with kept sets see test_trainer_kept.py) differs by log(kept mass)
+    and the metrics show a non-zero gap."""
     from fastppo.kept_filters import kept_mask_from_filters
 
-    tr = _trainer(tmp_path, "run", **kw)
+    tr = _trainer(tmp_path, "run", kept_logprobs=False, **kw)
     ro = _rollout(tr)
     T = kw.get("temperature", 1.0)
     logits = _float64_logits(tr, ro)
