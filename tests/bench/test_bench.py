@@ -170,7 +170,8 @@ def test_liger_grpo_loss_on_a_half_masked_batch():
 
 
 @pytest.mark.parametrize("op,side,factor", [("linear_logprobs", "trl", 8), ("fused_linear_ppo_loss", "liger", 8),
-                                            ("fused_linear_ppo_loss", "trl", 8), ("fused_linear_ppo_loss", "fastppo", 6)])
+                                            ("fused_linear_ppo_loss", "trl", 8),
+                                            ("fused_linear_ppo_loss", "fastppo", 6)])
 def test_linear_peers_flops(op, side, factor):
     """TRL projects only the valid rows (forward 2, recomputed logits 2, two products 4: 8 N_valid H V), for its
     log-probs and inside GRPOTrainer's loss alike; Liger projects every row, with the same 8; fastppo's fused
