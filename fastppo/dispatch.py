@@ -30,6 +30,9 @@ TABLE = {
     ("kept", "torch"): "fastppo.kept_torch",
     ("mismatch", "triton"): "fastppo.kernels.mismatch",
     ("mismatch", "torch"): "fastppo.mismatch_torch",
+    # the gradient formed in forward (fused_ppo_loss, token-level losses): Triton only, the PyTorch backend
+    # keeps the two-pass path (its logits rows are not held on chip)
+    ("fused_grad", "triton"): "fastppo.kernels.fused_grad",
 }
 OPS = tuple(sorted({op for op, _ in TABLE}))
 

@@ -13,6 +13,7 @@ import torch
 from ._validation import check_float, check_inplace, check_labels, check_temperature_rows
 from .backend import backend_for
 from .dispatch import ops
+from .fused_grad import fused_ppo_loss_one_pass, takes_one_pass
 from .fused_kept import fused_ppo_loss_kept_op
 from .kept import KeptSet
 from .kept_logprobs import check_kept
@@ -204,6 +205,11 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
             logits, labels, kept.ids, kept.offsets, tau, old_logprobs.detach(), advantages.detach(), mask,
             detach(ref_logprobs), detach(rollout_is_weights), cu_seqlens,
             1.0 if tau is not None else float(temperature), encode(lopts), encode(opts), backend)
+        return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)
+    if takes_one_pass(logits, lopts, opts, cu_seqlens, tau):
+        loss, logp, kl, ent, stats = fused_ppo_loss_one_pass(
+            logits, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
+            detach(rollout_is_weights), encode(lopts), encode(opts), tau)
         return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_ppo_loss(
         logits, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),

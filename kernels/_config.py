@@ -18,6 +18,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROW_BLOCK_V = 1024 if INTERPRET else 4096
 ROW_NUM_WARPS = 8
 
+# fused_ppo_loss with the gradient formed in forward (kernels/fused_grad.py): one program holds a whole row,
+# BLOCK_V = next_pow2(V) columns, FUSED_GRAD_COLS_PER_THREAD of them per thread (4 to 32 warps). Rows up to
+# FUSED_GRAD_MAX_V columns compile for sm_80 / sm_90 without spills (tests/kernels/test_aot.py); longer rows
+# keep the two-pass path.
+FUSED_GRAD_MAX_V = 16384
+FUSED_GRAD_COLS_PER_THREAD = 16
+
 # Loss aggregation over [B, T] per-token arrays: one program per (sequence, AGG_BLOCK_T tile), then
 # one finishing program that reduces the per-tile partials AGG_FINISH_BLOCK rows at a time.
 AGG_BLOCK_T = 1024

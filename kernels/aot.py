@@ -50,6 +50,7 @@ def _specs():
     from . import (
         divergence,
         full_kl,
+        fused_grad,
         gae,
         kept,
         kl,
@@ -106,6 +107,7 @@ def _specs():
     specs.extend(linear.aot_specs(AOTSpec, _sig))
     specs.extend(kept.aot_specs(AOTSpec, _sig))
     specs.extend(linear_kept.aot_specs(AOTSpec, _sig))
+    specs.extend(fused_grad.aot_specs(AOTSpec, _sig))
     return specs
 
 

@@ -330,21 +330,33 @@ def _finish(part, total, n_parts, kl_coef, entropy_coef, acc, tl_acc, dev):
     return loss, stats
 
 
+def policy_tables(logp, old, adv, mask, *, opts, rollout_is_weights=None, cu_seqlens=None):
+    """Launches 1 and 2 alone: (sequence table [B, NCOL], totals [NCOL]) of `opts` for policy_loss_agg(tables=).
+    For a token-level policy they read the mask only (logp is not read), so a caller can take the aggregation
+    weights before the log-probs exist (kernels/fused_grad.py)."""
+    grid = grid_of(mask, cu_seqlens, cfg.AGG_BLOCK_T)
+    acc, tl_acc = acc_dtype(logp.dtype)
+    return seq_tables(grid, logp, old, adv, rollout_is_weights, mask, opts, seq_kind(opts.policy_loss), acc, tl_acc)
+
+
 def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_is_weights=None,
-                    ent_threshold=None, select=None, keep=None, cu_seqlens=None) -> AggResult:
+                    ent_threshold=None, select=None, keep=None, cu_seqlens=None, tables=None) -> AggResult:
     """The policy objective of `opts` (a fastppo.options.LossOptions) on per-token log-probs.
     logp, old, mask: [B, T] (or [T]); adv [B, T] or [B]; ref, ent, rollout_is_weights [B, T] or None;
     ent_threshold: 0-d tensor (entropy_quantile), tokens with ent >= it are kept in the policy term.
     With cu_seqlens ([S + 1] offsets) the per-token tensors are packed [total] (adv [total] or [S]) and
     coef / coef_ent / kl come back [1, total]. select: clip_cov / kl_cov's bool token selection (the
-    mask's layout); keep: off_policy_mask_threshold's kept tokens (bool, the mask's layout) or None."""
+    mask's layout); keep: off_policy_mask_threshold's kept tokens (bool, the mask's layout) or None.
+    `tables`: launches 1-2's output (policy_tables) when the caller ran them already."""
     grid = grid_of(mask, cu_seqlens, cfg.AGG_BLOCK_T)
     B, T, n_tiles, cu = grid
     acc, tl_acc = acc_dtype(logp.dtype)
     dev = logp.device
     policy = POLICY_LOSS_IDS[opts.policy_loss]
     isw = rollout_is_weights
-    seq, total = seq_tables(grid, logp, old, adv, isw, mask, opts, seq_kind(opts.policy_loss), acc, tl_acc)
+    if tables is None:
+        tables = seq_tables(grid, logp, old, adv, isw, mask, opts, seq_kind(opts.policy_loss), acc, tl_acc)
+    seq, total = tables
     coef = torch.empty(grid.out_shape, dtype=acc, device=dev)
     has_ent = ent is not None
     coef_ent = torch.empty(grid.out_shape, dtype=acc, device=dev) if has_ent else None
