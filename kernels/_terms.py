@@ -183,7 +183,7 @@ def sapo_terms(logp, old, adv, tau_pos, tau_neg):
     L = -(4 / tau) g A; dL/dlogp = -4 g (1 - g) r A (0 outside the clamp)."""
     d = logp - old
     ratio = tl.exp(clamp_nan(d, -20.0, 20.0))
-    tau = tl.where(adv > 0, tau_pos, tau_neg)
+    tau = tl.where(adv > 0, tau_pos, tau_neg).to(adv.dtype)   # float64 runs: 4 / tau in float64
     g = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
     loss = -(4.0 / tau) * g * adv
     dloss = tl.where((d >= -20.0) & (d <= 20.0), -4.0 * g * (1.0 - g) * ratio * adv, 0.0)

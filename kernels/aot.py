@@ -78,13 +78,15 @@ def _specs():
                 _sig(logprobs._logprobs_fwd_kernel, dict(logits_ptr=f"*{dt}", labels_ptr="*i64", valid_ptr="*i1",
                      tau_ptr="*fp32", logp_ptr="*fp32", stats_ptr="*fp32", ent_ptr="*fp32", **scalars), ce), ce,
                 strides, True, cfg.ROW_NUM_WARPS))
-            ce = dict(row, HAS_ENT=True, HAS_SCALE=True, ACC=tl.float32, **extra)
-            specs.append(AOTSpec(
-                f"logprobs_bwd[{dt}{tag}]", logprobs._logprobs_bwd_kernel,
-                _sig(logprobs._logprobs_bwd_kernel, dict(logits_ptr=f"*{dt}", labels_ptr="*i64", valid_ptr="*i1",
-                     tau_ptr="*fp32", stats_ptr="*fp32", ent_ptr="*fp32", c_logp_ptr="*fp32", c_ent_ptr="*fp32",
-                     scale_ptr="*fp32", dlogits_ptr=f"*{dt}", **scalars), ce), ce,
-                strides + ("d_stride_outer", "d_stride_inner"), True, cfg.ROW_NUM_WARPS))
+            # SKIP_UNIT: fused_ppo_loss's backward when its gradient was formed in forward (kernels/fused_grad.py)
+            for skip in (False, True) if tag else (False,):
+                ce = dict(row, HAS_ENT=True, HAS_SCALE=True, SKIP_UNIT=skip, ACC=tl.float32, **extra)
+                specs.append(AOTSpec(
+                    f"logprobs_bwd[{dt}{tag}{',skip_unit' if skip else ''}]", logprobs._logprobs_bwd_kernel,
+                    _sig(logprobs._logprobs_bwd_kernel, dict(logits_ptr=f"*{dt}", labels_ptr="*i64",
+                         valid_ptr="*i1", tau_ptr="*fp32", stats_ptr="*fp32", ent_ptr="*fp32", c_logp_ptr="*fp32",
+                         c_ent_ptr="*fp32", scale_ptr="*fp32", dlogits_ptr=f"*{dt}", **scalars), ce), ce,
+                    strides + ("d_stride_outer", "d_stride_inner"), True, cfg.ROW_NUM_WARPS))
     ce = dict(row, HAS_TAU_ROWS=False, ACC=tl.float32)
     kl_types = dict(p_ptr="*bf16", q_ptr="*bf16", tau_ptr="*fp32", kl_ptr="*fp32", stats_p_ptr="*fp32",
                     stats_q_ptr="*fp32", g_ptr="*fp32", dp_ptr="*bf16", tau_hi="fp32", tau_lo="fp32")

@@ -11,9 +11,11 @@ then the token's loss coefficients from its per-token inputs and the aggregation
 and writes, from the same registers, the gradient of the unit-upstream loss
     dloss/dz_j = [c_logp (onehot(y)_j - p_j) - c_H p_j (log p_j + H)] dz'_j/dz_j,   p_j = exp((z'_j - m) - log s).
 A dead row (mask 0 or ignore_index label) is never read; its gradient row is written as zeros.
-The upstream gradient g of the loss is applied in backward by `scale_rows_`: on the device it reads g and
-returns at once when g == 1 (no [N, V] traffic), else rescales the live rows in place (2 + 2 bytes per
-element, the gradient then rounded twice to the logits dtype: exact when g is a power of two).
+The upstream gradient g of the loss is applied in backward, read on the device: when g == 1 (the usual
+loss.backward()) no [N, V] byte moves. Else each live row is rewritten for g: from the logits, rounded once
+(kernels/logprobs.py logprobs_bwd(rescale=), 2 + 2 bytes per element, as the two-pass backward), or, with
+inplace=True, whose logits are gone, by `scale_rows_` (the same bytes; the gradient is then rounded twice to
+the logits' dtype, exact when g is a power of two).
 Rows longer than `max_vocab()` do not fit on chip (spills): the caller keeps the two-pass path.
 """
 

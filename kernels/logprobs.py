@@ -78,12 +78,17 @@ def _logprobs_bwd_kernel(
     n_inner, stride_outer, stride_inner, d_stride_outer, d_stride_inner, V,
     pre_hi, pre_lo, post_hi, post_lo, ignore_index,
     BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_VALID: tl.constexpr,
-    HAS_CAP: tl.constexpr, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr,
+    HAS_CAP: tl.constexpr, HAS_TAU_ROWS: tl.constexpr, SKIP_UNIT: tl.constexpr, ACC: tl.constexpr,
 ):
+    """SKIP_UNIT (with HAS_SCALE): the output already holds the gradient for scale 1 (formed in the forward pass,
+    kernels/fused_grad.py) and dead rows hold zeros; the program reads and writes nothing when scale == 1,
+    else it rewrites its live row for the scale (rounded once, as the two-pass backward)."""
     row = tl.program_id(0).to(tl.int64)
     y, live = _row_live(labels_ptr, valid_ptr, row, ignore_index, HAS_VALID)
     out_ptr = dlogits_ptr + row_offset(row, n_inner, d_stride_outer, d_stride_inner)
     cols = tl.arange(0, BLOCK_V)
+    if SKIP_UNIT:
+        live = live & (tl.load(scale_ptr).to(ACC) != 1.0)
     if live:
         pre, post = row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS, HAS_CAP, ACC)
         row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
@@ -105,7 +110,7 @@ def _logprobs_bwd_kernel(
             z, dz = transform_logits(tl.load(row_ptr + c, mask=inb, other=0.0).to(ACC), pre, post, HAS_CAP)
             g_z = dlogits_block(tl.where(inb, z, float("-inf")), c, y, m, log_s, ent, c_logp, c_ent, dz, HAS_ENT)
             tl.store(out_ptr + c, g_z.to(dlogits_ptr.dtype.element_ty), mask=inb)
-    else:
+    elif not SKIP_UNIT:
         zero = tl.zeros((BLOCK_V,), dlogits_ptr.dtype.element_ty)
         for start in range(0, V, BLOCK_V):
             c = start + cols
@@ -156,15 +161,24 @@ def logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, *, inv_tau: float, 
 
 
 def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau: float, ignore_index: int,
-                 scale=None, inplace: bool = False, logit_scale: float = 1.0, softcap=None, valid=None, tau=None):
+                 scale=None, inplace: bool = False, logit_scale: float = 1.0, softcap=None, valid=None, tau=None,
+                 rescale=None):
     """dlogits from the forward's row `stats` [N, 2] and entropy, for upstream per-row gradients c_logp
     (of logp) and c_ent (of entropy, or None),
     times the optional 0-d tensor `scale` (read on the device: no host sync). With `inplace`
     the gradient overwrites the logits' storage (each block is read before it is written).
-    Dead rows (ignore_index label, `valid` 0) are not read; their gradient row is written as zeros."""
+    Dead rows (ignore_index label, `valid` 0) are not read; their gradient row is written as zeros.
+    `rescale`: a contiguous buffer that already holds this gradient for scale 1 (fused_ppo_loss's gradient
+    formed in forward): it is rewritten for `scale` where scale != 1, untouched (no bytes) where scale == 1."""
     rows = Rows(logits)
     y = flat_labels(labels, rows.n_rows)
-    if inplace:
+    if rescale is not None:
+        if scale is None or not rescale.is_contiguous() or rescale.shape != logits.shape:
+            raise ValueError(f"rescale needs a scale and a contiguous buffer of the logits' shape "
+                             f"{tuple(logits.shape)}, got {tuple(rescale.shape)}")
+        out = rescale.view(rows.tensor.shape)
+        d_outer, d_inner = rows.n_inner * rows.n_cols, rows.n_cols
+    elif inplace:
         check_inplace_target(logits)
         out = rows.tensor
         d_outer, d_inner = rows.stride_outer, rows.stride_inner
@@ -177,14 +191,18 @@ def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau: float, i
     vp, has_valid = _valid_arg(valid, rows.n_rows, y)
     tp, tf, tau_rows = _tau_arg(tau, inv_tau, logit_scale, softcap, rows.n_rows, stats)
     if rows.n_rows > 0:
-        record_launch("logprobs_bwd", logits, y, vp if has_valid else None, tp if tau_rows else None, stats,
-                      ent if has_ent else None, c_logp, c_ent, scale, logits)
+        if rescale is None:
+            record_launch("logprobs_bwd", logits, y, vp if has_valid else None, tp if tau_rows else None, stats,
+                          ent if has_ent else None, c_logp, c_ent, scale, logits)
+        else:   # its [N, V] bytes depend on the scale's value (none when 1): the interpreter's counters see them
+            record_launch("fused_grad_rescale", y, vp if has_valid else None, tp if tau_rows else None, stats,
+                          ent if has_ent else None, c_logp, c_ent, scale)
         wrap_triton(_logprobs_bwd_kernel)[(rows.n_rows,)](
             rows.tensor, y, vp, tp, stats, ent if has_ent else stats, c_logp, c_ent if has_ent else c_logp,
             scale if scale is not None else stats, out,
             *rows.args(), d_outer, d_inner, rows.n_cols, *tf.args(), int(ignore_index),
             BLOCK_V=cfg.ROW_BLOCK_V, HAS_ENT=has_ent, HAS_SCALE=scale is not None, HAS_VALID=has_valid,
-            HAS_CAP=tf.has_cap, HAS_TAU_ROWS=tau_rows, ACC=acc_dtype(logits.dtype)[1],
+            HAS_CAP=tf.has_cap, HAS_TAU_ROWS=tau_rows, SKIP_UNIT=rescale is not None, ACC=acc_dtype(logits.dtype)[1],
             num_warps=cfg.ROW_NUM_WARPS,
         )
     return out.view(logits.shape) if out.shape != logits.shape else out

@@ -63,13 +63,21 @@ def test_low_precision_logits(dtype, per_seq_adv):
 
 
 def test_six_launches_and_no_entropy_work_when_unused():
-    """logprobs_fwd + 4 aggregation launches (kernels/loss_agg.py) + logprobs_bwd."""
+    """Gradient formed in forward (kernels/fused_grad.py): the aggregation weights (2 launches), the row kernel,
+    the per-token terms and the finishing reduction (2), and backward's rescaling; the two-pass path (a
+    sequence-level loss here: gspo) is logprobs_fwd + 5 aggregation launches + logprobs_bwd."""
     logits, labels, old, adv, mask, refp = _batch(torch.bfloat16)
     with count_launches() as launches:
         out, _ = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, ref_logprobs=refp, kl_coef=0.1)
     assert sum(launches.values()) == 6, launches
-    assert launches["logprobs_fwd"] == launches["logprobs_bwd"] == 1
+    assert launches["fused_grad_fwd"] == launches["fused_grad_rescale"] == 1
+    assert "logprobs_fwd" not in launches and "logprobs_bwd" not in launches
     assert out.entropy is None and "entropy" not in out.stats
+    with count_launches() as launches:
+        out, _ = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, ref_logprobs=refp, kl_coef=0.1,
+                      policy_loss="gspo")
+    assert sum(launches.values()) == 7, launches
+    assert launches["logprobs_fwd"] == launches["logprobs_bwd"] == 1
 
 
 def test_return_entropy_without_coefficient():
@@ -83,14 +91,40 @@ def test_return_entropy_without_coefficient():
     assert out.kl is None
 
 
-def test_inplace_backward_writes_into_logits_storage():
+def test_inplace_writes_the_gradient_into_logits_storage():
+    """inplace=True: the gradient formed in forward is written over the logits during the forward pass; backward
+    scales it in place (its logits are gone): equal to the new-buffer path for a power-of-two upstream, within
+    the second rounding otherwise."""
     logits, labels, old, adv, mask, _ = _batch(torch.bfloat16)
-    expected_out, expected = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, entropy_coef=0.01)
+    for upstream in (1.0, 0.5, 1.7):
+        expected_out, expected = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, entropy_coef=0.01,
+                                      upstream=upstream)
+        leaf = logits.detach().clone().requires_grad_()
+        x = leaf * 1.0                  # as in a model: the logits are an activation, not a leaf
+        out = fastppo.fused_ppo_loss(x, labels, old, adv, mask, entropy_coef=0.01, inplace=True)
+        if upstream == 1.0:             # written in the forward pass already
+            _, unit = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, entropy_coef=0.01, upstream=1.0)
+            torch.testing.assert_close(x.detach(), unit, rtol=0, atol=0)
+        (out.loss * upstream).backward()
+        torch.testing.assert_close(out.loss, expected_out.loss, rtol=0, atol=0)
+        if upstream == 1.7:             # bf16(1.7 bf16(G)) against bf16(1.7 G): one more rounding
+            torch.testing.assert_close(leaf.grad.float(), expected.float(), rtol=2 ** -7, atol=1e-30)
+        else:
+            torch.testing.assert_close(x.detach(), expected, rtol=0, atol=0)   # the logits' storage holds dlogits
+            torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=0)
+
+
+def test_inplace_two_pass_path_writes_during_backward():
+    """A sequence-level loss keeps the two-pass path: with inplace=True its backward writes over the logits."""
+    logits, labels, old, adv, mask, _ = _batch(torch.bfloat16)
+    kw = dict(entropy_coef=0.01, policy_loss="gmpo")
+    _, expected = _run(fastppo.fused_ppo_loss, logits, labels, old, adv, mask, **kw)
     leaf = logits.detach().clone().requires_grad_()
-    x = leaf * 1.0                  # as in a model: the logits are an activation, not a leaf
-    out = fastppo.fused_ppo_loss(x, labels, old, adv, mask, entropy_coef=0.01, inplace=True)
+    x = leaf * 1.0
+    out = fastppo.fused_ppo_loss(x, labels, old, adv, mask, inplace=True, **kw)
+    torch.testing.assert_close(x.detach(), logits, rtol=0, atol=0)   # untouched by the forward
     (out.loss * 1.7).backward()
-    torch.testing.assert_close(x.detach(), expected, rtol=0, atol=0)   # the logits' storage holds dlogits
+    torch.testing.assert_close(x.detach(), expected, rtol=0, atol=0)
     torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=0)
 
 
