@@ -14,6 +14,8 @@ The public function is fastppo.fused.fused_ppo_loss, which routes here when `tak
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .dispatch import ops
@@ -23,6 +25,22 @@ from .logprobs import token_logprobs_backward_op  # noqa: F401  (registers torch
 from .losses import agg_outputs_fake, loss_options_of
 from .options import LogprobOptions, LossOptions
 
+_ENABLED = [True]
+
+
+@contextlib.contextmanager
+def one_pass(enabled: bool):
+    """`with fastppo.fused_grad.one_pass(False):` keeps fused_ppo_loss on the two-pass path inside the block: for
+    a caller whose upstream gradient is never 1 (a loss scaled after the call: then the one-read path moves
+    4 + 4 bytes per bf16 element against the two-pass 6; folding the scale into `num_tokens` / `num_seqs`
+    keeps it at 1), or to compare the paths (the benchmark)."""
+    before = _ENABLED[0]
+    _ENABLED[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED[0] = before
+
 
 def takes_one_pass(logits: torch.Tensor, lopts: LogprobOptions, opts: LossOptions, cu_seqlens, tau) -> bool:
     """Whether fused_ppo_loss forms its gradient in the forward pass: the Triton backend, a gradient wanted,
@@ -30,7 +48,7 @@ def takes_one_pass(logits: torch.Tensor, lopts: LogprobOptions, opts: LossOption
     token-level loss (ppo, cispo, sapo, gpg: not the sequence-level gspo / gspo_token / gmpo, nor
     entropy_quantile, a threshold over every token), the padded layout (not cu_seqlens) and a row that
     fits on chip (V <= fastppo.kernels.fused_grad.max_vocab(): 16384, 8192 with a softcap)."""
-    if lopts.backend != "triton" or not (torch.is_grad_enabled() and logits.requires_grad):
+    if not _ENABLED[0] or lopts.backend != "triton" or not (torch.is_grad_enabled() and logits.requires_grad):
         return False
     if torch.compiler.is_compiling():   # the hand-over of a gradient held from forward is an eager protocol
         return False

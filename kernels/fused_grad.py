@@ -241,9 +241,7 @@ def fused_grad_loss(logits, labels, mask, old, adv, ref, isw, *, opts, with_entr
     of kernels/loss_agg.py, mask only), the row kernel (logp, H, gradient of the unit-upstream loss), the
     per-token terms and the finishing reduction (loss, stats, KL). Returns (AggResult, logp [N], stats [N, 2],
     entropy [N] or None, dlogits)."""
-    acc, _ = acc_dtype(logits.dtype)
-    placeholder = torch.zeros((), dtype=acc, device=logits.device).expand(mask.shape)   # not read (token level)
-    tables = policy_tables(placeholder, old, adv, mask, opts=opts, rollout_is_weights=isw)
+    tables = policy_tables(old, adv, mask, opts=opts, acc=acc_dtype(logits.dtype)[0], rollout_is_weights=isw)
     logp, stats, ent, dlogits = fused_grad_fwd(logits, labels, mask, old, adv, ref, isw, tables[0], opts=opts,
                                                inv_tau=inv_tau, ignore_index=ignore_index, with_entropy=with_entropy,
                                                logit_scale=logit_scale, softcap=softcap, tau=tau, out=out)

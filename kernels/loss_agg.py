@@ -330,13 +330,15 @@ def _finish(part, total, n_parts, kl_coef, entropy_coef, acc, tl_acc, dev):
     return loss, stats
 
 
-def policy_tables(logp, old, adv, mask, *, opts, rollout_is_weights=None, cu_seqlens=None):
-    """Launches 1 and 2 alone: (sequence table [B, NCOL], totals [NCOL]) of `opts` for policy_loss_agg(tables=).
-    For a token-level policy they read the mask only (logp is not read), so a caller can take the aggregation
-    weights before the log-probs exist (kernels/fused_grad.py)."""
+def policy_tables(old, adv, mask, *, opts, acc: torch.dtype, rollout_is_weights=None, cu_seqlens=None):
+    """Launches 1 and 2 alone: (sequence table [B, NCOL], totals [NCOL]) of a token-level `opts` for
+    policy_loss_agg(tables=), in `acc` (the log-probs' dtype). They read the mask only, so a caller can take the
+    aggregation weights before the log-probs exist (kernels/fused_grad.py)."""
+    if seq_kind(opts.policy_loss) != SEQ_COUNTS.value:
+        raise ValueError(f"policy_tables needs a token-level policy loss, got {opts.policy_loss!r}")
     grid = grid_of(mask, cu_seqlens, cfg.AGG_BLOCK_T)
-    acc, tl_acc = acc_dtype(logp.dtype)
-    return seq_tables(grid, logp, old, adv, rollout_is_weights, mask, opts, seq_kind(opts.policy_loss), acc, tl_acc)
+    tl_acc = acc_dtype(acc)[1]
+    return seq_tables(grid, old, old, adv, rollout_is_weights, mask, opts, SEQ_COUNTS.value, acc, tl_acc)
 
 
 def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_is_weights=None,

@@ -37,7 +37,7 @@ def _run(spec: OpSpec, side: str, inputs):
     outs = spec.sides[side](inputs)
     if spec.has_backward and outs:
         with _disable_current_modes():
-            grads = [torch.full_like(o, 0.5) for o in outs]
+            grads = [torch.full_like(o, spec.upstream) for o in outs]
         torch.autograd.backward(list(outs), grads)
 
 
@@ -72,7 +72,7 @@ def make_backward(spec: OpSpec, side: str, inputs):
         for t in leaves:
             t.grad = None
         outs = list(fn(inputs))
-        return (outs, [torch.full_like(o, 0.5) for o in outs]), {}
+        return (outs, [torch.full_like(o, spec.upstream) for o in outs]), {}
 
     def target(outs, grads):
         torch.autograd.backward(outs, grads)

@@ -37,6 +37,8 @@ class OpSpec:
     # how the sweep shapes are counted: "dry_run" (fake tensors at the shape; the Triton kernels' bytes
     # and FLOPs fitted) or "fit" (every count fitted: for ops whose eager side is a long Python loop)
     derive: str = "dry_run"
+    # the upstream gradient of every output in backward (0.5: the scaling paths run; 1.0: loss.backward())
+    upstream: float = 0.5
 
     @property
     def fastppo(self):
@@ -123,6 +125,16 @@ def _ppo_fastppo(inp):
     return (out.loss,)
 
 
+def _ppo_fastppo_two_pass(inp):
+    """fused_ppo_loss on its two-pass path, as it runs where rows are longer than the one-read path holds
+    (V > fastppo.kernels.fused_grad.max_vocab(), every LOGIT_SWEEP shape): the measured shapes then count
+    the kernels the sweep shapes launch."""
+    from ..fused_grad import one_pass
+
+    with one_pass(False):
+        return _ppo_fastppo(inp)
+
+
 def _ppo_eager(inp):
     out = ref.fused_ppo_loss(inp["logits"], inp["labels"], inp["old"], inp["adv"], inp["mask"],
                              ref_logprobs=inp["ref"], **PPO_KW)
@@ -194,6 +206,7 @@ def _masked(shapes):
 
 
 LOGIT_SWEEP = tuple({"N": n, "V": v} for n in (4096, 16384) for v in (32000, 65536, 128256, 151936))
+ONE_READ_SWEEP = tuple({"N": n, "V": v} for n in (4096, 16384) for v in (8192, 16384))
 # B = 4 sequences of T = N / 4 tokens, T a multiple of 4 so that 50 % and 75 % prompts are whole
 LOGIT_MEASURE = ({"N": 16, "V": 1024}, {"N": 32, "V": 1024}, {"N": 16, "V": 2048}, {"N": 32, "V": 1536},
                  {"N": 48, "V": 1024})
@@ -205,8 +218,16 @@ OPS = {
         floor_bytes=logits_floor, features=_nv, sweep=_masked(LOGIT_SWEEP), measure=_masked(LOGIT_MEASURE)),
     "fused_ppo_loss": OpSpec(
         "fused_ppo_loss", ("N", "V"), lambda s, dt, dev: _ppo_inputs(s, dt, dev, with_liger=True),
-        {"fastppo": _ppo_fastppo, "eager": _ppo_eager, "liger": lambda inp: peers.liger_ppo_loss(inp, PPO_KW)},
+        {"fastppo": _ppo_fastppo_two_pass, "eager": _ppo_eager,
+         "liger": lambda inp: peers.liger_ppo_loss(inp, PPO_KW)},
         floor_bytes=logits_floor, features=_nv, sweep=_masked(LOGIT_SWEEP), measure=_masked(LOGIT_MEASURE)),
+    # rows that fit the one-read path (kernels/fused_grad.py), the gradient formed in forward, with the upstream
+    # gradient of loss.backward() (1; any other costs one more read + write of the live rows)
+    "fused_ppo_loss_one_read": OpSpec(
+        "fused_ppo_loss_one_read", ("N", "V"), lambda s, dt, dev: _ppo_inputs(s, dt, dev, with_liger=True),
+        {"fastppo": _ppo_fastppo, "eager": _ppo_eager, "liger": lambda inp: peers.liger_ppo_loss(inp, PPO_KW)},
+        floor_bytes=logits_floor, features=_nv, sweep=_masked(ONE_READ_SWEEP), measure=_masked(LOGIT_MEASURE),
+        upstream=1.0),
     "full_kl": OpSpec(
         "full_kl", ("N", "V"), _kl_inputs,
         {"fastppo": lambda inp: (__import__("fastppo").full_kl(inp["logits"], inp["ref_logits"]),),

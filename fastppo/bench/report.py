@@ -225,18 +225,26 @@ def _cell(r, side, cuda):
     return cell
 
 
+def _over_floor(r, side) -> str:
+    """A side's bytes (FLOPs for the linear ops) over the op's floor, or '' where the side does not run."""
+    if r[f"{side}_status"] != "ok":
+        return ""
+    return f"{r[f'{side}_flops_over_floor' if r['floor_flops'] else f'{side}_bytes_over_floor']:.2f}x"
+
+
 def summary(rows) -> str:
-    """The README table: the largest shape of each op with peers, at 0 % and 50 % prompt, H100 projected
-    time of each side and its ratio to fastppo's."""
+    """The README table: the largest shape of each op with peers, at 0, 50 and 75 % prompt, H100 projected
+    time of each side and its ratio to fastppo's, and each side's bytes (FLOPs for the linear ops) over the
+    floor."""
     head = ["op", "shape", "prompt", "fastppo ms", "TRL ms", "Liger ms", "eager ms", "TRL / fastppo",
-            "Liger / fastppo", "eager / fastppo"]
+            "Liger / fastppo", "eager / fastppo", "fastppo / floor", "TRL / floor", "Liger / floor"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for op in dict.fromkeys(r["op"] for r in rows):
         mine = [r for r in rows if r["op"] == op and r["source"] == "derived"]
         if not mine or op == "gae":
             continue
         big = mine[-1]["shape"]
-        for prompt in (0.0, 0.5):
+        for prompt in (0.0, 0.5, 0.75):
             r = next((r for r in mine if r["shape"] == big and r["prompt"] == prompt), None)
             if r is None:
                 continue
@@ -245,7 +253,8 @@ def summary(rows) -> str:
             ratio = {s: (f"{r[f'{s}_H100_time_over_fastppo']:.2f}x" if r[f"{s}_status"] == "ok" else "")
                      for s in SIDES}
             lines.append(f"| {op} | {big} | {prompt:.0%} | {ms['fastppo']} | {ms['trl']} | {ms['liger']} | "
-                         f"{ms['eager']} | {ratio['trl']} | {ratio['liger']} | {ratio['eager']} |")
+                         f"{ms['eager']} | {ratio['trl']} | {ratio['liger']} | {ratio['eager']} | "
+                         f"{_over_floor(r, 'fastppo')} | {_over_floor(r, 'trl')} | {_over_floor(r, 'liger')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -265,7 +274,11 @@ def notes(rows) -> str:
              "shapes (linear in the shape monomials, checked on held-out shapes: the largest error is in the csv, "
              "`<side>_fit_error`, relative to the side's total).",
              "- prompt: the first fraction of each of 4 sequences is masked (ignore_index labels for the log-prob "
-             "ops, mask 0 for the losses). n/a: the library has no such op."]
+             "ops, mask 0 for the losses). n/a: the library has no such op.",
+             "- upstream gradient 0.5 on every output (the scaling paths run), except fused_ppo_loss_one_read: 1, "
+             "loss.backward()'s. fused_ppo_loss_one_read is fused_ppo_loss where a row fits its one-read path "
+             "(V <= 16384; the gradient formed in forward: 4 bytes per bf16 element of a valid row, 8 when the "
+             "upstream gradient is not 1); fused_ppo_loss at V >= 32000 is the two-pass path (6)."]
     for peer in ("trl", "liger"):
         st = {r[f"{peer}_status"] for r in rows} - {"n/a"}
         if st == {"ok"}:

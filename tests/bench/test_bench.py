@@ -145,6 +145,23 @@ def test_fused_loss_is_six_kernel_launches_at_the_floor():
     assert 1.0 <= c["bytes"] / spec.floor_bytes(shape, torch.bfloat16) < 1.05
 
 
+@pytest.mark.parametrize("prompt,ratio", [(0.0, 2 / 3), (0.5, 3 / 4), (0.75, 5 / 6)])
+def test_fused_loss_one_read_moves_two_thirds_of_the_floor(prompt, ratio):
+    """The gradient formed in forward (kernels/fused_grad.py), upstream 1: a valid row read once and written
+    once (4 of the floor's 6 bytes per bf16 element), a masked row its zero gradient (2 of 2); 6 kernel
+    launches as on the two-pass path (the aggregation's 4, the row kernel, backward's rescaling, which moves no
+    row at upstream 1) and one eager op: the 0-d copy of the loss that hands it to autograd."""
+    spec = OPS["fused_ppo_loss_one_read"]
+    shape = {"N": 16, "V": 2048, "prompt": prompt}
+    c = count(spec, shape, "fastppo")
+    assert c["launches"] == 7 and c["eager_launches"] == 1 and c["eager_bytes"] == 8
+    assert {"_fused_grad_kernel", "_logprobs_bwd_kernel"} <= set(c["kernels"])
+    assert "_logprobs_fwd_kernel" not in c["kernels"]
+    assert ratio <= c["bytes"] / spec.floor_bytes(shape, torch.bfloat16) < ratio + 0.02
+    if prompt == 0.0:
+        assert c["bytes"] / spec.floor_bytes(shape, torch.bfloat16) <= 0.70
+
+
 def test_trl_selective_kernel_on_a_half_masked_batch_is_at_the_masked_floor():
     """TRL skips masked rows (reads nothing, writes their zero gradient): its kernels' bytes sit on the
     masked floor; its eager part is two label ops (clamp, != -100)."""
@@ -267,8 +284,8 @@ def test_fastppo_on_a_half_masked_batch_is_at_the_masked_floor(op):
     assert 1.0 <= c["bytes"] / logits_floor(shape, torch.bfloat16) <= 1.02
 
 
-@pytest.mark.parametrize("op", ["token_logprobs", "fused_ppo_loss", "linear_logprobs", "fused_linear_ppo_loss",
-                                "linear_divergence"])
+@pytest.mark.parametrize("op", ["token_logprobs", "fused_ppo_loss", "fused_ppo_loss_one_read", "linear_logprobs",
+                                "fused_linear_ppo_loss", "linear_divergence"])
 def test_every_side_computes_the_same_numbers(op):
     """The sides of a row compute the same thing (else the comparison means nothing): outputs and the
     gradients of the leaves agree with the eager reference on a half-masked fp32 batch."""
