@@ -1,9 +1,12 @@
 """fused_ppo_loss: log-prob, entropy, KL to the reference and the policy loss (any variant of
-fastppo.losses) from the logits, with no host sync. Triton launches, forward + backward together:
+fastppo.losses) from the logits, with no host sync. Triton launches, forward + backward together, on the
+two-pass path:
   1. logprobs_fwd  (one read of the logits: logp, lse and H per token)
   2-5. the loss aggregation (kernels/loss_agg.py: 4 launches, 5 for gspo; per-token terms,
        aggregation, stats, gradient coefficients)
   6. logprobs_bwd  (one read + one write of the logits, scaled by the upstream gradient on device)
+Token-level losses with rows that fit on chip form the gradient in the forward pass instead (one read + one
+write of the logits, fastppo.fused_grad: `takes_one_pass` decides).
 """
 
 from __future__ import annotations
@@ -148,10 +151,17 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
     policy_loss and its options as in ppo_policy_loss (variants, ratio_max, sapo temperatures,
     rollout_is_weights, entropy_quantile, dro_beta, the cov_ options), KL kinds as in kl_penalty;
     kl_bias_correction: the KL term is KL_t exp(logp_t - old_t) (TRL's use_bias_correction_kl, token level).
-    Entropy is computed only when entropy_coef != 0, return_entropy or entropy_quantile. `inplace=True` writes
-    dlogits into the
-    logits' storage during backward (saves one [B, T, V] buffer; the logits are garbage afterwards,
-    and storage that elements share is refused). Logits are transformed as in token_logprobs:
+    Entropy is computed only when entropy_coef != 0, return_entropy or entropy_quantile. Gradient formed in
+    the forward pass (Triton, a gradient wanted, policy_loss ppo, cispo, sapo or gpg without entropy_quantile,
+    off_policy_mask_threshold, kl_bias_correction, cu_seqlens, kept or vocab_parallel; V <= 16384, 8192 with a
+    softcap; eager mode): each valid logits row is read once and its gradient written once
+    (fastppo.fused_grad, docs/design.md §5); backward only brings it to the upstream gradient (nothing moves
+    when that is 1; else each valid row is rewritten once more, from the logits: fold a loss scale into
+    num_tokens / num_seqs, or use `fastppo.fused_grad.one_pass(False)`). Backward through such a loss twice
+    (retain_graph) recomputes the gradient. `inplace=True` writes dlogits into the logits' storage (saves one
+    [B, T, V] buffer; the logits are garbage afterwards, and storage that elements share is refused): during
+    forward on that path (a non-unit upstream gradient then rescales it in place, rounded twice; a second
+    backward raises), during backward otherwise. Logits are transformed as in token_logprobs:
     z' = softcap(logit_scale * z) / temperature. Rows where mask is 0 (or the label is ignore_index) are
     never read, forward or backward: their logprobs / entropy are 0, their gradient rows exact zeros
     (NaN there cannot leak). cu_seqlens ([S + 1] offsets): packed sequences, logits [total, V], the
