@@ -84,8 +84,8 @@ def _fused_grad_kernel(
     logits_ptr, labels_ptr, valid_ptr, tau_ptr,
     # per-token loss inputs, addressed as [B, T] (adv may be per sequence), the [B, NCOL] sequence table
     old_ptr, adv_ptr, ref_ptr, isw_ptr, seq_ptr,
-    # outputs: [N] logp, [N, 2] (m, log s), [N] entropy, [N, V] gradient (its own row strides)
-    logp_ptr, stats_ptr, ent_ptr, dlogits_ptr,
+    # outputs: [N] logp, [N, 2] (m, log s), [N] entropy, [N] dloss/dlogp, [N, V] gradient (its own row strides)
+    logp_ptr, stats_ptr, ent_ptr, coef_ptr, dlogits_ptr,
     # shapes and strides
     n_inner, stride_outer, stride_inner, d_stride_outer, d_stride_inner, V, T,
     s_old_b, s_old_t, s_adv_b, s_adv_t, s_ref_b, s_ref_t, s_isw_b, s_isw_t,
@@ -102,6 +102,7 @@ def _fused_grad_kernel(
     cols = tl.arange(0, BLOCK_V)
     inb = cols < V
     logp = tl.zeros((), ACC)
+    c_logp = tl.zeros((), ACC)
     m_ref = tl.zeros((), ACC)
     log_s = tl.zeros((), ACC)
     ent = tl.zeros((), ACC)
@@ -109,7 +110,7 @@ def _fused_grad_kernel(
         pre, post = row_transform(tau_ptr, row, pre_hi, pre_lo, post_hi, post_lo, HAS_TAU_ROWS, HAS_CAP, ACC)
         row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
         # the one read of the row: it stays in registers until its gradient is written
-        z, _ = transform_logits(tl.load(row_ptr + cols, mask=inb, other=0.0).to(ACC), pre, post, HAS_CAP)
+        z, dz = transform_logits(tl.load(row_ptr + cols, mask=inb, other=0.0).to(ACC), pre, post, HAS_CAP)
         z = tl.where(inb, z, float("-inf"))
         m, s, t = stats_step(tl.full((), float("-inf"), ACC), tl.zeros((), ACC), tl.zeros((), ACC), z,
                              WITH_ENT)
@@ -130,15 +131,12 @@ def _fused_grad_kernel(
         c_logp = _token_coef(x, o, a, r, isw, w, clip_low, clip_high, dual_clip, ratio_max, tau_pos, tau_neg,
                              kl_coef, POLICY, KL_KIND, HAS_ISW, HAS_DUAL, HAS_RMAX)
         c_ent = -w * entropy_coef
-        dz = pre
-        if HAS_CAP:   # dz'/dz = pre post (1 - tanh^2) with tanh = z' / post: only z' stays in registers
-            th = z / post
-            dz = pre * post * (1.0 - th * th)
         g_z = dlogits_block(z, cols, y, m_ref, log_s, ent, c_logp, c_ent, dz, GRAD_ENT)
         tl.store(out_ptr + cols, g_z.to(dlogits_ptr.dtype.element_ty), mask=inb)
     else:
         tl.store(out_ptr + cols, tl.zeros((BLOCK_V,), dlogits_ptr.dtype.element_ty), mask=inb)
     tl.store(logp_ptr + row, logp)
+    tl.store(coef_ptr + row, c_logp)
     tl.store(stats_ptr + 2 * row, m_ref)
     tl.store(stats_ptr + 2 * row + 1, log_s)
     if WITH_ENT:
@@ -180,12 +178,12 @@ def _num_warps(block_v: int) -> int:
 
 def fused_grad_fwd(logits, labels, mask, old, adv, ref, isw, seq, *, opts, inv_tau: float, ignore_index: int,
                    with_entropy: bool, logit_scale: float = 1.0, softcap=None, tau=None, out=None):
-    """(logp [N], stats [N, 2], entropy [N] or None, dlogits) of the token-local loss `opts` (a LossOptions,
-    policy in TOKEN_LOCAL_POLICIES, no entropy_quantile) with the gradient of the unit-upstream loss written
-    during the one read of each live row. mask, old, ref, isw: [B, T] or [T]; adv also [B]; seq: the
-    [B, NCOL] sequence table of the aggregation (kernels/loss_seq.py seq_tables). `out`: where the gradient
-    goes (the logits themselves for inplace=True; a new tensor of the logits' shape and dtype when None).
-    fp32 results (fp64 for fp64 logits)."""
+    """(logp [N], stats [N, 2], entropy [N] or None, coef [N] = dloss/dlogp, dlogits) of the token-local loss
+    `opts` (a LossOptions, policy in TOKEN_LOCAL_POLICIES, no entropy_quantile) with the gradient of the
+    unit-upstream loss written during the one read of each live row. mask, old, ref, isw: [B, T] or [T]; adv
+    also [B]; seq: the [B, NCOL] sequence table of the aggregation (kernels/loss_seq.py seq_tables). `out`:
+    where the gradient goes (the logits themselves for inplace=True; a new tensor of the logits' shape and
+    dtype when None). fp32 results (fp64 for fp64 logits)."""
     rows = Rows(logits)
     n, V = rows.n_rows, rows.n_cols
     limit = max_vocab(softcap is not None)
@@ -208,6 +206,7 @@ def fused_grad_fwd(logits, labels, mask, old, adv, ref, isw, seq, *, opts, inv_t
     logp = torch.empty(n, dtype=acc, device=dev)
     stats = torch.empty((n, 2), dtype=acc, device=dev)
     ent = torch.empty(n, dtype=acc, device=dev) if with_entropy else logp
+    coef = torch.empty(n, dtype=acc, device=dev)
     B, T = bt_shape(mask)
     tf = LogitTransform(1.0 if tau is not None else inv_tau, logit_scale, softcap)
     tp = flat_rows(tau, n, "temperature") if tau is not None else logp
@@ -216,11 +215,11 @@ def fused_grad_fwd(logits, labels, mask, old, adv, ref, isw, seq, *, opts, inv_t
     grad_ent = with_entropy and opts.entropy_coef != 0
     if n > 0:
         record_launch("fused_grad_fwd", logits, y, valid, tau, old, adv, ref if has_ref else None, isw, seq, logp,
-                      stats, ent if with_entropy else None, out, grid=(n,))
+                      stats, ent if with_entropy else None, coef, out, grid=(n,))
         block = triton.next_power_of_2(V)
         wrap_triton(_fused_grad_kernel)[(n,)](
             rows.tensor, y, valid, tp, old, adv, ref if has_ref else old, isw if isw is not None else old, seq,
-            logp, stats, ent, out,
+            logp, stats, ent, coef, out,
             *rows.args(), d_outer, d_inner, V, T,
             *bt_strides(old, B, T), *bt_strides(adv, B, T), *(bt_strides(ref, B, T) if has_ref else (0, 0)),
             *(bt_strides(isw, B, T) if isw is not None else (0, 0)),
@@ -232,7 +231,7 @@ def fused_grad_fwd(logits, labels, mask, old, adv, ref, isw, seq, *, opts, inv_t
             HAS_DUAL=opts.dual_clip is not None, HAS_RMAX=opts.ratio_max is not None, NC=NCOL, ACC=tl_acc,
             num_warps=_num_warps(block),
         )
-    return logp, stats, (ent if with_entropy else None), out.view(logits.shape)
+    return logp, stats, (ent if with_entropy else None), coef, out.view(logits.shape)
 
 
 def fused_grad_loss(logits, labels, mask, old, adv, ref, isw, *, opts, with_entropy: bool, inv_tau: float,
@@ -240,16 +239,17 @@ def fused_grad_loss(logits, labels, mask, old, adv, ref, isw, *, opts, with_entr
     """The whole forward of fused_ppo_loss with its gradient, 4 launches: the aggregation weights (launches 1-2
     of kernels/loss_agg.py, mask only), the row kernel (logp, H, gradient of the unit-upstream loss), the
     per-token terms and the finishing reduction (loss, stats, KL). Returns (AggResult, logp [N], stats [N, 2],
-    entropy [N] or None, dlogits)."""
+    entropy [N] or None, dlogits); the AggResult's coef is the row kernel's (what its gradient used, so that a
+    backward from the logits writes the same numbers)."""
     tables = policy_tables(old, adv, mask, opts=opts, acc=acc_dtype(logits.dtype)[0], rollout_is_weights=isw)
-    logp, stats, ent, dlogits = fused_grad_fwd(logits, labels, mask, old, adv, ref, isw, tables[0], opts=opts,
+    logp, stats, ent, coef, dlogits = fused_grad_fwd(logits, labels, mask, old, adv, ref, isw, tables[0], opts=opts,
                                                inv_tau=inv_tau, ignore_index=ignore_index, with_entropy=with_entropy,
                                                logit_scale=logit_scale, softcap=softcap, tau=tau, out=out)
     shape = labels.shape
     res: AggResult = policy_loss_agg(logp.view(shape), old, adv, mask, opts=opts, ref=ref,
                                      ent=None if ent is None else ent.view(shape), rollout_is_weights=isw,
                                      tables=tables)
-    return res, logp, stats, ent, dlogits
+    return res._replace(coef=coef.view(res.coef.shape)), logp, stats, ent, dlogits
 
 
 def scale_rows_(grad, labels, mask, scale, *, ignore_index: int):
