@@ -106,8 +106,8 @@ def test_views_masks_and_transforms():
     _compare(out, rout, grad, rgrad, torch.bfloat16, tol=2e-4)
 
 
-@pytest.mark.parametrize("case", ["gspo", "gspo_token", "gmpo", "entropy_quantile", "cu_seqlens", "long_rows",
-                                  "no_grad", "torch"])
+@pytest.mark.parametrize("case", ["gspo", "gspo_token", "gmpo", "dro", "entropy_quantile", "off_policy_mask",
+                                  "kl_bias_correction", "cu_seqlens", "long_rows", "no_grad", "torch"])
 def test_path_choice(monkeypatch, case):
     """Token-level losses on the Triton backend take the one-read path; the rest keep the two-pass path."""
     logits, labels, old, adv, mask, _ = _inputs(torch.float32, B=2, T=4, V=64)
@@ -115,6 +115,12 @@ def test_path_choice(monkeypatch, case):
     kw = {}
     if case in ("gspo", "gspo_token", "gmpo"):
         kw["policy_loss"] = case
+    elif case == "dro":
+        kw.update(policy_loss="dro", dro_beta=0.1)
+    elif case == "off_policy_mask":
+        kw["off_policy_mask_threshold"] = 0.5
+    elif case == "kl_bias_correction":
+        kw.update(kl_bias_correction=True, ref_logprobs=old + 0.1, kl_coef=0.1)
     elif case == "entropy_quantile":
         kw["entropy_quantile"] = 0.5
     elif case == "cu_seqlens":
