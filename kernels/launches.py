@@ -16,6 +16,7 @@ _counts: collections.Counter = collections.Counter()
 _io_bytes = [0]
 _log: list = []          # per-launch records, kept only while a count_launches() block is open
 _open = [0]
+_record_fake = [0]       # > 0 inside recording_fake_launches(): fake-tensor launches are recorded too
 
 
 class Launch(NamedTuple):
@@ -27,8 +28,9 @@ class Launch(NamedTuple):
 def record_launch(name: str, *tensors, grid=None) -> None:
     """Record one launch of `name` that reads / writes `tensors` (views: only the viewed elements)
     on `grid` (a tuple of program counts per grid axis, or an int). Nothing is recorded while torch.compile
-    traces a launcher with fake tensors (no launch happens)."""
-    if any(t is not None and is_fake(t) for t in tensors):
+    traces a launcher with fake tensors (no launch happens), except inside `recording_fake_launches()` (the bench's
+    dry runs, where the launch is recorded at its real size without running)."""
+    if not _record_fake[0] and any(t is not None and is_fake(t) for t in tensors):
         return
     io = sum(t.numel() * t.element_size() for t in tensors if t is not None)
     _counts[name] += 1
@@ -69,3 +71,14 @@ def count_launches():
         for launch in seen.log:
             if launch.programs is not None:
                 seen.programs[launch.name] = max(launch.programs, seen.programs.get(launch.name, 0))
+
+
+@contextlib.contextmanager
+def recording_fake_launches():
+    """Inside the block, launches given fake tensors are recorded as real ones (their tensors' sizes are known): the
+    bench's dry runs at shapes too large to run, whose launch I/O then bounds each kernel's bytes exactly."""
+    _record_fake[0] += 1
+    try:
+        yield
+    finally:
+        _record_fake[0] -= 1

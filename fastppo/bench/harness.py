@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..kernels.launches import count_launches
+from ..kernels.launches import count_launches, recording_fake_launches
 from . import peers
 from .counters import AnswerHostSyncs, EagerTraffic, PeakMemory, TritonLaunches, hide_interpreter_copies
 from .ops import OpSpec
@@ -98,11 +98,12 @@ def count(spec: OpSpec, shape: dict, side: str, dtype=torch.bfloat16, device="cp
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake = FakeTensorMode() if dry_run else contextlib.nullcontext()
+    fake_io = recording_fake_launches() if dry_run else contextlib.nullcontext()
     triton = TritonLaunches(dry_run=dry_run)
     with fake:
         inputs = spec.make(shape, dtype, device)
         with _labels_unchecked(), peers.as_on_gpu(), hide_interpreter_copies(), triton.count(), \
-                count_launches() as recorded, AnswerHostSyncs() if dry_run else contextlib.nullcontext(), \
+                fake_io, count_launches() as recorded, AnswerHostSyncs() if dry_run else contextlib.nullcontext(), \
                 EagerTraffic() as eager, PeakMemory() as peak:
             _run(spec, side, inputs)
     kernels: dict = {}

@@ -13,15 +13,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 import fastppo.integrations as fi  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _verl_torch_paths(monkeypatch):
-    """verl's own switches to its PyTorch paths: flash-attn's Triton cross-entropy is CUDA only (and
-    importable here when the OpenRLHF tests loaded flash_attn's Python files)."""
-    import verl.utils.experimental.torch_functional as xtf
-
-    monkeypatch.setenv("VERL_DISABLE_FLASH_ATTN_CE", "1")
-    monkeypatch.setattr(xtf, "_FLASH_ATTN_CROSS_ENTROPY_AVAILABLE", False)
+pytestmark = pytest.mark.usefixtures("verl_torch_paths")
 
 
 def _mask(B, T):

@@ -12,6 +12,8 @@ import verl.trainer.ppo.core_algos as ca
 import fastppo.integrations as fi
 from tests.integrations.test_verl import _AGGS, _GLOBAL, _mask
 
+pytestmark = pytest.mark.usefixtures("verl_torch_paths")
+
 _PL = {
     "dppo_tv": {},
     "dppo_kl": {},

@@ -33,6 +33,8 @@ from verl.workers.utils.losses import ppo_loss
 
 import fastppo.integrations as fi
 
+pytestmark = pytest.mark.usefixtures("verl_torch_paths")
+
 V = 96
 PROMPTS, RESPONSES = [3, 2, 4], [4, 5, 2]
 

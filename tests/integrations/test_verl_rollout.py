@@ -14,6 +14,8 @@ import verl.utils.torch_functional as tf
 
 import fastppo.integrations as fi
 
+pytestmark = pytest.mark.usefixtures("verl_torch_paths")
+
 RTOL = 2e-5
 
 
