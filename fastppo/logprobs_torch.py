@@ -80,12 +80,13 @@ def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy, logit_s
 def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau, ignore_index, scale=None,
                  inplace=False, logit_scale=1.0, softcap=None, valid=None, tau=None):
     """p = exp((z' - m) - log s) from the saved row stats. Dead rows get an exact zero gradient row
-    (selected with where: NaN there cannot leak)."""
+    (selected with where: NaN there cannot leak). `c_logp` None (no log-prob upstream, e.g. only the entropy
+    is differentiated) skips the log-prob term c_logp (onehot(y) - p) entirely: no one-hot, no product."""
     V = logits.shape[-1]
     z_all = logits.reshape(-1, V)
     y_all = labels.reshape(-1)
     live_all = _live_rows(y_all, ignore_index, valid)
-    c_logp = c_logp.reshape(-1)
+    c_logp = None if c_logp is None else c_logp.reshape(-1)
     c_ent = None if c_ent is None else c_ent.reshape(-1)
     out = z_all if inplace and z_all.data_ptr() == logits.data_ptr() else torch.empty_like(z_all)
     for a, b in row_chunks(z_all.shape[0], V):
@@ -95,13 +96,18 @@ def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau, ignore_i
         live = live_all[a:b].unsqueeze(-1)
         logp = (z - stats[a:b, :1]) - stats[a:b, 1:]
         p = torch.exp(logp)
-        hot = live & ((y >= 0) & (y < V)).unsqueeze(-1)   # an out-of-range label has no one-hot column
-        onehot = torch.zeros_like(p).scatter_(-1, torch.where(hot.squeeze(-1), y, 0).long().unsqueeze(-1),
-                                              hot.to(p.dtype))
-        g = c_logp[a:b].to(p.dtype).unsqueeze(-1) * (onehot - p)
+        g = None
+        if c_logp is not None:
+            hot = live & ((y >= 0) & (y < V)).unsqueeze(-1)   # an out-of-range label has no one-hot column
+            onehot = torch.zeros_like(p).scatter_(-1, torch.where(hot.squeeze(-1), y, 0).long().unsqueeze(-1),
+                                                  hot.to(p.dtype))
+            g = c_logp[a:b].to(p.dtype).unsqueeze(-1) * (onehot - p)
         if c_ent is not None:
             h = torch.where(p == 0, torch.zeros_like(p), p * (logp + ent[a:b].unsqueeze(-1)))
-            g -= c_ent[a:b].to(p.dtype).unsqueeze(-1) * h
+            h *= c_ent[a:b].to(p.dtype).unsqueeze(-1)
+            g = h.neg_() if g is None else g.sub_(h)
+        if g is None:
+            g = torch.zeros_like(p)
         if scale is not None:
             g = g * scale.to(p.dtype)
         out[a:b] = torch.where(live, g * dz, torch.zeros((), dtype=g.dtype, device=g.device)).to(out.dtype)
