@@ -95,15 +95,19 @@ def logits(h, weight, bias, opts, acc, inv_tau=None, row_blocks=True, logits_dty
         else:
             torch.matmul(hz, w.t(), out=z[:, v0:v1])
     if bias is not None:
-        z = z + bias.to(acc)
+        z += bias.to(acc)
     if logits_dtype is not None:     # the engine's rounded logits (gradients pass straight through)
         z = z.to(getattr(torch, logits_dtype)).to(acc)
-    z = z * opts.logit_scale
+    if opts.logit_scale != 1.0:
+        z *= opts.logit_scale
     th = None
     if opts.softcap is not None:
         th = torch.tanh(z / opts.softcap)
         z = opts.softcap * th
-    return z * (opts.inv_tau if inv_tau is None else inv_tau), th
+    inv = opts.inv_tau if inv_tau is None else inv_tau
+    if not (isinstance(inv, float) and inv == 1.0):   # in place, no pass for a unit factor
+        z *= inv
+    return z, th
 
 
 def _row_inv_tau(tau, sel, acc):

@@ -1,14 +1,18 @@
 """The pure-PyTorch backend of token_logprobs (and the log-prob pass of the fused losses): the same
 interface as the Triton launchers (`logprobs_fwd`, `logprobs_bwd`), computed in fp32 over bounded
-slices of rows so that no more than CHUNK_ELEMENTS fp32 values of [N, V] are alive at once, forward or backward."""
+slices of rows so that no more than a few LOGPROBS_CHUNK_ELEMENTS fp32 slices of [N, V] are alive at once, forward or
+backward (the other logits ops' slices, row_chunks' default, are CHUNK_ELEMENTS)."""
 
 import torch
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per slice
+LOGPROBS_CHUNK_ELEMENTS = 1 << 24   # token_logprobs' slices: 64 MiB of fp32, ~110 rows at V = 152k (TRL's
+                                    # entropy_from_logits takes 128): fewer, larger passes run 1.6x faster on CPU
 
 
-def row_chunks(n_rows: int, n_cols: int):
-    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+def row_chunks(n_rows: int, n_cols: int, elements: int | None = None):
+    """(start, end) of slices of at most `elements` (default CHUNK_ELEMENTS) values, at least one row each."""
+    step = max(1, (CHUNK_ELEMENTS if elements is None else elements) // max(n_cols, 1))
     for start in range(0, n_rows, step):
         yield start, min(n_rows, start + step)
 
@@ -57,7 +61,7 @@ def logprobs_fwd(logits, labels, *, inv_tau, ignore_index, with_entropy, logit_s
     logp = torch.empty(n, dtype=acc, device=logits.device)
     stats = torch.empty((n, 2), dtype=acc, device=logits.device)
     ent = torch.empty_like(logp) if with_entropy else None
-    for a, b in row_chunks(n, V):
+    for a, b in row_chunks(n, V, LOGPROBS_CHUNK_ELEMENTS):
         z, _ = transform(z_all[a:b].to(acc), inv_tau=_inv_tau(inv_tau, tau, a, b, acc), logit_scale=logit_scale,
                          softcap=softcap)
         y = y_all[a:b]
@@ -92,7 +96,7 @@ def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau, ignore_i
     c_logp = None if c_logp is None else c_logp.reshape(-1)
     c_ent = None if c_ent is None else c_ent.reshape(-1)
     out = z_all if inplace and z_all.data_ptr() == logits.data_ptr() else torch.empty_like(z_all)
-    for a, b in row_chunks(z_all.shape[0], V):
+    for a, b in row_chunks(z_all.shape[0], V, LOGPROBS_CHUNK_ELEMENTS):
         z, dz = transform(z_all[a:b].to(stats.dtype), inv_tau=_inv_tau(inv_tau, tau, a, b, stats.dtype),
                           logit_scale=logit_scale, softcap=softcap)
         y = y_all[a:b]
