@@ -214,7 +214,9 @@ def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, 
     ce = None if c_ent is None else pick(c_ent).to(acc)
     ent_s = None if c_ent is None else pick(ent)
     dh = torch.zeros(h.shape, dtype=acc, device=h.device) if needs[0] else None
-    dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if needs[1] else None
+    dw = None
+    if needs[1]:   # the first slice's product is written into it (no zero-fill pass), unless there is none
+        dw = (torch.empty if h.shape[0] > 0 else torch.zeros)(weight.shape, dtype=acc, device=h.device)
     db = torch.zeros(V, dtype=acc, device=h.device) if (bias is not None and needs[2]) else None
     cols = torch.arange(V, device=h.device)
     inv = _row_inv_tau(tau, sel, acc)
@@ -245,7 +247,10 @@ def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, 
             for v0, v1, w in _weight_blocks(weight, acc):
                 dh[a:b] += _mm_rows(g[:, v0:v1], w, torch.empty(b - a, H, dtype=acc, device=h.device))
         if dw is not None:
-            dw.addmm_(g.t(), h[a:b].to(acc))   # into the one fp32 buffer: no [V, H] temporary per slice
+            if a == 0:   # into the one fp32 buffer: no [V, H] temporary per slice
+                torch.mm(g.t(), h[a:b].to(acc), out=dw)
+            else:
+                dw.addmm_(g.t(), h[a:b].to(acc))
         if db is not None:
             db += g.sum(0)
     if dh is not None and sel is not None:
