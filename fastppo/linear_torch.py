@@ -226,23 +226,29 @@ def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, 
         inv_rows = opts.inv_tau if inv is None else inv[a:b]
         z, th = logits(h[a:b], weight, bias, opts, acc, None if inv is None else inv_rows,
                        logits_dtype=opts.logits_dtype)
-        logp = (z - lse_s[a:b, :1]) - lse_s[a:b, 1:]
+        logp = (z - lse_s[a:b, :1]).sub_(lse_s[a:b, 1:])
         p = torch.exp(logp)
-        onehot = cols[None, :] == y_all[a:b, None]
-        if kept is None:
-            g = cl[a:b, None] * (onehot.to(acc) - p)
+        if kept is None:   # c (onehot - p) = -c p, plus c at the label column (in place: fewer [rows, V] passes)
+            y = y_all[a:b, None]
+            hot = (y >= 0) & (y < V)
+            g = p * cl[a:b, None].neg()
+            g.scatter_add_(1, torch.where(hot, y, 0).long(), torch.where(hot, cl[a:b, None], 0.0))
         else:
+            onehot = cols[None, :] == y_all[a:b, None]
             km = _kept_mask(entries, a, b, V)
             p_k = torch.exp((z - klse_s[a:b, :1]) - klse_s[a:b, 1:])
             p_k = torch.where(km, p_k, torch.zeros((), dtype=acc, device=z.device))
             g = cl[a:b, None] * ((onehot & km).to(acc) - p_k)
-        if ce is not None:
-            h_term = torch.where(p == 0, torch.zeros_like(p), p * (logp + ent_s[a:b, None]))
-            g = g - ce[a:b, None] * h_term
-        g = g * inv_rows
+        if ce is not None:   # p (log p + H), 0 where p = 0 (log p = -inf made finite; NaN stays NaN)
+            h_term = logp.clamp_min_(torch.finfo(acc).min).add_(ent_s[a:b, None]).mul_(p)
+            g.sub_(h_term.mul_(ce[a:b, None]))
+        if not (isinstance(inv_rows, float) and inv_rows == 1.0):
+            g.mul_(inv_rows)
         if th is not None:
-            g = g * (1 - th * th)
-        g = torch.where(vrow[a:b, None], g * opts.logit_scale, torch.zeros((), dtype=acc, device=g.device))
+            g.mul_(1 - th * th)
+        if opts.logit_scale != 1.0:
+            g.mul_(opts.logit_scale)
+        g.masked_fill_(~vrow[a:b, None], 0)
         if dh is not None:
             for v0, v1, w in _weight_blocks(weight, acc):
                 dh[a:b] += _mm_rows(g[:, v0:v1], w, torch.empty(b - a, H, dtype=acc, device=h.device))
