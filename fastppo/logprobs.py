@@ -49,18 +49,20 @@ def _logprobs_backward_fake(logits, labels, lse, entropy, grad_logp, grad_entrop
 
 @define("token_logprobs_backward", _logprobs_backward_fake, kernels=True)
 def token_logprobs_backward_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                            entropy: torch.Tensor | None, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
-                            scale: torch.Tensor | None, valid: torch.Tensor | None, inv_tau: float,
-                            ignore_index: int, logit_scale: float, softcap: float | None,
-                            backend: str, tau: torch.Tensor | None = None) -> torch.Tensor:
+                            entropy: torch.Tensor | None, grad_logp: torch.Tensor | None,
+                            grad_entropy: torch.Tensor | None, scale: torch.Tensor | None,
+                            valid: torch.Tensor | None, inv_tau: float, ignore_index: int, logit_scale: float,
+                            softcap: float | None, backend: str, tau: torch.Tensor | None = None) -> torch.Tensor:
     """dlogits = scale * (grad_logp dlogp/dz + grad_entropy dH/dz), recomputing p from the logits; rows
-    with an ignore_index label or valid == 0 get exact zeros."""
+    with an ignore_index label or valid == 0 get exact zeros. A None grad_logp / grad_entropy is an absent
+    term (no work for it: e.g. only the entropy is differentiated)."""
     acc = lse.dtype
     ent_rows = g_ent = None
     if entropy is not None and grad_entropy is not None:
         ent_rows, g_ent = entropy.reshape(-1), grad_entropy.to(acc).reshape(-1)
+    c_logp = None if grad_logp is None else grad_logp.to(acc).reshape(-1)
     return ops("logprobs", backend).logprobs_bwd(
-        logits, labels, lse, ent_rows, grad_logp.to(acc).reshape(-1), g_ent, inv_tau=inv_tau,
+        logits, labels, lse, ent_rows, c_logp, g_ent, inv_tau=inv_tau,
         ignore_index=ignore_index, scale=scale, valid=valid, logit_scale=logit_scale, softcap=softcap,
         tau=tau).contiguous()
 
@@ -78,8 +80,6 @@ def _token_logprobs_backward(ctx, g_logp, g_ent, _g_lse):
     logits, labels, lse, ent, tau = ctx.saved_tensors
     if g_logp is None and g_ent is None:
         return (None,) * 9
-    if g_logp is None:
-        g_logp = torch.zeros(labels.shape, dtype=lse.dtype, device=lse.device)
     d = torch.ops.fastppo.token_logprobs_backward(logits, labels, lse, ent, g_logp, g_ent, None, None, *ctx.args,
                                                   tau)
     return (d, *([None] * 8))

@@ -186,6 +186,8 @@ def logprobs_bwd(logits, labels, stats, ent, c_logp, c_ent, *, inv_tau: float, i
         out = torch.empty(rows.tensor.shape, dtype=logits.dtype, device=logits.device)
         d_outer, d_inner = rows.n_inner * rows.n_cols, rows.n_cols
     has_ent = c_ent is not None
+    if c_logp is None:   # no log-prob upstream: a zero coefficient (the term costs this memory-bound kernel no bytes)
+        c_logp = torch.zeros(rows.n_rows, dtype=stats.dtype, device=stats.device)
     c_logp = flat_rows(c_logp, rows.n_rows, "logp gradient")      # upstream grads of a .sum() have stride 0
     c_ent = flat_rows(c_ent, rows.n_rows, "entropy gradient") if has_ent else None
     vp, has_valid = _valid_arg(valid, rows.n_rows, y)

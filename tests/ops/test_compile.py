@@ -54,6 +54,7 @@ def _logits_cases(backend):
         ("token_logprobs", (logits.detach().double().requires_grad_(), labels, 1.0, -100, True, 1.0, None, backend)),
         ("token_logprobs_backward", (d, labels, lse, ent, g_logp, g_ent, None, None, *transform, backend)),
         ("token_logprobs_backward", (d, labels, lse, None, g_logp, None, None, valid, *transform, backend)),
+        ("token_logprobs_backward", (d, labels, lse, ent, None, g_ent, None, None, *transform, backend)),  # entropy
         ("full_kl", (logits, ref_logits, 1 / 0.7, backend)),
         ("full_kl_backward", (d, ref_logits, kl, lse_p, lse_q, torch.randn_like(kl), 1 / 0.7, backend)),
     ]
