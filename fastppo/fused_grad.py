@@ -166,6 +166,9 @@ def _link_setup(ctx, inputs, output):
     ctx.save_for_backward(None if inplace else logits, labels, mask, lse, entropy, coef, coef_ent,
                           rest[0] if rest else None)
     ctx.logits_options = logits_options
+    # inplace: the logits (now holding the gradient) are not saved, but a second derivative must still reach
+    # them to raise Once's clear error: kept for that link only, never read
+    ctx.link = logits if inplace else None
     # held as an attribute, not a saved tensor: backward rewrites it in place and hands it over once
     # (a saved tensor would fail autograd's version check on a second backward, and stay referenced)
     ctx.grad = grad
@@ -193,7 +196,8 @@ def _link_backward(ctx, g_loss):
         torch.ops.fastppo.fused_grad_rescale_(grad, logits, labels, lse, entropy, coef, coef_ent, scale, mask,
                                               ctx.logits_options, tau)
     if torch.is_grad_enabled():   # create_graph: the gradient is no function of the logits in torch ops
-        grad = Once.apply("fused_ppo_loss", grad, g_loss, *(() if logits is None else (logits,)))
+        link = logits if logits is not None else ctx.link
+        grad = Once.apply("fused_ppo_loss", grad, g_loss, *(() if link is None else (link,)))
     return None, grad, *([None] * 9)
 
 
