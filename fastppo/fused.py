@@ -16,14 +16,13 @@ import torch
 from ._validation import check_float, check_inplace, check_labels, check_temperature_rows
 from .backend import backend_for
 from .dispatch import ops
-from .fused_grad import fused_ppo_loss_one_pass, takes_one_pass
+from .fused_grad import fused_outputs_fake, fused_ppo_loss_one_pass, takes_one_pass
 from .fused_kept import fused_ppo_loss_kept_op
 from .kept import KeptSet
 from .kept_logprobs import check_kept
-from .library import decode, define, empty, encode, or_empty
+from .library import decode, define, encode, or_empty
 from .logprobs import token_logprobs_backward_inplace_op, token_logprobs_backward_op
 from .losses import (
-    agg_outputs_fake,
     check_fused_tensors,
     fused_stat_names,
     loss_options,
@@ -69,13 +68,7 @@ FusedOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tor
 
 def _fused_ppo_loss_fake(logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
                          cu_seqlens, logits_options, options, backend, tau=None):
-    lopts = _logprob_options(logits_options)
-    loss, stats, coef = agg_outputs_fake(logits, mask)
-    logp = logits.new_empty(labels.shape, dtype=loss.dtype)
-    kl = coef.new_empty(coef.shape) if ref_logprobs is not None else empty(logp)
-    ent = torch.empty_like(logp) if lopts.with_entropy else empty(logp)
-    coef_ent = torch.empty_like(coef) if lopts.with_entropy else empty(coef)
-    return loss, logp, kl, ent, stats, logits.new_empty((labels.numel(), 2), dtype=loss.dtype), coef, coef_ent
+    return fused_outputs_fake(logits, labels, mask, ref_logprobs, _logprob_options(logits_options).with_entropy)
 
 
 @define("fused_ppo_loss", _fused_ppo_loss_fake, kernels=True)

@@ -71,15 +71,20 @@ def _outputs(logits, labels, old, adv, mask, ref, isw, logits_options, options, 
             d)
 
 
-def _grad_fake(logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, logits_options,
-               options, tau=None):
-    lopts = decode(LogprobOptions, logits_options)
+def fused_outputs_fake(logits, labels, mask, ref_logprobs, with_entropy: bool):
+    """The fake outputs of a fused_ppo_loss op: (loss, logp, kl, entropy, stats, row stats, coef, coef_ent), empty
+    tensors for the ones not computed."""
     loss, stats, coef = agg_outputs_fake(logits, mask)
     logp = logits.new_empty(labels.shape, dtype=loss.dtype)
     kl = coef.new_empty(coef.shape) if ref_logprobs is not None else empty(logp)
-    ent = torch.empty_like(logp) if lopts.with_entropy else empty(logp)
-    coef_ent = torch.empty_like(coef) if lopts.with_entropy else empty(coef)
+    ent = torch.empty_like(logp) if with_entropy else empty(logp)
+    coef_ent = torch.empty_like(coef) if with_entropy else empty(coef)
     return loss, logp, kl, ent, stats, logits.new_empty((labels.numel(), 2), dtype=loss.dtype), coef, coef_ent
+
+
+def _grad_fake(logits, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, logits_options,
+               options, tau=None):
+    return fused_outputs_fake(logits, labels, mask, ref_logprobs, decode(LogprobOptions, logits_options).with_entropy)
 
 
 def _fused_ppo_loss_grad_fake(*args, **kwargs):

@@ -101,6 +101,7 @@ def test_grpo_trainer_patched_matches_unpatched(tmp_path):
     assert max(base["grad_norm"]) > 0 and any(x != 0 for x in base["loss"])   # the steps did train
 
 
+@pytest.mark.slow
 def test_grpo_trainer_trl114_patched_matches_unpatched(tmp_path):
     """TRL 1.14's GRPOTrainer on CPU scores tokens with selective_log_softmax(_and_entropy),
     imported by name into grpo_trainer: the patch must reach it there."""

@@ -268,6 +268,7 @@ def _same_training(a, b):
     dict(loss_type="luspo", importance_sampling_level="sequence", max_steps=2),
 ], ids=["dapo_kl_accumulation", "on_policy_gspo", "bnpo_entropy_quantile_delta_temperature",
         "default_bias_corrected_kl_off_policy_mask", "on_policy_vespo_bias_corrected_kl", "luspo_sequence"])
+@pytest.mark.slow
 def test_training_runs_match_trl(tmp_path, config):
     """Whole GRPOTrainer.train() runs (generation, scoring, optimizer steps): per-step losses and final
     parameters patched vs unpatched."""

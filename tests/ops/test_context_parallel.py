@@ -203,6 +203,7 @@ def _check_rank(rank, every_case):
         _close(mine[:, -1], want_last, "the shard's last token scores the next shard's first id")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ("torch", "triton"))
 def test_context_parallel_two_ranks_match_one(backend):
     run_ranks(_worker, backend, timeout_s=600)

@@ -354,6 +354,7 @@ def _worker(rank, world, out_path):
             json.dump(measures, f)
 
 
+@pytest.mark.slow
 def test_vocab_parallel_ops_match_full_ops(tmp_path):
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.fail("the triton backend needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")

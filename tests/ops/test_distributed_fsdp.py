@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from tests.ops.test_distributed import run_ranks
+
+pytestmark = pytest.mark.slow   # multi-process end to end: `python -m pytest -q -m slow`
 
 
 def _tiny_llama(tie):

@@ -14,6 +14,8 @@ import torch
 
 from tests.ops.test_distributed import CountAllReduce, _split, _tol, assert_no_worse, assert_same_outputs, run_ranks
 
+pytestmark = pytest.mark.slow   # multi-process end to end: `python -m pytest -q -m slow`
+
 
 def _kept_case(V, split, lead, gen):
     """Logits [*lead, V], a KeptSet (top-p 0.8 of the logits, with rows kept on one shard only, a row straddling

@@ -13,6 +13,8 @@ import torch
 
 from tests.ops.test_distributed import CountAllReduce, run_ranks
 
+pytestmark = pytest.mark.slow   # multi-process end to end: `python -m pytest -q -m slow`
+
 
 def _case(rank):
     import fastppo

@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 from tests.ops.test_distributed import free_port, run_ranks
 
+pytestmark = pytest.mark.slow   # multi-process end to end: `python -m pytest -q -m slow`
+
 TINY = dict(mode="grpo", group_size=4, batch_size=8, minibatches=2, ppo_epochs=1, sft_steps=2, reward_steps=2,
             save_every=1, progress=False, backend="torch")
 ITERATIONS = 4

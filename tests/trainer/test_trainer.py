@@ -179,6 +179,7 @@ def _gain(metrics, key):
     return (sum(m[key] for m in metrics[-fifth:]) - sum(m[key] for m in metrics[:fifth])) / fifth
 
 
+@pytest.mark.slow
 def test_demo_learns_the_task(tmp_path):
     """The demo's ground-truth task score and reward rise from the first fifth of iterations to the last."""
     metrics = run(TrainConfig(out=str(tmp_path / "demo"), **SHORT_DEMO).validate(), log=lambda *_: None)
@@ -186,6 +187,7 @@ def test_demo_learns_the_task(tmp_path):
     assert _gain(metrics, "reward_mean") > 0
 
 
+@pytest.mark.slow
 def test_bf16_demo_learns_the_task(tmp_path):
     """--bf16: the forwards run in bfloat16 autocast, the weights and optimiser state stay fp32, and it learns."""
     from fastppo.trainer import PPOTrainer

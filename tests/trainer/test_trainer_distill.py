@@ -117,6 +117,7 @@ def test_distill_rollout_terms_and_the_advantage_against_float64(tmp_path):
     assert adv[ro.mask].abs().max() > 0.1
 
 
+@pytest.mark.slow
 def test_distillation_demo_learns_the_task(tmp_path):
     """`fastppo train --mode distill` (no --policy): a teacher trained on the right answers, a student warmed up
     on the answer format only; on-policy distillation raises the student's task score and brings it to the
