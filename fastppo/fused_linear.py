@@ -157,7 +157,7 @@ def fused_linear_ppo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     loss, logp, kl, ent, stats, dh, dw, db = fused_linear_outputs(
         hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, cu_seqlens,
         loss_options_of(options), linear_options_of(linear_options), (need_hidden, need_weight, need_bias), tau,
-        None if ids is None else KeptArg(ids, offsets))
+        None if ids is None or offsets is None else KeptArg(ids, offsets))
     return (loss, logp, or_empty(kl, logp), or_empty(ent, logp), stats, empty(hidden) if dh is None else
             dh.contiguous(), or_empty(dw, weight), or_empty(db, weight))
 
