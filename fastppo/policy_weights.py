@@ -55,6 +55,17 @@ def cov_selection(logp, old, adv, mask, opts: LossOptions, cu_seqlens=None) -> t
     return sel.reshape(mask.shape)
 
 
+def _sequences(logp, mask, cu_seqlens):
+    """(the sequences of the mask's layout ([B, T], [T] as one sequence, or packed by cu_seqlens), the
+    accumulation dtype, the valid tokens as bool in that layout)."""
+    B, T = (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (1, mask.shape[0])
+    if cu_seqlens is not None:
+        B, T = cu_seqlens.shape[0] - 1, mask.shape[0]
+    seg = Segments(cu_seqlens, B, T, mask.device)
+    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    return seg, acc, seg.per_token(mask, acc) != 0
+
+
 def vespo_weights(logp, old, adv, mask, isw, opts: LossOptions, cu_seqlens=None) -> torch.Tensor:
     """VESPO's gamma weight phi per token (TRL 1.16 GRPOTrainer.get_gamma_weights): with d = logp - old and the
     sequence sums over its valid tokens, log w = clamp(sum_b clamp(d, -20, 20) + sum_b clamp(log isw, log
@@ -63,12 +74,7 @@ def vespo_weights(logp, old, adv, mask, isw, opts: LossOptions, cu_seqlens=None)
     the device, in float32 (float64 for float64 inputs), the mask's layout as [B, T] / [1, total]. TRL sums
     log isw over every position, its weights being 1 at masked ones; fastppo's are 0 there, so the sum runs
     over the valid tokens."""
-    B, T = (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (1, mask.shape[0])
-    if cu_seqlens is not None:
-        B, T = cu_seqlens.shape[0] - 1, mask.shape[0]
-    seg = Segments(cu_seqlens, B, T, mask.device)
-    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    m = seg.per_token(mask, acc) != 0
+    seg, acc, m = _sequences(logp, mask, cu_seqlens)
     zero = torch.zeros(m.shape, dtype=acc, device=mask.device)
     d = (seg.per_token(logp.detach(), acc) - seg.per_token(old.detach(), acc)).clamp(-20.0, 20.0)
     lo = math.log(1e-8)
@@ -87,12 +93,7 @@ def off_policy_keep(logp, old, adv, mask, threshold, cu_seqlens=None) -> torch.T
     """DeepSeek-V3.2's off-policy sequence mask (TRL 1.16 GRPOTrainer.get_off_policy_mask, its sampling
     log-probs being old_logprobs): keep_t = [A_t >= 0] or [sum_b(m nan_to_num(old - logp)) / max(n_b, 1) <=
     threshold], from detached values, on the device (bool, the mask's shape)."""
-    B, T = (mask.shape[0], mask.shape[1]) if mask.dim() == 2 else (1, mask.shape[0])
-    if cu_seqlens is not None:
-        B, T = cu_seqlens.shape[0] - 1, mask.shape[0]
-    seg = Segments(cu_seqlens, B, T, mask.device)
-    acc = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    m = seg.per_token(mask, acc) != 0
+    seg, acc, m = _sequences(logp, mask, cu_seqlens)
     kl = torch.nan_to_num(seg.per_token(old.detach(), acc) - seg.per_token(logp.detach(), acc), nan=0.0)
     mean = seg.sum(torch.where(m, kl, torch.zeros_like(kl))) / seg.sum(m.to(acc)).clamp_min(1)
     keep = (seg.per_token(adv.detach(), acc) >= 0) | (seg.spread(mean) <= threshold)
