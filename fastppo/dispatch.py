@@ -16,6 +16,8 @@ TABLE = {
     ("full_kl", "torch"): "fastppo.full_kl_torch",
     ("linear", "triton"): "fastppo.kernels.linear",
     ("linear", "torch"): "fastppo.linear_torch",
+    # the linear gradient with filtered vocabulary tiles (grad_filter=); the torch backend: linear_torch.grads
+    ("linear_filter", "triton"): "fastppo.kernels.linear_filter",
     ("kl_penalty", "triton"): "fastppo.kernels.kl",
     ("kl_penalty", "torch"): "fastppo.kl_torch",
     ("loss_agg", "triton"): "fastppo.kernels.loss_agg",

@@ -18,9 +18,11 @@ from .linear import linear_backward_fake, linear_options_of
 from .linear_pipeline import (
     KeptArg,
     build_linear_options,
+    check_grad_filter,
     check_linear,
     flatten_rows,
     forward_rows,
+    grad_filter_eps,
     gradient_rows,
     triton_gradient_pass,
     triton_kernels,
@@ -209,7 +211,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
                           vespo_lambda_neg: float = 2.0,
                           vocab_parallel: VocabParallel | None = None, kept: KeptSet | None = None,
-                          logits_dtype: torch.dtype | None = None, fp32_head: bool = False) -> PPOLossOutput:
+                          logits_dtype: torch.dtype | None = None, fp32_head: bool = False,
+                          grad_filter: bool | float | None = None) -> PPOLossOutput:
     """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     without materialising the logits.
 
@@ -229,7 +232,9 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     `temperature`: a positive float or a tensor of labels' shape (per token; no gradient). `kept`,
     `logits_dtype`, `fp32_head`: as in linear_logprobs (log-probs renormalised over each row's kept set, the
     entropy term full-vocabulary, the gradient still formed in forward; rounded logits; fp32 GEMMs); mask-0
-    rows need no kept entry check (never read)."""
+    rows need no kept entry check (never read). `grad_filter`: as in linear_logprobs (the gradient GEMMs skip the
+    vocabulary tiles a row's |onehot - p| leaves below the threshold; approximate, off by default)."""
+    check_grad_filter(grad_filter, vocab_parallel, kept)
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
@@ -257,7 +262,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     tau = check_temperature_rows(temperature, labels.shape, hidden.device, "fused_linear_ppo_loss", labels,
                                  ignore_index, mask=mask)
     lin = build_linear_options(1.0 if tau is not None else temperature, ignore_index, want_ent, False,
-                               final_logit_softcapping, logit_scale, chunk_bytes, backend, logits_dtype, fp32_head)
+                               final_logit_softcapping, logit_scale, chunk_bytes, backend, logits_dtype, fp32_head,
+                               grad_filter_eps(grad_filter, hidden, weight, fp32_head))
     if kept is not None:
         check_kept(kept, labels, weight.shape[0], ignore_index, live=mask)
     grad_on = torch.is_grad_enabled()

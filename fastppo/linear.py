@@ -47,9 +47,11 @@ from .library import acc_dtype, decode, define, empty, encode, or_empty, refuse_
 from .linear_pipeline import (
     KeptArg,
     build_linear_options,
+    check_grad_filter,
     check_linear,
     flatten_rows,
     forward_rows,
+    grad_filter_eps,
     gradient_rows,
     triton_kernels,
 )
@@ -207,7 +209,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     logit_scale: float = 1.0, extra_outputs: Collection[str] = (),
                     chunk_bytes: int | None = None, vocab_parallel: VocabParallel | None = None,
                     kept: KeptSet | None = None, logits_dtype: torch.dtype | None = None,
-                    fp32_head: bool = False) -> LinearLogprobs:
+                    fp32_head: bool = False, grad_filter: bool | float | None = None) -> LinearLogprobs:
     """token_logprobs(z', labels) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     softcap(x) = c tanh(x / c) with c = final_logit_softcapping (none when None), without materialising
     the logits.
@@ -238,7 +240,14 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     weight upcast to fp32 in the GEMMs, the gradient dz kept in fp32 too (TRL's cast_lm_head_to_fp32,
     ScaleRL's fp32 LM head; the PyTorch backend always projects in fp32), gradients returned in the inputs'
     dtypes: more exact log-probs and gradients for 16-bit heads, at fp32 GEMM speed (no 16-bit tensor cores)
-    and an fp32 [rows, V] dz buffer."""
+    and an fp32 [rows, V] dz buffer.
+    `grad_filter` (None / False: off; True: finfo(GEMM dtype).eps / 32, 2^-12 for bf16, cut-cross-entropy's
+    default; a float: that threshold eps): the backward's GEMMs skip, per row, the vocabulary tiles of
+    LIN_BLOCK_V columns where every |onehot(y)_j - p_j| < eps (dz zeroed there; d(bias) stays exact). The
+    result is the gradient of that documented rule on both backends, batch-invariant, deterministic, and
+    approximate: see kernels/linear_filter.py and docs/design.md §4.1c for the rule, the FLOPs it saves and
+    its error. Not with vocab_parallel or kept."""
+    check_grad_filter(grad_filter, vocab_parallel, kept)
     if vocab_parallel is not None:
         return sharded_linear_logprobs(hidden, weight, labels, vocab_parallel, bias=bias, temperature=temperature,
                                        ignore_index=ignore_index, return_entropy=return_entropy,
@@ -250,7 +259,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     tau = check_temperature_rows(temperature, labels.shape, hidden.device, "linear_logprobs", labels, ignore_index)
     opts = build_linear_options(1.0 if tau is not None else temperature, ignore_index, return_entropy, bool(extras),
                                 final_logit_softcapping, logit_scale, chunk_bytes, backend_for(hidden, weight, labels),
-                                logits_dtype, fp32_head)
+                                logits_dtype, fp32_head, grad_filter_eps(grad_filter, hidden, weight, fp32_head))
     if kept is not None:
         check_kept(kept, labels, weight.shape[0], ignore_index)
     logp, ent, sq, mean, top1, *_ = torch.ops.fastppo.linear_logprobs(

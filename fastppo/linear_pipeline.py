@@ -6,6 +6,7 @@ forward / backward over the valid rows of a flat [N, H] hidden."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import torch
@@ -116,6 +117,11 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
     dw_acc = torch.empty(V, H, dtype=acc, device=dev) if multi and dw is not None else None
     db_acc = torch.empty(V, dtype=acc, device=dev) if multi and db is not None else None
     kc = _compact(kept, rows)
+    dz_chunk, gemm_chunk = k.dz_chunk, k.gemm_chunk
+    if opts.grad_filter is not None and kc is None:   # the filtered launches 3-5 (kernels/linear_filter.py)
+        filt = ops("linear_filter", "triton")
+        keep = filt.new_keep(step, V, dev)
+        dz_chunk, gemm_chunk = (functools.partial(f, keep=keep) for f in (filt.dz_chunk, filt.gemm_chunk))
     if kc is not None:
         gk = torch.empty(kc.ids.numel(), dtype=acc, device=dev)
         no_logp = torch.zeros(N, dtype=acc, device=dev)
@@ -132,7 +138,7 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
         lse, ent = stats if stats is not None else (out["lse"], out["ent_c"])
         db_out, db_in = (None if db is None else (db if last else db_acc)), (db_acc if i else None)
         if kc is None:
-            k.dz_chunk(z, dz, y, rows, r0, n, lse, ent, c_logp, c_ent, opts, db_out=db_out, db_in=db_in, tau=tau)
+            dz_chunk(z, dz, y, rows, r0, n, lse, ent, c_logp, c_ent, opts, db_out=db_out, db_in=db_in, tau=tau)
         else:
             kept_grads_chunk(z, y, rows, r0, n, kc.ids, kc.offsets, out["klse"] if kstats is None else kstats, lse,
                              ent, c_logp, c_ent, gk, opts, tau)
@@ -140,7 +146,7 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
             kept_scatter_chunk(gk, dz, y, rows, r0, n, kc.ids, kc.offsets)
             if db_out is not None:
                 colsum_chunk(dz, rows, r0, n, acc, db_out, db_in)
-        k.gemm_chunk(dz, h2, weight, rows, r0, n, opts, d_hidden=dh,
+        gemm_chunk(dz, h2, weight, rows, r0, n, opts, d_hidden=dh,
                      dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None)
     return dh, dw, db
 
@@ -213,10 +219,33 @@ def check_linear(hidden, weight, labels, bias, ignore_index):
     check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index)
 
 
+def grad_filter_eps(grad_filter, hidden, weight, fp32_head=False) -> float | None:
+    """The filter threshold of the public keyword grad_filter: None / False off, True cut-cross-entropy's
+    default for the gradient GEMMs' dtype (finfo(dtype).eps / 32: bf16 2^-12, fp16 2^-15, fp32 2^-28), a float
+    that threshold (kernels/linear_filter.py has the rule)."""
+    if grad_filter is None or grad_filter is False:
+        return None
+    if grad_filter is True:
+        dot = torch.promote_types(hidden.dtype, weight.dtype)
+        dot = torch.float32 if fp32_head and dot != torch.float64 else dot
+        return torch.finfo(dot).eps / 32
+    if not isinstance(grad_filter, (float, int)):
+        raise TypeError(f"grad_filter must be None, a bool or a float threshold, got {type(grad_filter).__name__}")
+    return float(grad_filter)
+
+
+def check_grad_filter(grad_filter, vocab_parallel, kept):
+    if grad_filter is not None and grad_filter is not False and (vocab_parallel is not None or kept is not None):
+        raise ValueError("grad_filter is not supported with " + ("vocab_parallel" if vocab_parallel is not None
+                                                                  else "kept") + " (pass grad_filter=None)")
+
+
 def build_linear_options(temperature, ignore_index, with_entropy, extras, final_logit_softcapping, logit_scale,
-                         chunk_bytes, backend, logits_dtype=None, fp32_head=False) -> LinearOptions:
-    """LinearOptions from the public keywords (the logit transform validated as for every logits op)."""
+                         chunk_bytes, backend, logits_dtype=None, fp32_head=False, grad_filter=None) -> LinearOptions:
+    """LinearOptions from the public keywords (the logit transform validated as for every logits op);
+    grad_filter: the resolved threshold (grad_filter_eps) or None."""
     return LinearOptions.build(temperature=temperature, logit_scale=logit_scale,
                                final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
                                with_entropy=with_entropy, backend=backend, extras=bool(extras), chunk_bytes=chunk_bytes,
-                               logits_dtype=LinearOptions.logits_dtype_name(logits_dtype), fp32_head=fp32_head)
+                               logits_dtype=LinearOptions.logits_dtype_name(logits_dtype), fp32_head=fp32_head,
+                               grad_filter=grad_filter)

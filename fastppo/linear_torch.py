@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import _config as cfg
 from .kernels.linear_kept import compact_kept
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per slice
@@ -200,6 +201,17 @@ def forward(hidden2d, weight, bias, labels, valid, opts, tau=None, kept=None):
     return out
 
 
+def filter_keep(p, y, eps, block=None):
+    """Bool [rows, V]: the entries the gradient filter keeps (kernels/linear_filter.py's rule): those of the
+    vocabulary tiles [t B, (t + 1) B) where some |onehot(y)_j - p_j| of the row is not below eps (NaN keeps)."""
+    block = cfg.LIN_BLOCK_V if block is None else block
+    n, V = p.shape
+    hot = ((y >= 0) & (y < V))[:, None]
+    d = p.scatter_add(1, torch.where(hot, y[:, None], 0).long(), torch.where(hot, -1.0, 0.0).to(p.dtype))
+    small = torch.nn.functional.pad(d.abs_() < eps, (0, -V % block), value=True)
+    return (~small.view(n, -1, block).all(-1)).repeat_interleave(block, 1)[:, :V]
+
+
 def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, needs, tau=None, kept=None,
           klse=None):
     """(d_hidden, d_weight, d_bias) of sum_i c_logp_i logp_i + c_ent_i H_i over valid rows (per original row
@@ -249,6 +261,10 @@ def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, 
         if opts.logit_scale != 1.0:
             g.mul_(opts.logit_scale)
         g.masked_fill_(~vrow[a:b, None], 0)
+        if db is not None:
+            db += g.sum(0)
+        if opts.grad_filter is not None and kept is None:   # dz~ in the GEMMs (kernels/linear_filter.py's rule)
+            g = g.masked_fill_(~filter_keep(p, y_all[a:b], opts.grad_filter), 0)
         if dh is not None:
             for v0, v1, w in _weight_blocks(weight, acc):
                 dh[a:b] += _mm_rows(g[:, v0:v1], w, torch.empty(b - a, H, dtype=acc, device=h.device))
@@ -257,8 +273,6 @@ def grads(hidden2d, weight, bias, labels, valid, lse, ent, c_logp, c_ent, opts, 
                 torch.mm(g.t(), h[a:b].to(acc), out=dw)
             else:
                 dw.addmm_(g.t(), h[a:b].to(acc))
-        if db is not None:
-            db += g.sum(0)
     if dh is not None and sel is not None:
         dh = torch.zeros(N, H, dtype=acc, device=h.device).index_copy_(0, sel, dh)
     return (None if dh is None else dh.to(hidden2d.dtype), None if dw is None else dw.to(weight.dtype),

@@ -260,12 +260,14 @@ class LogprobOptions(LogitTransform):
 class LinearOptions(LogprobOptions):
     """The linear ops' options: TRL's extra per-token outputs, chunk_bytes (None: automatic, see
     fastppo.linear_pipeline.chunk_rows), logits_dtype (None, "bfloat16" or "float16": each logit h . w + b
-    rounded to it before the transform) and fp32_head (the GEMMs in fp32 whatever the inputs' dtype)."""
+    rounded to it before the transform), fp32_head (the GEMMs in fp32 whatever the inputs' dtype) and
+    grad_filter (None: off; else the threshold eps of the gradient filter, kernels/linear_filter.py)."""
 
     extras: bool = False
     chunk_bytes: int | None = None
     logits_dtype: str | None = None
     fp32_head: bool = False
+    grad_filter: float | None = None
 
     def __post_init__(self):
         cb = self.chunk_bytes
@@ -275,6 +277,9 @@ class LinearOptions(LogprobOptions):
             raise ValueError(f"logits_dtype must be None, torch.bfloat16 or torch.float16, got {self.logits_dtype!r}")
         if not isinstance(self.fp32_head, bool):
             raise TypeError(f"fp32_head must be a bool, got {type(self.fp32_head).__name__}")
+        gf = self.grad_filter
+        if gf is not None and (not isinstance(gf, float) or not 0.0 < gf < 1.0):
+            raise ValueError(f"grad_filter's threshold must be a float in (0, 1), got {gf!r}")
 
     @staticmethod
     def logits_dtype_name(logits_dtype) -> str | None:

@@ -55,6 +55,7 @@ def _specs():
         kept,
         kl,
         linear,
+        linear_filter,
         linear_kept,
         logprobs,
         loss_agg,
@@ -107,6 +108,7 @@ def _specs():
                          cfg.ELEM_NUM_WARPS))
     specs.extend(gae.aot_specs(AOTSpec, _sig))
     specs.extend(linear.aot_specs(AOTSpec, _sig))
+    specs.extend(linear_filter.aot_specs(AOTSpec, _sig))
     specs.extend(kept.aot_specs(AOTSpec, _sig))
     specs.extend(linear_kept.aot_specs(AOTSpec, _sig))
     specs.extend(fused_grad.aot_specs(AOTSpec, _sig))
