@@ -9,9 +9,11 @@ cfg.LIN_BLOCK_V, a fixed constant, so the formula never depends on the GPU or th
 (cut-cross-entropy's test on its d logits before the upstream gradient; NaN keeps the tile). With
 dz~_ij = dz_ij keep(i, tile(j)):
     d hidden = dz~ @ W,   d weight = dz~^T @ hidden,   d bias = sum_i dz_ij   (d bias unfiltered: it costs no GEMM).
-What is dropped per entry of a skipped tile: |dz_ij| < eps |c_logp_i| for the log-prob term, and
-p_ij |log p_ij + H_i| |c_ent_i| < eps (|log eps| + |H_i|) |c_ent_i| for the entropy term (times inv_tau, the
-softcap derivative <= 1 and logit_scale).
+What is dropped per entry of a skipped tile: |dz_ij| < eps |c_logp_i| for the log-prob term and
+p_ij |log p_ij + H_i| |c_ent_i| <= eps (2 + |log eps| + log V) |c_ent_i| for the entropy term (H <= log V), times
+inv_tau, the softcap derivative (<= 1) and logit_scale. The error this makes in d hidden is a sum over the dropped
+entries, sum_j dz_ij w_j: not bounded by eps but by the row's dropped probability mass times the weight rows'
+norm, largest where the weight rows share a direction (docs/design.md §4.1c has measured figures).
 
 Batch invariance: keep(i, t) is a function of row i alone, and the filtered dz~ is stored (zeros in the
 tiles a row drops), so a row's d hidden is the same whatever rows share its GEMM tile. The GEMMs skip a
