@@ -5,14 +5,15 @@ float64, beside the bf16 rounding of the unfiltered gradient.
 Distributions (rows = contexts, [N, V] logits from a [V, H] head):
 - `trained`: a small head trained (Adam, full batch) towards per-context targets q_c = u Zipf(1.1) unigram over
   a frequency-sorted vocabulary (as BPE ids roughly are) + (1 - u) over 8 context favourites (drawn from the
-  unigram; u = --unigram, 0.2); labels sampled from q_c.
+  unigram, weights 1/2, 1/4, ... renormalised; u = --unigram, 0.2); labels sampled from q_c.
 - `trained-shuffled`: the same with the vocabulary ids permuted (frequency no longer follows the id).
 - `flat`: random init (hidden N(0, 1), weight N(0, 0.02^2)): p ~ 1 / V everywhere.
 Skipped share: (row tile of LIN_BLOCK_N valid rows, vocabulary tile of LIN_BLOCK_V columns) pairs no row keeps,
 exactly what the Triton GEMMs skip (tests/ops/test_linear_grad_filter.py counts it). Errors: max |g - g64| /
 max |g64| with g64 the unfiltered float64 gradient of sum_i c_i logp_i (c_i ~ N(0, 1), advantage-like).
 
-    python -m bench.grad_filter [--vocab 32768] [--rows 256] [--hidden 128] [--eps 2**-12]
+    python -m bench.grad_filter [--vocab 32768] [--rows 256] [--hidden 128] [--eps 0.000244140625] [--steps 100]
+                                [--unigram 0.2] [--cases trained,trained-shuffled,flat]
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def zipf_targets(V, C, seed, u):
     uni /= uni.sum()
     fav = torch.multinomial(uni, C * 8, replacement=True, generator=g).view(C, 8)
     q = u * uni.expand(C, V).clone()
-    q.scatter_add_(1, fav, torch.full((C, 8), (1 - u) / 8, dtype=torch.float64))
+    w = 0.5 ** torch.arange(8, dtype=torch.float64)
+    q.scatter_add_(1, fav, ((1 - u) * w / w.sum()).expand(C, 8).contiguous())
     return q
 
 
@@ -91,12 +93,17 @@ def main(argv=None):
     ap.add_argument("--eps", type=float, default=2.0**-12)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--unigram", type=float, default=0.2)
+    ap.add_argument("--cases", default="trained,trained-shuffled,flat")
     args = ap.parse_args(argv)
     V, H, C, eps = args.vocab, args.hidden, args.rows, args.eps
-    h_t, w_t, y_t = trained_head(V, H, C, 0, args.steps, args.unigram)
-    perm = torch.randperm(V, generator=torch.Generator().manual_seed(1))
-    cases = {"trained": (h_t, w_t, y_t), "trained-shuffled": (h_t, w_t[perm], torch.argsort(perm)[y_t]),
-             "flat": flat_head(V, H, C, 2)}
+    names = args.cases.split(",")
+    cases = {}
+    if "trained" in names or "trained-shuffled" in names:
+        h_t, w_t, y_t = trained_head(V, H, C, 0, args.steps, args.unigram)
+        perm = torch.randperm(V, generator=torch.Generator().manual_seed(1))
+        cases = {"trained": (h_t, w_t, y_t), "trained-shuffled": (h_t, w_t[perm], torch.argsort(perm)[y_t])}
+    cases["flat"] = flat_head(V, H, C, 2)
+    cases = {k: v for k, v in cases.items() if k in names}
     c = torch.randn(C, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     print(f"V={V} H={H} rows={C} eps={eps:.3g} tiles {cfg.LIN_BLOCK_N}x{cfg.LIN_BLOCK_V}")
     print("case | mean H (nats) | mean max p | GEMM tiles skipped | row-tile entries dropped | "

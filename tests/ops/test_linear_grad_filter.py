@@ -194,3 +194,24 @@ def test_bad_grad_filter():
     kept = fastppo.KeptSet.from_mask(torch.ones(4, 200, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="grad_filter is not supported with kept"):
         fastppo.linear_logprobs(hidden, weight, labels, grad_filter=True, kept=kept)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_nan_rows(backend):
+    """An ignored row's NaN reaches nothing; a live row's NaN is kept by the filter (NaN is not below eps), so
+    its d hidden row is NaN as autograd of the formula gives, and the other rows stay finite."""
+    hidden, weight, b, labels = _peaked(20, 8, 300, torch.float32, seed=7)
+    labels[3], labels[5] = -100, 7
+    hidden[3, 2] = float("nan")
+    leaves = _leaves(hidden, weight, b)
+    with fastppo.use_backend(backend):
+        lp = fastppo.linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], grad_filter=1e-3)
+    lp.sum().backward()
+    assert torch.isfinite(leaves[0].grad).all() and torch.isfinite(leaves[1].grad).all()
+    hidden[5, 1] = float("nan")
+    leaves = _leaves(hidden, weight, b)
+    with fastppo.use_backend(backend):
+        lp = fastppo.linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], grad_filter=1e-3)
+    lp.sum().backward()
+    live = (labels >= 0) & (torch.arange(20, device=DEVICE) != 5)
+    assert leaves[0].grad[5].isnan().all() and torch.isfinite(leaves[0].grad[live]).all()
