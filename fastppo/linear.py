@@ -25,6 +25,8 @@ Triton path, per chunk of compacted rows (`chunk_bytes` of fp32 z' and dz; see `
   the z' buffer (kept statistics); the gradient's kept columns are formed before 3 (which then writes only the
   dense entropy term or zeros) and scattered over dz after it; d(bias) is summed from dz. No FLOPs added;
   linear_logprobs' forward then also writes each chunk's z' (4 N_valid V bytes).
+- With grad_filter= (kernels/linear_filter.py, docs/design.md §4.1c): 3-5 are the filtered launches, dz zeroed
+  on each row's vocabulary tiles where |onehot - p| < eps, and 4-5 skip the tiles no row of a row tile keeps.
 Bytes (each launch's tensors, tiles shared by programs reused on chip), b-byte inputs, C chunks: z'
 written once and read once, dz written once and read twice (14 N_valid V); d(hidden) written once
 (N_valid H b, no fp32 re-read); the weight read twice per chunk (4 V H C for bf16); d(weight) written
