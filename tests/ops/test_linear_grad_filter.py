@@ -48,12 +48,15 @@ def _keep(p, labels, eps):
     return keep
 
 
-def _ref64(hidden, weight, bias, loss_of_logits, labels, eps, tau=1.0):
-    """float64 (dh, dw, db) of the filtered rule, the unfiltered (dh, dw), the keep mask (p of z / tau) and dz."""
+def _ref64(hidden, weight, bias, loss_of_logits, labels, eps, tau=1.0, scale=1.0, cap=None):
+    """float64 (dh, dw, db) of the filtered rule, the unfiltered (dh, dw), the keep mask (p of
+    z' = softcap(scale z) / tau) and dz."""
     h, w = hidden.double(), weight.double()
     z = (h @ w.t() + (0 if bias is None else bias.double())).requires_grad_()
     dz, = torch.autograd.grad(loss_of_logits(z), z)
-    keep = _keep(torch.softmax(z.detach() / tau, -1), labels, eps)
+    zt = z.detach() * scale
+    zt = zt if cap is None else cap * torch.tanh(zt / cap)
+    keep = _keep(torch.softmax(zt / tau, -1), labels, eps)
     dzf = dz * keep
     return (dzf @ w, dzf.t() @ h, dz.sum(0)), (dz @ w, dz.t() @ h), keep, dz
 
@@ -69,8 +72,8 @@ def _leaves(*ts):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("N,H,V,bias,eps", [(67, 24, 401, True, 1e-3), (40, 17, 300, False, None)])
-def test_linear_logprobs_matches_float64_rule(backend, dtype, tol, N, H, V, bias, eps):
+@pytest.mark.parametrize("N,H,V,bias,eps,cap", [(67, 24, 401, True, 1e-3, None), (40, 17, 300, False, None, 8.0)])
+def test_linear_logprobs_matches_float64_rule(backend, dtype, tol, N, H, V, bias, eps, cap):
     hidden, weight, b, labels = _peaked(N, H, V, dtype, bias)
     g = torch.Generator().manual_seed(1)
     c_logp, c_ent = torch.randn(N, generator=g).to(DEVICE), 0.3 * torch.randn(N, generator=g).to(DEVICE)
@@ -79,14 +82,16 @@ def test_linear_logprobs_matches_float64_rule(backend, dtype, tol, N, H, V, bias
     leaves = _leaves(hidden, weight, b)
     with fastppo.use_backend(backend):
         lp, ent = fastppo.linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True,
-                                          temperature=0.9, grad_filter=eps if eps is not None else True)
+                                          temperature=0.9, final_logit_softcapping=cap, logit_scale=0.8,
+                                          grad_filter=eps if eps is not None else True)
     (lp * c_logp + ent * c_ent).sum().backward()
 
     def loss(z):
-        lp64, ent64 = ref.token_logprobs(z, labels, temperature=0.9, return_entropy=True)
+        lp64, ent64 = ref.token_logprobs(z, labels, temperature=0.9, return_entropy=True, final_logit_softcapping=cap,
+                                         logit_scale=0.8)
         return (lp64 * c_logp.double() + ent64 * c_ent.double()).sum()
 
-    (dh, dw, db), (dh_full, dw_full), keep, dz = _ref64(hidden, weight, b, loss, labels, eps_val, 0.9)
+    (dh, dw, db), (dh_full, dw_full), keep, dz = _ref64(hidden, weight, b, loss, labels, eps_val, 0.9, 0.8, cap)
     # the rule drops some entries and keeps others (fp32's default 2^-28 keeps all of these)
     assert 0 < keep.float().mean() < 1 or (eps is None and dtype == torch.float32)
     _close(leaves[0].grad, dh, tol)
@@ -94,7 +99,7 @@ def test_linear_logprobs_matches_float64_rule(backend, dtype, tol, N, H, V, bias
     if b is not None:
         _close(leaves[2].grad, db, tol)
     # each dropped entry is below the documented bound eps (|c_logp| + |c_ent| (2 + |log eps| + log V)) / tau
-    bound = eps_val * (c_logp.abs() + c_ent.abs() * (2 + abs(math.log(eps_val)) + math.log(V))).double() / 0.9
+    bound = eps_val * (c_logp.abs() + c_ent.abs() * (2 + abs(math.log(eps_val)) + math.log(V))).double() * 0.8 / 0.9
     assert (dz.abs() * ~keep <= bound[:, None]).all()
     # and (fp32) the result is distinguishably the filtered gradient, not the unfiltered one
     if dtype == torch.float32 and eps is not None:
@@ -140,12 +145,14 @@ def test_tiny_threshold_is_the_unfiltered_gradient():
         torch.testing.assert_close(a, c, rtol=1e-13, atol=1e-13)
 
 
-def test_filtered_rows_are_batch_invariant():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_filtered_rows_are_batch_invariant(backend):
     hidden, weight, b, labels = _peaked(70, 16, 300, torch.float32, seed=5)
     out = []
     for n in (70, 9):
         leaves = _leaves(hidden[:n], weight, b)
-        lp = fastppo.linear_logprobs(leaves[0], leaves[1], labels[:n], bias=leaves[2], grad_filter=1e-3)
+        with fastppo.use_backend(backend):
+            lp = fastppo.linear_logprobs(leaves[0], leaves[1], labels[:n], bias=leaves[2], grad_filter=1e-3)
         lp.sum().backward()
         out.append(leaves[0].grad[:9])
     assert torch.equal(out[0], out[1])
