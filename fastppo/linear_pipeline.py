@@ -147,7 +147,7 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
             if db_out is not None:
                 colsum_chunk(dz, rows, r0, n, acc, db_out, db_in)
         gemm_chunk(dz, h2, weight, rows, r0, n, opts, d_hidden=dh,
-                     dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None)
+                   dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None)
     return dh, dw, db
 
 
