@@ -79,12 +79,13 @@ def check_number(name: str, value: Any, *, low: float | None = None, low_open: b
 
 def check_temperature(temperature) -> float:
     """A positive finite number. A tensor (per-token temperatures) is a TypeError here: the ops that take one
-    (token_logprobs, fused_ppo_loss, full_kl, linear_logprobs, fused_linear_ppo_loss) validate it before
-    (check_temperature_rows)."""
+    (token_logprobs, fused_ppo_loss, full_kl, linear_logprobs, fused_linear_ppo_loss, the distillation ops)
+    validate it before (check_temperature_rows)."""
     if isinstance(temperature, torch.Tensor):
         raise TypeError(f"temperature must be a number for this op, got a tensor of shape {tuple(temperature.shape)} "
                         f"(per-token temperatures: token_logprobs, fused_ppo_loss, full_kl, linear_logprobs, "
-                        f"fused_linear_ppo_loss)")
+                        f"fused_linear_ppo_loss, logits_divergence, topk_divergence, linear_divergence, "
+                        f"linear_divergence_loss, linear_topk_divergence)")
     return check_number("temperature", temperature, low=0.0, low_open=True)
 
 

@@ -2,13 +2,14 @@
 `divergence_bwd`) with the same arguments and results, over bounded slices of rows (at most CHUNK_ELEMENTS
 fp32 values of [N, V] per temporary). Statistics layout [N, 5]: max and log-sum-exp of the student's row, the
 same of the teacher's, AUX (reverse KL: the KL; JSD: K = KL(p_s || m); forward KL: 0). Rows with valid == 0
-give 0 and a zero gradient (selected with where: a NaN there never leaks)."""
+give 0 and a zero gradient (selected with where: a NaN there never leaks, nor a 0 / NaN per-row temperature).
+`tau`: an optional per-row temperature ([N] elements, both models) in place of the scalar inv_tau."""
 
 import math
 
 import torch
 
-from .logprobs_torch import row_chunks
+from .logprobs_torch import _inv_tau, row_chunks
 
 
 def _acc(*xs):
@@ -39,7 +40,7 @@ def _live(valid, n, device):
     return valid.reshape(-1) != 0
 
 
-def divergence_fwd(student, teacher, *, inv_tau: float, beta: float, valid=None):
+def divergence_fwd(student, teacher, *, inv_tau: float, beta: float, valid=None, tau=None):
     V = student.shape[-1]
     zs_all, zt_all = student.reshape(-1, V), teacher.reshape(-1, V)
     acc = _acc(student, teacher)
@@ -49,8 +50,9 @@ def divergence_fwd(student, teacher, *, inv_tau: float, beta: float, valid=None)
     stats = torch.empty((n, 5), dtype=acc, device=student.device)
     zero = torch.zeros((), dtype=acc, device=student.device)
     for a, b in row_chunks(n, V):
-        lp_s, m_s, ls_s = _log_probs(zs_all[a:b].to(acc) * inv_tau)
-        lp_t, m_t, ls_t = _log_probs(zt_all[a:b].to(acc) * inv_tau)
+        it = _inv_tau(inv_tau, tau, a, b, acc)
+        lp_s, m_s, ls_s = _log_probs(zs_all[a:b].to(acc) * it)
+        lp_t, m_t, ls_t = _log_probs(zt_all[a:b].to(acc) * it)
         if beta == 0.0:
             d = _xlogy_diff(lp_t, lp_s).sum(-1)
             aux = torch.zeros_like(d)
@@ -66,7 +68,7 @@ def divergence_fwd(student, teacher, *, inv_tau: float, beta: float, valid=None)
     return div, stats
 
 
-def divergence_bwd(student, teacher, stats, g, *, inv_tau: float, beta: float, valid=None):
+def divergence_bwd(student, teacher, stats, g, *, inv_tau: float, beta: float, valid=None, tau=None):
     V = student.shape[-1]
     zs_all, zt_all = student.reshape(-1, V), teacher.reshape(-1, V)
     n = zs_all.shape[0]
@@ -76,8 +78,9 @@ def divergence_bwd(student, teacher, stats, g, *, inv_tau: float, beta: float, v
     out = torch.empty((n, V), dtype=student.dtype, device=student.device)
     for a, b in row_chunks(n, V):
         st = stats[a:b]
-        zs = zs_all[a:b].to(acc) * inv_tau
-        zt = zt_all[a:b].to(acc) * inv_tau
+        it = _inv_tau(inv_tau, tau, a, b, acc)
+        zs = zs_all[a:b].to(acc) * it
+        zt = zt_all[a:b].to(acc) * it
         lp_s = (zs - st[:, 0:1]) - st[:, 1:2]
         lp_t = (zt - st[:, 2:3]) - st[:, 3:4]
         p_s = lp_s.exp()
@@ -89,6 +92,6 @@ def divergence_bwd(student, teacher, stats, g, *, inv_tau: float, beta: float, v
             d = (1.0 - beta) * p_s * (lp_s - _log_mixture(lp_s, lp_t, beta) - st[:, 4:5])
         if beta != 0.0:
             d = torch.where(p_s == 0, torch.zeros_like(d), d)   # 0 log 0 = 0: no NaN from a -inf teacher logit
-        grad = (g[a:b].unsqueeze(-1) * inv_tau) * d
+        grad = (g[a:b].unsqueeze(-1) * it) * d
         out[a:b] = torch.where(live[a:b].unsqueeze(-1), grad, torch.zeros((), dtype=acc)).to(out.dtype)
     return out.view(student.shape)

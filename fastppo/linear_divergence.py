@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import head_gemm
-from ._validation import check_float, check_mask, check_same_shape
+from ._validation import check_float, check_mask, check_same_shape, check_temperature_rows
 from .backend import backend_for
 from .dispatch import ops
 from .library import acc_dtype, decode, define, empty, encode, or_empty, refuse_double_backward
@@ -79,17 +79,37 @@ def accumulate_grads(d, th, opts: LinearDivergenceOptions, ws, hs_c, dh_c, dw, d
     head_gemm.head_grads(d * opts.s_scale, ws, hs_c, dh_c, dw, db)
 
 
-def _entropy(zs, stats, inv_tau):
+def with_tau(extra, tau):
+    """The per-row tensors to select with the student's rows, a per-token temperature `tau` ([N] or None) last as
+    an [N, 1] column."""
+    return tuple(extra) if tau is None else (*extra, tau.reshape(-1, 1))
+
+
+def split_tau(extra_r, tau):
+    """(the other per-row tensors, tau's rows or None) of with_tau's tensors after select_rows."""
+    return (extra_r, None) if tau is None else (extra_r[:-1], extra_r[-1])
+
+
+def chunk(x, a, b):
+    """Rows a:b of an optional per-row tensor."""
+    return None if x is None else x[a:b]
+
+
+def _entropy(zs, stats, inv_tau, tau_c):
+    if tau_c is not None:
+        inv_tau = 1.0 / tau_c.to(zs.dtype)
     lp = (zs * inv_tau - stats[:, 0:1]) - stats[:, 1:2]
     p = lp.exp()
     return -torch.where(p == 0, torch.zeros_like(p), p * lp).sum(-1)
 
 
-def forward_rows(hs, ws, bs, ht, wt, bt, valid, opts: LinearDivergenceOptions, backend):
-    """(div [N], entropy [N] or None, stats [N, 5]) by original row, zeros at masked rows."""
+def forward_rows(hs, ws, bs, ht, wt, bt, valid, opts: LinearDivergenceOptions, backend, tau=None):
+    """(div [N], entropy [N] or None, stats [N, 5]) by original row, zeros at masked rows. `tau`: per-token
+    temperatures [N] in place of opts.inv_tau."""
     N, V = hs.shape[0], ws.shape[0]
     acc = acc_dtype(hs, ws, ht, wt)
-    sel, hs_r, ht_r, v_r = select_rows(valid, hs, ht)
+    sel, hs_r, *extra_r, v_r = select_rows(valid, hs, *with_tau((ht,), tau))
+    (ht_r,), tau_r = split_tau(extra_r, tau)
     n = hs_r.shape[0]
     k = ops("divergence", backend)
     div = torch.zeros(n, dtype=acc, device=hs.device)
@@ -99,10 +119,10 @@ def forward_rows(hs, ws, bs, ht, wt, bt, valid, opts: LinearDivergenceOptions, b
     for a in range(0, n, step):
         b = min(n, a + step)
         zs, _, zt = chunk_logits(hs_r[a:b], ws, bs, ht_r[a:b], wt, bt, opts, acc)
-        vc = None if v_r is None else v_r[a:b]
-        div[a:b], stats[a:b] = k.divergence_fwd(zs, zt, inv_tau=opts.inv_tau, beta=opts.beta, valid=vc)
+        vc, tc = chunk(v_r, a, b), chunk(tau_r, a, b)
+        div[a:b], stats[a:b] = k.divergence_fwd(zs, zt, inv_tau=opts.inv_tau, beta=opts.beta, valid=vc, tau=tc)
         if ent is not None:
-            e = _entropy(zs, stats[a:b], opts.inv_tau)
+            e = _entropy(zs, stats[a:b], opts.inv_tau, tc)
             ent[a:b] = e if vc is None else torch.where(vc, e, torch.zeros((), dtype=acc, device=e.device))
     return by_row(sel, div, N), None if ent is None else by_row(sel, ent, N), by_row(sel, stats, N)
 
@@ -111,7 +131,7 @@ def student_gradient_rows(hs, ws, bs, valid, extra, stats, g, opts: LinearDiverg
     """(d h_s, d W_s, d b_s) of sum_r g_r div_r (None where not needed), in the student's dtypes, for a divergence
     whose gradient tile d div / d z_s of a chunk of rows is `tile_grad(hs_c, extra_c, stats_c, g_c, valid_c)` ->
     (d in acc, tanh of the student's softcap or None); `extra`: per-row tensors of the teacher, selected with the
-    student's rows."""
+    student's rows (a per-token temperature last, with_tau)."""
     N, Hs = hs.shape
     V = ws.shape[0]
     acc = stats.dtype
@@ -133,20 +153,21 @@ def student_gradient_rows(hs, ws, bs, valid, extra, stats, g, opts: LinearDiverg
             None if db is None else db.to(bs.dtype))
 
 
-def gradient_rows(hs, ws, bs, ht, wt, bt, valid, stats, g, opts: LinearDivergenceOptions, needs, backend):
+def gradient_rows(hs, ws, bs, ht, wt, bt, valid, stats, g, opts: LinearDivergenceOptions, needs, backend, tau=None):
     """(d h_s, d W_s, d b_s) of sum_r g_r div_r (None where not needed), in the student's dtypes."""
     k = ops("divergence", backend)
 
     def tile_grad(hs_c, extra_c, st, g_c, vc):
-        zs, th, zt = chunk_logits(hs_c, ws, bs, extra_c[0], wt, bt, opts, st.dtype)
-        return k.divergence_bwd(zs, zt, st, g_c, inv_tau=opts.inv_tau, beta=opts.beta, valid=vc), th
+        (ht_c,), tc = split_tau(extra_c, tau)
+        zs, th, zt = chunk_logits(hs_c, ws, bs, ht_c, wt, bt, opts, st.dtype)
+        return k.divergence_bwd(zs, zt, st, g_c, inv_tau=opts.inv_tau, beta=opts.beta, valid=vc, tau=tc), th
 
-    return student_gradient_rows(hs, ws, bs, valid, (ht,), stats, g, opts, needs, tile_grad)
+    return student_gradient_rows(hs, ws, bs, valid, with_tau((ht,), tau), stats, g, opts, needs, tile_grad)
 
 
 # ----------------------------------------------------------------------------- ops
 def _fwd_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid,
-              options, backend):
+              options, backend, tau=None):
     acc = acc_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
     div = student_hidden.new_empty((student_hidden.shape[0],), dtype=acc)
     with_entropy = decode(LinearDivergenceOptions, options).with_entropy
@@ -156,18 +177,19 @@ def _fwd_fake(student_hidden, student_weight, student_bias, teacher_hidden, teac
 @define("linear_divergence", _fwd_fake, kernels=True)
 def linear_divergence_op(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: torch.Tensor | None,
                          teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None,
-                         valid: torch.Tensor | None, options: str,
-                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         valid: torch.Tensor | None, options: str, backend: str,
+                         tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(div [N], student entropy [N] (empty unless asked), stats [N, 5]) from [N, H] hidden states; only div is
-    differentiable, w.r.t. the student's hidden, weight and bias."""
+    differentiable, w.r.t. the student's hidden, weight and bias. `tau`: per-token temperatures [N] (both models)
+    in place of the options' one."""
     opts = decode(LinearDivergenceOptions, options)
     div, ent, stats = forward_rows(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                   teacher_bias, valid, opts, backend)
+                                   teacher_bias, valid, opts, backend, tau)
     return div, or_empty(ent, div), stats
 
 
 def _bwd_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid,
-              stats, grad, options, need_hidden, need_weight, need_bias, backend):
+              stats, grad, options, need_hidden, need_weight, need_bias, backend, tau=None):
     return (student_hidden.new_empty(student_hidden.shape) if need_hidden else empty(student_hidden),
             student_weight.new_empty(student_weight.shape) if need_weight else empty(student_weight),
             student_bias.new_empty(student_bias.shape) if (student_bias is not None and need_bias)
@@ -179,33 +201,33 @@ def linear_divergence_backward_op(student_hidden: torch.Tensor, student_weight: 
                                   student_bias: torch.Tensor | None, teacher_hidden: torch.Tensor,
                                   teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None,
                                   valid: torch.Tensor | None, stats: torch.Tensor, grad: torch.Tensor, options: str,
-                                  need_hidden: bool, need_weight: bool, need_bias: bool,
-                                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
+                                  tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d hidden, d weight, d bias) of the student for the per-token upstream `grad` (empty where not needed)."""
     dh, dw, db = gradient_rows(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                teacher_bias, valid, stats, grad, decode(LinearDivergenceOptions, options),
-                               (need_hidden, need_weight, need_bias), backend)
+                               (need_hidden, need_weight, need_bias), backend, tau)
     return or_empty(dh, student_hidden), or_empty(dw, student_weight), or_empty(db, student_weight)
 
 
 def _setup(ctx, inputs, output):
-    *tensors, valid, options, backend = inputs
+    *tensors, valid, options, backend = inputs[:9]
     _, ent, stats = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(ent, stats)
-    ctx.save_for_backward(*tensors, valid, stats)
+    ctx.save_for_backward(*tensors, valid, stats, inputs[9] if len(inputs) > 9 else None)
     ctx.options, ctx.backend = options, backend
 
 
 def _backward(ctx, g, *_):
     if g is None:
-        return (None,) * 9
-    hs, ws, bs, ht, wt, bt, valid, stats = ctx.saved_tensors
+        return (None,) * 10
+    hs, ws, bs, ht, wt, bt, valid, stats, tau = ctx.saved_tensors
     needs = ctx.needs_input_grad
     need_bias = bs is not None and needs[2]
     dh, dw, db = linear_divergence_backward_op(hs, ws, bs, ht, wt, bt, valid, stats, g, ctx.options, needs[0],
-                                               needs[1], need_bias, ctx.backend)
-    return (dh if needs[0] else None), (dw if needs[1] else None), (db if need_bias else None), *(None,) * 6
+                                               needs[1], need_bias, ctx.backend, tau)
+    return (dh if needs[0] else None), (dw if needs[1] else None), (db if need_bias else None), *(None,) * 7
 
 
 linear_divergence_op.register_autograd(_backward, setup_context=_setup)
@@ -228,7 +250,9 @@ def check_head(who, hidden, weight, bias):
 
 
 def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                            teacher_bias, mask):
+                            teacher_bias, mask, temperature=1.0, op="linear_divergence"):
+    """Validates the heads and the mask; returns the per-token temperature tensor ([N], detached) or None for a
+    float temperature (LinearDivergenceOptions validates that one)."""
     check_head("student", student_hidden, student_weight, student_bias)
     check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     if teacher_weight.shape[0] != student_weight.shape[0]:
@@ -240,10 +264,13 @@ def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     if mask is not None:
         check_mask(mask)
         check_same_shape("mask", mask, "student_hidden without the hidden dim", student_hidden.shape[:-1])
+    tau = check_temperature_rows(temperature, student_hidden.shape[:-1], student_hidden.device, op, mask=mask)
+    return None if tau is None else tau.reshape(-1)
 
 
 def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                      teacher_weight: torch.Tensor, *, beta: float, temperature: float = 1.0, student_bias=None,
+                      teacher_weight: torch.Tensor, *, beta: float, temperature: float | torch.Tensor = 1.0,
+                      student_bias=None,
                       teacher_bias=None, mask: torch.Tensor | None = None, chunk_bytes: int | None = None,
                       return_entropy: bool = False, student_logit_scale: float = 1.0,
                       student_final_logit_softcapping=None, teacher_logit_scale: float = 1.0,
@@ -258,11 +285,13 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     Gradient to the student's hidden, weight and bias only (the teacher is detached). Rows where `mask`
     ([...], bool or 0/1) is 0 give 0 and a zero gradient, even with NaN there. `return_entropy=True` returns
     (divergence, the student's entropy of softmax(z_s / tau), no gradient). `chunk_bytes` bounds the two
-    [rows, V] logit buffers (None: 2 GiB). Costs: see the module docstring (4 N Ht V + 8 N Hs V FLOPs)."""
-    check_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                            teacher_bias, mask)
+    [rows, V] logit buffers (None: 2 GiB). Costs: see the module docstring (4 N Ht V + 8 N Hs V FLOPs).
+    `temperature`: a positive float, or a floating tensor of the tokens' shape [...] (one tau per token for both
+    models, read only where `mask` is 1; no gradient flows to it)."""
+    tau = check_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                                  teacher_bias, mask, temperature)
     opts = LinearDivergenceOptions.build(
-        beta=beta, temperature=temperature, student_logit_scale=student_logit_scale,
+        beta=beta, temperature=1.0 if tau is not None else temperature, student_logit_scale=student_logit_scale,
         student_final_logit_softcapping=student_final_logit_softcapping, teacher_logit_scale=teacher_logit_scale,
         teacher_final_logit_softcapping=teacher_final_logit_softcapping, return_entropy=return_entropy,
         chunk_bytes=chunk_bytes)
@@ -273,5 +302,5 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     div, ent, _ = torch.ops.fastppo.linear_divergence(
         student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
         teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(), t_bias, valid,
-        encode(opts), backend)
+        encode(opts), backend, tau)
     return (div.view(lead), ent.view(lead)) if opts.with_entropy else div.view(lead)

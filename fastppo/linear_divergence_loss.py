@@ -17,21 +17,25 @@ from .linear_divergence import (
     accumulate_grads,
     by_row,
     check_linear_divergence,
+    chunk,
     chunk_logits,
     chunk_rows,
     select_rows,
+    split_tau,
+    with_tau,
 )
 from .options import LinearDivergenceOptions
 
 
-def fused_rows(hs, ws, bs, ht, wt, bt, valid, weights, opts: LinearDivergenceOptions, needs, backend):
+def fused_rows(hs, ws, bs, ht, wt, bt, valid, weights, opts: LinearDivergenceOptions, needs, backend, tau=None):
     """(loss, div [N], d h_s, d W_s, d b_s) of sum_r weights_r div_r, the gradients in acc (None where not
-    needed)."""
+    needed). `tau`: per-token temperatures [N] in place of opts.inv_tau."""
     N, Hs = hs.shape
     V = ws.shape[0]
     acc = acc_dtype(hs, ws, ht, wt)
     dev = hs.device
-    sel, hs_r, ht_r, v_r = select_rows(valid, hs, ht)
+    sel, hs_r, *extra_r, v_r = select_rows(valid, hs, *with_tau((ht,), tau))
+    (ht_r,), tau_r = split_tau(extra_r, tau)
     w_r = weights.to(acc) if sel is None else weights.to(acc).index_select(0, sel)
     if v_r is not None:   # masked rows' weights are never used (a NaN there cannot leak)
         w_r = torch.where(v_r, w_r, torch.zeros((), dtype=acc, device=dev))
@@ -45,17 +49,17 @@ def fused_rows(hs, ws, bs, ht, wt, bt, valid, weights, opts: LinearDivergenceOpt
     for a in range(0, n, step):
         b = min(n, a + step)
         zs, th, zt = chunk_logits(hs_r[a:b], ws, bs, ht_r[a:b], wt, bt, opts, acc)
-        vc = None if v_r is None else v_r[a:b]
-        div[a:b], stats = k.divergence_fwd(zs, zt, inv_tau=opts.inv_tau, beta=opts.beta, valid=vc)
+        vc, tc = chunk(v_r, a, b), chunk(tau_r, a, b)
+        div[a:b], stats = k.divergence_fwd(zs, zt, inv_tau=opts.inv_tau, beta=opts.beta, valid=vc, tau=tc)
         if any(x is not None for x in (dh, dw, db)):
-            d = k.divergence_bwd(zs, zt, stats, w_r[a:b], inv_tau=opts.inv_tau, beta=opts.beta, valid=vc)
+            d = k.divergence_bwd(zs, zt, stats, w_r[a:b], inv_tau=opts.inv_tau, beta=opts.beta, valid=vc, tau=tc)
             accumulate_grads(d, th, opts, ws, hs_r[a:b], None if dh is None else dh[a:b], dw, db)
     loss = (div * w_r).sum()
     return loss, by_row(sel, div, N), None if dh is None else by_row(sel, dh, N), dw, db
 
 
 def _fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid, weights,
-          options, need_hidden, need_weight, need_bias, backend):
+          options, need_hidden, need_weight, need_bias, backend, tau=None):
     acc = acc_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
     div = student_hidden.new_empty((student_hidden.shape[0],), dtype=acc)
     return (div.new_empty(()), div, div.new_empty(student_hidden.shape) if need_hidden else empty(div),
@@ -68,15 +72,15 @@ def linear_divergence_loss_op(student_hidden: torch.Tensor, student_weight: torc
                               student_bias: torch.Tensor | None, teacher_hidden: torch.Tensor,
                               teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None,
                               valid: torch.Tensor | None, weights: torch.Tensor, options: str, need_hidden: bool,
-                              need_weight: bool, need_bias: bool,
-                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                     torch.Tensor]:
+                              need_weight: bool, need_bias: bool, backend: str,
+                              tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor, torch.Tensor]:
     """(loss, div [N], d hidden, d weight, d bias) with the gradients of the loss for a unit upstream in fp32
     (fp64 for fp64; empty where not needed). Only loss is differentiable; its backward scales the held gradients
-    and rounds them to the student's dtypes."""
+    and rounds them to the student's dtypes. `tau`: per-token temperatures [N] in place of the options' one."""
     loss, div, dh, dw, db = fused_rows(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                        teacher_bias, valid, weights, decode(LinearDivergenceOptions, options),
-                                       (need_hidden, need_weight, need_bias), backend)
+                                       (need_hidden, need_weight, need_bias), backend, tau)
     return loss, div, or_empty(dh, div), or_empty(dw, div), or_empty(db, div)
 
 
@@ -90,7 +94,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g_loss, *_):
     if g_loss is None:
-        return (None,) * 13
+        return (None,) * 14
     dh, dw, db, *linked = ctx.saved_tensors
     grads = []
     for t, present, x in zip((dh, dw, db), ctx.present, linked):
@@ -101,7 +105,7 @@ def _backward(ctx, g_loss, *_):
         if torch.is_grad_enabled():   # formed in the forward: a second derivative raises
             t = Once.apply("linear_divergence_loss", t, g_loss, *(x for x in linked if x is not None))
         grads.append(t)
-    return (*grads, *([None] * 10))
+    return (*grads, *([None] * 11))
 
 
 linear_divergence_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -117,7 +121,7 @@ def _check_weights(weights, lead):
 
 def linear_divergence_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                            teacher_weight: torch.Tensor, *, beta: float, weights: torch.Tensor | None = None,
-                           temperature: float = 1.0, student_bias=None, teacher_bias=None,
+                           temperature: float | torch.Tensor = 1.0, student_bias=None, teacher_bias=None,
                            mask: torch.Tensor | None = None, chunk_bytes: int | None = None,
                            student_logit_scale: float = 1.0, student_final_logit_softcapping=None,
                            teacher_logit_scale: float = 1.0, teacher_final_logit_softcapping=None):
@@ -126,13 +130,13 @@ def linear_divergence_loss(student_hidden: torch.Tensor, student_weight: torch.T
     the token mean over the valid rows (mask / max(count, 1), on device). Differentiable w.r.t. the student's
     hidden, weight and bias through `loss` only (formed in the forward pass: 2 N Ht V + 6 N Hs V FLOPs; see the
     module docstring); the per-token divergence comes without gradient, for logging."""
-    check_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                            teacher_bias, mask)
+    tau = check_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                                  teacher_bias, mask, temperature, "linear_divergence_loss")
     lead = student_hidden.shape[:-1]
     if weights is not None:
         _check_weights(weights, lead)
     opts = LinearDivergenceOptions.build(
-        beta=beta, temperature=temperature, student_logit_scale=student_logit_scale,
+        beta=beta, temperature=1.0 if tau is not None else temperature, student_logit_scale=student_logit_scale,
         student_final_logit_softcapping=student_final_logit_softcapping, teacher_logit_scale=teacher_logit_scale,
         teacher_final_logit_softcapping=teacher_final_logit_softcapping, chunk_bytes=chunk_bytes)
     valid = None if mask is None else (mask.reshape(-1) != 0)
@@ -148,5 +152,5 @@ def linear_divergence_loss(student_hidden: torch.Tensor, student_weight: torch.T
     loss, div, _, _, _ = torch.ops.fastppo.linear_divergence_loss(
         student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
         teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(), t_bias, valid,
-        weights.reshape(-1), encode(opts), *needs, backend)
+        weights.reshape(-1), encode(opts), *needs, backend, tau)
     return loss, div.view(lead)

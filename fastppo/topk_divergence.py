@@ -3,14 +3,21 @@
 
 import torch
 
-from ._validation import check_float, check_mask, check_same_shape, check_temperature, label_check_enabled
+from ._validation import (
+    check_float,
+    check_mask,
+    check_same_shape,
+    check_temperature,
+    check_temperature_rows,
+    label_check_enabled,
+)
 from .backend import backend_for
 from .dispatch import ops
 from .divergence import check_beta
 from .library import define
 
 
-def _fwd_fake(student, ids, tlp, valid, inv_tau, beta, backend):
+def _fwd_fake(student, ids, tlp, valid, inv_tau, beta, backend, tau=None):
     n = student.numel() // max(student.shape[-1], 1)
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     return student.new_empty(student.shape[:-1], dtype=acc), student.new_empty((n, 5), dtype=acc)
@@ -18,40 +25,42 @@ def _fwd_fake(student, ids, tlp, valid, inv_tau, beta, backend):
 
 @define("topk_divergence", _fwd_fake, kernels=True)
 def _topk_divergence_op(student: torch.Tensor, ids: torch.Tensor, tlp: torch.Tensor, valid: torch.Tensor | None,
-                        inv_tau: float, beta: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(div [...], stats [N, 5]); div is differentiable w.r.t. the student only."""
+                        inv_tau: float, beta: float, backend: str,
+                        tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(div [...], stats [N, 5]); div is differentiable w.r.t. the student only. `tau`: per-row temperatures in
+    place of inv_tau."""
     div, stats = ops("topk_divergence", backend).topk_divergence_fwd(student, ids, tlp, inv_tau=inv_tau, beta=beta,
-                                                         valid=valid)
+                                                                     valid=valid, tau=tau)
     return div.view(student.shape[:-1]), stats
 
 
-def _bwd_fake(student, ids, tlp, stats, grad, valid, inv_tau, beta, backend):
+def _bwd_fake(student, ids, tlp, stats, grad, valid, inv_tau, beta, backend, tau=None):
     return student.new_empty(student.shape)
 
 
 @define("topk_divergence_backward", _bwd_fake, kernels=True)
 def _topk_divergence_backward_op(student: torch.Tensor, ids: torch.Tensor, tlp: torch.Tensor, stats: torch.Tensor,
                                  grad: torch.Tensor, valid: torch.Tensor | None, inv_tau: float, beta: float,
-                                 backend: str) -> torch.Tensor:
+                                 backend: str, tau: torch.Tensor | None = None) -> torch.Tensor:
     d = ops("topk_divergence", backend).topk_divergence_bwd(student, ids, tlp, stats, grad.to(stats.dtype).reshape(-1),
-                                                inv_tau=inv_tau, beta=beta, valid=valid)
+                                                            inv_tau=inv_tau, beta=beta, valid=valid, tau=tau)
     return d.contiguous()
 
 
 def _setup(ctx, inputs, output):
-    student, ids, tlp, valid, inv_tau, beta, backend = inputs
+    student, ids, tlp, valid, inv_tau, beta, backend, *rest = inputs
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(student, ids, tlp, output[1], valid)
+    ctx.save_for_backward(student, ids, tlp, output[1], valid, rest[0] if rest else None)
     ctx.args = (inv_tau, beta, backend)
 
 
 def _backward(ctx, g, _g_stats):
     if g is None:
-        return (None,) * 7
-    student, ids, tlp, stats, valid = ctx.saved_tensors
-    d = torch.ops.fastppo.topk_divergence_backward(student, ids, tlp, stats, g, valid, *ctx.args)
-    return (d, *([None] * 6))
+        return (None,) * 8
+    student, ids, tlp, stats, valid, tau = ctx.saved_tensors
+    d = torch.ops.fastppo.topk_divergence_backward(student, ids, tlp, stats, g, valid, *ctx.args, tau)
+    return (d, *([None] * 7))
 
 
 _topk_divergence_op.register_autograd(_backward, setup_context=_setup)
@@ -87,7 +96,8 @@ def _check_ids(teacher_ids, lead, vocab, mask, lead_name):
 
 
 def topk_divergence(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, *,
-                    beta: float, temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                    beta: float, temperature: float | torch.Tensor = 1.0,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token divergence [...] (float32; float64 for float64 logits) between the student
     p = softmax(student_logits / tau) ([..., V]) and a teacher given by its top-K tokens `teacher_ids` [..., K]
     and their log-probs `teacher_logprobs` [..., K] (used as given: the teacher's own temperature applies), over
@@ -95,7 +105,9 @@ def topk_divergence(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
     q_tail = the student's mass on every other token (summed over those tokens, so a small tail keeps its digits).
     `beta` as in `logits_divergence` (0: KL(teacher || student), 1: KL(student || teacher), between: TRL's
     generalised JSD). Gradient to `student_logits` only; rows where `mask` is 0 are never read (0, zero gradient).
-    Ids must be distinct in [0, V) (checked where free, on CPU). Formula and gradient: kernels/topk_divergence.py."""
+    Ids must be distinct in [0, V) (checked where free, on CPU). Formula and gradient: kernels/topk_divergence.py.
+    `temperature` (the student's tau): a positive float, or a floating tensor of the rows' shape [...] (one per
+    token; no gradient; read only where `mask` is 1, one load per row)."""
     check_float("student_logits", student_logits)
     if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
         raise ValueError(f"student_logits must have a non-empty vocabulary dim, got shape "
@@ -104,8 +116,9 @@ def topk_divergence(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
     check_topk_inputs(teacher_ids, teacher_logprobs, lead, student_logits.shape[-1], mask,
                       "student_logits without the vocabulary dim")
     b = check_beta(beta)
-    tau = check_temperature(temperature)
+    rows = check_temperature_rows(temperature, lead, student_logits.device, "topk_divergence", mask=mask)
+    tau = 1.0 if rows is not None else check_temperature(temperature)
     backend = backend_for(student_logits, teacher_ids, teacher_logprobs, mask)
     div, _ = torch.ops.fastppo.topk_divergence(student_logits, teacher_ids, teacher_logprobs.detach(), mask,
-                                               1.0 / tau, b, backend)
+                                               1.0 / tau, b, backend, rows)
     return div

@@ -115,6 +115,19 @@ def scalar_hi_lo(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
+def row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr):
+    """1 / tau of this row: the host's scalar (hi, lo), or 1 / tau[row] (a per-token temperature, one load),
+    correctly rounded (fp32: div_rn, as a plain `/` compiles to the approximate div.full.f32), so a tensor equal
+    to an fp32 float gives the host's fp32(1 / tau) bit for bit."""
+    if HAS_TAU_ROWS:
+        tau = tl.load(tau_ptr + row).to(ACC)
+        if tau.dtype == tl.float32:
+            return tl.math.div_rn(1.0, tau)
+        return 1.0 / tau
+    return scalar_hi_lo(tau_hi, tau_lo, ACC)
+
+
+@triton.jit
 def transform_logits(z, pre, post, HAS_CAP: tl.constexpr):
     """Scaled logits z' = softcap(scale * z) / tau and dz'/dz, per element (docs/design.md §4.1).
 

@@ -83,6 +83,12 @@ def flat_rows(x: torch.Tensor, n_rows: int, name: str) -> torch.Tensor:
     return flat
 
 
+def tau_rows_arg(tau, n_rows: int, fallback: torch.Tensor):
+    """(pointer tensor, HAS_TAU_ROWS) of an optional per-row temperature (`row_inv_tau`, in place of the scalar
+    inv_tau): tau as a contiguous [N] vector, or `fallback` (never read) without one."""
+    return (fallback, False) if tau is None else (flat_rows(tau, n_rows, "temperature"), True)
+
+
 def split_float(x: float):
     """(hi, lo) fp32 pair with hi + lo == x to ~2^-48: how a host float reaches an fp64 kernel exactly
     (the JIT passes Python floats as fp32)."""

@@ -1,8 +1,8 @@
 """Per-token divergence between a student's and a teacher's softmax over the vocabulary (distillation).
 
-With z' = z / tau for both models, p_s = softmax(z'_s), p_t = softmax(z'_t) and a mixture weight beta
-(TRL 1.16's convention, trl/experimental/gkd/gkd_trainer.py `generalized_jsd_loss` and
-trl/kernels/chunked_divergence.py):
+With z' = z / tau for both models (tau a scalar, or one value per row shared by both models: HAS_TAU_ROWS, one
+load per row), p_s = softmax(z'_s), p_t = softmax(z'_t) and a mixture weight beta (TRL 1.16's convention,
+trl/experimental/gkd/gkd_trainer.py `generalized_jsd_loss` and trl/kernels/chunked_divergence.py):
     beta = 0      FORWARD_KL  KL(p_t || p_s) = sum_i p_t,i (log p_t,i - log p_s,i)
     beta = 1      REVERSE_KL  KL(p_s || p_t) = sum_i p_s,i (log p_s,i - log p_t,i)
     0 < beta < 1  JSD         beta KL(p_t || m) + (1 - beta) KL(p_s || m),  m = (1 - beta) p_s + beta p_t
@@ -26,8 +26,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _config as cfg
-from ._common import online_softmax_step, row_offset, scalar_hi_lo
-from ._rows import Rows, acc_dtype, flat_rows, split_float
+from ._common import online_softmax_step, row_inv_tau, row_offset, scalar_hi_lo
+from ._rows import Rows, acc_dtype, flat_rows, split_float, tau_rows_arg
 from .launches import record_launch
 
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
@@ -101,13 +101,14 @@ def mixture_logs(beta_hi, beta_lo, ACC: tl.constexpr):
 
 @triton.jit
 def _divergence_fwd_kernel(
-    # data: student / teacher logits (any row strides, unit column stride), row validity, outputs
-    s_ptr, t_ptr, valid_ptr, div_ptr, stats_ptr,
+    # data: student / teacher logits (any row strides, unit column stride), row validity, per-row tau, outputs
+    s_ptr, t_ptr, valid_ptr, tau_ptr, div_ptr, stats_ptr,
     # shapes and strides
     s_inner, s_outer_s, s_inner_s, t_inner, t_outer_s, t_inner_s, V,
-    # scalars: 1 / tau and beta as (hi, lo) fp32 pairs
+    # scalars: 1 / tau (unused with HAS_TAU_ROWS) and beta as (hi, lo) fp32 pairs
     tau_hi, tau_lo, beta_hi, beta_lo,
-    BLOCK_V: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr, HAS_TAU_ROWS: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     live = row_live(valid_ptr, row, HAS_VALID)
@@ -118,7 +119,7 @@ def _divergence_fwd_kernel(
     ls_t = tl.zeros((), ACC)
     aux = tl.zeros((), ACC)
     if live:
-        inv_tau = scalar_hi_lo(tau_hi, tau_lo, ACC)
+        inv_tau = row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS, ACC)
         s_row = s_ptr + row_offset(row, s_inner, s_outer_s, s_inner_s)
         t_row = t_ptr + row_offset(row, t_inner, t_outer_s, t_inner_s)
         cols = tl.arange(0, BLOCK_V)
@@ -169,20 +170,21 @@ def _divergence_fwd_kernel(
 
 @triton.jit
 def _divergence_bwd_kernel(
-    # data: student / teacher logits, row validity, saved statistics, upstream gradient [N], output
-    s_ptr, t_ptr, valid_ptr, stats_ptr, g_ptr, ds_ptr,
+    # data: student / teacher logits, row validity, per-row tau, saved statistics, upstream gradient [N], output
+    s_ptr, t_ptr, valid_ptr, tau_ptr, stats_ptr, g_ptr, ds_ptr,
     # shapes and strides (the output is contiguous [N, V])
     s_inner, s_outer_s, s_inner_s, t_inner, t_outer_s, t_inner_s, V,
-    # scalars: 1 / tau and beta as (hi, lo) fp32 pairs
+    # scalars: 1 / tau (unused with HAS_TAU_ROWS) and beta as (hi, lo) fp32 pairs
     tau_hi, tau_lo, beta_hi, beta_lo,
-    BLOCK_V: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr, HAS_TAU_ROWS: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     live = row_live(valid_ptr, row, HAS_VALID)
     out_row = ds_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
     if live:
-        inv_tau = scalar_hi_lo(tau_hi, tau_lo, ACC)
+        inv_tau = row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS, ACC)
         beta, log_b, log_1mb = mixture_logs(beta_hi, beta_lo, ACC)
         s_row = s_ptr + row_offset(row, s_inner, s_outer_s, s_inner_s)
         t_row = t_ptr + row_offset(row, t_inner, t_outer_s, t_inner_s)
@@ -219,44 +221,53 @@ def _launch_args(student, teacher, valid):
     return s, t, vp, (*s.args(), *t.args(), s.n_cols)
 
 
-def divergence_fwd(student, teacher, *, inv_tau: float, beta: float, valid=None):
-    """(div [N], stats [N, N_STATS]) in fp32 (fp64 when either logits are fp64); rows with valid == 0 give zeros."""
+def divergence_fwd(student, teacher, *, inv_tau: float, beta: float, valid=None, tau=None):
+    """(div [N], stats [N, N_STATS]) in fp32 (fp64 when either logits are fp64); rows with valid == 0 give zeros.
+    `tau`: an optional per-row temperature ([N] elements, both models; in place of inv_tau, read at live rows)."""
     s, t, vp, args = _launch_args(student, teacher, valid)
     acc, tl_acc = acc_dtype(torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else student.dtype)
     div = torch.empty(s.n_rows, dtype=acc, device=student.device)
     stats = torch.empty((s.n_rows, N_STATS.value), dtype=acc, device=student.device)
+    tp, tau_rows = tau_rows_arg(tau, s.n_rows, div)
     if s.n_rows:
-        record_launch("divergence_fwd", student, teacher, vp, div, stats, grid=(s.n_rows,))
+        record_launch("divergence_fwd", student, teacher, vp, tp if tau_rows else None, div, stats, grid=(s.n_rows,))
         wrap_triton(_divergence_fwd_kernel)[(s.n_rows,)](
-            s.tensor, t.tensor, div if vp is None else vp, div, stats, *args, *split_float(inv_tau),
-            *split_float(beta), BLOCK_V=cfg.DIV_BLOCK_V, MODE=mode_of(beta), HAS_VALID=vp is not None, ACC=tl_acc,
-            num_warps=cfg.DIV_NUM_WARPS)
+            s.tensor, t.tensor, div if vp is None else vp, tp, div, stats, *args, *split_float(inv_tau),
+            *split_float(beta), BLOCK_V=cfg.DIV_BLOCK_V, MODE=mode_of(beta), HAS_VALID=vp is not None,
+            HAS_TAU_ROWS=tau_rows, ACC=tl_acc, num_warps=cfg.DIV_NUM_WARPS)
     return div, stats
 
 
-def divergence_bwd(student, teacher, stats, g, *, inv_tau: float, beta: float, valid=None):
-    """g[r] * d div_r / d student_logits, contiguous, in the student's dtype; zero rows where valid == 0."""
+def divergence_bwd(student, teacher, stats, g, *, inv_tau: float, beta: float, valid=None, tau=None):
+    """g[r] * d div_r / d student_logits, contiguous, in the student's dtype; zero rows where valid == 0.
+    `tau`: the per-row temperature of the forward pass, if it had one."""
     s, t, vp, args = _launch_args(student, teacher, valid)
     out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     g = flat_rows(g, s.n_rows, "grad").to(stats.dtype)
+    tp, tau_rows = tau_rows_arg(tau, s.n_rows, g)
     if s.n_rows:
-        record_launch("divergence_bwd", student, teacher, vp, stats, g, out, grid=(s.n_rows,))
+        record_launch("divergence_bwd", student, teacher, vp, tp if tau_rows else None, stats, g, out,
+                      grid=(s.n_rows,))
         wrap_triton(_divergence_bwd_kernel)[(s.n_rows,)](
-            s.tensor, t.tensor, g if vp is None else vp, stats, g, out, *args, *split_float(inv_tau),
+            s.tensor, t.tensor, g if vp is None else vp, tp, stats, g, out, *args, *split_float(inv_tau),
             *split_float(beta), BLOCK_V=cfg.DIV_BLOCK_V, MODE=mode_of(beta), HAS_VALID=vp is not None,
-            ACC=acc_dtype(stats.dtype)[1], num_warps=cfg.DIV_NUM_WARPS)
+            HAS_TAU_ROWS=tau_rows, ACC=acc_dtype(stats.dtype)[1], num_warps=cfg.DIV_NUM_WARPS)
     return out
 
 
 def aot_specs(AOTSpec, _sig):
-    """Ahead-of-time compile specs (kernels/aot.py): bf16 logits with a valid mask, each divergence mode."""
+    """Ahead-of-time compile specs (kernels/aot.py): bf16 logits with a valid mask, each divergence mode; the JSD
+    (the most registers) also with per-row temperatures."""
     specs = []
-    div_types = dict(s_ptr="*bf16", t_ptr="*bf16", valid_ptr="*i1", div_ptr="*fp32", stats_ptr="*fp32",
-                     g_ptr="*fp32", ds_ptr="*bf16", tau_hi="fp32", tau_lo="fp32", beta_hi="fp32", beta_lo="fp32")
+    div_types = dict(s_ptr="*bf16", t_ptr="*bf16", valid_ptr="*i1", tau_ptr="*fp32", div_ptr="*fp32",
+                     stats_ptr="*fp32", g_ptr="*fp32", ds_ptr="*bf16", tau_hi="fp32", tau_lo="fp32", beta_hi="fp32",
+                     beta_lo="fp32")
     div_div = ("s_outer_s", "s_inner_s", "t_outer_s", "t_inner_s", "V")
-    for mode, tag in ((FORWARD_KL.value, "fwd_kl"), (REVERSE_KL.value, "rev_kl"), (JSD.value, "jsd")):
-        ce = dict(BLOCK_V=cfg.DIV_BLOCK_V, MODE=mode, HAS_VALID=True, ACC=tl.float32)
+    variants = ((FORWARD_KL.value, "fwd_kl", False), (REVERSE_KL.value, "rev_kl", False), (JSD.value, "jsd", False),
+                (JSD.value, "jsd", True))
+    for mode, tag, tau_rows in variants:
+        ce = dict(BLOCK_V=cfg.DIV_BLOCK_V, MODE=mode, HAS_VALID=True, HAS_TAU_ROWS=tau_rows, ACC=tl.float32)
         for kernel, step in ((_divergence_fwd_kernel, "fwd"), (_divergence_bwd_kernel, "bwd")):
-            specs.append(AOTSpec(f"divergence_{step}[bf16,{tag},valid]", kernel, _sig(kernel, div_types, ce), ce,
-                                 div_div, True, cfg.DIV_NUM_WARPS))
+            specs.append(AOTSpec(f"divergence_{step}[bf16,{tag},valid{',tau' if tau_rows else ''}]", kernel,
+                                 _sig(kernel, div_types, ce), ce, div_div, True, cfg.DIV_NUM_WARPS))
     return specs

@@ -17,17 +17,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _config as cfg
-from ._common import keep_nonzero, online_softmax_step, row_offset, scalar_hi_lo
-from ._rows import Rows, acc_dtype, flat_rows, split_float
+from ._common import keep_nonzero, online_softmax_step, row_inv_tau, row_offset
+from ._rows import Rows, acc_dtype, split_float, tau_rows_arg
 from .launches import record_launch
-
-
-@triton.jit
-def _row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr):
-    """1 / tau of this row: the host's scalar (hi, lo), or 1 / tau[row]."""
-    if HAS_TAU_ROWS:
-        return 1.0 / tl.load(tau_ptr + row).to(ACC)
-    return scalar_hi_lo(tau_hi, tau_lo, ACC)
 
 
 @triton.jit
@@ -37,7 +29,7 @@ def _full_kl_fwd_kernel(
     BLOCK_V: tl.constexpr, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    inv_tau = _row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS, ACC)
+    inv_tau = row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS, ACC)
     p_row = p_ptr + row_offset(row, p_inner, p_outer_s, p_inner_s)
     q_row = q_ptr + row_offset(row, q_inner, q_outer_s, q_inner_s)
     cols = tl.arange(0, BLOCK_V)
@@ -76,7 +68,7 @@ def _full_kl_bwd_kernel(
     BLOCK_V: tl.constexpr, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    inv_tau = _row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS, ACC)
+    inv_tau = row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS, ACC)
     p_row = p_ptr + row_offset(row, p_inner, p_outer_s, p_inner_s)
     q_row = q_ptr + row_offset(row, q_inner, q_outer_s, q_inner_s)
     out_row = dp_ptr + row * V
@@ -102,11 +94,6 @@ def _rows_pair(logits, ref_logits):
     return p, q, (*p.args(), *q.args(), p.n_cols)
 
 
-def _tau_arg(tau, n_rows, fallback):
-    """(pointer tensor, HAS_TAU_ROWS) for an optional per-row temperature (in place of inv_tau)."""
-    return (fallback, False) if tau is None else (flat_rows(tau, n_rows, "temperature"), True)
-
-
 def full_kl_fwd(logits, ref_logits, *, inv_tau: float, tau=None):
     """Returns (kl [N], stats_p [N, 2], stats_q [N, 2]): KL and each side's row (max, log-sum), fp32
     (fp64 for fp64 logits). `tau`: an optional per-row temperature ([N] elements, in place of inv_tau)."""
@@ -114,7 +101,7 @@ def full_kl_fwd(logits, ref_logits, *, inv_tau: float, tau=None):
     acc, tl_acc = acc_dtype(logits.dtype)
     kl = torch.empty(p.n_rows, dtype=acc, device=logits.device)
     lse_p, lse_q = (torch.empty(p.n_rows, 2, dtype=acc, device=logits.device) for _ in range(2))
-    tp, tau_rows = _tau_arg(tau, p.n_rows, kl)
+    tp, tau_rows = tau_rows_arg(tau, p.n_rows, kl)
     if p.n_rows:
         record_launch("full_kl_fwd", logits, ref_logits, tp if tau_rows else None, kl, lse_p, lse_q)
         wrap_triton(_full_kl_fwd_kernel)[(p.n_rows,)](
@@ -129,7 +116,7 @@ def full_kl_bwd(logits, ref_logits, kl, lse_p, lse_q, g, *, inv_tau: float, tau=
     p, q, args = _rows_pair(logits, ref_logits)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     g = g.reshape(-1).contiguous()
-    tp, tau_rows = _tau_arg(tau, p.n_rows, kl)
+    tp, tau_rows = tau_rows_arg(tau, p.n_rows, kl)
     if p.n_rows:
         record_launch("full_kl_bwd", logits, ref_logits, tp if tau_rows else None, kl, lse_p, lse_q, g, out)
         wrap_triton(_full_kl_bwd_kernel)[(p.n_rows,)](

@@ -4,8 +4,9 @@ K + 1 bins: the teacher's K tokens and one tail bin holding the rest of each dis
 tail bin it is the exact divergence of the two (K + 1)-category distributions, a lower bound of the full one).
 
 Bins b = 1..K, tail. Teacher: p_t,k = exp(teacher_logprobs_k), p_t,tail = max(1 - sum_k p_t,k, 0). Student
-(z' = z / tau, p = softmax(z')): q_k = p[id_k], q_tail = sum of p over the columns that are not teacher ids,
-summed directly over those columns (never 1 - sum q_k, which loses every digit of a small tail).
+(z' = z / tau, tau a scalar or one value per row: HAS_TAU_ROWS; p = softmax(z')): q_k = p[id_k], q_tail = sum of
+p over the columns that are not teacher ids, summed directly over those columns (never 1 - sum q_k, which loses
+every digit of a small tail).
 The divergence D(p_t, q) over the bins follows kernels/divergence.py (beta 0: KL(t || s), 1: KL(s || t),
 between: TRL's generalised JSD). With G_b = dD/dq_b and dq_b/dz'_j = p_j (1[j in b] - q_b):
     dD/dz'_j = p_j (G_b(j) - C),  C = sum_b q_b G_b
@@ -23,8 +24,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _config as cfg
-from ._common import online_softmax_step, row_offset, scalar_hi_lo
-from ._rows import Rows, acc_dtype, flat_rows, split_float
+from ._common import online_softmax_step, row_inv_tau, row_offset, scalar_hi_lo
+from ._rows import Rows, acc_dtype, flat_rows, split_float, tau_rows_arg
 from .divergence import FORWARD_KL, JSD, REVERSE_KL, log_mixture, mixture_logs, mode_of, row_live, xlogy_diff
 from .launches import record_launch
 
@@ -52,13 +53,15 @@ def _student_bins(s_row, ids, m, ls, inv_tau, V):
 
 @triton.jit
 def _topk_fwd_kernel(
-    # data: student logits (row strides, unit column stride), teacher ids / log-probs [N, K], validity, outputs
-    s_ptr, ids_ptr, tlp_ptr, valid_ptr, div_ptr, stats_ptr,
+    # data: student logits (row strides, unit column stride), teacher ids / log-probs [N, K], validity, per-row
+    # tau, outputs
+    s_ptr, ids_ptr, tlp_ptr, valid_ptr, tau_ptr, div_ptr, stats_ptr,
     # shapes and strides
     s_inner, s_outer_s, s_inner_s, V, K,
-    # scalars: 1 / tau and beta as (hi, lo) fp32 pairs
+    # scalars: 1 / tau (unused with HAS_TAU_ROWS) and beta as (hi, lo) fp32 pairs
     tau_hi, tau_lo, beta_hi, beta_lo,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     live = row_live(valid_ptr, row, HAS_VALID)
@@ -69,7 +72,7 @@ def _topk_fwd_kernel(
     lp_t_tail = tl.zeros((), ACC)
     c_row = tl.zeros((), ACC)
     if live:
-        inv_tau = scalar_hi_lo(tau_hi, tau_lo, ACC)
+        inv_tau = row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS, ACC)
         beta = scalar_hi_lo(beta_hi, beta_lo, ACC)
         s_row = s_ptr + row_offset(row, s_inner, s_outer_s, s_inner_s)
         ids, lp_t, lp_t_tail = _teacher_bins(ids_ptr, tlp_ptr, row, K, BLOCK_K, ACC)
@@ -127,20 +130,22 @@ def _bin_grad(lp, lq_b, lp_t_b, c_row, beta, log_1mb, log_b, MODE: tl.constexpr)
 
 @triton.jit
 def _topk_bwd_kernel(
-    # data: student logits, teacher ids / log-probs [N, K], validity, saved statistics, upstream [N], output
-    s_ptr, ids_ptr, tlp_ptr, valid_ptr, stats_ptr, g_ptr, ds_ptr,
+    # data: student logits, teacher ids / log-probs [N, K], validity, per-row tau, saved statistics, upstream [N],
+    # output
+    s_ptr, ids_ptr, tlp_ptr, valid_ptr, tau_ptr, stats_ptr, g_ptr, ds_ptr,
     # shapes and strides (the output is contiguous [N, V])
     s_inner, s_outer_s, s_inner_s, V, K,
-    # scalars: 1 / tau and beta as (hi, lo) fp32 pairs
+    # scalars: 1 / tau (unused with HAS_TAU_ROWS) and beta as (hi, lo) fp32 pairs
     tau_hi, tau_lo, beta_hi, beta_lo,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr, HAS_VALID: tl.constexpr,
+    HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     live = row_live(valid_ptr, row, HAS_VALID)
     out_row = ds_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
     if live:
-        inv_tau = scalar_hi_lo(tau_hi, tau_lo, ACC)
+        inv_tau = row_inv_tau(tau_ptr, row, tau_hi, tau_lo, HAS_TAU_ROWS, ACC)
         beta, log_b, log_1mb = mixture_logs(beta_hi, beta_lo, ACC)
         s_row = s_ptr + row_offset(row, s_inner, s_outer_s, s_inner_s)
         st = stats_ptr + row * N_STATS
@@ -175,45 +180,55 @@ def _launch_args(student, ids, tlp, valid):
     return s, ids, tlp, vp, k, dict(BLOCK_V=cfg.TOPK_BLOCK_V, BLOCK_K=max(16, triton.next_power_of_2(k)))
 
 
-def topk_divergence_fwd(student, ids, tlp, *, inv_tau: float, beta: float, valid=None):
-    """(div [N], stats [N, N_STATS]) in fp32 (fp64 for fp64 student logits); zeros where valid == 0."""
+def topk_divergence_fwd(student, ids, tlp, *, inv_tau: float, beta: float, valid=None, tau=None):
+    """(div [N], stats [N, N_STATS]) in fp32 (fp64 for fp64 student logits); zeros where valid == 0. `tau`: an
+    optional per-row temperature of the student ([N] elements, in place of inv_tau, read at live rows)."""
     s, ids, tlp, vp, k, blocks = _launch_args(student, ids, tlp, valid)
     acc, tl_acc = acc_dtype(student.dtype)
     div = torch.empty(s.n_rows, dtype=acc, device=student.device)
     stats = torch.empty((s.n_rows, N_STATS.value), dtype=acc, device=student.device)
+    tp, tau_rows = tau_rows_arg(tau, s.n_rows, div)
     if s.n_rows:
-        record_launch("topk_divergence_fwd", student, ids, tlp, vp, div, stats, grid=(s.n_rows,))
+        record_launch("topk_divergence_fwd", student, ids, tlp, vp, tp if tau_rows else None, div, stats,
+                      grid=(s.n_rows,))
         wrap_triton(_topk_fwd_kernel)[(s.n_rows,)](
-            s.tensor, ids, tlp, div if vp is None else vp, div, stats, *s.args(), s.n_cols, k,
-            *split_float(inv_tau), *split_float(beta), MODE=mode_of(beta), HAS_VALID=vp is not None, ACC=tl_acc,
-            num_warps=cfg.TOPK_NUM_WARPS, **blocks)
+            s.tensor, ids, tlp, div if vp is None else vp, tp, div, stats, *s.args(), s.n_cols, k,
+            *split_float(inv_tau), *split_float(beta), MODE=mode_of(beta), HAS_VALID=vp is not None,
+            HAS_TAU_ROWS=tau_rows, ACC=tl_acc, num_warps=cfg.TOPK_NUM_WARPS, **blocks)
     return div, stats
 
 
-def topk_divergence_bwd(student, ids, tlp, stats, g, *, inv_tau: float, beta: float, valid=None):
-    """g[r] * d div_r / d student_logits, contiguous, in the student's dtype; zero rows where valid == 0."""
+def topk_divergence_bwd(student, ids, tlp, stats, g, *, inv_tau: float, beta: float, valid=None, tau=None):
+    """g[r] * d div_r / d student_logits, contiguous, in the student's dtype; zero rows where valid == 0. `tau`:
+    the per-row temperature of the forward pass, if it had one."""
     s, ids, tlp, vp, k, blocks = _launch_args(student, ids, tlp, valid)
     out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     g = flat_rows(g, s.n_rows, "grad").to(stats.dtype)
+    tp, tau_rows = tau_rows_arg(tau, s.n_rows, g)
     if s.n_rows:
-        record_launch("topk_divergence_bwd", student, ids, tlp, vp, stats, g, out, grid=(s.n_rows,))
+        record_launch("topk_divergence_bwd", student, ids, tlp, vp, tp if tau_rows else None, stats, g, out,
+                      grid=(s.n_rows,))
         wrap_triton(_topk_bwd_kernel)[(s.n_rows,)](
-            s.tensor, ids, tlp, g if vp is None else vp, stats, g, out, *s.args(), s.n_cols, k,
+            s.tensor, ids, tlp, g if vp is None else vp, tp, stats, g, out, *s.args(), s.n_cols, k,
             *split_float(inv_tau), *split_float(beta), MODE=mode_of(beta), HAS_VALID=vp is not None,
-            ACC=acc_dtype(stats.dtype)[1], num_warps=cfg.TOPK_NUM_WARPS, **blocks)
+            HAS_TAU_ROWS=tau_rows, ACC=acc_dtype(stats.dtype)[1], num_warps=cfg.TOPK_NUM_WARPS, **blocks)
     return out
 
 
 def aot_specs(AOTSpec, _sig):
-    """Ahead-of-time compile specs (kernels/aot.py): bf16 student logits, K = 32 teacher tokens, each mode."""
+    """Ahead-of-time compile specs (kernels/aot.py): bf16 student logits, K = 32 teacher tokens, each mode; the JSD
+    also with per-row temperatures."""
     specs = []
-    topk_types = dict(s_ptr="*bf16", ids_ptr="*i64", tlp_ptr="*fp32", valid_ptr="*i1", div_ptr="*fp32",
-                      stats_ptr="*fp32", g_ptr="*fp32", ds_ptr="*bf16", tau_hi="fp32", tau_lo="fp32", beta_hi="fp32",
-                      beta_lo="fp32")
-    for mode, tag in ((FORWARD_KL.value, "fwd_kl"), (REVERSE_KL.value, "rev_kl"), (JSD.value, "jsd")):
-        ce = dict(BLOCK_V=cfg.TOPK_BLOCK_V, BLOCK_K=32, MODE=mode, HAS_VALID=True, ACC=tl.float32)
+    topk_types = dict(s_ptr="*bf16", ids_ptr="*i64", tlp_ptr="*fp32", valid_ptr="*i1", tau_ptr="*fp32",
+                      div_ptr="*fp32", stats_ptr="*fp32", g_ptr="*fp32", ds_ptr="*bf16", tau_hi="fp32", tau_lo="fp32",
+                      beta_hi="fp32", beta_lo="fp32")
+    variants = ((FORWARD_KL.value, "fwd_kl", False), (REVERSE_KL.value, "rev_kl", False), (JSD.value, "jsd", False),
+                (JSD.value, "jsd", True))
+    for mode, tag, tau_rows in variants:
+        ce = dict(BLOCK_V=cfg.TOPK_BLOCK_V, BLOCK_K=32, MODE=mode, HAS_VALID=True, HAS_TAU_ROWS=tau_rows,
+                  ACC=tl.float32)
         for kernel, step in ((_topk_fwd_kernel, "fwd"), (_topk_bwd_kernel, "bwd")):
-            specs.append(AOTSpec(f"topk_divergence_{step}[bf16,{tag},k32,valid]", kernel,
+            specs.append(AOTSpec(f"topk_divergence_{step}[bf16,{tag},k32,valid{',tau' if tau_rows else ''}]", kernel,
                                  _sig(kernel, topk_types, ce), ce, ("s_outer_s", "s_inner_s", "V"), True,
                                  cfg.TOPK_NUM_WARPS))
     return specs

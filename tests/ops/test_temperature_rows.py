@@ -1,6 +1,6 @@
 """temperature= a per-token tensor on token_logprobs, fused_ppo_loss, full_kl and linear_logprobs (no kept set)
-against float64 on both backends, values and gradients; linear_divergence refuses a tensor with a
-TypeError (fused_linear_ppo_loss takes one: tests/ops/test_linear_kept.py); no extra pass (bytes)."""
+against float64 on both backends, values and gradients (fused_linear_ppo_loss: tests/ops/test_linear_kept.py; the
+distillation ops: tests/ops/test_divergence_temperature.py); the shape is checked; no extra pass (bytes)."""
 
 import pytest
 import torch
@@ -87,13 +87,9 @@ def test_full_kl_per_token_temperature(backend):
         fastppo.full_kl(y, ref_logits, temperature=tau[0])
 
 
-def test_ops_without_per_token_temperature_refuse_a_tensor():
+def test_per_token_temperature_shape_is_checked():
     x = torch.randn(2, 3, 11, device=DEVICE)
     tau = torch.ones(2, 3, device=DEVICE)
-    with pytest.raises(TypeError, match="temperature must be a number for this op"):
-        fastppo.linear_divergence(torch.randn(2, 3, 4, device=DEVICE), torch.randn(11, 4, device=DEVICE),
-                                  torch.randn(2, 3, 4, device=DEVICE), torch.randn(11, 4, device=DEVICE), beta=0.5,
-                                  temperature=tau)
     with pytest.raises(ValueError, match="temperature shape"):
         fastppo.token_logprobs(x, torch.zeros(2, 3, dtype=torch.long, device=DEVICE), temperature=tau[0])
 
