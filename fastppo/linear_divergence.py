@@ -42,13 +42,19 @@ def chunk_rows(n_rows: int, vocab: int, acc: torch.dtype, chunk_bytes: int | Non
     return max(1, min(max(n_rows, 1), budget // max(2 * vocab * size, 1)))
 
 
+def gathers_rows(device: torch.device) -> bool:
+    """Whether select_rows gathers the valid rows out (CPU, where the gather's host sync is free) rather than
+    keeping every row (elsewhere)."""
+    return device.type == "cpu"
+
+
 def select_rows(valid, hs, *others):
     """(selected row ids or None, hs's rows, each of `others`' rows, validity of those rows or None): on CPU the
     valid rows gathered out; elsewhere every row, with masked rows' values replaced by 0 (selected, never
     multiplied: a NaN there cannot leak) and their validity returned for the launchers."""
     if valid is None:
         return None, hs, *others, None
-    if hs.device.type == "cpu":
+    if gathers_rows(hs.device):
         sel = valid.nonzero().squeeze(1)
         return sel, hs.index_select(0, sel), *(t.index_select(0, sel) for t in others), None
     keep = valid[:, None]
@@ -79,15 +85,10 @@ def accumulate_grads(d, th, opts: LinearDivergenceOptions, ws, hs_c, dh_c, dw, d
     head_gemm.head_grads(d * opts.s_scale, ws, hs_c, dh_c, dw, db)
 
 
-def with_tau(extra, tau):
-    """The per-row tensors to select with the student's rows, a per-token temperature `tau` ([N] or None) last as
-    an [N, 1] column."""
-    return tuple(extra) if tau is None else (*extra, tau.reshape(-1, 1))
-
-
-def split_tau(extra_r, tau):
-    """(the other per-row tensors, tau's rows or None) of with_tau's tensors after select_rows."""
-    return (extra_r, None) if tau is None else (extra_r[:-1], extra_r[-1])
+def rows_of(x, sel):
+    """An optional per-row tensor (a per-token temperature) at select_rows' rows: gathered where they are (CPU),
+    else whole: the launchers never read a masked row's value, so it needs no zeroing pass."""
+    return x if x is None or sel is None else x.index_select(0, sel)
 
 
 def chunk(x, a, b):
@@ -97,7 +98,7 @@ def chunk(x, a, b):
 
 def _entropy(zs, stats, inv_tau, tau_c):
     if tau_c is not None:
-        inv_tau = 1.0 / tau_c.to(zs.dtype)
+        inv_tau = 1.0 / tau_c.to(zs.dtype).unsqueeze(-1)
     lp = (zs * inv_tau - stats[:, 0:1]) - stats[:, 1:2]
     p = lp.exp()
     return -torch.where(p == 0, torch.zeros_like(p), p * lp).sum(-1)
@@ -108,8 +109,8 @@ def forward_rows(hs, ws, bs, ht, wt, bt, valid, opts: LinearDivergenceOptions, b
     temperatures [N] in place of opts.inv_tau."""
     N, V = hs.shape[0], ws.shape[0]
     acc = acc_dtype(hs, ws, ht, wt)
-    sel, hs_r, *extra_r, v_r = select_rows(valid, hs, *with_tau((ht,), tau))
-    (ht_r,), tau_r = split_tau(extra_r, tau)
+    sel, hs_r, ht_r, v_r = select_rows(valid, hs, ht)
+    tau_r = rows_of(tau, sel)
     n = hs_r.shape[0]
     k = ops("divergence", backend)
     div = torch.zeros(n, dtype=acc, device=hs.device)
@@ -127,15 +128,17 @@ def forward_rows(hs, ws, bs, ht, wt, bt, valid, opts: LinearDivergenceOptions, b
     return by_row(sel, div, N), None if ent is None else by_row(sel, ent, N), by_row(sel, stats, N)
 
 
-def student_gradient_rows(hs, ws, bs, valid, extra, stats, g, opts: LinearDivergenceOptions, needs, tile_grad):
+def student_gradient_rows(hs, ws, bs, valid, extra, stats, g, opts: LinearDivergenceOptions, needs, tile_grad,
+                          tau=None):
     """(d h_s, d W_s, d b_s) of sum_r g_r div_r (None where not needed), in the student's dtypes, for a divergence
-    whose gradient tile d div / d z_s of a chunk of rows is `tile_grad(hs_c, extra_c, stats_c, g_c, valid_c)` ->
-    (d in acc, tanh of the student's softcap or None); `extra`: per-row tensors of the teacher, selected with the
-    student's rows (a per-token temperature last, with_tau)."""
+    whose gradient tile d div / d z_s of a chunk of rows is `tile_grad(hs_c, extra_c, stats_c, g_c, valid_c, tau_c)`
+    -> (d in acc, tanh of the student's softcap or None); `extra`: per-row tensors of the teacher, selected with the
+    student's rows; `tau`: per-token temperatures [N] or None (tau_c: the chunk's)."""
     N, Hs = hs.shape
     V = ws.shape[0]
     acc = stats.dtype
     sel, hs_r, *extra_r, v_r = select_rows(valid, hs, *extra)
+    tau_r = rows_of(tau, sel)
     pick = (lambda x: x) if sel is None else (lambda x: x.index_select(0, sel))  # noqa: E731
     st_r, g_r = pick(stats), pick(g.reshape(-1).to(acc))
     n = hs_r.shape[0]
@@ -145,8 +148,8 @@ def student_gradient_rows(hs, ws, bs, valid, extra, stats, g, opts: LinearDiverg
     step = chunk_rows(n, V, acc, opts.chunk_bytes)
     for a in range(0, n, step):
         b = min(n, a + step)
-        d, th = tile_grad(hs_r[a:b], [t[a:b] for t in extra_r], st_r[a:b], g_r[a:b],
-                          None if v_r is None else v_r[a:b])
+        d, th = tile_grad(hs_r[a:b], [t[a:b] for t in extra_r], st_r[a:b], g_r[a:b], chunk(v_r, a, b),
+                          chunk(tau_r, a, b))
         accumulate_grads(d.to(acc), th, opts, ws, hs_r[a:b], None if dh is None else dh[a:b], dw, db)
     dh = None if dh is None else by_row(sel, dh, N)
     return (None if dh is None else dh.to(hs.dtype), None if dw is None else dw.to(ws.dtype),
@@ -157,12 +160,11 @@ def gradient_rows(hs, ws, bs, ht, wt, bt, valid, stats, g, opts: LinearDivergenc
     """(d h_s, d W_s, d b_s) of sum_r g_r div_r (None where not needed), in the student's dtypes."""
     k = ops("divergence", backend)
 
-    def tile_grad(hs_c, extra_c, st, g_c, vc):
-        (ht_c,), tc = split_tau(extra_c, tau)
-        zs, th, zt = chunk_logits(hs_c, ws, bs, ht_c, wt, bt, opts, st.dtype)
+    def tile_grad(hs_c, extra_c, st, g_c, vc, tc):
+        zs, th, zt = chunk_logits(hs_c, ws, bs, extra_c[0], wt, bt, opts, st.dtype)
         return k.divergence_bwd(zs, zt, st, g_c, inv_tau=opts.inv_tau, beta=opts.beta, valid=vc, tau=tc), th
 
-    return student_gradient_rows(hs, ws, bs, valid, with_tau((ht,), tau), stats, g, opts, needs, tile_grad)
+    return student_gradient_rows(hs, ws, bs, valid, (ht,), stats, g, opts, needs, tile_grad, tau)
 
 
 # ----------------------------------------------------------------------------- ops
@@ -270,9 +272,8 @@ def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
 
 def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                       teacher_weight: torch.Tensor, *, beta: float, temperature: float | torch.Tensor = 1.0,
-                      student_bias=None,
-                      teacher_bias=None, mask: torch.Tensor | None = None, chunk_bytes: int | None = None,
-                      return_entropy: bool = False, student_logit_scale: float = 1.0,
+                      student_bias=None, teacher_bias=None, mask: torch.Tensor | None = None,
+                      chunk_bytes: int | None = None, return_entropy: bool = False, student_logit_scale: float = 1.0,
                       student_final_logit_softcapping=None, teacher_logit_scale: float = 1.0,
                       teacher_final_logit_softcapping=None):
     """logits_divergence(z_s, z_t, beta=beta, temperature=temperature, mask=mask) for

@@ -20,9 +20,8 @@ from .linear_divergence import (
     chunk,
     chunk_logits,
     chunk_rows,
+    rows_of,
     select_rows,
-    split_tau,
-    with_tau,
 )
 from .options import LinearDivergenceOptions
 
@@ -34,8 +33,8 @@ def fused_rows(hs, ws, bs, ht, wt, bt, valid, weights, opts: LinearDivergenceOpt
     V = ws.shape[0]
     acc = acc_dtype(hs, ws, ht, wt)
     dev = hs.device
-    sel, hs_r, *extra_r, v_r = select_rows(valid, hs, *with_tau((ht,), tau))
-    (ht_r,), tau_r = split_tau(extra_r, tau)
+    sel, hs_r, ht_r, v_r = select_rows(valid, hs, ht)
+    tau_r = rows_of(tau, sel)
     w_r = weights.to(acc) if sel is None else weights.to(acc).index_select(0, sel)
     if v_r is not None:   # masked rows' weights are never used (a NaN there cannot leak)
         w_r = torch.where(v_r, w_r, torch.zeros((), dtype=acc, device=dev))

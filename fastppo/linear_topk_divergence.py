@@ -29,10 +29,9 @@ from .linear_divergence import (
     check_head,
     chunk,
     chunk_rows,
+    rows_of,
     select_rows,
-    split_tau,
     student_gradient_rows,
-    with_tau,
 )
 from .options import LinearDivergenceOptions
 from .topk_divergence import check_topk_inputs
@@ -47,8 +46,8 @@ def forward_rows(hs, ws, bs, ids, tlp, valid, opts: LinearDivergenceOptions, bac
     student in place of opts.inv_tau."""
     N, V = hs.shape[0], ws.shape[0]
     acc = acc_dtype(hs, ws)
-    sel, hs_r, *extra_r, v_r = select_rows(valid, hs, *with_tau((ids, tlp), tau))
-    (ids_r, tlp_r), tau_r = split_tau(extra_r, tau)
+    sel, hs_r, ids_r, tlp_r, v_r = select_rows(valid, hs, ids, tlp)
+    tau_r = rows_of(tau, sel)
     n = hs_r.shape[0]
     k = ops("topk_divergence", backend)
     div = torch.zeros(n, dtype=acc, device=hs.device)
@@ -66,13 +65,13 @@ def gradient_rows(hs, ws, bs, ids, tlp, valid, stats, g, opts: LinearDivergenceO
     """(d h_s, d W_s, d b_s) of sum_r g_r div_r (None where not needed), in the student's dtypes."""
     k = ops("topk_divergence", backend)
 
-    def tile_grad(hs_c, extra_c, st, g_c, vc):
+    def tile_grad(hs_c, extra_c, st, g_c, vc, tc):
         zs, th = _chunk_logits(hs_c, ws, bs, opts, st.dtype)
-        (ids_c, tlp_c), tc = split_tau(extra_c, tau)
+        ids_c, tlp_c = extra_c
         return k.topk_divergence_bwd(zs, ids_c, tlp_c, st, g_c, inv_tau=opts.inv_tau, beta=opts.beta, valid=vc,
                                      tau=tc), th
 
-    return student_gradient_rows(hs, ws, bs, valid, with_tau((ids, tlp), tau), stats, g, opts, needs, tile_grad)
+    return student_gradient_rows(hs, ws, bs, valid, (ids, tlp), stats, g, opts, needs, tile_grad, tau)
 
 
 # ----------------------------------------------------------------------------- ops

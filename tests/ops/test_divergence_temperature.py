@@ -5,6 +5,8 @@ empty rows, NaN and a zero temperature at masked rows, strided views, bf16 / fp3
 the float gives bitwise the float's results; no gradient to the temperature; float64 gradcheck; bad temperatures;
 the only extra cost is one load per live row per launch (bytes), with the same launches."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -362,3 +364,59 @@ def test_per_token_temperature_costs_one_load_per_live_row(op):
     rows, rows_launches = _traffic(lambda: run(torch.full((B, T), 0.7, device=DEVICE)))
     assert rows_launches == plain_launches and sum(plain_launches.values()) >= 2
     assert rows == plain + 2 * 4 * live
+
+
+def test_opcheck_with_per_token_temperature():
+    """The registered ops' schemas, fakes and autograd registrations with the optional `tau` (torch.library.opcheck)."""
+    gen = torch.Generator().manual_seed(8)
+    n, v = 4, 7
+
+    def t(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    tau = torch.tensor([0.6, 0.0, 1.3, 0.9], dtype=torch.float64, device=DEVICE)
+    valid = torch.tensor([True, False, True, True], device=DEVICE)
+    ids = torch.tensor([[0, 3], [6, 1], [2, 4], [5, 0]], device=DEVICE)
+    tlp = torch.full((n, 2), -1.5, dtype=torch.float64, device=DEVICE)
+    s = t(n, v).requires_grad_()
+    torch.library.opcheck(torch.ops.fastppo.logits_divergence.default, (s, t(n, v), valid, 1.0, 0.5, "torch", tau))
+    torch.library.opcheck(torch.ops.fastppo.topk_divergence.default, (s, ids, tlp, valid, 1.0, 0.5, "torch", tau))
+    opts = "{'beta': 0.5, 'inv_tau': 1.0, 's_scale': 1.0, 's_softcap': None, 't_scale': 1.0, 't_softcap': None, " \
+           "'with_entropy': True, 'chunk_bytes': None}"
+    hs, ws, bs = t(n, 3).requires_grad_(), t(v, 3), t(v)
+    head = (hs, ws, bs, t(n, 2), t(v, 2), t(v), valid)
+    torch.library.opcheck(torch.ops.fastppo.linear_divergence.default, (*head, opts, "torch", tau))
+    torch.library.opcheck(torch.ops.fastppo.linear_divergence_loss.default,
+                          (*head, t(n), opts, True, False, True, "torch", tau))
+    torch.library.opcheck(torch.ops.fastppo.linear_topk_divergence.default,
+                          (hs, ws, bs, ids, tlp, valid, opts, "torch", tau))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_ops_keeping_every_row(backend, monkeypatch):
+    """The device path of the linear ops (every row kept, masked rows' values replaced by 0, no gather): a masked
+    row's temperature (0, NaN) is never used; the results equal the gathered path's."""
+    ld = importlib.import_module("fastppo.linear_divergence")    # the module (fastppo.linear_divergence: the op)
+    heads = _heads(torch.float32, seed=9)
+    ids, tlp = _teacher_topk(seed=9)
+    mask = make_mask((B, T))
+    _dead_rows(mask, heads["student_hidden"], heads["teacher_hidden"])
+    tau = _tau(seed=9)
+    tau[~mask] = torch.tensor([0.0, float("nan")]).repeat(N)[: int((~mask).sum())].to(DEVICE)
+    g = _upstream(torch.float32)
+
+    def run():
+        x = _student(heads)
+        with fastppo.use_backend(backend):
+            div, ent = fastppo.linear_divergence(**x, beta=0.5, temperature=tau, mask=mask, return_entropy=True)
+            loss, _ = fastppo.linear_divergence_loss(**x, beta=0.0, weights=g, temperature=tau, mask=mask)
+            topk = fastppo.linear_topk_divergence(x["student_hidden"], x["student_weight"], ids, tlp, beta=1.0,
+                                                  student_bias=x["student_bias"], temperature=tau, mask=mask)
+            ((div + topk) * g).sum().add(loss).backward()
+        return [div, ent, topk, loss] + [x[k].grad for k in STUDENT]
+
+    gathered = run()
+    monkeypatch.setattr(ld, "gathers_rows", lambda device: False)
+    kept = run()
+    for a, b in zip(kept, gathered):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
