@@ -298,7 +298,8 @@ LOGITS_DTYPES = (None, "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class LinearDivergenceOptions:
-    """linear_divergence's options: beta in [0, 1], the shared temperature (inv_tau), each model's logit
+    """linear_divergence's options: beta in [0, 1], the shared float temperature (inv_tau; a per-token tensor
+    travels beside the options, as the ops' `tau` argument, with inv_tau = 1), each model's logit
     transform before it (z' = softcap(scale * z), TRL's `student_/teacher_logit_scale` and
     `..._final_logit_softcapping`), whether the student's entropy is returned, chunk_bytes (None: automatic)."""
 
