@@ -212,7 +212,7 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           vespo_lambda_neg: float = 2.0,
                           vocab_parallel: VocabParallel | None = None, kept: KeptSet | None = None,
                           logits_dtype: torch.dtype | None = None, fp32_head: bool = False,
-                          grad_filter: bool | float | None = None) -> PPOLossOutput:
+                          grad_filter: bool | float | None = None, kept_path: str = "auto") -> PPOLossOutput:
     """fused_ppo_loss(z', ...) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     without materialising the logits.
 
@@ -233,7 +233,10 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     `logits_dtype`, `fp32_head`: as in linear_logprobs (log-probs renormalised over each row's kept set, the
     entropy term full-vocabulary, the gradient still formed in forward; rounded logits; fp32 GEMMs); mask-0
     rows need no kept entry check (never read). `grad_filter`: as in linear_logprobs (the gradient GEMMs skip the
-    vocabulary tiles a row's |onehot - p| leaves below the threshold; approximate, off by default)."""
+    vocabulary tiles a row's |onehot - p| leaves below the threshold; approximate, off by default). `kept_path`
+    as in linear_logprobs: without entropy (no return_entropy, entropy_coef = 0, no entropy_quantile) the
+    kept-only path forms the kept logits only (2 nnz H FLOPs, then 4 nnz H for the gradients, in forward on the
+    token-local path)."""
     check_grad_filter(grad_filter, vocab_parallel, kept)
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
@@ -263,7 +266,7 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                                  ignore_index, mask=mask)
     lin = build_linear_options(1.0 if tau is not None else temperature, ignore_index, want_ent, False,
                                final_logit_softcapping, logit_scale, chunk_bytes, backend, logits_dtype, fp32_head,
-                               grad_filter_eps(grad_filter, hidden, weight, fp32_head))
+                               grad_filter_eps(grad_filter, hidden, weight, fp32_head), kept_path=kept_path)
     if kept is not None:
         check_kept(kept, labels, weight.shape[0], ignore_index, live=mask)
     grad_on = torch.is_grad_enabled()

@@ -211,7 +211,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     logit_scale: float = 1.0, extra_outputs: Collection[str] = (),
                     chunk_bytes: int | None = None, vocab_parallel: VocabParallel | None = None,
                     kept: KeptSet | None = None, logits_dtype: torch.dtype | None = None,
-                    fp32_head: bool = False, grad_filter: bool | float | None = None) -> LinearLogprobs:
+                    fp32_head: bool = False, grad_filter: bool | float | None = None,
+                    kept_path: str = "auto") -> LinearLogprobs:
     """token_logprobs(z', labels) with z' = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature,
     softcap(x) = c tanh(x / c) with c = final_logit_softcapping (none when None), without materialising
     the logits.
@@ -235,7 +236,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     support after top-k / top-p / min-p), logp = z'_y - logsumexp_{j in K} z'_j; the log-prob's gradient reaches
     hidden / weight / bias through the kept columns only; entropy and extra_outputs stay full-vocabulary
     (docs/design.md §4.1b). A live label outside its row's kept set is a ValueError where the check is free
-    (CPU), NaN on CUDA. Same FLOPs as without (the chunk's logits, then the kept columns read from them).
+    (CPU), NaN on CUDA (log-prob and its gradient over the row's kept columns). With entropy or extra_outputs:
+    same FLOPs as without (the chunk's logits, then the kept columns read from them); without, `kept_path`
+    "auto" (default) forms only the kept logits h . W[ids] when that is cheaper (2 nnz H FLOPs forward, 6 nnz H
+    backward, ~H b bytes per kept entry and pass, nothing of size N V; the rule is fastppo.linear_gather's),
+    "dense" / "gather" force either.
     `logits_dtype` (None, torch.bfloat16, torch.float16): each logit h . w + b is rounded to that dtype before
     the transform and softmax, as an engine that materialises such logits does (matching its log-probs);
     gradients pass straight through the rounding (d round(z) / dz taken as 1). `fp32_head=True`: hidden and
@@ -261,7 +266,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     tau = check_temperature_rows(temperature, labels.shape, hidden.device, "linear_logprobs", labels, ignore_index)
     opts = build_linear_options(1.0 if tau is not None else temperature, ignore_index, return_entropy, bool(extras),
                                 final_logit_softcapping, logit_scale, chunk_bytes, backend_for(hidden, weight, labels),
-                                logits_dtype, fp32_head, grad_filter_eps(grad_filter, hidden, weight, fp32_head))
+                                logits_dtype, fp32_head, grad_filter_eps(grad_filter, hidden, weight, fp32_head),
+                                kept_path=kept_path)
     if kept is not None:
         check_kept(kept, labels, weight.shape[0], ignore_index)
     logp, ent, sq, mean, top1, *_ = torch.ops.fastppo.linear_logprobs(

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ._validation import check_float, check_labels
+from . import linear_gather
 from .dispatch import ops
 from .kernels import _config as cfg
 from .kernels.linear_kept import (
@@ -71,6 +72,8 @@ def triton_forward(h2, weight, bias, y, valid, opts, tau=None, kept=None):
     k = triton_kernels()
     rows = k.CompactRows(valid)
     N, V = h2.shape[0], weight.shape[0]
+    if linear_gather.takes_gather(opts, kept, N, V, h2.device):
+        return linear_gather.triton_forward(h2, weight, bias, y, valid, opts, tau, kept)
     acc = acc_dtype(h2, weight)
     out = k.new_outputs(N, h2.device, acc, opts.with_entropy, opts.extras)
     if kept is None:
@@ -96,10 +99,14 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
     those are used and launch 2 is skipped. `kept` (KeptArg): the log-prob term over the kept sets, with
     their statistics `kstats` (by compacted position) or, without, the kept statistics launch per chunk
     (into out["klse"], out["logp_c"], out["logp"]); then the kept gradient launch, the dense dz launch
-    without the log-prob term, the scatter of the kept columns and d(bias) summed from dz. Returns (dh, dw, db)."""
+    without the log-prob term, the scatter of the kept columns and d(bias) summed from dz; or the kept-only
+    path (fastppo.linear_gather) where it applies. Returns (dh, dw, db)."""
     k = triton_kernels()
     N, H = h2.shape
     V = weight.shape[0]
+    if linear_gather.takes_gather(opts, kept, N, V, h2.device):
+        return linear_gather.triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, kstats, tau,
+                                                  kept)
     acc = acc_dtype(h2, weight)
     dev = h2.device
     dh = torch.zeros(N, H, dtype=h2.dtype, device=dev) if needs[0] else None
@@ -155,6 +162,8 @@ def forward_rows(h2, weight, bias, y, valid, opts, tau=None, kept=None):
     """(rows or None, per-row outputs) of the valid rows: the Triton pipeline or the PyTorch twin."""
     if opts.backend == "triton":
         return triton_forward(h2, weight, bias, y, valid, opts, tau, kept)
+    if linear_gather.takes_gather(opts, kept, h2.shape[0], weight.shape[0], h2.device):
+        return None, linear_gather.torch_forward(h2, weight, bias, y, valid, opts, tau, kept)
     return None, ops("linear", "torch").forward(h2, weight, bias, y, valid, opts, tau=tau, kept=kept)
 
 
@@ -163,6 +172,8 @@ def gradient_rows(h2, weight, bias, y, valid, rows, stats, c_logp, c_ent, opts, 
     """(dh, dw, db) of sum c_logp logp + c_ent H (coefficients by original row). `stats`: the rows' lse and
     entropy (or None), `kstats` the kept statistics (with `kept`), by original row on the torch backend, by
     compacted position on the Triton path."""
+    if opts.backend == "torch" and linear_gather.takes_gather(opts, kept, h2.shape[0], weight.shape[0], h2.device):
+        return linear_gather.torch_grads(h2, weight, bias, y, valid, c_logp, opts, needs, tau, kept, kstats)
     if opts.backend == "torch":
         return ops("linear", "torch").grads(h2, weight, bias, y, valid, stats[0], stats[1], c_logp, c_ent, opts,
                                               needs, tau=tau, kept=kept, klse=kstats)
@@ -241,11 +252,12 @@ def check_grad_filter(grad_filter, vocab_parallel, kept):
 
 
 def build_linear_options(temperature, ignore_index, with_entropy, extras, final_logit_softcapping, logit_scale,
-                         chunk_bytes, backend, logits_dtype=None, fp32_head=False, grad_filter=None) -> LinearOptions:
+                         chunk_bytes, backend, logits_dtype=None, fp32_head=False, grad_filter=None,
+                         kept_path="auto") -> LinearOptions:
     """LinearOptions from the public keywords (the logit transform validated as for every logits op);
     grad_filter: the resolved threshold (grad_filter_eps) or None."""
     return LinearOptions.build(temperature=temperature, logit_scale=logit_scale,
                                final_logit_softcapping=final_logit_softcapping, ignore_index=ignore_index,
                                with_entropy=with_entropy, backend=backend, extras=bool(extras), chunk_bytes=chunk_bytes,
                                logits_dtype=LinearOptions.logits_dtype_name(logits_dtype), fp32_head=fp32_head,
-                               grad_filter=grad_filter)
+                               grad_filter=grad_filter, kept_path=kept_path)

@@ -148,6 +148,7 @@ def _kept_forward(z, y, in_range, km):
     log_s = torch.log(e.sum(-1))
     safe = y.clamp(0, z.shape[1] - 1).long()[:, None]
     found = km.gather(1, safe)[:, 0] & in_range
+    log_s = torch.where(in_range & ~found, float("nan"), log_s)   # a label not kept: NaN gradient over K too
     logp = torch.where(found, (z.gather(1, safe)[:, 0] - m) - log_s, torch.full_like(m, float("nan")))
     return logp, torch.stack((m, log_s), 1)
 

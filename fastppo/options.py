@@ -260,14 +260,16 @@ class LogprobOptions(LogitTransform):
 class LinearOptions(LogprobOptions):
     """The linear ops' options: TRL's extra per-token outputs, chunk_bytes (None: automatic, see
     fastppo.linear_pipeline.chunk_rows), logits_dtype (None, "bfloat16" or "float16": each logit h . w + b
-    rounded to it before the transform), fp32_head (the GEMMs in fp32 whatever the inputs' dtype) and
-    grad_filter (None: off; else the threshold eps of the gradient filter, kernels/linear_filter.py)."""
+    rounded to it before the transform), fp32_head (the GEMMs in fp32 whatever the inputs' dtype),
+    grad_filter (None: off; else the threshold eps of the gradient filter, kernels/linear_filter.py) and kept_path
+    ("auto", "dense" or "gather": how a kept set's log-probs are formed, fastppo.linear_gather)."""
 
     extras: bool = False
     chunk_bytes: int | None = None
     logits_dtype: str | None = None
     fp32_head: bool = False
     grad_filter: float | None = None
+    kept_path: str = "auto"
 
     def __post_init__(self):
         cb = self.chunk_bytes
@@ -280,6 +282,8 @@ class LinearOptions(LogprobOptions):
         gf = self.grad_filter
         if gf is not None and (not isinstance(gf, float) or not 0.0 < gf < 1.0):
             raise ValueError(f"grad_filter's threshold must be a float in (0, 1), got {gf!r}")
+        if self.kept_path not in KEPT_PATHS:
+            raise ValueError(f"kept_path must be one of {KEPT_PATHS}, got {self.kept_path!r}")
 
     @staticmethod
     def logits_dtype_name(logits_dtype) -> str | None:
@@ -294,6 +298,7 @@ class LinearOptions(LogprobOptions):
 
 
 LOGITS_DTYPES = (None, "bfloat16", "float16")
+KEPT_PATHS = ("auto", "dense", "gather")
 
 
 @dataclass(frozen=True)

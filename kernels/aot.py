@@ -57,6 +57,7 @@ def _specs():
         linear,
         linear_filter,
         linear_kept,
+        linear_kept_gather,
         logprobs,
         loss_agg,
         loss_seq,
@@ -111,6 +112,7 @@ def _specs():
     specs.extend(linear_filter.aot_specs(AOTSpec, _sig))
     specs.extend(kept.aot_specs(AOTSpec, _sig))
     specs.extend(linear_kept.aot_specs(AOTSpec, _sig))
+    specs.extend(linear_kept_gather.aot_specs(AOTSpec, _sig))
     specs.extend(fused_grad.aot_specs(AOTSpec, _sig))
     return specs
 

@@ -8,7 +8,9 @@ the last row's end and never read).
 
 - `_linear_kept_stats_kernel` (one program per chunk row): m_K = max_{j in K} z'_j, log s_K = log sum_{j in K}
   exp(z'_j - m_K) (kept apart; an empty K gives m_K = log s_K = -inf) and logp = (z'_y - m_K) - log s_K, NaN
-  when the label is not in K. Reads nnz + 1 values per row.
+  when the label is not in K; a label in [0, V) not in K also sets log s_K = NaN, so the gradient over K is NaN
+  (a label outside [0, V), another shard's, leaves the shard's statistics for the combine). Reads nnz + 1
+  values per row.
 - `_linear_kept_grad_kernel` (one program per chunk row): the full gradient at the kept columns, into gk [nnz]
   (CSR positions), w.r.t. the raw logits z = h . w + b:
       gk_j = [c_logp (onehot(y)_j - p_K,j) - c_ent p_j (log p_j + H)] inv_tau (1 - th_j^2 with softcap) scale,
@@ -69,7 +71,7 @@ def _linear_kept_stats_kernel(
             m, s, _ = stats_step(m, s, s, z, False)
             hits += tl.sum(tl.where(inb & (ids == y), 1, 0))
         z_y = tl.load(row_ptr + y, mask=(y >= 0) & (y < V), other=0.0)
-        log_s = tl.log(s)
+        log_s = tl.where((hits == 0) & (y >= 0) & (y < V), float("nan"), tl.log(s))
         logp = tl.where(hits > 0, (z_y - m) - log_s, float("nan"))
         tl.store(kstat_ptr + 2 * rows, m)
         tl.store(kstat_ptr + 2 * rows + 1, log_s)
