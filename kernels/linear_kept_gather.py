@@ -13,10 +13,11 @@ rows' order (kernels/linear_kept.py `compact_kept`: valid rows first, ids local 
 - `_gather_dh_kernel` (grid: rows x H tiles): g_j = c_logp (onehot(y)_j - p_K,j) dz'_j/dz_j,
   p_K,j = exp((z'_j - m_K) - log s_K), into gk [nnz] (by the first H tile), and
   d hidden_r = sum_j g_j W[j] over the row's kept ids in CSR order (no atomics). 2 nnz H FLOPs.
-- `_gather_dw_kernel` (grid: kept entries sorted by id x H tiles): the entries sorted by id with a stable sort
-  (their CSR order, i.e. row order, kept within an id), the first entry of each id's run sums
-  d W[v] = sum_{entries e with id v} g_e h_row(e) in that fixed order and d bias_v = sum g_e (no atomics);
-  rows of W never kept stay zero (the launcher zero-fills d W). 2 nnz H FLOPs.
+- `_gather_dw_kernel` (grid: blocks of BLOCK_R runs x H tiles): the entries sorted by id with a stable sort
+  (their CSR order, i.e. row order, kept within an id) form one run per kept id (run starts packed to the front
+  by a second sort, padded with nnz: no host sync); each program sums its runs' entries one step per entry,
+  d W[v] = sum_{entries e with id v} g_e h_row(e) in that fixed order, d bias_v = sum g_e (no atomics); rows of
+  W never kept stay zero (the launcher zero-fills d W). 2 nnz H FLOPs.
 None of these is a tensor-core product (a row's kept ids share no weight rows with its neighbours' in
 general): the path is bandwidth-bound, ~H b bytes per kept entry and pass.
 """
@@ -32,7 +33,7 @@ from .launches import record_launch
 
 GATHER_BLOCK_K = 16    # kept ids per step
 GATHER_BLOCK_H = 128   # hidden features per step / per d(hidden) and d(weight) program
-GATHER_BLOCK_E = 16    # entries of one id per step in d(weight)
+GATHER_BLOCK_R = 16    # runs of one id per d(weight) program
 GATHER_NUM_WARPS = 4
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -165,40 +166,44 @@ def _gather_dh_kernel(
 
 @triton.jit
 def _gather_dw_kernel(
-    # data: hidden, compacted rows, the entries sorted by id (sorted ids, their CSR positions, run ends), the
-    # compacted row of each CSR entry, gk [nnz]
-    h_ptr, idx_ptr, nvalid_ptr, sid_ptr, perm_ptr, run_end_ptr, erow_ptr, gk_ptr,
+    # data: hidden, compacted rows, the entries sorted by id (sorted ids, their CSR positions), the runs of equal
+    # ids (start positions, packed first and padded with nnz; each position's run end), the compacted row of
+    # each CSR entry, gk [nnz]
+    h_ptr, idx_ptr, nvalid_ptr, sid_ptr, perm_ptr, run_start_ptr, run_end_ptr, erow_ptr, gk_ptr,
     # outputs: d(weight) [V, H], d(bias) [V] (zero-filled by the launcher)
     dw_ptr, db_ptr,
-    V, H, s_hn, s_hk, s_dwv, s_dwk,
-    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    nnz, V, H, s_hn, s_hk, s_dwv, s_dwk,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
 ):
-    p = tl.program_id(0).to(tl.int64)
-    v = tl.load(sid_ptr + p).to(tl.int64)
-    prev = tl.load(sid_ptr + p - 1, mask=p > 0, other=-1).to(tl.int64)
-    if (v != prev) & (v >= 0) & (v < V):    # the first entry of id v's run sums the run
-        end = tl.load(run_end_ptr + p).to(tl.int64)
-        n_valid = tl.load(nvalid_ptr)
-        k = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H).to(tl.int64)
-        k_ok = k < H
-        es = tl.arange(0, BLOCK_E)
-        dw = tl.zeros((BLOCK_H,), ACC)
-        db = tl.zeros((), ACC)
-        for e0 in range(p, end, BLOCK_E):
-            e_in = e0 + es < end
-            pos = tl.load(perm_ptr + e0 + es, mask=e_in, other=0).to(tl.int64)
-            r = tl.load(erow_ptr + pos, mask=e_in, other=n_valid).to(tl.int64)
-            ok = e_in & (r < n_valid)
-            orig = tl.load(idx_ptr + r, mask=ok, other=0).to(tl.int64)
-            g = tl.load(gk_ptr + pos, mask=ok, other=0.0).to(ACC)
-            h = tl.load(h_ptr + orig[:, None] * s_hn + k[None, :] * s_hk, mask=ok[:, None] & k_ok[None, :],
-                        other=0.0).to(ACC)
-            dw += tl.sum(g[:, None] * h, 0)
-            db += tl.sum(g)
-        tl.store(dw_ptr + v * s_dwv + k * s_dwk, dw.to(dw_ptr.dtype.element_ty), mask=k_ok)
-        if HAS_BIAS:
-            if tl.program_id(1) == 0:
-                tl.store(db_ptr + v, db.to(db_ptr.dtype.element_ty))
+    """BLOCK_R runs (ids) per program, their entries summed in sorted order, one entry per run per step."""
+    n_valid = tl.load(nvalid_ptr)
+    q = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    start = tl.load(run_start_ptr + q, mask=q < nnz, other=nnz).to(tl.int64)
+    run_ok = start < nnz
+    v = tl.load(sid_ptr + start, mask=run_ok, other=-1).to(tl.int64)
+    run_ok = run_ok & (v >= 0) & (v < V)
+    end = tl.where(run_ok, tl.load(run_end_ptr + start, mask=run_ok, other=0).to(tl.int64), start)
+    k = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H).to(tl.int64)
+    k_ok = k < H
+    dw = tl.zeros((BLOCK_R, BLOCK_H), ACC)
+    db = tl.zeros((BLOCK_R,), ACC)
+    for j in range(0, tl.max(end - start, 0)):
+        e = start + j
+        e_in = e < end
+        pos = tl.load(perm_ptr + e, mask=e_in, other=0).to(tl.int64)
+        r = tl.load(erow_ptr + pos, mask=e_in, other=n_valid).to(tl.int64)
+        ok = e_in & (r < n_valid)
+        orig = tl.load(idx_ptr + r, mask=ok, other=0).to(tl.int64)
+        g = tl.load(gk_ptr + pos, mask=ok, other=0.0).to(ACC)
+        h = tl.load(h_ptr + orig[:, None] * s_hn + k[None, :] * s_hk, mask=ok[:, None] & k_ok[None, :],
+                    other=0.0).to(ACC)
+        dw += g[:, None] * h
+        db += g
+    tl.store(dw_ptr + v[:, None] * s_dwv + k[None, :] * s_dwk, dw.to(dw_ptr.dtype.element_ty),
+             mask=run_ok[:, None] & k_ok[None, :])
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:
+            tl.store(db_ptr + v, db.to(db_ptr.dtype.element_ty), mask=run_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -266,15 +271,19 @@ def gather_grads(hidden, weight, bias, labels, rows, ids_c, offsets_c, zk, kstat
         key = torch.where((ids_c >= 0) & (ids_c < V), ids_c, V)
         sid, perm = torch.sort(key, stable=True)
         run_end = torch.searchsorted(sid, sid, right=True)
+        pos = torch.arange(nnz, device=dev)
+        first = torch.ones(nnz, dtype=torch.bool, device=dev)
+        first[1:] = sid[1:] != sid[:-1]
+        run_start = torch.sort(torch.where(first, pos, nnz)).values   # the runs' starts first, then nnz
         erow = entry_rows(offsets_c, nnz)
-        grid = (nnz, h_tiles if dw is not None else 1)
-        record_launch("linear_gather_dw", hidden if dw is not None else None, sid, perm, run_end, erow, gk, dw, db,
-                      grid=grid)
+        grid = (triton.cdiv(nnz, GATHER_BLOCK_R), h_tiles if dw is not None else 1)
+        record_launch("linear_gather_dw", hidden if dw is not None else None, sid, perm, run_start, run_end, erow,
+                      gk, dw, db, grid=grid)
         wrap_triton(_gather_dw_kernel)[grid](
-            hidden, rows.idx, rows.n_valid, sid, perm, run_end, erow, gk, dw if dw is not None else gk,
-            db if db is not None else gk, V, H if dw is not None else 0, *hidden.stride(),
+            hidden, rows.idx, rows.n_valid, sid, perm, run_start, run_end, erow, gk, dw if dw is not None else gk,
+            db if db is not None else gk, nnz, V, H if dw is not None else 0, *hidden.stride(),
             *(dw.stride() if dw is not None else (0, 0)),
-            BLOCK_E=GATHER_BLOCK_E, BLOCK_H=GATHER_BLOCK_H, HAS_BIAS=db is not None, ACC=_TL[acc],
+            BLOCK_R=GATHER_BLOCK_R, BLOCK_H=GATHER_BLOCK_H, HAS_BIAS=db is not None, ACC=_TL[acc],
             num_warps=GATHER_NUM_WARPS)
     return dh, dw, db
 
@@ -297,8 +306,8 @@ def aot_specs(AOTSpec, sig):
                  logit_scale="fp32", softcap="fp32", inv_tau="fp32")
     specs.append(AOTSpec("linear_gather_dh", _gather_dh_kernel, sig(_gather_dh_kernel, types, ce), ce,
                          ("V", "H", "s_wv", "s_dhn"), False, GATHER_NUM_WARPS))
-    ce = dict(BLOCK_E=GATHER_BLOCK_E, BLOCK_H=GATHER_BLOCK_H, HAS_BIAS=True, ACC=tl.float32)
-    types = dict(h_ptr=bf16, idx_ptr=i64, nvalid_ptr=i64, sid_ptr=i64, perm_ptr=i64, run_end_ptr=i64,
+    ce = dict(BLOCK_R=GATHER_BLOCK_R, BLOCK_H=GATHER_BLOCK_H, HAS_BIAS=True, ACC=tl.float32)
+    types = dict(h_ptr=bf16, idx_ptr=i64, nvalid_ptr=i64, sid_ptr=i64, perm_ptr=i64, run_start_ptr=i64, run_end_ptr=i64,
                  erow_ptr=i64, gk_ptr=f32, dw_ptr=bf16, db_ptr=bf16)
     specs.append(AOTSpec("linear_gather_dw", _gather_dw_kernel, sig(_gather_dw_kernel, types, ce), ce,
                          ("V", "H", "s_hn", "s_dwv"), False, GATHER_NUM_WARPS))
