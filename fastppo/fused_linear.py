@@ -252,7 +252,7 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens,
             temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
             final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale, chunk_bytes=chunk_bytes,
-            kept=kept, logits_dtype=logits_dtype, fp32_head=fp32_head)
+            kept=kept, logits_dtype=logits_dtype, fp32_head=fp32_head, kept_path=kept_path)
     check_linear(hidden, weight, labels, bias, ignore_index)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or [T, H], got shape {tuple(hidden.shape)}")

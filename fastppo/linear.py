@@ -260,7 +260,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                                        ignore_index=ignore_index, return_entropy=return_entropy,
                                        final_logit_softcapping=final_logit_softcapping, logit_scale=logit_scale,
                                        extra_outputs=extra_outputs, chunk_bytes=chunk_bytes, kept=kept,
-                                       logits_dtype=logits_dtype, fp32_head=fp32_head)
+                                       logits_dtype=logits_dtype, fp32_head=fp32_head, kept_path=kept_path)
     check_linear(hidden, weight, labels, bias, ignore_index)
     extras = _check_extras(extra_outputs)
     tau = check_temperature_rows(temperature, labels.shape, hidden.device, "linear_logprobs", labels, ignore_index)

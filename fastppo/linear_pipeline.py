@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._validation import check_float, check_labels
 from . import linear_gather
+from ._validation import check_float, check_labels
 from .dispatch import ops
 from .kernels import _config as cfg
 from .kernels.linear_kept import (

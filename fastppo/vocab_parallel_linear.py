@@ -94,31 +94,32 @@ def _check_kept_shard(kept, labels, shard, ignore_index, live=None):
 
 
 def _tau_and_options(hidden, weight_shard, labels, temperature, ignore_index, with_entropy, final_logit_softcapping,
-                     logit_scale, chunk_bytes, logits_dtype, fp32_head, op, *, mask=None, more=()):
+                     logit_scale, chunk_bytes, logits_dtype, fp32_head, op, *, mask=None, more=(), kept_path="auto"):
     """(per-token temperatures or None, LinearOptions) of a sharded linear call; `more`: the other tensors the
     backend is chosen from."""
     tau = check_temperature_rows(temperature, labels.shape, hidden.device, op, labels, ignore_index, mask)
     opts = build_linear_options(1.0 if tau is not None else temperature, ignore_index, with_entropy, False,
                                 final_logit_softcapping, logit_scale, chunk_bytes,
-                                backend_for(hidden, weight_shard, labels, *more), logits_dtype, fp32_head)
+                                backend_for(hidden, weight_shard, labels, *more), logits_dtype, fp32_head, kept_path)
     return tau, opts
 
 
 def sharded_linear_logprobs(hidden, weight_shard, labels, vocab_parallel, *, bias, temperature, ignore_index,
                             return_entropy, final_logit_softcapping, logit_scale, extra_outputs, chunk_bytes,
-                            kept=None, logits_dtype=None, fp32_head=False):
+                            kept=None, logits_dtype=None, fp32_head=False, kept_path="auto"):
     """linear_logprobs(..., vocab_parallel=): weight_shard [V_r, H] (and bias [V_r]) are rows
     [start_r, start_r + V_r) of the full head, hidden and labels (global ids) replicated; hidden gets the
     full gradient on every rank, weight_shard / bias their slices. 2 all-reduces of O(N) floats forward
     (4 with a kept set and entropy), 1 of N x H floats backward. extra_outputs is not offered here. A kept
     set (global ids, the same on every rank) is restricted on each rank to its shard (ids made local, the
-    others skipped); the kept statistics combine across ranks like the full ones."""
+    others skipped); the kept statistics combine across ranks like the full ones. `kept_path`: each rank's
+    kept-only path over its shard's kept ids where it applies (fastppo.linear_gather)."""
     group = VocabParallel.check(vocab_parallel).group
     if extra_outputs:
         raise ValueError(f"extra_outputs is not offered with vocab_parallel, got {extra_outputs!r}")
     tau, opts = _tau_and_options(hidden, weight_shard, labels, temperature, ignore_index, return_entropy,
                                  final_logit_softcapping, logit_scale, chunk_bytes, logits_dtype, fp32_head,
-                                 "linear_logprobs")
+                                 "linear_logprobs", kept_path=kept_path)
     shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
     _check_kept_shard(kept, labels, shard, ignore_index)
     logp, ent = VocabParallelLinearLogprobs.apply(hidden, weight_shard, bias, labels, shard, opts, tau, kept)
@@ -128,7 +129,8 @@ def sharded_linear_logprobs(hidden, weight_shard, labels, vocab_parallel, *, bia
 def sharded_fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, advantages, mask, vocab_parallel, *,
                                   loss_opts: LossOptions, bias, ref_logprobs, rollout_is_weights, cu_seqlens,
                                   temperature, ignore_index, return_entropy, final_logit_softcapping, logit_scale,
-                                  chunk_bytes, kept=None, logits_dtype=None, fp32_head=False) -> PPOLossOutput:
+                                  chunk_bytes, kept=None, logits_dtype=None, fp32_head=False,
+                                  kept_path="auto") -> PPOLossOutput:
     """fused_linear_ppo_loss(..., vocab_parallel=): the head sharded as in sharded_linear_logprobs, the
     loss and per-token outputs replicated on every rank."""
     group = VocabParallel.check(vocab_parallel).group
@@ -141,7 +143,7 @@ def sharded_fused_linear_ppo_loss(hidden, weight_shard, labels, old_logprobs, ad
     tau, opts = _tau_and_options(hidden, weight_shard, labels, temperature, ignore_index,
                                  want_entropy(return_entropy, loss_opts), final_logit_softcapping, logit_scale,
                                  chunk_bytes, logits_dtype, fp32_head, "fused_linear_ppo_loss", mask=mask,
-                                 more=(old_logprobs, advantages, mask))
+                                 more=(old_logprobs, advantages, mask), kept_path=kept_path)
     shard = _check_linear_shard(hidden, weight_shard, labels, bias, ignore_index, group)
     _check_kept_shard(kept, labels, shard, ignore_index, mask)
     labels = torch.where(mask.reshape(labels.shape) != 0, labels, opts.ignore_index)   # mask-0 rows are dead

@@ -27,13 +27,13 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import _config as cfg
 from ._common import stats_step
 from .launches import record_launch
 
 GATHER_BLOCK_K = 16    # kept ids per step
 GATHER_BLOCK_H = 128   # hidden features per step / per d(hidden) and d(weight) program
 GATHER_BLOCK_R = 16    # runs of one id per d(weight) program
+GATHER_DW_BLOCK_H = 64   # hidden features per d(weight) program ([BLOCK_R, 64] fp32 sums and 64-bit offsets)
 GATHER_NUM_WARPS = 4
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -201,9 +201,8 @@ def _gather_dw_kernel(
         db += g
     tl.store(dw_ptr + v[:, None] * s_dwv + k[None, :] * s_dwk, dw.to(dw_ptr.dtype.element_ty),
              mask=run_ok[:, None] & k_ok[None, :])
-    if HAS_BIAS:
-        if tl.program_id(1) == 0:
-            tl.store(db_ptr + v, db.to(db_ptr.dtype.element_ty), mask=run_ok)
+    if HAS_BIAS:   # by the first H tile's program
+        tl.store(db_ptr + v, db.to(db_ptr.dtype.element_ty), mask=run_ok & (tl.program_id(1) == 0))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -276,14 +275,14 @@ def gather_grads(hidden, weight, bias, labels, rows, ids_c, offsets_c, zk, kstat
         first[1:] = sid[1:] != sid[:-1]
         run_start = torch.sort(torch.where(first, pos, nnz)).values   # the runs' starts first, then nnz
         erow = entry_rows(offsets_c, nnz)
-        grid = (triton.cdiv(nnz, GATHER_BLOCK_R), h_tiles if dw is not None else 1)
+        grid = (triton.cdiv(nnz, GATHER_BLOCK_R), triton.cdiv(H, GATHER_DW_BLOCK_H) if dw is not None else 1)
         record_launch("linear_gather_dw", hidden if dw is not None else None, sid, perm, run_start, run_end, erow,
                       gk, dw, db, grid=grid)
         wrap_triton(_gather_dw_kernel)[grid](
             hidden, rows.idx, rows.n_valid, sid, perm, run_start, run_end, erow, gk, dw if dw is not None else gk,
             db if db is not None else gk, nnz, V, H if dw is not None else 0, *hidden.stride(),
             *(dw.stride() if dw is not None else (0, 0)),
-            BLOCK_R=GATHER_BLOCK_R, BLOCK_H=GATHER_BLOCK_H, HAS_BIAS=db is not None, ACC=_TL[acc],
+            BLOCK_R=GATHER_BLOCK_R, BLOCK_H=GATHER_DW_BLOCK_H, HAS_BIAS=db is not None, ACC=_TL[acc],
             num_warps=GATHER_NUM_WARPS)
     return dh, dw, db
 
@@ -306,7 +305,7 @@ def aot_specs(AOTSpec, sig):
                  logit_scale="fp32", softcap="fp32", inv_tau="fp32")
     specs.append(AOTSpec("linear_gather_dh", _gather_dh_kernel, sig(_gather_dh_kernel, types, ce), ce,
                          ("V", "H", "s_wv", "s_dhn"), False, GATHER_NUM_WARPS))
-    ce = dict(BLOCK_R=GATHER_BLOCK_R, BLOCK_H=GATHER_BLOCK_H, HAS_BIAS=True, ACC=tl.float32)
+    ce = dict(BLOCK_R=GATHER_BLOCK_R, BLOCK_H=GATHER_DW_BLOCK_H, HAS_BIAS=True, ACC=tl.float32)
     types = dict(h_ptr=bf16, idx_ptr=i64, nvalid_ptr=i64, sid_ptr=i64, perm_ptr=i64, run_start_ptr=i64, run_end_ptr=i64,
                  erow_ptr=i64, gk_ptr=f32, dw_ptr=bf16, db_ptr=bf16)
     specs.append(AOTSpec("linear_gather_dw", _gather_dw_kernel, sig(_gather_dw_kernel, types, ce), ce,

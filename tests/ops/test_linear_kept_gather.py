@@ -268,3 +268,44 @@ def test_gradcheck_float64(backend):
                                            final_logit_softcapping=3.0)
 
         assert torch.autograd.gradcheck(lin, (hidden, weight, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_on_vocabulary_shards(backend):
+    """The sharded linear ops' pieces on the kept-only path, without a process group: each shard's forward over
+    its own kept ids (KeptArg start / size), combined as vocab_parallel.combine_shards does (by hand here), gives
+    the unsharded log-probs; each shard's backward with the global kept statistics gives its d(weight) / d(bias)
+    slice, and the shards' d(hidden) add up to the unsharded one."""
+    from fastppo.linear_pipeline import linear_backward, linear_forward
+    from fastppo.vocab_parallel import sentinel_label
+
+    N = 9
+    hidden, weight, bias, labels, ks = sparse_case(N, torch.float32, seed=9)
+    g = upstream(N, -1.0, 1.5)
+    want = run_linear(backend, "gather", hidden, weight, bias, labels, ks, g)
+    opts = build_linear_options(1.0, -100, False, False, None, 1.0, None, backend, kept_path="gather")
+    h2 = hidden.detach()
+    parts = []
+    for lo, hi in ((0, 90), (90, V)):
+        owned = (labels >= lo) & (labels < hi)
+        local = torch.where(owned, labels - lo, torch.where(labels == -100, labels, sentinel_label(-100)))
+        karg = KeptArg(ks.ids, ks.offsets, lo, hi - lo)
+        logp_r, lse_r, _, klse_r = linear_forward(h2, weight[lo:hi], bias[lo:hi], local, opts, None, karg)
+        parts.append((lo, hi, owned, local, karg, logp_r, lse_r, klse_r))
+    m_r = torch.stack([torch.where(p[7][:, 1] == float("-inf"), float("-inf"), p[7][:, 0]) for p in parts])
+    m = m_r.amax(0)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    a = torch.stack([(p[7][:, 0] - m) + p[7][:, 1] for p in parts])
+    log_s = torch.log(torch.exp(a).sum(0))
+    logp = sum(torch.where(p[2], p[5] + a[i], 0.0) for i, p in enumerate(parts)) - log_s
+    live = labels != -100
+    torch.testing.assert_close(torch.where(live, logp, 0.0), want[0], rtol=1e-5, atol=1e-5)
+    klse = torch.stack((m, log_s), 1)
+    dh, dws, dbs = 0, [], []
+    for lo, hi, _, local, karg, _, lse_r, _ in parts:
+        dh_r, dw_r, db_r = linear_backward(h2, weight[lo:hi], bias[lo:hi], local, lse_r, None, g.float(), None,
+                                           opts, (True, True, True), None, karg, klse)
+        dh, dws, dbs = dh + dh_r, dws + [dw_r], dbs + [db_r]
+    torch.testing.assert_close(dh, want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(dws), want[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(dbs), want[3], rtol=1e-5, atol=1e-5)
