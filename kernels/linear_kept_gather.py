@@ -202,7 +202,8 @@ def _gather_dw_kernel(
     tl.store(dw_ptr + v[:, None] * s_dwv + k[None, :] * s_dwk, dw.to(dw_ptr.dtype.element_ty),
              mask=run_ok[:, None] & k_ok[None, :])
     if HAS_BIAS:   # by the first H tile's program
-        tl.store(db_ptr + v, db.to(db_ptr.dtype.element_ty), mask=run_ok & (tl.program_id(1) == 0))
+        first_tile = tl.zeros((BLOCK_R,), tl.int32) + tl.program_id(1) == 0
+        tl.store(db_ptr + v, db.to(db_ptr.dtype.element_ty), mask=run_ok & first_tile)
 
 
 # ----------------------------------------------------------------------------- launchers
