@@ -1,8 +1,8 @@
 """The vocabulary-parallel linear ops with kept sets and per-token temperatures on 2 gloo processes (uneven
 split): each rank restricts the kept set to its shard, the kept statistics combine like the full ones, and the
 log-probs, entropy, loss and gradients (the full d(hidden), each rank's d(weight) / d(bias) slice) equal the
-unsharded op's and the float64 reference's, on both backends. All-reduces counted: forward 4 (kept + full
-statistics, with entropy) or 2, backward 1."""
+unsharded op's and the float64 reference's, on both backends, on the dense kept path and the kept-only one
+(kept_path="gather"). All-reduces counted: forward 4 (kept + full statistics, with entropy) or 2, backward 1."""
 
 from __future__ import annotations
 
@@ -68,6 +68,17 @@ def _case(rank):
     assert fwd.calls == 2
     torch.testing.assert_close(lp1, fastppo.linear_logprobs(hidden, weight, y, kept=ks), **tol)
 
+    # the kept-only path (kept_path="gather": each rank's kept logits over its shard's ids), log-probs and gradients
+    h3, w3, b3 = (t.clone().requires_grad_() for t in (hidden, weight[lo:hi], bias[lo:hi]))
+    lp3 = fastppo.linear_logprobs(h3, w3, y, bias=b3, kept=ks, temperature=tau, vocab_parallel=group,
+                                  kept_path="gather")
+    (lp3 * g_lp).sum().backward()
+    h4, w4, b4 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    lp4 = fastppo.linear_logprobs(h4, w4, y, bias=b4, kept=ks, temperature=tau, kept_path="dense")
+    (lp4 * g_lp).sum().backward()
+    for got, exp in ((lp3, lp4), (h3.grad, h4.grad), (w3.grad, w4.grad[lo:hi]), (b3.grad, b4.grad[lo:hi])):
+        torch.testing.assert_close(got, exp, **tol)
+
     # the fused linear loss, mask with holes, per-token temperature
     old = torch.randn(B, T, generator=g) * 0.3 - 3.0
     adv = torch.randn(B, T, generator=g)
@@ -81,6 +92,19 @@ def _case(rank):
     want.loss.backward()
     for got, exp in ((out.loss, want.loss), (out.logprobs, want.logprobs), (out.entropy, want.entropy),
                      (h1.grad, h2.grad), (w1.grad, w2.grad[lo:hi]), (b1.grad, b2.grad[lo:hi])):
+        torch.testing.assert_close(got, exp, **tol)
+
+    # the fused loss on the kept-only path (no entropy term)
+    kw = dict(temperature=tau, kept=ks, kl_coef=0.1, ref_logprobs=old + 0.1)
+    h1, w1, b1 = (t.clone().requires_grad_() for t in (hidden, weight[lo:hi], bias[lo:hi]))
+    out = fastppo.fused_linear_ppo_loss(h1, w1, y, old, adv, live, bias=b1, vocab_parallel=group,
+                                        kept_path="gather", **kw)
+    out.loss.backward()
+    h2, w2, b2 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    want = fastppo.fused_linear_ppo_loss(h2, w2, y, old, adv, live, bias=b2, kept_path="dense", **kw)
+    want.loss.backward()
+    for got, exp in ((out.loss, want.loss), (out.logprobs, want.logprobs), (h1.grad, h2.grad),
+                     (w1.grad, w2.grad[lo:hi]), (b1.grad, b2.grad[lo:hi])):
         torch.testing.assert_close(got, exp, **tol)
 
 
