@@ -100,7 +100,8 @@ def _tau_and_options(hidden, weight_shard, labels, temperature, ignore_index, wi
     tau = check_temperature_rows(temperature, labels.shape, hidden.device, op, labels, ignore_index, mask)
     opts = build_linear_options(1.0 if tau is not None else temperature, ignore_index, with_entropy, False,
                                 final_logit_softcapping, logit_scale, chunk_bytes,
-                                backend_for(hidden, weight_shard, labels, *more), logits_dtype, fp32_head, kept_path)
+                                backend_for(hidden, weight_shard, labels, *more), logits_dtype, fp32_head,
+                                kept_path=kept_path)
     return tau, opts
 
 
