@@ -274,7 +274,8 @@ def notes(rows) -> str:
              "shapes (linear in the shape monomials, checked on held-out shapes: the largest error is in the csv, "
              "`<side>_fit_error`, relative to the side's total).",
              "- prompt: the first fraction of each of 4 sequences is masked (ignore_index labels for the log-prob "
-             "ops, mask 0 for the losses). n/a: the library has no such op.",
+             "ops, mask 0 for the losses). n/a: the library has no such op. The linear ops at 0 and 50 % only: "
+             "75 % needs measured shapes of N >= 1024 rows in the interpreter (whole 64-row tiles of valid rows).",
              "- upstream gradient 0.5 on every output (the scaling paths run), except fused_ppo_loss_one_read: 1, "
              "loss.backward()'s. fused_ppo_loss_one_read is fused_ppo_loss where a row fits its one-read path "
              "(V <= 16384; the gradient formed in forward: 4 bytes per bf16 element of a valid row, 8 when the "
