@@ -268,7 +268,8 @@ def notes(rows) -> str:
              "- bytes: Triton kernels counted in Triton's interpreter (unique addresses loaded + stored per launch, "
              "so rows a kernel skips cost nothing); eager ops: inputs + outputs of every op (TorchDispatchMode). "
              "The floor reads each valid logits row twice and writes its gradient once, and writes a masked "
-             "row's zero gradient once; for the linear ops the floor is 6 N_valid H V FLOPs.",
+             "row's zero gradient once; for the linear ops the floor is 6 N_valid H V FLOPs (8 N_valid H V for "
+             "linear_divergence: the teacher's logits too).",
              "- derived rows: launches, grid sizes, peak memory and eager bytes / FLOPs from a dry run "
              "at the shape on fake tensors; Triton kernel bytes / FLOPs extrapolated from exact counts at small "
              "shapes (linear in the shape monomials, checked on held-out shapes: the largest error is in the csv, "
