@@ -380,9 +380,9 @@ def write_outputs(rows, out_dir: Path, cuda: bool, command: str | None = None):
     out_dir.mkdir(parents=True, exist_ok=True)
     cuda = cuda or any(f"{s}_cuda_ms" in r for r in rows for s in SIDES)
     keys = dict.fromkeys(k for r in rows for k in r)
-    if (out_dir / "bench.csv").exists():       # columns in the order of the table there (small diffs on updates)
+    if (out_dir / "bench.csv").exists():       # its columns first, in order: an update's diff is its rows
         with open(out_dir / "bench.csv", newline="") as f:
-            keys = {**dict.fromkeys(k for k in next(csv.reader(f), []) if k in keys), **keys}
+            keys = {**dict.fromkeys(next(csv.reader(f), [])), **keys}
     with open(out_dir / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()

@@ -355,7 +355,7 @@ def test_partial_run_updates_the_table_in_out(tmp_path, monkeypatch, capsys):
     again = f"fastppo bench --out {tmp_path} --dtype bf16 --ops ppo_policy_loss"
     assert [r["op"] for r in after] == [r["op"] for r in before]           # same rows, in the same order
     columns = (tmp_path / "bench.csv").read_text().splitlines()[0].split(",")   # the table's columns first, in order
-    assert columns == [c for c in header.split(",") if c in columns] + ["command"] and len(columns) > 50
+    assert columns == header.split(",") + ["command"]
     for b, a in zip(before, after):
         if b["op"] == "ppo_policy_loss":
             assert a == {**b, "fastppo_launches": b["fastppo_launches"] + 7, "command": again}
