@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     for r in rows:
         r["command"] = command
     if kept is not None:
-        rows = report.merge_rows(kept, rows, ops, report.generated_by(Path(args.out) / "bench.md"))
+        earlier = report.generated_by(Path(args.out) / "bench.md") or f"fastppo bench --out {args.out} (earlier run)"
+        rows = report.merge_rows(kept, rows, ops, earlier)
     doc, png = report.write_outputs(rows, Path(args.out), cuda, command)
     print(doc)
     print(f"{'updated' if kept is not None else 'wrote'} {args.out}/bench.csv, bench.md" +
