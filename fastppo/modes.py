@@ -17,5 +17,6 @@ IS_MODES = ("truncate", "mask")
 
 # fastppo.rollout_correction: IS weight modes (TIS, IcePop, seq-mask-tis) and verl's rejection options
 ROLLOUT_IS_MODES = ("truncate", "mask", "seq-mask")
+ROLLOUT_IS_GATES = ("ratio", "binary_kl", "tv")   # the statistic mask / seq-mask gate on (OpenRLHF's gating)
 REJECTION_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
                      "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")

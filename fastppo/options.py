@@ -22,7 +22,16 @@ import torch
 import torch.distributed as dist
 
 from ._validation import check_number, check_temperature
-from .modes import AGG_MODES, COV_LOSSES, IS_LEVELS, KL_KINDS, POLICY_LOSSES, REJECTION_OPTIONS, ROLLOUT_IS_MODES
+from .modes import (
+    AGG_MODES,
+    COV_LOSSES,
+    IS_LEVELS,
+    KL_KINDS,
+    POLICY_LOSSES,
+    REJECTION_OPTIONS,
+    ROLLOUT_IS_GATES,
+    ROLLOUT_IS_MODES,
+)
 
 
 def _finite(name, value):
@@ -382,7 +391,8 @@ class RolloutCorrectionOptions:
     is_max > 0 (finite), is_min in (0, is_max] or None; is_batch_normalize; rejection: a tuple of
     (option, lower, upper) with option in REJECTION_OPTIONS, in the caller's order, `lower` a ratio bound of
     the k1 options (None for k2 / k3); log_ratio_bound: the clamp of the log-ratio before exp (verl's
-    SAFETY_BOUND 20; None: none, as OpenRLHF)."""
+    SAFETY_BOUND 20; None: none, as OpenRLHF); is_gate: ratio | binary_kl | tv, the statistic is_mode mask /
+    seq-mask compares with [is_min, is_max] (the divergences: token level, mask or seq-mask only)."""
 
     is_level: str | None = None
     is_mode: str = "truncate"
@@ -391,10 +401,11 @@ class RolloutCorrectionOptions:
     is_batch_normalize: bool = False
     rejection: tuple = ()
     log_ratio_bound: float | None = 20.0
+    is_gate: str = "ratio"
 
     @classmethod
     def build(cls, *, is_level=None, is_mode="truncate", is_max=2.0, is_min=None, is_batch_normalize=False,
-              rejection=None, log_ratio_bound=20.0) -> RolloutCorrectionOptions:
+              rejection=None, log_ratio_bound=20.0, is_gate="ratio") -> RolloutCorrectionOptions:
         """Validate the public keywords once. `rejection` maps option -> upper bound, or for the k1 options
         (lower, upper) ratio bounds (a single number u means (1 / u, u), verl's convention)."""
         if is_level is not None:
@@ -403,6 +414,10 @@ class RolloutCorrectionOptions:
         if is_mode == "seq-mask" and is_level not in (None, "token"):
             raise ValueError(f"is_mode='seq-mask' gates token-level weights: is_level must be 'token', "
                              f"got {is_level!r}")
+        _choice("is_gate", is_gate, ROLLOUT_IS_GATES)
+        if is_gate != "ratio" and (is_level != "token" or is_mode == "truncate"):
+            raise ValueError(f"is_gate={is_gate!r} gates token weights (a rejection filter): it needs is_level='token' "
+                             f"and is_mode 'mask' or 'seq-mask', got is_level={is_level!r}, is_mode={is_mode!r}")
         hi = check_number("is_max", is_max, low=0.0, low_open=True)
         lo = check_number("is_min", is_min, low=0.0, low_open=True, allow_none=True)
         if lo is not None and lo > hi:
@@ -410,7 +425,7 @@ class RolloutCorrectionOptions:
         if not isinstance(is_batch_normalize, bool):
             raise TypeError(f"is_batch_normalize must be a bool, got {is_batch_normalize!r}")
         bound = check_number("log_ratio_bound", log_ratio_bound, low=0.0, low_open=True, allow_none=True)
-        return cls(is_level, is_mode, hi, lo, is_batch_normalize, _rejection(rejection), bound)
+        return cls(is_level, is_mode, hi, lo, is_batch_normalize, _rejection(rejection), bound, is_gate)
 
 
 def _rejection(rejection) -> tuple:

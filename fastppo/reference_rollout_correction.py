@@ -21,16 +21,28 @@ def _div(lr, kind, b):
     return {"k1": -ls, "k2": 0.5 * ls * ls, "k3": _exp(ls) - 1.0 - ls}[kind]
 
 
+def _gate_div(old, roll, gate):
+    """OpenRLHF's binary_kl / tv of the sampled token's probabilities (clamped to [1e-6, 1 - 1e-6])."""
+    if gate == "ratio":
+        return 0.0
+    p = min(max(_exp(roll), 1e-6), 1 - 1e-6)
+    q = min(max(_exp(old), 1e-6), 1 - 1e-6)
+    if gate == "tv":
+        return abs(p - q)
+    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+
 def _mean(xs):
     return math.fsum(xs) / len(xs) if xs else 0.0
 
 
 def rollout_correction(old_logprobs, rollout_logprobs, mask, *, is_level=None, is_mode="truncate", is_max=2.0,
-                       is_min=None, is_batch_normalize=False, rejection=None, log_ratio_bound=20.0):
+                       is_min=None, is_batch_normalize=False, rejection=None, log_ratio_bound=20.0, is_gate="ratio"):
     """(weights [B, T] float64 or None, kept [B, T] bool, stats dict of Python floats)."""
     old, roll, m = old_logprobs.double().tolist(), rollout_logprobs.double().tolist(), (mask != 0).tolist()
     B, T, b = len(old), len(old[0]) if old else 0, log_ratio_bound
     lrs = [[old[i][t] - roll[i][t] for t in range(T) if m[i][t]] for i in range(B)]
+    divs = [[_gate_div(old[i][t], roll[i][t], is_gate) for t in range(T) if m[i][t]] for i in range(B)]
     idx = [[t for t in range(T) if m[i][t]] for i in range(B)]
     stats = {}
     weights = None
@@ -39,13 +51,15 @@ def rollout_correction(old_logprobs, rollout_logprobs, mask, *, is_level=None, i
         lo = 0.0 if is_min is None else is_min
         for i in range(B):
             s = math.fsum(lrs[i])
-            gate_out = bool(lrs[i]) and not (lo <= _exp(s / len(lrs[i])) <= is_max)
-            for t, lr in zip(idx[i], lrs[i]):
+            if lrs[i]:
+                seq_stat = _exp(s / len(lrs[i])) if is_gate == "ratio" else _mean(divs[i])
+            gate_out = bool(lrs[i]) and not (lo <= seq_stat <= is_max)
+            for t, lr, dv in zip(idx[i], lrs[i], divs[i]):
                 raw = _exp(_clamp(s if is_level == "sequence" else lr, b))
                 if is_mode == "truncate":
                     w = min(raw, is_max) if is_min is None else min(max(raw, is_min), is_max)
                 elif is_mode == "mask":
-                    w = raw if lo <= raw <= is_max else 0.0
+                    w = raw if lo <= (raw if is_gate == "ratio" else dv) <= is_max else 0.0
                 else:
                     w = 0.0 if gate_out else raw
                 weights[i][t] = w

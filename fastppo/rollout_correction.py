@@ -39,7 +39,7 @@ def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
                        is_level: str | None = None, is_mode: str = "truncate", is_max: float = 2.0,
                        is_min: float | None = None, is_batch_normalize: bool = False,
                        rejection: Mapping[str, float | tuple[float, float]] | None = None,
-                       log_ratio_bound: float | None = 20.0) -> RolloutCorrection:
+                       log_ratio_bound: float | None = 20.0, is_gate: str = "ratio") -> RolloutCorrection:
     """IS weights, a rejection mask and diagnostics for [B, T] trainer / rollout log-probs.
 
     With lr_t = old_t - rollout_t on mask-1 tokens (masked positions are never read), b = log_ratio_bound
@@ -51,6 +51,13 @@ def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
         is_mode "mask" (IcePop):           w = raw if is_min <= raw <= is_max else 0
         is_mode "seq-mask" (seq-mask-tis): w_t = raw_t if is_min <= exp(S_b / n_b) <= is_max else 0
                                            (the sequence's geometric-mean ratio gates its token weights)
+        is_gate (mask / seq-mask, token level; OpenRLHF's is_correction_gating): the statistic compared with
+        [is_min, is_max] — "ratio" (above: raw_t, the geometric mean), or a divergence between the rollout and
+        the trainer's probability of the sampled token, with p = clamp(exp(rollout_t), 1e-6, 1 - 1e-6) and
+        q = clamp(exp(old_t), 1e-6, 1 - 1e-6):  "binary_kl" p log(p / q) + (1 - p) log((1 - p) / (1 - q)),
+        "tv" |p - q|; seq-mask gates on the divergence's plain mean over the sequence's valid tokens
+        (OpenRLHF 0.11 openrlhf/models/loss.py PolicyLoss, FlashREINFORCE's trust region); the surviving
+        tokens keep raw_t. is_min None means 0.
         is_batch_normalize: w / mean(w) when mean(w) > 1e-8 — the mean over valid tokens (token level) or over
         the non-empty sequences' weights (sequence level), verl's rollout_is_batch_normalize.
     Rejection (verl's rollout_rs; `rejection` maps option -> threshold, all options must pass): with
@@ -63,13 +70,15 @@ def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
     tokens 0; `stats` holds verl's metrics under verl's names without the "rollout_corr/" prefix
     (rollout_is_*, rollout_rs_<option>_*, rollout_rs_masked_fraction, the off-policy metrics kl, k3_kl,
     training_ppl, rollout_ppl, log_ppl_diff*, ppl_ratio, chi2_token, chi2_seq; IS statistics before batch
-    normalisation) plus rollout_is_seq_oob_ratio (seq-mask: fraction of non-empty sequences gated out),
-    num_tokens and num_seqs (non-empty sequences). Every statistic is a 0-d tensor; nothing syncs with the
-    host. Differences from verl: masked positions are selected away (verl multiplies the raw weights by the
-    mask, so NaN there gives NaN weights at masked positions); statistics are float32 tensors, not floats."""
+    normalisation; with a divergence gate the ratio statistics still compare raw with is_min / is_max, and
+    rollout_is_oob_ratio is the fraction of valid tokens the gate dropped) plus rollout_is_seq_oob_ratio
+    (seq-mask: fraction of non-empty sequences gated out), num_tokens and num_seqs (non-empty sequences).
+    Every statistic is a 0-d tensor; nothing syncs with the host. Differences from verl: masked positions
+    are selected away (verl multiplies the raw weights by the mask, so NaN there gives NaN weights at masked
+    positions); statistics are float32 tensors, not floats."""
     opts = RolloutCorrectionOptions.build(is_level=is_level, is_mode=is_mode, is_max=is_max, is_min=is_min,
                                           is_batch_normalize=is_batch_normalize, rejection=rejection,
-                                          log_ratio_bound=log_ratio_bound)
+                                          log_ratio_bound=log_ratio_bound, is_gate=is_gate)
     check_float("old_logprobs", old_logprobs)
     check_float("rollout_logprobs", rollout_logprobs)
     if old_logprobs.dim() != 2 or 0 in old_logprobs.shape:

@@ -114,7 +114,20 @@ def _std_all(v):                                        # torch.std over every r
     return v.std() if v.numel() > 1 else v.new_zeros(())
 
 
-def _importance(lr, M, opts, stats):
+def gate_divergence(old, roll, gate):
+    """OpenRLHF 0.11's per-token gate statistic (openrlhf/models/loss.py, PolicyLoss.forward):
+        p = clamp(exp(rollout), 1e-6, 1 - 1e-6), q = clamp(exp(old), 1e-6, 1 - 1e-6)
+        binary_kl = p log(p / q) + (1 - p) log((1 - p) / (1 - q))        tv = |p - q|
+    the divergence between the rollout and the trainer's Bernoulli of the sampled token (FlashREINFORCE's
+    trust region), in the host's operation order."""
+    p = torch.exp(roll).clamp(1e-6, 1 - 1e-6)
+    q = torch.exp(old).clamp(1e-6, 1 - 1e-6)
+    if gate == "tv":
+        return (p - q).abs()
+    return p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+
+
+def _importance(lr, old, roll, M, opts, stats):
     """IS weights [B, T] (0 at masked positions) and their statistics (verl's compute_is_metrics)."""
     b, hi = opts.log_ratio_bound, opts.is_max
     lo = opts.is_min if opts.is_min is not None else 1.0 / hi   # verl: the metrics' lower bound is 1 / upper
@@ -129,10 +142,12 @@ def _importance(lr, M, opts, stats):
         outside = None
     else:
         low = 0.0 if opts.is_min is None else opts.is_min
+        div = None if opts.is_gate == "ratio" else gate_divergence(old, roll, opts.is_gate)
         if opts.is_mode == "mask":
-            outside = ~((raw >= low) & (raw <= hi))      # NaN is outside, as in verl / OpenRLHF
-        else:   # seq-mask: the sequence's geometric-mean ratio exp(mean_b lr) gates its tokens
-            gate = torch.exp(M.row_mean(lr))
+            tok = raw if div is None else div
+            outside = ~((tok >= low) & (tok <= hi))      # NaN is outside, as in verl / OpenRLHF
+        else:   # seq-mask: the sequence's geometric-mean ratio exp(mean_b lr) (a divergence: its mean) gates
+            gate = torch.exp(M.row_mean(lr)) if div is None else M.row_mean(div)
             seq_out = ~((gate >= low) & (gate <= hi))
             outside = seq_out.unsqueeze(-1).expand_as(lr)
         w = M.sel(torch.where(outside, torch.zeros_like(raw), raw))
@@ -163,7 +178,9 @@ def _importance(lr, M, opts, stats):
     if outside is not None:
         # verl's oob ratio counts (raw < low) | (raw > hi): a NaN ratio is dropped but not counted (mask);
         # seq-mask counts what it dropped, as OpenRLHF's is_filter_ratio
-        stats[k + "oob_ratio"] = M.frac((raw < low) | (raw > hi)) if opts.is_mode == "mask" else M.frac(outside)
+        # (a divergence gate counts what it dropped, NaN included, as OpenRLHF's is_filter_ratio)
+        ratio_mask = opts.is_mode == "mask" and opts.is_gate == "ratio"
+        stats[k + "oob_ratio"] = M.frac((raw < low) | (raw > hi)) if ratio_mask else M.frac(outside)
     if opts.is_mode == "seq-mask":
         stats[k + "seq_oob_ratio"] = M.seq_frac(seq_out)
     if opts.is_batch_normalize:
@@ -259,7 +276,7 @@ def rollout_correction_torch(old_logprobs, rollout_logprobs, mask, opts: Rollout
     old, roll = M.sel(old_logprobs.to(acc)), M.sel(rollout_logprobs.to(acc))
     lr = old - roll                                     # log(pi_train / pi_rollout), 0 at masked positions
     stats: dict[str, torch.Tensor] = {}
-    w = _importance(lr, M, opts, stats) if opts.is_level is not None else lr.new_empty((0,))
+    w = _importance(lr, old, roll, M, opts, stats) if opts.is_level is not None else lr.new_empty((0,))
     kept = _rejection(lr, M, opts, stats)
     _offpolicy(old, roll, lr, M, opts.log_ratio_bound, stats)
     return w, kept, stats

@@ -25,7 +25,12 @@ IS_CONFIGS = [
     dict(is_level="sequence", is_max=1.5),
     dict(is_level="sequence", is_mode="mask", is_min=0.5, is_max=2.0, is_batch_normalize=True),
     dict(is_level="token", is_batch_normalize=True, log_ratio_bound=0.2),
+    dict(is_level="token", is_mode="mask", is_gate="binary_kl", is_max=0.004, log_ratio_bound=None),
+    dict(is_level="token", is_mode="mask", is_gate="tv", is_min=0.01, is_max=0.06),
+    dict(is_level="token", is_mode="seq-mask", is_gate="binary_kl", is_max=0.015, log_ratio_bound=None),
+    dict(is_level="token", is_mode="seq-mask", is_gate="tv", is_max=0.045, is_batch_normalize=True),
 ]
+GATES = [c for c in IS_CONFIGS if c.get("is_gate")]
 THRESHOLDS = {"k1": 1.3, "k2": 0.01, "k3": 0.01}
 
 
@@ -61,6 +66,23 @@ def _check(out, ref, dtype, mask):
 def test_is_weights_match_float64(cfg, dtype):
     old, roll, mask = _inputs((6, 41), dtype)
     _check(fastppo.rollout_correction(old, roll, mask, **cfg), ref_rc(old, roll, mask, **cfg), dtype, mask)
+
+
+@pytest.mark.parametrize("cfg", GATES, ids=lambda c: f"{c['is_gate']}-{c['is_mode']}")
+def test_divergence_gates_split_and_keep_the_ratio(cfg):
+    """OpenRLHF's binary_kl / tv gates (FlashREINFORCE's trust region): each config drops some tokens and keeps
+    others, a kept token's weight is its raw ratio exp(old - rollout), and the oob ratio is the fraction dropped."""
+    old, roll, mask = _inputs((6, 41), torch.float64)
+    out = fastppo.rollout_correction(old, roll, mask, **cfg)
+    w_ref, _, _ = ref_rc(old, roll, mask, **cfg)
+    m = mask.bool()
+    dropped = (w_ref == 0) & m
+    assert 0 < dropped.sum() < m.sum(), "threshold must split the tokens"
+    ratio = torch.exp(old - roll)[m & ~dropped]
+    if cfg.get("is_batch_normalize"):
+        ratio = ratio / out.stats["rollout_is_batch_norm_factor"]
+    torch.testing.assert_close(out.weights[m & ~dropped], ratio, rtol=1e-12, atol=0)
+    assert out.stats["rollout_is_oob_ratio"].item() == pytest.approx(dropped.sum().item() / m.sum().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -132,6 +154,9 @@ def test_no_is_weights_and_opcheck():
     (dict(rejection={"token_k1": (2.0, 1.0)}), ValueError, "lower"),
     (dict(rejection=["token_k1"]), TypeError, "mapping"),
     (dict(log_ratio_bound=-1.0), ValueError, "log_ratio_bound"),
+    (dict(is_level="token", is_mode="mask", is_gate="chi2"), ValueError, "is_gate"),
+    (dict(is_level="token", is_mode="truncate", is_gate="tv"), ValueError, "is_gate"),
+    (dict(is_level="sequence", is_mode="mask", is_gate="binary_kl"), ValueError, "is_gate"),
 ])
 def test_bad_options(kw, err, match):
     old, roll, mask = _inputs((2, 5), torch.float32)
