@@ -85,10 +85,25 @@ def _serve_entropy(a):
 
 def _serve_kl(a):
     kind = a["kl_estimator"]
-    if a["unbiased_gradient"] or kind not in _KL:
-        return NotImplemented   # the IS-weighted straight-through estimator; unknown kinds raise in OpenRLHF
-    value = fastppo.kl_penalty(a["log_probs"].float(), a["log_probs_base"].float(), kind=_KL[kind])
-    return value if kind == "k3" else value.clamp(min=-10, max=10)   # OpenRLHF's clamp of k1 / k2
+    if kind not in _KL:
+        return NotImplemented   # unknown kinds raise in OpenRLHF
+    lp, base = a["log_probs"].float(), a["log_probs_base"].float()
+    value = fastppo.kl_penalty(lp, base, kind=_KL[kind])
+    value = value if kind == "k3" else value.clamp(min=-10, max=10)   # OpenRLHF's clamp of k1 / k2
+    if not a["unbiased_gradient"]:
+        return value
+    # OpenRLHF's unbiased_gradient (openrlhf/models/utils.py compute_approx_kl): the value of the estimator,
+    # the gradient of w * (logp - base)^2 / 2 = w * k2, w = min(exp(logp - old), KL_IS_WEIGHT_CLIP) detached
+    # (1 without old), i.e. the IS-weighted reverse-KL gradient w * (logp - base) * grad(logp - base). The host
+    # writes value + s - s.detach() (rounded once more in the forward); fastppo keeps the value exact.
+    from openrlhf.models.utils import KL_IS_WEIGHT_CLIP
+
+    old = a["log_probs_old"]
+    w = 1.0
+    if old is not None:
+        w = torch.exp(fastppo.kl_penalty(lp.detach(), old.float().detach(), kind="k1")).clamp(max=KL_IS_WEIGHT_CLIP)
+    s = fastppo.kl_penalty(lp, base, kind="k2")
+    return value.detach() + w * (s - s.detach())
 
 
 def _counts(token_level, dp_size, batch_num_tokens, global_batch_size):
@@ -98,6 +113,7 @@ def _counts(token_level, dp_size, batch_num_tokens, global_batch_size):
 
 
 _GSPO_CAP = math.exp(10.0) * (1 - 1e-6)   # fastppo's gspo caps the sequence log-ratio at 10; OpenRLHF does not
+_PPO_CAP = math.exp(20.0) * (1 - 1e-6)    # ppo clamps the log-ratio at 20 (OpenRLHF's ppo too, not its gspo)
 
 
 def _is_weights_kwargs(loss):
@@ -106,15 +122,19 @@ def _is_weights_kwargs(loss):
     ratio gate ("clip" = truncate to [low, high], "mask" = ICEPOP: the ratio where low <= ratio <= high else 0)
     is rollout_is_weights; sequence level with the ratio gate (seq-mask-tis: the token ratios exp(lr_t), unclamped,
     where the sequence's geometric-mean ratio exp(mean lr) is in [low, high], else 0) is rollout_correction's
-    "seq-mask"; the binary_kl / tv gates are not."""
-    if loss.is_correction_gating != "ratio" or loss.is_correction_level not in ("token", "seq"):
+    "seq-mask"; the binary_kl / tv gates (mask only: the token ratio where the token's divergence, or at
+    sequence level its mean over the sequence, is in [low, high]) are rollout_correction's is_gate. A gate
+    whose band rounds differently (a negative low, high <= 0 or infinite) is OpenRLHF's own."""
+    gate = loss.is_correction_gating
+    if loss.is_correction_level not in ("token", "seq"):
         return None
     low, high = (float(x) for x in loss.is_correction_threshold)
     if not 0 <= low <= high or high <= 0 or math.isinf(high):
         return None
-    if loss.is_correction_level == "seq":
-        return "correction", {"is_level": "token", "is_mode": "seq-mask", "is_min": low if low > 0 else None,
-                              "is_max": high, "log_ratio_bound": None}
+    seq = loss.is_correction_level == "seq"
+    if gate != "ratio" or seq:
+        return "correction", {"is_level": "token", "is_mode": "seq-mask" if seq else "mask", "is_gate": gate,
+                              "is_min": low if low > 0 else None, "is_max": high, "log_ratio_bound": None}
     return "weights", {"level": "token", "mode": "truncate" if loss.is_correction_mode == "clip" else "mask",
                        "min": low, "max": high}
 
@@ -125,13 +145,16 @@ def _policy_loss_class(original, stats):
     class PolicyLoss(original):
         __doc__ = "fastppo.ppo_policy_loss behind OpenRLHF's PolicyLoss. " + (original.__doc__ or "")
 
-        def _fastppo_kwargs(self, rollout_log_probs):
-            """(ppo_policy_loss keywords, rollout_is_weights keywords or None), or None to delegate."""
+        def _fastppo_kwargs(self, rollout_log_probs, action_mask, batch_num_tokens):
+            """(ppo_policy_loss keywords, IS keywords or None), or None to delegate. GSPO with a dual clip is
+            ppo (dual clip) on the sequence's mean log-ratio (see forward)."""
             gspo = self.policy_loss_type == "gspo"
-            if self.policy_loss_type not in ("ppo", "gspo") or (gspo and self.dual_clip is not None):
-                return None   # fastppo's gspo has no dual clip
-            kw = {"policy_loss": self.policy_loss_type, "clip_low": self.clip_eps_low,
-                  "clip_high": self.clip_eps_high, "dual_clip": self.dual_clip}
+            if self.policy_loss_type not in ("ppo", "gspo"):
+                return None
+            if action_mask is None and (gspo or not self.token_level_loss or batch_num_tokens is not None):
+                return None   # OpenRLHF itself needs the mask there (it raises): its own error
+            kw = {"policy_loss": "ppo" if gspo and self.dual_clip is not None else self.policy_loss_type,
+                  "clip_low": self.clip_eps_low, "clip_high": self.clip_eps_high, "dual_clip": self.dual_clip}
             is_kw = None
             if self.is_correction_level != "off":
                 if rollout_log_probs is None:
@@ -150,13 +173,23 @@ def _policy_loss_class(original, stats):
                     dp_size=1, batch_num_tokens=None, global_batch_size=None):
             args = (log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size, batch_num_tokens,
                     global_batch_size)
-            plan = None if action_mask is None else self._fastppo_kwargs(rollout_log_probs)
+            plan = self._fastppo_kwargs(rollout_log_probs, action_mask, batch_num_tokens)
             if plan is None:
                 stats.delegated["PolicyLoss"] += 1
                 return super().forward(*args)
             kw, is_kw = plan
+            if action_mask is None:   # OpenRLHF's masked_mean(x, None) is the plain mean: every token valid
+                action_mask = torch.ones_like(log_probs)
             gspo = self.policy_loss_type == "gspo"
             ratio_ref = rollout_log_probs if gspo and self.is_correction_level != "off" else old_log_probs
+            logp, cap = log_probs, _GSPO_CAP
+            if gspo and self.dual_clip is not None:
+                # GSPO + dual clip (OpenRLHF: ratio_b = exp(mean_t lr_bt) on every token, then PPO's dual-clipped
+                # surrogate per token): ppo_policy_loss with dual_clip on logp'_bt = mean_t lr_bt against 0, whose
+                # gradient flows through the mean (ppo's clamp of the log-ratio at +-20: beyond +20 delegated below)
+                n = action_mask.sum(-1, keepdim=True).clamp(min=1)
+                mean_lr = ((log_probs - ratio_ref.detach()) * action_mask).sum(-1, keepdim=True) / n
+                logp, ratio_ref, cap = mean_lr.expand_as(log_probs), torch.zeros_like(log_probs), _PPO_CAP
             vllm_kl = filt = isw = None
             if is_kw is not None and is_kw[0] == "weights":
                 is_kw = is_kw[1]
@@ -164,18 +197,21 @@ def _policy_loss_class(original, stats):
                 filt = is_stats["is_clipped_frac" if is_kw["mode"] == "truncate" else "is_masked_frac"]
                 vllm_kl = masked_mean(fastppo.kl_penalty(rollout_log_probs.detach(), old_log_probs.detach(),
                                                          kind="k1"), action_mask, dim=None)
-            elif is_kw is not None:   # seq-mask-tis
+            elif is_kw is not None:   # seq-mask-tis, and the binary_kl / tv gates
                 rc = fastppo.rollout_correction(old_log_probs, rollout_log_probs, action_mask, **is_kw[1])
                 isw, vllm_kl = rc.weights, rc.stats["kl"]
-                # OpenRLHF's filter ratio is over every row, an empty row (a NaN geometric mean) counting as filtered
-                rows = action_mask.shape[0]
-                kept_rows = rc.stats["num_seqs"]
-                filt = (rc.stats["rollout_is_seq_oob_ratio"] * kept_rows + (rows - kept_rows)) / rows
+                if is_kw[1]["is_mode"] == "seq-mask":
+                    # OpenRLHF's filter ratio is over every row, an empty row (a NaN mean) counting as filtered
+                    rows = action_mask.shape[0]
+                    kept_rows = rc.stats["num_seqs"]
+                    filt = (rc.stats["rollout_is_seq_oob_ratio"] * kept_rows + (rows - kept_rows)) / rows
+                else:   # the fraction of valid tokens the gate dropped
+                    filt = rc.stats["rollout_is_oob_ratio"]
             agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
             loss, st = fastppo.ppo_policy_loss(
-                log_probs, ratio_ref, advantages, action_mask, agg=agg, rollout_is_weights=isw,
+                logp, ratio_ref, advantages, action_mask, agg=agg, rollout_is_weights=isw,
                 **kw, **_counts(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size))
-            if gspo and float(st["ratio_max"]) >= _GSPO_CAP:
+            if gspo and float(st["ratio_max"]) >= cap:
                 stats.delegated["PolicyLoss"] += 1   # a sequence ratio beyond fastppo's cap: OpenRLHF's numbers
                 return super().forward(*args)
             stats.served["PolicyLoss"] += 1

@@ -180,6 +180,16 @@ def _policy_pair(kwargs, lp, old, roll, adv, m, counts, served=True):
     # seq-mask-tis: the sequence's geometric-mean ratio gates its token weights (rows gated in and out)
     {"is_correction_level": "seq", "is_correction_mode": "mask", "is_correction_threshold": (0.9, 1.1)},
     {"is_correction_level": "seq", "is_correction_threshold": (0.0, 1.05), "dual_clip": 3.0, "token_level_loss": False},
+    # the binary_kl / tv gates (rollout_correction's is_gate), token and sequence level
+    {"is_correction_level": "token", "is_correction_gating": "binary_kl", "is_correction_threshold": (0.0, 0.05)},
+    {"is_correction_level": "token", "is_correction_gating": "tv", "is_correction_threshold": (0.0, 0.1),
+     "token_level_loss": False, "dual_clip": 3.0},
+    {"is_correction_level": "seq", "is_correction_gating": "binary_kl", "is_correction_threshold": (0.0, 0.1)},
+    {"is_correction_level": "seq", "is_correction_gating": "tv", "is_correction_threshold": (0.0, 0.1),
+     "token_level_loss": False},
+    # GSPO with a dual clip: ppo (dual clip) on the sequence's mean log-ratio, with and without IS correction
+    {"policy_loss_type": "gspo", "dual_clip": 1.5},
+    {"policy_loss_type": "gspo", "dual_clip": 2.0, "is_correction_level": "token", "clip_eps_low": 0.1},
 ])
 @pytest.mark.parametrize("counts", [{}, _COUNTS])
 def test_policy_loss_gspo_and_is_correction(kwargs, counts):
@@ -188,9 +198,13 @@ def test_policy_loss_gspo_and_is_correction(kwargs, counts):
     policy_loss="gspo" / rollout_is_weights: all five outputs (loss, clip ratio, ppo_kl, vllm_kl,
     filter ratio) and the gradient equal OpenRLHF's; an empty row and holes in the mask."""
     lp, old, roll, adv, m = _policy_case()
+    if kwargs.get("dual_clip") and kwargs.get("policy_loss_type") == "gspo":
+        lp = lp + torch.tensor([[-0.6], [0.4], [0.0], [0.0], [-0.5], [0.5]])   # sequence ratios outside the clip
     with fi.patch("openrlhf", ops=["PolicyLoss"]) as h:
         want, got = _policy_pair({"clip_eps_low": 0.2, "clip_eps_high": 0.28, **kwargs}, lp, old, roll, adv, m, counts)
         assert h.stats.served["PolicyLoss"] == 1 and not h.stats.delegated
+    if kwargs.get("is_correction_gating"):
+        assert 0 < want[4] < 1, "the gate must drop some units and keep others"
     for a, b in zip(want, got):
         if a is None:
             assert b is None
@@ -202,8 +216,8 @@ def test_policy_loss_gspo_and_is_correction(kwargs, counts):
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"policy_loss_type": "gspo", "dual_clip": 3.0},                         # fastppo's gspo has no dual clip
-    {"is_correction_level": "token", "is_correction_gating": "tv", "is_correction_threshold": (0.0, 0.5)},
+    {"is_correction_level": "token", "is_correction_gating": "tv", "is_correction_threshold": (-0.1, 0.5)},
+    {"is_correction_level": "token", "is_correction_threshold": (0.5, float("inf"))},
 ])
 def test_policy_loss_delegates_other_rules(kwargs):
     lp, old, roll, adv, m = _policy_case()
@@ -223,3 +237,80 @@ def test_policy_loss_gspo_beyond_fastppo_cap_delegates():
         want, got = _policy_pair({"policy_loss_type": "gspo"}, lp, old, roll, adv, m, {})
         assert h.stats.delegated["PolicyLoss"] == 1 and not h.stats.served
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+
+
+def test_policy_loss_gspo_dual_clip_beyond_ppo_clamp_delegates():
+    """GSPO + dual clip runs as ppo on the sequence's mean log-ratio, which ppo clamps at 20 (OpenRLHF's gspo
+    does not): a sequence past it is OpenRLHF's own call, counted as delegated."""
+    lp, old, roll, adv, m = _policy_case()
+    lp[1] += 21.0
+    with fi.patch("openrlhf", ops=["PolicyLoss"]) as h:
+        want, got = _policy_pair({"policy_loss_type": "gspo", "dual_clip": 3.0}, lp, old, roll, adv, m, {})
+        assert h.stats.delegated["PolicyLoss"] == 1 and not h.stats.served
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, counts, served", [
+    ({}, {}, True),
+    ({"dual_clip": 3.0, "is_correction_level": "token", "is_correction_threshold": (0.8, 1.25)}, {}, True),
+    ({"is_correction_level": "seq", "is_correction_gating": "tv", "is_correction_threshold": (0.0, 0.1)}, {}, True),
+    ({"token_level_loss": False}, {}, False),                       # OpenRLHF raises: its own error
+    ({}, {"batch_num_tokens": 30.0}, False),
+    ({"policy_loss_type": "gspo"}, {}, False),
+])
+def test_policy_loss_without_action_mask(kwargs, counts, served):
+    """action_mask=None: OpenRLHF's masked_mean(x, None) is the plain mean, so every token counts; where its own
+    code needs the mask (sequence-level loss, global token counts, GSPO) it raises, and the adapter lets it."""
+    lp, old, roll, adv, _ = _policy_case()
+
+    def run():
+        x = lp.clone().requires_grad_()
+        try:
+            out = ol.PolicyLoss(**kwargs)(x, old, adv, None, rollout_log_probs=roll, **counts)
+        except (TypeError, AttributeError) as e:
+            return type(e)
+        (out[0] * 1.3).backward()
+        return (*out, x.grad)
+
+    want = run()
+    with fi.patch("openrlhf", ops=["PolicyLoss"]) as h:
+        got = run()
+        assert (h.stats.served["PolicyLoss"], h.stats.delegated["PolicyLoss"]) == ((1, 0) if served else (0, 1))
+    if not served:
+        assert isinstance(want, type) and got is want
+        return
+    for a, b in zip(want, got):
+        if a is None:
+            assert b is None
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("with_old", [False, True])
+def test_compute_approx_kl_unbiased_gradient(kind, with_old):
+    """unbiased_gradient=True: the estimator's (clamped) value, the gradient of w (logp - base)^2 / 2 with the
+    detached IS weight w = min(exp(logp - old), KL_IS_WEIGHT_CLIP) (1 without old), both inputs differentiated."""
+    torch.manual_seed(5)
+    lp, base = torch.randn(4, 9) * 2, torch.randn(4, 9) * 2
+    old = lp + torch.randn(4, 9) if with_old else None
+    if with_old:
+        old[0, :3] = lp[0, :3] - 4.0   # w past KL_IS_WEIGHT_CLIP
+    base[0, 0] = lp[0, 0] + 25         # past the +-10 value clamp
+    up = torch.linspace(-1, 2, lp.numel()).view_as(lp)
+    res = []
+    for patched in (False, True):
+        x, y = lp.clone().requires_grad_(), base.clone().requires_grad_()
+        with fi.patch("openrlhf", ops=["compute_approx_kl"]) if patched else _null() as h:
+            kl = ou.compute_approx_kl(x, y, log_probs_old=old, kl_estimator=kind, unbiased_gradient=True)
+            if patched:
+                assert h.stats.served["compute_approx_kl"] == 1 and not h.stats.delegated
+        (kl * up).sum().backward()
+        res.append((kl, x.grad, y.grad))
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-6)
+    # against float64 of the documented formula
+    d = lp.double() - base.double()
+    w = torch.ones_like(d) if old is None else (lp.double() - old.double()).exp().clamp(max=ou.KL_IS_WEIGHT_CLIP)
+    torch.testing.assert_close(res[1][1].double(), up.double() * w * d, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res[1][2].double(), -up.double() * w * d, rtol=1e-5, atol=1e-5)
