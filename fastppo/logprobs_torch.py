@@ -7,9 +7,9 @@ import torch
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 per slice
 LOGPROBS_CHUNK_ELEMENTS = 1 << 24   # token_logprobs' slices off CPU: 64 MiB of fp32, ~110 rows at V = 152k
-CPU_CHUNK_ELEMENTS = 1 << 18        # on CPU: 1 MiB of fp32 (one row at V = 152k), so the two working slices stay in
-                                    # a 2 MiB L2 and every pass after the first read runs from cache: OpenRLHF's
-                                    # torch.compile'd compute_entropy speed in eager PyTorch (bench/cpu_hosts.py)
+CPU_CHUNK_ELEMENTS = 1 << 18        # on one CPU thread: 1 MiB of fp32 (one row at V = 152k), so the two working
+                                    # slices stay in a 2 MiB L2 and every pass after the first read runs from cache:
+                                    # OpenRLHF's torch.compile'd compute_entropy speed in eager PyTorch
 
 
 def row_chunks(n_rows: int, n_cols: int, elements: int | None = None):
@@ -46,9 +46,12 @@ def _inv_tau(inv_tau, tau, a, b, acc):
 
 
 def _slice_elements(device) -> int:
-    """Values per slice: on CPU a cache-sized slice (CPU_CHUNK_ELEMENTS), so the few passes over a slice after
-    its first read run from cache; elsewhere LOGPROBS_CHUNK_ELEMENTS (fewer, larger launches)."""
-    return CPU_CHUNK_ELEMENTS if device.type == "cpu" else LOGPROBS_CHUNK_ELEMENTS
+    """Values per slice: on a single-threaded CPU a cache-sized slice (CPU_CHUNK_ELEMENTS), so the few passes over
+    a slice after its first read run from cache; elsewhere LOGPROBS_CHUNK_ELEMENTS (fewer, larger launches: with
+    several intra-op threads every op on a small slice is a parallel region of its own, whose start and barrier
+    cost more than the cache saves, ~5x slower measured on 2 loaded cores)."""
+    cached = device.type == "cpu" and torch.get_num_threads() == 1
+    return CPU_CHUNK_ELEMENTS if cached else LOGPROBS_CHUNK_ELEMENTS
 
 
 def _buffers(n, V, acc, device):

@@ -4,11 +4,13 @@
 |----------------------------------------------------------------------------|--------------------|
 | `openrlhf.models.utils.log_probs_from_logits`                              | `token_logprobs`   |
 | `openrlhf.models.utils.compute_entropy`                                    | `token_logprobs(return_entropy)` |
-| `openrlhf.models.utils.compute_approx_kl` (k1, k2, k3)                     | `kl_penalty`       |
-| `openrlhf.models.loss.PolicyLoss` ("ppo", dual clip, token / sequence loss) | `ppo_policy_loss`  |
+| `openrlhf.models.utils.compute_approx_kl` (k1, k2, k3, `unbiased_gradient`) | `kl_penalty`       |
+| `openrlhf.models.loss.PolicyLoss` ("ppo", dual clip, token / sequence loss, `action_mask=None`) | `ppo_policy_loss` |
 |   + token-level ratio IS correction (clip = TIS / mask = ICEPOP)           | `+ rollout_is_weights` |
 |   + sequence-level ratio IS correction (mask = seq-mask-tis)               | `+ rollout_correction` |
+|   + binary_kl / tv gates, token or sequence level (mask)                   | `+ rollout_correction(is_gate=)` |
 |   "gspo" (+ its IS correction: the ratio against the rollout log-probs)    | `ppo_policy_loss(policy_loss="gspo")` |
+|   "gspo" with dual clip (+ IS correction)                                  | `ppo_policy_loss(dual_clip)` (below) |
 | `openrlhf.models.loss.ValueLoss`                                           | `value_loss`       |
 | `RemoteExperienceMaker.get_advantages_and_returns` (when importable)       | `gae`              |
 
@@ -28,17 +30,34 @@ returns them. At sequence level (seq-mask-tis, OpenRLHF's and NeMo-RL's name) it
 fastppo.rollout_correction(is_level="token", is_mode="seq-mask", log_ratio_bound=None): the unclamped token
 ratios of the sequences whose geometric-mean ratio lies in [low, high] (low 0: no lower bound), 0 elsewhere;
 is_filter_ratio is OpenRLHF's fraction of rows gated out (an empty row counts as gated out: its mean is NaN
-there). GSPO is fastppo's "gspo" (the sequence-mean ratio, gradient through the mean,
-per-sample loss); with IS correction on, OpenRLHF's GSPO ratio is taken against the rollout
-log-probs and no weights are applied, and so does the adapter.
+there). The binary_kl / tv gates (FlashREINFORCE's trust region on the sampled token's Bernoulli divergence,
+p = rollout and q = trainer probability, each clamped to [1e-6, 1 - 1e-6]) are
+fastppo.rollout_correction(is_level="token", is_mode="mask" | "seq-mask", is_gate=..., log_ratio_bound=None):
+the unclamped token ratio where the token's divergence (sequence level: its plain mean over the sequence) lies
+in [low, high], 0 elsewhere; is_filter_ratio is the fraction of valid tokens (rows) gated out. GSPO is fastppo's
+"gspo" (the sequence-mean ratio, gradient through the mean, per-sample loss); with IS correction on,
+OpenRLHF's GSPO ratio is taken against the rollout log-probs and no weights are applied, and so does the
+adapter. GSPO with a dual clip (which fastppo's gspo does not take) is OpenRLHF's ratio exp(mean_t lr) on every
+token, then PPO's dual-clipped surrogate per token: the adapter forms the masked mean log-ratio per sequence
+(a [B, 1] torch reduction, differentiable) and runs ppo_policy_loss(policy_loss="ppo", dual_clip) on it against
+0, so the value, the clip statistics and the gradient through the mean are ppo's (ppo clamps the log-ratio at
++-20: a sequence mean above 20 is delegated, below -20 the gradient there is 0 where OpenRLHF's is < 2e-9 |A|).
+compute_approx_kl's `unbiased_gradient=True`: the estimator's value (as above), and the gradient of
+w * (logp - base)^2 / 2 with w = min(exp(logp - old), KL_IS_WEIGHT_CLIP) detached (1 without old), both
+fastppo.kl_penalty; the host's value is value + s - s (one more rounding), fastppo's the value itself.
+PolicyLoss with `action_mask=None`: OpenRLHF's masked_mean(x, None) is the plain mean, so the adapter serves
+it with an all-ones mask (ppo, token-level loss without batch_num_tokens; elsewhere OpenRLHF's own code needs
+the mask and raises, and the adapter lets it: counted as delegated).
 
 PolicyLoss / ValueLoss are replaced by subclasses: modules built before the patch keep the
-original class. Delegated to OpenRLHF (counted): compute_approx_kl's `unbiased_gradient=True`;
-PolicyLoss with `action_mask=None`, the binary_kl / tv gates, GSPO with dual_clip
-(fastppo's gspo has none), and a GSPO call where some sequence's mean log-ratio exceeds 10: fastppo
-caps it there (verl's rule), OpenRLHF does not, so the adapter reads the 0-d ratio_max stat (one
-host sync per GSPO call; OpenRLHF's actor syncs every micro-step anyway) and recomputes such a call
-with OpenRLHF's own PolicyLoss. Differences, documented: a NaN rollout log-prob on a valid token
+original class. Delegated to OpenRLHF (counted): PolicyLoss calls that OpenRLHF itself cannot run
+(`action_mask=None` with a sequence-level loss, batch_num_tokens or GSPO: it raises), an IS band fastppo's
+options refuse (a negative or infinite bound, high <= 0), and a GSPO call where some sequence's mean log-ratio
+exceeds 10 (20 with a dual clip): fastppo caps it there (verl's rule), OpenRLHF does not, so the adapter reads
+the 0-d ratio_max stat (one host sync per GSPO call; OpenRLHF's actor syncs every micro-step anyway) and
+recomputes such a call with OpenRLHF's own PolicyLoss. Largest relative difference from OpenRLHF (loss and
+gradient, every loss and IS mode, token and sequence loss, with and without global counts):
+`bench/openrlhf_diffs.py`. Differences, documented: a NaN rollout log-prob on a valid token
 gives weight clamp(1) in fastppo.rollout_is_weights (TRL's nan_to_num) where OpenRLHF's loss is NaN;
 a micro-batch with no valid token gives fastppo's 0 where OpenRLHF divides 0 by 0. Not replaced:
 `compute_reward` (OpenRLHF keeps -kl_coef * kl on mask-0 tokens, fastppo.kl_shaped_rewards writes 0
