@@ -90,3 +90,34 @@ def test_entropy_only_backward_skips_the_logprob_term():
     assert only.bytes <= both.bytes - 4 * v_bytes, (only.bytes, both.bytes)
     print(f"entropy-only backward: {only.bytes} B, {only.launches} ops; with a log-prob upstream: {both.bytes} B, "
           f"{both.launches} ops")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_torch_backend_slices_match_float64(threads, monkeypatch):
+    """The PyTorch backend over several row slices (3 rows each, the last one short; the cache-sized slices of a
+    single CPU thread or the large ones of several): log-probs, entropy and both gradients (upstream not all ones,
+    ignored rows, temperature) against float64."""
+    import fastppo.logprobs_torch as lt
+
+    V = 301
+    monkeypatch.setattr(lt, "CPU_CHUNK_ELEMENTS", 3 * V)
+    monkeypatch.setattr(lt, "LOGPROBS_CHUNK_ELEMENTS", 3 * V)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        logits = make_logits((2, 7, V), torch.float32)[:, :, :]
+        labels = make_labels((2, 7), V)
+        g_lp, g_ent = torch.randn(2, 7, device=DEVICE), torch.randn(2, 7, device=DEVICE)
+        x = logits.clone().requires_grad_()
+        with fastppo.use_backend("torch"):
+            lp, ent = fastppo.token_logprobs(x, labels, return_entropy=True, temperature=0.9)
+            ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    finally:
+        torch.set_num_threads(before)
+    xd = logits.double().requires_grad_()
+    rlp, rent = ref.token_logprobs(xd, labels, return_entropy=True, temperature=0.9)
+    live = labels != -100
+    (torch.where(live, rlp * g_lp.double() + rent * g_ent.double(), 0.0)).sum().backward()
+    assert_close_by_dtype(lp, torch.where(live, rlp, 0.0), torch.float32)
+    assert_close_by_dtype(ent, torch.where(live, rent, 0.0), torch.float32)
+    assert_close_by_dtype(x.grad, xd.grad, torch.float32)
