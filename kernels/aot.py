@@ -54,7 +54,7 @@ def _specs():
         gae,
         kept,
         kl,
-        linear,
+        linear_aot,
         linear_filter,
         linear_kept,
         linear_kept_gather,
@@ -108,7 +108,7 @@ def _specs():
                                                       dkl_ptr="*fp32"), ce), ce, ("n",), True,
                          cfg.ELEM_NUM_WARPS))
     specs.extend(gae.aot_specs(AOTSpec, _sig))
-    specs.extend(linear.aot_specs(AOTSpec, _sig))
+    specs.extend(linear_aot.aot_specs(AOTSpec, _sig))
     specs.extend(linear_filter.aot_specs(AOTSpec, _sig))
     specs.extend(kept.aot_specs(AOTSpec, _sig))
     specs.extend(linear_kept.aot_specs(AOTSpec, _sig))
