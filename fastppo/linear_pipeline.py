@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -31,20 +32,56 @@ def triton_kernels():
     return ops("linear", "triton")
 
 
-def chunk_rows(n_rows, vocab, acc, chunk_bytes, dz_dtype):
-    """Rows per chunk of the gradient pass: a multiple of the kernel's row tile (at least one tile, at most
-    n_rows) whose fp32 (fp64) z' and dz (a second [rows, V] buffer in the GEMM dtype when that is 16-bit;
-    dz overwrites z' otherwise) fit in chunk_bytes. chunk_bytes=None: at most LIN_CHUNK_BYTES (2 GiB) and
-    fewer than n_rows / 8 rows, so no buffer reaches N*V/8 elements. Fewer, larger chunks mean fewer
-    re-reads of the weight (2 V H b per chunk) and of the fp32 d(weight) sum (8 V H per chunk after the
-    first) and fuller GEMMs; the buffers are 6 bytes (bf16) per row and vocabulary entry."""
+MIN_COLS = 4096   # the narrowest vocabulary chunk worth keeping all the rows in one chunk for (chunk_shape)
+
+
+def chunk_budget(vocab, hidden_size, chunk_bytes):
+    """Bytes the gradient pass's [rows, columns] buffers (fp32 z' and dz) may take: `chunk_bytes`, or by default
+    the size of a 16-bit copy of the head, 2 V H bytes, at most LIN_CHUNK_BYTES (2 GiB). With it the linear ops'
+    peak stays below that of TRL's chunked function (an fp32 [V, H] d(weight) sum plus its cast, 6 V H bytes):
+    the row-chunked pass keeps at most max(4 V H + buffers, 6 V H) alive, the two-way chunked one 4 V H."""
+    return chunk_bytes if chunk_bytes is not None else min(cfg.LIN_CHUNK_BYTES, 2 * vocab * hidden_size)
+
+
+def _elem_bytes(acc, dz_dtype):
+    """Buffer bytes per (row, column): z' in acc, plus dz in the GEMM dtype when it is 16-bit (dz overwrites z'
+    otherwise)."""
     size = torch.empty((), dtype=acc).element_size()
-    per_row = vocab * (size + (0 if dz_dtype == acc else torch.empty((), dtype=dz_dtype).element_size()))
+    return size + (0 if dz_dtype == acc else torch.empty((), dtype=dz_dtype).element_size())
+
+
+def chunk_rows(n_rows, vocab, hidden_size, acc, chunk_bytes, dz_dtype):
+    """Rows per chunk when a chunk spans the whole vocabulary (its rows' statistics are formed in the pass: the
+    fused loss's gradient in forward, kept sets): a multiple of the kernels' row tile (at least one tile, at most
+    n_rows) whose buffers fit `chunk_budget`. Each chunk re-reads the weight (2 V H bytes, twice) and, after the
+    first, reads and writes the fp32 d(weight) sum (8 V H): rows ~ H / 3 at the default budget, so that a chunk's
+    2 rows H V FLOPs of the d(weight) product outweigh those bytes on an H100 (989 TFLOP/s, 3.35 TB/s)."""
     tile = cfg.LIN_BLOCK_N
-    rows = (cfg.LIN_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(per_row, 1) // tile * tile
-    if chunk_bytes is None:
-        rows = min(rows, (-(-n_rows // 8) - 1) // tile * tile)
+    rows = chunk_budget(vocab, hidden_size, chunk_bytes) // max(vocab * _elem_bytes(acc, dz_dtype), 1) // tile * tile
     return max(1, min(max(tile, rows), n_rows))
+
+
+def chunk_shape(n_rows, vocab, hidden_size, acc, chunk_bytes, dz_dtype):
+    """(rows, columns) per chunk of the gradient pass when the rows' statistics are known (linear_logprobs'
+    backward, the recompute path, a vocabulary shard's backward): chunks of rows x vocabulary columns whose
+    buffers fit `chunk_budget`. Row chunks re-read the weight and the fp32 d(weight) sum (12 V H bytes each),
+    vocabulary chunks the hidden rows and the fp32 d(hidden) sum (12 N H each): all the rows in one chunk while
+    chunks of MIN_COLS columns fit (then d(weight) is written once, in its own dtype, and no [V, H] sum exists;
+    else square chunks), the vocabulary in balanced chunks, multiples of the kernels' column tile (d(hidden) is then bitwise the same
+    whatever the chunking: its fp32 sum carries over in order)."""
+    elem = _elem_bytes(acc, dz_dtype)
+    budget = chunk_budget(vocab, hidden_size, chunk_bytes) // elem    # elements
+    tile_n, tile_v = cfg.LIN_BLOCK_N, cfg.LIN_BLOCK_V
+    if n_rows * min(vocab, MIN_COLS) <= budget:             # one row chunk: no fp32 [V, H] sum
+        rows = n_rows
+    else:                                                   # square chunks: the least re-read bytes for the budget
+        rows = min(n_rows, max(tile_n, math.isqrt(budget) // tile_n * tile_n))
+    cols = budget // max(rows, 1)
+    if cols >= vocab:
+        return rows, vocab
+    cols = max(tile_v, cols // tile_v * tile_v)
+    per_chunk = -(-vocab // -(-vocab // cols))      # balanced: ceil(V / chunks), rounded up to the tile
+    return rows, -(-per_chunk // tile_v) * tile_v
 
 
 # ----------------------------------------------------------------------------- the Triton pipeline
@@ -82,7 +119,7 @@ def triton_forward(h2, weight, bias, y, valid, opts, tau=None, kept=None):
         return rows, out
     kc = _compact(kept, rows)
     out["klse"] = new_kept_outputs(N, h2.device, acc)
-    step = chunk_rows(N, V, acc, opts.chunk_bytes, acc)
+    step = chunk_rows(N, V, h2.shape[1], acc, opts.chunk_bytes, acc)
     buf = torch.empty(step, V, dtype=acc, device=h2.device)
     for r0 in range(0, N, step):
         n = min(step, N - r0)
@@ -96,11 +133,15 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
     """Launches 1-5 chunk by chunk. `coefs(r0, n)` returns the chunk's per-row coefficients (c_logp,
     c_ent or None; by compacted position) once its statistics are in `out`. With `stats` = (lse, ent or
     None) by compacted position (known from an earlier forward, or global ones for a vocabulary shard),
-    those are used and launch 2 is skipped. `kept` (KeptArg): the log-prob term over the kept sets, with
-    their statistics `kstats` (by compacted position) or, without, the kept statistics launch per chunk
-    (into out["klse"], out["logp_c"], out["logp"]); then the kept gradient launch, the dense dz launch
-    without the log-prob term, the scatter of the kept columns and d(bias) summed from dz; or the kept-only
-    path (fastppo.linear_gather) where it applies. Returns (dh, dw, db)."""
+    those are used, launch 2 is skipped and the chunks also split the vocabulary (`chunk_shape`: d(hidden)
+    carried in fp32 from one vocabulary chunk to the next); without, chunks of whole rows (`chunk_rows`).
+    `kept` (KeptArg): the log-prob term over the kept sets (whole rows), with their statistics `kstats` (by
+    compacted position) or, without, the kept statistics launch per chunk (into out["klse"], out["logp_c"],
+    out["logp"]); then the kept gradient launch, the dense dz launch without the log-prob term, the scatter of
+    the kept columns and d(bias) summed from dz; or the kept-only path (fastppo.linear_gather) where it applies.
+    Several row chunks sum d(weight) in fp32 [V, H] (each chunk's
+    products added in order onto the sum: bitwise the same whatever the row chunking), cast once at the end
+    after the chunk buffers are freed. Returns (dh, dw, db)."""
     k = triton_kernels()
     N, H = h2.shape
     V = weight.shape[0]
@@ -110,19 +151,27 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
     acc = acc_dtype(h2, weight)
     dev = h2.device
     dh = torch.zeros(N, H, dtype=h2.dtype, device=dev) if needs[0] else None
-    dw = torch.empty(V, H, dtype=weight.dtype, device=dev) if needs[1] else None
     db = torch.empty(V, dtype=bias.dtype, device=dev) if (bias is not None and needs[2]) else None
     if N == 0:
-        return dh, (None if dw is None else dw.zero_()), (None if db is None else db.zero_())
+        dw = torch.zeros(V, H, dtype=weight.dtype, device=dev) if needs[1] else None
+        return dh, dw, (None if db is None else db.zero_())
     dot = acc if opts.fp32_head else torch.promote_types(h2.dtype, weight.dtype)
     dz_dtype = acc if dot in (torch.float32, torch.float64) else dot
-    step = chunk_rows(N, V, acc, opts.chunk_bytes, dz_dtype)
-    starts = list(range(0, N, step))
-    buf = torch.empty(step, V, dtype=acc, device=dev)
-    dz_buf = buf if dz_dtype == acc else torch.empty(step, V, dtype=dz_dtype, device=dev)
-    multi = len(starts) > 1 and (dw is not None or db is not None)
-    dw_acc = torch.empty(V, H, dtype=acc, device=dev) if multi and dw is not None else None
+    if stats is None or kept is not None or opts.grad_filter is not None:    # whole rows (the filter's tiles too)
+        step, cols = chunk_rows(N, V, H, acc, opts.chunk_bytes, dz_dtype), V
+    else:
+        step, cols = chunk_shape(N, V, H, acc, opts.chunk_bytes, dz_dtype)
+    starts, vstarts = list(range(0, N, step)), list(range(0, V, cols))
+    buf = torch.empty(step, cols, dtype=acc, device=dev)
+    dz_buf = buf if dz_dtype == acc else torch.empty(step, cols, dtype=dz_dtype, device=dev)
+    multi = len(starts) > 1
+    # several row chunks: the fp32 d(weight) sum (d(weight) itself when that is fp32), cast after the loop
+    dw_sum = (torch.empty(V, H, dtype=acc, device=dev) if multi and needs[1] else None)
+    dw = None if not needs[1] else dw_sum if dw_sum is not None else torch.empty(V, H, dtype=weight.dtype, device=dev)
     db_acc = torch.empty(V, dtype=acc, device=dev) if multi and db is not None else None
+    # several vocabulary chunks: the fp32 d(hidden) sum (d(hidden) itself when that is fp32)
+    dh_sum = None if dh is None or len(vstarts) == 1 else dh if dh.dtype == acc else torch.empty(N, H, dtype=acc,
+                                                                                                   device=dev)
     kc = _compact(kept, rows)
     dz_chunk, gemm_chunk = k.dz_chunk, k.gemm_chunk
     if opts.grad_filter is not None and kc is None:   # the filtered launches 3-5 (kernels/linear_filter.py)
@@ -134,27 +183,36 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
         no_logp = torch.zeros(N, dtype=acc, device=dev)
         if kstats is None:
             out["klse"] = new_kept_outputs(N, dev, acc)
+    lse, ent = stats if stats is not None else (out["lse"], out["ent_c"])
     for i, r0 in enumerate(starts):
         n = min(step, N - r0)
-        z, dz = buf[:n], dz_buf[:n]
-        k.stats_chunk(h2, weight, bias, y, rows, r0, n, out, opts, z=z, finish=stats is None, tau=tau)
-        if kc is not None and kstats is None:
-            kept_stats_chunk(z, y, rows, r0, n, kc.ids, kc.offsets, out["klse"], out["logp_c"], out["logp"])
-        c_logp, c_ent = coefs(r0, n)
-        last = i == len(starts) - 1
-        lse, ent = stats if stats is not None else (out["lse"], out["ent_c"])
-        db_out, db_in = (None if db is None else (db if last else db_acc)), (db_acc if i else None)
-        if kc is None:
-            dz_chunk(z, dz, y, rows, r0, n, lse, ent, c_logp, c_ent, opts, db_out=db_out, db_in=db_in, tau=tau)
-        else:
-            kept_grads_chunk(z, y, rows, r0, n, kc.ids, kc.offsets, out["klse"] if kstats is None else kstats, lse,
-                             ent, c_logp, c_ent, gk, opts, tau)
-            k.dz_chunk(z, dz, y, rows, r0, n, lse, ent, no_logp, c_ent, opts, tau=tau)
-            kept_scatter_chunk(gk, dz, y, rows, r0, n, kc.ids, kc.offsets)
-            if db_out is not None:
-                colsum_chunk(dz, rows, r0, n, acc, db_out, db_in)
-        gemm_chunk(dz, h2, weight, rows, r0, n, opts, d_hidden=dh,
-                   dw_out=None if dw is None else (dw if last else dw_acc), dw_in=dw_acc if i else None)
+        for j, c0 in enumerate(vstarts):
+            c = min(cols, V - c0)
+            z, dz = buf[:n, :c], dz_buf[:n, :c]
+            w_j, b_j, y_j = weight[c0:c0 + c], None if bias is None else bias[c0:c0 + c], y if c0 == 0 else y - c0
+            k.stats_chunk(h2, w_j, b_j, y_j, rows, r0, n, out, opts, z=z, finish=stats is None, tau=tau)
+            if kc is not None and kstats is None:
+                kept_stats_chunk(z, y, rows, r0, n, kc.ids, kc.offsets, out["klse"], out["logp_c"], out["logp"])
+            if j == 0:
+                c_logp, c_ent = coefs(r0, n)
+            db_out = None if db is None else (db if i == len(starts) - 1 else db_acc)[c0:c0 + c]
+            db_in = db_acc[c0:c0 + c] if i and db is not None else None
+            if kc is None:
+                dz_chunk(z, dz, y_j, rows, r0, n, lse, ent, c_logp, c_ent, opts, db_out=db_out, db_in=db_in, tau=tau)
+            else:
+                kept_grads_chunk(z, y, rows, r0, n, kc.ids, kc.offsets, out["klse"] if kstats is None else kstats,
+                                 lse, ent, c_logp, c_ent, gk, opts, tau)
+                k.dz_chunk(z, dz, y, rows, r0, n, lse, ent, no_logp, c_ent, opts, tau=tau)
+                kept_scatter_chunk(gk, dz, y, rows, r0, n, kc.ids, kc.offsets)
+                if db_out is not None:
+                    colsum_chunk(dz, rows, r0, n, acc, db_out, db_in)
+            dw_j = None if dw is None else dw[c0:c0 + c]
+            carry = {"dh_in": dh_sum} if j else {}     # d(hidden)'s fp32 sum from the earlier vocabulary chunks
+            gemm_chunk(dz, h2, w_j, rows, r0, n, opts, d_hidden=dh if dh_sum is None or j == len(vstarts) - 1
+                       else dh_sum, dw_out=dw_j, dw_in=dw_j if i else None, **carry)
+    del buf, dz_buf
+    if dw_sum is not None and weight.dtype != acc:
+        dw = dw_sum.to(weight.dtype)
     return dh, dw, db
 
 

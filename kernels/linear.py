@@ -268,29 +268,35 @@ def _linear_dz_kernel(
 @triton.jit(do_not_specialize=["r0", "n_rows"])
 def _linear_dh_kernel(
     # data
-    dz_ptr, w_ptr, idx_ptr, nvalid_ptr, dh_ptr,
+    dz_ptr, w_ptr, idx_ptr, nvalid_ptr, dh_in_ptr, dh_ptr,
     # shapes
     r0, n_rows, V, H,
-    # strides
+    # strides (dh_in: dh's)
     s_dzn, s_wv, s_wk, s_dn,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, ACC_IN: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """d(hidden)[orig rows, h tile] = dz[rows, :] @ weight[:, h tile], the accumulator kept in registers
-    over the whole vocabulary; written once, at the rows' original positions."""
+    over the chunk's vocabulary columns; written once, at the rows' original positions. With ACC_IN (a
+    vocabulary chunk after the first) the accumulator starts from the earlier chunks' fp32 sum in dh_in: the
+    same additions in the same order as one chunk over the whole vocabulary (bitwise the same d(hidden))."""
     rows_c, rows, row_ok, orig = _chunk_rows(idx_ptr, nvalid_ptr, r0, n_rows, tl.program_id(0), BLOCK_N)
     hk = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     v_end = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, V, 0)
     r64 = rows_c.to(tl.int64)[:, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_H), ACC)
+    out = orig[:, None] * s_dn + hk[None, :]
+    ok = row_ok[:, None] & (hk[None, :] < H)
+    if ACC_IN:
+        acc = tl.load(dh_in_ptr + out, mask=ok, other=0.0).to(ACC)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_H), ACC)
     for v0 in range(0, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         dz = tl.load(dz_ptr + r64 * s_dzn + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < V), other=0.0)
         w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * s_wv + hk[None, :] * s_wk,
                     mask=(cols[:, None] < V) & (hk[None, :] < H), other=0.0)
         acc = tl.dot(dz.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-    tl.store(dh_ptr + orig[:, None] * s_dn + hk[None, :], acc.to(dh_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (hk[None, :] < H))
+    tl.store(dh_ptr + out, acc.to(dh_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["r0", "n_rows"])
@@ -306,11 +312,21 @@ def _linear_dw_kernel(
 ):
     """d(weight)[v tile, h tile] (+)= dz[rows, v tile]^T @ hidden[rows, h tile] over the chunk's valid rows in
     a fixed order (no atomics). With ACC_IN the earlier chunks' fp32 sums are read from dw_in; the result is
-    stored in dw's dtype. IN_PLACE (dw_in is dw): a chunk without valid rows moves no bytes."""
+    stored in dw's dtype. IN_PLACE (dw_in is dw): a chunk without valid rows moves no bytes. The earlier sum
+    starts the accumulator: the same additions in the same order as one chunk over all the rows (chunks start
+    at multiples of BLOCK_N), so d(weight) is bitwise the same whatever the row chunking."""
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     hk = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     n_here = tl.minimum(n_rows, tl.load(nvalid_ptr) - r0)    # valid rows of this chunk (<= 0: none)
-    acc = tl.zeros((BLOCK_V, BLOCK_H), ACC)
+    out = cols.to(tl.int64)[:, None] * H + hk[None, :]
+    v_lim = V
+    if IN_PLACE:
+        v_lim = tl.where(n_here > 0, V, 0)
+    ok = (cols[:, None] < v_lim) & (hk[None, :] < H)
+    if ACC_IN:
+        acc = tl.load(dw_in_ptr + out, mask=ok, other=0.0).to(ACC)
+    else:
+        acc = tl.zeros((BLOCK_V, BLOCK_H), ACC)
     for i0 in range(0, n_here, BLOCK_N):
         rows_c = i0 + tl.arange(0, BLOCK_N)
         row_ok = rows_c < n_here
@@ -320,13 +336,6 @@ def _linear_dw_kernel(
         h = tl.load(h_ptr + orig[:, None] * s_hn + hk[None, :] * s_hk, mask=row_ok[:, None] & (hk[None, :] < H),
                     other=0.0)
         acc = tl.dot(tl.trans(dz.to(DOT)), h.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-    out = cols.to(tl.int64)[:, None] * H + hk[None, :]
-    v_lim = V
-    if IN_PLACE:
-        v_lim = tl.where(n_here > 0, V, 0)
-    ok = (cols[:, None] < v_lim) & (hk[None, :] < H)
-    if ACC_IN:
-        acc += tl.load(dw_in_ptr + out, mask=ok, other=0.0).to(ACC)
     tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=ok)
 
 
@@ -437,19 +446,23 @@ def dz_chunk(z, dz, labels, rows: CompactRows, r0, n_rows, lse, ent, c_logp, c_e
         num_warps=cfg.LIN_NUM_WARPS)
 
 
-def gemm_chunk(dz, hidden, weight, rows: CompactRows, r0, n_rows, opts, *, d_hidden=None, dw_out=None, dw_in=None):
-    """Gradient launches 4-5 for the chunk's dz: d_hidden's rows written once; d(weight) of the chunk written to
-    dw_out, plus the earlier chunks' fp32 sums dw_in when given."""
+def gemm_chunk(dz, hidden, weight, rows: CompactRows, r0, n_rows, opts, *, d_hidden=None, dw_out=None, dw_in=None,
+               dh_in=None):
+    """Gradient launches 4-5 for the chunk's dz ([n_rows, C] over the C vocabulary rows of `weight`, a slice of the
+    head): d_hidden's rows written once, plus the earlier vocabulary chunks' fp32 sums dh_in (d_hidden's layout)
+    when given; d(weight) of the chunk written to dw_out, plus the earlier row chunks' fp32 sums dw_in when given."""
     N, H = hidden.shape
     V = weight.shape[0]
     _, tl_acc, tl_dot, precision = dtypes(hidden.dtype, weight.dtype, opts.fp32_head)
     gemm = dict(BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_H=cfg.LIN_BLOCK_H, ACC=tl_acc, DOT=tl_dot,
                 PRECISION=precision, num_warps=cfg.LIN_NUM_WARPS, num_stages=cfg.LIN_NUM_STAGES)
     if d_hidden is not None:
-        record_launch("linear_dh", dz, weight, d_hidden[:n_rows])
+        if dh_in is not None and dh_in.stride() != d_hidden.stride():
+            raise ValueError(f"dh_in strides {dh_in.stride()} must be d_hidden's {d_hidden.stride()}")
+        record_launch("linear_dh", dz, weight, d_hidden[:n_rows], None if dh_in is None else dh_in[:n_rows])
         wrap_triton(_linear_dh_kernel)[(triton.cdiv(n_rows, cfg.LIN_BLOCK_N), triton.cdiv(H, cfg.LIN_BLOCK_H))](
-            dz, weight, rows.idx, rows.n_valid, d_hidden, r0, n_rows, V, H, dz.stride(0), *weight.stride(),
-            d_hidden.stride(0), **gemm)
+            dz, weight, rows.idx, rows.n_valid, dh_in if dh_in is not None else d_hidden, d_hidden, r0, n_rows, V, H,
+            dz.stride(0), *weight.stride(), d_hidden.stride(0), ACC_IN=dh_in is not None, **gemm)
     if dw_out is not None:
         record_launch("linear_dw", dz, hidden[:n_rows], dw_in, dw_out)   # (a chunk past n_valid moves none)
         wrap_triton(_linear_dw_kernel)[(triton.cdiv(V, cfg.LIN_BLOCK_V), triton.cdiv(H, cfg.LIN_BLOCK_H))](

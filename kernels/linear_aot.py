@@ -33,8 +33,8 @@ def aot_specs(AOTSpec, sig):
                          ("V", "s_zn", "s_dzn"), True, cfg.LIN_NUM_WARPS))
     gemm = dict(BLOCK_N=cfg.LIN_BLOCK_N, BLOCK_V=cfg.LIN_BLOCK_V, BLOCK_H=cfg.LIN_BLOCK_H, ACC=tl.float32,
                 DOT=tl.bfloat16, PRECISION="tf32")
-    ce = dict(gemm, s_wk=1)
-    types = dict(dz_ptr="*bf16", w_ptr="*bf16", idx_ptr="*i64", nvalid_ptr="*i64", dh_ptr="*bf16")
+    ce = dict(gemm, ACC_IN=True, s_wk=1)
+    types = dict(dz_ptr="*bf16", w_ptr="*bf16", idx_ptr="*i64", nvalid_ptr="*i64", dh_in_ptr="*fp32", dh_ptr="*bf16")
     specs.append(AOTSpec("linear_dh[bf16]", _linear_dh_kernel, sig(_linear_dh_kernel, types, ce), ce,
                          ("H", "V", "s_dzn", "s_wv", "s_dn"), True, cfg.LIN_NUM_WARPS, cfg.LIN_NUM_STAGES,
                          tensor_cores=True))
