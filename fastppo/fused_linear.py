@@ -172,6 +172,24 @@ def _fused_linear_ppo_loss_setup(ctx, inputs, output):
     ctx.present = inputs[12:15]     # need_hidden, need_weight, need_bias
 
 
+SCALE_SLICE_ELEMENTS = 1 << 26   # 256 MiB of fp32 per temporary of _scaled
+
+
+def _scaled(t, g):
+    """t * g computed in fp32 (fp64 for fp64 t) and rounded once to t's dtype, slice by slice of
+    SCALE_SLICE_ELEMENTS so that the fp32 temporaries of a 16-bit [V, H] d(weight) never add 4 V H + 4 V H bytes
+    to the peak (3 launches per slice)."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    g = g.to(acc)
+    if t.dtype == acc or not t.is_contiguous() or t.numel() <= SCALE_SLICE_ELEMENTS:
+        return (t.to(acc) * g).to(t.dtype)
+    out = torch.empty_like(t)
+    flat, flat_out = t.reshape(-1), out.view(-1)
+    for a in range(0, flat.numel(), SCALE_SLICE_ELEMENTS):
+        flat_out[a:a + SCALE_SLICE_ELEMENTS] = flat[a:a + SCALE_SLICE_ELEMENTS].to(acc) * g
+    return out
+
+
 def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
     if g_loss is None:
         return (None,) * 19
@@ -181,8 +199,7 @@ def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
         if not present:
             grads.append(None)
             continue
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        t = (t.to(acc) * g_loss.reshape(()).to(acc)).to(t.dtype)
+        t = _scaled(t, g_loss.reshape(()))
         if torch.is_grad_enabled():   # the gradients were formed in the forward: a second derivative cannot be
             t = Once.apply("fused_linear_ppo_loss", t, g_loss, *(x for x in linked if x is not None))
         grads.append(t)

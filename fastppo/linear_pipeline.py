@@ -67,8 +67,8 @@ def chunk_shape(n_rows, vocab, hidden_size, acc, chunk_bytes, dz_dtype):
     buffers fit `chunk_budget`. Row chunks re-read the weight and the fp32 d(weight) sum (12 V H bytes each),
     vocabulary chunks the hidden rows and the fp32 d(hidden) sum (12 N H each): all the rows in one chunk while
     chunks of MIN_COLS columns fit (then d(weight) is written once, in its own dtype, and no [V, H] sum exists;
-    else square chunks), the vocabulary in balanced chunks, multiples of the kernels' column tile (d(hidden) is then bitwise the same
-    whatever the chunking: its fp32 sum carries over in order)."""
+    else square chunks), the vocabulary in balanced chunks, multiples of the kernels' column tile (d(hidden) is
+    then bitwise the same whatever the chunking: its fp32 sum carries over in order)."""
     elem = _elem_bytes(acc, dz_dtype)
     budget = chunk_budget(vocab, hidden_size, chunk_bytes) // elem    # elements
     tile_n, tile_v = cfg.LIN_BLOCK_N, cfg.LIN_BLOCK_V
@@ -210,7 +210,7 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
             carry = {"dh_in": dh_sum} if j else {}     # d(hidden)'s fp32 sum from the earlier vocabulary chunks
             gemm_chunk(dz, h2, w_j, rows, r0, n, opts, d_hidden=dh if dh_sum is None or j == len(vstarts) - 1
                        else dh_sum, dw_out=dw_j, dw_in=dw_j if i else None, **carry)
-    del buf, dz_buf
+    del buf, dz_buf, z, dz      # the chunk buffers (and their views) are freed before the cast
     if dw_sum is not None and weight.dtype != acc:
         dw = dw_sum.to(weight.dtype)
     return dh, dw, db
