@@ -9,7 +9,9 @@
   (grid size), the unique bytes it loads and stores (each address once per launch: its DRAM traffic
   when data that several programs share is reused on chip, and what skipped rows save), the bytes its
   loads and stores request (every access), and its `tl.dot` FLOPs. `dry_run=True` records the
-  launches (name, grid) without running them: the launch geometry of a large shape, e.g. on fake tensors.
+  launches (name, grid) without running them: the launch geometry of a large shape, e.g. on fake tensors;
+  kernels with a per-launch model (bench/linear_cost.py, inside its `valid_rows`) also get their bytes and
+  FLOPs from it there (and `model_bytes` / `model_flops` beside the counted ones when they run).
 - `PeakMemory`: peak bytes of tensor storage allocated inside the block and alive at once
   (storages that existed before the block are not counted).
 """
@@ -164,6 +166,9 @@ class TritonLaunches:
                 grid = grid(inspect.getcallargs(executor.fn, *args, **kept))
             grid = (grid,) if isinstance(grid, int) else tuple(grid)
             tensors = [a for a in (*args, *kept.values()) if isinstance(a, torch.Tensor)]
+            from .linear_cost import launch_cost
+
+            model = launch_cost(executor.fn.__name__, inspect.getcallargs(executor.fn, *args, **kept))
             rec._cur = {"kernel": executor.fn.__name__, "programs": math.prod(int(g) for g in grid),
                         "loads": None, "stores": None, "requested_bytes": 0, "flops": 0}
             if not rec.dry_run:
@@ -173,10 +178,15 @@ class TritonLaunches:
                     return orig[3](executor, *args, **kwargs)
             finally:
                 cur, rec._cur = rec._cur, None
-                self.log.append({"kernel": cur["kernel"], "programs": cur["programs"],
-                                 "loaded_bytes": cur["loads"].bytes if cur["loads"] else 0,
-                                 "stored_bytes": cur["stores"].bytes if cur["stores"] else 0,
-                                 "requested_bytes": cur["requested_bytes"], "flops": cur["flops"]})
+                entry = {"kernel": cur["kernel"], "programs": cur["programs"],
+                         "loaded_bytes": cur["loads"].bytes if cur["loads"] else 0,
+                         "stored_bytes": cur["stores"].bytes if cur["stores"] else 0,
+                         "requested_bytes": cur["requested_bytes"], "flops": cur["flops"]}
+                if model is not None:   # a modelled kernel (bench/linear_cost.py): its exact counts, run or not
+                    entry["model_bytes"], entry["model_flops"] = model
+                    if rec.dry_run:
+                        entry.update(loaded_bytes=model[0], requested_bytes=model[0], flops=model[1])
+                self.log.append(entry)
 
         InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store = load, store
         InterpreterBuilder.create_dot, GridExecutor.__call__ = dot, call

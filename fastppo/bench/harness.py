@@ -94,15 +94,19 @@ def count(spec: OpSpec, shape: dict, side: str, dtype=torch.bfloat16, device="cp
     values read on the host (`.item()`, `if tensor:`);
     bytes / requested_bytes / flops: the eager and kernel parts added.
     `dry_run=True`: on fake tensors (no memory, any shape), Triton launches recorded but not run:
-    everything but the kernels' bytes and FLOPs, which stay 0."""
+    everything but the kernels' bytes and FLOPs, which stay 0 (except the modelled ones: linear_cost.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .linear_cost import valid_rows
+    from .ops import n_valid
 
     fake = FakeTensorMode() if dry_run else contextlib.nullcontext()
     fake_io = recording_fake_launches() if dry_run else contextlib.nullcontext()
     triton = TritonLaunches(dry_run=dry_run)
     with fake:
         inputs = spec.make(shape, dtype, device)
-        with _labels_unchecked(), peers.as_on_gpu(), hide_interpreter_copies(), triton.count(), \
+        with valid_rows(n_valid(shape) if "N" in shape else None), _labels_unchecked(), peers.as_on_gpu(), \
+                hide_interpreter_copies(), triton.count(), \
                 fake_io, count_launches() as recorded, AnswerHostSyncs() if dry_run else contextlib.nullcontext(), \
                 EagerTraffic() as eager, PeakMemory() as peak:
             _run(spec, side, inputs)
@@ -112,6 +116,9 @@ def count(spec: OpSpec, shape: dict, side: str, dtype=torch.bfloat16, device="cp
     io = [r.io_bytes for r in recorded.log] if len(recorded.log) == len(triton.log) else None
     for i, launch in enumerate(triton.log):
         k = kernels.setdefault(launch["kernel"], dict.fromkeys(("launches", "programs", *KERNEL_KEYS), 0))
+        if "model_bytes" in launch:    # bench/linear_cost.py: the kernel's per-launch model, summed
+            k["model_bytes"] = k.get("model_bytes", 0) + launch["model_bytes"]
+            k["model_flops"] = k.get("model_flops", 0) + launch["model_flops"]
         if io is not None:
             k["io_bytes"] = k.get("io_bytes", 0) + io[i]
         k["launches"] += 1

@@ -319,9 +319,9 @@ def linear_flops_floor(shape):
 
 
 LINEAR_SWEEP = tuple({"N": 8192, "H": 4096, "V": v} for v in (32768, 65536, 131072, 151552))
-# whole kernel tiles (64 rows, 128 columns of H and of V) for every prompt fraction's valid rows, so that
-# the kernels' counts stay linear in the shape; 75 % would need N = 1024 rows, too slow in the interpreter
-LINEAR_PROMPTS = (0.0, 0.5)
+# every prompt fraction of PROMPTS: fastppo's linear kernels are counted by their per-launch model at the large
+# shapes (bench/linear_cost.py), the other kernels' counts (TRL's folds, the loss kernels) are linear in the rows
+LINEAR_PROMPTS = PROMPTS
 LINEAR_MEASURE = (tuple({"N": n, "H": h, "V": v} for n in (128, 256) for h in (128, 256) for v in (2048, 4096))
                   + ({"N": 384, "H": 128, "V": 6144}, {"N": 256, "H": 384, "V": 2048}))
 

@@ -11,7 +11,8 @@ How each number is obtained (the table's notes repeat it):
   host reads and the eager ops' bytes and FLOPs exactly; the Triton kernels' bytes and FLOPs come from
   their exact counts at the measured shapes, which are linear in the shape monomials (fitted per
   kernel, checked on held-out shapes; an error above FIT_TOLERANCE of the side's total count is an
-  error)."""
+  error), except the linear pipeline's kernels, counted launch by launch by their model
+  (bench/linear_cost.py, checked against the interpreter at every measured shape)."""
 
 from __future__ import annotations
 
@@ -105,11 +106,21 @@ def op_rows(name, dtype, progress=None):
                 if progress is not None:
                     progress.update(1)
             names = list(measured[0][1]["kernels"])
+            # kernels with a per-launch model (bench/linear_cost.py) are counted by it at the large shapes; the
+            # model must give the interpreter's counts at every measured shape
+            modelled = [k for k in names if "model_bytes" in measured[0][1]["kernels"][k]]
+            for s, c in measured:
+                for k in modelled:
+                    got, want = c["kernels"][k], (c["kernels"][k]["bytes"], c["kernels"][k]["flops"])
+                    err = max(abs(got["model_bytes"] - want[0]) / max(c["bytes"], 1),
+                              abs(got["model_flops"] - want[1]) / max(c["flops"], 1))
+                    if err > FIT_TOLERANCE:
+                        raise RuntimeError(f"{name}/{side} at {s}: the model of {k} is off by {err:.2e} of the total")
             fit_error = 0.0
             keys = KERNEL_KEYS if spec.derive == "dry_run" else ("launches", "programs", *KERNEL_KEYS)
             models = {k: LinearModel(spec.features, [(s, {key: c["kernels"][k][key] for key in keys})
                                                      for s, c in measured], name=f"{name}/{side}/{k}")
-                      for k in names}
+                      for k in names if k not in modelled}
             if spec.derive == "fit":
                 models[None] = LinearModel(spec.features, [(s, _scalars(c)) for s, c in measured], name=name)
             for k, m in models.items():
@@ -132,7 +143,7 @@ def op_rows(name, dtype, progress=None):
                 else:
                     c = _unscalars(models[None].predict(shape))
                     c["kernels"] = {k: {} for k in names}
-                for k in names:
+                for k in (k for k in names if k in models):
                     c["kernels"][k].update(models[k].predict(shape))
                     # the fit extrapolates small shapes (one vocabulary chunk); the unique bytes of a launch
                     # cannot exceed the size of the tensors it was given (recorded by fastppo's launchers)
@@ -273,7 +284,9 @@ def notes(rows) -> str:
              "- derived rows: launches, grid sizes, peak memory and eager bytes / FLOPs from a dry run "
              "at the shape on fake tensors; Triton kernel bytes / FLOPs extrapolated from exact counts at small "
              "shapes (linear in the shape monomials, checked on held-out shapes: the largest error is in the csv, "
-             "`<side>_fit_error`, relative to the side's total).",
+             "`<side>_fit_error`, relative to the side's total); fastppo's linear kernels (`_linear_*`) by their "
+             "per-launch model instead (fastppo/bench/linear_cost.py: exact at every measured shape), since their "
+             "row x vocabulary chunking depends on N, H and V.",
              "- prompt: the first fraction of each of 4 sequences is masked (ignore_index labels for the log-prob "
              "ops, mask 0 for the losses). n/a: the library has no such op. The linear ops at 0 and 50 % only: "
              "75 % needs measured shapes of N >= 1024 rows in the interpreter (whole 64-row tiles of valid rows).",
