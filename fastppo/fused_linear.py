@@ -13,6 +13,7 @@ from .backend import backend_for
 from .fused import FusedOutputs, ppo_output
 from .kept import KeptSet
 from .kept_logprobs import check_kept
+from .kernels.scale import scale
 from .library import Once, acc_dtype, define, empty, encode, or_empty
 from .linear import linear_backward_fake, linear_options_of
 from .linear_pipeline import (
@@ -170,15 +171,18 @@ def _fused_linear_ppo_loss_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(logp, kl, ent, stats, dh, dw, db)
     ctx.save_for_backward(dh, dw, db, *inputs[:3])
     ctx.present = inputs[12:15]     # need_hidden, need_weight, need_bias
+    ctx.backend = inputs[15]
 
 
-SCALE_SLICE_ELEMENTS = 1 << 26   # 256 MiB of fp32 per temporary of _scaled
+SCALE_SLICE_ELEMENTS = 1 << 26   # 256 MiB of fp32 per temporary of _scaled on the torch backend
 
 
-def _scaled(t, g):
-    """t * g computed in fp32 (fp64 for fp64 t) and rounded once to t's dtype, slice by slice of
-    SCALE_SLICE_ELEMENTS so that the fp32 temporaries of a 16-bit [V, H] d(weight) never add 4 V H + 4 V H bytes
-    to the peak (3 launches per slice)."""
+def _scaled(t, g, backend):
+    """t * g computed in fp32 (fp64 for fp64 t) and rounded once to t's dtype: the Triton scale kernel (one read
+    and one write of t), or on the torch backend slice by slice of SCALE_SLICE_ELEMENTS, so that the fp32
+    temporaries of a 16-bit [V, H] d(weight) never add 8 V H bytes to the peak."""
+    if backend == "triton":
+        return scale(t, g)
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     g = g.to(acc)
     if t.dtype == acc or not t.is_contiguous() or t.numel() <= SCALE_SLICE_ELEMENTS:
@@ -199,7 +203,8 @@ def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
         if not present:
             grads.append(None)
             continue
-        t = _scaled(t, g_loss.reshape(()))
+        t = _scaled(t, g_loss.reshape(()).to(torch.float64 if t.dtype == torch.float64 else torch.float32),
+                    ctx.backend)
         if torch.is_grad_enabled():   # the gradients were formed in the forward: a second derivative cannot be
             t = Once.apply("fused_linear_ppo_loss", t, g_loss, *(x for x in linked if x is not None))
         grads.append(t)

@@ -62,6 +62,7 @@ def _specs():
         loss_agg,
         loss_seq,
         mismatch,
+        scale,
         topk_divergence,
     )
 
@@ -110,6 +111,7 @@ def _specs():
     specs.extend(gae.aot_specs(AOTSpec, _sig))
     specs.extend(linear_aot.aot_specs(AOTSpec, _sig))
     specs.extend(linear_filter.aot_specs(AOTSpec, _sig))
+    specs.extend(scale.aot_specs(AOTSpec, _sig))
     specs.extend(kept.aot_specs(AOTSpec, _sig))
     specs.extend(linear_kept.aot_specs(AOTSpec, _sig))
     specs.extend(linear_kept_gather.aot_specs(AOTSpec, _sig))

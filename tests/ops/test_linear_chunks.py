@@ -207,3 +207,22 @@ def test_peak_below_trl_at_the_benchmark_shape(op):
         trl = count(OPS[op], s, "trl", dtype=torch.bfloat16, dry_run=True)["peak_bytes"]
         assert mine < trl, (prompt, mine / 2**20, trl / 2**20)
         assert mine <= 6 * shape["V"] * shape["H"] + 8 * shape["N"] * shape["H"], mine / 2**20
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_scale_kernel_rounds_once(dtype):
+    """kernels/scale.py (fused_linear_ppo_loss's backward: the upstream gradient times the gradients formed in
+    forward): bitwise (x in fp32, or fp64, times g) rounded once to x's dtype, for a non-contiguous x of odd size,
+    one read and one write of x."""
+    from fastppo.kernels.scale import scale
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(37, 2 * 29, generator=g) * 3).to(dtype)[:, ::2]
+    up = torch.tensor(1 / 3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    launches = TritonLaunches()
+    with launches.count():
+        got = scale(x, up)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert torch.equal(got, (x.to(acc) * up).to(dtype))
+    moved = [r["loaded_bytes"] + r["stored_bytes"] for r in launches.log]
+    assert moved == [2 * x.numel() * x.element_size() + up.element_size()]
