@@ -1,6 +1,6 @@
-"""Exact per-launch counts of the linear pipeline's kernels (kernels/linear.py), as functions of a launch's
-arguments and of the number of valid (compacted) rows: the unique bytes it loads and stores and its tl.dot FLOPs
-(whole tiles, as the interpreter counts them). The bench uses them for the large shapes (dry runs on fake
+"""Exact per-launch counts of the linear pipeline's kernels (kernels/linear.py, kernels/scale.py), as functions
+of a launch's arguments and of the number of valid (compacted) rows: the unique bytes it loads and stores and its
+tl.dot FLOPs (whole tiles, as the interpreter counts them). The bench uses them for the large shapes (dry runs on fake
 tensors, where the kernels do not run): the fit of small-shape counts cannot follow the pipeline's chunking
 (chunks of rows x vocabulary whose number depends on N, H and V). Checked launch by launch against the
 interpreter's counts (tests/bench/test_linear_cost.py).
@@ -101,8 +101,12 @@ def _dw(a, nv):
     return loads + stores, _cdiv(C, BV) * _cdiv(H, BH) * _cdiv(nv, BN) * 2 * BV * BN * BH
 
 
-MODELS = {"_linear_fwd_kernel": _fwd, "_linear_finish_kernel": _finish, "_linear_dz_kernel": _dz,
-          "_linear_dh_kernel": _dh, "_linear_dw_kernel": _dw}
+def _scale(a, nv):
+    return a["n"] * (_size(a["x_ptr"]) + _size(a["out_ptr"])) + _size(a["g_ptr"]), 0
+
+
+MODELS = {"_scale_kernel": _scale, "_linear_fwd_kernel": _fwd, "_linear_finish_kernel": _finish,
+          "_linear_dz_kernel": _dz, "_linear_dh_kernel": _dh, "_linear_dw_kernel": _dw}
 
 
 def launch_cost(kernel: str, args: dict) -> tuple[int, int] | None:
@@ -111,7 +115,7 @@ def launch_cost(kernel: str, args: dict) -> tuple[int, int] | None:
     model = MODELS.get(kernel)
     if model is None or not _n_valid or _n_valid[-1] is None:
         return None
-    if "r0" not in args:
-        return None
+    if "r0" not in args:     # a kernel that does not depend on the valid rows (kernels/scale.py)
+        return model(args, None)
     nv = min(max(_n_valid[-1] - int(args["r0"]), 0), int(args["n_rows"]))
     return model(args, nv)
