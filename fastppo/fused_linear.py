@@ -243,10 +243,10 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     projected; the returned per-token log-probs / entropy are 0 elsewhere, and NaN there cannot leak. On
     the Triton path, for token-level losses (`_token_local`), the gradients to hidden, weight and bias are
     formed in the forward pass, chunk by chunk (`chunk_bytes` bounds the [rows, V] buffers; None:
-    automatic, see `chunk_rows`): 6 N_valid H V FLOPs for forward + backward, and backward only scales
-    them by the upstream gradient (those gradients are held from forward to backward). Sequence-level
-    variants (gspo, gspo_token, gmpo), the batch-global selections (entropy_quantile, clip_cov, kl_cov)
-    recompute the logits in forward: 8 N_valid H V.
+    automatic, 2 V H bytes at most, see fastppo.linear_pipeline.chunk_rows): 6 N_valid H V FLOPs for forward
+    + backward, and backward only scales them by the upstream gradient (those gradients are held from forward
+    to backward). Sequence-level variants (gspo, gspo_token, gmpo), the batch-global selections
+    (entropy_quantile, clip_cov, kl_cov) recompute the logits in forward: 8 N_valid H V.
     cu_seqlens ([S + 1] offsets): packed sequences, hidden [total, H] (fused_ppo_loss's packed form).
     `vocab_parallel=fastppo.VocabParallel(group)`: the weight (and bias) passed are this rank's contiguous vocabulary
     shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel

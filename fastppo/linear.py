@@ -8,31 +8,40 @@ The valid rows are found on device (a stable sort of the validity flags and thei
 scale with N_valid and there is no host sync. Logits (TRL's order):
     z' = softcap(logit_scale * (hidden @ weight.T + bias)) / tau,   softcap(x) = c tanh(x / c).
 
-Triton path, per chunk of compacted rows (`chunk_bytes` of fp32 z' and dz; see `chunk_rows`):
+Triton path, per chunk of compacted rows (and, in the gradient pass where the row statistics are known, of
+vocabulary columns; `chunk_bytes` of fp32 z' and dz, by default 2 V H bytes; see fastppo.linear_pipeline's
+`chunk_rows` / `chunk_shape`):
   1. linear_fwd      z' tiles (2 n H V FLOPs) into the chunk buffer, per-split row statistics
   2. linear_finish   lse, log-prob, entropy (extras) per row
   3. linear_dz       dz = dloss/dz from z' and the per-row coefficients, written once in the GEMM dtype;
                      d(bias) (+)= sum dz in fp32
-  4. linear_dh       d(hidden) = dz @ W, accumulated in registers over V, written once   (2 n H V)
+  4. linear_dh       d(hidden) = dz @ W, accumulated in registers over the chunk's columns, carried in fp32
+                     from one vocabulary chunk to the next                               (2 n H V)
   5. linear_dw       d(weight) (+)= dz^T @ hidden in a fixed order (no atomics)         (2 n H V)
 - fused_linear_ppo_loss runs 1-5 in its forward (the per-token coefficients dloss/dlogp, dloss/dH are
-  known once a chunk's rows have their log-probs): 6 N_valid H V FLOPs in all; backward only scales the
-  saved gradients by the upstream scalar. A loss whose coefficients are not token-local would take the
-  recompute path (1-2 over all rows, the loss, then 1, 3-5: 8 N_valid H V); see `_token_local`.
+  known once a chunk's rows have their log-probs), chunks of whole rows: 6 N_valid H V FLOPs in all; backward
+  only scales the saved gradients by the upstream scalar (kernels/scale.py: one read + one write). A loss whose
+  coefficients are not token-local takes the recompute path (1-2 over all rows, the loss, then 1, 3-5:
+  8 N_valid H V); see `_token_local`.
 - linear_logprobs runs 1-2 over all rows in forward (2 N_valid H V, no buffer) and 1, 3-5 in backward,
   where the upstream gradient is known (6 N_valid H V): 8 N_valid H V in all.
 - With kept= (kernels/linear_kept.py, docs/design.md §4.1b): after 1-2 each chunk's kept columns are read from
   the z' buffer (kept statistics); the gradient's kept columns are formed before 3 (which then writes only the
   dense entropy term or zeros) and scattered over dz after it; d(bias) is summed from dz. No FLOPs added;
-  linear_logprobs' forward then also writes each chunk's z' (4 N_valid V bytes).
+  linear_logprobs' forward then also writes each chunk's z' (4 N_valid V bytes). Chunks of whole rows.
 - With grad_filter= (kernels/linear_filter.py, docs/design.md §4.1c): 3-5 are the filtered launches, dz zeroed
   on each row's vocabulary tiles where |onehot - p| < eps, and 4-5 skip the tiles no row of a row tile keeps.
-Bytes (each launch's tensors, tiles shared by programs reused on chip), b-byte inputs, C chunks: z'
-written once and read once, dz written once and read twice (14 N_valid V); d(hidden) written once
-(N_valid H b, no fp32 re-read); the weight read twice per chunk (4 V H C for bf16); d(weight) written
-once with C = 1, else an fp32 sum written, read and written per further chunk holding valid rows
-(about 8 V H C). Memory: the chunk buffers, per-split statistics (24 N V / (LIN_SPLIT_TILES*BLOCK_V)
-bytes), and in the loss the gradients held from forward to backward (as Liger's fused linear losses).
+  Chunks of whole rows.
+Bytes (each launch's tensors, tiles shared by programs reused on chip), b-byte inputs, R row chunks and K
+vocabulary chunks holding valid rows: z' written once and read once, dz written once and read twice
+(14 N_valid V); the weight read twice per row chunk (4 V H R for bf16); d(weight) written once in its dtype
+with R = 1, else an fp32 sum written, then read and written per further row chunk (8 V H (R - 1) + 4 V H) and
+cast; the hidden rows read twice and the fp32 d(hidden) sum read and written per further vocabulary chunk
+(about 12 N_valid H K); d(hidden) written once in its dtype. Memory: the chunk buffers (at most 2 V H bytes by
+default), per-split statistics (24 N V / (LIN_SPLIT_TILES*BLOCK_V) bytes), the fp32 sums (4 V H with R > 1,
+4 N H with K > 1), and in the loss the gradients held from forward to backward (as Liger's fused linear
+losses). docs/design.md §5 gives the figures at the benchmark shape; fastppo/bench/linear_cost.py models every
+launch.
 """
 
 from __future__ import annotations
@@ -226,8 +235,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     (the label is the first argmax of z'), computed in the same pass, without gradient; when given, the
     result is LogprobOutputs(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1) with None where
     not requested. Without it: logp, or (logp, entropy) with return_entropy.
-    `chunk_bytes` bounds the backward's [rows, V] buffers (fp32 logits + dz; None: automatic, see
-    `chunk_rows`). `temperature`: a positive float or a tensor of labels' shape (per token; no gradient).
+    `chunk_bytes` bounds the backward's [rows, columns] buffers (fp32 logits + dz; None: automatic, 2 V H
+    bytes at most, see fastppo.linear_pipeline.chunk_shape). `temperature`: a positive float or a tensor of
+    labels' shape (per token; no gradient).
     `vocab_parallel=fastppo.VocabParallel(group)`: the weight (and bias) passed are this rank's contiguous vocabulary
     shard, in rank order, of the process group (see VocabParallel and the README's vocabulary-parallel
     section); labels are global ids, the results those of the full vocabulary on every rank.

@@ -268,7 +268,7 @@ class LogprobOptions(LogitTransform):
 @dataclass(frozen=True)
 class LinearOptions(LogprobOptions):
     """The linear ops' options: TRL's extra per-token outputs, chunk_bytes (None: automatic, see
-    fastppo.linear_pipeline.chunk_rows), logits_dtype (None, "bfloat16" or "float16": each logit h . w + b
+    fastppo.linear_pipeline.chunk_budget), logits_dtype (None, "bfloat16" or "float16": each logit h . w + b
     rounded to it before the transform), fp32_head (the GEMMs in fp32 whatever the inputs' dtype),
     grad_filter (None: off; else the threshold eps of the gradient filter, kernels/linear_filter.py) and kept_path
     ("auto", "dense" or "gather": how a kept set's log-probs are formed, fastppo.linear_gather)."""
