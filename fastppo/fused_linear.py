@@ -177,11 +177,19 @@ def _fused_linear_ppo_loss_setup(ctx, inputs, output):
 SCALE_SLICE_ELEMENTS = 1 << 26   # 256 MiB of fp32 per temporary of _scaled on the torch backend
 
 
+def _traced(t) -> bool:
+    """Whether t is being traced (torch.compile, AOT autograd): the backward formula then stays in torch ops (a
+    Triton launch inside an autograd formula is not an opaque op there)."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or isinstance(t, FunctionalTensor)
+
+
 def _scaled(t, g, backend):
     """t * g computed in fp32 (fp64 for fp64 t) and rounded once to t's dtype: the Triton scale kernel (one read
     and one write of t), or on the torch backend slice by slice of SCALE_SLICE_ELEMENTS, so that the fp32
     temporaries of a 16-bit [V, H] d(weight) never add 8 V H bytes to the peak."""
-    if backend == "triton":
+    if backend == "triton" and not _traced(t):
         return scale(t, g)
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     g = g.to(acc)
