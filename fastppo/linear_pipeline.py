@@ -139,9 +139,9 @@ def triton_gradient_pass(h2, weight, bias, y, rows, out, opts, needs, coefs, sta
     compacted position) or, without, the kept statistics launch per chunk (into out["klse"], out["logp_c"],
     out["logp"]); then the kept gradient launch, the dense dz launch without the log-prob term, the scatter of
     the kept columns and d(bias) summed from dz; or the kept-only path (fastppo.linear_gather) where it applies.
-    Several row chunks sum d(weight) in fp32 [V, H] (each chunk's
-    products added in order onto the sum: bitwise the same whatever the row chunking), cast once at the end
-    after the chunk buffers are freed. Returns (dh, dw, db)."""
+    grad_filter (kernels/linear_filter.py): chunks of whole rows. Several row chunks sum d(weight) in fp32
+    [V, H] (each chunk's products added in order onto the sum: bitwise the same whatever the row chunking),
+    cast once at the end after the chunk buffers are freed. Returns (dh, dw, db)."""
     k = triton_kernels()
     N, H = h2.shape
     V = weight.shape[0]
