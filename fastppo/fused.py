@@ -134,7 +134,7 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                    cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
                    kl_bias_correction: bool = False, off_policy_mask_threshold: float | None = None,
                    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
-                   vespo_lambda_neg: float = 2.0,
+                   vespo_lambda_neg: float = 2.0, entropy_agg: str | None = None,
                    vocab_parallel: VocabParallel | None = None, kept: KeptSet | None = None) -> PPOLossOutput:
     """The whole policy objective from the logits in one pass:
 
@@ -144,10 +144,12 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
     policy_loss and its options as in ppo_policy_loss (variants, ratio_max, sapo temperatures,
     rollout_is_weights, entropy_quantile, dro_beta, the cov_ options), KL kinds as in kl_penalty;
     kl_bias_correction: the KL term is KL_t exp(logp_t - old_t) (TRL's use_bias_correction_kl, token level).
+    entropy_agg="token-mean": the entropy term is -entropy_coef sum(e H) / max(sum e, 1), e = mask (times the
+    entropy_quantile selection), whatever `agg` (LossOptions.entropy_agg; TRL 1.16's entropy bonus).
     Entropy is computed only when entropy_coef != 0, return_entropy or entropy_quantile. Gradient formed in
     the forward pass (Triton, a gradient wanted, policy_loss ppo, cispo, sapo or gpg without entropy_quantile,
-    off_policy_mask_threshold, kl_bias_correction, cu_seqlens, kept or vocab_parallel; V <= 16384, 8192 with a
-    softcap; eager mode): each valid logits row is read once and its gradient written once
+    off_policy_mask_threshold, kl_bias_correction, entropy_agg, cu_seqlens, kept or vocab_parallel; V <= 16384,
+    8192 with a softcap; eager mode): each valid logits row is read once and its gradient written once
     (fastppo.fused_grad, docs/design.md §5); backward only brings it to the upstream gradient (nothing moves
     when that is 1; else each valid row is rewritten once more, from the logits: fold a loss scale into
     num_tokens / num_seqs, or use `fastppo.fused_grad.one_pass(False)`). Backward through such a loss twice
@@ -177,7 +179,7 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                         dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef,
                         kl_bias_correction=kl_bias_correction, off_policy_mask_threshold=off_policy_mask_threshold,
                         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-                        vespo_lambda_neg=vespo_lambda_neg)
+                        vespo_lambda_neg=vespo_lambda_neg, entropy_agg=entropy_agg)
     if vocab_parallel is not None:
         return sharded_fused_ppo_loss(
             logits, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, ref_logprobs=ref_logprobs,

@@ -46,17 +46,17 @@ def takes_one_pass(logits: torch.Tensor, lopts: LogprobOptions, opts: LossOption
     """Whether fused_ppo_loss forms its gradient in the forward pass: the Triton backend, a gradient wanted,
     eager mode (torch.compile traces the two-pass op, whose backward is a function of its saved tensors), a
     token-level loss (ppo, cispo, sapo, gpg: not the sequence-level gspo / gspo_token / gmpo, nor
-    entropy_quantile, a threshold over every token, nor off_policy_mask_threshold / kl_bias_correction; the
-    other policy losses keep the two-pass path too), the padded layout (not cu_seqlens) and a row that
-    fits on chip (V <= fastppo.kernels.fused_grad.max_vocab(): 16384, 8192 with a softcap)."""
+    entropy_quantile, a threshold over every token, nor off_policy_mask_threshold / kl_bias_correction /
+    entropy_agg; the other policy losses keep the two-pass path too), the padded layout (not cu_seqlens) and a
+    row that fits on chip (V <= fastppo.kernels.fused_grad.max_vocab(): 16384, 8192 with a softcap)."""
     if not _ENABLED[0] or lopts.backend != "triton" or not (torch.is_grad_enabled() and logits.requires_grad):
         return False
     if torch.compiler.is_compiling():   # the hand-over of a gradient held from forward is an eager protocol
         return False
     if opts.policy_loss not in TOKEN_LOCAL_POLICIES or opts.entropy_quantile is not None or cu_seqlens is not None:
         return False
-    if opts.off_policy_mask_threshold is not None or opts.kl_bias_correction:   # a sequence mask; KL r (not in
-        return False                                                               # the row kernel's terms)
+    if opts.off_policy_mask_threshold is not None or opts.kl_bias_correction or opts.entropy_agg is not None:
+        return False   # a sequence mask; KL r; the entropy term's own mean (not in the row kernel's terms)
     return logits.shape[-1] <= ops("fused_grad", "triton").max_vocab(lopts.softcap is not None)
 
 

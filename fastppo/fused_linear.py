@@ -44,12 +44,13 @@ def _token_local(opts: LossOptions) -> bool:
     return opts.token_local
 
 
-def _agg_weights(mask, cu, opts: LossOptions, acc, backend):
+def _agg_weights(mask, cu, opts: LossOptions, acc, backend, entropy=False):
     """Per-token aggregation weights m_t w_b of the loss's `agg` mode, read from the per-token loss function
-    itself: with entropy_coef = 1 and zero entropy its entropy coefficient is exactly -m_t w_b."""
+    itself: with entropy_coef = 1 and zero entropy its entropy coefficient is exactly -m_t w_b. entropy=True:
+    the entropy term's weights (its own token-mean m_t / max(sum m, 1) with entropy_agg)."""
     zeros = torch.zeros(mask.shape, dtype=acc, device=mask.device)
     unit = opts.replace(policy_loss="ppo", dual_clip=None, ratio_max=None, entropy_quantile=None, dro_beta=None,
-                        kl_coef=0.0, entropy_coef=1.0)
+                        kl_coef=0.0, entropy_coef=1.0, entropy_agg=opts.entropy_agg if entropy else None)
     coef_ent = loss_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, opts=unit, backend=backend,
                                         cu_seqlens=cu).coef_ent
     assert coef_ent is not None   # entropy given: the entropy coefficient exists
@@ -104,14 +105,16 @@ def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw,
                            tau=None, kept=None):
     """The 6 N H V path: each chunk's coefficients dloss/dlogp = m w dL/dlogp and dloss/dH = -m w c_ent come
     from the per-token loss function run on the chunk's rows with unit aggregation (token-mean over a
-    count of 1), times the global aggregation weights m w, so chunk contributions add up exactly."""
+    count of 1), times the global aggregation weights m w (the entropy term: its own weights with
+    entropy_agg), so chunk contributions add up exactly."""
     k = triton_kernels()
     N = h2.shape[0]
     rows = k.CompactRows(valid)
     out = k.new_outputs(N, h2.device, acc, lin.with_entropy, False)
     weights = _agg_weights(mask, cu, opts, acc, lin.backend)
+    ent_weights = _agg_weights(mask, cu, opts, acc, lin.backend, True) if use_ent and opts.entropy_agg else weights
     flat = [_per_token(t, mask, cu) for t in (old, adv, mask, ref, isw)]
-    unit = opts.replace(agg="token-mean", num_tokens=1.0, num_seqs=None, horizon=None)
+    unit = opts.replace(agg="token-mean", num_tokens=1.0, num_seqs=None, horizon=None, entropy_agg=None)
     c_logp = torch.zeros(N, dtype=acc, device=h2.device)
     c_ent = torch.zeros(N, dtype=acc, device=h2.device) if use_ent else None
 
@@ -121,10 +124,9 @@ def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw,
         ent_c = out["ent_c"][r0:r0 + n][None] if use_ent else None
         res = loss_terms_from_logprobs(out["logp_c"][r0:r0 + n][None], ent_c, old_c, adv_c, mask_c, opts=unit,
                                        backend=lin.backend, ref=ref_c, rollout_is_weights=isw_c)
-        w = weights.index_select(0, sel)
-        c_logp[r0:r0 + n] = res.coef[0] * w
+        c_logp[r0:r0 + n] = res.coef[0] * weights.index_select(0, sel)
         if use_ent:
-            c_ent[r0:r0 + n] = res.coef_ent[0] * w
+            c_ent[r0:r0 + n] = res.coef_ent[0] * ent_weights.index_select(0, sel)
         return c_logp, c_ent
 
     grads = triton_gradient_pass(h2, weight, bias, y, rows, out, lin, needs, coefs, tau=tau, kept=kept)
@@ -239,7 +241,7 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
                           kl_bias_correction: bool = False, off_policy_mask_threshold: float | None = None,
                           vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
-                          vespo_lambda_neg: float = 2.0,
+                          vespo_lambda_neg: float = 2.0, entropy_agg: str | None = None,
                           vocab_parallel: VocabParallel | None = None, kept: KeptSet | None = None,
                           logits_dtype: torch.dtype | None = None, fp32_head: bool = False,
                           grad_filter: bool | float | None = None, kept_path: str = "auto") -> PPOLossOutput:
@@ -266,7 +268,9 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     vocabulary tiles a row's |onehot - p| leaves below the threshold; approximate, off by default). `kept_path`
     as in linear_logprobs: without entropy (no return_entropy, entropy_coef = 0, no entropy_quantile) the
     kept-only path forms the kept logits only (2 nnz H FLOPs, then 4 nnz H for the gradients, in forward on the
-    token-local path)."""
+    token-local path). `entropy_agg="token-mean"`: the entropy term is its own token mean over this call's valid
+    tokens (those entropy_quantile keeps), whatever `agg` (LossOptions.entropy_agg; TRL's entropy bonus); the
+    gradient is still formed in forward."""
     check_grad_filter(grad_filter, vocab_parallel, kept)
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
@@ -275,7 +279,7 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                         dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef,
                         kl_bias_correction=kl_bias_correction, off_policy_mask_threshold=off_policy_mask_threshold,
                         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-                        vespo_lambda_neg=vespo_lambda_neg)
+                        vespo_lambda_neg=vespo_lambda_neg, entropy_agg=entropy_agg)
     if vocab_parallel is not None:
         return sharded_fused_linear_ppo_loss(
             hidden, weight, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, bias=bias,

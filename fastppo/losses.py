@@ -57,7 +57,7 @@ from .library import acc_dtype, decode, define, encode
 from .modes import IS_LEVELS, IS_MODES
 from .options import LossOptions
 from .packed import check_cu_seqlens, check_packed
-from .policy_weights import cov_selection, off_policy_keep, vespo_weights
+from .policy_weights import cov_selection, entropy_token_mean, off_policy_keep, vespo_weights
 
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
 
@@ -174,8 +174,9 @@ def entropy_threshold(entropy, mask, quantile):
 def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, backend: str, ref=None,
                              rollout_is_weights=None, ent_threshold=None, cu_seqlens=None) -> AggResult:
     """The per-token loss function of the fused losses: policy term of `opts.policy_loss` + kl_coef KL
-    - entropy_coef H, aggregated by opts.agg (global counts opts.num_tokens / num_seqs / horizon), from
-    per-token log-probs. No autograd: returns AggResult(loss, stats, coef, coef_ent, kl) where
+    - entropy_coef H, aggregated by opts.agg (global counts opts.num_tokens / num_seqs / horizon; the entropy
+    term by its own token mean with opts.entropy_agg, policy_weights.entropy_token_mean), from per-token
+    log-probs. No autograd: returns AggResult(loss, stats, coef, coef_ent, kl) where
     dloss/dlogp = coef and dloss/dH = coef_ent ([B, T], fp32 or fp64), so the caller's backward
     multiplies them by the upstream gradient and chains through its own log-prob op.
 
@@ -193,10 +194,12 @@ def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, ba
             rollout_is_weights = rollout_is_weights.reshape(-1)
     thr = opts.off_policy_mask_threshold
     keep = None if thr is None else off_policy_keep(logp, old, adv, mask, thr, cu_seqlens)
-    return ops("loss_agg", backend).policy_loss_agg(logp, old, adv, mask, opts=opts, ref=ref, ent=ent,
-                                                    rollout_is_weights=rollout_is_weights,
-                                                    ent_threshold=ent_threshold, select=select, keep=keep,
-                                                    cu_seqlens=cu_seqlens)
+    own_ent = opts.entropy_agg is not None and ent is not None   # the entropy term's own token-mean, added after
+    res = ops("loss_agg", backend).policy_loss_agg(logp, old, adv, mask, opts=opts.replace(entropy_coef=0.0) if own_ent
+                                                   else opts, ref=ref, ent=ent, rollout_is_weights=rollout_is_weights,
+                                                   ent_threshold=ent_threshold, select=select, keep=keep,
+                                                   cu_seqlens=cu_seqlens)
+    return entropy_token_mean(res, ent, mask, opts, ent_threshold) if own_ent else res
 
 
 # ----------------------------------------------------------------------------- ops

@@ -3,6 +3,8 @@ rollout-correction modes, with the integer ids the kernels take as constexprs.""
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 AGG_IDS = {name: i for i, name in enumerate(AGG_MODES)}
+# the entropy term's own aggregation (LossOptions.entropy_agg; None: the loss's agg)
+ENTROPY_AGG_MODES = ("token-mean",)
 
 KL_KINDS = ("k1", "abs", "k2", "mse", "k3", "low_var_kl")
 KL_KIND_IDS = {"k1": 1, "abs": 2, "k2": 3, "mse": 3, "k3": 4, "low_var_kl": 5}   # 0: no KL term

@@ -25,6 +25,7 @@ from ._validation import check_number, check_temperature
 from .modes import (
     AGG_MODES,
     COV_LOSSES,
+    ENTROPY_AGG_MODES,
     IS_LEVELS,
     KL_KINDS,
     POLICY_LOSSES,
@@ -68,6 +69,10 @@ class LossOptions:
     defaults; lambda clamped at 1e-4 as TRL).
     kl_bias_correction: the fused losses' KL term is KL_t r_t, r_t = exp(logp_t - old_t), with its gradient
     (TRL's use_bias_correction_kl at importance_sampling_level="token"); the reported `kl` stays KL_t.
+    entropy_agg: None (the entropy term is aggregated as the loss, by `agg` and the global counts) or
+    "token-mean": the entropy term is -entropy_coef sum_t(m_t k_t H_t) / max(sum_t m_t k_t, 1) over this
+    call's tokens, k_t the entropy_quantile selection (1 without it), whatever `agg` (TRL 1.16
+    GRPOTrainer._compute_loss's entropy bonus over its effective mask).
     agg one of AGG_MODES, kl_kind one of KL_KINDS, kl_coef / entropy_coef finite, value_clip > 0 (inf: no
     clip, stored as None), num_tokens / num_seqs / horizon > 0 and finite (global counts for micro-batches).
     Every number goes through fastppo._validation.check_number: errors name the argument."""
@@ -96,6 +101,7 @@ class LossOptions:
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
     entropy_coef: float = 0.0
+    entropy_agg: str | None = None
     value_clip: float | None = None
     num_tokens: float | None = None
     num_seqs: float | None = None
@@ -172,6 +178,8 @@ class LossOptions:
         if not isinstance(self.kl_bias_correction, bool):
             raise TypeError(f"kl_bias_correction must be a bool, got {type(self.kl_bias_correction).__name__}")
         set_("entropy_coef", _finite("entropy_coef", self.entropy_coef))
+        if self.entropy_agg is not None:
+            _choice("entropy_agg", self.entropy_agg, (None, *ENTROPY_AGG_MODES))
         clip = check_number("clip", self.value_clip, low=0.0, low_open=True, allow_none=True, allow_inf=True)
         set_("value_clip", None if clip == math.inf else clip)   # clip=inf: no clip (the same loss, exactly)
         for name in ("num_tokens", "num_seqs", "horizon"):

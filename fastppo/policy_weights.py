@@ -1,7 +1,8 @@
 """The policy losses' per-token selections and weights that need more than the token itself, computed with
 torch ops on the device from detached values before the aggregation launches (both backends share them):
 clip_cov / kl_cov's batch-global covariance selection, TRL's off-policy sequence mask and VESPO's gamma
-weight (per sequence). fastppo.losses.loss_terms_from_logprobs calls them; formulas in each docstring."""
+weight (per sequence); and after it, the entropy term with its own token mean (entropy_agg).
+fastppo.losses.loss_terms_from_logprobs calls them; formulas in each docstring."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 
 import torch
 
+from .kernels.loss_layout import STATS, AggResult
 from .options import LossOptions
 from .packed import Segments, per_token
 
@@ -98,3 +100,26 @@ def off_policy_keep(logp, old, adv, mask, threshold, cu_seqlens=None) -> torch.T
     mean = seg.sum(torch.where(m, kl, torch.zeros_like(kl))) / seg.sum(m.to(acc)).clamp_min(1)
     keep = (seg.per_token(adv.detach(), acc) >= 0) | (seg.spread(mean) <= threshold)
     return keep.reshape(mask.shape)
+
+
+def entropy_token_mean(res: AggResult, ent, mask, opts: LossOptions, ent_threshold=None) -> AggResult:
+    """The entropy term of LossOptions.entropy_agg="token-mean", added to an aggregation `res` run with
+    entropy_coef = 0. With e_t = m_t k_t (k_t = [H_t >= the entropy_quantile threshold], 1 without one):
+        E = sum_t e_t H_t / max(sum_t e_t, 1),  loss -= entropy_coef E,  dloss/dH_t = -entropy_coef e_t / max(sum e, 1)
+    over this call's tokens (TRL 1.16 GRPOTrainer._compute_loss: the entropy bonus over effective_mask = mask *
+    entropy_mask, a token mean whatever the loss type's normaliser). Torch ops on the device, no host sync;
+    the stats' loss and entropy_loss follow; masked tokens contribute nothing even when they hold NaN."""
+    acc = res.loss.dtype
+    h = ent.reshape(-1).to(acc)
+    e = mask.reshape(-1) != 0
+    if ent_threshold is not None:
+        e = e & (h >= ent_threshold.to(acc))
+    zero = torch.zeros_like(h)
+    den = e.to(acc).sum().clamp_min(1)
+    term = torch.where(e, h, zero).sum() / den
+    coef_ent = torch.where(e, -opts.entropy_coef / den, zero).reshape(res.coef.shape)
+    loss = res.loss - opts.entropy_coef * term
+    stats = res.stats.clone()
+    stats[STATS.index("loss")] = loss
+    stats[STATS.index("entropy_loss")] = term
+    return AggResult(loss, stats, res.coef, coef_ent, res.kl)

@@ -390,8 +390,10 @@ def compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs,
                      entropy_coef, clip_low, clip_high, dual_clip, agg, num_tokens, num_seqs, horizon, **policy):
     """The fused loss from per-token log-probs (and entropy): the unfused composition. kl_bias_correction
     (TRL's use_bias_correction_kl, token level): the KL term is KL exp(logp - old), differentiated through
-    both factors; the reported kl stays the plain estimator."""
+    both factors; the reported kl stays the plain estimator. entropy_agg="token-mean": the entropy term is
+    sum(e H) / max(sum e, 1), e = mask times the entropy_quantile selection (TRL's entropy bonus)."""
     bias_corrected = policy.pop("kl_bias_correction", False)
+    entropy_agg = policy.pop("entropy_agg", None)
     unknown = set(policy) - set(POLICY_KWARGS)
     if unknown:
         raise TypeError(f"unknown policy options {sorted(unknown)}")
@@ -408,7 +410,11 @@ def compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs,
             kl_kept = kl_kept * torch.exp(_keep(_f(logp), m) - _keep(_f(old_logprobs), m))
         loss = loss + kl_coef * aggregate(kl_kept, mask, agg, **counts)
         stats["kl"] = _masked_mean(kl, m).detach()
-    if ent is not None:
+    if ent is not None and entropy_agg == "token-mean":   # TRL 1.16's bonus: a token mean over mask * entropy_mask
+        h, q = _f(ent).reshape(m.shape), policy.get("entropy_quantile")
+        e = m if q is None or not (m > 0).any() else m * (h >= torch.quantile(h[m > 0], 1 - q)).to(m.dtype)
+        loss = loss - entropy_coef * _keep(h, e).sum() / e.sum().clamp(min=1.0)
+    elif ent is not None:
         loss = loss - entropy_coef * aggregate(_keep(_f(ent), m), mask, agg, **counts)
         stats["entropy"] = _masked_mean(ent, m).detach()
     return PPOLossOutput(loss=loss, logprobs=logp.detach(), kl=None if kl is None else kl.detach(),
