@@ -32,7 +32,9 @@ in training, 1 in eval):
 | temperature, softcapping, logit_scale        | the head's own arguments                                     |
 | grpo, sapo: mean_b(sum_t m L / n_b) / GA     | agg="seq-mean-token-mean", num_seqs=B, / GA                  |
 | luspo: mean_b(sum_t m L) / GA                | agg="seq-mean-token-sum", num_seqs=B, / GA                   |
-| bnpo: sum(m L) / sum(m) / GA                 | agg="token-sum" / (sum(m).clamp(1) GA)                       |
+| bnpo: sum(m L) / sum(m) / GA                 | agg="token-mean" / GA                                        |
+| entropy bonus: - c sum(e H) / max(sum e, 1) / GA, e = mask * entropy_mask, c = entropy_coef (adaptive: 0   |
+| while the last window's entropy > entropy_target) | entropy_agg="token-mean", entropy_coef = c divisor / GA |
 | dr_grpo: sum(m L) / (B max_completion_length) / GA | agg="token-sum" / (B max_completion_length GA)         |
 | dapo, cispo, vespo: sum(m L) / normalizer (num_items_in_batch ...) | agg="token-sum" / TRL's normalizer     |
 
@@ -54,15 +56,13 @@ check would be a host sync, so the step is served with the cap.
 
 Delegated to TRL's original (counted in `handle.stats.delegated["GRPOTrainer._compute_loss"]`; the reason:
 `unsupported_reason(trainer, inputs)`): off_policy_mask_threshold when the inputs hold vLLM's
-sampling_per_token_logps (TRL measures against those, fastppo's mask against old_logprobs),
-use_bias_correction_kl at sequence level (TRL's weight is the sequence ratio, its gradient spread over the
-sequence), vespo with [B, 1] IS weights or a vLLM IS clip range that excludes 1 (TRL sums log w over every
-position, 1 at masked ones by its construction; fastppo sums over the valid tokens), the entropy bonus
-(entropy_coef / adaptive entropy: TRL's bonus is a token mean over its own mask whatever the loss type's
-aggregation, which one call cannot express), MoE aux loss, cispo with epsilon_high < 1 (fastppo's cispo cap is
->= 1), cispo / sapo at sequence level and delta at sequence level (no sequence-level form in the ops), epsilon
-outside [0, 1], delta <= 1, top_entropy_quantile over several processes (TRL's threshold is global), an
-on-policy sequence-level step with IS weights or the entropy mask, a subclass overriding
+sampling_per_token_logps (TRL measures against those, fastppo's mask against old_logprobs), use_bias_correction_kl
+at sequence level (TRL's weight is the sequence ratio, its gradient spread over the sequence), vespo with [B, 1] IS
+weights or a vLLM IS clip range that excludes 1 (TRL sums log w over every position, 1 at masked ones by its
+construction; fastppo sums over the valid tokens), MoE aux loss, cispo with epsilon_high < 1 (fastppo's cispo cap
+is >= 1), cispo / sapo at sequence level and delta at sequence level (no sequence-level form in the ops), epsilon
+outside [0, 1], delta <= 1, top_entropy_quantile over several processes (TRL's threshold is global), an on-policy
+sequence-level step with IS weights or the entropy mask, a subclass overriding
 `_get_per_token_logps_and_entropies`, a PEFT prompt-learning model (its labels gain virtual tokens); on CPU, a
 sequence-level step over the GSPO cap (above).
 
@@ -162,8 +162,6 @@ def _plan(tr, inputs) -> _Plan | str:
         return "off_policy_mask_threshold against vLLM's sampling log-probs (fastppo's mask uses old_logprobs)"
     if tr.beta != 0.0 and tr.args.use_bias_correction_kl and tr.importance_sampling_level != "token":
         return "use_bias_correction_kl at importance_sampling_level='sequence'"
-    if getattr(tr, "_entropy_bonus_enabled", False):
-        return "entropy bonus (entropy_coef / adaptive entropy)"
     if getattr(tr, "aux_loss_enabled", False):
         return "MoE aux loss"
     if getattr(getattr(tr.model, "active_peft_config", None), "is_prompt_learning", False):
@@ -243,9 +241,9 @@ class _Plan:
         elif lt == "luspo":   # sum_t m L per sequence, mean over the B sequences
             kw.update(agg="seq-mean-token-sum", num_seqs=float(B))
             self.divisor = ga
-        elif lt == "bnpo":
-            kw["agg"] = "token-sum"
-            self.divisor = mask.sum().clamp(min=1.0) * ga
+        elif lt == "bnpo":   # sum(m L) / max(sum m, 1)
+            kw["agg"] = "token-mean"
+            self.divisor = ga
         elif lt == "dr_grpo":
             kw["agg"] = "token-sum"
             self.divisor = float(B * tr.max_completion_length * ga)
@@ -255,7 +253,23 @@ class _Plan:
             self.divisor = div * tr.current_gradient_accumulation_steps / tr.args.steps_per_generation if train \
                 else div
         self.agg_kwargs = kw
-        LossOptions.policy(**policy, **kw)   # validated here, before TRL's forward runs
+        self.ent_kwargs = self._entropy_bonus(tr, ga)
+        LossOptions.policy(**policy, **kw, **self.ent_kwargs)   # validated here, before TRL's forward runs
+
+    def _entropy_bonus(self, tr, ga) -> dict:
+        """TRL's entropy bonus (_compute_loss: loss - c sum(e H) / max(sum e, 1) / GA, e = mask * entropy_mask,
+        c = entropy_coef, or 0 under adaptive entropy while the last window's entropy is above entropy_target)
+        as the op's entropy term: entropy_agg="token-mean" with entropy_coef = c divisor / GA, since the op's
+        loss is divided by `divisor`. dapo / cispo / vespo's divisor is num_items_in_batch's, a tensor: read on
+        the host here (free on CPU; one sync on an accelerator, where TRL's bonus branch syncs anyway)."""
+        if not getattr(tr, "_entropy_bonus_enabled", False):
+            return {}
+        c = tr.entropy_coef
+        if tr.use_adaptive_entropy and not tr._last_world_entropy <= tr.args.entropy_target:
+            c = 0.0
+        div = self.divisor
+        scale = float(div) if isinstance(div, torch.Tensor) else div
+        return {"entropy_coef": float(c) * scale / ga, "entropy_agg": "token-mean"}
 
     def over_cap(self, logp) -> bool:
         """gspo off-policy: whether a valid sequence's mean log-ratio exceeds fastppo's cap (TRL has none).
@@ -273,6 +287,8 @@ class _Plan:
         agg, kw = self.agg_kwargs["agg"], self.agg_kwargs
         if agg == "seq-mean-token-mean":
             return (x.sum(-1) / m.sum(-1).clamp(min=1)).sum() / kw["num_seqs"]
+        if agg == "token-mean":
+            return x.sum() / m.sum().clamp(min=1)
         return x.sum() / (kw["num_seqs"] if agg == "seq-mean-token-sum" else 1.0)
 
     def loss(self, hidden, weight, bias, temperature, softcap, scale):
@@ -282,7 +298,7 @@ class _Plan:
         out = fastppo.fused_linear_ppo_loss(
             hidden, weight, self.labels, old, self.adv, self.mask, bias=bias, ref_logprobs=self.ref,
             temperature=temperature, rollout_is_weights=self.run_isw, final_logit_softcapping=softcap,
-            logit_scale=scale, return_entropy=True, **policy, **self.agg_kwargs)
+            logit_scale=scale, return_entropy=True, **policy, **self.agg_kwargs, **self.ent_kwargs)
         loss = out.loss
         if self.on_policy:   # the value at ratio 1 (gradient unchanged: a detached constant)
             lp, ent = out.logprobs, out.entropy

@@ -95,6 +95,27 @@ CASES = [
     ("on_policy_luspo_sequence", dict(loss_type="luspo", importance_sampling_level="sequence"), {},
      {"old_per_token_logps": None}),
     ("cispo_delta_unused", dict(loss_type="cispo", epsilon_high=1.3), dict(delta=1.1), {}),
+    # the entropy bonus: a token mean over mask * entropy_mask / GA whatever the loss type's normaliser
+    ("grpo_entropy_bonus", dict(loss_type="grpo", _entropy_bonus_enabled=True, entropy_coef=0.05), {}, {}),
+    ("dapo_entropy_bonus_quantile_accumulation", dict(loss_type="dapo", _entropy_bonus_enabled=True, entropy_coef=0.1,
+                                                      top_entropy_quantile=0.5, current_gradient_accumulation_steps=2),
+     {}, {}),
+    ("bnpo_entropy_bonus_tool_mask", dict(loss_type="bnpo", _entropy_bonus_enabled=True, entropy_coef=-0.3), {},
+     {"tool_mask": True}),
+    ("vespo_entropy_bonus_is", dict(loss_type="vespo", _entropy_bonus_enabled=True, entropy_coef=0.2, use_vllm=True,
+                                    vllm_importance_sampling_correction=True), {},
+     {"importance_sampling_ratio": "token"}),
+    ("luspo_gspo_entropy_bonus", dict(loss_type="luspo", importance_sampling_level="sequence",
+                                      _entropy_bonus_enabled=True, entropy_coef=0.1), {}, {}),
+    ("on_policy_dr_grpo_entropy_bonus", dict(loss_type="dr_grpo", _entropy_bonus_enabled=True, entropy_coef=0.1), {},
+     {"old_per_token_logps": None}),
+    # adaptive entropy: the coefficient applies while the last window's entropy is <= entropy_target; TRL's
+    # controller then updates it (from fastppo's entropies)
+    ("sapo_adaptive_entropy_on", dict(loss_type="sapo", _entropy_bonus_enabled=True, use_adaptive_entropy=True,
+                                      entropy_coef=0.2, _last_world_entropy=0.1), dict(entropy_target=1.0), {}),
+    ("cispo_adaptive_entropy_gated", dict(loss_type="cispo", epsilon_high=1.3, _entropy_bonus_enabled=True,
+                                          use_adaptive_entropy=True, entropy_coef=0.2, _last_world_entropy=5.0),
+     dict(entropy_target=1.0), {}),
 ]
 
 
@@ -128,10 +149,15 @@ def _inputs(base, changes):
     return {k: v for k, v in x.items() if v is not None}
 
 
+_CONTROLLER = ("entropy_coef", "_last_world_entropy", "_entropy_window_stats")   # adaptive entropy's state
+
+
 def _step(tr, inputs, patched, monkeypatch=None, compact=False, ops=None):
-    """TRL's _compute_loss + backward: (loss, gradients by parameter, last logged metrics, stats)."""
+    """TRL's _compute_loss + backward: (loss, gradients by parameter, last logged metrics, stats). The adaptive
+    entropy controller's state is put back after the step (its update runs in TRL's code, patched or not)."""
     tr.model.zero_grad(set_to_none=True)
     tr._metrics["train"].clear()
+    controller = {k: getattr(tr, k) for k in _CONTROLLER}
     handle = (fi.patch("trl") if ops is None else fi.patch("trl", ops=ops)) if patched else None
     try:
         with contextlib.ExitStack() as stack:
@@ -148,6 +174,8 @@ def _step(tr, inputs, patched, monkeypatch=None, compact=False, ops=None):
     finally:
         if handle is not None:
             handle.undo()
+        for k, v in controller.items():
+            setattr(tr, k, v)
     grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
     metrics = {k: v[-1] for k, v in tr._metrics["train"].items()}
     return loss.detach(), grads, metrics, stats
@@ -184,7 +212,6 @@ DELEGATED = [   # (name, trainer attributes, args attributes, input changes, rea
      {"importance_sampling_ratio": "token"}, "an IS clip range that excludes 1"),
     ("vespo_is_sequence", dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True), {},
      {"importance_sampling_ratio": "sequence"}, "vespo with sequence-level IS weights"),
-    ("entropy_bonus", dict(_entropy_bonus_enabled=True, entropy_coef=0.01), {}, {}, "entropy bonus"),
     ("cispo_cap_below_1", dict(loss_type="cispo", epsilon_high=0.8), {}, {}, "cispo with epsilon_high=0.8"),
     ("sapo_sequence", dict(loss_type="sapo", importance_sampling_level="sequence"), {}, {}, "at importance_sampling"),
     ("delta_sequence", dict(loss_type="grpo", importance_sampling_level="sequence"), dict(delta=2.0), {},
