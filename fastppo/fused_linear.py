@@ -58,11 +58,12 @@ def _agg_weights(mask, cu, opts: LossOptions, acc, backend, entropy=False):
 
 
 def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw, cu, opts: LossOptions,
-                         lin: LinearOptions, needs, tau=None, kept=None):
+                         lin: LinearOptions, needs, tau=None, kept=None, behaviour=None):
     """Forward of fused_linear_ppo_loss (the body of torch.ops.fastppo.fused_linear_ppo_loss): loss, logp,
     kl, entropy, stats and the gradients (d_hidden, d_weight, d_bias) for a unit upstream gradient, formed
     in this pass where `needs` asks for them (None elsewhere). `tau`: per-token temperatures (or None);
-    `kept`: a KeptArg (log-probs over the kept sets) or None."""
+    `kept`: a KeptArg (log-probs over the kept sets) or None; `behaviour`: the off-policy mask's behaviour
+    log-probs (None: old)."""
     h2, y = flatten_rows(hidden, labels)
     tau = None if tau is None else tau.reshape(-1).contiguous()
     shape = labels.shape
@@ -79,7 +80,7 @@ def fused_linear_outputs(hidden, weight, bias, labels, old, adv, mask, ref, isw,
     logp = out["logp"].view(shape)
     ent = out["ent"].view(shape) if lin.with_entropy else None
     res = loss_terms_from_logprobs(logp, ent, old, adv, mask, opts=opts, backend=lin.backend, ref=ref,
-                                   rollout_is_weights=isw, cu_seqlens=cu)
+                                   rollout_is_weights=isw, cu_seqlens=cu, off_policy_logprobs=behaviour)
     if any(needs) and not in_forward:
         row_stats = (out["lse"], out["ent"]) if rows is None else (out["lse"], out["ent_c"])
         grads = gradient_rows(h2, weight, bias, y, valid, rows, row_stats, res.coef.reshape(-1),
@@ -136,7 +137,7 @@ def _forward_with_gradient(h2, weight, bias, y, valid, old, adv, mask, ref, isw,
 # ----------------------------------------------------------------------------- op
 def _fused_linear_ppo_loss_fake(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs,
                                 rollout_is_weights, cu_seqlens, options, linear_options, need_hidden, need_weight,
-                                need_bias, backend, tau=None, ids=None, offsets=None):
+                                need_bias, backend, tau=None, ids=None, offsets=None, off_policy_logprobs=None):
     lin = linear_options_of(linear_options)
     loss, stats, coef = agg_outputs_fake(hidden, mask)
     logp = hidden.new_empty(labels.shape, dtype=acc_dtype(hidden, weight))
@@ -154,15 +155,17 @@ def fused_linear_ppo_loss_op(hidden: torch.Tensor, weight: torch.Tensor, bias: t
                              linear_options: str,
                              need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
                              tau: torch.Tensor | None = None, ids: torch.Tensor | None = None,
-                             offsets: torch.Tensor | None = None) -> FusedOutputs:
+                             offsets: torch.Tensor | None = None,
+                             off_policy_logprobs: torch.Tensor | None = None) -> FusedOutputs:
     """(loss, logprobs, kl, entropy, stats, d_hidden, d_weight, d_bias): fused_linear_ppo_loss's forward,
     which forms the gradients for a unit upstream gradient (fastppo.linear; empty where not needed).
-    tau: per-token temperatures (linear_options' inv_tau then 1); ids / offsets: a KeptSet's CSR. Only loss
-    is differentiable; its backward scales the saved gradients."""
+    tau: per-token temperatures (linear_options' inv_tau then 1); ids / offsets: a KeptSet's CSR;
+    off_policy_logprobs: the off-policy mask's behaviour log-probs. Only loss is differentiable; its backward
+    scales the saved gradients."""
     loss, logp, kl, ent, stats, dh, dw, db = fused_linear_outputs(
         hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, cu_seqlens,
         loss_options_of(options), linear_options_of(linear_options), (need_hidden, need_weight, need_bias), tau,
-        None if ids is None or offsets is None else KeptArg(ids, offsets))
+        None if ids is None or offsets is None else KeptArg(ids, offsets), off_policy_logprobs)
     return (loss, logp, or_empty(kl, logp), or_empty(ent, logp), stats, empty(hidden) if dh is None else
             dh.contiguous(), or_empty(dw, weight), or_empty(db, weight))
 
@@ -206,7 +209,7 @@ def _scaled(t, g, backend):
 
 def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
     if g_loss is None:
-        return (None,) * 19
+        return (None,) * 20
     grads = []
     dh, dw, db, *linked = ctx.saved_tensors
     for t, present in zip((dh, dw, db), ctx.present):
@@ -218,7 +221,7 @@ def _fused_linear_ppo_loss_backward(ctx, g_loss, *_):
         if torch.is_grad_enabled():   # the gradients were formed in the forward: a second derivative cannot be
             t = Once.apply("fused_linear_ppo_loss", t, g_loss, *(x for x in linked if x is not None))
         grads.append(t)
-    return (*grads, *([None] * 16))
+    return (*grads, *([None] * 17))
 
 
 fused_linear_ppo_loss_op.register_autograd(_fused_linear_ppo_loss_backward, setup_context=_fused_linear_ppo_loss_setup)
@@ -242,6 +245,7 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           kl_bias_correction: bool = False, off_policy_mask_threshold: float | None = None,
                           vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
                           vespo_lambda_neg: float = 2.0, entropy_agg: str | None = None,
+                          off_policy_logprobs: torch.Tensor | None = None,
                           vocab_parallel: VocabParallel | None = None, kept: KeptSet | None = None,
                           logits_dtype: torch.dtype | None = None, fp32_head: bool = False,
                           grad_filter: bool | float | None = None, kept_path: str = "auto") -> PPOLossOutput:
@@ -270,7 +274,9 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     kept-only path forms the kept logits only (2 nnz H FLOPs, then 4 nnz H for the gradients, in forward on the
     token-local path). `entropy_agg="token-mean"`: the entropy term is its own token mean over this call's valid
     tokens (those entropy_quantile keeps), whatever `agg` (LossOptions.entropy_agg; TRL's entropy bonus); the
-    gradient is still formed in forward."""
+    gradient is still formed in forward. `off_policy_logprobs` (labels' shape; needs off_policy_mask_threshold):
+    the behaviour log-probs the off-policy mask measures against instead of old_logprobs (TRL's
+    sampling_per_token_logps from vLLM; as in ppo_policy_loss). (Not with vocab_parallel.)"""
     check_grad_filter(grad_filter, vocab_parallel, kept)
     opts = loss_options(policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                         ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
@@ -281,6 +287,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
                         vespo_lambda_neg=vespo_lambda_neg, entropy_agg=entropy_agg)
     if vocab_parallel is not None:
+        if off_policy_logprobs is not None:
+            raise ValueError("off_policy_logprobs is not supported with vocab_parallel")
         return sharded_fused_linear_ppo_loss(
             hidden, weight, labels, old_logprobs, advantages, mask, vocab_parallel, loss_opts=opts, bias=bias,
             ref_logprobs=ref_logprobs, rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens,
@@ -293,7 +301,7 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if cu_seqlens is not None and hidden.dim() != 2:
         raise ValueError(f"with cu_seqlens, hidden must be packed [total, H], got shape {tuple(hidden.shape)}")
     check_fused_tensors(hidden.shape[:-1], old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights, opts,
-                        cu_seqlens)
+                        cu_seqlens, off_policy_logprobs)
     want_ent = bool(return_entropy or entropy_coef != 0 or entropy_quantile is not None)
     backend = backend_for(hidden, weight, labels, old_logprobs, advantages, mask, cu_seqlens)
     tau = check_temperature_rows(temperature, labels.shape, hidden.device, "fused_linear_ppo_loss", labels,
@@ -309,5 +317,5 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     loss, logp, kl, ent, stats, *_ = torch.ops.fastppo.fused_linear_ppo_loss(
         hidden, weight, bias, labels, old_logprobs.detach(), advantages.detach(), mask, detach(ref_logprobs),
         detach(rollout_is_weights), cu_seqlens, encode(opts), encode(lin), *needs, backend, tau,
-        *((kept.ids, kept.offsets) if kept is not None else (None, None)))
+        *((kept.ids, kept.offsets) if kept is not None else (None, None)), detach(off_policy_logprobs))
     return ppo_output(loss, logp, kl, ent, stats, opts, ref_logprobs is not None, want_ent)

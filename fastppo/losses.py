@@ -112,9 +112,13 @@ def check_optional(name, x, like_name, shape):
 
 
 def check_policy_tensors(name, shape, old, adv, mask, opts, *, rollout_is_weights=None, entropy=None,
-                         entropy_name="entropy", cu_seqlens=None):
+                         entropy_name="entropy", cu_seqlens=None, off_policy_logprobs=None):
     check_token_args(name, shape, old, adv, mask, cu_seqlens=cu_seqlens)
     check_optional("rollout_is_weights", rollout_is_weights, name, shape)
+    check_optional("off_policy_logprobs", off_policy_logprobs, name, shape)
+    if off_policy_logprobs is not None and opts.off_policy_mask_threshold is None:
+        raise ValueError("off_policy_logprobs is the behaviour log-probs of the off-policy mask: it needs "
+                         "off_policy_mask_threshold")
     if opts.entropy_quantile is not None and entropy is None:
         raise ValueError(f"entropy_quantile={opts.entropy_quantile} needs the per-token {entropy_name}")
 
@@ -147,9 +151,10 @@ VARIANT_OPTIONS = ("dro_beta", "cov_ratio", "cov_lb", "cov_ub", "kl_cov_coef", "
 
 
 def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
-                        opts: LossOptions, cu_seqlens=None):
+                        opts: LossOptions, cu_seqlens=None, off_policy_logprobs=None):
     check_policy_tensors("labels", lead_shape, old_logprobs, advantages, mask, opts,
-                         rollout_is_weights=rollout_is_weights, entropy=True, cu_seqlens=cu_seqlens)
+                         rollout_is_weights=rollout_is_weights, entropy=True, cu_seqlens=cu_seqlens,
+                         off_policy_logprobs=off_policy_logprobs)
     if ref_logprobs is not None:
         check_float("ref_logprobs", ref_logprobs)
         if tuple(ref_logprobs.shape) != tuple(lead_shape):
@@ -172,7 +177,8 @@ def entropy_threshold(entropy, mask, quantile):
 
 
 def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, backend: str, ref=None,
-                             rollout_is_weights=None, ent_threshold=None, cu_seqlens=None) -> AggResult:
+                             rollout_is_weights=None, ent_threshold=None, cu_seqlens=None,
+                             off_policy_logprobs=None) -> AggResult:
     """The per-token loss function of the fused losses: policy term of `opts.policy_loss` + kl_coef KL
     - entropy_coef H, aggregated by opts.agg (global counts opts.num_tokens / num_seqs / horizon; the entropy
     term by its own token mean with opts.entropy_agg, policy_weights.entropy_token_mean), from per-token
@@ -184,7 +190,8 @@ def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, ba
     adv [B, T] or [B]; all detached. A caller that splits the rows into chunks (the linear path)
     passes the whole batch's counts in opts and, with entropy_quantile, the whole batch's
     `ent_threshold` (entropy_threshold(...)); otherwise it is computed from these rows. cu_seqlens
-    ([S + 1] offsets): the per-token tensors are packed [total] (adv [total] or [S]), coef [1, total]."""
+    ([S + 1] offsets): the per-token tensors are packed [total] (adv [total] or [S]), coef [1, total].
+    off_policy_logprobs (or None: old): the behaviour log-probs the off-policy mask measures against."""
     if ent_threshold is None and opts.entropy_quantile is not None:
         ent_threshold = entropy_threshold(ent, mask, opts.entropy_quantile)
     select = cov_selection(logp, old, adv, mask, opts, cu_seqlens) if opts.cov_select else None
@@ -193,7 +200,8 @@ def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, ba
         if cu_seqlens is not None:
             rollout_is_weights = rollout_is_weights.reshape(-1)
     thr = opts.off_policy_mask_threshold
-    keep = None if thr is None else off_policy_keep(logp, old, adv, mask, thr, cu_seqlens)
+    behaviour = old if off_policy_logprobs is None else off_policy_logprobs
+    keep = None if thr is None else off_policy_keep(logp, behaviour, adv, mask, thr, cu_seqlens)
     own_ent = opts.entropy_agg is not None and ent is not None   # the entropy term's own token-mean, added after
     res = ops("loss_agg", backend).policy_loss_agg(logp, old, adv, mask, opts=opts.replace(entropy_coef=0.0) if own_ent
                                                    else opts, ref=ref, ent=ent, rollout_is_weights=rollout_is_weights,
@@ -216,19 +224,21 @@ def agg_outputs_fake(x, mask):
 
 
 def _ppo_policy_loss_fake(logprobs, old_logprobs, advantages, mask, entropy, rollout_is_weights, cu_seqlens, options,
-                          backend):
+                          backend, off_policy_logprobs=None):
     return agg_outputs_fake(logprobs, mask)
 
 
 @define("ppo_policy_loss", _ppo_policy_loss_fake, kernels=True)
 def ppo_policy_loss_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                        entropy: torch.Tensor | None, rollout_is_weights: torch.Tensor | None,
-                       cu_seqlens: torch.Tensor | None, options: str,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       cu_seqlens: torch.Tensor | None, options: str, backend: str,
+                       off_policy_logprobs: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, stats, dloss/dlogprobs) of the policy loss of `options` (a LossOptions); packed by cu_seqlens
-    when given."""
+    when given; off_policy_logprobs: the off-policy mask's behaviour log-probs (None: old_logprobs)."""
     res = loss_terms_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, opts=loss_options_of(options),
-                                   backend=backend, rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens)
+                                   backend=backend, rollout_is_weights=rollout_is_weights, cu_seqlens=cu_seqlens,
+                                   off_policy_logprobs=off_policy_logprobs)
     return res.loss, res.stats, res.coef
 
 
@@ -251,8 +261,9 @@ def _token_loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # outputs without a gradient get no zero-filled tensor
     loss, stats, coef = output
     ctx.mark_non_differentiable(stats, coef)
-    ctx.save_for_backward(coef, *inputs[:-2])   # the tensor inputs: only read under create_graph
-    ctx.x_meta = (inputs[0].shape, len(inputs), inputs[-2])
+    k = next(i for i, x in enumerate(inputs) if isinstance(x, str))   # options, then backend, then more tensors
+    ctx.save_for_backward(coef, *inputs[:k], *inputs[k + 2:])   # the tensor inputs: only read under create_graph
+    ctx.x_meta = (inputs[0].shape, len(inputs), inputs[k])
 
 
 def _coef_graph(options: str, x, *rest):
@@ -262,9 +273,9 @@ def _coef_graph(options: str, x, *rest):
     if opts.loss == "value":
         old, ret, mask, cu = rest
         return ops("loss_agg", "torch").value_loss_agg(x, old, ret, mask, opts=opts, cu_seqlens=cu).coef
-    old, adv, mask, ent, isw, cu = rest
+    old, adv, mask, ent, isw, cu, behaviour = rest
     return loss_terms_from_logprobs(x, ent, old, adv, mask, opts=opts, backend="torch", rollout_is_weights=isw,
-                                    cu_seqlens=cu).coef
+                                    cu_seqlens=cu, off_policy_logprobs=behaviour).coef
 
 
 def _token_loss_backward(ctx, g_loss, _g_stats, _g_coef):
@@ -310,13 +321,16 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
                     cov_lb: float = 1.0, cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
                     off_policy_mask_threshold: float | None = None, vespo_k_pos: float = 2.0,
                     vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
-                    cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    cu_seqlens: torch.Tensor | None = None, off_policy_logprobs: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss `policy_loss` (ppo, gspo, gspo_token, cispo, sapo, gmpo, gpg, dppo_tv, dppo_kl,
     dro, clip_cov, kl_cov, vespo; formulas in this module's docstring), aggregated. dro_beta: dro's penalty
     (required there); cov_ratio, cov_lb, cov_ub, kl_cov_coef: clip_cov / kl_cov's selection (cov_selection)
     and penalty, verl's defaults; ratio_max also truncates dppo's IS weight. off_policy_mask_threshold:
     the policy term keeps a token only where A >= 0 or its sequence's mean (old - logp) <= it (off_policy_keep;
-    TRL's off-policy sequence mask). vespo_k_pos / _lambda_pos / _k_neg / _lambda_neg: VESPO's gamma
+    TRL's off-policy sequence mask); off_policy_logprobs (logprobs' shape, detached; needs the threshold): the
+    behaviour log-probs the mask measures against instead of old_logprobs (TRL's sampling_per_token_logps
+    from vLLM: mean (off_policy_logprobs - logp)). vespo_k_pos / _lambda_pos / _k_neg / _lambda_neg: VESPO's gamma
     weight (vespo_weights; TRL's defaults).
     For ppo, per token with ratio = exp(clamp(logp - old, -20, 20)):
         L = max(-A min(ratio, ratio_max), -A clamp(ratio, 1 - clip_low, 1 + clip_high))
@@ -343,13 +357,14 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
                               vespo_lambda_neg=vespo_lambda_neg)
     check_float("logprobs", logprobs)
     check_policy_tensors("logprobs", logprobs.shape, old_logprobs, advantages, mask, opts,
-                         rollout_is_weights=rollout_is_weights, entropy=entropy, cu_seqlens=cu_seqlens)
+                         rollout_is_weights=rollout_is_weights, entropy=entropy, cu_seqlens=cu_seqlens,
+                         off_policy_logprobs=off_policy_logprobs)
     check_optional("entropy", entropy, "logprobs", logprobs.shape)
     backend = backend_for(logprobs, old_logprobs, advantages, mask, cu_seqlens)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     loss, buf, _ = torch.ops.fastppo.ppo_policy_loss(logprobs, old_logprobs.detach(), advantages.detach(), mask,
                                                      detach(entropy), detach(rollout_is_weights), cu_seqlens,
-                                                     encode(opts), backend)
+                                                     encode(opts), backend, detach(off_policy_logprobs))
     return loss, stats_dict(buf, policy_stat_names(opts))
 
 

@@ -92,9 +92,10 @@ def vespo_weights(logp, old, adv, mask, isw, opts: LossOptions, cu_seqlens=None)
 
 
 def off_policy_keep(logp, old, adv, mask, threshold, cu_seqlens=None) -> torch.Tensor:
-    """DeepSeek-V3.2's off-policy sequence mask (TRL 1.16 GRPOTrainer.get_off_policy_mask, its sampling
-    log-probs being old_logprobs): keep_t = [A_t >= 0] or [sum_b(m nan_to_num(old - logp)) / max(n_b, 1) <=
-    threshold], from detached values, on the device (bool, the mask's shape)."""
+    """DeepSeek-V3.2's off-policy sequence mask (TRL 1.16 GRPOTrainer.get_off_policy_mask): keep_t = [A_t >= 0]
+    or [sum_b(m nan_to_num(old - logp)) / max(n_b, 1) <= threshold], from detached values, on the device (bool,
+    the mask's shape). `old`: the behaviour log-probs the mask measures against: old_logprobs, or the
+    caller's off_policy_logprobs (TRL's sampling_per_token_logps from vLLM)."""
     seg, acc, m = _sequences(logp, mask, cu_seqlens)
     kl = torch.nan_to_num(seg.per_token(old.detach(), acc) - seg.per_token(logp.detach(), acc), nan=0.0)
     mean = seg.sum(torch.where(m, kl, torch.zeros_like(kl))) / seg.sum(m.to(acc)).clamp_min(1)

@@ -284,10 +284,11 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
                     dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None, horizon=None,
                     policy_loss="ppo", ratio_max=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
                     rollout_is_weights=None, entropy_quantile=None, entropy=None, off_policy_mask_threshold=None,
-                    **variant):
+                    off_policy_logprobs=None, **variant):
     """agg(L) of the policy-loss variant (policy_loss_matrix); entropy_quantile rho keeps the valid
     tokens with entropy >= the (1 - rho) quantile of the valid entropies (torch.quantile, TRL's
-    get_high_entropy_mask). Returns (agg(L), stats)."""
+    get_high_entropy_mask); off_policy_logprobs: the off-policy mask's behaviour log-probs (TRL's
+    sampling_per_token_logps; None: old_logprobs). Returns (agg(L), stats)."""
     loss, clipped, lower, ratio, d = policy_loss_matrix(
         logprobs, old_logprobs, advantages, mask, policy_loss=policy_loss, clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, ratio_max=ratio_max, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
@@ -302,8 +303,9 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
             keep = m * (h >= thr).to(m.dtype)
         else:
             keep = torch.zeros_like(m)
-    if off_policy_mask_threshold is not None:   # TRL 1.16 get_off_policy_mask (sampling log-probs = old)
-        lp2, old2, m2 = (z.reshape(loss.shape) for z in (_f(logprobs), _f(old_logprobs), m))
+    if off_policy_mask_threshold is not None:   # TRL 1.16 get_off_policy_mask (sampling log-probs: old by default)
+        behaviour = old_logprobs if off_policy_logprobs is None else off_policy_logprobs
+        lp2, old2, m2 = (z.reshape(loss.shape) for z in (_f(logprobs), _f(behaviour), m))
         adv2 = _expand_advantages(advantages.reshape(loss.shape[0], -1) if advantages.dim() == 2 or
                                   loss.shape[0] == 1 else advantages, lp2)
         kl_div = torch.nan_to_num(old2 - lp2.detach(), nan=0.0)
@@ -363,7 +365,8 @@ def value_loss(values, old_values, returns, mask, *, clip=None, agg="token-mean"
 
 POLICY_KWARGS = ("policy_loss", "ratio_max", "sapo_tau_pos", "sapo_tau_neg", "rollout_is_weights",
                  "entropy_quantile", "dro_beta", "cov_ratio", "cov_lb", "cov_ub", "kl_cov_coef",
-                 "off_policy_mask_threshold", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+                 "off_policy_mask_threshold", "off_policy_logprobs", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                 "vespo_lambda_neg")
 
 
 def fused_ppo_loss(logits, labels, old_logprobs, advantages, mask, *, ref_logprobs=None, kl_coef=0.0,

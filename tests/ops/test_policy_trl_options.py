@@ -170,3 +170,86 @@ def test_option_errors():
     with pytest.raises(TypeError, match="kl_bias_correction must be a bool"):
         fastppo.fused_ppo_loss(torch.randn(B, T, 5), torch.zeros(B, T, dtype=torch.long), old, adv, mask,
                                kl_bias_correction=1)
+
+
+def _behaviour(logp, mask, seed=6):
+    """vLLM's sampling log-probs: off the current policy, with an unscorable (NaN) valid token."""
+    g = torch.Generator().manual_seed(seed)
+    beh = logp + 0.4 + 0.3 * torch.randn(logp.shape, generator=g).to(logp.device)
+    beh[0, 1] = float("nan")
+    beh[~mask] = float("nan")          # masked positions: never read
+    return beh
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("variant", ["ppo", "cispo", "gpg", "vespo"])
+def test_off_policy_logprobs_is_trls_sampling_mask(backend, variant):
+    """off_policy_logprobs: the mask measures mean(sampling - logp) as TRL's get_off_policy_mask does with
+    vLLM's sampling_per_token_logps (not old_logprobs): loss and gradient vs float64, the dropped tokens those
+    of TRL's mask (and not those of the mask against old_logprobs)."""
+    logp, old, adv, isw, mask = _inputs(per_seq_adv=False)
+    adv[0] = -adv[0].abs()
+    adv[2] = -adv[2].abs()
+    beh = _behaviour(logp, mask)
+    kw = dict(policy_loss=variant, agg="token-sum", off_policy_mask_threshold=0.1, off_policy_logprobs=beh)
+    with fastppo.use_backend(backend):
+        _, grad = _check(kw, logp, old, adv, mask, isw)
+    trl_keep = GRPOTrainer.get_off_policy_mask(adv, logp, beh, mask.float(), 0.1).expand(B, T).bool()
+    dropped = mask & ~trl_keep
+    assert dropped.any() and (grad[dropped] == 0).all() and (grad[mask & trl_keep] != 0).any()
+    assert not torch.equal(off_policy_keep(logp, old, adv, mask, 0.1), trl_keep | ~mask)   # old would differ
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fused_linear_off_policy_logprobs(backend):
+    V, H = 29, 8
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(B, T, H, generator=g).to(DEVICE)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(DEVICE)
+    labels = make_labels((B, T), V, holes=0.1)
+    _, _, adv, isw, mask = _inputs(per_seq_adv=False)
+    adv[0] = -adv[0].abs()
+    mask = mask & (labels != -100)
+    lp = ref.linear_logprobs(hidden, weight, labels).float()
+    old = lp + 0.2 * torch.randn(B, T, generator=g).to(DEVICE)
+    beh = _behaviour(lp, mask, 9)
+    kw = dict(policy_loss="ppo", agg="seq-mean-token-mean", off_policy_mask_threshold=0.2, off_policy_logprobs=beh,
+              rollout_is_weights=isw, ref_logprobs=lp + 0.1, kl_coef=0.1)
+    hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    rout = ref.fused_ppo_loss(hr @ wr.t(), labels, old, adv, mask, **dict(kw, rollout_is_weights=isw.double()))
+    (rout.loss * 0.7).backward()
+    with fastppo.use_backend(backend):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fastppo.fused_linear_ppo_loss(h, w, labels, old, adv, mask, **kw)
+        (out.loss * 0.7).backward()
+    torch.testing.assert_close(out.loss.double(), rout.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
+    plain = fastppo.fused_linear_ppo_loss(hidden, weight, labels, old, adv, mask, **dict(kw, off_policy_logprobs=None))
+    assert abs(float(plain.loss) - float(out.loss.detach())) > 1e-5   # the behaviour log-probs changed the mask
+
+
+def test_off_policy_logprobs_packed_equals_padded():
+    logp, old, adv, isw, mask = _inputs(per_seq_adv=False)
+    beh = _behaviour(logp, mask)
+    lens = torch.tensor([9, 3, 6, 8])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(DEVICE)
+    pad = torch.arange(T, device=DEVICE)[None] < lens.to(DEVICE)[:, None]
+    kw = dict(policy_loss="ppo", agg="token-mean", off_policy_mask_threshold=0.1)
+    x = logp[pad].clone().requires_grad_()
+    loss, _ = fastppo.ppo_policy_loss(x, old[pad], adv[pad], (mask & pad)[pad], cu_seqlens=cu,
+                                      off_policy_logprobs=beh[pad], **kw)
+    loss.backward()
+    xp = logp.clone().requires_grad_()
+    want, _ = fastppo.ppo_policy_loss(xp, old, adv, mask & pad, off_policy_logprobs=beh, **kw)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad, xp.grad[pad], rtol=1e-6, atol=1e-8)
+
+
+def test_off_policy_logprobs_errors():
+    logp, old, adv, _, mask = _inputs()
+    with pytest.raises(ValueError, match="needs off_policy_mask_threshold"):
+        fastppo.ppo_policy_loss(logp, old, adv, mask, off_policy_logprobs=old)
+    with pytest.raises(ValueError, match="off_policy_logprobs"):
+        fastppo.ppo_policy_loss(logp, old, adv, mask, off_policy_mask_threshold=0.0, off_policy_logprobs=old[:, :3])
