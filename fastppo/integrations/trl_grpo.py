@@ -25,8 +25,9 @@ in training, 1 in eval):
 |                                              | for cispo / sapo / vespo, so does this)                      |
 | beta, ref_per_token_logps                    | kl_coef=beta, kl_kind="k3", ref_logprobs                     |
 | use_bias_correction_kl (beta != 0, token)    | kl_bias_correction=True (KL exp(logp - old), unclamped as TRL) |
-| off_policy_mask_threshold (no vLLM sampling  | off_policy_mask_threshold (fastppo's mask measures against   |
-| log-probs in the inputs)                     | old_logprobs = TRL's old_per_token_logps there)              |
+| off_policy_mask_threshold                    | off_policy_mask_threshold, off_policy_logprobs = vLLM's      |
+|                                              | sampling_per_token_logps when the inputs hold them (TRL's    |
+|                                              | rule; else the mask measures against old_logprobs)           |
 | top_entropy_quantile < 1 (one process)       | entropy_quantile=top_entropy_quantile                        |
 | vLLM IS correction (importance_sampling_ratio) | rollout_is_weights ([B, T] or [B, 1], broadcast)           |
 | temperature, softcapping, logit_scale        | the head's own arguments                                     |
@@ -55,8 +56,7 @@ read) and then hands the call to TRL's head, so TRL's own loss stands (counted d
 check would be a host sync, so the step is served with the cap.
 
 Delegated to TRL's original (counted in `handle.stats.delegated["GRPOTrainer._compute_loss"]`; the reason:
-`unsupported_reason(trainer, inputs)`): off_policy_mask_threshold when the inputs hold vLLM's
-sampling_per_token_logps (TRL measures against those, fastppo's mask against old_logprobs), use_bias_correction_kl
+`unsupported_reason(trainer, inputs)`): use_bias_correction_kl
 at sequence level (TRL's weight is the sequence ratio, its gradient spread over the sequence), vespo with [B, 1] IS
 weights or a vLLM IS clip range that excludes 1 (TRL sums log w over every position, 1 at masked ones by its
 construction; fastppo sums over the valid tokens), MoE aux loss, cispo with epsilon_high < 1 (fastppo's cispo cap
@@ -158,8 +158,6 @@ def _plan(tr, inputs) -> _Plan | str:
     """The loss call for this step, or why it is delegated."""
     if type(tr)._get_per_token_logps_and_entropies is not _grpo_class()._get_per_token_logps_and_entropies:
         return "a subclass overrides _get_per_token_logps_and_entropies"
-    if tr.off_policy_mask_threshold is not None and "sampling_per_token_logps" in inputs:
-        return "off_policy_mask_threshold against vLLM's sampling log-probs (fastppo's mask uses old_logprobs)"
     if tr.beta != 0.0 and tr.args.use_bias_correction_kl and tr.importance_sampling_level != "token":
         return "use_bias_correction_kl at importance_sampling_level='sequence'"
     if getattr(tr, "aux_loss_enabled", False):
@@ -180,9 +178,10 @@ def _plan(tr, inputs) -> _Plan | str:
             # TRL sums log w over every position (1 at masked ones when 1 is inside its clip range), fastppo
             # over the valid tokens
             return "vespo with sequence-level IS weights or an IS clip range that excludes 1"
-    if on_policy and kw["policy_loss"] == "gspo" and (tr.top_entropy_quantile < 1.0 or _is_weights(tr, inputs)
-                                                      is not None):
-        return "on-policy sequence-level step with IS weights or the entropy mask"
+    sampling_mask = tr.off_policy_mask_threshold is not None and "sampling_per_token_logps" in inputs
+    if on_policy and kw["policy_loss"] == "gspo" and (tr.top_entropy_quantile < 1.0 or sampling_mask
+                                                      or _is_weights(tr, inputs) is not None):
+        return "on-policy sequence-level step with IS weights, the entropy mask or the off-policy mask"
     try:
         return _Plan(tr, inputs, kw)
     except ValueError as e:   # a value fastppo's options refuse
@@ -213,7 +212,10 @@ class _Plan:
         self.old = old
         policy = dict(policy)
         thr = tr.off_policy_mask_threshold
-        if thr is not None and self.on_policy:   # TRL's KL is exactly 0: keep A >= 0, or every token if 0 <= thr
+        # the mask's behaviour log-probs: vLLM's sampling log-probs when the inputs hold them, else old (TRL's rule)
+        self.behaviour = inputs.get("sampling_per_token_logps") if thr is not None else None
+        if thr is not None and self.on_policy and self.behaviour is None:
+            # TRL's KL is exactly 0: keep A >= 0, or every token if 0 <= thr
             adv = adv if thr >= 0 else torch.where(adv >= 0, adv, torch.zeros_like(adv))
         elif thr is not None:
             policy["off_policy_mask_threshold"] = float(thr)
@@ -293,7 +295,10 @@ class _Plan:
 
     def loss(self, hidden, weight, bias, temperature, softcap, scale):
         """fused_linear_ppo_loss on hidden [B, T, H]; (TRL's loss, per-token log-probs, entropies)."""
-        policy = {"policy_loss": "gpg"} if self.on_policy else self.policy
+        mask_kw = {k: v for k, v in self.policy.items() if k == "off_policy_mask_threshold"}
+        if self.behaviour is not None:
+            mask_kw["off_policy_logprobs"] = self.behaviour
+        policy = {"policy_loss": "gpg", **mask_kw} if self.on_policy else {**self.policy, **mask_kw}
         old = torch.zeros_like(self.mask, dtype=torch.float32) if self.on_policy else self.old
         out = fastppo.fused_linear_ppo_loss(
             hidden, weight, self.labels, old, self.adv, self.mask, bias=bias, ref_logprobs=self.ref,
@@ -304,9 +309,9 @@ class _Plan:
             lp, ent = out.logprobs, out.entropy
             common = {k: v for k, v in self.agg_kwargs.items() if k not in ("kl_coef", "kl_kind", "kl_bias_correction")}
             mapped = fastppo.ppo_policy_loss(lp, lp, self.adv, self.mask, rollout_is_weights=self.isw, entropy=ent,
-                                             **self.policy, **common)[0]
+                                             **{**self.policy, **mask_kw}, **common)[0]
             gpg = fastppo.ppo_policy_loss(lp, lp, self.adv, self.mask, rollout_is_weights=self.run_isw, entropy=ent,
-                                          policy_loss="gpg", **common)[0]
+                                          policy_loss="gpg", **mask_kw, **common)[0]
             loss = loss + (mapped - gpg)
             if self.kl_on_policy_k2:   # value: k3 (ratio 1), where the call summed k2 = d^2 / 2
                 d = lp.double() - self.ref.double()

@@ -95,6 +95,19 @@ CASES = [
     ("on_policy_luspo_sequence", dict(loss_type="luspo", importance_sampling_level="sequence"), {},
      {"old_per_token_logps": None}),
     ("cispo_delta_unused", dict(loss_type="cispo", epsilon_high=1.3), dict(delta=1.1), {}),
+    # the off-policy mask against vLLM's sampling log-probs (TRL's rule when the inputs hold them)
+    ("dapo_off_policy_mask_sampling_is", dict(loss_type="dapo", off_policy_mask_threshold=0.05, use_vllm=True,
+                                              vllm_importance_sampling_correction=True), {},
+     {"sampling_per_token_logps": 0.3, "importance_sampling_ratio": "token"}),
+    ("grpo_gspo_off_policy_mask_sampling", dict(loss_type="grpo", importance_sampling_level="sequence",
+                                                off_policy_mask_threshold=0.0), {}, {"sampling_per_token_logps": -0.5}),
+    ("vespo_off_policy_mask_sampling", dict(loss_type="vespo", off_policy_mask_threshold=0.1), {},
+     {"sampling_per_token_logps": -0.5}),
+    ("on_policy_bnpo_off_policy_mask_sampling", dict(loss_type="bnpo", off_policy_mask_threshold=0.1), {},
+     {"old_per_token_logps": None, "sampling_per_token_logps": 0.3}),
+    ("on_policy_sapo_off_policy_mask_sampling_bonus", dict(loss_type="sapo", off_policy_mask_threshold=0.0,
+                                                           _entropy_bonus_enabled=True, entropy_coef=0.1), {},
+     {"old_per_token_logps": None, "sampling_per_token_logps": 0.2}),
     # the entropy bonus: a token mean over mask * entropy_mask / GA whatever the loss type's normaliser
     ("grpo_entropy_bonus", dict(loss_type="grpo", _entropy_bonus_enabled=True, entropy_coef=0.05), {}, {}),
     ("dapo_entropy_bonus_quantile_accumulation", dict(loss_type="dapo", _entropy_bonus_enabled=True, entropy_coef=0.1,
@@ -141,6 +154,12 @@ def _inputs(base, changes):
             x[k] = 0.5 + torch.rand((B, T) if v == "token" else (B, 1), generator=g)
         elif k == "tool_mask":
             x[k] = (torch.rand(B, T, generator=g) > 0.3).long()
+        elif k == "sampling_per_token_logps":   # vLLM's log-probs: off the old ones (the policy's, on-policy),
+            # noisy, with an unscorable token (NaN: TRL's get_off_policy_mask takes it as no KL evidence)
+            base_lp = base["old_per_token_logps"] if changes.get("old_per_token_logps", 0) is not None \
+                else base["ref_per_token_logps"]
+            x[k] = base_lp + v + 0.3 * torch.randn(B, T, generator=g)
+            x[k][0, 1] = float("nan")
         elif k != "compact":
             x[k] = v
     if changes.get("importance_sampling_ratio") == "token":   # 1 at masked positions, as TRL builds it
@@ -202,8 +221,9 @@ def test_served_step_matches_trl(step_rig, name, attrs, args, changes):
 
 
 DELEGATED = [   # (name, trainer attributes, args attributes, input changes, reason)
-    ("off_policy_mask_sampling_logps", dict(off_policy_mask_threshold=0.0), {}, {"sampling_per_token_logps": 0.3},
-     "against vLLM's sampling log-probs"),
+    ("on_policy_gspo_off_policy_mask_sampling", dict(importance_sampling_level="sequence",
+                                                     off_policy_mask_threshold=0.0),
+     {}, {"old_per_token_logps": None, "sampling_per_token_logps": 0.3}, "the off-policy mask"),
     ("bias_correction_kl_sequence", dict(importance_sampling_level="sequence"), dict(use_bias_correction_kl=True), {},
      "use_bias_correction_kl at importance_sampling_level='sequence'"),
     ("vespo_is_clip_excludes_1", dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True,
@@ -225,12 +245,10 @@ DELEGATED = [   # (name, trainer attributes, args attributes, input changes, rea
 @pytest.mark.parametrize("name,attrs,args,changes,reason", DELEGATED, ids=[c[0] for c in DELEGATED])
 def test_unsupported_configurations_are_delegated(step_rig, name, attrs, args, changes, reason):
     tr, base = step_rig
-    inputs = _inputs(base, {k: v for k, v in changes.items() if k != "sampling_per_token_logps"})
-    if "sampling_per_token_logps" in changes:   # vLLM's log-probs, off the old ones
-        inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"] + changes["sampling_per_token_logps"]
+    inputs = _inputs(base, changes)
     with _configured(tr, attrs, args):
         assert reason in trl_grpo.unsupported_reason(tr, inputs)
-        if name in ("off_policy_mask_sampling_logps", "bias_correction_kl_sequence"):
+        if name in ("on_policy_gspo_off_policy_mask_sampling", "bias_correction_kl_sequence"):
             # TRL's own loss runs (its head served by linear_logprobs)
             loss_a, grads_a, _, _ = _step(tr, inputs, False)
             loss_b, grads_b, _, stats = _step(tr, inputs, True)
