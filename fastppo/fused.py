@@ -132,7 +132,8 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                    cu_seqlens: torch.Tensor | None = None,
                    dro_beta: float | None = None, cov_ratio: float = 0.0002, cov_lb: float = 1.0,
                    cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
-                   kl_bias_correction: bool = False, off_policy_mask_threshold: float | None = None,
+                   kl_bias_correction: bool = False, kl_bias_correction_level: str = "token",
+                   off_policy_mask_threshold: float | None = None,
                    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
                    vespo_lambda_neg: float = 2.0, entropy_agg: str | None = None,
                    vocab_parallel: VocabParallel | None = None, kept: KeptSet | None = None) -> PPOLossOutput:
@@ -143,7 +144,9 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
     logits [B, T, V] (or [T, V]), labels/old_logprobs/mask [B, T], advantages [B, T] or [B];
     policy_loss and its options as in ppo_policy_loss (variants, ratio_max, sapo temperatures,
     rollout_is_weights, entropy_quantile, dro_beta, the cov_ options), KL kinds as in kl_penalty;
-    kl_bias_correction: the KL term is KL_t exp(logp_t - old_t) (TRL's use_bias_correction_kl, token level).
+    kl_bias_correction: the KL term is KL_t exp(logp_t - old_t) (TRL's use_bias_correction_kl, token level);
+    kl_bias_correction_level="sequence": KL_t exp(sum_b m (logp - old) / n_b), the sequence's ratio (TRL's
+    sequence level; LossOptions).
     entropy_agg="token-mean": the entropy term is -entropy_coef sum(e H) / max(sum e, 1), e = mask (times the
     entropy_quantile selection), whatever `agg` (LossOptions.entropy_agg; TRL 1.16's entropy bonus).
     Entropy is computed only when entropy_coef != 0, return_entropy or entropy_quantile. Gradient formed in
@@ -177,7 +180,8 @@ def fused_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: tor
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
                         entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon,
                         dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef,
-                        kl_bias_correction=kl_bias_correction, off_policy_mask_threshold=off_policy_mask_threshold,
+                        kl_bias_correction=kl_bias_correction, kl_bias_correction_level=kl_bias_correction_level,
+                        off_policy_mask_threshold=off_policy_mask_threshold,
                         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
                         vespo_lambda_neg=vespo_lambda_neg, entropy_agg=entropy_agg)
     if vocab_parallel is not None:

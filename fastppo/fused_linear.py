@@ -242,7 +242,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           chunk_bytes: int | None = None, cu_seqlens: torch.Tensor | None = None,
                           dro_beta: float | None = None, cov_ratio: float = 0.0002, cov_lb: float = 1.0,
                           cov_ub: float = 5.0, kl_cov_coef: float = 0.1,
-                          kl_bias_correction: bool = False, off_policy_mask_threshold: float | None = None,
+                          kl_bias_correction: bool = False, kl_bias_correction_level: str = "token",
+                          off_policy_mask_threshold: float | None = None,
                           vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
                           vespo_lambda_neg: float = 2.0, entropy_agg: str | None = None,
                           off_policy_logprobs: torch.Tensor | None = None,
@@ -283,7 +284,8 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                         entropy_quantile=entropy_quantile, agg=agg, kl_kind=kl_kind, kl_coef=kl_coef,
                         entropy_coef=entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs, horizon=horizon,
                         dro_beta=dro_beta, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub, kl_cov_coef=kl_cov_coef,
-                        kl_bias_correction=kl_bias_correction, off_policy_mask_threshold=off_policy_mask_threshold,
+                        kl_bias_correction=kl_bias_correction, kl_bias_correction_level=kl_bias_correction_level,
+                        off_policy_mask_threshold=off_policy_mask_threshold,
                         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
                         vespo_lambda_neg=vespo_lambda_neg, entropy_agg=entropy_agg)
     if vocab_parallel is not None:

@@ -57,7 +57,7 @@ from .library import acc_dtype, decode, define, encode
 from .modes import IS_LEVELS, IS_MODES
 from .options import LossOptions
 from .packed import check_cu_seqlens, check_packed
-from .policy_weights import cov_selection, entropy_token_mean, off_policy_keep, vespo_weights
+from .policy_weights import cov_selection, entropy_token_mean, kl_sequence_correction, off_policy_keep, vespo_weights
 
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
 
@@ -147,7 +147,8 @@ def loss_options(*, policy_loss, clip_low, clip_high, dual_clip, ratio_max, sapo
 
 # the options of verl's further policy losses, keywords of ppo_policy_loss and the fused losses (LossOptions)
 VARIANT_OPTIONS = ("dro_beta", "cov_ratio", "cov_lb", "cov_ub", "kl_cov_coef", "kl_bias_correction",
-                   "off_policy_mask_threshold", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+                   "kl_bias_correction_level", "off_policy_mask_threshold", "vespo_k_pos", "vespo_lambda_pos",
+                   "vespo_k_neg", "vespo_lambda_neg")
 
 
 def check_fused_tensors(lead_shape, old_logprobs, advantages, mask, ref_logprobs, rollout_is_weights,
@@ -203,10 +204,13 @@ def loss_terms_from_logprobs(logp, ent, old, adv, mask, *, opts: LossOptions, ba
     behaviour = old if off_policy_logprobs is None else off_policy_logprobs
     keep = None if thr is None else off_policy_keep(logp, behaviour, adv, mask, thr, cu_seqlens)
     own_ent = opts.entropy_agg is not None and ent is not None   # the entropy term's own token-mean, added after
-    res = ops("loss_agg", backend).policy_loss_agg(logp, old, adv, mask, opts=opts.replace(entropy_coef=0.0) if own_ent
-                                                   else opts, ref=ref, ent=ent, rollout_is_weights=rollout_is_weights,
-                                                   ent_threshold=ent_threshold, select=select, keep=keep,
-                                                   cu_seqlens=cu_seqlens)
+    seq_kl = opts.kl_sequence_correction and ref is not None     # the KL's sequence weight, put in after
+    run = opts.replace(entropy_coef=0.0) if own_ent else opts
+    run = run.replace(kl_bias_correction=False) if seq_kl else run
+    res = ops("loss_agg", backend).policy_loss_agg(logp, old, adv, mask, opts=run, ref=ref, ent=ent,
+                                                   rollout_is_weights=rollout_is_weights, ent_threshold=ent_threshold,
+                                                   select=select, keep=keep, cu_seqlens=cu_seqlens)
+    res = kl_sequence_correction(res, logp, old, ref, mask, opts, cu_seqlens) if seq_kl else res
     return entropy_token_mean(res, ent, mask, opts, ent_threshold) if own_ent else res
 
 

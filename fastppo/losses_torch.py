@@ -34,7 +34,7 @@ def _segments(mask, cu_seqlens):
     return Segments(cu_seqlens, B, T, mask.device)
 
 
-def _weights(m, opts, acc, seg):
+def agg_weights(m, opts, acc, seg):
     """Per-sequence weights w_b of the aggregation (kernels/loss_agg.py docstring), and (N_tok, S)."""
     n = seg.sum(m.to(acc))
     tot = n.sum()
@@ -182,7 +182,7 @@ def policy_loss_agg(logp, old, adv, mask, *, opts, ref=None, ent=None, rollout_i
     sel = lambda keep, v: torch.where(keep, v, zero)  # noqa: E731
     x, o, a = _bt(logp), _bt(old), _bt(adv)
     isw = None if rollout_is_weights is None else _bt(rollout_is_weights)
-    w, n, tot, nseq = _weights(m, opts, acc, seg)
+    w, n, tot, nseq = agg_weights(m, opts, acc, seg)
     wt = seg.spread(w)
     chosen = None if select is None else seg.per_token(select, acc) != 0
     loss, dloss, dl_ds, ratio, clipped, lower, s, ds = _policy(x, o, a, m, n, opts, isw, seg, chosen)
@@ -236,7 +236,7 @@ def value_loss_agg(values, old_values, returns, mask, *, opts, cu_seqlens=None, 
     m = seg.per_token(mask, acc) != 0
     zero = torch.zeros(m.shape, dtype=acc, device=values.device)
     v, o, r = (seg.per_token(t, acc) for t in (values, old_values, returns))
-    w, n, tot, nseq = _weights(m, opts, acc, seg)
+    w, n, tot, nseq = agg_weights(m, opts, acc, seg)
     wt = seg.spread(w)
     e1 = v - r
     l1 = e1 * e1

@@ -69,6 +69,9 @@ class LossOptions:
     defaults; lambda clamped at 1e-4 as TRL).
     kl_bias_correction: the fused losses' KL term is KL_t r_t, r_t = exp(logp_t - old_t), with its gradient
     (TRL's use_bias_correction_kl at importance_sampling_level="token"); the reported `kl` stays KL_t.
+    kl_bias_correction_level: "token" (that) or "sequence": r_t = s_b = exp(sum_b m d / max(n_b, 1)) of the
+    token's sequence, unclamped, differentiated through the sequence mean (TRL's use_bias_correction_kl at
+    importance_sampling_level="sequence"; policy_weights.kl_sequence_correction).
     entropy_agg: None (the entropy term is aggregated as the loss, by `agg` and the global counts) or
     "token-mean": the entropy term is -entropy_coef sum_t(m_t k_t H_t) / max(sum_t m_t k_t, 1) over this
     call's tokens, k_t the entropy_quantile selection (1 without it), whatever `agg` (TRL 1.16
@@ -95,6 +98,7 @@ class LossOptions:
     kl_kind: str = "k3"
     kl_coef: float = 0.0
     kl_bias_correction: bool = False
+    kl_bias_correction_level: str = "token"
     off_policy_mask_threshold: float | None = None
     vespo_k_pos: float = 2.0
     vespo_lambda_pos: float = 3.0
@@ -177,6 +181,7 @@ class LossOptions:
             set_(name, _finite(name, getattr(self, name)))
         if not isinstance(self.kl_bias_correction, bool):
             raise TypeError(f"kl_bias_correction must be a bool, got {type(self.kl_bias_correction).__name__}")
+        _choice("kl_bias_correction_level", self.kl_bias_correction_level, IS_LEVELS)
         set_("entropy_coef", _finite("entropy_coef", self.entropy_coef))
         if self.entropy_agg is not None:
             _choice("entropy_agg", self.entropy_agg, (None, *ENTROPY_AGG_MODES))
@@ -213,9 +218,14 @@ class LossOptions:
     def token_local(self) -> bool:
         """True when each token's loss coefficients depend only on that token and the aggregation weights
         (no sequence-level ratio or mask, no batch-global selection: entropy_quantile, clip_cov, kl_cov,
-        off_policy_mask_threshold)."""
+        off_policy_mask_threshold, the sequence-level bias-corrected KL)."""
         return (not self.sequence_level and not self.cov_select and self.entropy_quantile is None
-                and self.off_policy_mask_threshold is None)
+                and self.off_policy_mask_threshold is None and not self.kl_sequence_correction)
+
+    @property
+    def kl_sequence_correction(self) -> bool:
+        """True when the KL term is weighted by the sequence ratio (kl_bias_correction at sequence level)."""
+        return self.kl_bias_correction and self.kl_bias_correction_level == "sequence" and self.kl_coef != 0
 
 
 

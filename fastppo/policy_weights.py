@@ -11,6 +11,8 @@ import math
 import torch
 
 from .kernels.loss_layout import STATS, AggResult
+from .kl_torch import kl_terms
+from .losses_torch import agg_weights
 from .options import LossOptions
 from .packed import Segments, per_token
 
@@ -124,3 +126,29 @@ def entropy_token_mean(res: AggResult, ent, mask, opts: LossOptions, ent_thresho
     stats[STATS.index("loss")] = loss
     stats[STATS.index("entropy_loss")] = term
     return AggResult(loss, stats, res.coef, coef_ent, res.kl)
+
+
+def kl_sequence_correction(res: AggResult, logp, old, ref, mask, opts: LossOptions, cu_seqlens=None) -> AggResult:
+    """The sequence-level bias-corrected KL (LossOptions.kl_bias_correction_level="sequence"; TRL 1.16
+    GRPOTrainer._compute_loss: per_token_kl * coef_1 with coef_1 = exp(sum_t m (logp - old) / max(n_b, 1)) of
+    shape (B, 1), unclamped), put in place of the plain KL term of an aggregation `res` run without the
+    correction. With w_t the aggregation weights, k_t the estimator, s_b the sequence ratio:
+        term = sum_t m_t w_t k_t s_b,   dterm/dlogp_j = m_j (w_j k'_j s_b + s_b / n_b sum_{t in b} m_t w_t k_t)
+    loss += kl_coef (term - sum_t m w k); torch ops on the device, no host sync; the stats' loss and kl_loss
+    follow (the reported kl stays k)."""
+    seg, acc, m = _sequences(logp, mask, cu_seqlens)
+    zero = torch.zeros(m.shape, dtype=acc, device=mask.device)
+    x, o, r = (seg.per_token(t.detach(), acc) for t in (logp, old, ref))
+    kl, dkl = kl_terms(x, r, opts.kl_kind)
+    wt = seg.spread(agg_weights(m, opts, acc, seg)[0])
+    n = seg.sum(m.to(acc)).clamp_min(1)
+    s = seg.spread(torch.exp(seg.sum(torch.where(m, x - o, zero)) / n))
+    wk = torch.where(m, wt * kl, zero)
+    term = (wk * s).sum()
+    spread = s * seg.spread(seg.sum(wk) / n)
+    dcoef = torch.where(m, opts.kl_coef * (wt * dkl * (s - 1) + spread), zero)
+    loss = res.loss + opts.kl_coef * (term - wk.sum())
+    stats = res.stats.clone()
+    stats[STATS.index("loss")] = loss
+    stats[STATS.index("kl_loss")] = term
+    return AggResult(loss, stats, res.coef + dcoef.reshape(res.coef.shape), res.coef_ent, res.kl)

@@ -396,6 +396,7 @@ def compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs,
     both factors; the reported kl stays the plain estimator. entropy_agg="token-mean": the entropy term is
     sum(e H) / max(sum e, 1), e = mask times the entropy_quantile selection (TRL's entropy bonus)."""
     bias_corrected = policy.pop("kl_bias_correction", False)
+    bias_level = policy.pop("kl_bias_correction_level", "token")
     entropy_agg = policy.pop("entropy_agg", None)
     unknown = set(policy) - set(POLICY_KWARGS)
     if unknown:
@@ -409,8 +410,11 @@ def compose_ppo_loss(logp, ent, old_logprobs, advantages, mask, *, ref_logprobs,
     if ref_logprobs is not None:
         kl = kl_penalty(logp.detach(), ref_logprobs, kl_kind)
         kl_kept = kl_penalty(_keep(_f(logp), m), _keep(_f(ref_logprobs), m), kl_kind)
-        if bias_corrected:
-            kl_kept = kl_kept * torch.exp(_keep(_f(logp), m) - _keep(_f(old_logprobs), m))
+        if bias_corrected:   # TRL's coef_1: the token's ratio, or its sequence's exp(mean log-ratio) (unclamped)
+            d = _keep(_f(logp), m) - _keep(_f(old_logprobs), m)
+            if bias_level == "sequence":
+                d = (d.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)).expand_as(d)
+            kl_kept = kl_kept * torch.exp(d)
         loss = loss + kl_coef * aggregate(kl_kept, mask, agg, **counts)
         stats["kl"] = _masked_mean(kl, m).detach()
     if ent is not None and entropy_agg == "token-mean":   # TRL 1.16's bonus: a token mean over mask * entropy_mask

@@ -253,3 +253,69 @@ def test_off_policy_logprobs_errors():
         fastppo.ppo_policy_loss(logp, old, adv, mask, off_policy_logprobs=old)
     with pytest.raises(ValueError, match="off_policy_logprobs"):
         fastppo.ppo_policy_loss(logp, old, adv, mask, off_policy_mask_threshold=0.0, off_policy_logprobs=old[:, :3])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("kw", [dict(policy_loss="gspo", agg="seq-mean-token-mean", kl_kind="k3"),
+                                dict(policy_loss="ppo", agg="token-sum", kl_kind="low_var_kl",
+                                     off_policy_mask_threshold=0.0)])
+def test_kl_bias_correction_sequence_level(backend, kw):
+    """kl_bias_correction_level="sequence": KL_t exp(mean_b(logp - old)) with its gradient through the sequence
+    mean (TRL's use_bias_correction_kl at importance_sampling_level="sequence"), from hidden states and from
+    logits, vs float64; and vs TRL's own formula on the same log-probs."""
+    V, H = 23, 8
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(B, T, H, generator=g).to(DEVICE)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(DEVICE)
+    labels = make_labels((B, T), V, holes=0.1)
+    _, _, adv, isw, mask = _inputs()
+    mask = mask & (labels != -100)
+    lp = ref.linear_logprobs(hidden, weight, labels).float()
+    old = lp + 0.2 * torch.randn(B, T, generator=g).to(DEVICE)
+    refp = lp + 0.3 * torch.randn(B, T, generator=g).to(DEVICE)
+    kw = dict(kw, ref_logprobs=refp, kl_coef=0.4, kl_bias_correction=True, kl_bias_correction_level="sequence",
+              rollout_is_weights=isw)
+    hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    rout = ref.fused_ppo_loss(hr @ wr.t(), labels, old, adv, mask, **dict(kw, rollout_is_weights=isw.double()))
+    (rout.loss * 0.7).backward()
+    with fastppo.use_backend(backend):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fastppo.fused_linear_ppo_loss(h, w, labels, old, adv, mask, **kw)
+        (out.loss * 0.7).backward()
+        z = (hidden @ weight.t()).requires_grad_()
+        lout = fastppo.fused_ppo_loss(z, labels, old, adv, mask, **kw)
+        (lout.loss * 0.7).backward()
+    for o in (out, lout):
+        torch.testing.assert_close(o.loss.double(), rout.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(z.grad.double(), _dlogits(hidden, weight, labels, old, adv, mask, kw), rtol=1e-4,
+                               atol=1e-6)
+    token = fastppo.fused_ppo_loss(hidden @ weight.t(), labels, old, adv, mask,
+                                   **dict(kw, kl_bias_correction_level="token"))
+    assert abs(float(token.loss) - float(lout.loss.detach())) > 1e-5
+
+
+def test_kl_bias_correction_sequence_is_trls_term():
+    """The KL term alone (advantages 0) vs TRL 1.16 _compute_loss's sequence-level per_token_kl * coef_1,
+    aggregated as its grpo loss type: loss and gradient wrt the logits."""
+    mask = _inputs()[-1]
+    V = 13
+    logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    labels = make_labels((B, T), V, holes=0.0)
+    lp = ref.token_logprobs(logits, labels).float()
+    z = logits.clone().requires_grad_()
+    out = fastppo.fused_ppo_loss(z, labels, lp + 0.2, torch.zeros(B, device=DEVICE), mask, ref_logprobs=lp + 0.3,
+                                 kl_coef=1.0, kl_bias_correction=True, kl_bias_correction_level="sequence",
+                                 agg="seq-mean-token-mean", num_seqs=float(B))
+    out.loss.backward()
+    zt = logits.clone().requires_grad_()
+    per_token_logps = torch.log_softmax(zt, -1).gather(-1, labels[..., None])[..., 0]
+    m = mask.float()
+    r, o = lp + 0.3, lp + 0.2
+    per_token_kl = torch.exp(r - per_token_logps) - (r - per_token_logps) - 1
+    coef_1 = torch.exp(((per_token_logps - o) * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    trl = ((per_token_kl * coef_1 * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    trl.backward()
+    torch.testing.assert_close(out.loss, trl, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(z.grad, zt.grad, rtol=1e-4, atol=1e-7)
