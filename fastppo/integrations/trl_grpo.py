@@ -24,7 +24,9 @@ in training, 1 in eval):
 | delta (two-sided clipping, > 1)              | ratio_max=delta (token level, the PPO types; TRL ignores it  |
 |                                              | for cispo / sapo / vespo, so does this)                      |
 | beta, ref_per_token_logps                    | kl_coef=beta, kl_kind="k3", ref_logprobs                     |
-| use_bias_correction_kl (beta != 0, token)    | kl_bias_correction=True (KL exp(logp - old), unclamped as TRL) |
+| use_bias_correction_kl (beta != 0)           | kl_bias_correction=True, kl_bias_correction_level = TRL's    |
+|                                              | importance_sampling_level (KL times the token's / sequence's |
+|                                              | ratio, unclamped as TRL)                                     |
 | off_policy_mask_threshold                    | off_policy_mask_threshold, off_policy_logprobs = vLLM's      |
 |                                              | sampling_per_token_logps when the inputs hold them (TRL's    |
 |                                              | rule; else the mask measures against old_logprobs)           |
@@ -158,8 +160,9 @@ def _plan(tr, inputs) -> _Plan | str:
     """The loss call for this step, or why it is delegated."""
     if type(tr)._get_per_token_logps_and_entropies is not _grpo_class()._get_per_token_logps_and_entropies:
         return "a subclass overrides _get_per_token_logps_and_entropies"
-    if tr.beta != 0.0 and tr.args.use_bias_correction_kl and tr.importance_sampling_level != "token":
-        return "use_bias_correction_kl at importance_sampling_level='sequence'"
+    if tr.beta != 0.0 and tr.args.use_bias_correction_kl and tr.importance_sampling_level != "token" \
+            and inputs.get("old_per_token_logps") is None:
+        return "on-policy use_bias_correction_kl at importance_sampling_level='sequence'"
     if getattr(tr, "aux_loss_enabled", False):
         return "MoE aux loss"
     if getattr(getattr(tr.model, "active_peft_config", None), "is_prompt_learning", False):
@@ -235,6 +238,7 @@ class _Plan:
         self.kl_on_policy_k2 = bool(tr.beta != 0.0 and tr.args.use_bias_correction_kl and self.on_policy)
         kw = {"kl_coef": float(tr.beta), "kl_kind": "k2" if self.kl_on_policy_k2 else "k3",
               "kl_bias_correction": bool(tr.beta != 0.0 and tr.args.use_bias_correction_kl and not self.on_policy),
+              "kl_bias_correction_level": tr.importance_sampling_level,
               "entropy_quantile": tr.top_entropy_quantile if tr.top_entropy_quantile < 1.0 else None}
         lt = tr.loss_type
         if lt in ("grpo", "sapo"):
@@ -307,7 +311,7 @@ class _Plan:
         loss = out.loss
         if self.on_policy:   # the value at ratio 1 (gradient unchanged: a detached constant)
             lp, ent = out.logprobs, out.entropy
-            common = {k: v for k, v in self.agg_kwargs.items() if k not in ("kl_coef", "kl_kind", "kl_bias_correction")}
+            common = {k: v for k, v in self.agg_kwargs.items() if not k.startswith("kl_")}
             mapped = fastppo.ppo_policy_loss(lp, lp, self.adv, self.mask, rollout_is_weights=self.isw, entropy=ent,
                                              **{**self.policy, **mask_kw}, **common)[0]
             gpg = fastppo.ppo_policy_loss(lp, lp, self.adv, self.mask, rollout_is_weights=self.run_isw, entropy=ent,
