@@ -49,8 +49,9 @@ def _agg_weights(mask, cu, opts: LossOptions, acc, backend, entropy=False):
     itself: with entropy_coef = 1 and zero entropy its entropy coefficient is exactly -m_t w_b. entropy=True:
     the entropy term's weights (its own token-mean m_t / max(sum m, 1) with entropy_agg)."""
     zeros = torch.zeros(mask.shape, dtype=acc, device=mask.device)
-    unit = opts.replace(policy_loss="ppo", dual_clip=None, ratio_max=None, entropy_quantile=None, dro_beta=None,
-                        kl_coef=0.0, entropy_coef=1.0, entropy_agg=opts.entropy_agg if entropy else None)
+    unit = opts.replace(policy_loss="ppo", clip_low=0.2, clip_high=None, dual_clip=None, ratio_max=None,
+                        entropy_quantile=None, dro_beta=None, kl_coef=0.0, entropy_coef=1.0,
+                        entropy_agg=opts.entropy_agg if entropy else None)
     coef_ent = loss_terms_from_logprobs(zeros, zeros, zeros, zeros, mask, opts=unit, backend=backend,
                                         cu_seqlens=cu).coef_ent
     assert coef_ent is not None   # entropy given: the entropy coefficient exists

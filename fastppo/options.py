@@ -56,8 +56,9 @@ class LossOptions:
 
     policy_loss: ppo | gspo | gspo_token | cispo | sapo | gmpo | gpg | dppo_tv | dppo_kl | dro | clip_cov |
     kl_cov | vespo (formulas: fastppo.losses).
-    clip_low in [0, 1], clip_high >= 0 (defaults to clip_low), dual_clip > 1 (ppo only), ratio_max > 1
-    (ppo: the unclipped ratio capped at ratio_max; dppo_tv / dppo_kl: the truncated IS weight
+    clip_low in [0, 1], clip_high >= 0 (defaults to clip_low; cispo: >= -clip_low, so its cap 1 + clip_high may
+    sit below 1, TRL's epsilon_high < 1, with clip_low = 1: sg(min(r, 1 + clip_high))), dual_clip > 1 (ppo
+    only), ratio_max > 1 (ppo: the unclipped ratio capped at ratio_max; dppo_tv / dppo_kl: the truncated IS weight
     sg(min(r, ratio_max)), verl's clip_ratio_c), sapo_tau_pos / sapo_tau_neg > 0, dro_beta > 0 (dro only,
     required there), cov_ratio in (0, 1] (clip_cov / kl_cov: the fraction of valid tokens selected),
     cov_lb < cov_ub (clip_cov's covariance window), kl_cov_coef finite (kl_cov's |log-ratio| coefficient),
@@ -122,8 +123,8 @@ class LossOptions:
             raise ValueError(f"clip_low must be in [0, 1], got {self.clip_low}")
         set_("clip_low", cl)
         ch = cl if self.clip_high is None else _finite("clip_high", self.clip_high)
-        if not ch >= 0:
-            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
+        if not ch >= 0 and not (self.policy_loss == "cispo" and ch >= -cl):   # cispo: a weight cap 1 + ch below 1
+            raise ValueError(f"clip_high must be >= 0 (cispo: >= -clip_low), got {self.clip_high}")
         set_("clip_high", ch)
         if self.dual_clip is not None:
             if not _finite("dual_clip", self.dual_clip) > 1:

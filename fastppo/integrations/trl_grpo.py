@@ -15,7 +15,7 @@ in training, 1 in eval):
 | TRL option                                   | fastppo                                                      |
 |----------------------------------------------|--------------------------------------------------------------|
 | loss_type grpo, bnpo, dr_grpo, dapo, luspo   | policy_loss="ppo", clip_low=epsilon, clip_high=epsilon_high  |
-| loss_type cispo (epsilon_high >= 1)          | "cispo", clip_low=1, clip_high=epsilon_high - 1 (min(r, eh))   |
+| loss_type cispo                              | "cispo", clip_low=1, clip_high=epsilon_high - 1 (min(r, eh)) |
 | loss_type sapo                               | "sapo", sapo_tau_pos / neg = sapo_temperature_pos / neg      |
 | loss_type vespo, vespo_k_pos / lambda_pos / k_neg / lambda_neg | "vespo", vespo_k_pos / ... (same names);   |
 |                                              | importance_sampling_ratio -> rollout_is_weights (inside phi) |
@@ -133,9 +133,7 @@ def _policy_kwargs(tr) -> dict | str:
         return f"delta={delta} with loss_type={lt!r}, importance_sampling_level={level!r}"
     if level == "sequence" and lt in ("cispo", "sapo"):
         return f"loss_type={lt!r} at importance_sampling_level='sequence'"
-    if lt == "cispo":
-        if eh < 1:
-            return f"cispo with epsilon_high={eh} < 1"
+    if lt == "cispo":   # sg(min(r, eh)): clamp(r, 0, 1 + (eh - 1)), eh < 1 included
         return {"policy_loss": "cispo", "clip_low": 1.0, "clip_high": eh - 1.0}
     if lt == "sapo":
         return {"policy_loss": "sapo", "sapo_tau_pos": tr.args.sapo_temperature_pos,
@@ -229,6 +227,10 @@ class _Plan:
         if self.on_policy and policy["policy_loss"] == "vespo" and self.isw is not None:
             zero = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
             self.run_isw = vespo_weights(zero, zero, adv, mask, self.isw, LossOptions.policy(**policy))
+        if self.on_policy and policy["policy_loss"] == "cispo" and policy["clip_high"] < 0:
+            # epsilon_high < 1: cispo's weight at ratio 1 is eh, not 1 (gpg's gradient times eh)
+            ones = torch.ones(mask.shape, dtype=torch.float32, device=mask.device)
+            self.run_isw = (1.0 + policy["clip_high"]) * (ones if self.run_isw is None else self.run_isw)
         self.ref = inputs["ref_per_token_logps"] if tr.beta != 0.0 else None
         self.policy = policy
         train = tr.model.training

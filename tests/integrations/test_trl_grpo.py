@@ -95,6 +95,10 @@ CASES = [
     ("on_policy_luspo_sequence", dict(loss_type="luspo", importance_sampling_level="sequence"), {},
      {"old_per_token_logps": None}),
     ("cispo_delta_unused", dict(loss_type="cispo", epsilon_high=1.3), dict(delta=1.1), {}),
+    ("cispo_cap_below_1", dict(loss_type="cispo", epsilon_high=0.8), {}, {}),
+    ("on_policy_cispo_cap_below_1_is", dict(loss_type="cispo", epsilon_high=0.5, use_vllm=True,
+                                            vllm_importance_sampling_correction=True), {},
+     {"old_per_token_logps": None, "importance_sampling_ratio": "token"}),
     # use_bias_correction_kl at sequence level: the KL times the sequence ratio exp(mean log-ratio)
     ("grpo_gspo_kl_bias_correction", dict(loss_type="grpo", importance_sampling_level="sequence"),
      dict(use_bias_correction_kl=True), {}),
@@ -241,7 +245,6 @@ DELEGATED = [   # (name, trainer attributes, args attributes, input changes, rea
      {"importance_sampling_ratio": "token"}, "an IS clip range that excludes 1"),
     ("vespo_is_sequence", dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True), {},
      {"importance_sampling_ratio": "sequence"}, "vespo with sequence-level IS weights"),
-    ("cispo_cap_below_1", dict(loss_type="cispo", epsilon_high=0.8), {}, {}, "cispo with epsilon_high=0.8"),
     ("sapo_sequence", dict(loss_type="sapo", importance_sampling_level="sequence"), {}, {}, "at importance_sampling"),
     ("delta_sequence", dict(loss_type="grpo", importance_sampling_level="sequence"), dict(delta=2.0), {},
      "delta=2.0"),

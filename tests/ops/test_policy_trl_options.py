@@ -319,3 +319,24 @@ def test_kl_bias_correction_sequence_is_trls_term():
     trl.backward()
     torch.testing.assert_close(out.loss, trl, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(z.grad, zt.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("eh", [0.6, 0.0])
+def test_cispo_cap_below_one_is_trls(backend, eh):
+    """cispo with clip_low=1, clip_high=eh-1 < 0: L = -sg(min(r, eh)) A logp, TRL 1.16's cispo with
+    epsilon_high < 1 (clamp(coef_1, max=epsilon_high).detach()), vs float64 and vs TRL's formula."""
+    logp, old, adv, isw, mask = _inputs(per_seq_adv=False, spread=0.5)
+    kw = dict(policy_loss="cispo", clip_low=1.0, clip_high=eh - 1.0, agg="token-sum")
+    with fastppo.use_backend(backend):
+        loss, grad = _check(kw, logp, old, adv, mask, isw)
+    lt = logp.clone().requires_grad_()
+    coef = torch.clamp(torch.exp(lt - old), max=eh).detach()
+    trl = (-coef * adv * lt * isw * mask.float()).sum()
+    (trl * 1.3).backward()   # as _check's upstream gradient
+    torch.testing.assert_close(loss, trl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, lt.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="clip_high must be >= 0"):
+        fastppo.ppo_policy_loss(logp, old, adv, mask, policy_loss="cispo", clip_low=0.2, clip_high=-0.5)
+    with pytest.raises(ValueError, match="clip_high must be >= 0"):
+        fastppo.ppo_policy_loss(logp, old, adv, mask, policy_loss="ppo", clip_low=1.0, clip_high=-0.5)
