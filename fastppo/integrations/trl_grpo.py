@@ -41,15 +41,17 @@ in training, 1 in eval):
 | dr_grpo: sum(m L) / (B max_completion_length) / GA | agg="token-sum" / (B max_completion_length GA)         |
 | dapo, cispo, vespo: sum(m L) / normalizer (num_items_in_batch ...) | agg="token-sum" / TRL's normalizer     |
 
-On-policy steps (no old_per_token_logps: TRL uses per_token_logps.detach(), ratio exactly 1): the loss runs
-as policy_loss="gpg" (-A logp, whose gradient is every mapped loss's gradient at ratio 1: -A per token, times
-the IS weight and the entropy mask; vespo: times its weight phi at ratio 1, computed from the IS weights alone
-and passed as the IS weight) and its value is corrected by a detached constant, the mapped loss minus gpg at
-ratio 1 (fastppo.ppo_policy_loss on the returned log-probs), so value and gradient are TRL's. The bias-corrected
-KL at ratio 1 is k3 in value and d = logp - ref in gradient (dKL + KL r with r = 1): the call uses kl_kind="k2"
-(gradient d) and the value gains beta agg(k3 - k2), detached. The off-policy mask at ratio 1 keeps every token
-when the threshold is >= 0 (TRL's sequence KL is exactly 0), else the tokens with A >= 0: the advantages of the
-others enter as 0.
+On-policy steps (no old_per_token_logps: TRL uses per_token_logps.detach(), ratio exactly 1): the loss runs as
+policy_loss="gpg" (-A logp, whose gradient is every mapped loss's gradient at ratio 1: -A per token, times the IS
+weight and the entropy mask; vespo: times its weight phi at ratio 1, computed from the IS weights alone and passed
+as the IS weight; cispo with epsilon_high < 1: times eh, its weight at ratio 1) and its value is corrected by a
+detached constant, the mapped loss minus gpg at ratio 1 (fastppo.ppo_policy_loss on the returned log-probs), so
+value and gradient are TRL's. The bias-corrected KL at ratio 1 is k3 in value and d = logp - ref in gradient (dKL +
+KL r with r = 1): the call uses kl_kind="k2" (gradient d) and the value gains beta agg(k3 - k2), detached. The
+off-policy mask at ratio 1 keeps every token when the threshold is >= 0 (TRL's sequence KL is exactly 0), else the
+tokens with A >= 0: the advantages of the others enter as 0; with vLLM's sampling log-probs the gpg call carries
+the mask itself (off_policy_logprobs). The entropy bonus and the mask are the same in the gpg run and the mapped
+loss, so the correction leaves them.
 
 GSPO's cap: fastppo caps each sequence's mean log-ratio at 10 (verl's clamp; gspo's ratio e^10), TRL does not, so
 grpo / bnpo / dr_grpo / dapo / luspo at sequence level differ from TRL only where a valid sequence's mean
@@ -58,15 +60,16 @@ read) and then hands the call to TRL's head, so TRL's own loss stands (counted d
 check would be a host sync, so the step is served with the cap.
 
 Delegated to TRL's original (counted in `handle.stats.delegated["GRPOTrainer._compute_loss"]`; the reason:
-`unsupported_reason(trainer, inputs)`): use_bias_correction_kl
-at sequence level (TRL's weight is the sequence ratio, its gradient spread over the sequence), vespo with [B, 1] IS
-weights or a vLLM IS clip range that excludes 1 (TRL sums log w over every position, 1 at masked ones by its
-construction; fastppo sums over the valid tokens), MoE aux loss, cispo with epsilon_high < 1 (fastppo's cispo cap
-is >= 1), cispo / sapo at sequence level and delta at sequence level (no sequence-level form in the ops), epsilon
-outside [0, 1], delta <= 1, top_entropy_quantile over several processes (TRL's threshold is global), an on-policy
-sequence-level step with IS weights or the entropy mask, a subclass overriding
-`_get_per_token_logps_and_entropies`, a PEFT prompt-learning model (its labels gain virtual tokens); on CPU, a
-sequence-level step over the GSPO cap (above).
+`unsupported_reason(trainer, inputs)`): use_bias_correction_kl at sequence level on an on-policy step (its
+gradient at ratio 1 spreads each sequence's KL over the sequence, which the gpg run cannot carry), vespo with
+[B, 1] IS weights or a vLLM IS clip range that excludes 1 (TRL sums log w over every position, 1 at masked ones
+by its construction; fastppo sums over the valid tokens), MoE aux loss (TRL's aux_loss never leaves its
+_compute_loss), cispo / sapo at sequence level and delta at sequence level (no sequence-level form of them in
+the ops: cispo's weight sg(min(s_b, eh)), sapo's sigmoid of s_b and the capped s_b need gspo's sequence
+gradient in the aggregation kernels), epsilon outside [0, 1], delta <= 1, top_entropy_quantile over several
+processes (TRL's threshold is global), an on-policy sequence-level step with IS weights, the entropy mask or the
+off-policy mask, a subclass overriding `_get_per_token_logps_and_entropies`, a PEFT prompt-learning model (its
+labels gain virtual tokens); on CPU, a sequence-level step over the GSPO cap (above).
 
 Precision: hidden, weight and bias enter the op rounded to TRL's compute dtype (the autocast dtype when autocast
 is on, else hidden's), held in their own dtype (`in_compute_dtype`): the logits are the products TRL's head forms
