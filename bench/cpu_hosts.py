@@ -11,6 +11,7 @@ the load average. On a shared, loaded machine the CPU-time ratio is the steadier
     python bench/cpu_hosts.py                       # all cases, 3 pairs
     python bench/cpu_hosts.py --case head --pairs 5 --threads 2
     python bench/cpu_hosts.py --case entropy-trl --entropy-shape 8 256 151936
+    python bench/cpu_hosts.py --case grpo-step --pairs 3     # a GRPOTrainer step, Qwen-0.5B head (H, V of --head-shape)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import importlib.util
 import os
 import statistics
 import sys
+import tempfile
 import time
 import types
 
@@ -82,6 +84,51 @@ def _entropy_case(host, shape):
     return f"{host} {name} {list(shape)}", host, step
 
 
+def _grpo_step_case(tmp, H, V, completions=8, length=16):
+    """One GRPOTrainer training step's loss + backward (`_compute_loss`, what patch("trl") replaces) on a
+    one-layer Llama with a Qwen-0.5B-shaped head (hidden H, vocabulary V: a word-level tokenizer of V - 4 words),
+    `completions` completions of `length` tokens after 3-word prompts, on one batch of TRL's own
+    `_prepare_inputs` (generation and scoring untimed)."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import GRPOConfig, GRPOTrainer
+
+    words = [f"w{i}" for i in range(V - 4)]
+    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])},
+                                    unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                      eos_token_id=2, tie_word_embeddings=False)
+    data = Dataset.from_dict({"prompt": [" ".join(words[i:i + 3]) for i in range(0, 48, 3)]})
+    args = GRPOConfig(output_dir=str(tmp), per_device_train_batch_size=completions, num_generations=4,
+                      max_completion_length=length, report_to=[], use_cpu=True, seed=0, save_strategy="no", beta=0.0,
+                      bf16=False, steps_per_generation=1)
+    tr = GRPOTrainer(model=LlamaForCausalLM(cfg), reward_funcs=lambda completions, **kw: [float(len(c) % 3)
+                                                                                          for c in completions],
+                     args=args, train_dataset=data, processing_class=tok)
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    inputs = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+    inputs["old_per_token_logps"] = tr._get_per_token_logps_and_entropies(   # an off-policy step: clipping acts
+        tr.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+        torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].shape[1])[0].detach()
+    inputs["old_per_token_logps"] += 0.1 * torch.randn(inputs["old_per_token_logps"].shape)
+
+    def step():
+        tr.model.zero_grad(set_to_none=True)
+        loss = tr._compute_loss(tr.model, inputs)
+        loss.backward()
+        return [loss.detach(), tr.model.lm_head.weight.grad, tr.model.model.embed_tokens.weight.grad]
+
+    n = int(inputs["completion_mask"].sum())
+    return f"TRL GRPO step H={H} V={V} {n} tokens", "trl", step
+
+
 def _timed(step):
     c, w = time.process_time(), time.perf_counter()
     out = step()
@@ -122,7 +169,7 @@ def measure(label, host, step, pairs):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=["all", "head", "entropy-trl", "entropy-openrlhf"], default="all")
+    ap.add_argument("--case", choices=["all", "head", "entropy-trl", "entropy-openrlhf", "grpo-step"], default="all")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--head-shape", type=int, nargs=3, default=[256, 896, 151936], metavar=("N", "H", "V"))
@@ -138,6 +185,8 @@ def main(argv=None):
         cases.append(_entropy_case("trl", args.entropy_shape))
     if args.case in ("all", "entropy-openrlhf"):
         cases.append(_entropy_case("openrlhf", args.entropy_shape))
+    if args.case in ("all", "grpo-step"):
+        cases.append(_grpo_step_case(tempfile.mkdtemp(prefix="fastppo-grpo-"), *args.head_shape[1:]))
     print(f"fp32, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, {args.pairs} interleaved pairs, "
           f"load average before {os.getloadavg()[0]:.1f}")
     print(f"{'entry point':48s} {'wall host':>9s} {'wall fp':>8s} {'ratio':>6s} {'cpu host':>9s} {'cpu fp':>7s} "
