@@ -323,8 +323,18 @@ def _same_training(a, b):
     dict(beta=0.04, model_path=True, off_policy_mask_threshold=0.0, max_steps=2),
     dict(loss_type="vespo", beta=0.04, model_path=True, steps_per_generation=1, max_steps=2),
     dict(loss_type="luspo", importance_sampling_level="sequence", max_steps=2),
+    # the entropy bonus, adaptive: the first window applies 0 (no entropy measured yet), the controller then raises
+    # the coefficient from fastppo's entropies and the second step applies it
+    dict(loss_type="dr_grpo", use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=100.0,
+         entropy_coef_delta=0.05, top_entropy_quantile=0.6, max_steps=2),
+    # (a smaller step: the two runs' gradients agree to ~2e-7, but Adam at lr 5e-2 moves a near-zero-gradient
+    # element by the full step, which turned a ~1e-7 difference into 1.3e-4 on one of 2048 weights)
+    dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, use_bias_correction_kl=True,
+         model_path=True, steps_per_generation=2, max_steps=2, learning_rate=1e-2),
+    dict(loss_type="cispo", epsilon_high=0.8, entropy_coef=0.02, max_steps=2),
 ], ids=["dapo_kl_accumulation", "on_policy_gspo", "bnpo_entropy_quantile_delta_temperature",
-        "default_bias_corrected_kl_off_policy_mask", "on_policy_vespo_bias_corrected_kl", "luspo_sequence"])
+        "default_bias_corrected_kl_off_policy_mask", "on_policy_vespo_bias_corrected_kl", "luspo_sequence",
+        "adaptive_entropy_bonus_quantile", "gspo_bias_corrected_kl_sequence", "cispo_cap_below_1_entropy_bonus"])
 @pytest.mark.slow
 def test_training_runs_match_trl(tmp_path, config):
     """Whole GRPOTrainer.train() runs (generation, scoring, optimizer steps): per-step losses and final
