@@ -61,7 +61,10 @@ def test_logprobs_entropy(temperature, monkeypatch):
     res = []
     for patched in (False, True):
         z = logits.clone().requires_grad_()
-        with fi.patch("openrlhf") if patched else _null():
+        # OpenRLHF's compute_entropy is @torch.compile'd: its own body runs eagerly here (force_eager), the same
+        # formula without inductor's C++ build of two graphs on CPU (about 30 s of the suite); fastppo under
+        # torch.compile is tests/ops/test_compile.py's
+        with fi.patch("openrlhf") if patched else torch.compiler.set_stance("force_eager"):
             zs = z * 1.0   # OpenRLHF divides in place: give it a non-leaf
             lp = ou.log_probs_from_logits(zs, labels, temperature=temperature)
             ent = ou.compute_entropy(zs)
