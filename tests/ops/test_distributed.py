@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
+import tempfile
 import time
 from datetime import timedelta
 
@@ -28,8 +30,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world, port, args):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+def _entry(rank, fn, world, store, args):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))
     try:
         fn(rank, world, *args)
@@ -39,9 +41,11 @@ def _entry(rank, fn, world, port, args):
 
 def run_ranks(fn, *args, world=WORLD, timeout_s=TIMEOUT_S):
     """Run fn(rank, world, *args) in `world` spawned processes joined in a gloo group; re-raise a
-    child's exception here; kill them all after timeout_s."""
-    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world, join=False,
-                             start_method="spawn")
+    child's exception here; kill them all after timeout_s. The ranks meet in a file store in a new folder (no
+    port to pick: runs on parallel pytest-xdist workers cannot collide)."""
+    folder = tempfile.mkdtemp(prefix="fastppo-ranks-")
+    ctx = mp.start_processes(_entry, args=(fn, world, os.path.join(folder, "store"), args), nprocs=world,
+                             join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1.0):
@@ -52,6 +56,7 @@ def run_ranks(fn, *args, world=WORLD, timeout_s=TIMEOUT_S):
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class CountAllReduce(contextlib.AbstractContextManager):
