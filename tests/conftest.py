@@ -54,3 +54,39 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+
+# The suite runs on pytest-xdist workers when it is installed (the test extra) and the run covers more than one test
+# file: one worker per core, at most 4 (each imports torch and the three hosts), one test file per worker at a time
+# (--dist loadfile: a module's fixtures are built once). A run of one file stays in-process, as does any run given
+# -n (`-n 0`: no workers) or -p no:xdist. Set here, not in addopts, so that `pytest bench/ --benchmark-only`
+# (which xdist would turn off) and one-file runs are left alone.
+MAX_WORKERS = 4
+
+
+def _test_files(args):
+    """The test files a run names (a folder counts as many)."""
+    files = set()
+    for arg in args:
+        path = arg.split("::")[0]
+        if os.path.isdir(path):
+            return None
+        files.add(path)
+    return files
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    if hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ:   # a worker: it runs tests itself
+        return
+    if not config.pluginmanager.hasplugin("xdist") or config.getoption("numprocesses", None) is not None:
+        return
+    files = _test_files(config.args)
+    if files is not None and len(files) <= 1:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if min(cores, MAX_WORKERS) > 1:
+        config.option.numprocesses = min(cores, MAX_WORKERS)
+        if config.option.dist == "no":
+            config.option.dist = "loadfile"
