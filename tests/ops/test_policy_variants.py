@@ -9,6 +9,7 @@ import torch
 
 import fastppo
 from fastppo import reference as ref
+from fastppo.kernels.fused_grad import TOKEN_LOCAL_POLICIES
 from fastppo.kernels.launches import count_launches
 from fastppo.modes import AGG_MODES, POLICY_LOSSES
 from tests.helpers import DEVICE, make_labels
@@ -58,8 +59,12 @@ def _check_stats(stats, rstats, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(stats[k].double(), rstats[k].double(), rtol=rtol, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("variant,agg", list(itertools.product(POLICY_LOSSES, AGG_MODES)))
-@pytest.mark.parametrize("with_isw", [False, True])
+# Every variant x every aggregation; the rollout IS weights (a per-token factor on the loss before the aggregation)
+# alternate over that grid, so every variant and every aggregation runs both with and without them.
+UNFUSED_CASES = [(v, a, (i + j) % 2 == 1) for i, v in enumerate(POLICY_LOSSES) for j, a in enumerate(AGG_MODES)]
+
+
+@pytest.mark.parametrize("variant,agg,with_isw", UNFUSED_CASES)
 def test_unfused_variant_matches_reference(variant, agg, with_isw):
     logp, old, adv, isw, _, mask = _inputs()
     kw = dict(VARIANT_KW[variant], policy_loss=variant, agg=agg, rollout_is_weights=isw if with_isw else None)
@@ -88,8 +93,16 @@ def test_variants_differ_from_each_other_and_clip():
             assert 0 < out[v][1]["clipfrac"] < 1, (v, out[v][1])
 
 
-@pytest.mark.parametrize("variant", POLICY_LOSSES)
-@pytest.mark.parametrize("agg", AGG_MODES)
+# The one-pass gradient kernel (TOKEN_LOCAL_POLICIES) folds the aggregation's per-token weights into each logits
+# row: its variants meet every aggregation. The others take the two-pass path (the log-prob kernels, then the
+# policy-loss op whose whole variant x aggregation grid test_unfused_variant_matches_reference runs): two
+# aggregations each, in turn, so every aggregation meets both paths.
+_TWO_PASS = [v for v in POLICY_LOSSES if v not in TOKEN_LOCAL_POLICIES]
+FUSED_CASES = ([(v, a) for v in TOKEN_LOCAL_POLICIES for a in AGG_MODES]
+               + [(v, AGG_MODES[(2 * i + d) % len(AGG_MODES)]) for i, v in enumerate(_TWO_PASS) for d in (0, 1)])
+
+
+@pytest.mark.parametrize("variant,agg", FUSED_CASES)
 def test_fused_variant_matches_reference(variant, agg):
     V = 67
     g = torch.Generator().manual_seed(1)
