@@ -79,6 +79,7 @@ def _test_files(args):
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
     if hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ:   # a worker: it runs tests itself
+        _no_benchmarks(config)
         return
     if not config.pluginmanager.hasplugin("xdist") or config.getoption("numprocesses", None) is not None:
         return
@@ -88,5 +89,13 @@ def pytest_cmdline_main(config):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if min(cores, MAX_WORKERS) > 1:
         config.option.numprocesses = min(cores, MAX_WORKERS)
+        _no_benchmarks(config)
         if config.option.dist == "no":
             config.option.dist = "loadfile"
+
+
+def _no_benchmarks(config):
+    """tests/ has no pytest-benchmark benchmarks (bench/ has): say so, rather than have the plugin warn in every
+    process that xdist turned them off."""
+    if hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = True
