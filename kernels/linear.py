@@ -210,6 +210,55 @@ def _linear_finish_kernel(
         tl.store(top1_ptr + orig, ((z_y >= m) & (z_y > before)).to(tl.int8), mask=row_ok)
 
 
+@triton.jit
+def _dz_rows(z_ptr, labels_ptr, idx_ptr, tau_ptr, lse_ptr, ent_ptr, c_logp_ptr, c_ent_ptr, r0, i0, n_here, cols,
+             col_ok, s_zn, s_y, logit_scale, softcap, inv_tau, BLOCK_N: tl.constexpr, HAS_ENT: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, HAS_TAU_ROWS: tl.constexpr, ACC: tl.constexpr):
+    """dz of the compacted rows r0 + i0 + [0, BLOCK_N) on the columns `cols` (_linear_dz_kernel's formula), zero
+    outside the valid rows and columns; with z', the labels, m, log s, the in-range mask and the rows' 64-bit
+    chunk offsets, which the callers' stores (and kernels/linear_filter.py's rule) read."""
+    rows_c = i0 + tl.arange(0, BLOCK_N)
+    rows = r0 + rows_c
+    row_ok = rows_c < n_here
+    orig = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    y = tl.load(labels_ptr + orig * s_y, mask=row_ok, other=-1).to(tl.int64)
+    m = tl.load(lse_ptr + 2 * rows, mask=row_ok, other=0.0)
+    log_s = tl.load(lse_ptr + 2 * rows + 1, mask=row_ok, other=0.0)
+    c_logp = tl.load(c_logp_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    ent = tl.zeros_like(m)
+    c_ent = tl.zeros_like(m)
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        c_ent = tl.load(c_ent_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    ok = row_ok[:, None] & col_ok[None, :]
+    r64 = rows_c.to(tl.int64)[:, None]
+    z = tl.load(z_ptr + r64 * s_zn + cols[None, :], mask=ok, other=0.0)
+    inv_rows = _row_inv_tau(tau_ptr, orig, row_ok, inv_tau, HAS_TAU_ROWS, ACC)
+    g = dlogits_block(z, cols[None, :], y, m, log_s, ent, c_logp, c_ent, inv_rows, HAS_ENT)
+    if HAS_SOFTCAP:
+        th = z / (softcap * inv_rows)
+        g = g * (1.0 - th * th)
+    dz = tl.where(ok, g * logit_scale, 0.0)     # selected: nothing from rows or columns outside
+    return dz, z, y, m, log_s, ok, r64
+
+
+@triton.jit
+def _dw_tile_start(dw_in_ptr, cols, hk, V, H, n_here, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                   ACC_IN: tl.constexpr, IN_PLACE: tl.constexpr, ACC: tl.constexpr):
+    """(offsets, store mask, accumulator) of a d(weight) tile; the accumulator starts from the earlier chunks'
+    fp32 sum (ACC_IN) or 0. IN_PLACE with no valid row in the chunk masks every load and store (no bytes)."""
+    out = cols.to(tl.int64)[:, None] * H + hk[None, :]
+    v_lim = V
+    if IN_PLACE:
+        v_lim = tl.where(n_here > 0, V, 0)
+    ok = (cols[:, None] < v_lim) & (hk[None, :] < H)
+    if ACC_IN:
+        acc = tl.load(dw_in_ptr + out, mask=ok, other=0.0).to(ACC)
+    else:
+        acc = tl.zeros((BLOCK_V, BLOCK_H), ACC)
+    return out, ok, acc
+
+
 @triton.jit(do_not_specialize=["r0", "n_rows"])
 def _linear_dz_kernel(
     # data
@@ -234,28 +283,9 @@ def _linear_dz_kernel(
     n_here = tl.minimum(n_rows, tl.load(nvalid_ptr) - r0)    # valid rows of this chunk (<= 0: none)
     db = tl.zeros((BLOCK_V,), ACC)
     for i0 in range(0, n_here, BLOCK_N):
-        rows_c = i0 + tl.arange(0, BLOCK_N)
-        rows = r0 + rows_c
-        row_ok = rows_c < n_here
-        orig = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        y = tl.load(labels_ptr + orig * s_y, mask=row_ok, other=-1).to(tl.int64)
-        m = tl.load(lse_ptr + 2 * rows, mask=row_ok, other=0.0)
-        log_s = tl.load(lse_ptr + 2 * rows + 1, mask=row_ok, other=0.0)
-        c_logp = tl.load(c_logp_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-        ent = tl.zeros_like(m)
-        c_ent = tl.zeros_like(m)
-        if HAS_ENT:
-            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-            c_ent = tl.load(c_ent_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-        ok = row_ok[:, None] & col_ok[None, :]
-        r64 = rows_c.to(tl.int64)[:, None]
-        z = tl.load(z_ptr + r64 * s_zn + cols[None, :], mask=ok, other=0.0)
-        inv_rows = _row_inv_tau(tau_ptr, orig, row_ok, inv_tau, HAS_TAU_ROWS, ACC)
-        g = dlogits_block(z, cols[None, :], y, m, log_s, ent, c_logp, c_ent, inv_rows, HAS_ENT)
-        if HAS_SOFTCAP:
-            th = z / (softcap * inv_rows)
-            g = g * (1.0 - th * th)
-        dz = tl.where(ok, g * logit_scale, 0.0)     # selected: nothing from rows or columns outside
+        dz, _, _, _, _, ok, r64 = _dz_rows(z_ptr, labels_ptr, idx_ptr, tau_ptr, lse_ptr, ent_ptr, c_logp_ptr,
+                                           c_ent_ptr, r0, i0, n_here, cols, col_ok, s_zn, s_y, logit_scale,
+                                           softcap, inv_tau, BLOCK_N, HAS_ENT, HAS_SOFTCAP, HAS_TAU_ROWS, ACC)
         tl.store(dz_ptr + r64 * s_dzn + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
         if HAS_DB:
             db += tl.sum(dz, 0)
@@ -318,15 +348,7 @@ def _linear_dw_kernel(
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     hk = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     n_here = tl.minimum(n_rows, tl.load(nvalid_ptr) - r0)    # valid rows of this chunk (<= 0: none)
-    out = cols.to(tl.int64)[:, None] * H + hk[None, :]
-    v_lim = V
-    if IN_PLACE:
-        v_lim = tl.where(n_here > 0, V, 0)
-    ok = (cols[:, None] < v_lim) & (hk[None, :] < H)
-    if ACC_IN:
-        acc = tl.load(dw_in_ptr + out, mask=ok, other=0.0).to(ACC)
-    else:
-        acc = tl.zeros((BLOCK_V, BLOCK_H), ACC)
+    out, ok, acc = _dw_tile_start(dw_in_ptr, cols, hk, V, H, n_here, BLOCK_V, BLOCK_H, ACC_IN, IN_PLACE, ACC)
     for i0 in range(0, n_here, BLOCK_N):
         rows_c = i0 + tl.arange(0, BLOCK_N)
         row_ok = rows_c < n_here

@@ -34,9 +34,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import _config as cfg
-from ._common import dlogits_block
 from .launches import record_launch
-from .linear import _TL, _chunk_rows, _row_inv_tau, _transform_args, dtypes
+from .linear import _TL, _chunk_rows, _dw_tile_start, _dz_rows, _transform_args, dtypes
 
 FILTER_BLOCK_V = cfg.LIN_BLOCK_V   # the rule's vocabulary tile (the GEMMs' BLOCK_V, on every device)
 
@@ -64,28 +63,9 @@ def _linear_dz_filter_kernel(
     n_here = tl.minimum(n_rows, tl.load(nvalid_ptr) - r0)    # valid rows of this chunk (<= 0: none)
     db = tl.zeros((BLOCK_V,), ACC)
     for i0 in range(0, n_here, BLOCK_N):
-        rows_c = i0 + tl.arange(0, BLOCK_N)
-        rows = r0 + rows_c
-        row_ok = rows_c < n_here
-        orig = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        y = tl.load(labels_ptr + orig * s_y, mask=row_ok, other=-1).to(tl.int64)
-        m = tl.load(lse_ptr + 2 * rows, mask=row_ok, other=0.0)
-        log_s = tl.load(lse_ptr + 2 * rows + 1, mask=row_ok, other=0.0)
-        c_logp = tl.load(c_logp_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-        ent = tl.zeros_like(m)
-        c_ent = tl.zeros_like(m)
-        if HAS_ENT:
-            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-            c_ent = tl.load(c_ent_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-        ok = row_ok[:, None] & col_ok[None, :]
-        r64 = rows_c.to(tl.int64)[:, None]
-        z = tl.load(z_ptr + r64 * s_zn + cols[None, :], mask=ok, other=0.0)
-        inv_rows = _row_inv_tau(tau_ptr, orig, row_ok, inv_tau, HAS_TAU_ROWS, ACC)
-        g = dlogits_block(z, cols[None, :], y, m, log_s, ent, c_logp, c_ent, inv_rows, HAS_ENT)
-        if HAS_SOFTCAP:
-            th = z / (softcap * inv_rows)
-            g = g * (1.0 - th * th)
-        dz = tl.where(ok, g * logit_scale, 0.0)     # selected: nothing from rows or columns outside
+        dz, z, y, m, log_s, ok, r64 = _dz_rows(z_ptr, labels_ptr, idx_ptr, tau_ptr, lse_ptr, ent_ptr, c_logp_ptr,
+                                               c_ent_ptr, r0, i0, n_here, cols, col_ok, s_zn, s_y, logit_scale,
+                                               softcap, inv_tau, BLOCK_N, HAS_ENT, HAS_SOFTCAP, HAS_TAU_ROWS, ACC)
         p = tl.exp((z - m[:, None]) - log_s[:, None])
         d = tl.abs(tl.where(cols[None, :] == y[:, None], 1.0, 0.0) - p)
         keep = tl.sum(tl.where(ok & ~(d < eps), 1, 0), 1) > 0     # NaN is not below eps: kept
@@ -148,7 +128,7 @@ def _linear_dw_filter_kernel(
     cols = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     hk = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     n_here = tl.minimum(n_rows, tl.load(nvalid_ptr) - r0)    # valid rows of this chunk (<= 0: none)
-    acc = tl.zeros((BLOCK_V, BLOCK_H), ACC)
+    out, ok, acc = _dw_tile_start(dw_in_ptr, cols, hk, V, H, n_here, BLOCK_V, BLOCK_H, ACC_IN, IN_PLACE, ACC)
     for i0 in range(0, n_here, BLOCK_N):
         if tl.load(keep_ptr + (i0 // BLOCK_N) * s_keep + pid) != 0:
             rows_c = i0 + tl.arange(0, BLOCK_N)
@@ -159,13 +139,6 @@ def _linear_dw_filter_kernel(
             h = tl.load(h_ptr + orig[:, None] * s_hn + hk[None, :] * s_hk,
                         mask=row_ok[:, None] & (hk[None, :] < H), other=0.0)
             acc = tl.dot(tl.trans(dz.to(DOT)), h.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-    out = cols.to(tl.int64)[:, None] * H + hk[None, :]
-    v_lim = V
-    if IN_PLACE:
-        v_lim = tl.where(n_here > 0, V, 0)
-    ok = (cols[:, None] < v_lim) & (hk[None, :] < H)
-    if ACC_IN:
-        acc += tl.load(dw_in_ptr + out, mask=ok, other=0.0).to(ACC)
     tl.store(dw_ptr + out, acc.to(dw_ptr.dtype.element_ty), mask=ok)
 
 
