@@ -52,3 +52,18 @@ def assert_head_grad_close(actual, expected, dtype):
         torch.testing.assert_close(actual.double(), expected.double(), rtol=2e-2, atol=2e-2 * scale)
     else:
         assert_close_by_dtype(actual, expected, dtype, scale=20)
+
+
+def run_fused_losses(hidden, weight, labels, old, adv, mask, backend, upstream=0.7, **kw):
+    """fused_linear_ppo_loss on (hidden, weight) and fused_ppo_loss on hidden @ weight.T under `backend`, each
+    loss times `upstream` backpropagated: (linear output, logits output, d hidden, d weight, d logits)."""
+    import fastppo
+
+    with fastppo.use_backend(backend):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fastppo.fused_linear_ppo_loss(h, w, labels, old, adv, mask, **kw)
+        (out.loss * upstream).backward()
+        z = (hidden @ weight.t()).requires_grad_()
+        lout = fastppo.fused_ppo_loss(z, labels, old, adv, mask, **kw)
+        (lout.loss * upstream).backward()
+    return out, lout, h.grad, w.grad, z.grad

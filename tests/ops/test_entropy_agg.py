@@ -10,7 +10,7 @@ import torch
 import fastppo
 from fastppo import reference as ref
 from fastppo.bench.counters import DotFlops, hide_interpreter_copies
-from tests.helpers import DEVICE, make_labels
+from tests.helpers import DEVICE, make_labels, run_fused_losses
 
 B, T, H, V = 4, 7, 8, 37
 
@@ -51,20 +51,14 @@ def test_fused_losses_match_float64_reference(backend, case):
     hidden, weight, labels, mask, old, adv, refp = _inputs(case)
     kw = dict(CASES[case], entropy_agg="token-mean", ref_logprobs=refp)
     want, dh, dw = _ref_grads(hidden, weight, labels, mask, old, adv, kw)
-    with fastppo.use_backend(backend):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        out = fastppo.fused_linear_ppo_loss(h, w, labels, old, adv, mask, **kw)
-        (out.loss * 0.7).backward()
-        z = (hidden @ weight.t()).requires_grad_()
-        lout = fastppo.fused_ppo_loss(z, labels, old, adv, mask, **kw)
-        (lout.loss * 0.7).backward()
+    out, lout, h_grad, w_grad, z_grad = run_fused_losses(hidden, weight, labels, old, adv, mask, backend, **kw)
     for o in (out, lout):
         torch.testing.assert_close(o.loss.double(), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(h.grad.double(), dh, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(w.grad.double(), dw, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(h_grad.double(), dh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w_grad.double(), dw, rtol=1e-4, atol=1e-6)
     zr = (hidden @ weight.t()).double().requires_grad_()
     (ref.fused_ppo_loss(zr, labels, old, adv, mask, **kw).loss * 0.7).backward()
-    torch.testing.assert_close(z.grad.double(), zr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(z_grad.double(), zr.grad, rtol=1e-4, atol=1e-6)
     # the option acts: the entropy term aggregated by `agg` differs
     other = fastppo.fused_ppo_loss(hidden @ weight.t(), labels, old, adv, mask, **CASES[case], ref_logprobs=refp)
     assert abs(float(other.loss) - float(lout.loss.detach())) > 1e-4

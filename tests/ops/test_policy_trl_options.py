@@ -11,7 +11,7 @@ from trl.trainer.grpo_trainer import GRPOTrainer
 import fastppo
 from fastppo import reference as ref
 from fastppo.policy_weights import off_policy_keep
-from tests.helpers import DEVICE, make_labels
+from tests.helpers import DEVICE, make_labels, run_fused_losses
 
 B, T = 4, 9
 
@@ -123,19 +123,13 @@ def test_fused_from_logits_and_hidden(backend, kw):
     hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
     rout = ref.fused_ppo_loss(hr @ wr.t(), labels, old, adv, mask, **dict(kw, rollout_is_weights=isw.double()))
     (rout.loss * 0.7).backward()
-    with fastppo.use_backend(backend):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        out = fastppo.fused_linear_ppo_loss(h, w, labels, old, adv, mask, **kw)
-        (out.loss * 0.7).backward()
-        z = (hidden @ weight.t()).requires_grad_()
-        lout = fastppo.fused_ppo_loss(z, labels, old, adv, mask, **kw)
-        (lout.loss * 0.7).backward()
+    out, lout, h_grad, w_grad, z_grad = run_fused_losses(hidden, weight, labels, old, adv, mask, backend, **kw)
     for o in (out, lout):
         torch.testing.assert_close(o.loss.double(), rout.loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(o.stats["kl"].double(), rout.stats["kl"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(z.grad.double(), _dlogits(hidden, weight, labels, old, adv, mask, kw), rtol=1e-4,
+    torch.testing.assert_close(h_grad.double(), hr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w_grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(z_grad.double(), _dlogits(hidden, weight, labels, old, adv, mask, kw), rtol=1e-4,
                                atol=1e-6)
 
 
@@ -278,18 +272,12 @@ def test_kl_bias_correction_sequence_level(backend, kw):
     hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
     rout = ref.fused_ppo_loss(hr @ wr.t(), labels, old, adv, mask, **dict(kw, rollout_is_weights=isw.double()))
     (rout.loss * 0.7).backward()
-    with fastppo.use_backend(backend):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        out = fastppo.fused_linear_ppo_loss(h, w, labels, old, adv, mask, **kw)
-        (out.loss * 0.7).backward()
-        z = (hidden @ weight.t()).requires_grad_()
-        lout = fastppo.fused_ppo_loss(z, labels, old, adv, mask, **kw)
-        (lout.loss * 0.7).backward()
+    out, lout, h_grad, w_grad, z_grad = run_fused_losses(hidden, weight, labels, old, adv, mask, backend, **kw)
     for o in (out, lout):
         torch.testing.assert_close(o.loss.double(), rout.loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(h.grad.double(), hr.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(w.grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(z.grad.double(), _dlogits(hidden, weight, labels, old, adv, mask, kw), rtol=1e-4,
+    torch.testing.assert_close(h_grad.double(), hr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w_grad.double(), wr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(z_grad.double(), _dlogits(hidden, weight, labels, old, adv, mask, kw), rtol=1e-4,
                                atol=1e-6)
     token = fastppo.fused_ppo_loss(hidden @ weight.t(), labels, old, adv, mask,
                                    **dict(kw, kl_bias_correction_level="token"))
