@@ -67,3 +67,20 @@ def run_fused_losses(hidden, weight, labels, old, adv, mask, backend, upstream=0
         lout = fastppo.fused_ppo_loss(z, labels, old, adv, mask, **kw)
         (lout.loss * upstream).backward()
     return out, lout, h.grad, w.grad, z.grad
+
+
+def kept_gradcheck_inputs(keep):
+    """Small float64 linear inputs with a kept set (each row keeps a column with probability `keep`, live labels
+    always kept; row 1 ignored) and per-token temperatures: (hidden, weight, bias, labels, kept, tau)."""
+    from fastppo import KeptSet
+
+    g = torch.Generator().manual_seed(8)
+    N, H, V = 4, 5, 13
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5).to(DEVICE).requires_grad_()
+    bias = (torch.randn(V, generator=g, dtype=torch.float64) * 0.3).to(DEVICE).requires_grad_()
+    kmask = torch.rand(N, V, generator=g) < keep
+    labels = torch.tensor([2, -100, 7, 11])
+    kmask[torch.tensor([0, 2, 3]), labels[torch.tensor([0, 2, 3])]] = True
+    tau = (torch.rand(N, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)
+    return hidden, weight, bias, labels.to(DEVICE), KeptSet.from_mask(kmask).to(DEVICE), tau

@@ -11,7 +11,7 @@ import torch
 import fastppo
 from fastppo import KeptSet
 from fastppo.reference_kept import kept_fused_linear_ppo_loss, kept_linear_logprobs
-from tests.helpers import DEVICE, assert_close_by_dtype
+from tests.helpers import DEVICE, assert_close_by_dtype, kept_gradcheck_inputs
 
 BACKENDS = ["triton", "torch"]
 H, V = 16, 257
@@ -322,16 +322,7 @@ def test_kept_adds_no_gemm_pass(op):
 def test_gradcheck_float64(backend):
     """float64 gradcheck of linear_logprobs(kept=, per-token temperature, softcap) with entropy and of
     fused_linear_ppo_loss(kept=) (fast mode: a random projection of the Jacobian)."""
-    g = torch.Generator().manual_seed(8)
-    N, Hs, Vs = 4, 5, 13
-    hidden = torch.randn(N, Hs, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
-    weight = (torch.randn(Vs, Hs, generator=g, dtype=torch.float64) * 0.5).to(DEVICE).requires_grad_()
-    bias = (torch.randn(Vs, generator=g, dtype=torch.float64) * 0.3).to(DEVICE).requires_grad_()
-    kmask = torch.rand(N, Vs, generator=g) < 0.5
-    labels = torch.tensor([2, -100, 7, 11])
-    kmask[torch.tensor([0, 2, 3]), labels[torch.tensor([0, 2, 3])]] = True
-    ks, labels = KeptSet.from_mask(kmask).to(DEVICE), labels.to(DEVICE)
-    tau = (torch.rand(N, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)
+    hidden, weight, bias, labels, ks, tau = kept_gradcheck_inputs(0.5)
     with fastppo.use_backend(backend):
         def lin(h, w, b):
             lp, ent = fastppo.linear_logprobs(h, w, labels, bias=b, kept=ks, temperature=tau, return_entropy=True,
@@ -339,7 +330,7 @@ def test_gradcheck_float64(backend):
             return lp, ent
 
         def fused(h, w, b):
-            return fastppo.fused_linear_ppo_loss(h.view(2, 2, Hs), w, labels.view(2, 2), torch.full((2, 2), -2.0,
+            return fastppo.fused_linear_ppo_loss(h.view(2, 2, -1), w, labels.view(2, 2), torch.full((2, 2), -2.0,
                                                  dtype=torch.float64, device=DEVICE),
                                                  torch.tensor([[1.0, -0.5], [0.3, 2.0]], dtype=torch.float64,
                                                               device=DEVICE),

@@ -16,7 +16,7 @@ from fastppo.linear_gather import takes_gather
 from fastppo.linear_pipeline import KeptArg, build_linear_options
 from fastppo.options import LinearOptions
 from fastppo.reference_kept import kept_fused_linear_ppo_loss, kept_linear_logprobs
-from tests.helpers import DEVICE, assert_close_by_dtype
+from tests.helpers import DEVICE, assert_close_by_dtype, kept_gradcheck_inputs
 
 BACKENDS = ["triton", "torch"]
 H, V = 19, 203
@@ -247,16 +247,7 @@ def test_gather_bytes_grow_with_nnz_not_vocab():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
-    g = torch.Generator().manual_seed(8)
-    N, Hs, Vs = 4, 5, 13
-    hidden = torch.randn(N, Hs, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
-    weight = (torch.randn(Vs, Hs, generator=g, dtype=torch.float64) * 0.5).to(DEVICE).requires_grad_()
-    bias = (torch.randn(Vs, generator=g, dtype=torch.float64) * 0.3).to(DEVICE).requires_grad_()
-    kmask = torch.rand(N, Vs, generator=g) < 0.4
-    labels = torch.tensor([2, -100, 7, 11])
-    kmask[torch.tensor([0, 2, 3]), labels[torch.tensor([0, 2, 3])]] = True
-    ks, labels = KeptSet.from_mask(kmask).to(DEVICE), labels.to(DEVICE)
-    tau = (torch.rand(N, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)
+    hidden, weight, bias, labels, ks, tau = kept_gradcheck_inputs(0.4)
     with fastppo.use_backend(backend):
         def lin(h, w, b):
             return fastppo.linear_logprobs(h, w, labels, bias=b, kept=ks, temperature=tau, kept_path="gather",
