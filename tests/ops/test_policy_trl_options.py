@@ -104,18 +104,23 @@ def test_off_policy_mask_packed_equals_padded():
     torch.testing.assert_close(x.grad, xp.grad[pad], rtol=1e-6, atol=1e-8)
 
 
+def _head_inputs(V, seed, H=8, **inputs_kw):
+    """(generator, hidden [B, T, H], weight [V, H], labels with holes, advantages, IS weights, mask without the
+    ignored labels) for the fused losses from hidden states and from logits."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(DEVICE)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(DEVICE)
+    labels = make_labels((B, T), V, holes=0.1)
+    _, _, adv, isw, mask = _inputs(**inputs_kw)
+    return g, hidden, weight, labels, adv, isw, mask & (labels != -100)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("kw", [dict(kl_bias_correction=True, kl_coef=0.3),
                                 dict(off_policy_mask_threshold=0.0, policy_loss="vespo"),
                                 dict(kl_bias_correction=True, kl_coef=0.2, off_policy_mask_threshold=0.0)])
 def test_fused_from_logits_and_hidden(backend, kw):
-    V, H = 29, 8
-    g = torch.Generator().manual_seed(4)
-    hidden = torch.randn(B, T, H, generator=g).to(DEVICE)
-    weight = (torch.randn(V, H, generator=g) * 0.5).to(DEVICE)
-    labels = make_labels((B, T), V, holes=0.1)
-    _, _, adv, isw, mask = _inputs()
-    mask = mask & (labels != -100)
+    g, hidden, weight, labels, adv, isw, mask = _head_inputs(29, 4)
     lp = ref.linear_logprobs(hidden, weight, labels)
     old = (lp + 0.3 * torch.randn(B, T, generator=g).to(DEVICE)).float()
     refp = (lp + 0.2 * torch.randn(B, T, generator=g).to(DEVICE)).float()
@@ -196,14 +201,8 @@ def test_off_policy_logprobs_is_trls_sampling_mask(backend, variant):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_fused_linear_off_policy_logprobs(backend):
-    V, H = 29, 8
-    g = torch.Generator().manual_seed(8)
-    hidden = torch.randn(B, T, H, generator=g).to(DEVICE)
-    weight = (torch.randn(V, H, generator=g) * 0.5).to(DEVICE)
-    labels = make_labels((B, T), V, holes=0.1)
-    _, _, adv, isw, mask = _inputs(per_seq_adv=False)
+    g, hidden, weight, labels, adv, isw, mask = _head_inputs(29, 8, per_seq_adv=False)
     adv[0] = -adv[0].abs()
-    mask = mask & (labels != -100)
     lp = ref.linear_logprobs(hidden, weight, labels).float()
     old = lp + 0.2 * torch.randn(B, T, generator=g).to(DEVICE)
     beh = _behaviour(lp, mask, 9)
@@ -257,13 +256,7 @@ def test_kl_bias_correction_sequence_level(backend, kw):
     """kl_bias_correction_level="sequence": KL_t exp(mean_b(logp - old)) with its gradient through the sequence
     mean (TRL's use_bias_correction_kl at importance_sampling_level="sequence"), from hidden states and from
     logits, vs float64; and vs TRL's own formula on the same log-probs."""
-    V, H = 23, 8
-    g = torch.Generator().manual_seed(11)
-    hidden = torch.randn(B, T, H, generator=g).to(DEVICE)
-    weight = (torch.randn(V, H, generator=g) * 0.5).to(DEVICE)
-    labels = make_labels((B, T), V, holes=0.1)
-    _, _, adv, isw, mask = _inputs()
-    mask = mask & (labels != -100)
+    g, hidden, weight, labels, adv, isw, mask = _head_inputs(23, 11)
     lp = ref.linear_logprobs(hidden, weight, labels).float()
     old = lp + 0.2 * torch.randn(B, T, generator=g).to(DEVICE)
     refp = lp + 0.3 * torch.randn(B, T, generator=g).to(DEVICE)
