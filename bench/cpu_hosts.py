@@ -32,7 +32,7 @@ import fastppo.integrations as fi
 from fastppo.bench.counters import PeakMemory
 
 
-def _openrlhf_utils():
+def openrlhf_utils():
     """openrlhf.models.utils without flash-attn's CUDA extension (its pure-Python submodules are enough to import)."""
     fa = importlib.util.find_spec("flash_attn")
     if fa is not None and "flash_attn" not in sys.modules:
@@ -73,7 +73,7 @@ def _entropy_case(host, shape):
         import trl.trainer.utils as mod
         name = "entropy_from_logits"
     else:
-        mod, name = _openrlhf_utils(), "compute_entropy"
+        mod, name = openrlhf_utils(), "compute_entropy"
 
     def step():
         z = logits.clone().requires_grad_()

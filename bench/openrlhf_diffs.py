@@ -11,22 +11,11 @@ CPU without TRITON_INTERPRET=1; the Triton interpreter with it).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-
 import torch
+from cpu_hosts import openrlhf_utils  # bench/ is this script's folder: OpenRLHF without flash-attn's CUDA extension
 
-_fa = importlib.util.find_spec("flash_attn")
-if _fa is not None and "flash_attn" not in sys.modules:   # flash-attn's CUDA extension cannot load on CPU
-    _pkg = types.ModuleType("flash_attn")
-    _pkg.__path__ = list(_fa.submodule_search_locations)
-    _pkg.__spec__ = _fa
-    sys.modules["flash_attn"] = _pkg
-sys.modules.setdefault("flash_attn.ops.triton.cross_entropy", None)
-
+ou = openrlhf_utils()
 import openrlhf.models.loss as ol  # noqa: E402
-import openrlhf.models.utils as ou  # noqa: E402
 
 import fastppo.integrations as fi  # noqa: E402
 
